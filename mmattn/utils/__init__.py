@@ -1,0 +1,1 @@
+"""Utilities: the dependency stack check and environment report."""

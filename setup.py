@@ -1,0 +1,74 @@
+"""mmattn: attention blocks for OpenMMLab and timm.
+
+The pinned dependency stack is installed by ``python tools/setup_env.py`` (mmcv must be
+built from source with its ops, which a plain ``install_requires`` cannot express); the
+requirements below are the loose ranges the code works with.
+"""
+import os
+import os.path as osp
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = osp.dirname(osp.abspath(__file__))
+# shipped inside the package, so configs can be inherited as `mmattn::...` and the
+# stack check finds its pins after a non-editable install
+MIM_DIRS = ('configs', 'tools', 'requirements')
+
+
+def read_version() -> str:
+    scope: dict = {}
+    with open(osp.join(HERE, 'mmattn', 'version.py')) as f:
+        exec(f.read(), scope)
+    return scope['__version__']
+
+
+def add_mim_extension() -> None:
+    """Put ``configs``, ``tools`` and ``requirements`` into ``mmattn/.mim`` as OpenMMLab
+    packages do: symbolic links for an editable install, copies for a wheel or sdist."""
+    editable = any(cmd in sys.argv for cmd in ('develop', 'editable_wheel'))
+    packaged = any(cmd in sys.argv for cmd in ('bdist_wheel', 'sdist', 'build', 'install'))
+    if not (editable or packaged):
+        return
+    mim = osp.join(HERE, 'mmattn', '.mim')
+    os.makedirs(mim, exist_ok=True)
+    for name in MIM_DIRS:
+        src, dst = osp.join(HERE, name), osp.join(mim, name)
+        if not osp.exists(src):
+            continue
+        if osp.islink(dst) or osp.isfile(dst):
+            os.remove(dst)
+        elif osp.isdir(dst):
+            shutil.rmtree(dst)
+        if editable:
+            os.symlink(osp.relpath(src, mim), dst, target_is_directory=True)
+        else:
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+
+
+if __name__ == '__main__':
+    add_mim_extension()
+    setup(
+        name='mmattn',
+        version=read_version(),
+        description='Attention blocks (PSA, SE, ECA, CBAM, CoordAtt, non-local, DANet, '
+                    'criss-cross, outlook/VOLO) for OpenMMLab and timm',
+        long_description=open(osp.join(HERE, 'README.md'), encoding='utf-8').read(),
+        long_description_content_type='text/markdown',
+        license='Apache-2.0',
+        python_requires='>=3.9',
+        packages=find_packages(exclude=('configs', 'tools', 'tests', 'tests.*')),
+        include_package_data=True,
+        package_data={'mmattn': ['.mim/**/*']},
+        install_requires=[
+            'torch>=2.0', 'torchvision', 'timm>=1.0', 'mmengine>=0.10,<1.0', 'mmcv>=2.0,<2.2',
+        ],
+        extras_require={
+            'seg': ['mmsegmentation>=1.2,<1.3'],
+            'pose': ['mmpose>=1.3,<1.4', 'mmdet>=3.3,<3.4'],
+            'cls': ['mmpretrain>=1.2,<1.3'],
+            'tests': ['pytest'],
+        },
+        zip_safe=False,
+    )
