@@ -1,0 +1,197 @@
+"""Outlook attention (Yuan et al., "VOLO: Vision Outlooker for Visual Recognition",
+arXiv 2106.13112, Sec. 3.1, Eq. 3-5 and Algorithm 1).
+
+For an input ``X`` (H x W x C), outlook attention predicts, from the (stride-pooled) token
+at each location, the weights with which the K x K window around that location is
+aggregated - no query-key products:
+
+* ``A = W_A x_pool`` in ``R^{h x w x N K^4}`` (``self.attn``), reshaped per head to
+  ``A_hat_{i,j}`` in ``R^{K^2 x K^2}`` and normalised with a softmax over its last axis;
+* ``V = W_V X`` (``self.v``); ``V_Delta(i,j)`` the K x K window of ``V`` centred on pooled
+  location ``(i, j)`` (an unfold with kernel K, padding p, stride s);
+* ``Y_Delta(i,j) = softmax(A_hat_{i,j}) V_Delta(i,j)`` (Eq. 4), the K^2 outputs of window
+  ``(i,j)``, one per window position;
+* dense aggregation (Eq. 5): every output pixel is the sum of the window outputs that cover
+  it (a fold, summing overlaps), followed by the output projection ``self.proj``.
+
+Parameters carry the names of the official release (sail-sg/volo) and of timm's
+``timm.models.volo.OutlookAttention``: ``v``, ``attn`` and ``proj`` Linear layers, so VOLO
+checkpoints load strictly. As in both, the logits are scaled by ``(C/N)^-1/2`` before the
+softmax (Algorithm 1 of the paper omits this factor); ``A``'s K^4 outputs are ordered
+(window position m, source position n), the softmax runs over n.
+
+The aggregation itself (Eq. 4-5 on NHWC tensors) is :func:`outlook_attention`, shared by the
+NCHW block here and the NHWC ``Outlooker`` of ``mmattn.models.volo``; a fused kernel
+plugs in there.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmattn.registry import MODELS
+
+from .checks import check_divisible, check_input, check_positive, factory_kwargs
+
+__all__ = ['OutlookAttention', 'outlook_attention', 'outlook_grid_size']
+
+
+def outlook_grid_size(height: int, width: int, kernel_size: int, padding: int, stride: int,
+                      block: str = 'OutlookAttention') -> tuple[int, int]:
+    """Size ``(h, w)`` of the pooled grid (``ceil(H/s) x ceil(W/s)``), after checking that the
+    K x K windows (padding p, stride s) tile the input with exactly one window per pooled
+    location, so that the fold gives back ``H x W``.
+
+    Along an axis of length n an unfold yields ``floor((n + 2p - K)/s) + 1`` windows (0 when
+    ``n + 2p < K``); ceil-mode pooling yields ``ceil(n/s) = floor((n + s - 1)/s)`` cells.
+    They agree for *every* n iff ``K = 2p + 1`` (odd kernel, "same" padding: window ``(i,j)``
+    is centred on pixel ``(s i, s j)``, the first pixel of pooled cell ``(i, j)``); other
+    combinations work only for some sizes and raise ``ValueError`` for the others.
+    """
+    grid = []
+    for name, n in (('height', height), ('width', width)):
+        pooled = -(-n // stride)
+        windows = (n + 2 * padding - kernel_size) // stride + 1 if n + 2 * padding >= kernel_size else 0
+        if windows != pooled:
+            raise ValueError(
+                f'{block}: kernel_size={kernel_size}, padding={padding}, stride={stride} do not '
+                f'tile an input of {name} {n}: the unfold gives {windows} windows but the pooled '
+                f'grid has ceil({n}/{stride})={pooled} cells; use kernel_size = 2*padding + 1 '
+                f'(any size works) or an input {name} for which floor((n + 2*padding - '
+                f'kernel_size)/stride) + 1 == ceil(n/stride)')
+        grid.append(pooled)
+    return grid[0], grid[1]
+
+
+def outlook_attention(v: torch.Tensor, attn: torch.Tensor, *, kernel_size: int, padding: int,
+                      stride: int) -> torch.Tensor:
+    """Outlook aggregation, Eq. 4-5 of arXiv 2106.13112, on channels-last tensors.
+
+    .. math::
+        Y_{\\Delta(i,j)} = \\hat A_{i,j} V_{\\Delta(i,j)}, \\qquad
+        \\tilde Y_{u,v} = \\sum_{(i,j,m):\\ \\Delta(i,j)_m = (u,v)} (Y_{\\Delta(i,j)})_m
+
+    Args:
+        v: Values ``V`` (B, H, W, C).
+        attn: Normalised weights (B, h, w, N, K^2, K^2), ``attn[..., m, n]`` the weight of
+            source position n for window position m; ``(h, w)`` the pooled grid
+            (:func:`outlook_grid_size`), N heads (each owns C/N consecutive channels).
+        kernel_size, padding, stride: The window geometry K, p, s.
+
+    Returns:
+        The folded output (B, H, W, C), before the output projection.
+
+    The windows are gathered and scattered with K^2 strided slices of the padded map
+    (no ``im2col``/``col2im``), which keeps the op traceable and exportable.
+    """
+    batch, height, width, channels = v.shape
+    h, w, heads = attn.shape[1], attn.shape[2], attn.shape[3]
+    k = kernel_size
+    span_h, span_w = stride * (h - 1) + 1, stride * (w - 1) + 1
+    vp = F.pad(v, (0, 0, padding, padding, padding, padding))
+    offsets = [(a, b) for a in range(k) for b in range(k)]
+    windows = torch.stack([vp[:, a:a + span_h:stride, b:b + span_w:stride] for a, b in offsets],
+                          dim=3)  # (B, h, w, K^2, C)
+    windows = windows.view(batch, h, w, k * k, heads, channels // heads).transpose(3, 4)
+    out = torch.matmul(attn, windows).transpose(3, 4)  # (B, h, w, K^2, N, C/N)
+    out = out.reshape(batch, h, w, k * k, channels)
+    y = out.new_zeros(batch, height + 2 * padding, width + 2 * padding, channels)
+    for idx, (a, b) in enumerate(offsets):
+        y[:, a:a + span_h:stride, b:b + span_w:stride] += out[:, :, :, idx]
+    return y[:, padding:padding + height, padding:padding + width]
+
+
+@MODELS.register_module()
+class OutlookAttention(nn.Module):
+    """Outlook attention of VOLO (arXiv 2106.13112, Sec. 3.1, Eq. 3-5).
+
+    .. math::
+        A = W_A\\,\\mathrm{AvgPool}_s(X), \\quad
+        \\hat A_{i,j} = \\mathrm{softmax}\\big(d^{-1/2}\\,\\mathrm{reshape}_{K^2\\times K^2}(A_{i,j})\\big),
+        \\quad V = W_V X, \\quad
+        Y = W_P\\,\\mathrm{Fold}\\big(\\hat A_{i,j} V_{\\Delta(i,j)}\\big)
+
+    per head (N heads of ``d = C/N`` channels); ``Fold`` sums each window's K^2 outputs back
+    onto the pixels they came from (Eq. 5). ``W_A``, ``W_V``, ``W_P`` are ``self.attn``,
+    ``self.v``, ``self.proj`` (nn.Linear, timm / sail-sg names). The pooling is ceil-mode
+    average pooling with kernel and stride s (skipped for s=1).
+
+    NCHW in and out as a plugin; :meth:`forward_nhwc` takes and returns (B, H, W, C), as
+    VOLO's Outlooker uses it. Any H, W when ``kernel_size == 2*padding + 1`` (the default);
+    other geometries raise ``ValueError`` for sizes they cannot tile (see
+    :func:`outlook_grid_size`).
+
+    Args:
+        in_channels: Channels C.
+        num_heads: Heads N; must divide C.
+        kernel_size: Window size K.
+        padding: Zero padding p of the value map.
+        stride: Stride s of the windows and of the pooling (VOLO uses 2).
+        qkv_bias: Whether ``v`` has a bias (``attn`` and ``proj`` always have one).
+        attn_drop: Dropout on the normalised weights.
+        proj_drop: Dropout after the output projection.
+    """
+
+    _abbr_ = 'outlook'
+
+    def __init__(self, in_channels: int, *, num_heads: int = 1, kernel_size: int = 3,
+                 padding: int = 1, stride: int = 1, qkv_bias: bool = False,
+                 attn_drop: float = 0., proj_drop: float = 0., device: Any = None,
+                 dtype: Any = None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.in_channels = check_positive('in_channels', in_channels, name)
+        self.num_heads = check_positive('num_heads', num_heads, name)
+        check_divisible('in_channels', in_channels, 'num_heads', num_heads, name)
+        self.kernel_size = check_positive('kernel_size', kernel_size, name)
+        self.padding = check_positive('padding', padding, name, minimum=0)
+        self.stride = check_positive('stride', stride, name)
+        if stride > kernel_size:
+            raise ValueError(f'{name}: stride must be <= kernel_size={kernel_size} (otherwise '
+                             f'some pixels lie in no window), got stride={stride}')
+        if padding >= kernel_size:
+            raise ValueError(f'{name}: padding must be < kernel_size={kernel_size} (otherwise '
+                             f'border windows see only padding), got padding={padding}')
+        self.scale = (in_channels // num_heads) ** -0.5
+        dd = factory_kwargs(device, dtype)
+        self.v = nn.Linear(in_channels, in_channels, bias=qkv_bias, **dd)
+        self.attn = nn.Linear(in_channels, kernel_size ** 4 * num_heads, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(in_channels, in_channels, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return (f'num_heads={self.num_heads}, kernel_size={self.kernel_size}, '
+                f'padding={self.padding}, stride={self.stride}')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Outlook attention of ``x`` (N, C, H, W); returns (N, C, H, W)."""
+        check_input(x, self.in_channels, type(self).__name__)
+        return self.forward_nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised outlook weights ``softmax(A_hat)`` of ``x`` (B, H, W, C), before dropout:
+        (B, h, w, N, K^2, K^2)."""
+        batch, height, width, _ = x.shape
+        h, w = outlook_grid_size(height, width, self.kernel_size, self.padding, self.stride,
+                                 type(self).__name__)
+        pooled = x
+        if self.stride > 1:
+            pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.stride, self.stride,
+                                  ceil_mode=True).permute(0, 2, 3, 1)
+        k2 = self.kernel_size ** 2
+        logits = self.attn(pooled).reshape(batch, h, w, self.num_heads, k2, k2)
+        return (logits * self.scale).softmax(dim=-1)
+
+    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """Outlook attention of a channels-last ``x`` (B, H, W, C); returns (B, H, W, C)."""
+        if x.dim() != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(f'{type(self).__name__}: forward_nhwc expects (B, H, W, '
+                             f'{self.in_channels}), got shape {tuple(x.shape)}')
+        attn = self.attn_drop(self.attention_weights(x))
+        y = outlook_attention(self.v(x), attn, kernel_size=self.kernel_size,
+                              padding=self.padding, stride=self.stride)
+        return self.proj_drop(self.proj(y))

@@ -1,0 +1,313 @@
+"""Polarized Self-Attention (PSA), Liu et al., "Polarized Self-Attention: Towards
+High-quality Pixel-wise Regression", arXiv 2107.00782.
+
+Two branches gate a feature map ``X`` (``C x H x W``), each keeping full resolution along one
+axis and collapsing the other, with a softmax on the collapsed axis and a sigmoid at the end:
+
+* channel-only (Eq. 1-2 of the paper)::
+
+      A^ch(X) = F_SG[ LN( W_z( sigma_1(W_v(X)) x F_SM(sigma_2(W_q(X))) ) ) ]   in R^{C x 1 x 1}
+      Z^ch    = A^ch(X) (.)ch X
+
+  ``W_v``: 1x1 conv C -> C/2, ``W_q``: 1x1 conv C -> 1, ``F_SM``: softmax over the ``H*W``
+  pixels, ``x``: matrix product (a C/2 vector), ``W_z``: 1x1 conv C/2 -> C, ``LN``: LayerNorm
+  over the C channels, ``F_SG``: sigmoid.
+* spatial-only (Eq. 3-4)::
+
+      A^sp(X) = F_SG[ sigma_3( F_SM(sigma_1(F_GP(W_q(X)))) x sigma_2(W_v(X)) ) ]   in R^{1 x H x W}
+      Z^sp    = A^sp(X) (.)sp X
+
+  ``W_q``, ``W_v``: 1x1 convs C -> C/2, ``F_GP``: global average pooling, ``F_SM``: softmax
+  over the C/2 channels of the pooled query.
+* composition (Eq. 5)::
+
+      parallel:   PSA_p(X) = Z^ch + Z^sp = A^ch(X) (.)ch X + A^sp(X) (.)sp X
+      sequential: PSA_s(X) = Z^sp(Z^ch)  = A^sp(A^ch(X) (.)ch X) (.)sp (A^ch(X) (.)ch X)
+
+Two variants share this file:
+
+``variant='paper'`` computes the equations above. Its parameters carry the names of the most
+widely used public implementation (``ParallelPolarizedSelfAttention`` /
+``SequentialPolarizedSelfAttention`` in xmu-xiaoma666/External-Attention-pytorch,
+``attention/PolarizedSelfAttention.py``): ``ch_wv``, ``ch_wq``, ``ch_wz`` (1x1 convs with bias),
+``ln`` (``LayerNorm(C)``), ``sp_wv``, ``sp_wq``, so its checkpoints load strictly. Only the keys
+are shared: some revisions of that file omit the spatial softmax, and its sequential class
+returns ``Z^sp(Z^ch) + Z^ch`` instead of Eq. 5; here the paper decides. The bias of ``ch_wq``
+is kept for those checkpoints although it cannot change the output (it shifts every pixel's
+logit equally and the softmax over pixels removes it), so its gradient is zero up to rounding.
+
+``variant='official'`` computes what the authors' release computes (DeLightCMU/PSA,
+``semantic-segmentation/network/PSA.py``, classes ``PSA_p`` and ``PSA_s``; the released
+HRNet-OCR+PSA weights use ``PSA_s(planes, planes)`` as ``deattn`` in every HRNet ``BasicBlock``).
+Keys ``conv_q_right``, ``conv_v_right``, ``conv_up`` (channel branch, named ``spatial_pool`` in
+the release because it pools over space) and ``conv_q_left``, ``conv_v_left`` (spatial branch,
+the release's ``channel_pool``); no conv has a bias except inside the sequential ``conv_up``.
+It differs from the paper as follows:
+
+* channel branch, parallel (``PSA_p``): no LayerNorm, ``A^ch = sigmoid(W_z(V x softmax(Q)))``
+  with a bias-free ``W_z`` (``conv_up``);
+* channel branch, sequential (``PSA_s``): ``W_z`` becomes a bottleneck
+  ``conv_up = Sequential(Conv(C/2 -> C/2/ratio, bias), LayerNorm([C/2/ratio, 1, 1]), ReLU,
+  Conv(C/2/ratio -> C, bias))`` with ``ratio = 4`` (hard-coded in the release; ``ratio=`` here);
+  the LayerNorm normalises the C/2/ratio bottleneck channels, not the C output channels;
+* spatial branch, parallel (``PSA_p``): no softmax over channels on the pooled query; instead
+  the product ``GP(W_q X) x W_v X`` (one value per pixel) goes through a softmax over the
+  ``H*W`` pixels *and then* the sigmoid. The softmax output lies in (0, 1] and sums to 1, so
+  the mask lies in (0.5, 0.731] and tends to 0.5 everywhere as ``H*W`` grows;
+* spatial branch, sequential (``PSA_s``): no softmax on the pooled query; the value
+  ``W_v X`` is softmax-normalised over the ``H*W`` pixels of each of its C/2 channels before
+  the product;
+* the four bias-free convs ``conv_q_*``/``conv_v_*`` are initialised with
+  ``kaiming_normal_(mode='fan_in', nonlinearity='relu')`` (``conv_up`` keeps PyTorch's default).
+  Note that the release's HRNet ``init_weights`` later overwrites every conv weight of the
+  backbone (PSA included) with ``normal(std=0.001)``.
+
+The release's ``kernel_size``/``stride`` arguments are not reproduced (``kernel_size`` is
+unused there, ``stride != 1`` cannot broadcast against the input), nor is a separate
+``planes``: the gate multiplies the input, so ``planes == inplanes`` is the only working case.
+
+The attention masks are exposed for visualisation: ``channel_mask(x)`` / ``spatial_mask(x)``
+compute ``A^ch`` / ``A^sp`` of ``x``, and the parameter-free ``channel_gate`` / ``spatial_gate``
+submodules (the final sigmoids) see exactly the masks used in ``forward`` - attach a forward
+hook to them (in sequential mode the spatial gate sees ``A^sp(Z^ch)``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmattn.registry import MODELS
+
+from .checks import check_choice, check_input, check_positive, factory_kwargs
+
+__all__ = ['PolarizedChannelAttention', 'PolarizedSpatialAttention', 'PolarizedSelfAttention']
+
+_MODES = ('parallel', 'sequential')
+_VARIANTS = ('paper', 'official')
+_DEFAULT_RATIO = 4  # the release's PSA_s: ``ratio = 4``
+
+
+def _check_options(block: str, in_channels: int, mode: str, variant: str,
+                   ratio: int | None) -> int | None:
+    """Validate the shared options; return the bottleneck ratio, or None where there is none."""
+    check_positive('in_channels', in_channels, block, minimum=2)
+    if in_channels % 2 != 0:
+        raise ValueError(f'{block}: in_channels must be even (the branches use in_channels // 2 '
+                         f'internal channels), got in_channels={in_channels}')
+    check_choice('mode', mode, _MODES, block)
+    check_choice('variant', variant, _VARIANTS, block)
+    uses_ratio = variant == 'official' and mode == 'sequential'
+    if not uses_ratio:
+        if ratio is not None:
+            raise ValueError(f"{block}: ratio is only used by variant='official', "
+                             f"mode='sequential' (the release's PSA_s bottleneck), got "
+                             f'ratio={ratio!r} with variant={variant!r}, mode={mode!r}')
+        return None
+    ratio = _DEFAULT_RATIO if ratio is None else check_positive('ratio', ratio, block)
+    if in_channels // 2 < ratio:
+        raise ValueError(f'{block}: the bottleneck has (in_channels // 2) // ratio channels, which '
+                         f'must be >= 1; got in_channels={in_channels}, ratio={ratio}')
+    return ratio
+
+
+def _softmax_hw(t: torch.Tensor) -> torch.Tensor:
+    """Softmax over the pixels (the last two dims) of an ``N x K x H x W`` tensor."""
+    return t.flatten(2).softmax(-1).view_as(t)
+
+
+def _kaiming_fan_in(*convs: nn.Conv2d) -> None:
+    for conv in convs:
+        nn.init.kaiming_normal_(conv.weight, a=0, mode='fan_in', nonlinearity='relu')
+
+
+class _ChannelBranch(nn.Module):
+    """The channel-only branch ``A^ch`` (parameters registered on the host module, so that the
+    host's state-dict keys stay flat)."""
+
+    def _build_channel_branch(self, in_channels: int, variant: str, ratio: int | None,
+                              fk: dict) -> None:
+        mid = in_channels // 2
+        if variant == 'paper':
+            self.ch_wv = nn.Conv2d(in_channels, mid, 1, **fk)
+            self.ch_wq = nn.Conv2d(in_channels, 1, 1, **fk)
+            self.ch_wz = nn.Conv2d(mid, in_channels, 1, **fk)
+            self.ln = nn.LayerNorm(in_channels, **fk)
+        else:
+            self.conv_q_right = nn.Conv2d(in_channels, 1, 1, bias=False, **fk)
+            self.conv_v_right = nn.Conv2d(in_channels, mid, 1, bias=False, **fk)
+            if ratio is None:  # PSA_p
+                self.conv_up = nn.Conv2d(mid, in_channels, 1, bias=False, **fk)
+            else:  # PSA_s
+                self.conv_up = nn.Sequential(
+                    nn.Conv2d(mid, mid // ratio, 1, **fk),
+                    nn.LayerNorm([mid // ratio, 1, 1], **fk),
+                    nn.ReLU(),
+                    nn.Conv2d(mid // ratio, in_channels, 1, **fk))
+            _kaiming_fan_in(self.conv_q_right, self.conv_v_right)
+        self.channel_gate = nn.Sigmoid()
+
+    def channel_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """``A^ch(x)``, shape ``N x C x 1 x 1``."""
+        if self.variant == 'paper':
+            wv, wq, wz = self.ch_wv, self.ch_wq, self.ch_wz
+        else:
+            wv, wq, wz = self.conv_v_right, self.conv_q_right, self.conv_up
+        v = wv(x).flatten(2)                                  # N x C/2 x HW
+        q = wq(x).flatten(2).softmax(-1)                      # N x 1 x HW, softmax over pixels
+        z = wz(torch.matmul(v, q.transpose(1, 2)).unsqueeze(-1))   # N x C x 1 x 1
+        if self.variant == 'paper':
+            z = self.ln(z.flatten(1))[:, :, None, None]       # LayerNorm over the C channels
+        return self.channel_gate(z)
+
+
+class _SpatialBranch(nn.Module):
+    """The spatial-only branch ``A^sp`` (parameters registered on the host module)."""
+
+    def _build_spatial_branch(self, in_channels: int, variant: str, fk: dict) -> None:
+        mid = in_channels // 2
+        if variant == 'paper':
+            self.sp_wv = nn.Conv2d(in_channels, mid, 1, **fk)
+            self.sp_wq = nn.Conv2d(in_channels, mid, 1, **fk)
+        else:
+            self.conv_q_left = nn.Conv2d(in_channels, mid, 1, bias=False, **fk)
+            self.conv_v_left = nn.Conv2d(in_channels, mid, 1, bias=False, **fk)
+            _kaiming_fan_in(self.conv_q_left, self.conv_v_left)
+        self.spatial_gate = nn.Sigmoid()
+
+    def spatial_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """``A^sp(x)``, shape ``N x 1 x H x W``."""
+        if self.variant == 'paper':
+            q = self.sp_wq(x).mean((2, 3)).softmax(-1)      # N x C/2, softmax over channels
+            v = self.sp_wv(x)
+        else:
+            q = self.conv_q_left(x).mean((2, 3))            # N x C/2, no softmax
+            v = self.conv_v_left(x)
+            if self.mode == 'sequential':                   # PSA_s: softmax over pixels of V
+                v = _softmax_hw(v)
+        a = torch.einsum('nc,nchw->nhw', q, v).unsqueeze(1)  # N x 1 x H x W
+        if self.variant == 'official' and self.mode == 'parallel':
+            a = _softmax_hw(a)                              # PSA_p: softmax over pixels of QV
+        return self.spatial_gate(a)
+
+
+@MODELS.register_module()
+class PolarizedChannelAttention(_ChannelBranch):
+    """The channel-only branch of Polarized Self-Attention on its own: ``Z^ch = A^ch(X) (.) X``.
+
+    Paper (Eq. 1)::
+
+        A^ch(X) = sigmoid(LN(W_z(sigma_1(W_v X) x softmax_HW(sigma_2(W_q X)))))
+
+    Args:
+        in_channels: C, must be even (W_v has C/2 output channels).
+        variant: ``'paper'`` (keys ``ch_wv, ch_wq, ch_wz, ln``) or ``'official'`` (the
+            authors' release, keys ``conv_q_right, conv_v_right, conv_up``; see the module
+            docstring for the differences).
+        mode: only matters for ``variant='official'``: which release class the branch is taken
+            from, ``'parallel'`` (``PSA_p``: bias-free ``conv_up``, no LayerNorm) or
+            ``'sequential'`` (``PSA_s``: bottleneck ``conv_up`` with LayerNorm and ReLU).
+        ratio: bottleneck ratio of the ``PSA_s`` ``conv_up`` (default 4); only allowed with
+            ``variant='official', mode='sequential'``.
+    """
+
+    _abbr_ = 'psa_ch'
+
+    def __init__(self, in_channels: int, *, variant: str = 'paper', mode: str = 'parallel',
+                 ratio: int | None = None, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        ratio = _check_options(type(self).__name__, in_channels, mode, variant, ratio)
+        self.in_channels, self.variant, self.mode, self.ratio = in_channels, variant, mode, ratio
+        self._build_channel_branch(in_channels, variant, ratio, factory_kwargs(device, dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_channels, type(self).__name__)
+        return self.channel_mask(x) * x
+
+    def extra_repr(self) -> str:
+        return f'in_channels={self.in_channels}, variant={self.variant!r}, mode={self.mode!r}'
+
+
+@MODELS.register_module()
+class PolarizedSpatialAttention(_SpatialBranch):
+    """The spatial-only branch of Polarized Self-Attention on its own: ``Z^sp = A^sp(X) (.) X``.
+
+    Paper (Eq. 3)::
+
+        A^sp(X) = sigmoid(sigma_3(softmax_C(sigma_1(GP(W_q X))) x sigma_2(W_v X)))
+
+    Args:
+        in_channels: C, must be even (W_q and W_v have C/2 output channels).
+        variant: ``'paper'`` (keys ``sp_wv, sp_wq``) or ``'official'`` (keys ``conv_q_left,
+            conv_v_left``; see the module docstring for the differences).
+        mode: only matters for ``variant='official'``: ``'parallel'`` (``PSA_p``: softmax over
+            the pixels of the product) or ``'sequential'`` (``PSA_s``: softmax over the pixels
+            of each value channel).
+    """
+
+    _abbr_ = 'psa_sp'
+
+    def __init__(self, in_channels: int, *, variant: str = 'paper', mode: str = 'parallel',
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        _check_options(type(self).__name__, in_channels, mode, variant, None)
+        self.in_channels, self.variant, self.mode = in_channels, variant, mode
+        self._build_spatial_branch(in_channels, variant, factory_kwargs(device, dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_channels, type(self).__name__)
+        return self.spatial_mask(x) * x
+
+    def extra_repr(self) -> str:
+        return f'in_channels={self.in_channels}, variant={self.variant!r}, mode={self.mode!r}'
+
+
+@MODELS.register_module()
+class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
+    """Polarized Self-Attention (Liu et al., arXiv 2107.00782), Eq. 5::
+
+        parallel:   PSA_p(X) = A^ch(X) (.)ch X + A^sp(X) (.)sp X
+        sequential: PSA_s(X) = A^sp(Z^ch) (.)sp Z^ch,   Z^ch = A^ch(X) (.)ch X
+
+    with ``A^ch`` and ``A^sp`` as in :class:`PolarizedChannelAttention` and
+    :class:`PolarizedSpatialAttention`. Both branches' parameters sit at the top level, so the
+    state-dict keys are those of the public implementations: ``ch_wv, ch_wq, ch_wz, ln, sp_wv,
+    sp_wq`` (``variant='paper'``, External-Attention-pytorch) or ``conv_q_right, conv_v_right,
+    conv_up, conv_q_left, conv_v_left`` (``variant='official'``, the authors' ``PSA_p`` /
+    ``PSA_s``; the released HRNet-OCR+PSA weights are ``mode='sequential'``).
+
+    Args:
+        in_channels: C, must be even (the branches use C/2 internal channels).
+        mode: ``'parallel'`` or ``'sequential'``.
+        variant: ``'paper'`` (the paper's equations) or ``'official'`` (the authors' release;
+            the module docstring lists how it differs from the paper).
+        ratio: bottleneck ratio of the release's ``PSA_s`` ``conv_up`` (default 4); only
+            allowed with ``variant='official', mode='sequential'``.
+
+    ``channel_mask(x)`` / ``spatial_mask(x)`` return ``A^ch(x)`` / ``A^sp(x)``; forward hooks on
+    ``channel_gate`` / ``spatial_gate`` capture the masks actually used by ``forward``.
+    """
+
+    _abbr_ = 'psa'
+
+    def __init__(self, in_channels: int, *, mode: str = 'parallel', variant: str = 'paper',
+                 ratio: int | None = None, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        ratio = _check_options(type(self).__name__, in_channels, mode, variant, ratio)
+        self.in_channels, self.variant, self.mode, self.ratio = in_channels, variant, mode, ratio
+        fk = factory_kwargs(device, dtype)
+        self._build_channel_branch(in_channels, variant, ratio, fk)
+        self._build_spatial_branch(in_channels, variant, fk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_channels, type(self).__name__)
+        z_ch = self.channel_mask(x) * x
+        if self.mode == 'parallel':
+            return z_ch + self.spatial_mask(x) * x
+        return self.spatial_mask(z_ch) * z_ch
+
+    def extra_repr(self) -> str:
+        extra = f', ratio={self.ratio}' if self.ratio is not None else ''
+        return (f'in_channels={self.in_channels}, mode={self.mode!r}, '
+                f'variant={self.variant!r}{extra}')

@@ -1,0 +1,254 @@
+"""The contract every registered attention block follows (see mmattn/layers/__init__.py):
+constructed from ``in_channels`` alone, NCHW in and the same shape out for any H and W,
+contiguous or channels_last, autocast, device/dtype factory arguments, clear errors, every
+parameter trained, and usable from mm configs, mmcv plugins, timm and the exporters."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from mmattn.layers import attention_blocks, create_attn
+from mmattn.registry import MODELS
+
+BLOCKS = attention_blocks()
+NAMES = sorted(BLOCKS)
+C = 32
+
+# blocks with a feature that cannot work, and why (the block's docstring says it too)
+UNSUPPORTED: dict[tuple[str, str], str] = {}
+# blocks that export only through the dynamo-based exporter: mmcv's CrissCrossAttention
+# builds its mask with aten::diag, which the TorchScript-based exporter cannot translate
+ONNX_DYNAMO = {'RecurrentCrissCrossAttention'}
+
+
+def skip_unsupported(name: str, feature: str) -> None:
+    reason = UNSUPPORTED.get((name, feature))
+    if reason:
+        pytest.skip(f'{name} does not support {feature}: {reason}')
+
+
+def make(name: str, channels: int = C, **kwargs) -> nn.Module:
+    """A block whose output depends on every parameter: zero-initialised scales
+    (DANet's gammas, non-local's output projection) are set to non-zero values."""
+    block = BLOCKS[name](channels, **kwargs)
+    perturb_zero_params(block)
+    return block
+
+
+def perturb_zero_params(module: nn.Module) -> None:
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.is_floating_point() and not param.any():
+                param.uniform_(0.1, 0.5)
+
+
+def test_blocks_are_registered() -> None:
+    expected = {'PolarizedSelfAttention', 'SqueezeExcitation', 'EfficientChannelAttention', 'CBAM',
+                'CoordinateAttention', 'NonLocalAttention', 'PositionAttention',
+                'ChannelAttention', 'DualAttention', 'RecurrentCrissCrossAttention',
+                'OutlookAttention'}
+    missing = expected - set(BLOCKS)
+    assert not missing, f'not registered: {sorted(missing)}'
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_build_from_config(name: str) -> None:
+    from mmseg.registry import MODELS as SEG_MODELS
+    block = MODELS.build(dict(type=f'mmattn.{name}', in_channels=C))
+    assert type(block) is BLOCKS[name]
+    assert block.in_channels == C
+    # from another OpenMMLab package's registry, through the scope prefix
+    assert type(SEG_MODELS.build(dict(type=f'mmattn.{name}', in_channels=C))) is BLOCKS[name]
+    assert type(create_attn(name, C)) is BLOCKS[name]
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_abbr_names_plugin(name: str) -> None:
+    from mmcv.cnn import build_plugin_layer
+    assert '_abbr_' in vars(BLOCKS[name]), f'{name} needs its own _abbr_'
+    layer_name, layer = build_plugin_layer(dict(type=f'mmattn.{name}'), postfix='_1', in_channels=C)
+    assert layer_name == BLOCKS[name]._abbr_ + '_1'
+    assert isinstance(layer, BLOCKS[name])
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('shape', [(1, 1, 1), (1, 7, 5), (2, 8, 8), (2, 3, 12), (1, 13, 11)])
+def test_any_spatial_size(name: str, shape: tuple[int, int, int]) -> None:
+    block = make(name).eval()
+    n, h, w = shape
+    x = torch.randn(n, C, h, w)
+    with torch.no_grad():
+        y = block(x)
+    assert y.shape == x.shape
+    assert y.dtype == x.dtype
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_training_mode_and_every_parameter_gets_a_gradient(name: str) -> None:
+    block = make(name).train()
+    x = torch.randn(2, C, 9, 6, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape
+    (y * torch.randn_like(y)).sum().backward()
+    no_grad = [n for n, p in block.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not no_grad, f'parameters without gradient: {no_grad}'
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_output_depends_on_input(name: str) -> None:
+    """Not the identity and not constant: the block does something with its input."""
+    block = make(name).eval()
+    x = torch.randn(2, C, 6, 7)
+    with torch.no_grad():
+        y = block(x)
+        y2 = block(x * 2 + 1)
+    assert not torch.allclose(y, x)
+    assert not torch.allclose(y, y2)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_channels_last(name: str) -> None:
+    block = make(name).eval()
+    x = torch.randn(2, C, 7, 9)
+    with torch.no_grad():
+        ref = block(x)
+        out = block(x.contiguous(memory_format=torch.channels_last))
+        out_cl_module = block.to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_cl_module, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_autocast(name: str, dtype: torch.dtype) -> None:
+    block = make(name).eval()
+    x = torch.randn(2, C, 6, 5)
+    with torch.no_grad():
+        ref = block(x)
+        with torch.autocast('cpu', dtype=dtype):
+            out = block(x)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+    # half precision keeps about 3 significant digits; the blocks add a few roundings
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_factory_kwargs(name: str) -> None:
+    block = BLOCKS[name](C, dtype=torch.float64)
+    tensors = list(block.parameters()) + [b for b in block.buffers() if b.is_floating_point()]
+    assert tensors and all(t.dtype == torch.float64 for t in tensors)
+    meta = BLOCKS[name](C, device='meta')
+    assert all(t.device.type == 'meta' for t in list(meta.parameters()) + list(meta.buffers()))
+    with torch.no_grad():
+        y = block.eval()(torch.randn(1, C, 4, 4, dtype=torch.float64))
+    assert y.dtype == torch.float64
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_bad_input_errors(name: str) -> None:
+    block = make(name)
+    with pytest.raises(ValueError, match=r'in_channels') as info:
+        block(torch.randn(1, C + 1, 5, 5))
+    assert str(C + 1) in str(info.value) and str(C) in str(info.value)
+    with pytest.raises(ValueError, match=r'4-D'):
+        block(torch.randn(C, 5, 5))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_jit_trace(name: str) -> None:
+    skip_unsupported(name, 'jit.trace')
+    block = make(name).eval()
+    x = torch.randn(2, C, 7, 6)
+    with torch.no_grad():
+        traced = torch.jit.trace(block, x, check_trace=False)
+        torch.testing.assert_close(traced(x), block(x))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_torch_compile(name: str) -> None:
+    skip_unsupported(name, 'torch.compile')
+    torch._dynamo.reset()
+    block = make(name).eval()
+    x = torch.randn(2, C, 7, 6)
+    compiled = torch.compile(block, fullgraph=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_onnx_export(name: str) -> None:
+    skip_unsupported(name, 'onnx')
+    onnxruntime = pytest.importorskip('onnxruntime')
+    block = make(name).eval()
+    x = torch.randn(2, C, 7, 6)
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(block, (x,), buffer, input_names=['x'], output_names=['y'],
+                          dynamo=name in ONNX_DYNAMO, opset_version=18)
+        ref = block(x).numpy()
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=['CPUExecutionProvider'])
+    (out,) = session.run(None, {'x': x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), torch.from_numpy(ref), rtol=1e-4, atol=1e-5)
+
+
+# --- inside host networks -------------------------------------------------------------
+
+def _count(model: nn.Module, cls: type) -> int:
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+def _plugins(name: str, positions: tuple[str, ...], stages: tuple[bool, ...]) -> list[dict]:
+    # one plugin per position, each with its own postfix (mmcv names the submodule
+    # `<_abbr_><postfix>`; mmseg 1.2.2 keeps only the last of several plugins at one position)
+    return [dict(cfg=dict(type=f'mmattn.{name}', postfix=f'_{i}'), position=pos, stages=stages)
+            for i, pos in enumerate(positions)]
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_plugin_in_mmseg_resnetv1c(name: str) -> None:
+    """All three positions of a Bottleneck ResNet, last stage."""
+    from mmseg.models.backbones import ResNetV1c
+    model = ResNetV1c(depth=50, base_channels=16, stem_channels=16, out_indices=(3,),
+                      plugins=_plugins(name, ('after_conv1', 'after_conv2', 'after_conv3'),
+                                       (False, False, False, True)))
+    model.eval()  # mmseg's ResNet.train() returns None: do not chain it
+    assert _count(model, BLOCKS[name]) == 3 * 3
+    assert hasattr(model.layer4[0], BLOCKS[name]._abbr_ + '_2')
+    with torch.no_grad():
+        (out,) = model(torch.randn(1, 3, 64, 48))
+    assert out.shape == (1, 16 * 4 * 8, 2, 2)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_plugin_in_mmdet_resnet(name: str) -> None:
+    """mmdet's ResNet (plugins only in its Bottleneck), two positions, two stages."""
+    from mmdet.models.backbones import ResNet
+    model = ResNet(depth=50, base_channels=16, out_indices=(2, 3),
+                   plugins=_plugins(name, ('after_conv2', 'after_conv3'), (False, False, True, True)))
+    model.eval()
+    assert _count(model, BLOCKS[name]) == 2 * (6 + 3)
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [16 * 4 * 4, 16 * 4 * 8]
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_timm_attn_layer(name: str) -> None:
+    import timm
+    model = timm.create_model('resnet26', pretrained=False, num_classes=5,
+                              block_args=dict(attn_layer=BLOCKS[name]))
+    assert _count(model, BLOCKS[name]) == 8
+    perturb_zero_params(model)
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 5)
+    out.sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, f'parameters without gradient: {no_grad[:5]}'
