@@ -7,4 +7,4 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import Registry
 
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='mmattn',
-                  locations=['mmattn.layers', 'mmattn.models'])
+                  locations=['mmattn.layers', 'mmattn.models', 'mmattn.models.hrnet'])

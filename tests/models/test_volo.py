@@ -1,0 +1,211 @@
+"""VOLO (arXiv 2106.13112): timm entrypoints ``volo_d1``..``volo_d5``, checkpoint compatibility
+with timm's ``volo_d*_224``, any input size, token-labelling outputs, features, the
+``mmattn.VOLO`` backbone and the configs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import mmattn  # noqa: F401  (registers the models)
+from mmattn.layers import OutlookAttention
+from mmattn.models.volo import VOLO_ARCHS
+from mmattn.registry import MODELS
+
+REPO = Path(__file__).resolve().parents[2]
+ARCHS = ('d1', 'd2', 'd3', 'd4', 'd5')
+# Parameter counts at 224 (1000 classes) from the paper's Table 1 / the release README.
+PAPER_PARAMS = {'d1': 26.6e6, 'd2': 58.7e6, 'd3': 86.3e6, 'd4': 193e6, 'd5': 296e6}
+
+
+@pytest.fixture(scope='module')
+def timm_d1():
+    """timm's own VOLO-D1 (randomly initialised, no download) and its state dict."""
+    torch.manual_seed(0)
+    ref = timm.create_model('volo_d1_224', pretrained=False).eval()
+    with torch.no_grad():  # non-trivial values everywhere (the default init zeroes biases)
+        for prm in ref.parameters():
+            prm.add_(torch.randn_like(prm) * 0.02)
+    return ref
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_keys_shapes_and_parameter_counts(arch):
+    with torch.device('meta'):
+        ours = timm.create_model(f'volo_{arch}')
+        ref = timm.create_model(f'volo_{arch}_224')
+    ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert list(ours_sd) == list(ref_sd)
+    assert all(ours_sd[k].shape == ref_sd[k].shape for k in ref_sd)
+    count = sum(p.numel() for p in ours.parameters())
+    assert abs(count / PAPER_PARAMS[arch] - 1) < 0.005, count
+    outlookers = [m for m in ours.modules() if isinstance(m, OutlookAttention)]
+    assert len(outlookers) == ours.network[0].__len__() > 0
+
+
+TINY = dict(layers=(1, 1, 1, 1))  # D1 widths, one block per stage: fast construction
+
+
+@pytest.fixture(scope='module')
+def ours_d1(timm_d1, tmp_path_factory):
+    """``volo_d1`` loaded from a local checkpoint in the release's layout
+    (``{'state_dict': ...}`` with DataParallel's ``module.`` prefix) holding timm's weights."""
+    path = tmp_path_factory.mktemp('volo') / 'd1_224.pth.tar'
+    torch.save({'state_dict': {f'module.{k}': v for k, v in timm_d1.state_dict().items()}}, path)
+    model = timm.create_model('volo_d1', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    return model.eval()
+
+
+def test_d1_same_logits_as_timm(timm_d1, ours_d1):
+    ours_d1.load_state_dict(timm_d1.state_dict(), strict=True)  # timm's keys load strictly
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours_d1(x), timm_d1(x), rtol=1e-4, atol=1e-5)
+
+
+def test_pretrained_cfgs():
+    cfg = timm.models.get_pretrained_cfg('volo_d1')
+    assert cfg.url == 'https://github.com/sail-sg/volo/releases/download/volo_1/d1_224_84.2.pth.tar'
+    assert cfg.input_size == (3, 224, 224) and not cfg.fixed_input_size
+    cfg = timm.models.get_pretrained_cfg('volo_d5.sail_in1k_512')
+    assert cfg.url.endswith('d5_512_87.07.pth.tar') and cfg.input_size == (3, 512, 512)
+    assert set(timm.list_models('volo_d?')) == {f'volo_{a}' for a in ARCHS}
+    with torch.device('meta'):  # the position embedding is stored at the weights' resolution
+        assert timm.create_model('volo_d3.sail_in1k_448').pos_embed.shape == (1, 28, 28, 512)
+
+
+def test_any_input_size(timm_d1, ours_d1):
+    with torch.no_grad():
+        assert ours_d1(torch.randn(1, 3, 256, 320)).shape == (1, 1000)
+        with pytest.raises(RuntimeError):  # timm's VOLO has a fixed position-embedding grid
+            timm_d1(torch.randn(1, 3, 64, 64))
+
+
+def test_position_embedding_resampling(ours_d1):
+    pos = ours_d1.pos_embed.detach()
+    assert pos.shape == (1, 14, 14, 384)
+    torch.testing.assert_close(ours_d1.add_pos_embed(torch.zeros(1, 14, 14, 384)), pos)
+    resized = ours_d1.add_pos_embed(torch.zeros(1, 16, 20, 384))
+    expected = torch.nn.functional.interpolate(pos.permute(0, 3, 1, 2), size=(16, 20),
+                                               mode='bicubic', align_corners=False)
+    torch.testing.assert_close(resized, expected.permute(0, 2, 3, 1))
+
+
+def test_token_labelling_outputs():
+    torch.manual_seed(0)
+    model = timm.create_model('volo_d1', img_size=64, num_classes=5, return_dense=True,
+                              use_mix_token=True, **TINY).train()
+    x = torch.randn(2, 3, 64, 64)
+    cls, aux, bbox = model(x)
+    assert cls.shape == (2, 5) and aux.shape == (2, 16, 5) and len(bbox) == 4
+    assert all(0 <= b <= 4 for b in bbox) and bbox[0] <= bbox[2] and bbox[1] <= bbox[3]
+    # without a box the class logits are head(cls token) and the aux logits are per token
+    model.mix_token = False
+    torch.manual_seed(1)
+    cls, aux, bbox = model(x)
+    torch.manual_seed(1)
+    feats = model.forward_features(x)
+    torch.testing.assert_close(cls, model.head(feats[:, 0]))
+    torch.testing.assert_close(aux, model.aux_head(feats[:, 1:]))
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, 5)
+    plain = timm.create_model('volo_d1', img_size=64, num_classes=5, **TINY).train()
+    assert plain(x).shape == (2, 5)
+    with pytest.raises(ValueError, match='use_mix_token=True needs return_dense=True'):
+        timm.create_model('volo_d1', use_mix_token=True, **TINY)
+
+
+def test_features_only_and_intermediates():
+    model = timm.create_model('volo_d1', features_only=True, img_size=64, **TINY)
+    assert model.feature_info.channels() == [192, 384, 384, 384]
+    assert model.feature_info.reduction() == [8, 16, 16, 16]
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [(1, 192, 8, 12)] + [(1, 384, 4, 6)] * 3
+    full = timm.create_model('volo_d1', img_size=64, **TINY).eval()
+    with torch.no_grad():
+        final, inter = full.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[0, 3])
+    assert final.shape == (1, 17, 384) and [f.shape[1] for f in inter] == [192, 384]
+
+
+def test_backbone_pyramid_512():
+    backbone = MODELS.build(dict(type='mmattn.VOLO', arch=dict(VOLO_ARCHS['d1'], **TINY)))
+    with torch.no_grad():
+        outs = backbone.eval()(torch.randn(1, 3, 512, 512))
+    assert [tuple(o.shape) for o in outs] == [(1, 192, 128, 128), (1, 384, 64, 64),
+                                              (1, 384, 32, 32), (1, 384, 16, 16)]
+    assert backbone.out_strides == (4, 8, 16, 32)
+
+
+def test_backbone_pretrained_matches_timm(timm_d1, ours_d1, tmp_path):
+    path = tmp_path / 'd1.pth'
+    torch.save(timm_d1.state_dict(), path)
+    backbone = MODELS.build(dict(type='mmattn.VOLO', arch='d1', pyramid=False,
+                                 out_indices=(0, 2),
+                                 init_cfg=dict(type='Pretrained', checkpoint=str(path))))
+    backbone.init_weights()
+    backbone.eval()
+    assert len(backbone.network) == 4  # the last Transformer stage is pruned
+    assert backbone.out_strides == (8, 16)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        outs = backbone(x)
+        # the Outlooker stage needs no position embedding: timm's own model runs at 64x96
+        expected = timm_d1.forward_intermediates(x, indices=[0], stop_early=True,
+                                                 intermediates_only=True)
+        expected += ours_d1.forward_intermediates(x, indices=[2], stop_early=True,
+                                                  intermediates_only=True)
+    for out, exp in zip(outs, expected):
+        torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(backbone.pos_embed, timm_d1.pos_embed)
+
+
+def test_backbone_bad_arguments():
+    with pytest.raises(ValueError, match='arch must be one of'):
+        MODELS.build(dict(type='mmattn.VOLO', arch='d9'))
+    with pytest.raises(ValueError, match='out_indices'):
+        MODELS.build(dict(type='mmattn.VOLO', out_indices=(4, )))
+
+
+CONFIGS = sorted((REPO / 'configs').glob('volo_d?_imagenet.py')) + \
+    [REPO / 'configs' / 'demo' / 'volo_d1_demo.py']
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
+def test_configs_build(path):
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS as PRETRAIN_MODELS
+    cfg = Config.fromfile(str(path))
+    assert cfg.model.type == 'TimmClassifier' and cfg.model.model_name.startswith('volo_d')
+    assert cfg.custom_imports['imports'] == ['mmattn']
+    arch = cfg.model.model_name[-2:]
+    with torch.device('cpu' if 'demo' in path.name else 'meta'):
+        model = PRETRAIN_MODELS.build(cfg.model)
+    count = sum(p.numel() for p in model.parameters())
+    if 'demo' not in path.name:
+        assert abs(count / PAPER_PARAMS[arch] - 1) < 0.005
+        assert cfg.train_dataloader.batch_size == 128 and cfg.auto_scale_lr.base_batch_size == 1024
+    if 'demo' in path.name:
+        size = cfg.model.img_size
+        model.eval()
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, size, size)).shape == (1, cfg.model.num_classes)
+
+
+@pytest.mark.slow
+def test_demo_training_runs(tmp_path):
+    train = REPO / 'tools' / 'train.py'
+    data = REPO / 'data' / 'demo' / 'imagenet' / 'train'
+    if not train.is_file() or not data.is_dir():
+        pytest.skip('needs tools/train.py and the demo data (python tools/make_demo_data.py)')
+    result = subprocess.run(
+        [sys.executable, str(train), str(REPO / 'configs' / 'demo' / 'volo_d1_demo.py'),
+         '--work-dir', str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert list(tmp_path.glob('*.pth'))
