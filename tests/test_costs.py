@@ -78,7 +78,7 @@ def test_volo_d1_matches_timm_published_macs() -> None:
     cost = model_costs(loaded.runner, (torch.zeros(1, 3, 224, 224),), root=loaded.model)
     assert abs(cost.macs / 6.94e9 - 1) < 0.02
     assert abs(cost.params / 26.6e6 - 1) < 0.01
-    # per-block attribution works although Outlooker calls ``attn.forward_nhwc``: C=192,
+    # per-block attribution of VOLO's outlook blocks (NHWC, called as modules): C=192,
     # 6 heads, K=3, stride 2 on the 28x28 grid (14x14 pooled): v and proj (HW C C each), the
     # weight predictor (hw C K^4 N) and the aggregation (hw K^2 K^2 C)
     big, small, c = 28 * 28, 14 * 14, 192

@@ -129,7 +129,7 @@ def load_model(spec: str, *, checkpoint: str | None = None,
             raise ValueError(f'load_model: spec must be an existing config file or a timm '
                              f'model name, got {spec!r} (no such file)')
         from mmengine.config import Config
-        from mmengine.registry import MODELS, init_default_scope
+        from mmengine.registry import MODELS, DefaultScope
         from mmengine.runner import load_checkpoint
         if '::' in spec:  # a config shipped by a package: mmseg::ocrnet/...py
             from mmengine.hub import get_config
@@ -138,12 +138,13 @@ def load_model(spec: str, *, checkpoint: str | None = None,
             cfg = Config.fromfile(spec)
         if cfg_options:
             cfg.merge_from_dict(cfg_options)
-        if cfg.get('default_scope') is not None:
-            init_default_scope(cfg.default_scope)
         model_cfg = cfg.model.copy()
         if 'data_preprocessor' not in model_cfg and cfg.get('data_preprocessor') is not None:
             model_cfg['data_preprocessor'] = cfg.data_preprocessor
-        model = MODELS.build(model_cfg)
+        # the config's scope for this build only: a global default scope would leak into
+        # every later build in the process
+        with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+            model = MODELS.build(model_cfg)
         if checkpoint:
             load_checkpoint(model, checkpoint, map_location='cpu', strict=False)
         model.to(device).eval()

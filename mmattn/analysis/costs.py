@@ -22,15 +22,9 @@ counts ``nn.Module`` layers and misses them), with these handles added or replac
 
 Element-wise ops (softmax, sigmoid, the gating products, additions) are not counted, as in
 fvcore; norms count ``5 x numel`` (mmengine's estimate).
-
-Blocks called through another method than ``__call__`` (VOLO's ``Outlooker`` calls
-``OutlookAttention.forward_nhwc``) do not open a module scope in the trace, so their matmuls
-would be booked on the caller. :func:`block_scopes` routes those entry points through
-``__call__`` while counting (:data:`ENTRY_METHODS`), so per-block numbers are complete.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import weakref
@@ -44,14 +38,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
-    'EXTRA_FLOP_HANDLES', 'ENTRY_METHODS', 'BlockCost', 'ModelCost', 'attention_block_types',
-    'block_scopes', 'iter_attention_blocks', 'count_flops', 'model_costs', 'measure_block', 'block_variants',
+    'EXTRA_FLOP_HANDLES', 'BlockCost', 'ModelCost', 'attention_block_types',
+    'iter_attention_blocks', 'count_flops', 'model_costs', 'measure_block', 'block_variants',
     'format_count', 'format_bytes',
 ]
-
-#: block class name -> the method its host calls instead of ``__call__`` (see module docstring)
-ENTRY_METHODS: dict[str, str] = {'OutlookAttention': 'forward_nhwc'}
-
 
 # ----------------------------------------------------------------------------- jit handles
 def _prod(values: Sequence[int]) -> int:
@@ -126,28 +116,6 @@ def iter_attention_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-@contextlib.contextmanager
-def block_scopes(model: nn.Module) -> Iterator[None]:
-    """While active, the blocks in :data:`ENTRY_METHODS` found in ``model`` run their entry
-    method through ``module.__call__`` (so hooks and trace scopes see them)."""
-    patched: list[nn.Module] = []
-    try:
-        for _, module in iter_attention_blocks(model):
-            method = ENTRY_METHODS.get(type(module).__name__)
-            if method is None:
-                continue
-            # __call__ runs self.forward: point it at the class's entry method, and route the
-            # entry method (what the host calls) through __call__.
-            module.forward = getattr(type(module), method).__get__(module)
-            setattr(module, method, module.__call__)
-            patched.append(module)
-        yield
-    finally:
-        for module in patched:
-            del module.forward
-            delattr(module, ENTRY_METHODS[type(module).__name__])
-
-
 # ----------------------------------------------------------------------------- model costs
 @dataclass
 class BlockCost:
@@ -203,7 +171,7 @@ def model_costs(model: nn.Module, inputs: torch.Tensor | tuple,
     was_training = model.training
     model.eval()
     try:
-        with block_scopes(root), torch.no_grad():
+        with torch.no_grad():
             analyzer = count_flops(model, inputs)
             by_module = analyzer.by_module()
             unsupported = dict(analyzer.unsupported_ops())

@@ -34,7 +34,7 @@ from torch import nn
 
 from mmattn.registry import MODELS
 
-from .checks import check_divisible, check_input, check_positive, factory_kwargs
+from .checks import check_choice, check_divisible, check_input, check_positive, factory_kwargs
 
 __all__ = ['OutlookAttention', 'outlook_attention', 'outlook_grid_size']
 
@@ -119,8 +119,9 @@ class OutlookAttention(nn.Module):
     ``self.v``, ``self.proj`` (nn.Linear, timm / sail-sg names). The pooling is ceil-mode
     average pooling with kernel and stride s (skipped for s=1).
 
-    NCHW in and out as a plugin; :meth:`forward_nhwc` takes and returns (B, H, W, C), as
-    VOLO's Outlooker uses it. Any H, W when ``kernel_size == 2*padding + 1`` (the default);
+    NCHW in and out as a plugin (``data_format='NCHW'``, the default); with
+    ``data_format='NHWC'`` the forward takes and returns (B, H, W, C), as VOLO's Outlooker
+    uses it (through ``__call__``, so forward hooks see the block in VOLO too). Any H, W when ``kernel_size == 2*padding + 1`` (the default);
     other geometries raise ``ValueError`` for sizes they cannot tile (see
     :func:`outlook_grid_size`).
 
@@ -133,16 +134,19 @@ class OutlookAttention(nn.Module):
         qkv_bias: Whether ``v`` has a bias (``attn`` and ``proj`` always have one).
         attn_drop: Dropout on the normalised weights.
         proj_drop: Dropout after the output projection.
+        data_format: ``'NCHW'`` (plugin) or ``'NHWC'`` (channels-last tokens, as in VOLO).
     """
 
     _abbr_ = 'outlook'
 
     def __init__(self, in_channels: int, *, num_heads: int = 1, kernel_size: int = 3,
                  padding: int = 1, stride: int = 1, qkv_bias: bool = False,
-                 attn_drop: float = 0., proj_drop: float = 0., device: Any = None,
-                 dtype: Any = None) -> None:
+                 attn_drop: float = 0., proj_drop: float = 0., data_format: str = 'NCHW',
+                 device: Any = None, dtype: Any = None) -> None:
         super().__init__()
         name = type(self).__name__
+        check_choice('data_format', data_format, ('NCHW', 'NHWC'), name)
+        self.data_format = data_format
         self.in_channels = check_positive('in_channels', in_channels, name)
         self.num_heads = check_positive('num_heads', num_heads, name)
         check_divisible('in_channels', in_channels, 'num_heads', num_heads, name)
@@ -168,7 +172,10 @@ class OutlookAttention(nn.Module):
                 f'padding={self.padding}, stride={self.stride}')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Outlook attention of ``x`` (N, C, H, W); returns (N, C, H, W)."""
+        """Outlook attention of ``x`` (N, C, H, W); returns (N, C, H, W). With
+        ``data_format='NHWC'``: (B, H, W, C) in and out."""
+        if self.data_format == 'NHWC':
+            return self.forward_nhwc(x)
         check_input(x, self.in_channels, type(self).__name__)
         return self.forward_nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 

@@ -63,7 +63,7 @@ class Outlooker(nn.Module):
         self.norm1 = norm_layer(dim, **dd)
         self.attn = OutlookAttention(dim, num_heads=num_heads, kernel_size=kernel_size,
                                      padding=padding, stride=stride, qkv_bias=qkv_bias,
-                                     attn_drop=attn_drop, **dd)
+                                     attn_drop=attn_drop, data_format='NHWC', **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer,
@@ -71,7 +71,7 @@ class Outlooker(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn.forward_nhwc(self.norm1(x)))
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 

@@ -268,8 +268,7 @@ class AttentionRecorder:
         self._hook(block, on_block)
 
     def _attach_outlook(self, name: str, block: nn.Module) -> None:
-        # VOLO's Outlooker calls ``forward_nhwc``, which bypasses the block's own hooks; its
-        # value projection ``v`` sees the (B, H, W, C) input on both paths.
+        # the value projection ``v`` sees the (B, H, W, C) input in both data formats
         def hook(_m: nn.Module, args: tuple) -> None:
             x = args[0][:1]
             height, width = x.shape[1], x.shape[2]

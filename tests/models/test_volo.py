@@ -185,7 +185,9 @@ def test_configs_build(path):
     assert cfg.model.type == 'TimmClassifier' and cfg.model.model_name.startswith('volo_d')
     assert cfg.custom_imports['imports'] == ['mmattn']
     arch = cfg.model.model_name[-2:]
-    with torch.device('cpu' if 'demo' in path.name else 'meta'):
+    from mmengine.registry import DefaultScope
+    with torch.device('cpu' if 'demo' in path.name else 'meta'), \
+            DefaultScope.overwrite_default_scope(cfg.default_scope):
         model = PRETRAIN_MODELS.build(cfg.model)
     count = sum(p.numel() for p in model.parameters())
     if 'demo' not in path.name:
