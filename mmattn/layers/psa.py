@@ -70,6 +70,19 @@ The attention masks are exposed for visualisation: ``channel_mask(x)`` / ``spati
 compute ``A^ch`` / ``A^sp`` of ``x``, and the parameter-free ``channel_gate`` / ``spatial_gate``
 submodules (the final sigmoids) see exactly the masks used in ``forward`` - attach a forward
 hook to them (in sequential mode the spatial gate sees ``A^sp(Z^ch)``).
+
+Backends (``PolarizedSelfAttention(backend=...)``, ``variant='paper'`` only): the paper form's
+1x1 convolutions fold exactly onto C-vectors (:mod:`mmattn.ops.psa`), so ``forward`` can run the
+folded op ``mmattn::psa_paper_folded`` (hand-written backward; several times faster and a
+fraction of the activation memory) instead of the eager equations above (the *reference*).
+``backend='auto'`` (default) takes the folded op unless ``MMATTN_BACKEND=reference`` is set, a
+graph is being recorded by ``torch.jit.trace``/``torch.onnx.export`` (the traced/exported graph
+is the reference, standard operators only), or forward (pre-)hooks are registered on
+``channel_gate``/``spatial_gate``: the folded op never calls those submodules, so with hooks
+``auto`` keeps the reference and the hooks fire; ``backend='folded'`` with such hooks raises.
+``backend='reference'`` always runs the equations above. ``variant='official'`` always runs its
+reference (its sequential spatial branch needs a softmax over the pixels of each of the C/2
+value channels, which does not fold).
 """
 from __future__ import annotations
 
@@ -78,6 +91,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmattn.ops.dispatch import BACKENDS, select_backend
+from mmattn.ops.psa import psa_paper_folded, psa_paper_params
 from mmattn.registry import MODELS
 
 from .checks import check_choice, check_input, check_positive, factory_kwargs
@@ -284,24 +299,49 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
             the module docstring lists how it differs from the paper).
         ratio: bottleneck ratio of the release's ``PSA_s`` ``conv_up`` (default 4); only
             allowed with ``variant='official', mode='sequential'``.
+        backend: ``'auto'`` (default), ``'reference'``, ``'folded'`` or ``'cuda'`` (no CUDA
+            kernel is built in this version: forward raises, saying so). Only
+            ``'auto'``/``'reference'`` for ``variant='official'``. See the module docstring.
 
     ``channel_mask(x)`` / ``spatial_mask(x)`` return ``A^ch(x)`` / ``A^sp(x)``; forward hooks on
-    ``channel_gate`` / ``spatial_gate`` capture the masks actually used by ``forward``.
+    ``channel_gate`` / ``spatial_gate`` capture the masks actually used by ``forward`` (they
+    make ``backend='auto'`` run the reference, whose gates they are).
     """
 
     _abbr_ = 'psa'
 
     def __init__(self, in_channels: int, *, mode: str = 'parallel', variant: str = 'paper',
-                 ratio: int | None = None, device: Any = None, dtype: Any = None) -> None:
+                 ratio: int | None = None, backend: str = 'auto', device: Any = None,
+                 dtype: Any = None) -> None:
         super().__init__()
-        ratio = _check_options(type(self).__name__, in_channels, mode, variant, ratio)
+        name = type(self).__name__
+        ratio = _check_options(name, in_channels, mode, variant, ratio)
+        check_choice('backend', backend, BACKENDS, name)
+        if variant == 'official' and backend not in ('auto', 'reference'):
+            raise ValueError(f"{name}: variant='official' has only the reference path; backend "
+                             f"must be 'auto' or 'reference', got backend={backend!r}")
         self.in_channels, self.variant, self.mode, self.ratio = in_channels, variant, mode, ratio
+        self.backend = backend
         fk = factory_kwargs(device, dtype)
         self._build_channel_branch(in_channels, variant, ratio, fk)
         self._build_spatial_branch(in_channels, variant, fk)
 
+    def _gates_hooked(self) -> bool:
+        return any(gate._forward_hooks or gate._forward_pre_hooks
+                   for gate in (self.channel_gate, self.spatial_gate))
+
+    def selected_backend(self, x: torch.Tensor) -> tuple[str, str]:
+        """The path ``forward(x)`` takes and why: ``('folded' | 'reference', reason)``."""
+        if self.variant == 'official':
+            return 'reference', "variant='official' has no folded form"
+        return select_backend('psa_paper', x, self.backend, hooks=self._gates_hooked())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels, type(self).__name__)
+        if self.variant == 'paper' and self.backend != 'reference' and \
+                self.selected_backend(x)[0] == 'folded':
+            return psa_paper_folded(x, *psa_paper_params(self), eps=self.ln.eps,
+                                    sequential=self.mode == 'sequential')
         z_ch = self.channel_mask(x) * x
         if self.mode == 'parallel':
             return z_ch + self.spatial_mask(x) * x
@@ -309,5 +349,7 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
 
     def extra_repr(self) -> str:
         extra = f', ratio={self.ratio}' if self.ratio is not None else ''
+        if self.backend != 'auto':
+            extra += f', backend={self.backend!r}'
         return (f'in_channels={self.in_channels}, mode={self.mode!r}, '
                 f'variant={self.variant!r}{extra}')

@@ -1,0 +1,343 @@
+r"""Polarized Self-Attention (arXiv 2107.00782), paper form, as a functional op with the 1x1
+convolutions folded away.
+
+Notation: ``x_p`` is the C-vector of pixel p (P = H*W pixels), the parameters are those of
+:class:`mmattn.layers.PolarizedSelfAttention` (``variant='paper'``) written as matrices:
+``ch_wq`` (C,), ``ch_wv`` (C/2, C), ``ch_wz`` (C, C/2), ``sp_wq``/``sp_wv`` (C/2, C), with
+their biases, and the LayerNorm affine ``ln_weight``/``ln_bias``.
+
+Every 1x1 convolution of the paper's Eq. 1-5 acts on a quantity that is then averaged over the
+pixels with weights summing to 1, or contracted with a single vector, so it moves onto a C-vector
+(biases included)::
+
+    channel:  pi = softmax_p(ch_wq . x_p)          (ch_wq's bias cancels in the softmax)
+              s  = sum_p pi_p x_p                   (C)
+              A  = sigmoid(LN(W_z (W_v s + b_v) + b_z))          = A^ch   (Eq. 1)
+    spatial:  m  = mean_p x_p                       (C)
+              q  = softmax(W_q m + b_q)             (C/2)
+              u  = W_v'^T q,  c = q . b_v'          (C), ()
+              S_p = sigmoid(u . x_p + c)                         = A^sp   (Eq. 3)
+    parallel:   y = x (A (+) S)      y[c, p] = x[c, p] (A_c + S_p)
+    sequential: the spatial branch sees A (.) x, whose mean is A (.) m and whose logit is
+                (u (.) A) . x_p + c;  y[c, p] = x[c, p] A_c S_p
+
+A forward therefore costs four reductions over x (softmax logits, softmax-weighted mean,
+mean, spatial logits), each a batched matrix-vector product or a plain reduction, and one
+elementwise pass, plus C-sized work; the backward (hand-written, :func:`_backward_impl`) one
+product ``G (.) x`` with its two reductions, three matrix-vector passes over x, and
+``dx = G (.) (A (+) S)`` plus a rank-4 correction written in place. The saved state is x plus
+a few (N, P) and (N, C) vectors, against several (N, C/2, H, W) maps for the eager form. A
+fused kernel would do the forward in 2 reads and 1 write of x; that is for a CUDA kernel (see
+``docs/benchmarks.md``).
+
+Both the forward and the backward are ``torch.library`` custom ops (``mmattn::psa_paper_folded``
+and ``mmattn::psa_paper_folded_backward``) with fake implementations, so ``torch.compile``
+traces them without graph breaks; first-order gradients only (a double backward raises).
+Under autocast the op runs in the dtype of ``x`` (it has no autocast rule); for float16/bfloat16
+inputs the C-sized work is done in float32.
+
+The official release's forms (``variant='official'``) have no op here: ``PSA_p`` would fold the
+same way (its extra softmax over pixels acts on a (N, P) vector), but ``PSA_s`` applies a softmax
+over the pixels of each of the C/2 value channels, which needs the full per-pixel (C/2 x C)
+product; the module computes them with its reference path.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .dispatch import select_backend
+
+__all__ = ['polarized_self_attention', 'psa_paper_folded', 'psa_paper_params',
+           'psa_paper_reference']
+
+_MODES = ('parallel', 'sequential')
+# op inputs after x, in order (the public function's keyword names)
+PARAM_NAMES = ('ch_wq', 'ch_bq', 'ch_wv', 'ch_bv', 'ch_wz', 'ch_bz', 'ln_weight', 'ln_bias',
+               'sp_wq', 'sp_bq', 'sp_wv', 'sp_bv')
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """Dtype of the C-sized work: float32 for half inputs, else the input's."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _ncp(t: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C, P); a view for contiguous and channels_last layouts."""
+    return t.flatten(2)
+
+
+def _sum_p(xf: Tensor, vec: Tensor) -> Tensor:
+    """``sum_p xf[n, c, p] vec[n, p]`` -> (N, C), as a (1 x P)(P x C) product per image (the
+    (C x P)(P x 1) form is several times slower on CPU)."""
+    return torch.bmm(vec.to(xf.dtype).unsqueeze(1), xf.transpose(1, 2)).squeeze(1)
+
+
+def _sum_c(xf: Tensor, vec: Tensor) -> Tensor:
+    """``sum_c vec[n, c] xf[n, c, p]`` -> (N, P)."""
+    return torch.bmm(vec.to(xf.dtype).unsqueeze(1), xf).squeeze(1)
+
+
+def _outer_into(out: Tensor, a: Tensor, s: Tensor, sequential: bool) -> Tensor:
+    """Write ``A_c S_p`` (sequential) or ``A_c + S_p`` (parallel) into ``out`` (N, C, H, W)."""
+    n, c, h, w = out.shape
+    op = torch.mul if sequential else torch.add
+    return op(a.to(out.dtype).view(n, c, 1, 1), s.to(out.dtype).view(n, 1, h, w), out=out)
+
+
+def _add_low_rank_(out: Tensor, left: Tensor, right: Tensor) -> None:
+    """``out[n, c, p] += sum_k left[n, c, k] right[n, k, p]`` in place on an (N, C, H, W)
+    tensor, in whichever of its two layouts is dense."""
+    of = _ncp(out)
+    if of.stride(1) == 1 and of.size(1) > 1:       # channels_last: (N, P, C) is dense
+        ot = of.transpose(1, 2)
+        ot.baddbmm_(right.transpose(1, 2), left.transpose(1, 2))
+    else:
+        of.baddbmm_(left, right)
+
+
+def _small_chain(s: Tensor, m: Tensor, w: dict, eps: float, sequential: bool) -> dict:
+    """The C-sized part of the forward (acc dtype): channel mask A, spatial vectors q, u, c."""
+    v = torch.addmm(w['ch_bv'], s, w['ch_wv'].t())            # N, C/2
+    z = torch.addmm(w['ch_bz'], v, w['ch_wz'].t())            # N, C
+    mu = z.mean(-1, keepdim=True)
+    var = (z - mu).square().mean(-1, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    zhat = (z - mu) * rstd
+    a = torch.sigmoid(torch.addcmul(w['ln_bias'], zhat, w['ln_weight']))
+    mz = a * m if sequential else m
+    q = torch.softmax(torch.addmm(w['sp_bq'], mz, w['sp_wq'].t()), -1)    # N, C/2
+    u = q @ w['sp_wv']                                        # N, C
+    c = q @ w['sp_bv']                                        # N
+    ueff = u * a if sequential else u
+    return dict(v=v, zhat=zhat, rstd=rstd, a=a, mz=mz, q=q, u=u, c=c, ueff=ueff)
+
+
+def _weights(params: tuple[Tensor, ...], acc: torch.dtype) -> dict:
+    return {name: p.to(acc) for name, p in zip(PARAM_NAMES, params)}
+
+
+def _forward_impl(x: Tensor, params: tuple[Tensor, ...], eps: float,
+                  sequential: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, pi, S, stats): stats[..., 0] = s (softmax-weighted mean), [..., 1] = m."""
+    n, c, h, w_ = x.shape
+    p = h * w_
+    acc = _acc_dtype(x)
+    w = _weights(params, acc)
+    xf = _ncp(x)
+    logits = _sum_c(xf, w['ch_wq'].expand(n, c))                         # N, P
+    pi = torch.softmax(logits.to(acc), -1)
+    stats = torch.stack([_sum_p(xf, pi), xf.mean(-1)], -1).to(acc)       # N, C, 2: s, m
+    sm = _small_chain(stats[..., 0], stats[..., 1], w, eps, sequential)
+    t = _sum_c(xf, sm['ueff'])                                           # N, P
+    s_mask = torch.sigmoid(t.to(acc) + sm['c'].unsqueeze(-1))
+    y = _outer_into(torch.empty_like(x), sm['a'], s_mask, sequential)
+    y.mul_(x)
+    return y, pi, s_mask, stats
+
+
+def _backward_impl(grad: Tensor, x: Tensor, pi: Tensor, s_mask: Tensor, stats: Tensor,
+                   params: tuple[Tensor, ...], eps: float,
+                   sequential: bool) -> tuple[Tensor, ...]:
+    """Gradients w.r.t. x and the 12 parameters (the derivation follows the forward line by
+    line, in reverse; ``ch_bq``'s gradient ``sum_p dl_p`` is zero up to rounding, the softmax
+    removes the bias)."""
+    n, c, h, w_ = x.shape
+    p = h * w_
+    acc = _acc_dtype(x)
+    w = _weights(params, acc)
+    s, m = stats[..., 0], stats[..., 1]
+    sm = _small_chain(s, m, w, eps, sequential)
+    a, q, u = sm['a'], sm['q'], sm['u']
+    xf = _ncp(x)
+
+    # y[c,p] = x (A_c + S_p)  or  x A_c S_p
+    dx = torch.empty_like(x)          # holds G (.) x first, then the input gradient
+    gx = _ncp(torch.mul(grad, x, out=dx))                               # N, C, P
+    if sequential:
+        d_a = _sum_p(gx, s_mask).to(acc)
+        d_s = _sum_c(gx, a).to(acc)
+    else:
+        d_a = gx.sum(-1).to(acc)
+        d_s = gx.sum(1).to(acc)
+    # S_p = sigmoid(ueff . x_p + c)
+    d_t = d_s * s_mask * (1 - s_mask)                                   # N, P
+    d_c = d_t.sum(-1)                                                   # N
+    d_ueff = _sum_p(xf, d_t).to(acc)                                    # N, C
+    if sequential:
+        d_u = d_ueff * a
+        d_a = d_a + d_ueff * u
+    else:
+        d_u = d_ueff
+    # u = W_v'^T q, c = q . b_v', q = softmax(W_q' mz + b_q')
+    d_q = d_u @ w['sp_wv'].t() + d_c.unsqueeze(-1) * w['sp_bv']
+    g_sp_wv = q.t() @ d_u
+    g_sp_bv = q.t() @ d_c
+    d_g = q * (d_q - (q * d_q).sum(-1, keepdim=True))
+    g_sp_wq = d_g.t() @ sm['mz']
+    g_sp_bq = d_g.sum(0)
+    d_mz = d_g @ w['sp_wq']                                             # N, C
+    if sequential:
+        d_a = d_a + d_mz * m
+        d_m = d_mz * a
+    else:
+        d_m = d_mz
+    # A = sigmoid(LN(z)), z = W_z v + b_z, v = W_v s + b_v
+    d_ln = d_a * a * (1 - a)
+    zhat = sm['zhat']
+    g_ln_w = (d_ln * zhat).sum(0)
+    g_ln_b = d_ln.sum(0)
+    d_zhat = d_ln * w['ln_weight']
+    d_z = sm['rstd'] * (d_zhat - d_zhat.mean(-1, keepdim=True)
+                        - zhat * (d_zhat * zhat).mean(-1, keepdim=True))
+    g_ch_wz = d_z.t() @ sm['v']
+    g_ch_bz = d_z.sum(0)
+    d_v = d_z @ w['ch_wz']
+    g_ch_wv = d_v.t() @ s
+    g_ch_bv = d_v.sum(0)
+    d_sv = d_v @ w['ch_wv']                                             # N, C (d s)
+    # s = sum_p pi_p x_p, pi = softmax(l), l_p = ch_wq . x_p (+ ch_bq)
+    r = _sum_c(xf, d_sv).to(acc)                                        # N, P: ds . x_p
+    d_l = pi * (r - (d_sv * s).sum(-1, keepdim=True))
+    g_ch_wq = _sum_p(xf, d_l).to(acc).sum(0)
+    g_ch_bq = d_l.sum().reshape(1)     # sum_p dl_p, as autograd has it: 0 up to rounding
+
+    # dx = G (.) (A (+) S or A S) + [ueff, dm/P, ds, w_q] @ [dt; 1; pi; dl]
+    _outer_into(dx, a, s_mask, sequential).mul_(grad)
+    left = torch.stack([sm['ueff'], d_m / p, d_sv, w['ch_wq'].expand_as(d_sv)], -1)  # N, C, 4
+    right = torch.stack([d_t, torch.ones_like(d_t), pi, d_l], 1)                      # N, 4, P
+    _add_low_rank_(dx, left.to(x.dtype), right.to(x.dtype))
+
+    grads = (g_ch_wq, g_ch_bq, g_ch_wv, g_ch_bv, g_ch_wz, g_ch_bz, g_ln_w, g_ln_b,
+             g_sp_wq, g_sp_bq, g_sp_wv, g_sp_bv)
+    return (dx,) + tuple(g.to(prm.dtype).reshape(prm.shape) for g, prm in zip(grads, params))
+
+
+# ----------------------------------------------------------------------- torch.library ops
+@torch.library.custom_op('mmattn::psa_paper_folded', mutates_args=())
+def _psa_folded_op(x: Tensor, ch_wq: Tensor, ch_bq: Tensor, ch_wv: Tensor, ch_bv: Tensor,
+                   ch_wz: Tensor, ch_bz: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                   sp_wq: Tensor, sp_bq: Tensor, sp_wv: Tensor, sp_bv: Tensor, eps: float,
+                   sequential: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    params = (ch_wq, ch_bq, ch_wv, ch_bv, ch_wz, ch_bz, ln_weight, ln_bias,
+              sp_wq, sp_bq, sp_wv, sp_bv)
+    return _forward_impl(x, params, eps, sequential)
+
+
+@_psa_folded_op.register_fake
+def _(x, ch_wq, ch_bq, ch_wv, ch_bv, ch_wz, ch_bz, ln_weight, ln_bias, sp_wq, sp_bq, sp_wv,
+      sp_bv, eps, sequential):
+    n, c, h, w = x.shape
+    acc = _acc_dtype(x)
+    return (torch.empty_like(x), x.new_empty((n, h * w), dtype=acc),
+            x.new_empty((n, h * w), dtype=acc), x.new_empty((n, c, 2), dtype=acc))
+
+
+@torch.library.custom_op('mmattn::psa_paper_folded_backward', mutates_args=())
+def _psa_folded_backward_op(grad: Tensor, x: Tensor, pi: Tensor, s_mask: Tensor, stats: Tensor,
+                            params: list[Tensor], eps: float,
+                            sequential: bool) -> list[Tensor]:
+    return list(_backward_impl(grad, x, pi, s_mask, stats, tuple(params), eps, sequential))
+
+
+@_psa_folded_backward_op.register_fake
+def _(grad, x, pi, s_mask, stats, params, eps, sequential):
+    return [torch.empty_like(x)] + [torch.empty_like(prm) for prm in params]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, *params = inputs[:13]
+    ctx.eps, ctx.sequential = inputs[13], inputs[14]
+    _, pi, s_mask, stats = output
+    ctx.save_for_backward(x, pi, s_mask, stats, *params)
+
+
+def _backward(ctx, grad_y, grad_pi, grad_s, grad_stats):
+    x, pi, s_mask, stats, *params = ctx.saved_tensors
+    grads = _psa_folded_backward_op(grad_y, x, pi, s_mask, stats, params, ctx.eps,
+                                    ctx.sequential)
+    return (*grads, None, None)
+
+
+_psa_folded_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------- public functions
+def psa_paper_folded(x: Tensor, *params: Tensor, eps: float = 1e-5,
+                     sequential: bool = False) -> Tensor:
+    """The folded op on positional parameters (order ``PARAM_NAMES``); returns ``y`` only."""
+    return _psa_folded_op(x, *params, eps, sequential)[0]
+
+
+def psa_paper_reference(x: Tensor, *params: Tensor, eps: float = 1e-5,
+                        sequential: bool = False) -> Tensor:
+    """The paper's Eq. 1-5 the eager way (1x1 convolutions on the full maps), from the same
+    matrices as the folded op; what :class:`mmattn.layers.PolarizedSelfAttention` computes
+    with ``backend='reference'``."""
+    w = dict(zip(PARAM_NAMES, params))
+
+    def conv(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return torch.nn.functional.conv2d(t, weight.reshape(*weight.shape, 1, 1), bias)
+
+    def channel(t: Tensor) -> Tensor:
+        v = conv(t, w['ch_wv'], w['ch_bv']).flatten(2)                       # N, C/2, P
+        att = conv(t, w['ch_wq'].unsqueeze(0), w['ch_bq']).flatten(2).softmax(-1)
+        z = torch.nn.functional.linear(torch.bmm(v, att.transpose(1, 2)).squeeze(-1),
+                                       w['ch_wz'], w['ch_bz'])
+        z = torch.nn.functional.layer_norm(z, z.shape[-1:], w['ln_weight'], w['ln_bias'], eps)
+        return torch.sigmoid(z)[:, :, None, None]
+
+    def spatial(t: Tensor) -> Tensor:
+        q = conv(t, w['sp_wq'], w['sp_bq']).mean((2, 3)).softmax(-1)
+        v = conv(t, w['sp_wv'], w['sp_bv'])
+        return torch.sigmoid(torch.einsum('nc,nchw->nhw', q, v)).unsqueeze(1)
+
+    z_ch = channel(x) * x
+    if sequential:
+        return spatial(z_ch) * z_ch
+    return z_ch + spatial(x) * x
+
+
+def polarized_self_attention(x: Tensor, *, ch_wq: Tensor, ch_bq: Tensor, ch_wv: Tensor,
+                             ch_bv: Tensor, ch_wz: Tensor, ch_bz: Tensor, ln_weight: Tensor,
+                             ln_bias: Tensor, sp_wq: Tensor, sp_bq: Tensor, sp_wv: Tensor,
+                             sp_bv: Tensor, mode: str = 'parallel', eps: float = 1e-5,
+                             backend: str = 'auto') -> Tensor:
+    """Polarized Self-Attention, paper form (Eq. 5 of arXiv 2107.00782)::
+
+        parallel:   y = A^ch(x) (.)ch x + A^sp(x) (.)sp x
+        sequential: y = A^sp(z) (.)sp z,   z = A^ch(x) (.)ch x
+
+    with ``A^ch``, ``A^sp`` of Eq. 1 and 3 (see the module docstring for the folded form).
+
+    Args:
+        x: (N, C, H, W), any float dtype, contiguous or channels_last.
+        ch_wq, ch_bq: (C,), (1,): the channel-branch query (``ch_wq`` conv, 1 output channel).
+        ch_wv, ch_bv: (C/2, C), (C/2,).  ch_wz, ch_bz: (C, C/2), (C,).
+        ln_weight, ln_bias: (C,): the LayerNorm over C.  sp_wq, sp_bq, sp_wv, sp_bv: (C/2, C),
+            (C/2,) each: the spatial branch.
+        mode: ``'parallel'`` or ``'sequential'``.
+        eps: LayerNorm epsilon.
+        backend: ``'auto'`` (see :mod:`mmattn.ops.dispatch`), ``'reference'``, ``'folded'``
+            or ``'cuda'`` (not built in this version: raises).
+    """
+    if mode not in _MODES:
+        raise ValueError(f'polarized_self_attention: mode must be one of {_MODES}, '
+                         f'got {mode!r}')
+    params = (ch_wq, ch_bq, ch_wv, ch_bv, ch_wz, ch_bz, ln_weight, ln_bias,
+              sp_wq, sp_bq, sp_wv, sp_bv)
+    chosen, _ = select_backend('psa_paper', x, backend)
+    fn = psa_paper_reference if chosen == 'reference' else psa_paper_folded
+    return fn(x, *params, eps=eps, sequential=mode == 'sequential')
+
+
+def psa_paper_params(module: torch.nn.Module) -> tuple[Tensor, ...]:
+    """The op's parameters (order ``PARAM_NAMES``) as views of a ``variant='paper'``
+    PolarizedSelfAttention's convolutions."""
+    return (module.ch_wq.weight.view(-1), module.ch_wq.bias,
+            module.ch_wv.weight.flatten(1), module.ch_wv.bias,
+            module.ch_wz.weight.flatten(1), module.ch_wz.bias,
+            module.ln.weight, module.ln.bias,
+            module.sp_wq.weight.flatten(1), module.sp_wq.bias,
+            module.sp_wv.weight.flatten(1), module.sp_wv.bias)
+

@@ -1,0 +1,333 @@
+"""The folded PSA op (``mmattn::psa_paper_folded``) against the paper's equations.
+
+The reference here is written from Eq. 1-5 of arXiv 2107.00782 with the 1x1 convolutions
+applied to the full maps (einsum over channels), a softmax over pixels, a LayerNorm formula of
+our own and the sigmoid gates; the op computes the same thing with the convolutions folded onto
+C-vectors, so only the order of the sums differs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from mmattn.layers import psa as psa_layer
+from mmattn.layers.psa import PolarizedSelfAttention
+from mmattn.ops import KernelUnavailableError, polarized_self_attention
+from mmattn.ops.psa import PARAM_NAMES, _psa_folded_op, psa_paper_folded, psa_paper_reference
+
+F64 = torch.float64
+MODES = ['parallel', 'sequential']
+EPS = 1e-5
+SHAPES = [(1, 2, 1, 1), (2, 8, 7, 5), (1, 6, 7, 5), (3, 4, 1, 9), (2, 32, 3, 5)]
+
+
+def random_params(c: int, dtype: torch.dtype = F64, std: float = 0.5) -> dict[str, Tensor]:
+    """Random weights in the op's matrix form (every bias and affine non-trivial)."""
+    h = c // 2
+    shapes = {'ch_wq': (c,), 'ch_bq': (1,), 'ch_wv': (h, c), 'ch_bv': (h,), 'ch_wz': (c, h),
+              'ch_bz': (c,), 'ln_weight': (c,), 'ln_bias': (c,), 'sp_wq': (h, c), 'sp_bq': (h,),
+              'sp_wv': (h, c), 'sp_bv': (h,)}
+    return {k: torch.randn(shape, dtype=dtype) * std for k, shape in shapes.items()}
+
+
+def paper_psa(x: Tensor, w: dict[str, Tensor], mode: str) -> Tensor:
+    """Eq. 1-5, eager: A^ch = sigmoid(LN(W_z(W_v x . softmax_HW(W_q x)))),
+    A^sp = sigmoid(softmax_C(GP(W_q' x)) . W_v' x); parallel A^ch x + A^sp x,
+    sequential A^sp(z) z with z = A^ch x."""
+    def channel_mask(t: Tensor) -> Tensor:
+        v = torch.einsum('oc,nchw->nohw', w['ch_wv'], t) + w['ch_bv'][:, None, None]
+        logit = torch.einsum('c,nchw->nhw', w['ch_wq'], t) + w['ch_bq']
+        att = torch.exp(logit - logit.amax((1, 2), keepdim=True))
+        att = att / att.sum((1, 2), keepdim=True)
+        z = torch.einsum('oc,nc->no', w['ch_wz'], torch.einsum('nchw,nhw->nc', v, att))
+        z = z + w['ch_bz']
+        z = (z - z.mean(1, keepdim=True)) / torch.sqrt(z.var(1, unbiased=False, keepdim=True)
+                                                       + EPS)
+        return torch.sigmoid(z * w['ln_weight'] + w['ln_bias'])[:, :, None, None]
+
+    def spatial_mask(t: Tensor) -> Tensor:
+        q = torch.einsum('oc,nchw->nohw', w['sp_wq'], t).mean((2, 3)) + w['sp_bq']
+        q = torch.softmax(q, dim=1)
+        v = torch.einsum('oc,nchw->nohw', w['sp_wv'], t) + w['sp_bv'][:, None, None]
+        return torch.sigmoid(torch.einsum('nc,nchw->nhw', q, v))[:, None]
+
+    z = channel_mask(x) * x
+    if mode == 'parallel':
+        return z + spatial_mask(x) * x
+    return spatial_mask(z) * z
+
+
+def folded(x: Tensor, w: dict[str, Tensor], mode: str) -> Tensor:
+    return psa_paper_folded(x, *(w[k] for k in PARAM_NAMES), eps=EPS,
+                            sequential=mode == 'sequential')
+
+
+def leaves(x: Tensor, w: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    return (x.detach().clone().requires_grad_(),
+            {k: v.detach().clone().requires_grad_() for k, v in w.items()})
+
+
+def grads(fn, x: Tensor, w: dict[str, Tensor], mode: str, g: Tensor) -> list[Tensor]:
+    x, w = leaves(x, w)
+    fn(x, w, mode).backward(g)
+    return [x.grad] + [w[k].grad for k in PARAM_NAMES]
+
+
+# ---------------------------------------------------------------- float64: the maths
+@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('shape', SHAPES)
+def test_forward_matches_equations(mode: str, shape: tuple[int, ...]) -> None:
+    w = random_params(shape[1])
+    x = torch.randn(shape, dtype=F64)
+    ref = paper_psa(x, w, mode)
+    torch.testing.assert_close(folded(x, w, mode), ref, rtol=1e-12, atol=1e-12)
+    out_cl = folded(x.contiguous(memory_format=torch.channels_last), w, mode)
+    torch.testing.assert_close(out_cl, ref, rtol=1e-12, atol=1e-12)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('shape,layout', [((1, 4, 3, 2), torch.contiguous_format),
+                                          ((2, 6, 1, 1), torch.contiguous_format),
+                                          ((1, 4, 3, 3), torch.channels_last)])
+def test_gradcheck(mode: str, shape: tuple[int, ...], layout: torch.memory_format) -> None:
+    """The hand-written backward, w.r.t. x and all 12 parameters, in float64."""
+    w = random_params(shape[1])
+    x = torch.randn(shape, dtype=F64).contiguous(memory_format=layout).requires_grad_()
+    params = [w[k].requires_grad_() for k in PARAM_NAMES]
+
+    def fn(x: Tensor, *ps: Tensor) -> Tensor:
+        return psa_paper_folded(x, *ps, eps=EPS, sequential=mode == 'sequential')
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('shape', [(2, 64, 16, 12), (1, 10, 9, 1)])
+def test_gradients_match_autograd_of_equations(mode: str, shape: tuple[int, ...]) -> None:
+    w = random_params(shape[1], std=0.2)
+    x = torch.randn(shape, dtype=F64)
+    g = torch.randn(shape, dtype=F64)
+    ours, ref = grads(folded, x, w, mode, g), grads(paper_psa, x, w, mode, g)
+    for name, a, b in zip(('x',) + PARAM_NAMES, ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_query_bias_gradient_is_zero_up_to_rounding() -> None:
+    """The softmax over pixels removes ``ch_bq``: its gradient is sum_p dl_p = 0."""
+    w = random_params(8)
+    x = torch.randn(2, 8, 5, 4, dtype=F64)
+    g_bq = grads(folded, x, w, 'parallel', torch.randn_like(x))[2]
+    assert g_bq.shape == (1,) and g_bq.abs().item() < 1e-12
+
+
+# ---------------------------------------------------------------- float32, half, large
+@pytest.mark.parametrize('mode', MODES)
+def test_float32(mode: str) -> None:
+    shape = (2, 64, 24, 20)
+    w = random_params(64, std=0.2)
+    x = torch.randn(shape, dtype=F64)
+    g = torch.randn(shape, dtype=F64)
+    ref_y, ref_g = paper_psa(x, w, mode), grads(paper_psa, x, w, mode, g)
+    w32 = {k: v.float() for k, v in w.items()}
+    y = folded(x.float(), w32, mode)
+    torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5)
+    ours_g = grads(folded, x.float(), w32, mode, g.float())
+    for name, a, b in zip(('x',) + PARAM_NAMES, ours_g, ref_g):
+        # ch_bq's true gradient is 0: only its rounding, on the scale of ch_wq's, is left
+        scale = ref_g[1] if name == 'ch_bq' else b
+        torch.testing.assert_close(a.double(), b, rtol=1e-4,
+                                   atol=1e-4 * scale.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('mode', MODES)
+def test_half_error_at_most_twice_the_references(mode: str, dtype: torch.dtype) -> None:
+    """In half precision the op may err at most about twice as much as the eager reference
+    run in the same dtype (both measured against float64)."""
+    shape = (2, 32, 12, 10)
+    w = random_params(32, std=0.2)
+    x = torch.randn(shape, dtype=F64)
+    g = torch.randn(shape, dtype=F64)
+    truth, truth_g = paper_psa(x, w, mode), grads(paper_psa, x, w, mode, g)
+    wh = {k: v.to(dtype) for k, v in w.items()}
+    xh, gh = x.to(dtype), g.to(dtype)
+    ref, ref_g = paper_psa(xh, wh, mode), grads(paper_psa, xh, wh, mode, gh)
+    ours, ours_g = folded(xh, wh, mode), grads(folded, xh, wh, mode, gh)
+    assert ours.dtype == dtype
+
+    def err(a: Tensor, b: Tensor) -> float:
+        return (a.double() - b).abs().max().item()
+
+    assert err(ours, truth) <= 2 * err(ref, truth) + 1e-6
+    for name, a, r, t in zip(('x',) + PARAM_NAMES, ours_g, ref_g, truth_g):
+        assert a.dtype == dtype, name
+        # a small floor for gradients that are near-exact in both; ch_bq's true gradient is
+        # 0, so its floor is on the scale of ch_wq's
+        scale = truth_g[1] if name == 'ch_bq' else t
+        assert err(a, t) <= 2 * err(r, t) + 1e-3 * scale.abs().max().item(), name
+
+
+def test_very_large_hw_forward() -> None:
+    """A 512 x 512 map: the softmax over 262144 pixels and the pixel means stay exact."""
+    w = random_params(8, std=0.3)
+    x = torch.randn(1, 8, 512, 512, dtype=F64)
+    ref = paper_psa(x, w, 'sequential')
+    y = folded(x.float(), {k: v.float() for k, v in w.items()}, 'sequential')
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- registration, memory
+@pytest.mark.parametrize('mode', MODES)
+def test_opcheck(mode: str) -> None:
+    """Schema, fake tensor, autograd registration and AOT dispatch (what torch.compile uses)."""
+    w = random_params(8)
+    x = torch.randn(2, 8, 3, 5, dtype=F64, requires_grad=True)
+    params = [w[k].requires_grad_() for k in PARAM_NAMES]
+    torch.library.opcheck(_psa_folded_op, (x, *params, EPS, mode == 'sequential'))
+
+
+def test_saves_x_and_vectors_only() -> None:
+    """The activations kept for backward: x itself plus (N, P) / (N, C) vectors, against
+    several (N, C/2, H, W) maps for the eager form."""
+    w = {k: v.requires_grad_() for k, v in random_params(32).items()}
+    x = torch.randn(2, 32, 16, 16, dtype=F64, requires_grad=True)
+    for mode in MODES:
+        saved: dict[str, list[Tensor]] = {'folded': [], 'eager': []}
+        for name, fn in (('folded', folded), ('eager', paper_psa)):
+            def pack(t: Tensor, name: str = name) -> Tensor:
+                saved[name].append(t)
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                fn(x, w, mode)
+
+        def extra(ts: list[Tensor]) -> int:   # bytes beyond x and the weights
+            seen = {t.data_ptr() for t in [x, *w.values()]}
+            return sum(t.numel() * t.element_size() for t in ts if t.data_ptr() not in seen)
+
+        x_bytes = x.numel() * x.element_size()
+        assert extra(saved['folded']) < 0.1 * x_bytes
+        assert extra(saved['eager']) > 2 * x_bytes
+
+
+def test_double_backward_raises() -> None:
+    w = {k: v.requires_grad_() for k, v in random_params(4).items()}
+    x = torch.randn(1, 4, 3, 3, dtype=F64, requires_grad=True)
+    (gx,) = torch.autograd.grad(folded(x, w, 'parallel').sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), x)
+
+
+# ---------------------------------------------------------------- the public function
+@pytest.mark.parametrize('backend', ['auto', 'reference', 'folded'])
+def test_functional_backends_agree(backend: str) -> None:
+    w = random_params(8)
+    x = torch.randn(2, 8, 5, 3, dtype=F64)
+    for mode in MODES:
+        y = polarized_self_attention(x, **w, mode=mode, eps=EPS, backend=backend)
+        torch.testing.assert_close(y, paper_psa(x, w, mode), rtol=1e-12, atol=1e-12)
+    # the in-op reference is the eager form the layer's reference path computes
+    torch.testing.assert_close(psa_paper_reference(x, *(w[k] for k in PARAM_NAMES), eps=EPS),
+                               paper_psa(x, w, 'parallel'), rtol=1e-12, atol=1e-12)
+
+
+def test_functional_errors() -> None:
+    w = random_params(8)
+    x = torch.randn(1, 8, 2, 2)
+    with pytest.raises(ValueError, match="mode.*'diagonal'"):
+        polarized_self_attention(x, **w, mode='diagonal')
+    with pytest.raises(ValueError, match="backend.*'fast'"):
+        polarized_self_attention(x, **w, backend='fast')
+    with pytest.raises(KernelUnavailableError, match='no compiled CUDA kernel'):
+        polarized_self_attention(x, **w, backend='cuda')
+
+
+# ---------------------------------------------------------------- the layer's backends
+def _block(mode: str, backend: str, c: int = 8) -> PolarizedSelfAttention:
+    block = PolarizedSelfAttention(c, mode=mode, backend=backend, dtype=F64)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+    return block
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_layer_folded_equals_reference(mode: str) -> None:
+    folded_block, ref_block = _block(mode, 'folded'), _block(mode, 'reference')
+    ref_block.load_state_dict(folded_block.state_dict())
+    assert folded_block.state_dict().keys() == ref_block.state_dict().keys()
+    x = torch.randn(2, 8, 7, 5, dtype=F64)
+    g = torch.randn_like(x)
+    outs = []
+    for block in (folded_block, ref_block):
+        xx = x.clone().requires_grad_()
+        y = block(xx)
+        y.backward(g)
+        outs.append([y, xx.grad] + [p.grad for p in block.parameters()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert folded_block.selected_backend(x) == ('folded', 'requested')
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_layer_hooks_keep_the_reference_under_auto(mode: str) -> None:
+    block = _block(mode, 'auto')
+    x = torch.randn(2, 8, 4, 3, dtype=F64)
+    assert block.selected_backend(x)[0] == 'folded'
+    seen: list[Tensor] = []
+    handle = block.spatial_gate.register_forward_hook(lambda m, a, out: seen.append(out))
+    assert block.selected_backend(x)[0] == 'reference'
+    y = block(x)
+    assert len(seen) == 1 and seen[0].shape == (2, 1, 4, 3)
+    handle.remove()
+    torch.testing.assert_close(block(x), y, rtol=1e-12, atol=1e-12)   # folded again
+    assert len(seen) == 1
+
+
+def test_layer_forced_folded_with_hooks_raises() -> None:
+    block = _block('parallel', 'folded')
+    block.channel_gate.register_forward_pre_hook(lambda m, a: None)
+    with pytest.raises(KernelUnavailableError, match='hooks'):
+        block(torch.randn(1, 8, 3, 3, dtype=F64))
+
+
+def test_layer_env_forces_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = _block('sequential', 'auto')
+    x = torch.randn(1, 8, 3, 3, dtype=F64)
+    expected = block(x)
+    monkeypatch.setenv('MMATTN_BACKEND', 'reference')
+    assert block.selected_backend(x) == ('reference', 'MMATTN_BACKEND=reference')
+
+    def not_called(*args, **kwargs):
+        raise AssertionError('the folded op ran although MMATTN_BACKEND=reference')
+
+    monkeypatch.setattr(psa_layer, 'psa_paper_folded', not_called)
+    torch.testing.assert_close(block(x), expected, rtol=1e-12, atol=1e-12)
+    monkeypatch.setenv('MMATTN_BACKEND', 'auto')
+    assert block.selected_backend(x)[0] == 'folded'
+    with pytest.raises(AssertionError, match='folded op ran'):
+        block(x)
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning', 'ignore::torch.jit.TracerWarning')
+def test_layer_trace_records_the_reference() -> None:
+    block = _block('parallel', 'auto').eval()
+    x = torch.randn(1, 8, 5, 4, dtype=F64)
+    traced = torch.jit.trace(block, x)
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert not any(kind.startswith('mmattn::') for kind in kinds)
+    assert 'aten::_convolution' in kinds or 'aten::conv2d' in kinds
+    torch.testing.assert_close(traced(x), block(x), rtol=1e-12, atol=1e-12)
+
+
+def test_layer_backend_errors() -> None:
+    with pytest.raises(ValueError, match="backend.*'fast'"):
+        PolarizedSelfAttention(8, backend='fast')
+    with pytest.raises(ValueError, match="official.*backend='folded'"):
+        PolarizedSelfAttention(8, variant='official', backend='folded')
+    assert PolarizedSelfAttention(8, variant='official').selected_backend(
+        torch.randn(1, 8, 2, 2))[0] == 'reference'
+    block = PolarizedSelfAttention(8, backend='cuda')
+    with pytest.raises(KernelUnavailableError, match='ships no compiled CUDA kernels'):
+        block(torch.randn(1, 8, 2, 2))

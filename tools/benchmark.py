@@ -1,0 +1,374 @@
+"""Benchmark mmattn's fast paths against eager PyTorch and torch.compile, in one process.
+
+For each op, three implementations with the same weights and input:
+
+* ``eager``: the eager form - PSA: ``PolarizedSelfAttention(backend='reference')`` (the paper's
+  equations, 1x1 convolutions on the full maps); outlook: ``timm.models.volo.OutlookAttention``
+  (unfold / fold);
+* ``compile``: ``torch.compile`` of that same eager module (compiled once, before timing; its
+  compile time is printed);
+* ``mmattn``: ``PolarizedSelfAttention(backend='auto')`` (the folded op on CPU; a CUDA kernel
+  when one is built) / ``mmattn.layers.OutlookAttention.forward_nhwc`` (strided slices, no
+  unfold).
+
+Measured: forward (inference, ``torch.no_grad``) and forward+backward (``y.backward(g)``, input
+and parameters requiring gradients) times, the median of ``--iters`` runs after ``--warmup``,
+the implementations taking turns call by call (robust to load from other processes);
+activation memory (bytes the autograd graph keeps for backward, through
+``torch.autograd.graph.saved_tensors_hooks``; not available inside a compiled graph, where on
+CUDA the peak column tells); peak memory above the inputs (CUDA only, from the caching
+allocator); achieved bandwidth, the op's minimal traffic divided by the time, as a share of the
+device's peak. Minimal traffic: PSA forward 3|x| (two reads of x for the reductions, one write),
+forward+backward 8|x| (+ one read of x and of the output gradient, one write of ``dx``, two more
+reads for the reductions); outlook forward 2|x| (read x, write y), forward+backward 5|x|.
+The device peak: ``--peak-gbs``, else a table of GPU models, else (CPU) the measured bandwidth of
+a large tensor copy (``torch.clone``, read + write), labelled as such.
+
+This is a tool, not a test: nothing here asserts a speed. Examples::
+
+    python tools/benchmark.py --preset cpu          # PSA [4,256,64,64] fp32, 2 threads
+    python tools/benchmark.py --preset gpu          # the issue's H100/H200 bf16 shapes
+    python tools/benchmark.py --op psa --shape 2,64,32,32 --mode sequential --no-compile
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os.path as osp
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+import mmattn  # noqa: F401  (registers the blocks, checks the stack)
+from mmattn.layers import OutlookAttention, PolarizedSelfAttention
+from mmattn.ops import kernel_status
+
+# HBM bandwidth in GB/s (vendor data sheets)
+GPU_PEAK_GBS = {'H100 SXM': 3350, 'H100 80GB HBM3': 3350, 'H100 NVL': 3900, 'H100 PCIe': 2000,
+                'H200': 4800, 'A100-SXM4-80GB': 2039, 'A100-SXM4-40GB': 1555,
+                'A100-PCIE-40GB': 1555, 'A100 80GB PCIe': 1935}
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+@dataclass
+class Case:
+    """One benchmark: an op at one shape, with its implementations."""
+
+    op: str
+    shape: tuple[int, ...]
+    detail: str
+    floor_fwd: int                      # minimal bytes moved, forward
+    floor_fwdbwd: int                   # minimal bytes moved, forward + backward
+    make_input: Callable[[], torch.Tensor]
+    impls: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(','))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return f'CUDA, {torch.cuda.get_device_name(device)}'
+    model = platform.processor() or 'unknown CPU'
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next(line.split(':', 1)[1].strip() for line in f
+                         if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f'CPU, {torch.get_num_threads()} threads, {model}'
+
+
+def peak_bandwidth(device: torch.device, override: Optional[float]) -> tuple[float, str]:
+    """Peak bandwidth in GB/s and where the number comes from."""
+    if override:
+        return override, '--peak-gbs'
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        for key, gbs in GPU_PEAK_GBS.items():
+            if key in name:
+                return gbs, f'data sheet ({key})'
+        return float('nan'), f'unknown GPU {name!r}: pass --peak-gbs'
+    src = torch.randn(64 * 2 ** 20 // 4)          # 64 MiB, beyond the caches
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / min(times) / 1e9, 'measured copy (read + write) of 64 MiB'
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+          iters: int) -> dict[str, float]:
+    """Median wall time in ms of each function. The functions are run round-robin (one call
+    of each per round), so that load from other processes on a shared machine hits them
+    alike and the ratios stay meaningful."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes the autograd graph saves for backward, beyond x and the parameters."""
+    known = {x.data_ptr()} | {p.data_ptr() for p in module.parameters()}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.data_ptr() not in known:
+            known.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return total
+
+
+def peak_cuda_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    if device.type != 'cuda':
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+# ----------------------------------------------------------------------- the cases
+def psa_case(shape: tuple[int, ...], mode: str, dtype: torch.dtype,
+             device: torch.device) -> Case:
+    n, c, h, w = shape
+    eager = PolarizedSelfAttention(c, mode=mode, backend='reference', device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in eager.parameters():   # non-trivial LayerNorm affine and biases
+            p.normal_(0, 0.05)
+    ours = PolarizedSelfAttention(c, mode=mode, backend='auto', device=device, dtype=dtype)
+    ours.load_state_dict(eager.state_dict())
+    nbytes = n * c * h * w * torch.finfo(dtype).bits // 8
+    return Case('psa', shape, f'paper, {mode}', 3 * nbytes, 8 * nbytes,
+                lambda: torch.randn(shape, device=device, dtype=dtype),
+                {'eager': eager, 'mmattn': ours})
+
+
+class _Nhwc(nn.Module):
+    """Calls ``forward_nhwc`` of mmattn's OutlookAttention (timm's takes NHWC as well)."""
+
+    def __init__(self, block: OutlookAttention) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.forward_nhwc(x)
+
+
+def outlook_case(shape: tuple[int, ...], heads: int, dtype: torch.dtype,
+                 device: torch.device) -> Case:
+    from timm.models.volo import OutlookAttention as TimmOutlook
+    b, h, w, c = shape
+    eager = TimmOutlook(c, heads, kernel_size=3, padding=1, stride=2).to(device, dtype)
+    ours = OutlookAttention(c, num_heads=heads, kernel_size=3, padding=1, stride=2,
+                            device=device, dtype=dtype)
+    ours.load_state_dict(eager.state_dict())
+    nbytes = b * h * w * c * torch.finfo(dtype).bits // 8
+    return Case('outlook', shape, f'NHWC, {heads} heads, K=3, s=2', 2 * nbytes, 5 * nbytes,
+                lambda: torch.randn(shape, device=device, dtype=dtype),
+                {'eager': eager, 'mmattn': _Nhwc(ours)})
+
+
+# ----------------------------------------------------------------------- running
+def compile_eager(case: Case, x: torch.Tensor, g: torch.Tensor) -> nn.Module:
+    """torch.compile of the eager implementation, run once for inference and for training."""
+    compiled = torch.compile(copy.deepcopy(case.impls['eager']))
+    with torch.no_grad():
+        compiled(x)
+    compiled(x.detach().requires_grad_()).backward(g)
+    return compiled
+
+
+def probe_compile(argv: list[str]) -> Optional[str]:
+    """Compile and run the eager form in a child process first: inductor's generated code can
+    abort the process (it does for timm's OutlookAttention on CPU with torch 2.13: 'double free
+    or corruption'), and a crash must not take the other rows with it. None if it survives,
+    else what went wrong."""
+    cmd = [sys.executable, osp.abspath(__file__), *argv, '--probe-compile']
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:   # glibc's abort message goes to the terminal, not to stderr
+        return f'killed by {signal.Signals(-proc.returncode).name}'
+    errors = [ln.strip() for ln in proc.stderr.splitlines() if 'Error' in ln]
+    return f'exit code {proc.returncode}: {(errors or ["see stderr"])[-1]}'
+
+
+def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: float,
+             rows: list[list[str]], probe_argv: list[str]) -> None:
+    torch.manual_seed(0)
+    x = case.make_input()
+    g = torch.randn_like(x)
+    impls = {'eager': case.impls['eager']}
+    failure = None
+    if not args.no_compile:
+        failure = probe_compile(probe_argv)
+        if failure:
+            print(f'  [{case.op}] torch.compile of the eager form crashed in a child process '
+                  f'({failure})', flush=True)
+        else:
+            t0 = time.perf_counter()
+            impls['compile'] = compile_eager(case, x, g)
+            print(f'  [{case.op}] torch.compile of the eager form: '
+                  f'{time.perf_counter() - t0:.1f} s (forward and training graphs)', flush=True)
+    impls['mmattn'] = case.impls['mmattn']
+    with torch.no_grad():
+        ref = impls['eager'](x).float()
+    fwd, fwdbwd, errs = {}, {}, {}
+    for name, module in impls.items():
+        def run_fwd(module: nn.Module = module) -> None:
+            with torch.no_grad():
+                module(x)
+
+        def run_fwdbwd(module: nn.Module = module) -> None:
+            xg = x.detach().requires_grad_()
+            module(xg).backward(g)
+            for p in module.parameters():
+                p.grad = None
+
+        fwd[name], fwdbwd[name] = run_fwd, run_fwdbwd
+        with torch.no_grad():
+            errs[name] = (module(x).float() - ref).abs().max().item()
+    t_fwd = timed(fwd, device, args.warmup, args.iters)
+    t_fwdbwd = timed(fwdbwd, device, args.warmup, args.iters)
+    mb = (lambda v: '-' if v is None else f'{v / 2 ** 20:.1f}')
+    for name, module in impls.items():
+        t_f, t_b = t_fwd[name], t_fwdbwd[name]
+        act = None if name == 'compile' else saved_bytes(module, x.detach().requires_grad_())
+        peak_b = peak_cuda_bytes(fwdbwd[name], device)
+        bw_f = case.floor_fwd / (t_f * 1e-3) / 1e9
+        bw_b = case.floor_fwdbwd / (t_b * 1e-3) / 1e9
+        rows.append([case.op, 'x'.join(map(str, case.shape)), case.detail, name,
+                     f'{t_f:.2f}', f'{t_b:.2f}', f'{t_fwd["eager"] / t_f:.2f}x',
+                     f'{t_fwdbwd["eager"] / t_b:.2f}x', mb(act), mb(peak_b),
+                     f'{bw_f:.0f} ({100 * bw_f / peak:.0f}%)',
+                     f'{bw_b:.0f} ({100 * bw_b / peak:.0f}%)', f'{errs[name]:.1e}'])
+        if name == 'eager' and failure:
+            rows.append([case.op, 'x'.join(map(str, case.shape)), case.detail, 'compile',
+                         f'crashed ({failure})'] + ['-'] * (len(HEADER) - 5))
+
+
+HEADER = ['op', 'shape', 'form', 'impl', 'fwd ms', 'fwd+bwd ms', 'fwd speedup',
+          'fwd+bwd speedup', 'activations MiB', 'peak MiB (CUDA)', 'fwd GB/s (% peak)',
+          'fwd+bwd GB/s (% peak)', 'max |y - eager|']
+
+
+def markdown(rows: list[list[str]]) -> str:
+    lines = ['| ' + ' | '.join(HEADER) + ' |', '|' + '---|' * len(HEADER)]
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+PRESETS = {
+    'cpu': dict(device='cpu', dtype='float32', threads=2,
+                psa=[((4, 256, 64, 64), 'parallel'), ((4, 256, 64, 64), 'sequential')],
+                outlook=[((8, 28, 28, 192), 6)]),
+    'gpu': dict(device='cuda', dtype='bfloat16', threads=None,
+                psa=[((16, 256, 128, 128), 'parallel'), ((16, 256, 128, 128), 'sequential')],
+                outlook=[((128, 28, 28, 192), 6)]),   # VOLO-D1 stage 1 at 224 px, batch 128
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--preset', choices=sorted(PRESETS),
+                        help='the issue\'s shapes for this device kind (overrides the below)')
+    parser.add_argument('--op', choices=['psa', 'outlook', 'all'], default='all')
+    parser.add_argument('--shape', type=parse_shape,
+                        help='PSA: N,C,H,W (default 4,256,64,64); outlook: B,H,W,C '
+                             '(default 8,28,28,192)')
+    parser.add_argument('--mode', choices=['parallel', 'sequential', 'both'], default='both')
+    parser.add_argument('--heads', type=int, default=6, help='outlook heads')
+    parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--no-compile', action='store_true', help='skip torch.compile')
+    parser.add_argument('--peak-gbs', type=float, default=None,
+                        help='device peak bandwidth in GB/s (default: see the docstring)')
+    parser.add_argument('--probe-compile', action='store_true', help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.preset:
+        preset = PRESETS[args.preset]
+        args.device, args.dtype = preset['device'], preset['dtype']
+        args.threads = args.threads or preset['threads']
+        psa_cases, outlook_cases = preset['psa'], preset['outlook']
+    else:
+        modes = ['parallel', 'sequential'] if args.mode == 'both' else [args.mode]
+        psa_cases = [(args.shape or (4, 256, 64, 64), m) for m in modes]
+        outlook_cases = [(args.shape or (8, 28, 28, 192), args.heads)]
+    if args.shape and args.op == 'all' and not args.preset:
+        parser.error('--shape needs --op psa (N,C,H,W) or --op outlook (B,H,W,C)')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        parser.error(f'--device {args.device} (or --preset gpu) needs a CUDA device; none found')
+    if args.op == 'psa':
+        outlook_cases = []
+    elif args.op == 'outlook':
+        psa_cases = []
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    peak, peak_src = (float('nan'), '') if args.probe_compile else \
+        peak_bandwidth(device, args.peak_gbs)
+
+    common = ['--dtype', args.dtype, '--device', args.device,
+              '--threads', str(torch.get_num_threads())]
+    cases = [(psa_case(shape, mode, dtype, device),
+              ['--op', 'psa', '--shape', ','.join(map(str, shape)), '--mode', mode])
+             for shape, mode in psa_cases]
+    cases += [(outlook_case(shape, heads, dtype, device),
+               ['--op', 'outlook', '--shape', ','.join(map(str, shape)), '--heads', str(heads)])
+              for shape, heads in outlook_cases]
+    if args.probe_compile:   # child process of probe_compile: one case, compile and run it
+        case, _ = cases[0]
+        x = case.make_input()
+        compile_eager(case, x, torch.randn_like(x))
+        return
+    print(f'device: {device_name(device)}')
+    print(f'torch {torch.__version__}, dtype {args.dtype}, median of {args.iters} runs after '
+          f'{args.warmup} warm-up runs')
+    print(f'peak bandwidth: {peak:.0f} GB/s ({peak_src})')
+    print(f'mmattn kernels: {kernel_status()}', flush=True)
+    rows: list[list[str]] = []
+    for case, argv in cases:
+        run_case(case, args, device, peak, rows, argv + common)
+    print()
+    print(markdown(rows))
+
+
+if __name__ == '__main__':
+    main()
