@@ -1,0 +1,131 @@
+"""The tools end to end: the demo configs through tools/train.py and tools/test.py with the
+real metrics, a two-process CPU run through tools/dist_train.sh (gloo), a killed run resumed
+with --resume, and the missing-dataset message. The runs are marked slow (a few minutes in
+all on 2 cores)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmattn.datasets import DEMO_ROOT, make_demo_data
+
+REPO = Path(__file__).resolve().parents[1]
+SEG_DEMO = 'configs/demo/psa_hrnet_ocr_cityscapes_demo.py'
+POSE_DEMO = 'configs/demo/psa_udp_hrnet_w48_coco_demo.py'
+# a short schedule for the seg demo: N iterations, evaluation and checkpoint at the end
+SHORT = ['train_cfg.max_iters={n}', 'train_cfg.val_interval={n}',
+         'default_hooks.checkpoint.interval={k}', 'param_scheduler.0.end={n}']
+
+
+def short(n: int, k: int | None = None) -> list[str]:
+    return [s.format(n=n, k=k or n) for s in SHORT]
+
+
+@pytest.fixture(scope='module')
+def demo_data() -> Path:
+    make_demo_data(REPO / DEMO_ROOT)  # idempotent: a complete copy is left alone
+    return REPO / DEMO_ROOT
+
+
+def run(args: list[str], timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_seg_demo_trains_evaluates_and_tests(demo_data: Path, tmp_path: Path) -> None:
+    out = ok(run([sys.executable, 'tools/train.py', SEG_DEMO, '--work-dir', str(tmp_path),
+                  '--cfg-options', *short(4)]))
+    assert re.search(r'Iter\(val\).*mIoU: \d', out)
+    ckpt = tmp_path / 'iter_4.pth'
+    assert ckpt.is_file() and (tmp_path / 'last_checkpoint').read_text().strip() == str(ckpt)
+    assert list(tmp_path.glob('*/*.log'))
+    assert not list(tmp_path.glob('.*.tmp'))  # checkpoints are written atomically
+    out = ok(run([sys.executable, 'tools/test.py', SEG_DEMO, str(ckpt),
+                  '--work-dir', str(tmp_path / 'test')]))
+    assert re.search(r'Iter\(test\).*mIoU: \d', out)
+
+
+@pytest.mark.slow
+def test_pose_demo_trains_with_coco_ap(demo_data: Path, tmp_path: Path) -> None:
+    out = ok(run([sys.executable, 'tools/train.py', POSE_DEMO, '--work-dir', str(tmp_path),
+                  '--cfg-options', 'train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
+                  'default_hooks.checkpoint.interval=1']))
+    assert re.search(r'coco/AP: \d', out)
+    assert (tmp_path / 'epoch_1.pth').is_file()
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_through_dist_train(demo_data: Path, tmp_path: Path) -> None:
+    out = ok(run(['bash', 'tools/dist_train.sh', SEG_DEMO, '2', '--work-dir', str(tmp_path),
+                  '--cfg-options', *short(2), 'env_cfg.dist_cfg.backend=gloo'],
+                 env={'OMP_NUM_THREADS': '1', 'PORT': '29517'}))
+    (log,) = tmp_path.glob('*/*.log')  # rank 0's log
+    text = log.read_text()
+    assert 'Distributed launcher: pytorch' in text and 'Distributed training: True' in text
+    assert 'GPU number: 2' in text  # mmengine's name for the world size
+    assert 'Saving checkpoint at 2 iterations' in text
+    assert re.search(r'Iter\(val\) \[2/2\].*mIoU', text)  # the 4 val images split over 2 ranks
+    assert (tmp_path / 'iter_2.pth').is_file()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_last_checkpoint(demo_data: Path, tmp_path: Path) -> None:
+    args = [sys.executable, 'tools/train.py', SEG_DEMO, '--work-dir', str(tmp_path),
+            '--cfg-options', *short(6, 2)]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        last = tmp_path / 'last_checkpoint'  # written after the checkpoint it names
+        while not (last.is_file() and last.read_text().strip().endswith('iter_2.pth')):
+            assert proc.poll() is None, 'the run ended before its first checkpoint'
+            assert time.time() < deadline, 'no checkpoint after 10 minutes'
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / 'iter_6.pth').exists()
+    out = ok(run(args + ['--resume']))
+    resumed = re.search(r'resumed epoch: \d+, iter: (\d+)', out)
+    assert resumed and int(resumed.group(1)) in (2, 4), out[-3000:]
+    assert not re.search(r'Iter\(train\) \[1/6\]', out)  # it did not start over
+    assert (tmp_path / 'iter_6.pth').is_file()
+
+
+def test_missing_demo_data_is_explained(tmp_path: Path) -> None:
+    # run from an empty directory: the demo config's relative data root does not exist
+    result = subprocess.run([sys.executable, str(REPO / 'tools/train.py'), str(REPO / SEG_DEMO),
+                             '--work-dir', str(tmp_path / 'wd')], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert 'the CityscapesDataset data is missing' in result.stderr
+    assert 'leftImg8bit/{train,val}/<city>/*_leftImg8bit.png' in result.stderr
+    assert 'python tools/make_demo_data.py' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_missing_real_dataset_is_explained(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, 'tools/test.py', 'configs/psa_udp_hrnet_w48_coco_256x192.py',
+         str(REPO / 'setup.py'), '--work-dir', str(tmp_path / 'wd'),
+         '--cfg-options', f'test_dataloader.dataset.data_root={tmp_path}/coco/'],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert 'the CocoDataset data is missing' in result.stderr
+    assert 'person_keypoints_{train,val}2017.json' in result.stderr
+    assert 'cocodataset.org' in result.stderr
+    assert 'Traceback' not in result.stderr
