@@ -12,9 +12,9 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = osp.dirname(osp.abspath(__file__))
-# shipped inside the package, so configs can be inherited as `mmattn::...` and the
-# stack check finds its pins after a non-editable install
-MIM_DIRS = ('configs', 'tools', 'requirements')
+# shipped inside the package, so configs can be inherited as `mmattn::...` (mmengine reads
+# model-index.yml for that) and the stack check finds its pins after a non-editable install
+MIM_FILES = ('configs', 'tools', 'requirements', 'model-index.yml')
 
 
 def read_version() -> str:
@@ -25,15 +25,16 @@ def read_version() -> str:
 
 
 def add_mim_extension() -> None:
-    """Put ``configs``, ``tools`` and ``requirements`` into ``mmattn/.mim`` as OpenMMLab
-    packages do: symbolic links for an editable install, copies for a wheel or sdist."""
+    """Put ``configs``, ``tools``, ``requirements`` and ``model-index.yml`` into
+    ``mmattn/.mim`` as OpenMMLab packages do: symbolic links for an editable install, copies
+    for a wheel or sdist."""
     editable = any(cmd in sys.argv for cmd in ('develop', 'editable_wheel'))
     packaged = any(cmd in sys.argv for cmd in ('bdist_wheel', 'sdist', 'build', 'install'))
     if not (editable or packaged):
         return
     mim = osp.join(HERE, 'mmattn', '.mim')
     os.makedirs(mim, exist_ok=True)
-    for name in MIM_DIRS:
+    for name in MIM_FILES:
         src, dst = osp.join(HERE, name), osp.join(mim, name)
         if not osp.exists(src):
             continue
@@ -42,9 +43,11 @@ def add_mim_extension() -> None:
         elif osp.isdir(dst):
             shutil.rmtree(dst)
         if editable:
-            os.symlink(osp.relpath(src, mim), dst, target_is_directory=True)
-        else:
+            os.symlink(osp.relpath(src, mim), dst, target_is_directory=osp.isdir(src))
+        elif osp.isdir(src):
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+        else:
+            shutil.copyfile(src, dst)
 
 
 if __name__ == '__main__':

@@ -79,7 +79,17 @@ def mmcv_ok() -> bool:
     return True
 
 
+def _mim_files() -> tuple[str, ...]:
+    spec = importlib.util.spec_from_file_location('_mmattn_setup', ROOT / 'setup.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup() runs only under __main__
+    return module.MIM_FILES
+
+
 def editable_ok() -> bool:
+    """mmattn is installed from this checkout, with every mmattn/.mim entry in place."""
+    if not all((ROOT / 'mmattn' / '.mim' / name).exists() for name in _mim_files()):
+        return False
     code = ('import importlib.util, sys, pathlib; s = importlib.util.find_spec("mmattn"); '
             f'sys.exit(s is None or pathlib.Path(s.origin).resolve().parents[1] != pathlib.Path({str(ROOT)!r}))')
     return stack.installed_version('mmattn') is not None and runs(code)
