@@ -291,6 +291,9 @@ def make_demo_data(out: PathLike = DEMO_ROOT, *, seed: int = 0, force: bool = Fa
             'remove it, choose another --out or pass --force to replace it')
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; `out` should not be
     old = None
     try:
         for k, (name, write) in enumerate(GENERATORS.items()):
