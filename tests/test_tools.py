@@ -129,3 +129,20 @@ def test_missing_real_dataset_is_explained(tmp_path: Path) -> None:
     assert 'person_keypoints_{train,val}2017.json' in result.stderr
     assert 'cocodataset.org' in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_resume_target_survives_a_damaged_pointer(tmp_path: Path) -> None:
+    from mmattn.engine.run_config import latest_checkpoint
+    assert latest_checkpoint(str(tmp_path)) is None
+    for n in (2, 10, 4):
+        (tmp_path / f'iter_{n}.pth').write_bytes(b'x')
+    (tmp_path / 'best_mIoU_iter_10.pth').write_bytes(b'x')
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'iter_10.pth')
+    # the pointer wins while it names an existing file
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_4.pth'))
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'iter_4.pth')
+    # killed while mmengine rewrote it in place: empty, or naming a file that is gone
+    (tmp_path / 'last_checkpoint').write_text('')
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'iter_10.pth')
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_99.pth'))
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / 'iter_10.pth')

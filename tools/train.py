@@ -15,7 +15,8 @@ import mmattn  # noqa: F401  (registers blocks, models and the mmattn:: config s
 from mmengine.logging import print_log
 
 from mmattn.engine import ATOMIC_BACKEND, mmengine_checkpoint_globals
-from mmattn.engine.run_config import add_common_args, build_runner, load_run_config
+from mmattn.engine.run_config import (add_common_args, build_runner, latest_checkpoint,
+                                      load_run_config)
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,8 +47,9 @@ def main() -> int:
             cfg.optim_wrapper.loss_scale = 'dynamic'
 
     if args.resume is not None:
-        cfg.resume = True
-        cfg.load_from = None if args.resume == 'auto' else args.resume
+        # 'auto': the latest complete checkpoint in the work dir; none there: start afresh
+        cfg.load_from = latest_checkpoint(cfg.work_dir) if args.resume == 'auto' else args.resume
+        cfg.resume = cfg.load_from is not None
 
     # checkpoints are written atomically unless the config chose a storage backend
     checkpoint_hook = cfg.get('default_hooks', {}).get('checkpoint')

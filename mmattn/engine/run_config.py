@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import os.path as osp
+import re
+from pathlib import Path
 
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
@@ -43,6 +45,28 @@ def load_run_config(args: argparse.Namespace) -> Config:
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     return cfg
+
+
+def latest_checkpoint(work_dir: str) -> str | None:
+    """The checkpoint ``--resume`` without a path continues from.
+
+    mmengine reads the ``last_checkpoint`` pointer, which its CheckpointHook rewrites in place
+    after each save (``open(..., 'w')``): a run killed inside that write leaves it empty, and
+    mmengine would then try to load ``''``. Here a pointer naming an existing file wins;
+    otherwise the highest-numbered ``iter_N.pth`` / ``epoch_N.pth`` in ``work_dir`` (complete
+    ones: tools/train.py writes checkpoints atomically); None when there is none.
+    """
+    pointer = Path(work_dir) / 'last_checkpoint'
+    if pointer.is_file():
+        named = pointer.read_text().strip()
+        if named and osp.isfile(named):
+            return named
+    numbered = []
+    for path in Path(work_dir).glob('*.pth'):
+        match = re.fullmatch(r'(?:iter|epoch)_(\d+)\.pth', path.name)
+        if match:
+            numbered.append((int(match.group(1)), str(path)))
+    return max(numbered)[1] if numbered else None
 
 
 def build_runner(cfg: Config, phases: tuple[str, ...]) -> Runner:
