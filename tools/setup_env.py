@@ -23,17 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / 'requirements' / 'constraints.txt'
 
 
-def _load_stack():
-    # Load mmattn/utils/stack.py by path: `import mmattn` needs torch, which may not
-    # be installed yet.
-    spec = importlib.util.spec_from_file_location('_mmattn_stack', ROOT / 'mmattn' / 'utils' / 'stack.py')
+def _load_by_path(name: str, path: Path):
+    """Import the file ``path`` as module ``name`` without importing its package
+    (``import mmattn`` needs torch, which may not be installed yet)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
     spec.loader.exec_module(module)
     return module
 
 
-stack = _load_stack()
+stack = _load_by_path('_mmattn_stack', ROOT / 'mmattn' / 'utils' / 'stack.py')
 PINS = stack.read_pins(CONSTRAINTS)
 
 # mmpose 1.3.2 lists chumpy, whose sdist cannot be built by current pip (its setup.py
@@ -80,10 +80,8 @@ def mmcv_ok() -> bool:
 
 
 def _mim_files() -> tuple[str, ...]:
-    spec = importlib.util.spec_from_file_location('_mmattn_setup', ROOT / 'setup.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # setup() runs only under __main__
-    return module.MIM_FILES
+    # setup.py calls setup() only under __main__
+    return _load_by_path('_mmattn_setup', ROOT / 'setup.py').MIM_FILES
 
 
 def editable_ok() -> bool:

@@ -37,6 +37,8 @@ from typing import Callable, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmattn.utils.file_mode import default_mode
+
 __all__ = ['DEMO_ROOT', 'DEMO_VERSION', 'make_demo_data', 'demo_data_ok']
 
 #: where the tools and the demo configs expect the demo data (relative to the repo root)
@@ -291,11 +293,9 @@ def make_demo_data(out: PathLike = DEMO_ROOT, *, seed: int = 0, force: bool = Fa
             'remove it, choose another --out or pass --force to replace it')
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; `out` should not be
     old = None
     try:
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it private; `out` should not be
         for k, (name, write) in enumerate(GENERATORS.items()):
             write(tmp / name, np.random.default_rng([seed, k]))
         stamp = dict(_stamp(seed), files=_digest(tmp))

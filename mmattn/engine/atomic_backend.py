@@ -17,6 +17,8 @@ from typing import Union
 
 from mmengine.fileio import LocalBackend, register_backend
 
+from mmattn.utils.file_mode import default_mode
+
 ATOMIC_BACKEND = 'atomic_local'
 
 
@@ -25,9 +27,7 @@ def _atomic_write(data: bytes, filepath: Union[str, Path]) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{osp.basename(filepath)}.', suffix='.tmp')
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # what open() would have given (mkstemp makes it 0600)
+        os.fchmod(fd, default_mode())  # what open() would have given (mkstemp makes it 0600)
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
