@@ -2,7 +2,8 @@
 
 The pinned dependency stack is installed by ``python tools/setup_env.py`` (mmcv must be
 built from source with its ops, which a plain ``install_requires`` cannot express); the
-requirements below are the loose ranges the code works with.
+requirements below are the loose ranges the code works with. The compiled kernels are optional
+(see ``kernel_extensions``).
 """
 import os
 import os.path as osp
@@ -15,6 +16,33 @@ HERE = osp.dirname(osp.abspath(__file__))
 # shipped inside the package, so configs can be inherited as `mmattn::...` (mmengine reads
 # model-index.yml for that) and the stack check finds its pins after a non-editable install
 MIM_FILES = ('configs', 'tools', 'requirements', 'model-index.yml')
+
+
+def kernel_extensions() -> tuple[list, dict]:
+    """``mmattn._C`` (the C++ CPU and the CUDA kernels) when the build includes CUDA: torch sees
+    a GPU or ``MMATTN_WITH_CUDA=1`` (compiles on a machine with nvcc and no GPU);
+    ``MMATTN_WITH_CUDA=0``, no torch or no toolkit: none, and mmattn runs on its PyTorch paths
+    (``MMATTN_JIT=1`` compiles the kernels on first use instead). Needs
+    ``pip install --no-build-isolation`` so that the installed torch is the one built against."""
+    if os.environ.get('MMATTN_WITH_CUDA', '').strip() == '0':
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        '_mmattn_extension', osp.join(HERE, 'mmattn', 'ops', 'extension.py'))
+    extension = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extension)
+    if not extension.want_cuda():
+        return [], {}
+    extension.default_cuda_arch_list()
+    ext = CUDAExtension(
+        'mmattn._C',
+        sources=[osp.relpath(src, HERE) for src in extension.sources(with_cuda=True)],
+        extra_compile_args=extension.compile_flags(with_cuda=True))
+    return [ext], {'build_ext': BuildExtension}
 
 
 def read_version() -> str:
@@ -52,6 +80,7 @@ def add_mim_extension() -> None:
 
 if __name__ == '__main__':
     add_mim_extension()
+    ext_modules, cmdclass = kernel_extensions()
     setup(
         name='mmattn',
         version=read_version(),
@@ -63,7 +92,7 @@ if __name__ == '__main__':
         python_requires='>=3.9',
         packages=find_packages(exclude=('configs', 'tools', 'tests', 'tests.*')),
         include_package_data=True,
-        package_data={'mmattn': ['.mim/**/*']},
+        package_data={'mmattn': ['.mim/**/*', 'ops/csrc/*']},
         install_requires=[
             'torch>=2.0', 'torchvision', 'timm>=1.0', 'mmengine>=0.10,<1.0', 'mmcv>=2.0,<2.2',
         ],
@@ -73,5 +102,7 @@ if __name__ == '__main__':
             'cls': ['mmpretrain>=1.2,<1.3'],
             'tests': ['pytest'],
         },
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
         zip_safe=False,
     )

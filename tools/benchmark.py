@@ -3,13 +3,19 @@
 For each op, three implementations with the same weights and input:
 
 * ``eager``: the eager form - PSA: ``PolarizedSelfAttention(backend='reference')`` (the paper's
-  equations, 1x1 convolutions on the full maps); outlook: ``timm.models.volo.OutlookAttention``
-  (unfold / fold);
+  equations, or the authors' release with ``--variant official``, 1x1 convolutions on the full
+  maps); outlook: ``timm.models.volo.OutlookAttention`` (unfold / fold);
 * ``compile``: ``torch.compile`` of that same eager module (compiled once, before timing; its
   compile time is printed);
-* ``mmattn``: ``PolarizedSelfAttention(backend='auto')`` (the folded op on CPU; a CUDA kernel
-  when one is built) / ``mmattn.layers.OutlookAttention.forward_nhwc`` (strided slices, no
-  unfold).
+* ``mmattn``: ``PolarizedSelfAttention(backend='auto')`` / ``mmattn.layers.OutlookAttention``
+  (``forward_nhwc``, ``backend='auto'``): the compiled kernels where they are loaded for the
+  device (``MMATTN_JIT=1`` or a ``MMATTN_WITH_CUDA=1`` install, see ``mmattn.ops.extension``),
+  else the pure-PyTorch fast paths; when a kernel is chosen, a second row gives the PyTorch path
+  (``mmattn (folded)`` for PSA, ``mmattn (reference)`` for outlook: strided slices, no unfold).
+
+With ``--op volo`` (part of ``all``) a whole VOLO-D1 training step (forward, backward, SGD
+update, batch of 224 px images) of timm's ``volo_d1_224`` (``eager``) is timed against mmattn's
+``volo_d1`` with the same weights (``mmattn``).
 
 Measured: forward (inference, ``torch.no_grad``) and forward+backward (``y.backward(g)``, input
 and parameters requiring gradients) times, the median of ``--iters`` runs after ``--warmup``,
@@ -48,8 +54,9 @@ import torch
 from torch import nn
 
 import mmattn  # noqa: F401  (registers the blocks, checks the stack)
+from mmattn.analysis import saved_bytes
 from mmattn.layers import OutlookAttention, PolarizedSelfAttention
-from mmattn.ops import kernel_status
+from mmattn.ops import kernel_status, select_backend
 
 # HBM bandwidth in GB/s (vendor data sheets)
 GPU_PEAK_GBS = {'H100 SXM': 3350, 'H100 80GB HBM3': 3350, 'H100 NVL': 3900, 'H100 PCIe': 2000,
@@ -69,6 +76,7 @@ class Case:
     floor_fwdbwd: int                   # minimal bytes moved, forward + backward
     make_input: Callable[[], torch.Tensor]
     impls: dict[str, nn.Module] = field(default_factory=dict)
+    compile: bool = True                # whether the eager form is also run through torch.compile
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -132,23 +140,6 @@ def timed(fns: dict[str, Callable[[], object]], device: torch.device, warmup: in
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
-def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes the autograd graph saves for backward, beyond x and the parameters."""
-    known = {x.data_ptr()} | {p.data_ptr() for p in module.parameters()}
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if t.data_ptr() not in known:
-            known.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return total
-
-
 def peak_cuda_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     if device.type != 'cuda':
         return None
@@ -161,30 +152,27 @@ def peak_cuda_bytes(fn: Callable[[], object], device: torch.device) -> Optional[
 
 
 # ----------------------------------------------------------------------- the cases
-def psa_case(shape: tuple[int, ...], mode: str, dtype: torch.dtype,
-             device: torch.device) -> Case:
+def psa_case(shape: tuple[int, ...], mode: str, dtype: torch.dtype, device: torch.device,
+             variant: str = 'paper') -> Case:
     n, c, h, w = shape
-    eager = PolarizedSelfAttention(c, mode=mode, backend='reference', device=device, dtype=dtype)
+
+    def block(backend: str) -> PolarizedSelfAttention:
+        return PolarizedSelfAttention(c, mode=mode, variant=variant, backend=backend,
+                                      device=device, dtype=dtype)
+
+    eager = block('reference')
     with torch.no_grad():
         for p in eager.parameters():   # non-trivial LayerNorm affine and biases
             p.normal_(0, 0.05)
-    ours = PolarizedSelfAttention(c, mode=mode, backend='auto', device=device, dtype=dtype)
-    ours.load_state_dict(eager.state_dict())
+    impls = {'eager': eager, 'mmattn': block('auto')}
+    probe = torch.empty(1, c, 1, 1, device=device, dtype=dtype)
+    if impls['mmattn'].selected_backend(probe)[0] == 'cuda':
+        impls['mmattn (folded)'] = block('folded')
+    for module in impls.values():
+        module.load_state_dict(eager.state_dict())
     nbytes = n * c * h * w * torch.finfo(dtype).bits // 8
-    return Case('psa', shape, f'paper, {mode}', 3 * nbytes, 8 * nbytes,
-                lambda: torch.randn(shape, device=device, dtype=dtype),
-                {'eager': eager, 'mmattn': ours})
-
-
-class _Nhwc(nn.Module):
-    """Calls ``forward_nhwc`` of mmattn's OutlookAttention (timm's takes NHWC as well)."""
-
-    def __init__(self, block: OutlookAttention) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block.forward_nhwc(x)
+    return Case('psa', shape, f'{variant}, {mode}', 3 * nbytes, 8 * nbytes,
+                lambda: torch.randn(shape, device=device, dtype=dtype), impls)
 
 
 def outlook_case(shape: tuple[int, ...], heads: int, dtype: torch.dtype,
@@ -192,13 +180,45 @@ def outlook_case(shape: tuple[int, ...], heads: int, dtype: torch.dtype,
     from timm.models.volo import OutlookAttention as TimmOutlook
     b, h, w, c = shape
     eager = TimmOutlook(c, heads, kernel_size=3, padding=1, stride=2).to(device, dtype)
-    ours = OutlookAttention(c, num_heads=heads, kernel_size=3, padding=1, stride=2,
-                            device=device, dtype=dtype)
-    ours.load_state_dict(eager.state_dict())
+    impls: dict[str, nn.Module] = {'eager': eager}
+    for name, backend in (('mmattn', 'auto'), ('mmattn (reference)', 'reference')):
+        ours = OutlookAttention(c, num_heads=heads, kernel_size=3, padding=1, stride=2,
+                                data_format='NHWC', backend=backend, device=device,
+                                dtype=dtype)
+        ours.load_state_dict(eager.state_dict())
+        impls[name] = ours
+    probe = torch.empty(1, 1, 1, c, device=device, dtype=dtype)
+    if select_backend('outlook', probe)[0] == 'reference':
+        del impls['mmattn (reference)']   # 'mmattn' runs the reference already
     nbytes = b * h * w * c * torch.finfo(dtype).bits // 8
     return Case('outlook', shape, f'NHWC, {heads} heads, K=3, s=2', 2 * nbytes, 5 * nbytes,
+                lambda: torch.randn(shape, device=device, dtype=dtype), impls)
+
+
+class _TrainStep(nn.Module):
+    """A model whose timed forward+backward ends with an SGD update (``after_backward``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.optim = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def after_backward(self) -> None:
+        self.optim.step()
+
+
+def volo_case(batch: int, dtype: torch.dtype, device: torch.device) -> Case:
+    import timm
+    eager = timm.create_model('volo_d1_224', pretrained=False).to(device, dtype).train()
+    ours = timm.create_model('volo_d1', pretrained=False).to(device, dtype).train()
+    ours.load_state_dict(eager.state_dict())
+    shape = (batch, 3, 224, 224)
+    return Case('volo_d1 step', shape, 'timm volo_d1_224 vs mmattn volo_d1', 0, 0,
                 lambda: torch.randn(shape, device=device, dtype=dtype),
-                {'eager': eager, 'mmattn': _Nhwc(ours)})
+                {'eager': _TrainStep(eager), 'mmattn': _TrainStep(ours)}, compile=False)
 
 
 # ----------------------------------------------------------------------- running
@@ -233,7 +253,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
     g = torch.randn_like(x)
     impls = {'eager': case.impls['eager']}
     failure = None
-    if not args.no_compile:
+    if not args.no_compile and case.compile:
         failure = probe_compile(probe_argv)
         if failure:
             print(f'  [{case.op}] torch.compile of the eager form crashed in a child process '
@@ -243,7 +263,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
             impls['compile'] = compile_eager(case, x, g)
             print(f'  [{case.op}] torch.compile of the eager form: '
                   f'{time.perf_counter() - t0:.1f} s (forward and training graphs)', flush=True)
-    impls['mmattn'] = case.impls['mmattn']
+    impls.update((name, m) for name, m in case.impls.items() if name != 'eager')
     with torch.no_grad():
         ref = impls['eager'](x).float()
     fwd, fwdbwd, errs = {}, {}, {}
@@ -254,7 +274,10 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
 
         def run_fwdbwd(module: nn.Module = module) -> None:
             xg = x.detach().requires_grad_()
-            module(xg).backward(g)
+            out = module(xg)
+            out.backward(g if out.shape == g.shape else torch.ones_like(out))
+            if hasattr(module, 'after_backward'):
+                module.after_backward()
             for p in module.parameters():
                 p.grad = None
 
@@ -270,11 +293,11 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
         peak_b = peak_cuda_bytes(fwdbwd[name], device)
         bw_f = case.floor_fwd / (t_f * 1e-3) / 1e9
         bw_b = case.floor_fwdbwd / (t_b * 1e-3) / 1e9
+        share = (lambda bw: f'{bw:.0f} ({100 * bw / peak:.0f}%)' if case.floor_fwd else '-')
         rows.append([case.op, 'x'.join(map(str, case.shape)), case.detail, name,
                      f'{t_f:.2f}', f'{t_b:.2f}', f'{t_fwd["eager"] / t_f:.2f}x',
                      f'{t_fwdbwd["eager"] / t_b:.2f}x', mb(act), mb(peak_b),
-                     f'{bw_f:.0f} ({100 * bw_f / peak:.0f}%)',
-                     f'{bw_b:.0f} ({100 * bw_b / peak:.0f}%)', f'{errs[name]:.1e}'])
+                     share(bw_f), share(bw_b), f'{errs[name]:.1e}'])
         if name == 'eager' and failure:
             rows.append([case.op, 'x'.join(map(str, case.shape)), case.detail, 'compile',
                          f'crashed ({failure})'] + ['-'] * (len(HEADER) - 5))
@@ -293,11 +316,16 @@ def markdown(rows: list[list[str]]) -> str:
 
 PRESETS = {
     'cpu': dict(device='cpu', dtype='float32', threads=2,
-                psa=[((4, 256, 64, 64), 'parallel'), ((4, 256, 64, 64), 'sequential')],
-                outlook=[((8, 28, 28, 192), 6)]),
+                psa=[((4, 256, 64, 64), 'parallel', 'paper'),
+                     ((4, 256, 64, 64), 'sequential', 'paper'),
+                     ((4, 256, 64, 64), 'sequential', 'official')],
+                outlook=[((8, 28, 28, 192), 6)], volo=[4]),
     'gpu': dict(device='cuda', dtype='bfloat16', threads=None,
-                psa=[((16, 256, 128, 128), 'parallel'), ((16, 256, 128, 128), 'sequential')],
-                outlook=[((128, 28, 28, 192), 6)]),   # VOLO-D1 stage 1 at 224 px, batch 128
+                psa=[((16, 256, 128, 128), 'parallel', 'paper'),
+                     ((16, 256, 128, 128), 'sequential', 'paper'),
+                     ((16, 256, 128, 128), 'sequential', 'official')],
+                outlook=[((128, 28, 28, 192), 6)],    # VOLO-D1 stage 1 at 224 px, batch 128
+                volo=[128]),
 }
 
 
@@ -305,12 +333,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--preset', choices=sorted(PRESETS),
                         help='the issue\'s shapes for this device kind (overrides the below)')
-    parser.add_argument('--op', choices=['psa', 'outlook', 'all'], default='all')
+    parser.add_argument('--op', choices=['psa', 'outlook', 'volo', 'all'], default='all')
     parser.add_argument('--shape', type=parse_shape,
                         help='PSA: N,C,H,W (default 4,256,64,64); outlook: B,H,W,C '
                              '(default 8,28,28,192)')
     parser.add_argument('--mode', choices=['parallel', 'sequential', 'both'], default='both')
+    parser.add_argument('--variant', choices=['paper', 'official'], default='paper',
+                        help="PSA: the paper's equations or the authors' release")
     parser.add_argument('--heads', type=int, default=6, help='outlook heads')
+    parser.add_argument('--batch', type=int, default=8, help='VOLO-D1 training-step batch')
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
@@ -326,19 +357,21 @@ def main() -> None:
         preset = PRESETS[args.preset]
         args.device, args.dtype = preset['device'], preset['dtype']
         args.threads = args.threads or preset['threads']
-        psa_cases, outlook_cases = preset['psa'], preset['outlook']
+        psa_cases, outlook_cases, volo_cases = preset['psa'], preset['outlook'], preset['volo']
     else:
         modes = ['parallel', 'sequential'] if args.mode == 'both' else [args.mode]
-        psa_cases = [(args.shape or (4, 256, 64, 64), m) for m in modes]
+        psa_cases = [(args.shape or (4, 256, 64, 64), m, args.variant) for m in modes]
         outlook_cases = [(args.shape or (8, 28, 28, 192), args.heads)]
+        volo_cases = [args.batch]
     if args.shape and args.op == 'all' and not args.preset:
         parser.error('--shape needs --op psa (N,C,H,W) or --op outlook (B,H,W,C)')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error(f'--device {args.device} (or --preset gpu) needs a CUDA device; none found')
-    if args.op == 'psa':
-        outlook_cases = []
-    elif args.op == 'outlook':
-        psa_cases = []
+    if args.op != 'all':
+        psa_cases, outlook_cases, volo_cases = [
+            cases if args.op == op else []
+            for op, cases in (('psa', psa_cases), ('outlook', outlook_cases),
+                              ('volo', volo_cases))]
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -347,12 +380,15 @@ def main() -> None:
 
     common = ['--dtype', args.dtype, '--device', args.device,
               '--threads', str(torch.get_num_threads())]
-    cases = [(psa_case(shape, mode, dtype, device),
-              ['--op', 'psa', '--shape', ','.join(map(str, shape)), '--mode', mode])
-             for shape, mode in psa_cases]
+    cases = [(psa_case(shape, mode, dtype, device, variant),
+              ['--op', 'psa', '--shape', ','.join(map(str, shape)), '--mode', mode,
+               '--variant', variant])
+             for shape, mode, variant in psa_cases]
     cases += [(outlook_case(shape, heads, dtype, device),
                ['--op', 'outlook', '--shape', ','.join(map(str, shape)), '--heads', str(heads)])
               for shape, heads in outlook_cases]
+    cases += [(volo_case(batch, dtype, device), ['--op', 'volo', '--batch', str(batch)])
+              for batch in volo_cases]
     if args.probe_compile:   # child process of probe_compile: one case, compile and run it
         case, _ = cases[0]
         x = case.make_input()

@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = [
     'EXTRA_FLOP_HANDLES', 'BlockCost', 'ModelCost', 'attention_block_types',
     'iter_attention_blocks', 'count_flops', 'model_costs', 'measure_block', 'block_variants',
-    'format_count', 'format_bytes',
+    'format_count', 'format_bytes', 'saved_bytes',
 ]
 
 # ----------------------------------------------------------------------------- jit handles
@@ -223,11 +223,12 @@ class _LiveMemory(TorchDispatchMode):
         return out
 
 
-def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves for backward in ``module(x)`` (training mode),
-    without the input and the parameters, each storage counted once."""
-    skip = {x.untyped_storage().data_ptr()}
-    skip.update(p.untyped_storage().data_ptr() for p in module.parameters())
+def saved_bytes(fn: Callable[..., Any], *inputs: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for the backward in ``fn(*inputs)``, without the
+    inputs and (for a module) its parameters, each storage counted once."""
+    skip = {t.untyped_storage().data_ptr() for t in inputs}
+    if isinstance(fn, nn.Module):
+        skip.update(p.untyped_storage().data_ptr() for p in fn.parameters())
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -237,7 +238,7 @@ def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
+        fn(*inputs)
     return sum(storages.values())
 
 
@@ -270,7 +271,7 @@ def measure_block(module: nn.Module, x: torch.Tensor) -> dict[str, int]:
             result['cuda_peak_bytes'] = torch.cuda.max_memory_allocated(x.device) - base
             del out
     module.train()
-    result['saved_bytes'] = _saved_bytes(module, x.detach().requires_grad_(True))
+    result['saved_bytes'] = saved_bytes(module, x.detach().requires_grad_(True))
     module.train(was_training)
     return result
 

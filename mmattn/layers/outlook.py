@@ -20,9 +20,10 @@ checkpoints load strictly. As in both, the logits are scaled by ``(C/N)^-1/2`` b
 softmax (Algorithm 1 of the paper omits this factor); ``A``'s K^4 outputs are ordered
 (window position m, source position n), the softmax runs over n.
 
-The aggregation itself (Eq. 4-5 on NHWC tensors) is :func:`outlook_attention`, shared by the
-NCHW block here and the NHWC ``Outlooker`` of ``mmattn.models.volo``; a fused kernel
-plugs in there.
+The aggregation itself (Eq. 4-5 on NHWC tensors) is :func:`mmattn.ops.outlook_attention`,
+shared by the NCHW block here and the NHWC ``Outlooker`` of ``mmattn.models.volo``: a
+pure-PyTorch reference, or compiled kernels (CUDA, and C++ for CPU) that never materialise the
+unfolded windows, chosen by ``backend=`` (see :mod:`mmattn.ops.dispatch`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmattn.ops.dispatch import backends_for
+from mmattn.ops.outlook import outlook_attention
 from mmattn.registry import MODELS
 
 from .checks import check_choice, check_divisible, check_input, check_positive, factory_kwargs
@@ -66,44 +69,6 @@ def outlook_grid_size(height: int, width: int, kernel_size: int, padding: int, s
     return grid[0], grid[1]
 
 
-def outlook_attention(v: torch.Tensor, attn: torch.Tensor, *, kernel_size: int, padding: int,
-                      stride: int) -> torch.Tensor:
-    """Outlook aggregation, Eq. 4-5 of arXiv 2106.13112, on channels-last tensors.
-
-    .. math::
-        Y_{\\Delta(i,j)} = \\hat A_{i,j} V_{\\Delta(i,j)}, \\qquad
-        \\tilde Y_{u,v} = \\sum_{(i,j,m):\\ \\Delta(i,j)_m = (u,v)} (Y_{\\Delta(i,j)})_m
-
-    Args:
-        v: Values ``V`` (B, H, W, C).
-        attn: Normalised weights (B, h, w, N, K^2, K^2), ``attn[..., m, n]`` the weight of
-            source position n for window position m; ``(h, w)`` the pooled grid
-            (:func:`outlook_grid_size`), N heads (each owns C/N consecutive channels).
-        kernel_size, padding, stride: The window geometry K, p, s.
-
-    Returns:
-        The folded output (B, H, W, C), before the output projection.
-
-    The windows are gathered and scattered with K^2 strided slices of the padded map
-    (no ``im2col``/``col2im``), which keeps the op traceable and exportable.
-    """
-    batch, height, width, channels = v.shape
-    h, w, heads = attn.shape[1], attn.shape[2], attn.shape[3]
-    k = kernel_size
-    span_h, span_w = stride * (h - 1) + 1, stride * (w - 1) + 1
-    vp = F.pad(v, (0, 0, padding, padding, padding, padding))
-    offsets = [(a, b) for a in range(k) for b in range(k)]
-    windows = torch.stack([vp[:, a:a + span_h:stride, b:b + span_w:stride] for a, b in offsets],
-                          dim=3)  # (B, h, w, K^2, C)
-    windows = windows.view(batch, h, w, k * k, heads, channels // heads).transpose(3, 4)
-    out = torch.matmul(attn, windows).transpose(3, 4)  # (B, h, w, K^2, N, C/N)
-    out = out.reshape(batch, h, w, k * k, channels)
-    y = out.new_zeros(batch, height + 2 * padding, width + 2 * padding, channels)
-    for idx, (a, b) in enumerate(offsets):
-        y[:, a:a + span_h:stride, b:b + span_w:stride] += out[:, :, :, idx]
-    return y[:, padding:padding + height, padding:padding + width]
-
-
 @MODELS.register_module()
 class OutlookAttention(nn.Module):
     """Outlook attention of VOLO (arXiv 2106.13112, Sec. 3.1, Eq. 3-5).
@@ -135,6 +100,9 @@ class OutlookAttention(nn.Module):
         attn_drop: Dropout on the normalised weights.
         proj_drop: Dropout after the output projection.
         data_format: ``'NCHW'`` (plugin) or ``'NHWC'`` (channels-last tokens, as in VOLO).
+        backend: The aggregation's path: ``'auto'`` (the compiled kernel where it is loaded for
+            the input's device, else the reference), ``'reference'``, ``'cuda'`` or ``'cpu'``
+            (see :func:`mmattn.ops.outlook_attention`).
     """
 
     _abbr_ = 'outlook'
@@ -142,11 +110,13 @@ class OutlookAttention(nn.Module):
     def __init__(self, in_channels: int, *, num_heads: int = 1, kernel_size: int = 3,
                  padding: int = 1, stride: int = 1, qkv_bias: bool = False,
                  attn_drop: float = 0., proj_drop: float = 0., data_format: str = 'NCHW',
-                 device: Any = None, dtype: Any = None) -> None:
+                 backend: str = 'auto', device: Any = None, dtype: Any = None) -> None:
         super().__init__()
         name = type(self).__name__
         check_choice('data_format', data_format, ('NCHW', 'NHWC'), name)
         self.data_format = data_format
+        check_choice('backend', backend, backends_for('outlook'), name)
+        self.backend = backend
         self.in_channels = check_positive('in_channels', in_channels, name)
         self.num_heads = check_positive('num_heads', num_heads, name)
         check_divisible('in_channels', in_channels, 'num_heads', num_heads, name)
@@ -200,5 +170,5 @@ class OutlookAttention(nn.Module):
                              f'{self.in_channels}), got shape {tuple(x.shape)}')
         attn = self.attn_drop(self.attention_weights(x))
         y = outlook_attention(self.v(x), attn, kernel_size=self.kernel_size,
-                              padding=self.padding, stride=self.stride)
+                              padding=self.padding, stride=self.stride, backend=self.backend)
         return self.proj_drop(self.proj(y))

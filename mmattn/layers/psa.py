@@ -34,7 +34,8 @@ widely used public implementation (``ParallelPolarizedSelfAttention`` /
 are shared: some revisions of that file omit the spatial softmax, and its sequential class
 returns ``Z^sp(Z^ch) + Z^ch`` instead of Eq. 5; here the paper decides. The bias of ``ch_wq``
 is kept for those checkpoints although it cannot change the output (it shifts every pixel's
-logit equally and the softmax over pixels removes it), so its gradient is zero up to rounding.
+logit equally and the softmax over pixels removes it), so its gradient is zero: exactly 0 on the
+folded paths, rounding noise on the reference.
 
 ``variant='official'`` computes what the authors' release computes (DeLightCMU/PSA,
 ``semantic-segmentation/network/PSA.py``, classes ``PSA_p`` and ``PSA_s``; the released
@@ -74,15 +75,17 @@ hook to them (in sequential mode the spatial gate sees ``A^sp(Z^ch)``).
 Backends (``PolarizedSelfAttention(backend=...)``, ``variant='paper'`` only): the paper form's
 1x1 convolutions fold exactly onto C-vectors (:mod:`mmattn.ops.psa`), so ``forward`` can run the
 folded op ``mmattn::psa_paper_folded`` (hand-written backward; several times faster and a
-fraction of the activation memory) instead of the eager equations above (the *reference*).
-``backend='auto'`` (default) takes the folded op unless ``MMATTN_BACKEND=reference`` is set, a
-graph is being recorded by ``torch.jit.trace``/``torch.onnx.export`` (the traced/exported graph
-is the reference, standard operators only), or forward (pre-)hooks are registered on
-``channel_gate``/``spatial_gate``: the folded op never calls those submodules, so with hooks
-``auto`` keeps the reference and the hooks fire; ``backend='folded'`` with such hooks raises.
-``backend='reference'`` always runs the equations above. ``variant='official'`` always runs its
-reference (its sequential spatial branch needs a softmax over the pixels of each of the C/2
-value channels, which does not fold).
+fraction of the activation memory) instead of the eager equations above (the *reference*). Its
+four passes over x run as PyTorch operations (``backend='folded'``, any device) or as compiled
+CUDA kernels (``backend='cuda'``, CUDA tensors, when the extension is built: see
+:mod:`mmattn.ops.extension`). ``backend='auto'`` (default) takes the CUDA kernels where they can
+run, else the folded op, unless ``MMATTN_BACKEND=reference`` is set, a graph is being recorded by
+``torch.jit.trace``/``torch.onnx.export`` (the traced/exported graph is the reference, standard
+operators only), or forward (pre-)hooks are registered on ``channel_gate``/``spatial_gate``: the
+folded op never calls those submodules, so with hooks ``auto`` keeps the reference and the hooks
+fire; ``backend='folded'``/``'cuda'`` with such hooks raise. ``backend='reference'`` always runs
+the equations above. ``variant='official'`` always runs its reference (its sequential spatial
+branch needs a softmax over the pixels of each of the C/2 value channels, which does not fold).
 """
 from __future__ import annotations
 
@@ -91,7 +94,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmattn.ops.dispatch import BACKENDS, select_backend
+from mmattn.ops.dispatch import backends_for, select_backend
 from mmattn.ops.psa import psa_paper_folded, psa_paper_params
 from mmattn.registry import MODELS
 
@@ -135,6 +138,23 @@ def _softmax_hw(t: torch.Tensor) -> torch.Tensor:
 def _kaiming_fan_in(*convs: nn.Conv2d) -> None:
     for conv in convs:
         nn.init.kaiming_normal_(conv.weight, a=0, mode='fan_in', nonlinearity='relu')
+
+
+class _GateProduct(torch.autograd.Function):
+    """``x * a * s`` for x (N, C, H, W), a (N, C, 1, 1), s (N, 1, H, W), keeping x and the two
+    gates for the backward instead of the x-sized product ``a * s`` autograd would keep."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, a, s)
+        return x * a * s
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, a, s = ctx.saved_tensors
+        gx = grad * x
+        return grad * a * s, (gx * s).sum((2, 3), keepdim=True), \
+            (gx * a).sum(1, keepdim=True)
 
 
 class _ChannelBranch(nn.Module):
@@ -299,9 +319,9 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
             the module docstring lists how it differs from the paper).
         ratio: bottleneck ratio of the release's ``PSA_s`` ``conv_up`` (default 4); only
             allowed with ``variant='official', mode='sequential'``.
-        backend: ``'auto'`` (default), ``'reference'``, ``'folded'`` or ``'cuda'`` (no CUDA
-            kernel is built in this version: forward raises, saying so). Only
-            ``'auto'``/``'reference'`` for ``variant='official'``. See the module docstring.
+        backend: ``'auto'`` (default), ``'reference'``, ``'folded'`` or ``'cuda'`` (the
+            compiled kernels; forward raises, saying how to build them, where they cannot run).
+            Only ``'auto'``/``'reference'`` for ``variant='official'``. See the module docstring.
 
     ``channel_mask(x)`` / ``spatial_mask(x)`` return ``A^ch(x)`` / ``A^sp(x)``; forward hooks on
     ``channel_gate`` / ``spatial_gate`` capture the masks actually used by ``forward`` (they
@@ -316,10 +336,7 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
         super().__init__()
         name = type(self).__name__
         ratio = _check_options(name, in_channels, mode, variant, ratio)
-        check_choice('backend', backend, BACKENDS, name)
-        if variant == 'official' and backend not in ('auto', 'reference'):
-            raise ValueError(f"{name}: variant='official' has only the reference path; backend "
-                             f"must be 'auto' or 'reference', got backend={backend!r}")
+        check_choice('backend', backend, backends_for(f'psa_{variant}'), name)
         self.in_channels, self.variant, self.mode, self.ratio = in_channels, variant, mode, ratio
         self.backend = backend
         fk = factory_kwargs(device, dtype)
@@ -331,17 +348,54 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
                    for gate in (self.channel_gate, self.spatial_gate))
 
     def selected_backend(self, x: torch.Tensor) -> tuple[str, str]:
-        """The path ``forward(x)`` takes and why: ``('folded' | 'reference', reason)``."""
-        if self.variant == 'official':
-            return 'reference', "variant='official' has no folded form"
+        """The path ``forward(x)`` takes and why: ``('cuda' | 'folded' | 'reference', reason)``."""
+        if self.variant == 'official':   # its folded path calls the gates: hooks still fire
+            return select_backend('psa_official', x, self.backend)
         return select_backend('psa_paper', x, self.backend, hooks=self._gates_hooked())
+
+    def _official_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """The release's ``PSA_p``/``PSA_s`` with every 1x1 convolution that acts on a
+        pixel-averaged quantity moved onto a C-vector (``backend='folded'``):
+
+        * channel branch: ``W_v X softmax_p(W_q X) = W_v s`` with ``s = sum_p pi_p x_p``, so
+          ``conv_up`` and the gate act on an (N, C/2, 1, 1) tensor;
+        * spatial branch, ``PSA_p``: ``GP(W_q X) . W_v x_p = (W_v^T W_q m) . x_p``, one logit
+          per pixel (then the softmax over pixels and the sigmoid);
+        * spatial branch, ``PSA_s``: the value map ``W_v (A (.) X)`` must exist (its softmax
+          over pixels is per value channel), but as one batched product with the per-image
+          weight ``W_v diag(A)``: ``Z^ch = A (.) X`` is never formed, nor the query map.
+
+        Standard operators with autograd; the gates are called, so their hooks fire. What it
+        keeps for the backward is x plus the (N, C/2, H, W) softmaxed value map of ``PSA_s``
+        (none for ``PSA_p``), against several such maps and x-sized maps for the reference.
+        """
+        n, c, h, w = x.shape
+        xf = x.flatten(2)                                                    # N, C, P
+        wq = self.conv_q_right.weight.view(1, 1, c).expand(n, 1, c)
+        pi = torch.bmm(wq.to(x.dtype), xf).softmax(-1)                       # N, 1, P
+        s = torch.bmm(pi, xf.transpose(1, 2))                                # N, 1, C
+        v = s.squeeze(1) @ self.conv_v_right.weight.view(c // 2, c).t().to(x.dtype)
+        a = self.channel_gate(self.conv_up(v[:, :, None, None]))             # N, C, 1, 1
+        w_q = self.conv_q_left.weight.view(c // 2, c).to(x.dtype)
+        w_v = self.conv_v_left.weight.view(c // 2, c).to(x.dtype)
+        if self.mode == 'parallel':
+            u = (xf.mean(-1) @ w_q.t()) @ w_v                                # N, C
+            logits = torch.bmm(u.unsqueeze(1), xf).softmax(-1)               # N, 1, P
+            return x * a + x * self.spatial_gate(logits.view(n, 1, h, w))
+        a_vec = a.view(n, 1, c)
+        q = (xf.mean(-1) * a_vec.squeeze(1)) @ w_q.t()                       # N, C/2
+        values = torch.bmm(w_v.unsqueeze(0) * a_vec, xf).softmax(-1)         # N, C/2, P
+        logits = torch.bmm(q.unsqueeze(1), values)                           # N, 1, P
+        return _GateProduct.apply(x, a, self.spatial_gate(logits.view(n, 1, h, w)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels, type(self).__name__)
-        if self.variant == 'paper' and self.backend != 'reference' and \
-                self.selected_backend(x)[0] == 'folded':
+        chosen = 'reference' if self.backend == 'reference' else self.selected_backend(x)[0]
+        if chosen != 'reference' and self.variant == 'official':
+            return self._official_folded(x)
+        if chosen != 'reference':
             return psa_paper_folded(x, *psa_paper_params(self), eps=self.ln.eps,
-                                    sequential=self.mode == 'sequential')
+                                    sequential=self.mode == 'sequential', kernel=chosen == 'cuda')
         z_ch = self.channel_mask(x) * x
         if self.mode == 'parallel':
             return z_ch + self.spatial_mask(x) * x

@@ -3,64 +3,61 @@
 Every op has a pure-PyTorch *reference* (the paper's equations, written the eager way) and may
 have faster paths:
 
-* ``'folded'``: an algebraically equivalent pure-PyTorch form with a hand-written backward
+* ``'folded'`` (PSA): an algebraically equivalent pure-PyTorch form with a hand-written backward
   (``mmattn.ops.psa``), registered as a ``torch.library`` custom op; runs on any device;
-* ``'cuda'``: a compiled CUDA kernel. **None ships in this version**: the slot exists so that a
-  kernel can be added behind the same switch; asking for it raises :class:`KernelUnavailableError`.
+* ``'cuda'``: compiled CUDA kernels (``mmattn/ops/csrc``, loaded by :mod:`mmattn.ops.extension`;
+  PSA: the folded form's four passes over x; outlook attention: the fused aggregation);
+* ``'cpu'`` (outlook attention): the compiled C++ kernel for CPU tensors.
 
 Which path runs is decided per call by :func:`select_backend`:
 
-1. an explicit ``backend='reference' | 'folded' | 'cuda'`` argument wins (a path that cannot run
-   raises an error saying why, never falls back silently);
+1. an explicit ``backend=`` argument wins (a path that cannot run raises
+   :class:`KernelUnavailableError` saying why, and for a compiled kernel how to build it; it
+   never falls back silently);
 2. with ``backend='auto'`` the environment variable ``MMATTN_BACKEND`` is read at call time
    (under ``torch.compile``: when the function is traced, so set it before compiling):
    ``MMATTN_BACKEND=reference`` forces the reference path everywhere (for debugging and for
    A/B comparisons), ``auto`` (or unset) lets the predicates choose;
-3. ``auto`` takes the fastest path whose predicate accepts the call. The predicates
-   (``can_use_<op>_<backend>(x, ...) -> (bool, reason)``) say why a path was declined: while
-   ``torch.jit.trace`` or ``torch.onnx.export`` records a graph the reference runs (it uses
-   standard operators only, so the graph stays portable); a module with hooks on the tensors
-   a fused path never materialises keeps the reference.
+3. ``auto`` takes the first path, in the op's order of :data:`OPS`, whose predicate accepts the
+   call. The predicates (``can_use_<op>_<backend>(x, ...) -> (bool, reason)``) say why a path
+   was declined: the device or dtype, a kernel that is not built, while ``torch.jit.trace`` or
+   ``torch.onnx.export`` records a graph (the reference uses standard operators only, so the
+   graph stays portable), or a module with hooks on the tensors a fused path never
+   materialises.
 
 :func:`kernel_status` reports the compiled kernels in one line (``python -m
 mmattn.utils.collect_env`` prints it).
 """
 from __future__ import annotations
 
-import importlib
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ['BACKENDS', 'ENV_VAR', 'KernelUnavailableError', 'can_use_psa_cuda',
-           'can_use_psa_folded', 'cuda_extension', 'env_backend', 'kernel_status',
-           'select_backend']
+from . import extension
+
+__all__ = ['BACKENDS', 'ENV_VAR', 'KernelUnavailableError', 'OPS', 'backends_for',
+           'can_use_outlook_cpu',
+           'can_use_outlook_cuda', 'can_use_psa_cuda', 'can_use_psa_folded', 'env_backend',
+           'kernel_status', 'select_backend']
 
 ENV_VAR = 'MMATTN_BACKEND'
 ENV_CHOICES = ('auto', 'reference')
-BACKENDS = ('auto', 'reference', 'folded', 'cuda')
-#: the ops with a fast path, and their backends besides the reference, fastest first
-OPS: dict[str, tuple[str, ...]] = {'psa_paper': ('cuda', 'folded')}
-#: where a compiled extension would live; ``import mmattn`` never needs it
-_EXTENSION = 'mmattn._C'
-BUILD_HINT = ('mmattn {version} ships no compiled CUDA kernels (mmattn.ops.kernel_status() '
-              "reports what is built); use backend='auto' or backend='folded', which run on "
-              'any device. A release with kernels builds them when CUDA is found at install '
-              'time (`pip install -v -e .` with nvcc on PATH).')
+BACKENDS = ('auto', 'reference', 'folded', 'cuda', 'cpu')
+#: the ops with a fast path, and their backends besides the reference, in auto's order
+OPS: dict[str, tuple[str, ...]] = {'psa_paper': ('cuda', 'folded'), 'psa_official': ('folded',),
+                                   'outlook': ('cuda', 'cpu')}
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def backends_for(op: str) -> tuple[str, ...]:
+    """The ``backend=`` values ``op`` accepts: ``'auto'``, ``'reference'`` and its fast paths."""
+    return ('auto', 'reference') + OPS[op]
 
 
 class KernelUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call."""
-
-
-def cuda_extension() -> Optional[object]:
-    """The compiled extension module, or None when it is not built (the case in this
-    version). Never raises."""
-    try:
-        return importlib.import_module(_EXTENSION)
-    except ImportError:
-        return None
 
 
 def env_backend() -> str:
@@ -77,6 +74,26 @@ def _recording_graph() -> Optional[str]:
         return 'torch.jit.trace is recording'
     if torch.onnx.is_in_onnx_export():
         return 'torch.onnx.export is recording'
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _kernel_loaded(op: str, device_type: str) -> bool:
+    return extension.has_kernel(op, device_type)
+
+
+def _kernel_check(x: torch.Tensor, op: str, device_type: str) -> Optional[str]:
+    """Why the compiled ``op`` cannot serve ``x`` on ``device_type``, or None."""
+    if x.device.type != device_type:
+        return f'input is on {x.device.type}, the kernel runs on {device_type} tensors'
+    if x.dtype not in _KERNEL_DTYPES:
+        return f'input dtype {x.dtype} is not one of the kernel dtypes {_KERNEL_DTYPES}'
+    recording = _recording_graph()
+    if recording:
+        return f'{recording} (the reference graph uses standard operators only)'
+    if not _kernel_loaded(op, device_type):
+        return (f'the compiled {device_type.upper()} kernel is not loaded: '
+                f'{extension.load_error() or "the extension has no " + device_type + " build"}')
     return None
 
 
@@ -99,30 +116,51 @@ def can_use_psa_folded(x: torch.Tensor, *, hooks: bool = False) -> tuple[bool, s
     return True, 'ok'
 
 
-def can_use_psa_cuda(x: torch.Tensor) -> tuple[bool, str]:
-    """Whether a compiled CUDA PSA kernel can serve ``x``: never in this version."""
-    if cuda_extension() is None:
-        return False, 'no compiled CUDA kernel in this version'
-    return False, 'the compiled extension has no PSA kernel'  # pragma: no cover
+def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False) -> tuple[bool, str]:
+    """Whether the CUDA kernels of the folded PSA op can serve ``x``: a CUDA tensor of a kernel
+    dtype, the extension loaded, no graph being recorded, no hooks on the gates."""
+    ok, reason = can_use_psa_folded(x, hooks=hooks)
+    if not ok:
+        return ok, reason
+    reason = _kernel_check(x, 'psa_fwd_reduce', 'cuda')
+    return (False, reason) if reason else (True, 'ok')
 
 
-_PREDICATES = {('psa_paper', 'folded'): can_use_psa_folded,
-               ('psa_paper', 'cuda'): can_use_psa_cuda}
+def can_use_outlook_cuda(v: torch.Tensor) -> tuple[bool, str]:
+    """Whether the fused CUDA outlook kernel can serve values ``v``."""
+    reason = _kernel_check(v, 'outlook_fwd', 'cuda')
+    return (False, reason) if reason else (True, 'ok')
+
+
+def can_use_outlook_cpu(v: torch.Tensor) -> tuple[bool, str]:
+    """Whether the fused C++ outlook kernel can serve values ``v`` (a CPU tensor)."""
+    reason = _kernel_check(v, 'outlook_fwd', 'cpu')
+    return (False, reason) if reason else (True, 'ok')
+
+
+_PREDICATES: dict[tuple[str, str], Callable[..., tuple[bool, str]]] = {
+    ('psa_paper', 'folded'): can_use_psa_folded,
+    ('psa_official', 'folded'): can_use_psa_folded,
+    ('psa_paper', 'cuda'): can_use_psa_cuda,
+    ('outlook', 'cuda'): can_use_outlook_cuda,
+    ('outlook', 'cpu'): can_use_outlook_cpu,
+}
 
 
 def select_backend(op: str, x: torch.Tensor, backend: str = 'auto',
                    **predicate_kwargs) -> tuple[str, str]:
     """Choose the path for one call of ``op`` on ``x``; returns ``(backend, reason)``.
 
-    ``backend='auto'`` honours ``MMATTN_BACKEND`` and then the predicates, in the order
-    cuda, folded, reference; an explicit backend that cannot run raises
-    :class:`KernelUnavailableError` naming the reason (for ``'cuda'``: how to get a kernel).
-    ``predicate_kwargs`` go to the folded predicate (e.g. ``hooks=True``).
+    ``backend='auto'`` honours ``MMATTN_BACKEND`` and then the predicates in the order of
+    :data:`OPS`, falling back to the reference; an explicit backend that cannot run raises
+    :class:`KernelUnavailableError` naming the reason (for a compiled kernel: how to build it).
+    ``predicate_kwargs`` go to the predicates (e.g. PSA's ``hooks=True``).
     """
     if op not in OPS:
         raise ValueError(f'select_backend: op must be one of {tuple(OPS)}, got {op!r}')
-    if backend not in BACKENDS:
-        raise ValueError(f'{op}: backend must be one of {BACKENDS}, got {backend!r}')
+    allowed = backends_for(op)
+    if backend not in allowed:
+        raise ValueError(f'{op}: backend must be one of {allowed}, got {backend!r}')
     if backend == 'reference':
         return 'reference', 'requested'
     if backend == 'auto':
@@ -130,29 +168,33 @@ def select_backend(op: str, x: torch.Tensor, backend: str = 'auto',
             return 'reference', f'{ENV_VAR}=reference'
         reasons = []
         for name in OPS[op]:
-            kwargs = predicate_kwargs if name == 'folded' else {}
-            ok, reason = _PREDICATES[(op, name)](x, **kwargs)
+            ok, reason = _PREDICATES[(op, name)](x, **predicate_kwargs)
             if ok:
                 return name, 'auto'
             reasons.append(f'{name}: {reason}')
         return 'reference', '; '.join(reasons)
-    kwargs = predicate_kwargs if backend == 'folded' else {}
-    ok, reason = _PREDICATES[(op, backend)](x, **kwargs)
+    ok, reason = _PREDICATES[(op, backend)](x, **predicate_kwargs)
     if not ok:
-        if backend == 'cuda':
-            from mmattn.version import __version__
-            raise KernelUnavailableError(f"{op}: backend='cuda' requested but {reason}. "
-                                         + BUILD_HINT.format(version=__version__))
+        hint = f'; {extension.BUILD_HINT}' if backend in ('cuda', 'cpu') and \
+            'not loaded' in reason else ''
         raise KernelUnavailableError(f'{op}: backend={backend!r} requested but it declined: '
-                                     f'{reason}')
+                                     f'{reason}{hint}')
     return backend, 'requested'
 
 
 def kernel_status() -> str:
-    """One line on mmattn's kernels: compiled extension, fused pure-PyTorch paths, env."""
-    ext = cuda_extension()
-    cuda = 'CUDA kernels: not built (none in this version)' if ext is None else \
-        f'CUDA kernels: {_EXTENSION} loaded'  # pragma: no cover
+    """One line on mmattn's kernels: where the compiled ones come from and for which devices,
+    the pure-PyTorch folded ops, and the environment switch."""
+    source = extension.load_extension()
+    if source is None:
+        compiled = f'compiled kernels: not loaded ({extension.load_error()})'
+    else:
+        ops = sorted(extension.SCHEMAS)
+        devices = [d for d in ('cpu', 'cuda')
+                   if any(extension.has_kernel(o, d) for o in ops)]
+        per = {d: [o for o in ops if extension.has_kernel(o, d)] for d in devices}
+        compiled = f'compiled kernels: {source}: ' + '; '.join(
+            f'{d.upper()} {", ".join(per[d])}' for d in devices)
     folded = ', '.join(op for op, names in OPS.items() if 'folded' in names)
-    return (f'{cuda}; pure-PyTorch folded ops: {folded} (any device); '
+    return (f'{compiled}; pure-PyTorch folded ops: {folded} (any device); '
             f'{ENV_VAR}={os.environ.get(ENV_VAR, "auto (unset)")}')

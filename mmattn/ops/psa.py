@@ -117,53 +117,118 @@ def _weights(params: tuple[Tensor, ...], acc: torch.dtype) -> dict:
     return {name: p.to(acc) for name, p in zip(PARAM_NAMES, params)}
 
 
-def _forward_impl(x: Tensor, params: tuple[Tensor, ...], eps: float,
-                  sequential: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, pi, S, stats): stats[..., 0] = s (softmax-weighted mean), [..., 1] = m."""
-    n, c, h, w_ = x.shape
-    p = h * w_
-    acc = _acc_dtype(x)
-    w = _weights(params, acc)
+# ------------------------------------------------------------------ the four passes over x
+# Each pass has a pure-PyTorch form here and a CUDA kernel (``mmattn/ops/csrc/psa_cuda.cu``,
+# ops ``mmattn::psa_*`` of :mod:`mmattn.ops.extension`) with the same contract; everything
+# C-sized around them (:func:`_forward_impl`, :func:`_backward_impl`) is shared. The
+# reductions over the pixels return one partial per split (the kernels split the pixels over
+# several thread blocks per image; the PyTorch forms use a single split).
+def _fwd_reduce_torch(x: Tensor, wq: Tensor, splits: int) -> tuple[Tensor, ...]:
+    """logits l (N, P); per split the max M, the sum Z of exp(l - M), ``sum_p exp(l_p - M) x_p``
+    and ``sum_p x_p``: (N, S), (N, S), (N, S, C), (N, S, C), accumulation dtype."""
+    n, c = x.shape[:2]
     xf = _ncp(x)
-    logits = _sum_c(xf, w['ch_wq'].expand(n, c))                         # N, P
-    pi = torch.softmax(logits.to(acc), -1)
-    stats = torch.stack([_sum_p(xf, pi), xf.mean(-1)], -1).to(acc)       # N, C, 2: s, m
-    sm = _small_chain(stats[..., 0], stats[..., 1], w, eps, sequential)
-    t = _sum_c(xf, sm['ueff'])                                           # N, P
-    s_mask = torch.sigmoid(t.to(acc) + sm['c'].unsqueeze(-1))
-    y = _outer_into(torch.empty_like(x), sm['a'], s_mask, sequential)
-    y.mul_(x)
-    return y, pi, s_mask, stats
+    logits = _sum_c(xf, wq.expand(n, c)).to(wq.dtype)
+    pmax = logits.amax(-1, keepdim=True)
+    e = torch.exp(logits - pmax)
+    return (logits, pmax, e.sum(-1, keepdim=True), _sum_p(xf, e).to(wq.dtype).unsqueeze(1),
+            xf.sum(-1, dtype=wq.dtype).unsqueeze(1))
+
+
+def _fwd_apply_torch(x: Tensor, a: Tensor, u: Tensor, bias: Tensor,
+                     sequential: bool) -> tuple[Tensor, Tensor]:
+    """S_p = sigmoid(u . x_p + bias), y = x (A (+) S) or x A S; returns (y, S)."""
+    s_mask = torch.sigmoid(_sum_c(_ncp(x), u).to(u.dtype) + bias.unsqueeze(-1))
+    y = _outer_into(torch.empty_like(x), a, s_mask, sequential)
+    return y.mul_(x), s_mask
+
+
+def _bwd_reduce_torch(grad: Tensor, x: Tensor, a: Tensor, s_mask: Tensor, splits: int,
+                      sequential: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """With g = G (.) x: d_t (N, P) = (sum_c g (a or 1)) S (1 - S), and per split
+    ``sum_p g (S or 1)`` and ``sum_p x d_t`` (N, S, C)."""
+    gx = _ncp(grad * x)
+    if sequential:
+        d_a, d_s = _sum_p(gx, s_mask), _sum_c(gx, a)
+    else:
+        d_a, d_s = gx.sum(-1, dtype=a.dtype), gx.sum(1, dtype=a.dtype)
+    del gx
+    d_t = d_s.to(a.dtype) * s_mask * (1 - s_mask)
+    return d_t, d_a.to(a.dtype).unsqueeze(1), _sum_p(_ncp(x), d_t).to(a.dtype).unsqueeze(1)
+
+
+def _bwd_apply_torch(grad: Tensor, x: Tensor, a: Tensor, s_mask: Tensor, pi: Tensor, d_t: Tensor,
+                     u: Tensor, dm: Tensor, dsv: Tensor, wq: Tensor, beta: Tensor, splits: int,
+                     sequential: bool) -> tuple[Tensor, Tensor]:
+    """d_l = pi (dsv . x_p - beta); dx = G (.) (A (+) S or A S) + u d_t + dm + dsv pi + wq d_l;
+    returns (dx, per split ``sum_p x d_l`` (N, S, C))."""
+    xf = _ncp(x)
+    d_l = pi * (_sum_c(xf, dsv).to(pi.dtype) - beta.unsqueeze(-1))
+    g_wq = _sum_p(xf, d_l).to(pi.dtype).unsqueeze(1)
+    dx = _outer_into(torch.empty_like(x), a, s_mask, sequential).mul_(grad)
+    left = torch.stack([u, dm, dsv, wq.expand_as(dsv)], -1)                      # N, C, 4
+    right = torch.stack([d_t, torch.ones_like(d_t), pi, d_l], 1)                  # N, 4, P
+    _add_low_rank_(dx, left.to(x.dtype), right.to(x.dtype))
+    return dx, g_wq
+
+
+_TORCH_PASSES = (_fwd_reduce_torch, _fwd_apply_torch, _bwd_reduce_torch, _bwd_apply_torch)
+
+
+def _passes(kernel: bool) -> tuple:
+    if not kernel:
+        return _TORCH_PASSES
+    ops = torch.ops.mmattn
+    return ops.psa_fwd_reduce, ops.psa_fwd_apply, ops.psa_bwd_reduce, ops.psa_bwd_apply
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x contiguous in its own memory format (NCHW or channels_last), as the kernels need."""
+    return x.contiguous(memory_format=torch.channels_last) \
+        if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous()
+
+
+def _forward_impl(x: Tensor, params: tuple[Tensor, ...], eps: float, sequential: bool,
+                  kernel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, pi, S, stats): stats[..., 0] = s (softmax-weighted mean), [..., 1] = m."""
+    fwd_reduce, fwd_apply, _, _ = _passes(kernel)
+    p = x.shape[2] * x.shape[3]
+    w = _weights(params, _acc_dtype(x))
+    x = _dense(x)
+    logits, pmax, psum, ps, pm = fwd_reduce(x, w['ch_wq'].reshape(-1), 0)
+    # merge the splits' online softmax states
+    top = pmax.amax(-1, keepdim=True)                                    # N, 1
+    scale = torch.exp(pmax - top)                                        # N, S
+    total = (psum * scale).sum(-1, keepdim=True)                         # N, 1
+    s = torch.bmm(scale.unsqueeze(1), ps).squeeze(1) / total             # N, C
+    m = pm.sum(1) / p
+    pi = torch.exp(logits - top) / total                                 # N, P
+    sm = _small_chain(s, m, w, eps, sequential)
+    y, s_mask = fwd_apply(x, sm['a'], sm['ueff'], sm['c'], sequential)
+    return y, pi, s_mask, torch.stack([s, m], -1)
 
 
 def _backward_impl(grad: Tensor, x: Tensor, pi: Tensor, s_mask: Tensor, stats: Tensor,
-                   params: tuple[Tensor, ...], eps: float,
-                   sequential: bool) -> tuple[Tensor, ...]:
+                   params: tuple[Tensor, ...], eps: float, sequential: bool,
+                   kernel: bool) -> tuple[Tensor, ...]:
     """Gradients w.r.t. x and the 12 parameters (the derivation follows the forward line by
-    line, in reverse; ``ch_bq``'s gradient ``sum_p dl_p`` is zero up to rounding, the softmax
-    removes the bias)."""
-    n, c, h, w_ = x.shape
-    p = h * w_
+    line, in reverse). ``ch_bq``'s gradient is ``sum_p dl_p = ds . s - ds . s = 0`` exactly
+    (the softmax removes the bias); it is returned as 0."""
+    _, _, bwd_reduce, bwd_apply = _passes(kernel)
+    p = x.shape[2] * x.shape[3]
     acc = _acc_dtype(x)
     w = _weights(params, acc)
     s, m = stats[..., 0], stats[..., 1]
     sm = _small_chain(s, m, w, eps, sequential)
     a, q, u = sm['a'], sm['q'], sm['u']
-    xf = _ncp(x)
+    x = _dense(x)
+    grad = grad.contiguous(memory_format=torch.channels_last) \
+        if not x.is_contiguous() else grad.contiguous()
 
-    # y[c,p] = x (A_c + S_p)  or  x A_c S_p
-    dx = torch.empty_like(x)          # holds G (.) x first, then the input gradient
-    gx = _ncp(torch.mul(grad, x, out=dx))                               # N, C, P
-    if sequential:
-        d_a = _sum_p(gx, s_mask).to(acc)
-        d_s = _sum_c(gx, a).to(acc)
-    else:
-        d_a = gx.sum(-1).to(acc)
-        d_s = gx.sum(1).to(acc)
-    # S_p = sigmoid(ueff . x_p + c)
-    d_t = d_s * s_mask * (1 - s_mask)                                   # N, P
+    # y[c,p] = x (A_c + S_p)  or  x A_c S_p;  S_p = sigmoid(ueff . x_p + c)
+    d_t, part_da, part_dueff = bwd_reduce(grad, x, a, s_mask, 0, sequential)
+    d_a, d_ueff = part_da.sum(1), part_dueff.sum(1)                     # N, C
     d_c = d_t.sum(-1)                                                   # N
-    d_ueff = _sum_p(xf, d_t).to(acc)                                    # N, C
     if sequential:
         d_u = d_ueff * a
         d_a = d_a + d_ueff * u
@@ -196,17 +261,13 @@ def _backward_impl(grad: Tensor, x: Tensor, pi: Tensor, s_mask: Tensor, stats: T
     g_ch_wv = d_v.t() @ s
     g_ch_bv = d_v.sum(0)
     d_sv = d_v @ w['ch_wv']                                             # N, C (d s)
-    # s = sum_p pi_p x_p, pi = softmax(l), l_p = ch_wq . x_p (+ ch_bq)
-    r = _sum_c(xf, d_sv).to(acc)                                        # N, P: ds . x_p
-    d_l = pi * (r - (d_sv * s).sum(-1, keepdim=True))
-    g_ch_wq = _sum_p(xf, d_l).to(acc).sum(0)
-    g_ch_bq = d_l.sum().reshape(1)     # sum_p dl_p, as autograd has it: 0 up to rounding
-
-    # dx = G (.) (A (+) S or A S) + [ueff, dm/P, ds, w_q] @ [dt; 1; pi; dl]
-    _outer_into(dx, a, s_mask, sequential).mul_(grad)
-    left = torch.stack([sm['ueff'], d_m / p, d_sv, w['ch_wq'].expand_as(d_sv)], -1)  # N, C, 4
-    right = torch.stack([d_t, torch.ones_like(d_t), pi, d_l], 1)                      # N, 4, P
-    _add_low_rank_(dx, left.to(x.dtype), right.to(x.dtype))
+    # s = sum_p pi_p x_p, pi = softmax(l), l_p = ch_wq . x_p (+ ch_bq):
+    # dl_p = pi_p (ds . x_p - ds . s);  dx = G (.) (A (+) S or A S) + rank-4 terms
+    beta = (d_sv * s).sum(-1)
+    dx, part_gwq = bwd_apply(grad, x, a, s_mask, pi, d_t, sm['ueff'], d_m / p, d_sv,
+                             w['ch_wq'].reshape(-1), beta, 0, sequential)
+    g_ch_wq = part_gwq.sum((0, 1))
+    g_ch_bq = torch.zeros(1, dtype=acc, device=x.device)
 
     grads = (g_ch_wq, g_ch_bq, g_ch_wv, g_ch_bv, g_ch_wz, g_ch_bz, g_ln_w, g_ln_b,
              g_sp_wq, g_sp_bq, g_sp_wv, g_sp_bv)
@@ -218,15 +279,15 @@ def _backward_impl(grad: Tensor, x: Tensor, pi: Tensor, s_mask: Tensor, stats: T
 def _psa_folded_op(x: Tensor, ch_wq: Tensor, ch_bq: Tensor, ch_wv: Tensor, ch_bv: Tensor,
                    ch_wz: Tensor, ch_bz: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                    sp_wq: Tensor, sp_bq: Tensor, sp_wv: Tensor, sp_bv: Tensor, eps: float,
-                   sequential: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   sequential: bool, kernel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     params = (ch_wq, ch_bq, ch_wv, ch_bv, ch_wz, ch_bz, ln_weight, ln_bias,
               sp_wq, sp_bq, sp_wv, sp_bv)
-    return _forward_impl(x, params, eps, sequential)
+    return _forward_impl(x, params, eps, sequential, kernel)
 
 
 @_psa_folded_op.register_fake
 def _(x, ch_wq, ch_bq, ch_wv, ch_bv, ch_wz, ch_bz, ln_weight, ln_bias, sp_wq, sp_bq, sp_wv,
-      sp_bv, eps, sequential):
+      sp_bv, eps, sequential, kernel):
     n, c, h, w = x.shape
     acc = _acc_dtype(x)
     return (torch.empty_like(x), x.new_empty((n, h * w), dtype=acc),
@@ -235,19 +296,20 @@ def _(x, ch_wq, ch_bq, ch_wv, ch_bv, ch_wz, ch_bz, ln_weight, ln_bias, sp_wq, sp
 
 @torch.library.custom_op('mmattn::psa_paper_folded_backward', mutates_args=())
 def _psa_folded_backward_op(grad: Tensor, x: Tensor, pi: Tensor, s_mask: Tensor, stats: Tensor,
-                            params: list[Tensor], eps: float,
-                            sequential: bool) -> list[Tensor]:
-    return list(_backward_impl(grad, x, pi, s_mask, stats, tuple(params), eps, sequential))
+                            params: list[Tensor], eps: float, sequential: bool,
+                            kernel: bool) -> list[Tensor]:
+    return list(_backward_impl(grad, x, pi, s_mask, stats, tuple(params), eps, sequential,
+                               kernel))
 
 
 @_psa_folded_backward_op.register_fake
-def _(grad, x, pi, s_mask, stats, params, eps, sequential):
+def _(grad, x, pi, s_mask, stats, params, eps, sequential, kernel):
     return [torch.empty_like(x)] + [torch.empty_like(prm) for prm in params]
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, *params = inputs[:13]
-    ctx.eps, ctx.sequential = inputs[13], inputs[14]
+    ctx.eps, ctx.sequential, ctx.kernel = inputs[13], inputs[14], inputs[15]
     _, pi, s_mask, stats = output
     ctx.save_for_backward(x, pi, s_mask, stats, *params)
 
@@ -255,18 +317,20 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_y, grad_pi, grad_s, grad_stats):
     x, pi, s_mask, stats, *params = ctx.saved_tensors
     grads = _psa_folded_backward_op(grad_y, x, pi, s_mask, stats, params, ctx.eps,
-                                    ctx.sequential)
-    return (*grads, None, None)
+                                    ctx.sequential, ctx.kernel)
+    return (*grads, None, None, None)
 
 
 _psa_folded_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------- public functions
-def psa_paper_folded(x: Tensor, *params: Tensor, eps: float = 1e-5,
-                     sequential: bool = False) -> Tensor:
-    """The folded op on positional parameters (order ``PARAM_NAMES``); returns ``y`` only."""
-    return _psa_folded_op(x, *params, eps, sequential)[0]
+def psa_paper_folded(x: Tensor, *params: Tensor, eps: float = 1e-5, sequential: bool = False,
+                     kernel: bool = False) -> Tensor:
+    """The folded op on positional parameters (order ``PARAM_NAMES``); returns ``y`` only.
+    ``kernel=True`` runs its passes over x with the compiled CUDA kernels (x on a GPU, the
+    extension loaded: :func:`mmattn.ops.dispatch.can_use_psa_cuda`), else in PyTorch."""
+    return _psa_folded_op(x, *params, eps, sequential, kernel)[0]
 
 
 def psa_paper_reference(x: Tensor, *params: Tensor, eps: float = 1e-5,
@@ -319,7 +383,8 @@ def polarized_self_attention(x: Tensor, *, ch_wq: Tensor, ch_bq: Tensor, ch_wv: 
         mode: ``'parallel'`` or ``'sequential'``.
         eps: LayerNorm epsilon.
         backend: ``'auto'`` (see :mod:`mmattn.ops.dispatch`), ``'reference'``, ``'folded'``
-            or ``'cuda'`` (not built in this version: raises).
+            or ``'cuda'`` (the compiled kernels; raises, saying how to build them, when they
+            cannot run this call).
     """
     if mode not in _MODES:
         raise ValueError(f'polarized_self_attention: mode must be one of {_MODES}, '
@@ -327,8 +392,10 @@ def polarized_self_attention(x: Tensor, *, ch_wq: Tensor, ch_bq: Tensor, ch_wv: 
     params = (ch_wq, ch_bq, ch_wv, ch_bv, ch_wz, ch_bz, ln_weight, ln_bias,
               sp_wq, sp_bq, sp_wv, sp_bv)
     chosen, _ = select_backend('psa_paper', x, backend)
-    fn = psa_paper_reference if chosen == 'reference' else psa_paper_folded
-    return fn(x, *params, eps=eps, sequential=mode == 'sequential')
+    if chosen == 'reference':
+        return psa_paper_reference(x, *params, eps=eps, sequential=mode == 'sequential')
+    return psa_paper_folded(x, *params, eps=eps, sequential=mode == 'sequential',
+                            kernel=chosen == 'cuda')
 
 
 def psa_paper_params(module: torch.nn.Module) -> tuple[Tensor, ...]:

@@ -1,30 +1,56 @@
 """Backend selection: the environment variable, the predicates and their reasons, the
-error for a kernel that is not built, and the one-line kernel report."""
+errors for kernels that are not loaded (saying how to build them), and the one-line report.
+
+The compiled extension is absent in this process unless a kernel test loaded its JIT build; the
+``no_kernels`` fixture makes every test here see the state of a fresh install without one.
+"""
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from mmattn.ops import dispatch
-from mmattn.ops.dispatch import (ENV_VAR, KernelUnavailableError, can_use_psa_cuda,
+from mmattn.ops import dispatch, extension
+from mmattn.ops.dispatch import (ENV_VAR, KernelUnavailableError, backends_for,
+                                 can_use_outlook_cpu, can_use_outlook_cuda, can_use_psa_cuda,
                                  can_use_psa_folded, kernel_status, select_backend)
 from mmattn.utils.collect_env import collect_env
 
+NOT_BUILT = f"not built (No module named 'mmattn._C'); {extension.BUILD_HINT}"
+
 
 @pytest.fixture(autouse=True)
-def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(extension, '_state', {'loaded_from': None, 'error': NOT_BUILT})
 
 
-def test_import_needs_no_extension() -> None:
-    assert dispatch.cuda_extension() is None
+def test_import_needs_no_extension_and_never_compiles() -> None:
+    code = ('import mmattn, mmattn.ops.extension as e; '
+            'assert e.load_extension() is None, e.loaded_from(); print(e.load_error())')
+    env = {k: v for k, v in __import__('os').environ.items() if k != extension.JIT_ENV}
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert 'MMATTN_WITH_CUDA=1 pip install' in out.stdout and 'MMATTN_JIT=1' in out.stdout
 
 
 def test_kernel_status_line() -> None:
     status = kernel_status()
     assert '\n' not in status
-    assert 'CUDA kernels: not built (none in this version)' in status
+    assert 'compiled kernels: not loaded' in status and 'MMATTN_WITH_CUDA=1' in status
     assert 'psa_paper' in status and f'{ENV_VAR}=auto (unset)' in status
+
+
+def test_kernel_status_lists_loaded_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(extension, '_state', {'loaded_from': 'JIT (CPU kernels only)',
+                                              'error': None})
+    monkeypatch.setattr(extension, 'has_kernel',
+                        lambda op, device: device == 'cpu' and op.startswith('outlook'))
+    assert 'compiled kernels: JIT (CPU kernels only): CPU outlook_bwd, outlook_fwd;' in \
+        kernel_status()
 
 
 def test_collect_env_reports_kernels() -> None:
@@ -38,9 +64,13 @@ def test_auto_picks_folded_for_float_input() -> None:
 def test_auto_reasons_when_declined() -> None:
     backend, reason = select_backend('psa_paper', torch.ones(1, 4, 2, 2, dtype=torch.int64))
     assert backend == 'reference'
-    assert 'cuda: no compiled CUDA kernel' in reason and 'torch.int64' in reason
+    assert 'cuda: input dtype torch.int64 is not floating point' in reason
     backend, reason = select_backend('psa_paper', torch.randn(1, 4, 2, 2), hooks=True)
     assert backend == 'reference' and 'hooks' in reason
+    backend, reason = select_backend('outlook', torch.randn(1, 4, 4, 8))
+    assert backend == 'reference'
+    assert 'cuda: input is on cpu, the kernel runs on cuda tensors' in reason
+    assert 'cpu: the compiled CPU kernel is not loaded: not built' in reason
 
 
 @pytest.mark.parametrize('value', ['reference', ' Reference '])
@@ -48,6 +78,7 @@ def test_env_forces_reference(monkeypatch: pytest.MonkeyPatch, value: str) -> No
     monkeypatch.setenv(ENV_VAR, value)
     assert select_backend('psa_paper', torch.randn(1, 4, 2, 2)) == \
         ('reference', f'{ENV_VAR}=reference')
+    assert select_backend('outlook', torch.randn(1, 4, 2, 2))[0] == 'reference'
     # an explicit request still wins over the environment
     assert select_backend('psa_paper', torch.randn(1, 4, 2, 2), 'folded')[0] == 'folded'
     assert f'{ENV_VAR}={value}' in kernel_status()
@@ -61,12 +92,35 @@ def test_env_auto_and_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
         select_backend('psa_paper', torch.randn(1, 4, 2, 2))
 
 
-def test_explicit_cuda_says_how_to_get_a_kernel() -> None:
-    ok, reason = can_use_psa_cuda(torch.randn(1, 4, 2, 2))
-    assert not ok and 'no compiled CUDA kernel' in reason
+def test_explicit_kernel_says_why_and_how_to_build() -> None:
+    x = torch.randn(1, 4, 2, 2)
+    ok, reason = can_use_psa_cuda(x)
+    assert not ok and reason == 'input is on cpu, the kernel runs on cuda tensors'
+    with pytest.raises(KernelUnavailableError, match=r"backend='cuda'.*input is on cpu"):
+        select_backend('psa_paper', x, 'cuda')
+    ok, reason = can_use_outlook_cpu(x)
+    assert not ok and 'the compiled CPU kernel is not loaded' in reason
     with pytest.raises(KernelUnavailableError,
-                       match=r"backend='cuda'.*ships no compiled CUDA kernels.*nvcc"):
-        select_backend('psa_paper', torch.randn(1, 4, 2, 2), 'cuda')
+                       match=r"outlook: backend='cpu'.*not loaded.*MMATTN_WITH_CUDA=1 pip "
+                             r"install.*MMATTN_JIT=1"):
+        select_backend('outlook', x, 'cpu')
+    assert not can_use_outlook_cuda(x)[0]
+
+
+def test_kernel_declines_dtype_and_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, '_kernel_loaded', lambda op, device_type: True)
+    assert can_use_outlook_cpu(torch.randn(2, 2)) == (True, 'ok')
+    ok, reason = can_use_outlook_cpu(torch.ones(2, 2, dtype=torch.int32))
+    assert not ok and 'torch.int32 is not one of the kernel dtypes' in reason
+    seen: list[tuple[bool, str]] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(can_use_outlook_cpu(x))
+        return x * 2
+
+    with pytest.warns(Warning):
+        torch.jit.trace(fn, torch.randn(2, 2))
+    assert seen[0][0] is False and 'torch.jit.trace' in seen[0][1]
 
 
 def test_explicit_folded_that_declines_raises() -> None:
@@ -78,8 +132,12 @@ def test_bad_arguments() -> None:
     x = torch.randn(1, 4, 2, 2)
     with pytest.raises(ValueError, match="backend.*'fast'"):
         select_backend('psa_paper', x, 'fast')
-    with pytest.raises(ValueError, match="op.*'psa_official'"):
-        select_backend('psa_official', x)
+    with pytest.raises(ValueError, match=r"outlook: backend must be one of \('auto', "
+                                         r"'reference', 'cuda', 'cpu'\), got 'folded'"):
+        select_backend('outlook', x, 'folded')
+    with pytest.raises(ValueError, match="op.*'psa_release'"):
+        select_backend('psa_release', x)
+    assert backends_for('psa_paper') == ('auto', 'reference', 'cuda', 'folded')
 
 
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')

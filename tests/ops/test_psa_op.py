@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from mmattn.analysis import saved_bytes
 from mmattn.layers import psa as psa_layer
 from mmattn.layers.psa import PolarizedSelfAttention
 from mmattn.ops import KernelUnavailableError, polarized_self_attention
@@ -185,7 +186,7 @@ def test_opcheck(mode: str) -> None:
     w = random_params(8)
     x = torch.randn(2, 8, 3, 5, dtype=F64, requires_grad=True)
     params = [w[k].requires_grad_() for k in PARAM_NAMES]
-    torch.library.opcheck(_psa_folded_op, (x, *params, EPS, mode == 'sequential'))
+    torch.library.opcheck(_psa_folded_op, (x, *params, EPS, mode == 'sequential', False))
 
 
 def test_saves_x_and_vectors_only() -> None:
@@ -239,7 +240,8 @@ def test_functional_errors() -> None:
         polarized_self_attention(x, **w, mode='diagonal')
     with pytest.raises(ValueError, match="backend.*'fast'"):
         polarized_self_attention(x, **w, backend='fast')
-    with pytest.raises(KernelUnavailableError, match='no compiled CUDA kernel'):
+    with pytest.raises(KernelUnavailableError,
+                       match="backend='cuda'.*input is on cpu, the kernel runs on cuda tensors"):
         polarized_self_attention(x, **w, backend='cuda')
 
 
@@ -324,10 +326,160 @@ def test_layer_trace_records_the_reference() -> None:
 def test_layer_backend_errors() -> None:
     with pytest.raises(ValueError, match="backend.*'fast'"):
         PolarizedSelfAttention(8, backend='fast')
-    with pytest.raises(ValueError, match="official.*backend='folded'"):
-        PolarizedSelfAttention(8, variant='official', backend='folded')
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', "
+                                         r"'folded'\), got 'cuda'"):
+        PolarizedSelfAttention(8, variant='official', backend='cuda')
     assert PolarizedSelfAttention(8, variant='official').selected_backend(
-        torch.randn(1, 8, 2, 2))[0] == 'reference'
+        torch.randn(1, 8, 2, 2))[0] == 'folded'
     block = PolarizedSelfAttention(8, backend='cuda')
-    with pytest.raises(KernelUnavailableError, match='ships no compiled CUDA kernels'):
+    with pytest.raises(KernelUnavailableError, match="backend='cuda'.*input is on cpu"):
         block(torch.randn(1, 8, 2, 2))
+    with pytest.raises(ValueError, match="backend must be one of.*got 'cpu'"):
+        PolarizedSelfAttention(8, backend='cpu')
+
+
+# ---------------------------------------------------------------- the official variant
+def _official(mode: str, backend: str, c: int = 12) -> PolarizedSelfAttention:
+    torch.manual_seed(1)
+    block = PolarizedSelfAttention(c, mode=mode, variant='official', backend=backend,
+                                   ratio=2 if mode == 'sequential' else None, dtype=F64)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.4)
+    return block
+
+
+@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_official_folded_equals_its_reference(mode: str, layout: torch.memory_format) -> None:
+    """The release's PSA_p / PSA_s: the partly folded path against the module's eager one
+    (itself checked against the release's code in tests/layers/test_psa.py), output and every
+    gradient, in float64."""
+    fast, ref = _official(mode, 'folded'), _official(mode, 'reference')
+    for shape in [(2, 12, 7, 5), (1, 12, 1, 1), (3, 12, 1, 8)]:
+        x = torch.randn(shape, dtype=F64).contiguous(memory_format=layout).requires_grad_()
+        y_fast, y_ref = fast(x), ref(x)
+        torch.testing.assert_close(y_fast, y_ref, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(y_ref)
+        ours = torch.autograd.grad(y_fast, [x, *fast.parameters()], g)
+        theirs = torch.autograd.grad(y_ref, [x, *ref.parameters()], g)
+        for (name, _), a, b in zip([('x', None), *fast.named_parameters()], ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_official_folded_hooks_fire_and_memory(mode: str) -> None:
+    """The folded official path calls the gates (their hooks see the reference's masks) and
+    keeps less for the backward than the reference."""
+    fast, ref = _official(mode, 'auto', c=32), _official(mode, 'reference', c=32)
+    x = torch.randn(2, 32, 16, 16, dtype=F64)
+    seen: dict[str, list[Tensor]] = {'auto': [], 'reference': []}
+    for name, block in (('auto', fast), ('reference', ref)):
+        for gate in (block.channel_gate, block.spatial_gate):
+            gate.register_forward_hook(lambda m, i, o, name=name: seen[name].append(o))
+        block(x)
+    assert fast.selected_backend(x) == ('folded', 'auto')
+    for a, b in zip(seen['auto'], seen['reference'], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    def kept(block: PolarizedSelfAttention) -> int:
+        return saved_bytes(block, x.requires_grad_())
+
+    # PSA_s keeps its softmaxed (N, C/2, H, W) value map; the rest are (N, P) / (N, C) vectors
+    x_bytes = x.numel() * x.element_size()
+    assert kept(fast) <= (0.7 if mode == 'sequential' else 0.15) * x_bytes
+    assert kept(ref) >= (2 if mode == 'sequential' else 1) * x_bytes
+
+
+# ---------------------------------------------------------------- the CUDA kernels
+def kernel_folded(x: Tensor, w: dict[str, Tensor], mode: str) -> Tensor:
+    return psa_paper_folded(x, *(w[k] for k in PARAM_NAMES), eps=EPS,
+                            sequential=mode == 'sequential', kernel=True)
+
+
+def on_cuda(w: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.cuda() for k, v in w.items()}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_cuda_kernels_match_equations_float64(cuda_kernels: str, mode: str,
+                                              layout: torch.memory_format) -> None:
+    """Forward and all 13 gradients against the equations, with shapes from 1x1 to one with
+    more pixels than a thread block's tile and C not a multiple of 32."""
+    for shape in SHAPES + [(2, 64, 16, 12), (3, 10, 33, 17), (1, 96, 9, 1)]:
+        w = random_params(shape[1], std=0.3)
+        x = torch.randn(shape, dtype=F64)
+        g = torch.randn(shape, dtype=F64)
+        ref, ref_g = paper_psa(x, w, mode), grads(paper_psa, x, w, mode, g)
+        xc = x.cuda().contiguous(memory_format=layout)
+        y = kernel_folded(xc, on_cuda(w), mode)
+        assert y.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(y.cpu(), ref, rtol=1e-10, atol=1e-10)
+        ours_g = grads(kernel_folded, xc, on_cuda(w), mode, g.cuda())
+        for name, a, b in zip(('x',) + PARAM_NAMES, ours_g, ref_g):
+            scale = ref_g[1] if name == 'ch_bq' else b
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-9,
+                                       atol=1e-9 * max(1.0, scale.abs().max().item()), msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('mode', MODES)
+def test_cuda_kernels_gradcheck(cuda_kernels: str, mode: str) -> None:
+    w = on_cuda(random_params(6))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 6, 3, 4, dtype=F64, device='cuda')
+        x = x.contiguous(memory_format=layout).requires_grad_()
+        params = [w[k].requires_grad_() for k in PARAM_NAMES]
+
+        def fn(x: Tensor, *ps: Tensor) -> Tensor:
+            return psa_paper_folded(x, *ps, eps=EPS, sequential=mode == 'sequential',
+                                    kernel=True)
+
+        assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('mode', MODES)
+def test_cuda_kernels_low_precision(cuda_kernels: str, mode: str, dtype: torch.dtype) -> None:
+    """Error against float64 at most about twice the eager reference's in the same dtype, on
+    the benchmark's channel count and a large map (split reductions over many blocks)."""
+    shape = (2, 256, 96, 80)
+    w = random_params(256, std=0.05)
+    x, g = torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)
+    truth, truth_g = paper_psa(x, w, mode), grads(paper_psa, x, w, mode, g)
+    wh = {k: v.to('cuda', dtype) for k, v in w.items()}
+    xh, gh = x.to('cuda', dtype), g.to('cuda', dtype)
+    ref, ref_g = paper_psa(xh, wh, mode), grads(paper_psa, xh, wh, mode, gh)
+    ours, ours_g = kernel_folded(xh, wh, mode), grads(kernel_folded, xh, wh, mode, gh)
+    assert ours.dtype == dtype
+
+    def err(a: Tensor, b: Tensor) -> float:
+        return (a.double().cpu() - b).abs().max().item()
+
+    assert err(ours, truth) <= 2 * err(ref, truth) + 1e-6
+    for name, a, r, t in zip(('x',) + PARAM_NAMES, ours_g, ref_g, truth_g):
+        scale = truth_g[1] if name == 'ch_bq' else t
+        assert err(a, t) <= 2 * err(r, t) + 1e-3 * scale.abs().max().item(), name
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_very_large_hw_and_auto(cuda_kernels: str) -> None:
+    w = random_params(8, std=0.3)
+    x = torch.randn(1, 8, 512, 512, dtype=F64)
+    ref = paper_psa(x, w, 'sequential')
+    y = polarized_self_attention(x.float().cuda(), **{k: v.float() for k, v in on_cuda(w).items()},
+                                 mode='sequential', eps=EPS)
+    torch.testing.assert_close(y.double().cpu(), ref, rtol=1e-4, atol=1e-5)
+    block = PolarizedSelfAttention(8).cuda()
+    assert block.selected_backend(torch.randn(1, 8, 4, 4, device='cuda')) == ('cuda', 'auto')
+
+
+@pytest.mark.cuda
+def test_cuda_kernels_opcheck(cuda_kernels: str) -> None:
+    w = on_cuda(random_params(8))
+    x = torch.randn(2, 8, 3, 5, dtype=F64, device='cuda', requires_grad=True)
+    params = [w[k].requires_grad_() for k in PARAM_NAMES]
+    torch.library.opcheck(_psa_folded_op, (x, *params, EPS, True, True))

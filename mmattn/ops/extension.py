@@ -1,0 +1,185 @@
+"""mmattn's compiled kernels: the op schemas, and loading the extension that implements them.
+
+The schemas of the compiled ops are defined here, in Python, at import time (so their fake and
+autograd registrations in :mod:`mmattn.ops.psa` / :mod:`mmattn.ops.outlook` never depend on a
+build); the C++/CUDA sources under ``mmattn/ops/csrc`` only register implementations
+(``TORCH_LIBRARY_IMPL(mmattn, CPU|CUDA, m)``). Calling an op whose implementation is not loaded
+is never done by mmattn: the dispatch predicates (:mod:`mmattn.ops.dispatch`) ask
+:func:`has_kernel` first.
+
+Where the implementations come from, first match wins (``import mmattn`` never compiles):
+
+1. ``mmattn._C``, built by ``setup.py`` when torch sees a GPU or ``MMATTN_WITH_CUDA=1`` is set
+   (``MMATTN_WITH_CUDA=1 pip install -v --no-build-isolation -e .``; this compiles with nvcc
+   on a machine without a GPU too; ``MMATTN_WITH_CUDA=0`` skips the build);
+2. a just-in-time build with :func:`torch.utils.cpp_extension.load`, only when asked for:
+   ``MMATTN_JIT=1`` in the environment (compiled on first use, cached under
+   ``TORCH_EXTENSIONS_DIR``), or ``python -m mmattn.ops.build`` ahead of time. The JIT build
+   includes the CUDA sources when nvcc is found and torch sees a GPU (or ``MMATTN_WITH_CUDA=1``),
+   else the CPU kernels alone.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import os.path as osp
+import threading
+from typing import Optional
+
+import torch
+
+__all__ = ['BUILD_HINT', 'JIT_ENV', 'SCHEMAS', 'build_jit', 'compile_flags', 'cuda_toolkit',
+           'default_cuda_arch_list', 'has_kernel', 'load_error', 'load_extension', 'loaded_from',
+           'reset_state', 'sources', 'want_cuda']
+
+JIT_ENV = 'MMATTN_JIT'
+CSRC = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
+BUILD_HINT = ('build the kernels with `MMATTN_WITH_CUDA=1 pip install -v --no-build-isolation '
+              '-e .` (needs nvcc; no GPU needed to compile), or set MMATTN_JIT=1 to compile them '
+              'on first use (`python -m mmattn.ops.build` does it ahead of time)')
+
+#: op name -> schema; the compiled sources implement these for CPU and/or CUDA
+SCHEMAS: dict[str, str] = {
+    # outlook attention, Eq. 4-5 of arXiv 2106.13112, fused (no unfold, no fold)
+    'outlook_fwd': 'outlook_fwd(Tensor v, Tensor attn, int kernel_size, int padding, '
+                   'int stride) -> Tensor',
+    'outlook_bwd': 'outlook_bwd(Tensor grad_out, Tensor v, Tensor attn, int kernel_size, '
+                   'int padding, int stride) -> (Tensor, Tensor)',
+    # the four passes over x of the folded paper-form PSA (see mmattn.ops.psa)
+    'psa_fwd_reduce': 'psa_fwd_reduce(Tensor x, Tensor wq, int splits) '
+                      '-> (Tensor, Tensor, Tensor, Tensor, Tensor)',
+    'psa_fwd_apply': 'psa_fwd_apply(Tensor x, Tensor a, Tensor u, Tensor bias, '
+                     'bool sequential) -> (Tensor, Tensor)',
+    'psa_bwd_reduce': 'psa_bwd_reduce(Tensor grad, Tensor x, Tensor a, Tensor s_mask, '
+                      'int splits, bool sequential) -> (Tensor, Tensor, Tensor)',
+    'psa_bwd_apply': 'psa_bwd_apply(Tensor grad, Tensor x, Tensor a, Tensor s_mask, Tensor pi, '
+                     'Tensor d_t, Tensor u, Tensor dm, Tensor dsv, Tensor wq, Tensor beta, '
+                     'int splits, bool sequential) -> (Tensor, Tensor)',
+}
+
+_LIB = torch.library.Library('mmattn', 'FRAGMENT')  # noqa: TOR901 (kept alive: owns the defs)
+for _schema in SCHEMAS.values():
+    _LIB.define(_schema)
+
+_lock = threading.Lock()
+_state: dict[str, Optional[str]] = {'loaded_from': None, 'error': None}
+
+
+def sources(with_cuda: bool) -> list[str]:
+    """The extension's source files: the CPU kernels and bindings, plus the ``.cu`` files."""
+    names = sorted(os.listdir(CSRC))
+    keep = [n for n in names if n.endswith('.cpp') or (with_cuda and n.endswith('.cu'))]
+    return [osp.join(CSRC, n) for n in keep]
+
+
+#: GPU architectures compiled when ``TORCH_CUDA_ARCH_LIST`` is unset and no GPU is visible:
+#: Ampere (sm_80 code also runs on sm_86/sm_89) and Hopper (H100/H200), plus PTX for newer ones
+DEFAULT_CUDA_ARCH_LIST = '8.0;9.0+PTX'
+
+
+def default_cuda_arch_list() -> None:
+    """Set ``TORCH_CUDA_ARCH_LIST`` for a build on a machine without a GPU (where torch would
+    otherwise compile for every architecture it knows); a GPU's own architecture or the user's
+    setting wins."""
+    if not os.environ.get('TORCH_CUDA_ARCH_LIST') and not torch.cuda.is_available():
+        os.environ['TORCH_CUDA_ARCH_LIST'] = DEFAULT_CUDA_ARCH_LIST
+
+
+def compile_flags(with_cuda: bool) -> dict[str, list[str]]:
+    """Compiler flags of the extension, shared by ``setup.py`` and the JIT build."""
+    cxx = ['-O3'] + (['-DWITH_CUDA'] if with_cuda else [])
+    return {'cxx': cxx, 'nvcc': ['-O3', '--use_fast_math', '-DWITH_CUDA', '-lineinfo']}
+
+
+def cuda_toolkit() -> Optional[str]:
+    """The CUDA toolkit to build with, or None: torch's ``CUDA_HOME`` when it holds ``bin/nvcc``
+    and the runtime to link (``lib64/`` or ``lib/libcudart.so``), else the first of
+    ``$CUDA_HOME``, ``$CUDA_PATH``, ``/usr/local/cuda`` that does. torch's choice is updated to
+    it: torch guesses the toolkit from the ``nvcc`` on PATH, and a wrapper script there (such as
+    ``/usr/local/bin/nvcc``) makes it guess ``/usr/local``, where the link step fails."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    def complete(root: Optional[str]) -> bool:
+        return bool(root) and osp.isfile(osp.join(root, 'bin', 'nvcc')) and any(
+            osp.exists(osp.join(root, lib, 'libcudart.so')) for lib in ('lib64', 'lib'))
+
+    for root in (cpp_extension.CUDA_HOME, os.environ.get('CUDA_HOME'),
+                 os.environ.get('CUDA_PATH'), '/usr/local/cuda'):
+        if complete(root):
+            cpp_extension.CUDA_HOME = root
+            return root
+    return None
+
+
+def want_cuda() -> bool:
+    """Whether a build includes the CUDA sources: ``MMATTN_WITH_CUDA=1`` (compiles without a
+    GPU), ``=0`` never, unset when torch sees a GPU; always needs a CUDA toolkit (nvcc)."""
+    flag = os.environ.get('MMATTN_WITH_CUDA', '').strip()
+    if flag == '0':
+        return False
+    return (flag == '1' or torch.cuda.is_available()) and cuda_toolkit() is not None
+
+
+def build_jit(verbose: bool = False, with_cuda: Optional[bool] = None) -> str:
+    """Compile and load the extension with :func:`torch.utils.cpp_extension.load` (cached:
+    a second call with unchanged sources only loads it). Returns a description of the build."""
+    from torch.utils.cpp_extension import load
+    with_cuda = want_cuda() if with_cuda is None else with_cuda
+    if with_cuda:
+        if cuda_toolkit() is None:
+            raise RuntimeError('the CUDA kernels need a CUDA toolkit (nvcc and libcudart); '
+                               'none found in CUDA_HOME, CUDA_PATH or /usr/local/cuda')
+        default_cuda_arch_list()
+    load(name='mmattn_jit_cuda' if with_cuda else 'mmattn_jit_cpu',
+         sources=sources(with_cuda), extra_cflags=compile_flags(with_cuda)['cxx'],
+         extra_cuda_cflags=compile_flags(with_cuda)['nvcc'] if with_cuda else None,
+         is_python_module=False, verbose=verbose)
+    built = 'JIT (CPU + CUDA kernels)' if with_cuda else 'JIT (CPU kernels only)'
+    _state.update(loaded_from=built, error=None)
+    return built
+
+
+def load_extension() -> Optional[str]:
+    """Load the kernels once: the prebuilt ``mmattn._C``, else a JIT build when ``MMATTN_JIT=1``.
+    Returns where they came from, or None (:func:`load_error` then says why). Never raises."""
+    with _lock:
+        if _state['loaded_from'] is not None or _state['error'] is not None:
+            return _state['loaded_from']
+        try:
+            importlib.import_module('mmattn._C')
+            _state['loaded_from'] = 'mmattn._C (built at install)'
+        except ImportError as prebuilt_error:
+            if os.environ.get(JIT_ENV, '').strip() != '1':
+                _state['error'] = f'not built ({prebuilt_error}); {BUILD_HINT}'
+            else:
+                try:
+                    build_jit()
+                except Exception as exc:  # compiler missing, build error: report, never raise
+                    _state['error'] = f'{JIT_ENV}=1 but the JIT build failed: {exc}'
+        return _state['loaded_from']
+
+
+def reset_state(loaded_from: Optional[str] = None, error: Optional[str] = None) -> None:
+    """Set what :func:`load_extension` reports (``reset_state()`` makes the next call look
+    again). For tests and tools that load a build themselves; registered kernels stay
+    registered, but :func:`has_kernel` reports them only while ``loaded_from`` is set."""
+    _state.update(loaded_from=loaded_from, error=error)
+
+
+def loaded_from() -> Optional[str]:
+    """Where the kernels were loaded from (after :func:`load_extension`), or None."""
+    return _state['loaded_from']
+
+
+def load_error() -> Optional[str]:
+    """Why the kernels are not loaded (after :func:`load_extension`), or None."""
+    return _state['error']
+
+
+def has_kernel(op: str, device: torch.device | str) -> bool:
+    """Whether a compiled implementation of ``mmattn::<op>`` for ``device``'s type is
+    registered (loads the extension first, see :func:`load_extension`)."""
+    key = {'cpu': 'CPU', 'cuda': 'CUDA'}.get(torch.device(device).type)
+    if load_extension() is None or key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f'mmattn::{op}', key)

@@ -1,0 +1,240 @@
+"""The fused outlook-attention kernels (``mmattn::outlook_fwd`` / ``outlook_bwd``) against Eq. 4-5
+of arXiv 2106.13112.
+
+The reference here is written from the equations with explicit loops over windows and window
+positions (``paper_aggregate``); the C++ CPU kernel runs here, the CUDA kernel (same index code,
+``mmattn/ops/csrc/outlook.h``) in the ``cuda``-marked tests on a machine with a GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from mmattn.analysis import saved_bytes
+from mmattn.layers import OutlookAttention
+from mmattn.ops import KernelUnavailableError, outlook_attention, outlook_attention_reference
+
+F64 = torch.float64
+# (K, p, s, H, W, heads, d): "same" windows (K = 2p + 1, any size), and geometries that tile
+# only some sizes (even kernel, no padding)
+GEOMETRIES = [(3, 1, 1, 5, 7, 2, 3), (3, 1, 2, 5, 7, 2, 3), (3, 1, 2, 1, 1, 1, 4),
+              (3, 1, 1, 2, 1, 3, 2), (5, 2, 2, 6, 9, 1, 5), (5, 2, 3, 7, 8, 2, 2),
+              (3, 0, 1, 4, 6, 2, 2), (2, 0, 2, 6, 4, 1, 3), (3, 1, 2, 28, 28, 6, 4)]
+
+
+def grid(n: int, k: int, p: int, s: int) -> int:
+    return (n + 2 * p - k) // s + 1
+
+
+def inputs(b: int, k: int, p: int, s: int, height: int, width: int, heads: int, d: int,
+           dtype: torch.dtype = F64, device: str = 'cpu') -> tuple[Tensor, Tensor]:
+    v = torch.randn(b, height, width, heads * d, dtype=F64)
+    h, w = grid(height, k, p, s), grid(width, k, p, s)
+    attn = torch.randn(b, h, w, heads, k * k, k * k, dtype=F64).mul(2).softmax(-1)
+    return v.to(device, dtype), attn.to(device, dtype)
+
+
+def paper_aggregate(v: Tensor, attn: Tensor, k: int, p: int, s: int) -> Tensor:
+    """Eq. 4: window (i, j) has positions m = a*K + b on pixels (s*i - p + a, s*j - p + b) (zero
+    outside the image); its output at m is sum_n attn[i, j, head, m, n] V[pixel n].
+    Eq. 5: every pixel sums the window outputs of the positions that land on it."""
+    b, height, width, c = v.shape
+    h, w, heads = attn.shape[1:4]
+    d = c // heads
+    y = torch.zeros_like(v, dtype=F64)
+    for i in range(h):
+        for j in range(w):
+            pix = [(s * i - p + m // k, s * j - p + m % k) for m in range(k * k)]
+            inside = [0 <= u < height and 0 <= t < width for u, t in pix]
+            window = torch.stack([v[:, u, t].double() if ok else
+                                  torch.zeros(b, c, dtype=F64, device=v.device)
+                                  for (u, t), ok in zip(pix, inside)], 1)     # B, K^2, C
+            for head in range(heads):
+                ch = slice(head * d, (head + 1) * d)
+                out = attn[:, i, j, head].double() @ window[:, :, ch]          # B, K^2, d
+                for m, ((u, t), ok) in enumerate(zip(pix, inside)):
+                    if ok:
+                        y[:, u, t, ch] += out[:, m]
+    return y
+
+
+def grads(fn, v: Tensor, attn: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    v, attn = v.detach().requires_grad_(), attn.detach().requires_grad_()
+    fn(v, attn).backward(g)
+    return v.grad, attn.grad
+
+
+def kernel_fn(k: int, p: int, s: int, backend: str):
+    return lambda v, a: outlook_attention(v, a, kernel_size=k, padding=p, stride=s,
+                                          backend=backend)
+
+
+def check_kernel(device: str, backend: str) -> None:
+    """Forward and both gradients in float64 against the equations, every geometry."""
+    for k, p, s, height, width, heads, d in GEOMETRIES:
+        v, attn = inputs(2, k, p, s, height, width, heads, d, device=device)
+        fn = kernel_fn(k, p, s, backend)
+        ref = paper_aggregate(v, attn, k, p, s)
+        torch.testing.assert_close(fn(v, attn), ref, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(v)
+        ours = grads(fn, v, attn, g)
+        auto = grads(lambda v_, a_: paper_aggregate(v_, a_, k, p, s), v, attn, g)
+        for name, a, b in zip(('v', 'attn'), ours, auto):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def check_half(device: str, backend: str, dtype: torch.dtype) -> None:
+    """Half precision: error against float64 at most about twice the reference's own error in
+    ``dtype``; float32: within 1e-5 of float64 (the reference's BLAS uses FMA, a portable
+    build of the kernel may not, so their float32 errors differ by a small factor)."""
+    k, p, s = 3, 1, 2
+    v, attn = inputs(2, k, p, s, 14, 14, 6, 32, device=device)
+    g = torch.randn_like(v)
+    truth = outlook_attention_reference(v, attn, kernel_size=k, padding=p, stride=s)
+    truth_g = grads(kernel_fn(k, p, s, 'reference'), v, attn, g)
+    vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
+    ref, ref_g = kernel_fn(k, p, s, 'reference')(vh, ah), \
+        grads(kernel_fn(k, p, s, 'reference'), vh, ah, gh)
+    ours, ours_g = kernel_fn(k, p, s, backend)(vh, ah), grads(kernel_fn(k, p, s, backend), vh,
+                                                               ah, gh)
+    assert ours.dtype == dtype and all(t.dtype == dtype for t in ours_g)
+
+    def err(a: Tensor, b: Tensor) -> float:
+        return (a.double() - b).abs().max().item()
+
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours.double(), truth, rtol=1e-5, atol=1e-5)
+        for name, a, t in zip(('v', 'attn'), ours_g, truth_g):
+            torch.testing.assert_close(a.double(), t, rtol=1e-5, atol=1e-5, msg=name)
+        return
+    assert err(ours, truth) <= 2 * err(ref, truth) + 1e-6
+    for name, a, r, t in zip(('v', 'attn'), ours_g, ref_g, truth_g):
+        assert err(a, t) <= 2 * err(r, t) + 1e-6, name
+
+
+def kept(fn, v: Tensor, attn: Tensor) -> int:
+    """Bytes autograd keeps for the backward of ``fn(v, attn)`` beyond the inputs."""
+    return saved_bytes(fn, v.detach().requires_grad_(), attn.detach().requires_grad_())
+
+
+# ---------------------------------------------------------------- the reference itself
+def test_reference_matches_equations() -> None:
+    for k, p, s, height, width, heads, d in GEOMETRIES[:-1]:
+        v, attn = inputs(2, k, p, s, height, width, heads, d)
+        torch.testing.assert_close(
+            outlook_attention_reference(v, attn, kernel_size=k, padding=p, stride=s),
+            paper_aggregate(v, attn, k, p, s), rtol=1e-12, atol=1e-12)
+
+
+def test_missing_kernel_is_an_error_not_a_fallback() -> None:
+    v, attn = inputs(1, 3, 1, 1, 4, 4, 1, 2)
+    from mmattn.ops import extension
+    if extension.has_kernel('outlook_fwd', 'cpu'):
+        pytest.skip('a kernel build is loaded in this process')
+    with pytest.raises(KernelUnavailableError, match="backend='cpu'.*MMATTN_JIT=1"):
+        outlook_attention(v, attn, kernel_size=3, padding=1, stride=1, backend='cpu')
+
+
+# ---------------------------------------------------------------- the C++ CPU kernel
+def test_cpu_kernel_matches_equations(cpu_kernels: str) -> None:
+    check_kernel('cpu', 'cpu')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_kernel_low_precision(cpu_kernels: str, dtype: torch.dtype) -> None:
+    check_half('cpu', 'cpu', dtype)
+
+
+@pytest.mark.parametrize('s', [1, 2])
+def test_cpu_kernel_gradcheck(cpu_kernels: str, s: int) -> None:
+    v, attn = inputs(1, 3, 1, s, 3, 5, 2, 2)
+    assert torch.autograd.gradcheck(kernel_fn(3, 1, s, 'cpu'),
+                                     (v.requires_grad_(), attn.requires_grad_()))
+
+
+def test_cpu_kernel_opcheck(cpu_kernels: str) -> None:
+    """Schema, fake tensor and autograd registration (what torch.compile relies on)."""
+    v, attn = inputs(2, 3, 1, 2, 5, 6, 2, 3)
+    torch.library.opcheck(torch.ops.mmattn.outlook_fwd.default,
+                          (v.requires_grad_(), attn.requires_grad_(), 3, 1, 2))
+
+
+def test_cpu_kernel_input_errors(cpu_kernels: str) -> None:
+    v, attn = inputs(1, 3, 1, 2, 5, 6, 2, 3)
+    with pytest.raises(RuntimeError, match='attn'):
+        torch.ops.mmattn.outlook_fwd(v, attn[:, :-1], 3, 1, 2)
+    with pytest.raises(RuntimeError, match='v'):
+        torch.ops.mmattn.outlook_fwd(v[..., :-1], attn, 3, 1, 2)
+    with pytest.raises(RuntimeError, match='dtype|type'):
+        torch.ops.mmattn.outlook_fwd(v.float(), attn, 3, 1, 2)
+
+
+def test_cpu_kernel_in_the_block_and_under_compile(cpu_kernels: str) -> None:
+    """The block with backend='cpu' equals its reference path, also under torch.compile
+    (the op's fake registration lets it trace without a graph break)."""
+    block = OutlookAttention(12, num_heads=3, stride=2, qkv_bias=True, dtype=F64)
+    ref = OutlookAttention(12, num_heads=3, stride=2, qkv_bias=True, dtype=F64,
+                           backend='reference')
+    ref.load_state_dict(block.state_dict())
+    block.backend = 'cpu'
+    x = torch.randn(2, 12, 9, 7, dtype=F64)
+    torch.testing.assert_close(block(x), ref(x), rtol=1e-12, atol=1e-12)
+    compiled = torch.compile(block, fullgraph=True, backend='aot_eager')
+    torch.testing.assert_close(compiled(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_kernel_keeps_no_unfolded_windows(cpu_kernels: str) -> None:
+    """The kernel keeps only v and the weights for its backward; the reference keeps the
+    K^2 / s^2 times larger window tensor."""
+    v, attn = inputs(2, 3, 1, 1, 16, 16, 2, 16, dtype=torch.float32)
+    v_bytes = v.numel() * v.element_size()
+    assert kept(kernel_fn(3, 1, 1, 'cpu'), v, attn) == 0
+    assert kept(kernel_fn(3, 1, 1, 'reference'), v, attn) >= 8 * v_bytes
+
+
+# ---------------------------------------------------------------- the CUDA kernel
+@pytest.mark.cuda
+def test_cuda_kernel_matches_equations(cuda_kernels: str) -> None:
+    check_kernel('cuda', 'cuda')
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_kernel_low_precision(cuda_kernels: str, dtype: torch.dtype) -> None:
+    check_half('cuda', 'cuda', dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_gradcheck_and_opcheck(cuda_kernels: str) -> None:
+    for s in (1, 2):
+        v, attn = inputs(1, 3, 1, s, 3, 5, 2, 2, device='cuda')
+        assert torch.autograd.gradcheck(kernel_fn(3, 1, s, 'cuda'),
+                                         (v.requires_grad_(), attn.requires_grad_()))
+    v, attn = inputs(2, 3, 1, 2, 5, 6, 2, 3, device='cuda')
+    torch.library.opcheck(torch.ops.mmattn.outlook_fwd.default,
+                          (v.requires_grad_(), attn.requires_grad_(), 3, 1, 2))
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_volo_stage1_shape_and_auto(cuda_kernels: str) -> None:
+    """VOLO-D1 stage 1 (28 x 28, C=192, 6 heads, K=3, s=2) in bf16, picked by 'auto'."""
+    v, attn = inputs(8, 3, 1, 2, 28, 28, 6, 32, device='cuda')
+    ref = outlook_attention_reference(v, attn, kernel_size=3, padding=1, stride=2)
+    vb, ab = v.bfloat16(), attn.bfloat16()
+    out = outlook_attention(vb, ab, kernel_size=3, padding=1, stride=2)
+    ref_b = outlook_attention_reference(vb, ab, kernel_size=3, padding=1, stride=2)
+    assert (out.double() - ref).abs().max() <= 2 * (ref_b.double() - ref).abs().max() + 1e-6
+    assert kept(kernel_fn(3, 1, 2, 'auto'), vb, ab) == 0
+
+
+@pytest.mark.cuda
+def test_cuda_block_matches_cpu_reference(cuda_kernels: str) -> None:
+    block = OutlookAttention(12, num_heads=3, stride=2, dtype=F64, backend='cuda').cuda()
+    x = torch.randn(2, 12, 11, 10, dtype=F64)
+    ref = OutlookAttention(12, num_heads=3, stride=2, dtype=F64, backend='reference')
+    ref.load_state_dict(block.state_dict())
+    torch.testing.assert_close(block(x.cuda()).cpu(), ref(x), rtol=1e-10, atol=1e-10)
+    assert math.isfinite(block(x.cuda()).sum().item())
