@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmattn.ops.dispatch import backends_for
-from mmattn.ops.outlook import outlook_attention
+from mmattn.ops.dispatch import backends_for, select_backend
+from mmattn.ops.outlook import outlook_attention, outlook_attention_block
 from mmattn.registry import MODELS
 
 from .checks import check_choice, check_divisible, check_input, check_positive, factory_kwargs
@@ -102,7 +102,10 @@ class OutlookAttention(nn.Module):
         data_format: ``'NCHW'`` (plugin) or ``'NHWC'`` (channels-last tokens, as in VOLO).
         backend: The aggregation's path: ``'auto'`` (the compiled kernel where it is loaded for
             the input's device, else the reference), ``'reference'``, ``'cuda'`` or ``'cpu'``
-            (see :func:`mmattn.ops.outlook_attention`).
+            (see :func:`mmattn.ops.outlook_attention`). On a compiled kernel, and without
+            attention dropout in training, the whole block runs as
+            :func:`mmattn.ops.outlook_attention_block`: its backward recomputes the values and
+            the aggregation, so it keeps only the normalised weights for the backward.
     """
 
     _abbr_ = 'outlook'
@@ -168,7 +171,17 @@ class OutlookAttention(nn.Module):
         if x.dim() != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f'{type(self).__name__}: forward_nhwc expects (B, H, W, '
                              f'{self.in_channels}), got shape {tuple(x.shape)}')
+        chosen = select_backend('outlook', x, self.backend)[0]
+        if chosen != 'reference' and not (self.training and self.attn_drop.p > 0):
+            outlook_grid_size(x.shape[1], x.shape[2], self.kernel_size, self.padding,
+                              self.stride, type(self).__name__)
+            y = outlook_attention_block(
+                x, self.v.weight, self.v.bias, self.attn.weight, self.attn.bias,
+                self.proj.weight, self.proj.bias, num_heads=self.num_heads,
+                kernel_size=self.kernel_size, padding=self.padding, stride=self.stride,
+                scale=self.scale)
+            return self.proj_drop(y)
         attn = self.attn_drop(self.attention_weights(x))
         y = outlook_attention(self.v(x), attn, kernel_size=self.kernel_size,
-                              padding=self.padding, stride=self.stride, backend=self.backend)
+                              padding=self.padding, stride=self.stride, backend=chosen)
         return self.proj_drop(self.proj(y))

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import extension  # noqa: F401  (defines the op schemas)
 from .dispatch import select_backend
 
-__all__ = ['outlook_attention', 'outlook_attention_reference']
+__all__ = ['outlook_attention', 'outlook_attention_block', 'outlook_attention_reference']
 
 
 def outlook_attention_reference(v: Tensor, attn: Tensor, *, kernel_size: int, padding: int,
@@ -101,3 +101,91 @@ def outlook_attention(v: Tensor, attn: Tensor, *, kernel_size: int, padding: int
     attn = attn.to(v.dtype)  # autocast may leave the weights in float32
     return torch.ops.mmattn.outlook_fwd(v.contiguous(), attn.contiguous(), kernel_size, padding,
                                         stride)
+
+
+def _pool(x: Tensor, stride: int) -> Tensor:
+    """Ceil-mode average pooling with kernel and stride s of a (B, H, W, C) map (VOLO's)."""
+    if stride == 1:
+        return x
+    return F.avg_pool2d(x.permute(0, 3, 1, 2), stride, stride,
+                        ceil_mode=True).permute(0, 2, 3, 1)
+
+
+class _RecomputingOutlook(torch.autograd.Function):
+    """The whole outlook-attention block on the compiled kernels, keeping only its input and
+    the normalised weights for the backward (see :func:`outlook_attention_block`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, v_weight: Tensor, v_bias: Tensor | None, attn_weight: Tensor,
+                attn_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
+                geometry: tuple[int, int, int, int, float]) -> Tensor:
+        k, p, s, heads, scale = geometry
+        b, _, _, c = x.shape
+        pooled = _pool(x, s)
+        h, w = pooled.shape[1:3]
+        logits = F.linear(pooled, attn_weight, attn_bias).reshape(b, h, w, heads, k * k, k * k)
+        v = F.linear(x, v_weight, v_bias)
+        attn = (logits * scale).softmax(-1).to(v.dtype)
+        y = torch.ops.mmattn.outlook_fwd(v.contiguous(), attn, k, p, s)
+        device = x.device.type
+        ctx.amp = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.geometry, ctx.has_v_bias = geometry, v_bias is not None
+        ctx.save_for_backward(x, attn, v_weight, v_bias, attn_weight, proj_weight)
+        return F.linear(y, proj_weight, proj_bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, attn, v_weight, v_bias, attn_weight, proj_weight = ctx.saved_tensors
+        k, p, s, heads, scale = ctx.geometry
+        device, amp, amp_dtype = ctx.amp
+        with torch.autocast(device, dtype=amp_dtype, enabled=amp):
+            c = x.shape[-1]
+            v = F.linear(x, v_weight, v_bias).contiguous()            # recomputed
+            y = torch.ops.mmattn.outlook_fwd(v, attn, k, p, s)        # recomputed
+            g2 = grad_out.reshape(-1, c)
+            g_proj_w = g2.t() @ y.reshape(-1, c).to(g2.dtype)
+            g_proj_b = g2.sum(0)
+            dy = (grad_out @ proj_weight.to(grad_out.dtype)).to(v.dtype).contiguous()
+            dv, dattn = torch.ops.mmattn.outlook_bwd(dy, v, attn, k, p, s)
+            acc = torch.promote_types(attn.dtype, torch.float32)
+            attn_f, dattn = attn.to(acc), dattn.to(acc)
+            dlogits = attn_f * (dattn - (attn_f * dattn).sum(-1, keepdim=True)) * scale
+            pooled = _pool(x, s)
+            dlogits = dlogits.reshape(*pooled.shape[:3], -1).to(pooled.dtype)
+            d2 = dlogits.reshape(-1, dlogits.shape[-1])
+            g_attn_w = d2.t() @ pooled.reshape(-1, c).to(d2.dtype)
+            g_attn_b = d2.sum(0)
+            dpooled = dlogits @ attn_weight.to(dlogits.dtype)
+            dx = dv @ v_weight.to(dv.dtype)
+            if s == 1:
+                dx = dx + dpooled
+            else:
+                dx = dx + torch.ops.aten.avg_pool2d_backward(
+                    dpooled.permute(0, 3, 1, 2).to(x.dtype), x.permute(0, 3, 1, 2), [s, s],
+                    [s, s], [0, 0], True, True, None).permute(0, 2, 3, 1)
+            dv2 = dv.reshape(-1, c)
+            g_v_w = dv2.t() @ x.reshape(-1, c).to(dv2.dtype)
+            g_v_b = dv2.sum(0) if ctx.has_v_bias else None
+        params = (v_weight, v_bias, attn_weight, attn_weight, proj_weight, proj_weight)
+        grads = (g_v_w, g_v_b, g_attn_w, g_attn_b, g_proj_w, g_proj_b)
+        grads = tuple(None if g is None else g.to(prm.dtype) for g, prm in zip(grads, params))
+        return (dx.to(x.dtype),) + grads + (None,)
+
+
+def outlook_attention_block(x: Tensor, v_weight: Tensor, v_bias: Tensor | None,
+                            attn_weight: Tensor, attn_bias: Tensor, proj_weight: Tensor,
+                            proj_bias: Tensor, *, num_heads: int, kernel_size: int, padding: int,
+                            stride: int, scale: float) -> Tensor:
+    """VOLO's outlook attention (Eq. 3-5 of arXiv 2106.13112 with its projections) on the
+    compiled aggregation kernels, for channels-last ``x`` (B, H, W, C)::
+
+        A = softmax(scale * W_A pool_s(x)),  y = Fold(A V_Delta),  V = W_V x,  out = W_P y
+
+    The backward recomputes ``V`` (one matrix product) and ``y`` (one kernel call) instead of
+    keeping them, and the pooled map (an average pooling): the block keeps its input and the
+    normalised weights ``A`` for the backward, nothing else (timm's keeps the pooled map,
+    ``A``, the unfolded values, K^2 / s^2 times ``x``, and the projection's input). No
+    attention dropout (the caller uses this only when it is off). Under autocast the backward
+    runs with the forward's autocast state."""
+    return _RecomputingOutlook.apply(x, v_weight, v_bias, attn_weight, attn_bias, proj_weight,
+                                     proj_bias, (kernel_size, padding, stride, num_heads, scale))

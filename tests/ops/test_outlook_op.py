@@ -195,6 +195,82 @@ def test_cpu_kernel_keeps_no_unfolded_windows(cpu_kernels: str) -> None:
     assert kept(kernel_fn(3, 1, 1, 'reference'), v, attn) >= 8 * v_bytes
 
 
+# ---------------------------------------------------------------- the block on the kernels
+def block_pair(stride: int, bias: bool, backend: str, device: str = 'cpu',
+               **kwargs) -> tuple[OutlookAttention, OutlookAttention]:
+    torch.manual_seed(0)
+    ref = OutlookAttention(12, num_heads=3, stride=stride, qkv_bias=bias, dtype=F64,
+                           backend='reference', **kwargs)
+    with torch.no_grad():
+        for prm in ref.parameters():
+            prm.normal_(0, 0.4)
+    fast = OutlookAttention(12, num_heads=3, stride=stride, qkv_bias=bias, dtype=F64,
+                            backend=backend, **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast.to(device)
+
+
+def check_block(device: str, backend: str) -> None:
+    """The recomputing block (backend chosen, no attention dropout) against the reference
+    block: output and the gradients of x and of every parameter, float64."""
+    for stride, bias, size in [(1, True, (9, 7)), (2, False, (9, 7)), (2, True, (1, 1)),
+                               (3, True, (8, 5))]:
+        ref, fast = block_pair(stride, bias, backend, device)
+        x = torch.randn(2, 12, *size, dtype=F64, requires_grad=True)
+        xd = x.detach().to(device).requires_grad_()
+        y_ref, y = ref(x), fast(xd)
+        torch.testing.assert_close(y.cpu(), y_ref, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(y_ref)
+        ours = torch.autograd.grad(y, [xd, *fast.parameters()], g.to(device))
+        theirs = torch.autograd.grad(y_ref, [x, *ref.parameters()], g)
+        for (name, _), a, b in zip([('x', None), *ref.named_parameters()], ours, theirs):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-11, atol=1e-11, msg=name)
+
+
+def test_cpu_block_matches_reference_block(cpu_kernels: str) -> None:
+    check_block('cpu', 'cpu')
+
+
+def test_cpu_block_keeps_only_the_weights(cpu_kernels: str) -> None:
+    """VOLO-D1 stage 1 (C=192, 6 heads, K=3, s=2): the kernel block keeps the normalised
+    weights (N K^4 values per pooled cell) and nothing else; timm's OutlookAttention keeps over
+    5x as much (its pooled map, weights, unfolded values and projection input)."""
+    from timm.models.volo import OutlookAttention as TimmOutlook
+    x = torch.randn(2, 28, 28, 192, requires_grad=True)
+    ours = OutlookAttention(192, num_heads=6, stride=2, data_format='NHWC', backend='cpu')
+    timm_block = TimmOutlook(192, 6, kernel_size=3, padding=1, stride=2)
+    weights_bytes = 2 * 14 * 14 * 6 * 81 * 4
+    assert saved_bytes(ours, x) == weights_bytes
+    assert saved_bytes(timm_block, x) >= 5 * weights_bytes
+    # with attention dropout in training the block composes the ops (dropout needs its mask)
+    dropped = OutlookAttention(192, num_heads=6, stride=2, data_format='NHWC', backend='cpu',
+                               attn_drop=0.1).train()
+    assert saved_bytes(dropped, x) > 2 * weights_bytes
+    assert saved_bytes(dropped.eval(), x) == weights_bytes
+
+
+def test_cpu_block_under_autocast(cpu_kernels: str) -> None:
+    """bf16 autocast: the recomputing backward runs under the forward's autocast state; its
+    error against float32 stays within twice the reference block's, gradients in the
+    parameters' dtype."""
+    torch.manual_seed(0)
+    ref = OutlookAttention(48, num_heads=3, stride=2, data_format='NHWC', backend='reference')
+    fast = OutlookAttention(48, num_heads=3, stride=2, data_format='NHWC', backend='cpu')
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 14, 14, 48, requires_grad=True)
+    g = torch.randn(2, 14, 14, 48)
+    truth = torch.autograd.grad(ref(x), [x, *ref.parameters()], g)
+    errs = []
+    for block in (ref, fast):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = block(x)
+        grads = torch.autograd.grad(y, [x, *block.parameters()], g)
+        assert [t.dtype for t in grads] == [t.dtype for t in truth]
+        errs.append([(a - b).abs().max().item() for a, b in zip(grads, truth)])
+    for name, e_ref, e_fast in zip(['x', *dict(ref.named_parameters())], *errs):
+        assert e_fast <= 2 * e_ref + 1e-5, name
+
+
 # ---------------------------------------------------------------- the CUDA kernel
 @pytest.mark.cuda
 def test_cuda_kernel_matches_equations(cuda_kernels: str) -> None:
@@ -228,6 +304,11 @@ def test_cuda_kernel_volo_stage1_shape_and_auto(cuda_kernels: str) -> None:
     ref_b = outlook_attention_reference(vb, ab, kernel_size=3, padding=1, stride=2)
     assert (out.double() - ref).abs().max() <= 2 * (ref_b.double() - ref).abs().max() + 1e-6
     assert kept(kernel_fn(3, 1, 2, 'auto'), vb, ab) == 0
+
+
+@pytest.mark.cuda
+def test_cuda_block_matches_reference_block(cuda_kernels: str) -> None:
+    check_block('cuda', 'cuda')
 
 
 @pytest.mark.cuda
