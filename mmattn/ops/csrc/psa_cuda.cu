@@ -450,6 +450,21 @@ int choose_splits(int64_t requested, int N, int P, int tile_p, int* chunk) {
   return (P + *chunk - 1) / *chunk;  // no split is empty
 }
 
+// The launch of a split reduction: tile plan, blocks per image and pixels per block.
+struct SplitLaunch {
+  Launch l;
+  int splits;
+  int chunk;
+};
+
+template <typename Kernel>
+SplitLaunch plan_split(Kernel kernel, const Geometry& g, int N, int64_t splits_req, size_t elem,
+                       int tiles, int per_pixel, int per_channel) {
+  SplitLaunch s{plan(kernel, g.C, elem, tiles, per_pixel, per_channel), 0, 0};
+  s.splits = choose_splits(splits_req, N, g.P, s.l.tile_p, &s.chunk);
+  return s;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psa_fwd_reduce_cuda(
     const at::Tensor& x, const at::Tensor& wq_in, int64_t splits_req) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -463,16 +478,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psa_fwd_r
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_fwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto kernel = fwd_reduce_kernel<scalar_t, acc_t>;
-    const Launch l = plan(kernel, g.C, sizeof(acc_t), 1, 1, 3);
-    int chunk = 0;
-    const int splits = choose_splits(splits_req, N, g.P, l.tile_p, &chunk);
-    pmax = at::empty({N, splits}, opts);
-    psum = at::empty({N, splits}, opts);
-    ps = at::empty({N, splits, g.C}, opts);
-    pm = at::empty({N, splits, g.C}, opts);
+    const SplitLaunch s = plan_split(kernel, g, N, splits_req, sizeof(acc_t), 1, 1, 3);
+    pmax = at::empty({N, s.splits}, opts);
+    psum = at::empty({N, s.splits}, opts);
+    ps = at::empty({N, s.splits, g.C}, opts);
+    pm = at::empty({N, s.splits, g.C}, opts);
     if (N == 0) return;
-    kernel<<<dim3(splits, N), kThreads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile, chunk, splits, wq.data_ptr<acc_t>(),
+    kernel<<<dim3(s.splits, N), kThreads, s.l.smem, c10::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), g, s.l.tile_p, s.l.log2_tile, s.chunk, s.splits,
+        wq.data_ptr<acc_t>(),
         logits.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(), psum.data_ptr<acc_t>(),
         ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -524,15 +538,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_bwd_reduce_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto kernel = bwd_reduce_kernel<scalar_t, acc_t>;
-    const Launch l = plan(kernel, g.C, sizeof(acc_t), 2, 2, 3);
-    int chunk = 0;
-    const int splits = choose_splits(splits_req, N, g.P, l.tile_p, &chunk);
-    pda = at::empty({N, splits, g.C}, opts);
-    pdu = at::empty({N, splits, g.C}, opts);
+    const SplitLaunch s = plan_split(kernel, g, N, splits_req, sizeof(acc_t), 2, 2, 3);
+    pda = at::empty({N, s.splits, g.C}, opts);
+    pdu = at::empty({N, s.splits, g.C}, opts);
     if (N == 0) return;
-    kernel<<<dim3(splits, N), kThreads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile, chunk,
-        splits, a.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(),
+    kernel<<<dim3(s.splits, N), kThreads, s.l.smem, c10::cuda::getCurrentCUDAStream()>>>(
+        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g, s.l.tile_p, s.l.log2_tile,
+        s.chunk, s.splits, a.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(),
         pda.data_ptr<acc_t>(), pdu.data_ptr<acc_t>(), sequential);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -563,14 +575,12 @@ std::tuple<at::Tensor, at::Tensor> psa_bwd_apply_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto kernel = bwd_apply_kernel<scalar_t, acc_t>;
-    const Launch l = plan(kernel, g.C, sizeof(acc_t), 1, 4, 6);
-    int chunk = 0;
-    const int splits = choose_splits(splits_req, N, g.P, l.tile_p, &chunk);
-    pgwq = at::empty({N, splits, g.C}, opts);
+    const SplitLaunch s = plan_split(kernel, g, N, splits_req, sizeof(acc_t), 1, 4, 6);
+    pgwq = at::empty({N, s.splits, g.C}, opts);
     if (N == 0) return;
-    kernel<<<dim3(splits, N), kThreads, l.smem, c10::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g, l.tile_p,
-        l.log2_tile, chunk, splits, a.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>(),
+    kernel<<<dim3(s.splits, N), kThreads, s.l.smem, c10::cuda::getCurrentCUDAStream()>>>(
+        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g,
+        s.l.tile_p, s.l.log2_tile, s.chunk, s.splits, a.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>(),
         pi.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), u.data_ptr<acc_t>(), dm.data_ptr<acc_t>(),
         dsv.data_ptr<acc_t>(), wq.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
         pgwq.data_ptr<acc_t>(), sequential);
