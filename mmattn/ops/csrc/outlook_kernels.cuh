@@ -1,0 +1,245 @@
+// Outlook attention aggregation on CUDA: Eq. 4-5 of VOLO (arXiv 2106.13112), forward and
+// backward, fused (the K^2-times larger unfolded tensors are never built).
+//
+//   y      = Fold(A_hat V_Delta)               gathered per output pixel (Eq. 4-5)
+//   grad_v = the same gather with m <-> q swapped and grad_out in place of v
+//   grad_A[b,i,j,n,m,q] = <grad_out(pixel m), v(pixel q)> over the channels of head n
+//
+// Index arithmetic lives in outlook.h, shared with (and tested through) the CPU kernels.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include "outlook.h"
+
+// needs the launch interface: cuda_launch.cuh (GPU) or the tests' CPU emulation
+
+namespace mmattn {
+namespace outlook_detail {
+
+constexpr int kGatherThreads = 256;
+constexpr int kWindowThreads = 512;
+constexpr int64_t kSmemBudget = 48 * 1024;  // bytes, no opt-in needed
+
+template <int V>
+using Int = std::integral_constant<int, V>;
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// y (TRANSPOSED = false) or grad_v (true). One thread per VEC consecutive channels of one output
+// pixel, threads along the channel axis: the src loads are coalesced, the attn weight (shared by
+// the d channels of a head) is a broadcast load. blockIdx.y walks the image rows (b, u);
+// blockIdx.x / threadIdx.x cover (x, channel pack) of a row. KT = K when fixed at compile time
+// (K = 3: the window loops unroll and the loads overlap), 0 for any K.
+template <bool TRANSPOSED, int VEC, int KT, typename scalar_t>
+__global__ void __launch_bounds__(kGatherThreads)
+outlook_gather_kernel(const scalar_t* __restrict__ src, const scalar_t* __restrict__ attn,
+                      scalar_t* __restrict__ out, const OutlookGeom g, const int C, const int d,
+                      const int64_t rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using pack_t = Pack<scalar_t, VEC>;
+  const int packs = C / VEC;
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= g.W * packs) return;
+  const int x = r / packs;
+  const int c0 = (r - x * packs) * VEC;
+  const int64_t head = static_cast<int64_t>(c0 / d) * (g.K * g.K * g.K * g.K);  // d % VEC == 0
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int64_t b = row / g.H;
+    const int u = static_cast<int>(row - b * g.H);
+    acc_t acc[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
+    outlook_for_each_source<TRANSPOSED, KT>(g, b, u, x, [&](int64_t a_off, int64_t src_pix) {
+      const acc_t wgt = static_cast<acc_t>(attn[a_off + head]);
+      const pack_t sv = *reinterpret_cast<const pack_t*>(src + src_pix * C + c0);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] += wgt * static_cast<acc_t>(sv.v[k]);
+    });
+    pack_t ov;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) ov.v[k] = static_cast<scalar_t>(acc[k]);
+    *reinterpret_cast<pack_t*>(out + (row * g.W + x) * C + c0) = ov;
+  }
+}
+
+// grad_attn, one block per window (b, i, j): stage the window's K^2 rows of grad_out and v (all C
+// channels, as acc_t, zero in the padding) in shared memory, then one thread per output
+// (n, m, q) -- consecutive threads write consecutive q, coalesced -- computes a length-d dot
+// product. Rows are ld = C rounded up to odd apart, so the threads of a warp reading the same
+// channel of different rows hit different banks.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kWindowThreads)
+outlook_grad_attn_smem_kernel(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ v,
+                              scalar_t* __restrict__ gattn, const OutlookGeom g, const int C,
+                              const int d, const int ld, const int64_t windows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int KK = g.K * g.K;
+  const int outs = g.N * KK * KK;
+  acc_t* gs = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* vs = gs + KK * ld;
+  for (int64_t win = blockIdx.x; win < windows; win += gridDim.x) {
+    const int j = static_cast<int>(win % g.w);
+    const int i = static_cast<int>((win / g.w) % g.h);
+    const int64_t b = win / (static_cast<int64_t>(g.w) * g.h);
+    for (int e = threadIdx.x; e < KK * C; e += blockDim.x) {
+      const int t = e / C, c = e - t * C;
+      int64_t pix;
+      const bool ok = outlook_window_pixel(g, b, i, j, t, pix);
+      gs[t * ld + c] = ok ? static_cast<acc_t>(gout[pix * C + c]) : acc_t(0);
+      vs[t * ld + c] = ok ? static_cast<acc_t>(v[pix * C + c]) : acc_t(0);
+    }
+    __syncthreads();
+    scalar_t* out = gattn + win * outs;
+    for (int o = threadIdx.x; o < outs; o += blockDim.x) {
+      const int q = o % KK, m = (o / KK) % KK, n = o / (KK * KK);
+      const acc_t* gr = gs + m * ld + n * d;
+      const acc_t* vr = vs + q * ld + n * d;
+      acc_t s0 = 0, s1 = 0;  // two chains for ILP
+      int c = 0;
+      for (; c + 1 < d; c += 2) {
+        s0 += gr[c] * vr[c];
+        s1 += gr[c + 1] * vr[c + 1];
+      }
+      if (c < d) s0 += gr[c] * vr[c];
+      out[o] = static_cast<scalar_t>(s0 + s1);
+    }
+    __syncthreads();  // before the next window overwrites the rows
+  }
+}
+
+// grad_attn fallback when the staged rows exceed the shared-memory budget: one thread per output,
+// reading grad_out and v from global memory.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kGatherThreads)
+outlook_grad_attn_kernel(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ v,
+                         scalar_t* __restrict__ gattn, const OutlookGeom g, const int C,
+                         const int d, const int64_t total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int KK = g.K * g.K;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t t = idx;
+    const int q = static_cast<int>(t % KK); t /= KK;
+    const int m = static_cast<int>(t % KK); t /= KK;
+    const int n = static_cast<int>(t % g.N); t /= g.N;
+    const int j = static_cast<int>(t % g.w); t /= g.w;
+    const int i = static_cast<int>(t % g.h);
+    const int64_t b = t / g.h;
+    int64_t pm, pq;
+    acc_t sum = 0;
+    if (outlook_window_pixel(g, b, i, j, m, pm) && outlook_window_pixel(g, b, i, j, q, pq)) {
+      const scalar_t* gr = gout + pm * C + n * d;
+      const scalar_t* vr = v + pq * C + n * d;
+      for (int c = 0; c < d; ++c) sum += static_cast<acc_t>(gr[c]) * static_cast<acc_t>(vr[c]);
+    }
+    gattn[idx] = static_cast<scalar_t>(sum);
+  }
+}
+
+template <bool TRANSPOSED, typename scalar_t>
+void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tensor& out,
+                   const OutlookGeom& g) {
+  if (out.numel() == 0) return;
+  const int C = static_cast<int>(src.size(3)), d = C / g.N;
+  const int64_t rows = src.size(0) * g.H;
+  const scalar_t* sp = src.const_data_ptr<scalar_t>();
+  const scalar_t* ap = attn.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  // Packs of VEC channels (8 bytes at most) where the head size and the pointers allow.
+  auto fits = [&](int vec) {
+    const uintptr_t bytes = vec * sizeof(scalar_t);
+    return d % vec == 0 && reinterpret_cast<uintptr_t>(sp) % bytes == 0 &&
+           reinterpret_cast<uintptr_t>(op) % bytes == 0;
+  };
+  auto run = [&](auto vec_tag, auto k_tag) {
+    constexpr int VEC = decltype(vec_tag)::value, KT = decltype(k_tag)::value;
+    const int items = g.W * (C / VEC);
+    const int threads = std::min(kGatherThreads, (items + 31) / 32 * 32);
+    const dim3 grid((items + threads - 1) / threads,
+                    static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+    launch::launch(outlook_gather_kernel<TRANSPOSED, VEC, KT, scalar_t>, grid,
+                   static_cast<unsigned>(threads), 0, sp, ap, op, g, C, d, rows);
+  };
+  // The unrolled K = 3 path is compiled for the widest pack only (the common case).
+  constexpr int kMaxVec = sizeof(scalar_t) >= 8 ? 1 : 8 / static_cast<int>(sizeof(scalar_t));
+  if (fits(kMaxVec)) return g.K == 3 ? run(Int<kMaxVec>{}, Int<3>{})
+                                      : run(Int<kMaxVec>{}, Int<0>{});
+  if constexpr (kMaxVec > 2) {
+    if (fits(2)) return run(Int<2>{}, Int<0>{});
+  }
+  if constexpr (kMaxVec > 1) run(Int<1>{}, Int<0>{});
+}
+
+template <typename scalar_t>
+void launch_grad_attn(const at::Tensor& gout, const at::Tensor& v, const at::Tensor& gattn,
+                      const OutlookGeom& g) {
+  if (gattn.numel() == 0) return;
+  using acc_t = at::opmath_type<scalar_t>;
+  const int C = static_cast<int>(v.size(3)), d = C / g.N, KK = g.K * g.K;
+  const int ld = C | 1;  // odd row stride: conflict-free column reads
+  const int64_t smem = 2 * static_cast<int64_t>(KK) * ld * sizeof(acc_t);
+  const scalar_t* gp = gout.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  scalar_t* op = gattn.mutable_data_ptr<scalar_t>();
+  if (smem <= kSmemBudget) {
+    const int64_t windows = v.size(0) * static_cast<int64_t>(g.h) * g.w;
+    const int outs = g.N * KK * KK;
+    const int threads = std::max(128, std::min(kWindowThreads, (outs + 31) / 32 * 32));
+    const auto blocks = static_cast<unsigned>(std::min<int64_t>(windows, 1 << 30));
+    launch::launch(outlook_grad_attn_smem_kernel<scalar_t>, dim3(blocks),
+                   static_cast<unsigned>(threads), static_cast<size_t>(smem), gp, vp, op, g, C,
+                   d, ld, windows);
+  } else {
+    const int64_t total = gattn.numel();
+    const auto blocks = static_cast<unsigned>(
+        std::min<int64_t>((total + kGatherThreads - 1) / kGatherThreads, 1 << 20));
+    launch::launch(outlook_grad_attn_kernel<scalar_t>, dim3(blocks),
+                   static_cast<unsigned>(kGatherThreads), 0, gp, vp, op, g, C, d, total);
+  }
+}
+
+}  // namespace outlook_detail
+
+at::Tensor outlook_fwd_cuda(const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size,
+                            int64_t padding, int64_t stride) {
+  const OutlookGeom g = outlook_check("outlook_fwd", nullptr, v, attn, kernel_size, padding,
+                                      stride);
+  const launch::DeviceGuard device_guard(v.device());
+  const at::Tensor vc = v.contiguous(), ac = attn.contiguous();
+  at::Tensor y = at::empty(vc.sizes(), vc.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "outlook_fwd_cuda",
+                                  [&] { outlook_detail::launch_gather<false, scalar_t>(vc, ac, y, g); });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> outlook_bwd_cuda(const at::Tensor& grad_out,
+                                                    const at::Tensor& v, const at::Tensor& attn,
+                                                    int64_t kernel_size, int64_t padding,
+                                                    int64_t stride) {
+  const OutlookGeom g = outlook_check("outlook_bwd", &grad_out, v, attn, kernel_size, padding,
+                                      stride);
+  const launch::DeviceGuard device_guard(v.device());
+  const at::Tensor gc = grad_out.contiguous(), vc = v.contiguous(), ac = attn.contiguous();
+  at::Tensor grad_v = at::empty(vc.sizes(), vc.options());
+  at::Tensor grad_attn = at::empty(ac.sizes(), ac.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "outlook_bwd_cuda",
+                                  [&] {
+    outlook_detail::launch_gather<true, scalar_t>(gc, ac, grad_v, g);
+    outlook_detail::launch_grad_attn<scalar_t>(gc, vc, grad_attn, g);
+  });
+  return {grad_v, grad_attn};
+}
+
+}  // namespace mmattn
+

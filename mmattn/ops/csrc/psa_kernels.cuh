@@ -1,0 +1,578 @@
+// Polarized Self-Attention (arXiv 2107.00782), paper form with the 1x1 convolutions folded
+// away (Eq. 1-5; the folding is derived in mmattn/ops/psa.py): the four passes over the feature
+// map x, as CUDA kernels. Everything C-sized (the small matrix-vector chain between the passes,
+// merging the split partial reductions) stays in PyTorch (mmattn/ops/psa.py), which also has a
+// pure-PyTorch implementation of each pass with the same contract (the CPU path and the
+// reference these kernels are tested against).
+//
+//   forward   reduce: l_p = w_q . x_p ; online softmax over p: per split, max M, sum Z = sum e^{l-M},
+//                     s_c = sum_p e^{l_p-M} x_cp ; m_c = sum_p x_cp          (1 read of x)
+//             apply:  S_p = sigmoid(u . x_p + b) ; y_cp = x_cp (a_c + S_p) or x_cp a_c S_p
+//                                                                             (1 read, 1 write)
+//   backward  reduce: g = G (.) x ; d_s_p = sum_c g_cp (a_c or 1) ; d_t = d_s S (1 - S) ;
+//                     da_c = sum_p g_cp (S_p or 1) ; du_c = sum_p x_cp d_t_p   (2 reads)
+//             apply:  d_l_p = pi_p (dsv . x_p - beta) ; gwq_c = sum_p x_cp d_l_p ;
+//                     dx_cp = G_cp (a_c + S_p | a_c S_p) + u_c d_t_p + dm_c + dsv_c pi_p + wq_c d_l_p
+//                                                                             (2 reads, 1 write)
+//
+// Each thread block stages a tile of TP pixels x all C channels of x (and of G) in shared memory
+// as the accumulation type, row p at offset p * (C + 1) (C is even, so the odd row stride makes
+// both the pixel-major and the channel-major accesses free of bank conflicts for float). Global
+// loads and stores are coalesced in either memory format: along the pixels for NCHW, along the
+// channels for channels_last. The reductions over the pixels are split over `splits` blocks per
+// image (partials merged in PyTorch) so that large H*W fill the GPU.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+// needs the launch interface: cuda_launch.cuh (GPU) or the tests' CPU emulation
+
+namespace mmattn {
+namespace psa {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxTile = 32;                  // pixels per tile (a power of two)
+constexpr size_t kDefaultSmem = 48 * 1024;    // without the opt-in attribute
+
+struct Geometry {
+  int C;           // channels
+  int P;           // pixels, H * W
+  int64_t sN;      // strides of x (and of G, y, dx: the host code checks they match)
+  int64_t sC;
+  int64_t sP;
+  bool pix_contig;  // NCHW (pixels contiguous); else channels_last (channels contiguous)
+};
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float op_exp(float v) { return __expf(v); }
+__device__ __forceinline__ double op_exp(double v) { return ::exp(v); }
+
+template <typename T>
+__device__ __forceinline__ T op_sigmoid(T v) { return T(1) / (T(1) + op_exp(-v)); }
+
+template <typename T>
+__device__ __forceinline__ T op_max(T a, T b) { return a > b ? a : b; }
+
+// Calls f(c, p) for every element of a tile of `tp` (<= tile_p) pixels, in an order whose
+// global accesses are coalesced for the layout.
+template <typename F>
+__device__ __forceinline__ void tile_loop(const Geometry& g, int tile_p, int log2_tile, int tp,
+                                          F&& f) {
+  if (g.pix_contig) {  // consecutive threads take consecutive pixels of a channel
+    const int total = g.C << log2_tile;
+    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+      const int c = idx >> log2_tile, p = idx & (tile_p - 1);
+      if (p < tp) f(c, p);
+    }
+  } else {             // a warp takes consecutive channels of a pixel
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int p = warp; p < tp; p += kWarps)
+      for (int c = lane; c < g.C; c += 32) f(c, p);
+  }
+}
+
+// emit(p, sum_c tile[p][c] * vec[c]) for every pixel of the tile: a warp per pixel.
+template <typename T, typename F>
+__device__ __forceinline__ void pixel_dots(const T* tile, int ld, int C, int tp, const T* vec,
+                                           F&& emit) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int p = warp; p < tp; p += kWarps) {
+    T acc = 0;
+    for (int c = lane; c < C; c += 32) acc += tile[p * ld + c] * vec[c];
+    acc = warp_sum(acc);
+    if (lane == 0) emit(p, acc);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_vec(T* dst, const T* src, int count) {
+  for (int i = threadIdx.x; i < count; i += kThreads) dst[i] = src[i];
+}
+
+__device__ __forceinline__ int64_t at_cp(const Geometry& g, int c, int64_t p) {
+  return c * g.sC + p * g.sP;
+}
+
+// ---------------------------------------------------------------- forward, pass 1: reductions
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int log2_tile,
+                  int chunk, int splits, const acc_t* __restrict__ wq, acc_t* __restrict__ logits,
+                  acc_t* __restrict__ pmax, acc_t* __restrict__ psum, acc_t* __restrict__ ps,
+                  acc_t* __restrict__ pm) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int ld = g.C + 1;
+  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* s_w = tile + tile_p * ld;  // the tile's logits, then their exponentials
+  acc_t* s_wq = s_w + tile_p;
+  acc_t* acc_s = s_wq + g.C;
+  acc_t* acc_m = acc_s + g.C;
+
+  const int n = blockIdx.y, split = blockIdx.x;
+  const scalar_t* xn = x + n * g.sN;
+  load_vec(s_wq, wq, g.C);
+  for (int c = threadIdx.x; c < g.C; c += kThreads) acc_s[c] = acc_m[c] = acc_t(0);
+
+  const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
+  acc_t run_max = -INFINITY, run_sum = 0;
+  for (int pt = p_begin; pt < p_end; pt += tile_p) {
+    const int tp = min(tile_p, p_end - pt);
+    __syncthreads();  // the previous tile is consumed; s_wq is visible
+    tile_loop(g, tile_p, log2_tile, tp, [&](int c, int p) {
+      tile[p * ld + c] = static_cast<acc_t>(xn[at_cp(g, c, pt + p)]);
+    });
+    __syncthreads();
+    pixel_dots(tile, ld, g.C, tp, s_wq, [&](int p, acc_t v) {
+      s_w[p] = v;
+      logits[static_cast<int64_t>(n) * g.P + pt + p] = v;
+    });
+    __syncthreads();
+    acc_t tile_max = -INFINITY;
+    for (int p = 0; p < tp; ++p) tile_max = op_max(tile_max, s_w[p]);
+    const acc_t new_max = op_max(run_max, tile_max);
+    const acc_t alpha = op_exp(run_max - new_max);  // 0 on the first tile (run_max = -inf)
+    __syncthreads();  // every thread has read the logits
+    if (threadIdx.x < tp) s_w[threadIdx.x] = op_exp(s_w[threadIdx.x] - new_max);
+    __syncthreads();
+    acc_t tile_sum = 0;
+    for (int p = 0; p < tp; ++p) tile_sum += s_w[p];
+    run_sum = run_sum * alpha + tile_sum;
+    run_max = new_max;
+    for (int c = threadIdx.x; c < g.C; c += kThreads) {  // a thread owns its channels
+      acc_t s = 0, m = 0;
+      for (int p = 0; p < tp; ++p) {
+        const acc_t v = tile[p * ld + c];
+        s += v * s_w[p];
+        m += v;
+      }
+      acc_s[c] = acc_s[c] * alpha + s;
+      acc_m[c] += m;
+    }
+  }
+  const int64_t o = static_cast<int64_t>(n) * splits + split;
+  if (threadIdx.x == 0) {
+    pmax[o] = run_max;
+    psum[o] = run_sum;
+  }
+  for (int c = threadIdx.x; c < g.C; c += kThreads) {
+    ps[o * g.C + c] = acc_s[c];
+    pm[o * g.C + c] = acc_m[c];
+  }
+}
+
+// ---------------------------------------------------------------- forward, pass 2: gating
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g, int tile_p,
+                 int log2_tile, const acc_t* __restrict__ a, const acc_t* __restrict__ u,
+                 const acc_t* __restrict__ bias, acc_t* __restrict__ s_mask, bool sequential) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int ld = g.C + 1;
+  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* s_s = tile + tile_p * ld;
+  acc_t* s_a = s_s + tile_p;
+  acc_t* s_u = s_a + g.C;
+
+  const int n = blockIdx.y;
+  const scalar_t* xn = x + n * g.sN;
+  scalar_t* yn = y + n * g.sN;
+  load_vec(s_a, a + static_cast<int64_t>(n) * g.C, g.C);
+  load_vec(s_u, u + static_cast<int64_t>(n) * g.C, g.C);
+  const acc_t b = bias[n];
+  const int tiles = (g.P + tile_p - 1) / tile_p;
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int pt = t * tile_p, tp = min(tile_p, g.P - pt);
+    __syncthreads();
+    tile_loop(g, tile_p, log2_tile, tp, [&](int c, int p) {
+      tile[p * ld + c] = static_cast<acc_t>(xn[at_cp(g, c, pt + p)]);
+    });
+    __syncthreads();
+    pixel_dots(tile, ld, g.C, tp, s_u, [&](int p, acc_t v) {
+      const acc_t sg = op_sigmoid(v + b);
+      s_s[p] = sg;
+      s_mask[static_cast<int64_t>(n) * g.P + pt + p] = sg;
+    });
+    __syncthreads();
+    tile_loop(g, tile_p, log2_tile, tp, [&](int c, int p) {
+      const acc_t gate = sequential ? s_a[c] * s_s[p] : s_a[c] + s_s[p];
+      yn[at_cp(g, c, pt + p)] = static_cast<scalar_t>(tile[p * ld + c] * gate);
+    });
+  }
+}
+
+// ---------------------------------------------------------------- backward, pass 1: reductions
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, Geometry g,
+                  int tile_p, int log2_tile, int chunk, int splits, const acc_t* __restrict__ a,
+                  const acc_t* __restrict__ s_mask, acc_t* __restrict__ d_t,
+                  acc_t* __restrict__ pda, acc_t* __restrict__ pdu, bool sequential) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int ld = g.C + 1;
+  acc_t* tile_gx = reinterpret_cast<acc_t*>(smem_raw);  // G (.) x
+  acc_t* tile_x = tile_gx + tile_p * ld;
+  acc_t* s_s = tile_x + tile_p * ld;
+  acc_t* s_dt = s_s + tile_p;
+  acc_t* s_a = s_dt + tile_p;      // a (sequential) or ones (parallel)
+  acc_t* acc_da = s_a + g.C;
+  acc_t* acc_du = acc_da + g.C;
+
+  const int n = blockIdx.y, split = blockIdx.x;
+  const int64_t base = n * g.sN;
+  for (int c = threadIdx.x; c < g.C; c += kThreads) {
+    s_a[c] = sequential ? a[static_cast<int64_t>(n) * g.C + c] : acc_t(1);
+    acc_da[c] = acc_du[c] = acc_t(0);
+  }
+  const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
+  for (int pt = p_begin; pt < p_end; pt += tile_p) {
+    const int tp = min(tile_p, p_end - pt);
+    __syncthreads();
+    tile_loop(g, tile_p, log2_tile, tp, [&](int c, int p) {
+      const int64_t i = base + at_cp(g, c, pt + p);
+      const acc_t xv = static_cast<acc_t>(x[i]);
+      tile_x[p * ld + c] = xv;
+      tile_gx[p * ld + c] = static_cast<acc_t>(grad[i]) * xv;
+    });
+    if (threadIdx.x < tp) s_s[threadIdx.x] = s_mask[static_cast<int64_t>(n) * g.P + pt + threadIdx.x];
+    __syncthreads();
+    pixel_dots(tile_gx, ld, g.C, tp, s_a, [&](int p, acc_t ds) {
+      const acc_t sg = s_s[p];
+      const acc_t dt = ds * sg * (acc_t(1) - sg);
+      s_dt[p] = dt;
+      d_t[static_cast<int64_t>(n) * g.P + pt + p] = dt;
+    });
+    __syncthreads();
+    for (int c = threadIdx.x; c < g.C; c += kThreads) {
+      acc_t da = 0, du = 0;
+      for (int p = 0; p < tp; ++p) {
+        const acc_t gx = tile_gx[p * ld + c];
+        da += sequential ? gx * s_s[p] : gx;
+        du += tile_x[p * ld + c] * s_dt[p];
+      }
+      acc_da[c] += da;
+      acc_du[c] += du;
+    }
+  }
+  const int64_t o = static_cast<int64_t>(n) * splits + split;
+  for (int c = threadIdx.x; c < g.C; c += kThreads) {
+    pda[o * g.C + c] = acc_da[c];
+    pdu[o * g.C + c] = acc_du[c];
+  }
+}
+
+// ---------------------------------------------------------------- backward, pass 2: dx
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                 scalar_t* __restrict__ dx, Geometry g, int tile_p, int log2_tile, int chunk,
+                 int splits, const acc_t* __restrict__ a, const acc_t* __restrict__ s_mask,
+                 const acc_t* __restrict__ pi, const acc_t* __restrict__ d_t,
+                 const acc_t* __restrict__ u, const acc_t* __restrict__ dm,
+                 const acc_t* __restrict__ dsv, const acc_t* __restrict__ wq,
+                 const acc_t* __restrict__ beta, acc_t* __restrict__ pgwq, bool sequential) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int ld = g.C + 1;
+  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* s_s = tile + tile_p * ld;
+  acc_t* s_pi = s_s + tile_p;
+  acc_t* s_dt = s_pi + tile_p;
+  acc_t* s_dl = s_dt + tile_p;
+  acc_t* s_a = s_dl + tile_p;
+  acc_t* s_u = s_a + g.C;
+  acc_t* s_dm = s_u + g.C;
+  acc_t* s_dsv = s_dm + g.C;
+  acc_t* s_wq = s_dsv + g.C;
+  acc_t* acc_g = s_wq + g.C;
+
+  const int n = blockIdx.y, split = blockIdx.x;
+  const int64_t base = n * g.sN, nc = static_cast<int64_t>(n) * g.C;
+  const int64_t np = static_cast<int64_t>(n) * g.P;
+  load_vec(s_a, a + nc, g.C);
+  load_vec(s_u, u + nc, g.C);
+  load_vec(s_dm, dm + nc, g.C);
+  load_vec(s_dsv, dsv + nc, g.C);
+  load_vec(s_wq, wq, g.C);
+  for (int c = threadIdx.x; c < g.C; c += kThreads) acc_g[c] = acc_t(0);
+  const acc_t bn = beta[n];
+  const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
+  for (int pt = p_begin; pt < p_end; pt += tile_p) {
+    const int tp = min(tile_p, p_end - pt);
+    __syncthreads();
+    tile_loop(g, tile_p, log2_tile, tp, [&](int c, int p) {
+      tile[p * ld + c] = static_cast<acc_t>(x[base + at_cp(g, c, pt + p)]);
+    });
+    if (threadIdx.x < tp) {
+      s_s[threadIdx.x] = s_mask[np + pt + threadIdx.x];
+      s_pi[threadIdx.x] = pi[np + pt + threadIdx.x];
+      s_dt[threadIdx.x] = d_t[np + pt + threadIdx.x];
+    }
+    __syncthreads();
+    pixel_dots(tile, ld, g.C, tp, s_dsv, [&](int p, acc_t r) { s_dl[p] = s_pi[p] * (r - bn); });
+    __syncthreads();
+    for (int c = threadIdx.x; c < g.C; c += kThreads) {
+      acc_t s = 0;
+      for (int p = 0; p < tp; ++p) s += tile[p * ld + c] * s_dl[p];
+      acc_g[c] += s;
+    }
+    tile_loop(g, tile_p, log2_tile, tp, [&](int c, int p) {
+      const int64_t i = base + at_cp(g, c, pt + p);
+      const acc_t gate = sequential ? s_a[c] * s_s[p] : s_a[c] + s_s[p];
+      const acc_t v = static_cast<acc_t>(grad[i]) * gate + s_u[c] * s_dt[p] + s_dm[c] +
+                      s_dsv[c] * s_pi[p] + s_wq[c] * s_dl[p];
+      dx[i] = static_cast<scalar_t>(v);
+    });
+  }
+  const int64_t o = static_cast<int64_t>(n) * splits + split;
+  for (int c = threadIdx.x; c < g.C; c += kThreads) pgwq[o * g.C + c] = acc_g[c];
+}
+
+// ---------------------------------------------------------------- host side
+Geometry geometry(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "mmattn psa kernels: x must be 4-D (N, C, H, W), got ", x.dim(),
+              "-D");
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(C % 2 == 0 && C > 0, "mmattn psa kernels: C must be even, got C=", C);
+  TORCH_CHECK(H * W > 0 && H * W < (int64_t(1) << 31),
+              "mmattn psa kernels: H*W must be in [1, 2^31), got ", H * W);
+  TORCH_CHECK(x.size(0) <= 65535, "mmattn psa kernels: batch size must be <= 65535, got ",
+              x.size(0));
+  Geometry g;
+  g.C = static_cast<int>(C);
+  g.P = static_cast<int>(H * W);
+  g.sN = x.stride(0);
+  g.sC = x.stride(1);
+  if (x.is_contiguous()) {
+    g.sP = 1;
+    g.pix_contig = true;
+  } else {
+    TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "mmattn psa kernels: x must be contiguous or channels_last, got strides ",
+                x.strides());
+    g.sP = C;
+    g.pix_contig = false;
+  }
+  if (g.P == 1 || C == 1) g.pix_contig = true;  // both layouts coincide; any order is coalesced
+  return g;
+}
+
+// `t` made dense like x, checked to index the same way (sizes-1 dimensions may carry any
+// stride, so the layouts are compared through their geometry, not their strides).
+at::Tensor like_x(const at::Tensor& t_in, const at::Tensor& x, const Geometry& gx,
+                  const char* name) {
+  const at::Tensor t = t_in.contiguous(x.suggest_memory_format());
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() &&
+                  t.device() == x.device(),
+              "mmattn psa kernels: ", name, " must match x in shape, dtype and device; got ", name,
+              " ", t.sizes(), " ", t.scalar_type(), " ", t.device(), " vs x ", x.sizes(), " ",
+              x.scalar_type(), " ", x.device());
+  const Geometry gt = geometry(t);
+  TORCH_CHECK(gt.sN == gx.sN && gt.sC == gx.sC && gt.sP == gx.sP &&
+                  gt.pix_contig == gx.pix_contig,
+              "mmattn psa kernels: ", name, " has strides ", t.strides(), ", x has ", x.strides());
+  return t;
+}
+
+at::Tensor vec(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
+               const char* name) {
+  const auto acc = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "mmattn psa kernels: ", name, " must have shape ", shape,
+              ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc && t.device() == x.device(), "mmattn psa kernels: ", name,
+              " must be ", acc, " on ", x.device(), ", got ", t.scalar_type(), " on ",
+              t.device());
+  return t.contiguous();
+}
+
+// Tile size (a power of two) and dynamic shared memory for `tiles` (TP x (C+1)) tiles,
+// `per_pixel` TP-vectors and `per_channel` C-vectors of the accumulation type.
+struct Launch {
+  int tile_p;
+  int log2_tile;
+  size_t smem;
+};
+
+template <typename Kernel>
+Launch plan(Kernel kernel, int C, size_t elem, int tiles, int per_pixel, int per_channel) {
+  auto bytes = [&](int tp) {
+    return elem * (static_cast<size_t>(tiles) * tp * (C + 1) + static_cast<size_t>(per_pixel) * tp +
+                   static_cast<size_t>(per_channel) * C);
+  };
+  int tp = kMaxTile;
+  while (tp > 1 && bytes(tp) > kDefaultSmem) tp /= 2;
+  const size_t smem = bytes(tp);
+  if (smem > kDefaultSmem) {
+    const int optin = launch::device_attribute(launch::Attr::kSharedMemoryOptin);
+    TORCH_CHECK(smem <= static_cast<size_t>(optin), "mmattn psa kernels: C=", C,
+                " needs ", smem, " bytes of shared memory per block, the device has ", optin,
+                "; use backend='folded'");
+    launch::allow_shared_memory(kernel, smem);
+  }
+  int log2 = 0;
+  while ((1 << log2) < tp) ++log2;
+  return {tp, log2, smem};
+}
+
+// Blocks per image for the split reductions: enough to give every SM a few blocks.
+int choose_splits(int64_t requested, int N, int P, int tile_p, int* chunk) {
+  const int tiles = (P + tile_p - 1) / tile_p;
+  int splits = static_cast<int>(requested);
+  if (splits <= 0) {
+    const int sms = launch::device_attribute(launch::Attr::kMultiProcessors);
+    splits = (4 * sms + N - 1) / N;
+  }
+  splits = std::max(1, std::min(splits, tiles));
+  const int tiles_per_split = (tiles + splits - 1) / splits;
+  *chunk = tiles_per_split * tile_p;
+  return (P + *chunk - 1) / *chunk;  // no split is empty
+}
+
+// The launch of a split reduction: tile plan, blocks per image and pixels per block.
+struct SplitLaunch {
+  Launch l;
+  int splits;
+  int chunk;
+};
+
+template <typename Kernel>
+SplitLaunch plan_split(Kernel kernel, const Geometry& g, int N, int64_t splits_req, size_t elem,
+                       int tiles, int per_pixel, int per_channel) {
+  SplitLaunch s{plan(kernel, g.C, elem, tiles, per_pixel, per_channel), 0, 0};
+  s.splits = choose_splits(splits_req, N, g.P, s.l.tile_p, &s.chunk);
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psa_fwd_reduce_cuda(
+    const at::Tensor& x, const at::Tensor& wq_in, int64_t splits_req) {
+  const launch::DeviceGuard guard(x.device());
+  const Geometry g = geometry(x);
+  const int N = static_cast<int>(x.size(0));
+  const at::Tensor wq = vec(wq_in, x, {g.C}, "wq");
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const auto opts = x.options().dtype(acc);
+  at::Tensor logits = at::empty({N, g.P}, opts);
+  at::Tensor pmax, psum, ps, pm;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_fwd_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto kernel = fwd_reduce_kernel<scalar_t, acc_t>;
+    const SplitLaunch s = plan_split(kernel, g, N, splits_req, sizeof(acc_t), 1, 1, 3);
+    pmax = at::empty({N, s.splits}, opts);
+    psum = at::empty({N, s.splits}, opts);
+    ps = at::empty({N, s.splits, g.C}, opts);
+    pm = at::empty({N, s.splits, g.C}, opts);
+    if (N == 0) return;
+    launch::launch(kernel, dim3(s.splits, N), kThreads, s.l.smem,
+        x.data_ptr<scalar_t>(), g, s.l.tile_p, s.l.log2_tile, s.chunk, s.splits,
+        wq.data_ptr<acc_t>(),
+        logits.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(), psum.data_ptr<acc_t>(),
+        ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>());
+  });
+  return {logits, pmax, psum, ps, pm};
+}
+
+std::tuple<at::Tensor, at::Tensor> psa_fwd_apply_cuda(const at::Tensor& x, const at::Tensor& a_in,
+                                                      const at::Tensor& u_in,
+                                                      const at::Tensor& bias_in,
+                                                      bool sequential) {
+  const launch::DeviceGuard guard(x.device());
+  const Geometry g = geometry(x);
+  const int N = static_cast<int>(x.size(0));
+  const at::Tensor a = vec(a_in, x, {N, g.C}, "a");
+  const at::Tensor u = vec(u_in, x, {N, g.C}, "u");
+  const at::Tensor bias = vec(bias_in, x, {N}, "bias");
+  const at::Tensor y = like_x(at::empty_like(x), x, g, "y");
+  at::Tensor s_mask = at::empty({N, g.P}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  if (N == 0 || g.P == 0) return {y, s_mask};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_fwd_apply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto kernel = fwd_apply_kernel<scalar_t, acc_t>;
+    const Launch l = plan(kernel, g.C, sizeof(acc_t), 1, 1, 2);
+    const int tiles = (g.P + l.tile_p - 1) / l.tile_p;
+    const int sms = launch::device_attribute(launch::Attr::kMultiProcessors);
+    const int grid_x = std::max(1, std::min(tiles, (8 * sms + N - 1) / N));
+    launch::launch(kernel, dim3(grid_x, N), kThreads, l.smem,
+        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile,
+        a.data_ptr<acc_t>(), u.data_ptr<acc_t>(), bias.data_ptr<acc_t>(),
+        s_mask.data_ptr<acc_t>(), sequential);
+  });
+  return {y, s_mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_bwd_reduce_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& a_in,
+    const at::Tensor& s_in, int64_t splits_req, bool sequential) {
+  const launch::DeviceGuard guard(x.device());
+  const Geometry g = geometry(x);
+  const int N = static_cast<int>(x.size(0));
+  const at::Tensor grad = like_x(grad_in, x, g, "grad");
+  const at::Tensor a = vec(a_in, x, {N, g.C}, "a");
+  const at::Tensor s_mask = vec(s_in, x, {N, g.P}, "s_mask");
+  const auto opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  at::Tensor d_t = at::empty({N, g.P}, opts);
+  at::Tensor pda, pdu;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto kernel = bwd_reduce_kernel<scalar_t, acc_t>;
+    const SplitLaunch s = plan_split(kernel, g, N, splits_req, sizeof(acc_t), 2, 2, 3);
+    pda = at::empty({N, s.splits, g.C}, opts);
+    pdu = at::empty({N, s.splits, g.C}, opts);
+    if (N == 0) return;
+    launch::launch(kernel, dim3(s.splits, N), kThreads, s.l.smem,
+        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g, s.l.tile_p, s.l.log2_tile,
+        s.chunk, s.splits, a.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(),
+        pda.data_ptr<acc_t>(), pdu.data_ptr<acc_t>(), sequential);
+  });
+  return {d_t, pda, pdu};
+}
+
+std::tuple<at::Tensor, at::Tensor> psa_bwd_apply_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& a_in,
+    const at::Tensor& s_in, const at::Tensor& pi_in, const at::Tensor& dt_in,
+    const at::Tensor& u_in, const at::Tensor& dm_in, const at::Tensor& dsv_in,
+    const at::Tensor& wq_in, const at::Tensor& beta_in, int64_t splits_req, bool sequential) {
+  const launch::DeviceGuard guard(x.device());
+  const Geometry g = geometry(x);
+  const int N = static_cast<int>(x.size(0));
+  const at::Tensor grad = like_x(grad_in, x, g, "grad");
+  const at::Tensor a = vec(a_in, x, {N, g.C}, "a");
+  const at::Tensor s_mask = vec(s_in, x, {N, g.P}, "s_mask");
+  const at::Tensor pi = vec(pi_in, x, {N, g.P}, "pi");
+  const at::Tensor d_t = vec(dt_in, x, {N, g.P}, "d_t");
+  const at::Tensor u = vec(u_in, x, {N, g.C}, "u");
+  const at::Tensor dm = vec(dm_in, x, {N, g.C}, "dm");
+  const at::Tensor dsv = vec(dsv_in, x, {N, g.C}, "dsv");
+  const at::Tensor wq = vec(wq_in, x, {g.C}, "wq");
+  const at::Tensor beta = vec(beta_in, x, {N}, "beta");
+  const at::Tensor dx = like_x(at::empty_like(x), x, g, "dx");
+  const auto opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  at::Tensor pgwq;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_apply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto kernel = bwd_apply_kernel<scalar_t, acc_t>;
+    const SplitLaunch s = plan_split(kernel, g, N, splits_req, sizeof(acc_t), 1, 4, 6);
+    pgwq = at::empty({N, s.splits, g.C}, opts);
+    if (N == 0) return;
+    launch::launch(kernel, dim3(s.splits, N), kThreads, s.l.smem,
+        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g,
+        s.l.tile_p, s.l.log2_tile, s.chunk, s.splits, a.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>(),
+        pi.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), u.data_ptr<acc_t>(), dm.data_ptr<acc_t>(),
+        dsv.data_ptr<acc_t>(), wq.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
+        pgwq.data_ptr<acc_t>(), sequential);
+  });
+  return {dx, pgwq};
+}
+
+}  // namespace psa
+}  // namespace mmattn

@@ -1,0 +1,146 @@
+// CUDA's execution model on the CPU, so that mmattn's kernel sources (mmattn/ops/csrc/*.cuh) can
+// be compiled by the host compiler and run in the tests on a machine without a GPU.
+//
+// A launch runs the grid's blocks one after another; a block runs each of its CUDA threads as an
+// OS thread, with __syncthreads() a barrier of the block and the warp shuffles an exchange
+// through a buffer between two barriers of the warp. Dynamic shared memory is one buffer (the
+// blocks do not overlap in time), filled with 0xFF bytes (NaN for floating point) before each
+// block so that a read of shared memory nobody wrote shows up in the results. Threads really run
+// concurrently, so a missing __syncthreads can show as a wrong (or flaky) result; what cannot be
+// seen here: the GPU's memory model, performance, and errors that only the device's limits
+// produce. This provides the interface of mmattn/ops/csrc/cuda_launch.cuh.
+//
+// Each kernel family declares its dynamic shared memory (`extern __shared__ ... smem_raw[]`) in
+// its own namespace; the translation unit that includes a family defines that array with
+// MMATTN_EMULATED_SHARED_MEMORY(namespace).
+#pragma once
+
+// the headers the kernels use, before the CUDA keywords are defined away below
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/core/Device.h>
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+inline dim3 gridDim, blockDim, blockIdx;  // shared by the threads of the running block
+inline thread_local dim3 threadIdx;
+
+using std::max;
+using std::min;
+
+namespace mmattn_emulation {
+
+struct Block {
+  std::barrier<>* threads = nullptr;
+  std::vector<std::unique_ptr<std::barrier<>>>* warps = nullptr;
+  std::vector<double>* exchange = nullptr;
+};
+inline Block block;
+constexpr size_t kSharedMemoryBytes = 227 * 1024;  // an H100's opt-in limit per block
+inline std::vector<unsigned char*> shared_memories;  // one per kernel family
+
+inline bool register_shared_memory(unsigned char* memory) {
+  shared_memories.push_back(memory);
+  return true;
+}
+
+}  // namespace mmattn_emulation
+
+inline void __syncthreads() { mmattn_emulation::block.threads->arrive_and_wait(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T value, int lane_mask) {
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  double* slots = mmattn_emulation::block.exchange->data() + warp * 32;
+  std::barrier<>& sync = *(*mmattn_emulation::block.warps)[warp];
+  slots[lane] = static_cast<double>(value);
+  sync.arrive_and_wait();
+  const T other = static_cast<T>(slots[lane ^ static_cast<unsigned>(lane_mask)]);
+  sync.arrive_and_wait();
+  return other;
+}
+
+inline float __expf(float v) { return std::exp(v); }
+
+namespace mmattn {
+namespace launch {
+
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+
+enum class Attr { kMultiProcessors, kSharedMemoryOptin };
+
+// a small device: few blocks per launch keep the emulation quick and still split reductions
+inline int device_attribute(Attr attr) {
+  return attr == Attr::kMultiProcessors ? 2
+                                        : static_cast<int>(mmattn_emulation::kSharedMemoryBytes);
+}
+
+template <typename... KArgs>
+void allow_shared_memory(void (*)(KArgs...), size_t) {}
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem,
+            Args&&... args) {
+  TORCH_CHECK(threads >= 1 && threads <= 1024, "emulated launch: ", threads, " threads");
+  TORCH_CHECK(smem <= mmattn_emulation::kSharedMemoryBytes, "emulated launch: ", smem,
+              " bytes of shared memory, the device has ", mmattn_emulation::kSharedMemoryBytes);
+  gridDim = grid;
+  blockDim = dim3(threads);
+  const unsigned warps = (threads + 31) / 32;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = dim3(x, y, z);
+        std::barrier<> block_sync(threads);
+        std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
+        for (unsigned w = 0; w < warps; ++w)
+          warp_sync.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+        std::vector<double> exchange(32 * warps);
+        mmattn_emulation::block = {&block_sync, &warp_sync, &exchange};
+        for (unsigned char* memory : mmattn_emulation::shared_memories)
+          std::memset(memory, 0xFF, mmattn_emulation::kSharedMemoryBytes);
+        std::vector<std::thread> pool;
+        pool.reserve(threads);
+        for (unsigned t = 0; t < threads; ++t)
+          pool.emplace_back([&, t] {
+            threadIdx = dim3(t);
+            kernel(args...);
+            warp_sync[t / 32]->arrive_and_drop();  // an exited thread no longer holds others up
+            block_sync.arrive_and_drop();
+          });
+        for (std::thread& th : pool) th.join();
+      }
+}
+
+}  // namespace launch
+}  // namespace mmattn
+
+// Defines the dynamic shared memory of the kernels in namespace NS and registers it.
+#define MMATTN_EMULATED_SHARED_MEMORY(NS)                                              \
+  namespace NS {                                                                       \
+  alignas(16) unsigned char smem_raw[mmattn_emulation::kSharedMemoryBytes];            \
+  const bool smem_registered = mmattn_emulation::register_shared_memory(smem_raw);     \
+  }

@@ -1,0 +1,15 @@
+// The outlook-attention CUDA kernels and their host wrappers
+// (mmattn/ops/csrc/outlook_kernels.cuh) compiled for the CPU emulation of emulated_cuda.h,
+// registered as the CPU implementations of mmattn_emulated::outlook_fwd / outlook_bwd.
+#include "emulated_cuda.h"
+
+#include <torch/library.h>
+
+#include "outlook_kernels.cuh"
+
+MMATTN_EMULATED_SHARED_MEMORY(mmattn::outlook_detail)
+
+TORCH_LIBRARY_IMPL(mmattn_emulated, CPU, m) {
+  m.impl("outlook_fwd", &mmattn::outlook_fwd_cuda);
+  m.impl("outlook_bwd", &mmattn::outlook_bwd_cuda);
+}

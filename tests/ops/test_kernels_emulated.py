@@ -1,0 +1,193 @@
+"""The CUDA kernels' own sources, run on the CPU.
+
+``tests/ops/emulation`` compiles ``mmattn/ops/csrc/psa_kernels.cuh`` and ``outlook_kernels.cuh``
+(the kernels and the host code that launches them, exactly as ``psa_cuda.cu`` /
+``outlook_cuda.cu`` include them) with the host compiler against a CPU emulation of CUDA's
+execution model (``emulated_cuda.h``: one OS thread per CUDA thread, real barriers for
+``__syncthreads`` and the warp shuffles, shared memory filled with NaN before each block). The
+emulated ops are compared with the paper's equations (the references of ``test_psa_op.py`` and
+``test_outlook_op.py``), in float64 and, with the per-dtype rule, in float32/bfloat16/float16.
+This checks the kernels' indexing, tiling, split reductions, layouts and synchronisation on any
+machine; the ``cuda``-marked tests run the same comparisons on a GPU.
+"""
+from __future__ import annotations
+
+import os.path as osp
+import sys
+from typing import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+import mmattn.ops.psa as psa_op
+from mmattn.ops import extension
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from test_outlook_op import grid, paper_aggregate  # noqa: E402
+from test_psa_op import EPS, F64, PARAM_NAMES, grads, paper_psa, random_params  # noqa: E402
+
+HERE = osp.dirname(osp.abspath(__file__))
+NAMESPACE = 'mmattn_emulated'
+_LIBRARY: list[torch.library.Library] = []   # keeps the schema definitions alive
+
+
+@pytest.fixture(scope='module')
+def emulated() -> Iterator[object]:
+    """Build (cached by torch) and load the emulated kernels; yields ``torch.ops.<ns>``."""
+    from torch.utils.cpp_extension import load
+    if not hasattr(torch.ops, NAMESPACE) or not hasattr(getattr(torch.ops, NAMESPACE),
+                                                        'psa_fwd_reduce'):
+        lib = torch.library.Library(NAMESPACE, 'DEF')
+        for schema in extension.SCHEMAS.values():
+            lib.define(schema)
+        _LIBRARY.append(lib)
+        load(name='mmattn_emulated_kernels',
+             sources=[osp.join(HERE, 'emulation', 'psa_emulated.cpp'),
+                      osp.join(HERE, 'emulation', 'outlook_emulated.cpp')],
+             extra_include_paths=[extension.CSRC, osp.join(HERE, 'emulation')],
+             extra_cflags=['-O2', '-pthread'], extra_ldflags=['-pthread'],
+             is_python_module=False)
+    yield getattr(torch.ops, NAMESPACE)
+
+
+# ---------------------------------------------------------------- PSA
+@pytest.fixture
+def psa_kernel(emulated, monkeypatch: pytest.MonkeyPatch):
+    """``psa_paper_folded(..., kernel=True)`` running its four passes on the emulated kernels
+    (the Python glue between them is mmattn's own)."""
+    passes = (emulated.psa_fwd_reduce, emulated.psa_fwd_apply, emulated.psa_bwd_reduce,
+              emulated.psa_bwd_apply)
+    real = psa_op._passes
+    monkeypatch.setattr(psa_op, '_passes', lambda kernel: passes if kernel else real(False))
+
+    def run(x: Tensor, w: dict[str, Tensor], mode: str) -> Tensor:
+        return psa_op.psa_paper_folded(x, *(w[k] for k in PARAM_NAMES), eps=EPS,
+                                       sequential=mode == 'sequential', kernel=True)
+    return run
+
+
+@pytest.mark.parametrize('mode', ['parallel', 'sequential'])
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_psa_kernels_match_equations(psa_kernel, mode: str,
+                                     layout: torch.memory_format) -> None:
+    """1x1 maps, one pixel row, C not a multiple of 32, more pixels than a tile and than a
+    split; float64, output and all 13 gradients."""
+    for shape in [(1, 2, 1, 1), (2, 8, 7, 5), (3, 4, 1, 9), (2, 64, 16, 12), (1, 96, 9, 1)]:
+        w = random_params(shape[1], std=0.3)
+        x, g = torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)
+        ref, ref_g = paper_psa(x, w, mode), grads(paper_psa, x, w, mode, g)
+        xl = x.contiguous(memory_format=layout)
+        y = psa_kernel(xl, w, mode)
+        assert y.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        for name, a, b in zip(('x',) + PARAM_NAMES, grads(psa_kernel, xl, w, mode, g), ref_g):
+            scale = ref_g[1] if name == 'ch_bq' else b
+            torch.testing.assert_close(a, b, rtol=1e-10,
+                                       atol=1e-10 * max(1.0, scale.abs().max().item()),
+                                       msg=name)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_psa_kernels_low_precision(psa_kernel, dtype: torch.dtype) -> None:
+    """C=256 (smaller tiles in the backward's two-tile pass for float32): error against float64
+    at most about twice the eager reference's in the same dtype."""
+    mode, shape = 'sequential', (2, 256, 10, 12)
+    w = random_params(256, std=0.05)
+    x, g = torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)
+    truth, truth_g = paper_psa(x, w, mode), grads(paper_psa, x, w, mode, g)
+    wh = {k: v.to(dtype) for k, v in w.items()}
+    xh, gh = x.to(dtype), g.to(dtype)
+    ref, ref_g = paper_psa(xh, wh, mode), grads(paper_psa, xh, wh, mode, gh)
+    ours, ours_g = psa_kernel(xh, wh, mode), grads(psa_kernel, xh, wh, mode, gh)
+    assert ours.dtype == dtype
+
+    def err(a: Tensor, b: Tensor) -> float:
+        return (a.double() - b).abs().max().item()
+
+    assert err(ours, truth) <= 2 * err(ref, truth) + 1e-6
+    for name, a, r, t in zip(('x',) + PARAM_NAMES, ours_g, ref_g, truth_g):
+        scale = truth_g[1] if name == 'ch_bq' else t
+        assert err(a, t) <= 2 * err(r, t) + 1e-3 * scale.abs().max().item(), name
+
+
+def test_psa_kernels_wide_channels_use_the_opt_in_shared_memory(psa_kernel) -> None:
+    """C=2048 in float64: one pixel per tile does not fit the default 48 KiB of shared memory;
+    the launch asks for the opt-in amount."""
+    w = random_params(2048, std=0.02)
+    x, g = torch.randn(2, 2048, 2, 3, dtype=F64), torch.randn(2, 2048, 2, 3, dtype=F64)
+    torch.testing.assert_close(psa_kernel(x, w, 'parallel'), paper_psa(x, w, 'parallel'),
+                               rtol=1e-12, atol=1e-12)
+    ours, ref = grads(psa_kernel, x, w, 'parallel', g), grads(paper_psa, x, w, 'parallel', g)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-10, atol=1e-10)
+
+
+def test_psa_kernel_input_errors(emulated) -> None:
+    x = torch.randn(2, 6, 3, 3)
+    with pytest.raises(RuntimeError, match='C must be even'):
+        emulated.psa_fwd_reduce(torch.randn(2, 5, 3, 3), torch.randn(5), 0)
+    with pytest.raises(RuntimeError, match='wq must have shape'):
+        emulated.psa_fwd_reduce(x, torch.randn(4), 0)
+    with pytest.raises(RuntimeError, match='a must be Float'):
+        emulated.psa_fwd_apply(x, torch.randn(2, 6, dtype=F64), torch.randn(2, 6),
+                               torch.randn(2), False)
+    with pytest.raises(RuntimeError, match='contiguous or channels_last'):
+        emulated.psa_fwd_apply(x.transpose(2, 3), torch.randn(2, 6), torch.randn(2, 6),
+                               torch.randn(2), False)
+
+
+# ---------------------------------------------------------------- outlook attention
+# (K, p, s, H, W, heads, d): unrolled K=3 and generic K, strides 1-3, even kernels, 1x1 maps,
+# and K=7 with C=128, whose window rows exceed the shared-memory budget of grad_attn's kernel
+EMULATED_GEOMETRIES = [(3, 1, 1, 5, 7, 2, 3), (3, 1, 2, 5, 7, 2, 4), (3, 1, 2, 1, 1, 1, 4),
+                       (5, 2, 3, 7, 8, 2, 2), (2, 0, 2, 6, 4, 1, 3), (7, 3, 2, 5, 5, 2, 64)]
+
+
+def outlook_inputs(b: int, k: int, p: int, s: int, height: int, width: int, heads: int, d: int,
+                   dtype: torch.dtype = F64) -> tuple[Tensor, Tensor]:
+    v = torch.randn(b, height, width, heads * d, dtype=F64)
+    attn = torch.randn(b, grid(height, k, p, s), grid(width, k, p, s), heads, k * k, k * k,
+                       dtype=F64).mul(2).softmax(-1)
+    return v.to(dtype), attn.to(dtype)
+
+
+def test_outlook_kernels_match_equations(emulated) -> None:
+    for k, p, s, height, width, heads, d in EMULATED_GEOMETRIES:
+        v, attn = outlook_inputs(2, k, p, s, height, width, heads, d)
+        torch.testing.assert_close(emulated.outlook_fwd(v, attn, k, p, s),
+                                   paper_aggregate(v, attn, k, p, s), rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(v)
+        grad_v, grad_attn = emulated.outlook_bwd(g, v, attn, k, p, s)
+        vr, ar = v.clone().requires_grad_(), attn.clone().requires_grad_()
+        paper_aggregate(vr, ar, k, p, s).backward(g)
+        torch.testing.assert_close(grad_v, vr.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad_attn, ar.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('d', [32, 2, 3])
+def test_outlook_kernels_low_precision(emulated, dtype: torch.dtype, d: int) -> None:
+    """The vectorised channel packs (4 bf16/fp16 or 2 float32 per thread where the head size
+    allows, else narrower): error against float64 at most about twice the unfold-free
+    PyTorch reference's in the same dtype."""
+    from mmattn.ops import outlook_attention_reference
+    k, p, s = 3, 1, 2
+    v, attn = outlook_inputs(1, k, p, s, 14, 12, 3, d)
+    g = torch.randn_like(v)
+    truth = paper_aggregate(v, attn, k, p, s)
+    vr, ar = v.clone().requires_grad_(), attn.clone().requires_grad_()
+    paper_aggregate(vr, ar, k, p, s).backward(g)
+    vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
+    vhr, ahr = vh.clone().requires_grad_(), ah.clone().requires_grad_()
+    ref = outlook_attention_reference(vhr, ahr, kernel_size=k, padding=p, stride=s)
+    ref.backward(gh)
+    ours = emulated.outlook_fwd(vh, ah, k, p, s)
+    ours_gv, ours_ga = emulated.outlook_bwd(gh, vh, ah, k, p, s)
+
+    def err(a: Tensor, b: Tensor) -> float:
+        return (a.double() - b).abs().max().item()
+
+    assert ours.dtype == dtype
+    for name, a, r, t in (('y', ours, ref, truth), ('v', ours_gv, vhr.grad, vr.grad),
+                          ('attn', ours_ga, ahr.grad, ar.grad)):
+        assert err(a, t) <= 2 * err(r, t) + 1e-6, name
