@@ -102,8 +102,9 @@ class OutlookAttention(nn.Module):
         data_format: ``'NCHW'`` (plugin) or ``'NHWC'`` (channels-last tokens, as in VOLO).
         backend: The aggregation's path: ``'auto'`` (the compiled kernel where it is loaded for
             the input's device, else the reference), ``'reference'``, ``'cuda'`` or ``'cpu'``
-            (see :func:`mmattn.ops.outlook_attention`). On a compiled kernel, and without
-            attention dropout in training, the whole block runs as
+            (see :func:`mmattn.ops.outlook_attention`). On a compiled kernel, without
+            attention dropout in training and without forward hooks on ``v``/``attn``/``proj``
+            (which it does not call), the whole block runs as
             :func:`mmattn.ops.outlook_attention_block`: its backward recomputes the values and
             the aggregation, so it keeps only the normalised weights for the backward.
     """
@@ -172,7 +173,9 @@ class OutlookAttention(nn.Module):
             raise ValueError(f'{type(self).__name__}: forward_nhwc expects (B, H, W, '
                              f'{self.in_channels}), got shape {tuple(x.shape)}')
         chosen = select_backend('outlook', x, self.backend)[0]
-        if chosen != 'reference' and not (self.training and self.attn_drop.p > 0):
+        hooked = any(m._forward_hooks or m._forward_pre_hooks
+                     for m in (self.v, self.attn, self.proj))
+        if chosen != 'reference' and not hooked and not (self.training and self.attn_drop.p > 0):
             outlook_grid_size(x.shape[1], x.shape[2], self.kernel_size, self.padding,
                               self.stride, type(self).__name__)
             y = outlook_attention_block(

@@ -247,6 +247,10 @@ def test_cpu_block_keeps_only_the_weights(cpu_kernels: str) -> None:
                                attn_drop=0.1).train()
     assert saved_bytes(dropped, x) > 2 * weights_bytes
     assert saved_bytes(dropped.eval(), x) == weights_bytes
+    # hooks on the projections see their calls: the block composes the ops then
+    seen = []
+    ours.proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert saved_bytes(ours, x) > 2 * weights_bytes and seen == [(2, 28, 28, 192)]
 
 
 def test_cpu_block_under_autocast(cpu_kernels: str) -> None:
