@@ -69,6 +69,24 @@ def test_cpu_torch_with_cuda_torchvision_is_explained(tmp_path: Path) -> None:
     assert 'timm' not in '\n'.join(last[-3:])
 
 
+def test_the_check_can_be_skipped_explicitly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For kernel work on a machine with another stack (mmcv without ops): an explicit opt-out,
+    and the blocks that need no mmcv op still work."""
+    monkeypatch.setenv('MMATTN_SKIP_STACK_CHECK', '1')
+    code = textwrap.dedent("""
+        import sys
+        sys.modules['mmcv._ext'] = None
+        import torch
+        from mmattn.layers import PolarizedSelfAttention
+        PolarizedSelfAttention(8)(torch.randn(1, 8, 4, 4))
+        print('ok')
+    """)
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith('ok')
+
+
 def test_mmcv_without_ops_is_explained() -> None:
     result = _import_mmattn_with("""
         import sys
