@@ -25,7 +25,8 @@ from mmattn.ops import extension
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from test_outlook_op import grid, paper_aggregate  # noqa: E402
-from test_psa_op import EPS, F64, PARAM_NAMES, grads, paper_psa, random_params  # noqa: E402
+from test_psa_op import (EPS, F64, PARAM_NAMES, check_low_precision, grads,  # noqa: E402
+                         paper_psa, random_params)
 
 HERE = osp.dirname(osp.abspath(__file__))
 NAMESPACE = 'mmattn_emulated'
@@ -92,23 +93,7 @@ def test_psa_kernels_match_equations(psa_kernel, mode: str,
 def test_psa_kernels_low_precision(psa_kernel, dtype: torch.dtype) -> None:
     """C=256 (smaller tiles in the backward's two-tile pass for float32): error against float64
     at most about twice the eager reference's in the same dtype."""
-    mode, shape = 'sequential', (2, 256, 10, 12)
-    w = random_params(256, std=0.05)
-    x, g = torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)
-    truth, truth_g = paper_psa(x, w, mode), grads(paper_psa, x, w, mode, g)
-    wh = {k: v.to(dtype) for k, v in w.items()}
-    xh, gh = x.to(dtype), g.to(dtype)
-    ref, ref_g = paper_psa(xh, wh, mode), grads(paper_psa, xh, wh, mode, gh)
-    ours, ours_g = psa_kernel(xh, wh, mode), grads(psa_kernel, xh, wh, mode, gh)
-    assert ours.dtype == dtype
-
-    def err(a: Tensor, b: Tensor) -> float:
-        return (a.double() - b).abs().max().item()
-
-    assert err(ours, truth) <= 2 * err(ref, truth) + 1e-6
-    for name, a, r, t in zip(('x',) + PARAM_NAMES, ours_g, ref_g, truth_g):
-        scale = truth_g[1] if name == 'ch_bq' else t
-        assert err(a, t) <= 2 * err(r, t) + 1e-3 * scale.abs().max().item(), name
+    check_low_precision(psa_kernel, (2, 256, 10, 12), 0.05, 'sequential', dtype)
 
 
 def test_psa_kernels_wide_channels_use_the_opt_in_shared_memory(psa_kernel) -> None:
