@@ -26,9 +26,10 @@ mean, spatial logits), each a batched matrix-vector product or a plain reduction
 elementwise pass, plus C-sized work; the backward (hand-written, :func:`_backward_impl`) one
 product ``G (.) x`` with its two reductions, three matrix-vector passes over x, and
 ``dx = G (.) (A (+) S)`` plus a rank-4 correction written in place. The saved state is x plus
-a few (N, P) and (N, C) vectors, against several (N, C/2, H, W) maps for the eager form. A
-fused kernel would do the forward in 2 reads and 1 write of x; that is for a CUDA kernel (see
-``docs/benchmarks.md``).
+a few (N, P) and (N, C) vectors, against several (N, C/2, H, W) maps for the eager form.
+Written as four passes over x (:func:`_fwd_reduce_torch` ... :func:`_bwd_apply_torch`), each has
+a CUDA kernel with the same contract (``mmattn/ops/csrc/psa_kernels.cuh``; ``kernel=True``):
+2 reads and 1 write of x forward, 5·|x| backward (see ``docs/kernels.md``).
 
 Both the forward and the backward are ``torch.library`` custom ops (``mmattn::psa_paper_folded``
 and ``mmattn::psa_paper_folded_backward``) with fake implementations, so ``torch.compile``
@@ -36,10 +37,10 @@ traces them without graph breaks; first-order gradients only (a double backward 
 Under autocast the op runs in the dtype of ``x`` (it has no autocast rule); for float16/bfloat16
 inputs the C-sized work is done in float32.
 
-The official release's forms (``variant='official'``) have no op here: ``PSA_p`` would fold the
-same way (its extra softmax over pixels acts on a (N, P) vector), but ``PSA_s`` applies a softmax
-over the pixels of each of the C/2 value channels, which needs the full per-pixel (C/2 x C)
-product; the module computes them with its reference path.
+The official release's forms (``variant='official'``) have no op here: ``PSA_s`` applies a
+softmax over the pixels of each of the C/2 value channels, which needs the full per-pixel
+(C/2 x C) product; the module folds what folds in PyTorch operations
+(:meth:`mmattn.layers.PolarizedSelfAttention._official_folded`).
 """
 from __future__ import annotations
 
