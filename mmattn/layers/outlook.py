@@ -30,11 +30,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmattn.ops.dispatch import backends_for, select_backend
-from mmattn.ops.outlook import outlook_attention, outlook_attention_block
+from mmattn.ops.outlook import (outlook_attention, outlook_attention_block,
+                                outlook_weights)
 from mmattn.registry import MODELS
 
 from .checks import check_choice, check_divisible, check_input, check_positive, factory_kwargs
@@ -156,16 +156,11 @@ class OutlookAttention(nn.Module):
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised outlook weights ``softmax(A_hat)`` of ``x`` (B, H, W, C), before dropout:
         (B, h, w, N, K^2, K^2)."""
-        batch, height, width, _ = x.shape
-        h, w = outlook_grid_size(height, width, self.kernel_size, self.padding, self.stride,
-                                 type(self).__name__)
-        pooled = x
-        if self.stride > 1:
-            pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.stride, self.stride,
-                                  ceil_mode=True).permute(0, 2, 3, 1)
-        k2 = self.kernel_size ** 2
-        logits = self.attn(pooled).reshape(batch, h, w, self.num_heads, k2, k2)
-        return (logits * self.scale).softmax(dim=-1)
+        outlook_grid_size(x.shape[1], x.shape[2], self.kernel_size, self.padding, self.stride,
+                          type(self).__name__)
+        return outlook_weights(x, self.attn, num_heads=self.num_heads,
+                               kernel_size=self.kernel_size, stride=self.stride,
+                               scale=self.scale)
 
     def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
         """Outlook attention of a channels-last ``x`` (B, H, W, C); returns (B, H, W, C)."""

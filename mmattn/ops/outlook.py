@@ -19,6 +19,8 @@ them and autograd differentiates them (first order).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,7 +28,8 @@ from torch import Tensor
 from . import extension  # noqa: F401  (defines the op schemas)
 from .dispatch import select_backend
 
-__all__ = ['outlook_attention', 'outlook_attention_block', 'outlook_attention_reference']
+__all__ = ['outlook_attention', 'outlook_attention_block', 'outlook_attention_reference',
+           'outlook_weights']
 
 
 def outlook_attention_reference(v: Tensor, attn: Tensor, *, kernel_size: int, padding: int,
@@ -111,6 +114,18 @@ def _pool(x: Tensor, stride: int) -> Tensor:
                         ceil_mode=True).permute(0, 2, 3, 1)
 
 
+def outlook_weights(x: Tensor, project: Callable[[Tensor], Tensor], *, num_heads: int,
+                    kernel_size: int, stride: int, scale: float) -> Tensor:
+    """The normalised outlook weights of ``x`` (B, H, W, C), Eq. 3:
+    ``softmax(scale * reshape(project(AvgPool_s(x))))``, shape (B, h, w, N, K^2, K^2), the
+    softmax over the last axis. ``project`` is ``W_A`` (the block's ``attn`` layer)."""
+    pooled = _pool(x, stride)
+    b, h, w = pooled.shape[:3]
+    k2 = kernel_size * kernel_size
+    logits = project(pooled).reshape(b, h, w, num_heads, k2, k2)
+    return (logits * scale).softmax(dim=-1)
+
+
 class _RecomputingOutlook(torch.autograd.Function):
     """The whole outlook-attention block on the compiled kernels, keeping only its input and
     the normalised weights for the backward (see :func:`outlook_attention_block`)."""
@@ -120,12 +135,10 @@ class _RecomputingOutlook(torch.autograd.Function):
                 attn_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
                 geometry: tuple[int, int, int, int, float]) -> Tensor:
         k, p, s, heads, scale = geometry
-        b, _, _, c = x.shape
-        pooled = _pool(x, s)
-        h, w = pooled.shape[1:3]
-        logits = F.linear(pooled, attn_weight, attn_bias).reshape(b, h, w, heads, k * k, k * k)
         v = F.linear(x, v_weight, v_bias)
-        attn = (logits * scale).softmax(-1).to(v.dtype)
+        attn = outlook_weights(x, lambda t: F.linear(t, attn_weight, attn_bias),
+                               num_heads=heads, kernel_size=k, stride=s,
+                               scale=scale).to(v.dtype)
         y = torch.ops.mmattn.outlook_fwd(v.contiguous(), attn, k, p, s)
         device = x.device.type
         ctx.amp = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
