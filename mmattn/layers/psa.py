@@ -390,7 +390,7 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels, type(self).__name__)
-        chosen = 'reference' if self.backend == 'reference' else self.selected_backend(x)[0]
+        chosen = self.selected_backend(x)[0]
         if chosen != 'reference' and self.variant == 'official':
             return self._official_folded(x)
         if chosen != 'reference':

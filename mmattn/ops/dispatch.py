@@ -44,10 +44,11 @@ __all__ = ['BACKENDS', 'ENV_VAR', 'KernelUnavailableError', 'OPS', 'backends_for
 
 ENV_VAR = 'MMATTN_BACKEND'
 ENV_CHOICES = ('auto', 'reference')
-BACKENDS = ('auto', 'reference', 'folded', 'cuda', 'cpu')
 #: the ops with a fast path, and their backends besides the reference, in auto's order
 OPS: dict[str, tuple[str, ...]] = {'psa_paper': ('cuda', 'folded'), 'psa_official': ('folded',),
                                    'outlook': ('cuda', 'cpu')}
+#: every ``backend=`` value some op accepts
+BACKENDS = ('auto', 'reference') + tuple(dict.fromkeys(b for names in OPS.values() for b in names))
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
