@@ -38,6 +38,16 @@ void allow_shared_memory(void (*kernel)(KArgs...), size_t bytes) {
                                       static_cast<int>(bytes)));
 }
 
+// How many blocks of `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) one SM
+// holds at once (registers, shared memory and thread limits together); at least 1.
+template <typename... KArgs>
+int resident_blocks(void (*kernel)(KArgs...), unsigned threads, size_t smem) {
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel,
+                                                               static_cast<int>(threads), smem));
+  return blocks > 0 ? blocks : 1;
+}
+
 // kernel<<<grid, threads, smem, current stream>>>(args...), checked.
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem, Args&&... args) {

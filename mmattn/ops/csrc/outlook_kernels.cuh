@@ -24,6 +24,9 @@ namespace mmattn {
 namespace outlook_detail {
 
 constexpr int kGatherThreads = 256;
+// 4 resident gather blocks per SM: 64 registers a thread. Without the bound ptxas spills the
+// any-K gather (28-32 bytes on sm_80) at the same register count.
+constexpr int kGatherMinBlocks = 4;
 constexpr int kWindowThreads = 512;
 constexpr int64_t kSmemBudget = 48 * 1024;  // bytes, no opt-in needed
 
@@ -41,7 +44,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 // blockIdx.x / threadIdx.x cover (x, channel pack) of a row. KT = K when fixed at compile time
 // (K = 3: the window loops unroll and the loads overlap), 0 for any K.
 template <bool TRANSPOSED, int VEC, int KT, typename scalar_t>
-__global__ void __launch_bounds__(kGatherThreads)
+__global__ void __launch_bounds__(kGatherThreads, kGatherMinBlocks)
 outlook_gather_kernel(const scalar_t* __restrict__ src, const scalar_t* __restrict__ attn,
                       scalar_t* __restrict__ out, const OutlookGeom g, const int C, const int d,
                       const int64_t rows) {

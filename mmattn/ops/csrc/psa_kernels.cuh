@@ -38,6 +38,13 @@ namespace psa {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Resident blocks per SM the register allocation is made for (__launch_bounds__). A block's
+// shared memory (about 36-40 KB at C=256) already limits an H100/H200 SM to 5-6 blocks (an A100
+// SM to 4): the forward kernels fit 5 blocks in 48 registers a thread, the backward kernels
+// need 64 (4 blocks). Without the bound, ptxas's own choice for bwd_reduce was 48 registers
+// and 40 bytes of spills on sm_90; the build warns on any spill (tests/ops/test_build.py).
+constexpr int kFwdMinBlocks = 5;
+constexpr int kBwdMinBlocks = 4;
 constexpr int kMaxTile = 32;                  // pixels per tile (a power of two)
 constexpr size_t kDefaultSmem = 48 * 1024;    // without the opt-in attribute
 
@@ -108,7 +115,7 @@ __device__ __forceinline__ int64_t at_cp(const Geometry& g, int c, int64_t p) {
 
 // ---------------------------------------------------------------- forward, pass 1: reductions
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
 fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int log2_tile,
                   int chunk, int splits, const acc_t* __restrict__ wq, acc_t* __restrict__ logits,
                   acc_t* __restrict__ pmax, acc_t* __restrict__ psum, acc_t* __restrict__ ps,
@@ -175,7 +182,7 @@ fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int lo
 
 // ---------------------------------------------------------------- forward, pass 2: gating
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
 fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g, int tile_p,
                  int log2_tile, const acc_t* __restrict__ a, const acc_t* __restrict__ u,
                  const acc_t* __restrict__ bias, acc_t* __restrict__ s_mask, bool sequential) {
@@ -215,7 +222,7 @@ fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geome
 
 // ---------------------------------------------------------------- backward, pass 1: reductions
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBwdMinBlocks)
 bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, Geometry g,
                   int tile_p, int log2_tile, int chunk, int splits, const acc_t* __restrict__ a,
                   const acc_t* __restrict__ s_mask, acc_t* __restrict__ d_t,
@@ -275,7 +282,7 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
 
 // ---------------------------------------------------------------- backward, pass 2: dx
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBwdMinBlocks)
 bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                  scalar_t* __restrict__ dx, Geometry g, int tile_p, int log2_tile, int chunk,
                  int splits, const acc_t* __restrict__ a, const acc_t* __restrict__ s_mask,
@@ -425,14 +432,19 @@ Launch plan(Kernel kernel, int C, size_t elem, int tiles, int per_pixel, int per
   return {tp, log2, smem};
 }
 
-// Blocks per image for the split reductions: enough to give every SM a few blocks.
-int choose_splits(int64_t requested, int N, int P, int tile_p, int* chunk) {
+// Blocks per image that fill the GPU in one wave: as many blocks as the SMs hold at once
+// (`per_sm` each), shared by the N images (rounded down: a second, nearly empty wave would cost a
+// whole block's time).
+int one_wave(int per_sm, int N) {
+  const int sms = launch::device_attribute(launch::Attr::kMultiProcessors);
+  return std::max(1, per_sm * sms / std::max(N, 1));
+}
+
+// Blocks per image for the split reductions (one wave unless `requested` > 0), and the pixels
+// each block reduces.
+int choose_splits(int64_t requested, int N, int P, int tile_p, int per_sm, int* chunk) {
   const int tiles = (P + tile_p - 1) / tile_p;
-  int splits = static_cast<int>(requested);
-  if (splits <= 0) {
-    const int sms = launch::device_attribute(launch::Attr::kMultiProcessors);
-    splits = (4 * sms + N - 1) / N;
-  }
+  int splits = requested > 0 ? static_cast<int>(requested) : one_wave(per_sm, N);
   splits = std::max(1, std::min(splits, tiles));
   const int tiles_per_split = (tiles + splits - 1) / splits;
   *chunk = tiles_per_split * tile_p;
@@ -450,7 +462,8 @@ template <typename Kernel>
 SplitLaunch plan_split(Kernel kernel, const Geometry& g, int N, int64_t splits_req, size_t elem,
                        int tiles, int per_pixel, int per_channel) {
   SplitLaunch s{plan(kernel, g.C, elem, tiles, per_pixel, per_channel), 0, 0};
-  s.splits = choose_splits(splits_req, N, g.P, s.l.tile_p, &s.chunk);
+  const int per_sm = launch::resident_blocks(kernel, kThreads, s.l.smem);
+  s.splits = choose_splits(splits_req, N, g.P, s.l.tile_p, per_sm, &s.chunk);
   return s;
 }
 
@@ -500,8 +513,8 @@ std::tuple<at::Tensor, at::Tensor> psa_fwd_apply_cuda(const at::Tensor& x, const
     auto kernel = fwd_apply_kernel<scalar_t, acc_t>;
     const Launch l = plan(kernel, g.C, sizeof(acc_t), 1, 1, 2);
     const int tiles = (g.P + l.tile_p - 1) / l.tile_p;
-    const int sms = launch::device_attribute(launch::Attr::kMultiProcessors);
-    const int grid_x = std::max(1, std::min(tiles, (8 * sms + N - 1) / N));
+    const int grid_x =
+        std::min(tiles, one_wave(launch::resident_blocks(kernel, kThreads, l.smem), N));
     launch::launch(kernel, dim3(grid_x, N), kThreads, l.smem,
         x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile,
         a.data_ptr<acc_t>(), u.data_ptr<acc_t>(), bias.data_ptr<acc_t>(),

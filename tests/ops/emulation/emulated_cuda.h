@@ -101,6 +101,12 @@ inline int device_attribute(Attr attr) {
 template <typename... KArgs>
 void allow_shared_memory(void (*)(KArgs...), size_t) {}
 
+// 4 resident blocks per "SM": with 2 SMs, launches sized to one wave split small batches' work
+template <typename... KArgs>
+int resident_blocks(void (*)(KArgs...), unsigned, size_t) {
+  return 4;
+}
+
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem,
             Args&&... args) {
