@@ -17,6 +17,7 @@
 #include <ATen/OpMathType.h>
 
 #include "outlook.h"
+#include "vector.cuh"
 
 // needs the launch interface: cuda_launch.cuh (GPU) or the tests' CPU emulation
 
@@ -29,14 +30,6 @@ constexpr int kGatherThreads = 256;
 constexpr int kGatherMinBlocks = 4;
 constexpr int kWindowThreads = 512;
 constexpr int64_t kSmemBudget = 48 * 1024;  // bytes, no opt-in needed
-
-template <int V>
-using Int = std::integral_constant<int, V>;
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
 
 // y (TRANSPOSED = false) or grad_v (true). One thread per VEC consecutive channels of one output
 // pixel, threads along the channel axis: the src loads are coalesced, the attn weight (shared by
@@ -64,14 +57,14 @@ outlook_gather_kernel(const scalar_t* __restrict__ src, const scalar_t* __restri
     for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
     outlook_for_each_source<TRANSPOSED, KT>(g, b, u, x, [&](int64_t a_off, int64_t src_pix) {
       const acc_t wgt = static_cast<acc_t>(attn[a_off + head]);
-      const pack_t sv = *reinterpret_cast<const pack_t*>(src + src_pix * C + c0);
+      const pack_t sv = load_pack<VEC>(src + src_pix * C + c0);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] += wgt * static_cast<acc_t>(sv.v[k]);
     });
     pack_t ov;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) ov.v[k] = static_cast<scalar_t>(acc[k]);
-    *reinterpret_cast<pack_t*>(out + (row * g.W + x) * C + c0) = ov;
+    store_pack<VEC>(out + (row * g.W + x) * C + c0, ov);
   }
 }
 
@@ -159,11 +152,10 @@ void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tens
   const scalar_t* sp = src.const_data_ptr<scalar_t>();
   const scalar_t* ap = attn.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  // Packs of VEC channels (8 bytes at most) where the head size and the pointers allow.
+  // Packs of VEC channels (16 bytes at most) where the head size and the pointers allow.
   auto fits = [&](int vec) {
-    const uintptr_t bytes = vec * sizeof(scalar_t);
-    return d % vec == 0 && reinterpret_cast<uintptr_t>(sp) % bytes == 0 &&
-           reinterpret_cast<uintptr_t>(op) % bytes == 0;
+    const size_t bytes = vec * sizeof(scalar_t);
+    return d % vec == 0 && is_aligned(sp, bytes) && is_aligned(op, bytes);
   };
   auto run = [&](auto vec_tag, auto k_tag) {
     constexpr int VEC = decltype(vec_tag)::value, KT = decltype(k_tag)::value;
@@ -174,14 +166,12 @@ void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tens
     launch::launch(outlook_gather_kernel<TRANSPOSED, VEC, KT, scalar_t>, grid,
                    static_cast<unsigned>(threads), 0, sp, ap, op, g, C, d, rows);
   };
-  // The unrolled K = 3 path is compiled for the widest pack only (the common case).
-  constexpr int kMaxVec = sizeof(scalar_t) >= 8 ? 1 : 8 / static_cast<int>(sizeof(scalar_t));
-  if (fits(kMaxVec)) return g.K == 3 ? run(Int<kMaxVec>{}, Int<3>{})
-                                      : run(Int<kMaxVec>{}, Int<0>{});
-  if constexpr (kMaxVec > 2) {
-    if (fits(2)) return run(Int<2>{}, Int<0>{});
-  }
-  if constexpr (kMaxVec > 1) run(Int<1>{}, Int<0>{});
+  // The unrolled K = 3 path (VOLO's) moves 16-byte packs; any other K 8-byte packs at most (with
+  // 16, its window loops need more than the 64 registers of kGatherMinBlocks and spill, sm_80).
+  constexpr int kWide = kPack16<scalar_t>, kNarrow = kWide > 1 ? kWide / 2 : 1;
+  if (g.K == 3 && fits(kWide)) return run(Int<kWide>{}, Int<3>{});
+  if (fits(kNarrow)) return run(Int<kNarrow>{}, Int<0>{});
+  if constexpr (kNarrow > 1) run(Int<1>{}, Int<0>{});
 }
 
 template <typename scalar_t>

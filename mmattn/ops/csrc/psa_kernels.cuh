@@ -18,9 +18,10 @@
 // Each thread block stages a tile of TP pixels x all C channels of x (and of G) in shared memory
 // as the accumulation type, row p at offset p * (C + 1) (C is even, so the odd row stride makes
 // both the pixel-major and the channel-major accesses free of bank conflicts for float). Global
-// loads and stores are coalesced in either memory format: along the pixels for NCHW, along the
-// channels for channels_last. The reductions over the pixels are split over `splits` blocks per
-// image (partials merged in PyTorch) so that large H*W fill the GPU.
+// loads and stores move 16 bytes a thread where the layout allows (VEC elements consecutive in
+// memory: pixels of a channel for NCHW, channels of a pixel for channels_last), else single
+// elements; either way coalesced. The reductions over the pixels are split over `splits` blocks
+// per image (partials merged in PyTorch) so that large H*W fill the GPU.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,7 +30,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <tuple>
+
+#include "vector.cuh"
 
 // needs the launch interface: cuda_launch.cuh (GPU) or the tests' CPU emulation
 
@@ -38,13 +42,17 @@ namespace psa {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Resident blocks per SM the register allocation is made for (__launch_bounds__). A block's
-// shared memory (about 36-40 KB at C=256) already limits an H100/H200 SM to 5-6 blocks (an A100
-// SM to 4): the forward kernels fit 5 blocks in 48 registers a thread, the backward kernels
-// need 64 (4 blocks). Without the bound, ptxas's own choice for bwd_reduce was 48 registers
-// and 40 bytes of spills on sm_90; the build warns on any spill (tests/ops/test_build.py).
-constexpr int kFwdMinBlocks = 5;
-constexpr int kBwdMinBlocks = 4;
+// Resident blocks per SM the register allocation is made for (__launch_bounds__): 4, so 64
+// registers a thread. A block's shared memory (about 35-39 KB at C=256) would let an H100/H200
+// SM hold 5-6 (an A100 SM 4), but fewer registers spill once two 16-byte loads per thread are
+// in flight (kLoadBatch; bf16 spilled up to 112 bytes at 48-64 registers with four). Without
+// any bound, ptxas's own choice for bwd_reduce was 48 registers and 40 bytes of spills (sm_90).
+// The build warns on any spill (tests/ops/test_build.py fails on it, sm_80 and sm_90).
+constexpr int kMinBlocks = 4;
+// Steps of tile_loop whose loads are issued together: 2 x 16 bytes a thread, so 32 KB in flight
+// per SM in the forward passes (64 KB in bwd_reduce, which reads x and G), above the ~25-30 KB
+// that H100/H200 bandwidth x latency asks for.
+constexpr int kLoadBatch = 2;
 constexpr int kMaxTile = 32;                  // pixels per tile (a power of two)
 constexpr size_t kDefaultSmem = 48 * 1024;    // without the opt-in attribute
 
@@ -73,22 +81,77 @@ __device__ __forceinline__ T op_sigmoid(T v) { return T(1) / (T(1) + op_exp(-v))
 template <typename T>
 __device__ __forceinline__ T op_max(T a, T b) { return a > b ? a : b; }
 
-// Calls f(c, p) for every element of a tile of `tp` (<= tile_p) pixels, in an order whose
-// global accesses are coalesced for the layout.
-template <typename F>
-__device__ __forceinline__ void tile_loop(const Geometry& g, int tile_p, int log2_tile, int tp,
-                                          F&& f) {
-  if (g.pix_contig) {  // consecutive threads take consecutive pixels of a channel
-    const int total = g.C << log2_tile;
-    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
-      const int c = idx >> log2_tile, p = idx & (tile_p - 1);
-      if (p < tp) f(c, p);
-    }
-  } else {             // a warp takes consecutive channels of a pixel
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int p = warp; p < tp; p += kWarps)
-      for (int c = lane; c < g.C; c += 32) f(c, p);
+// A tile of `tp` (<= tile_p) pixels x C channels is moved in vectors of VEC elements that lie
+// consecutively in memory: (c + k dc, p + k dp), k < VEC, with (dc, dp) = (0, 1) for NCHW (pixels
+// of a channel) and (1, 0) for channels_last (channels of a pixel), so one access moves each. A
+// thread walks its vectors in steps; step s is vector (c, p), or none past the tile. The order
+// makes a warp's global accesses coalesced and its shared-memory accesses to element k of its
+// vectors (tile[p][c], row stride C + 1, so bank p + c + k when C % 32 == 0) free of conflicts:
+//   NCHW: consecutive threads take consecutive vectors of a channel's TP pixels, then the next
+//         channel (a warp: 32 VEC / TP channels x TP / VEC vectors);
+//   channels_last: a warp takes VEC pixels x 32 / VEC vectors of channels (32 channels).
+// VEC > 1 needs tile_p % VEC == 0 (NCHW) or C % VEC == 0 (channels_last): the host checks.
+template <int VEC, bool PIX>
+__device__ __forceinline__ bool tile_vector(const Geometry& g, int log2_vpc, int cblocks, int tp,
+                                            int s, int& c, int& p) {
+  if (PIX) {
+    const int idx = threadIdx.x + s * kThreads;
+    c = idx >> log2_vpc;
+    p = (idx & ((1 << log2_vpc) - 1)) * VEC;
+  } else {
+    const int lane = threadIdx.x & 31, unit = (threadIdx.x >> 5) + s * kWarps;
+    p = unit / cblocks * VEC + lane % VEC;
+    c = unit % cblocks * 32 + lane / VEC * VEC;
   }
+  return c < g.C && p < tp;
+}
+
+// For every vector of the tile: use(c, p, dc, dp, load(c, p)). The loads of BATCH steps are all
+// issued before their first use, so that several are in flight per thread.
+template <int VEC, bool PIX, int BATCH, typename Load, typename Use>
+__device__ __forceinline__ void tile_walk(const Geometry& g, int log2_tile, int tp, Load& load,
+                                          Use& use) {
+  static_assert(VEC == 1 || VEC == 2 || VEC == 4 || VEC == 8, "VEC: a power of two up to 8");
+  constexpr int kLog2Vec = VEC == 8 ? 3 : VEC == 4 ? 2 : VEC == 2 ? 1 : 0;
+  const int log2_vpc = log2_tile - kLog2Vec;  // vectors per channel of the tile (NCHW)
+  const int cblocks = (g.C + 31) / 32;        // 32-channel blocks (channels_last)
+  const int steps = PIX ? ((g.C << log2_vpc) + kThreads - 1) / kThreads
+                        : ((tp + VEC - 1) / VEC * cblocks + kWarps - 1) / kWarps;
+  for (int s0 = 0; s0 < steps; s0 += BATCH) {
+    decltype(load(0, 0)) v[BATCH];
+    int cs[BATCH], ps[BATCH];
+    bool ok[BATCH];
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+      ok[b] = s0 + b < steps && tile_vector<VEC, PIX>(g, log2_vpc, cblocks, tp, s0 + b, cs[b], ps[b]);
+      if (ok[b]) v[b] = load(cs[b], ps[b]);
+    }
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b)
+      if (ok[b]) use(cs[b], ps[b], PIX ? 0 : 1, PIX ? 1 : 0, v[b]);
+  }
+}
+
+template <int VEC, int BATCH = kLoadBatch, typename Load, typename Use>
+__device__ __forceinline__ void tile_loop(const Geometry& g, int log2_tile, int tp, Load&& load,
+                                          Use&& use) {
+  if (g.pix_contig)
+    tile_walk<VEC, true, BATCH>(g, log2_tile, tp, load, use);
+  else
+    tile_walk<VEC, false, BATCH>(g, log2_tile, tp, load, use);
+}
+
+// The `load` of a tile_loop that reads nothing (a pass that only writes).
+struct NoLoad {
+  __device__ __forceinline__ int operator()(int, int) const { return 0; }
+};
+
+// tile[p + k dp][c + k dc] = v[k]: a vector of tile_loop stored into the shared tile.
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stage(acc_t* tile, int ld, const Pack<scalar_t, VEC>& v, int c,
+                                      int p, int dc, int dp) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) tile[(p + k * dp) * ld + c + k * dc] = static_cast<acc_t>(v.v[k]);
 }
 
 // emit(p, sum_c tile[p][c] * vec[c]) for every pixel of the tile: a warp per pixel.
@@ -114,8 +177,8 @@ __device__ __forceinline__ int64_t at_cp(const Geometry& g, int c, int64_t p) {
 }
 
 // ---------------------------------------------------------------- forward, pass 1: reductions
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int log2_tile,
                   int chunk, int splits, const acc_t* __restrict__ wq, acc_t* __restrict__ logits,
                   acc_t* __restrict__ pmax, acc_t* __restrict__ psum, acc_t* __restrict__ ps,
@@ -138,9 +201,11 @@ fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int lo
   for (int pt = p_begin; pt < p_end; pt += tile_p) {
     const int tp = min(tile_p, p_end - pt);
     __syncthreads();  // the previous tile is consumed; s_wq is visible
-    tile_loop(g, tile_p, log2_tile, tp, [&](int c, int p) {
-      tile[p * ld + c] = static_cast<acc_t>(xn[at_cp(g, c, pt + p)]);
-    });
+    tile_loop<VEC>(
+        g, log2_tile, tp, [&](int c, int p) { return load_pack<VEC>(xn + at_cp(g, c, pt + p)); },
+        [&](int c, int p, int dc, int dp, const Pack<scalar_t, VEC>& v) {
+          stage(tile, ld, v, c, p, dc, dp);
+        });
     __syncthreads();
     pixel_dots(tile, ld, g.C, tp, s_wq, [&](int p, acc_t v) {
       s_w[p] = v;
@@ -181,8 +246,8 @@ fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int lo
 }
 
 // ---------------------------------------------------------------- forward, pass 2: gating
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, kFwdMinBlocks)
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g, int tile_p,
                  int log2_tile, const acc_t* __restrict__ a, const acc_t* __restrict__ u,
                  const acc_t* __restrict__ bias, acc_t* __restrict__ s_mask, bool sequential) {
@@ -203,9 +268,11 @@ fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geome
   for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int pt = t * tile_p, tp = min(tile_p, g.P - pt);
     __syncthreads();
-    tile_loop(g, tile_p, log2_tile, tp, [&](int c, int p) {
-      tile[p * ld + c] = static_cast<acc_t>(xn[at_cp(g, c, pt + p)]);
-    });
+    tile_loop<VEC>(
+        g, log2_tile, tp, [&](int c, int p) { return load_pack<VEC>(xn + at_cp(g, c, pt + p)); },
+        [&](int c, int p, int dc, int dp, const Pack<scalar_t, VEC>& v) {
+          stage(tile, ld, v, c, p, dc, dp);
+        });
     __syncthreads();
     pixel_dots(tile, ld, g.C, tp, s_u, [&](int p, acc_t v) {
       const acc_t sg = op_sigmoid(v + b);
@@ -213,16 +280,22 @@ fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geome
       s_mask[static_cast<int64_t>(n) * g.P + pt + p] = sg;
     });
     __syncthreads();
-    tile_loop(g, tile_p, log2_tile, tp, [&](int c, int p) {
-      const acc_t gate = sequential ? s_a[c] * s_s[p] : s_a[c] + s_s[p];
-      yn[at_cp(g, c, pt + p)] = static_cast<scalar_t>(tile[p * ld + c] * gate);
+    tile_loop<VEC>(g, log2_tile, tp, NoLoad{}, [&](int c, int p, int dc, int dp, int) {
+      Pack<scalar_t, VEC> out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const int ck = c + k * dc, pk = p + k * dp;
+        const acc_t gate = sequential ? s_a[ck] * s_s[pk] : s_a[ck] + s_s[pk];
+        out.v[k] = static_cast<scalar_t>(tile[pk * ld + ck] * gate);
+      }
+      store_pack(yn + at_cp(g, c, pt + p), out);
     });
   }
 }
 
 // ---------------------------------------------------------------- backward, pass 1: reductions
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, kBwdMinBlocks)
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, Geometry g,
                   int tile_p, int log2_tile, int chunk, int splits, const acc_t* __restrict__ a,
                   const acc_t* __restrict__ s_mask, acc_t* __restrict__ d_t,
@@ -247,12 +320,21 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
   for (int pt = p_begin; pt < p_end; pt += tile_p) {
     const int tp = min(tile_p, p_end - pt);
     __syncthreads();
-    tile_loop(g, tile_p, log2_tile, tp, [&](int c, int p) {
-      const int64_t i = base + at_cp(g, c, pt + p);
-      const acc_t xv = static_cast<acc_t>(x[i]);
-      tile_x[p * ld + c] = xv;
-      tile_gx[p * ld + c] = static_cast<acc_t>(grad[i]) * xv;
-    });
+    tile_loop<VEC>(
+        g, log2_tile, tp,
+        [&](int c, int p) {
+          const int64_t i = base + at_cp(g, c, pt + p);
+          return Pair<Pack<scalar_t, VEC>>{load_pack<VEC>(x + i), load_pack<VEC>(grad + i)};
+        },
+        [&](int c, int p, int dc, int dp, const Pair<Pack<scalar_t, VEC>>& xg) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const int at = (p + k * dp) * ld + c + k * dc;
+            const acc_t xk = static_cast<acc_t>(xg.first.v[k]);
+            tile_x[at] = xk;
+            tile_gx[at] = static_cast<acc_t>(xg.second.v[k]) * xk;
+          }
+        });
     if (threadIdx.x < tp) s_s[threadIdx.x] = s_mask[static_cast<int64_t>(n) * g.P + pt + threadIdx.x];
     __syncthreads();
     pixel_dots(tile_gx, ld, g.C, tp, s_a, [&](int p, acc_t ds) {
@@ -281,8 +363,8 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
 }
 
 // ---------------------------------------------------------------- backward, pass 2: dx
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, kBwdMinBlocks)
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                  scalar_t* __restrict__ dx, Geometry g, int tile_p, int log2_tile, int chunk,
                  int splits, const acc_t* __restrict__ a, const acc_t* __restrict__ s_mask,
@@ -318,9 +400,12 @@ bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__
   for (int pt = p_begin; pt < p_end; pt += tile_p) {
     const int tp = min(tile_p, p_end - pt);
     __syncthreads();
-    tile_loop(g, tile_p, log2_tile, tp, [&](int c, int p) {
-      tile[p * ld + c] = static_cast<acc_t>(x[base + at_cp(g, c, pt + p)]);
-    });
+    tile_loop<VEC>(
+        g, log2_tile, tp,
+        [&](int c, int p) { return load_pack<VEC>(x + base + at_cp(g, c, pt + p)); },
+        [&](int c, int p, int dc, int dp, const Pack<scalar_t, VEC>& v) {
+          stage(tile, ld, v, c, p, dc, dp);
+        });
     if (threadIdx.x < tp) {
       s_s[threadIdx.x] = s_mask[np + pt + threadIdx.x];
       s_pi[threadIdx.x] = pi[np + pt + threadIdx.x];
@@ -334,13 +419,21 @@ bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__
       for (int p = 0; p < tp; ++p) s += tile[p * ld + c] * s_dl[p];
       acc_g[c] += s;
     }
-    tile_loop(g, tile_p, log2_tile, tp, [&](int c, int p) {
-      const int64_t i = base + at_cp(g, c, pt + p);
-      const acc_t gate = sequential ? s_a[c] * s_s[p] : s_a[c] + s_s[p];
-      const acc_t v = static_cast<acc_t>(grad[i]) * gate + s_u[c] * s_dt[p] + s_dm[c] +
-                      s_dsv[c] * s_pi[p] + s_wq[c] * s_dl[p];
-      dx[i] = static_cast<scalar_t>(v);
-    });
+    tile_loop<VEC>(
+        g, log2_tile, tp,
+        [&](int c, int p) { return load_pack<VEC>(grad + base + at_cp(g, c, pt + p)); },
+        [&](int c, int p, int dc, int dp, const Pack<scalar_t, VEC>& gv) {
+          Pack<scalar_t, VEC> out;
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const int ck = c + k * dc, pk = p + k * dp;
+            const acc_t gate = sequential ? s_a[ck] * s_s[pk] : s_a[ck] + s_s[pk];
+            const acc_t v = static_cast<acc_t>(gv.v[k]) * gate + s_u[ck] * s_dt[pk] +
+                            s_dm[ck] + s_dsv[ck] * s_pi[pk] + s_wq[ck] * s_dl[pk];
+            out.v[k] = static_cast<scalar_t>(v);
+          }
+          store_pack(dx + base + at_cp(g, c, pt + p), out);
+        });
   }
   const int64_t o = static_cast<int64_t>(n) * splits + split;
   for (int c = threadIdx.x; c < g.C; c += kThreads) pgwq[o * g.C + c] = acc_g[c];
@@ -411,8 +504,7 @@ struct Launch {
   size_t smem;
 };
 
-template <typename Kernel>
-Launch plan(Kernel kernel, int C, size_t elem, int tiles, int per_pixel, int per_channel) {
+Launch plan(int C, size_t elem, int tiles, int per_pixel, int per_channel) {
   auto bytes = [&](int tp) {
     return elem * (static_cast<size_t>(tiles) * tp * (C + 1) + static_cast<size_t>(per_pixel) * tp +
                    static_cast<size_t>(per_channel) * C);
@@ -425,11 +517,37 @@ Launch plan(Kernel kernel, int C, size_t elem, int tiles, int per_pixel, int per
     TORCH_CHECK(smem <= static_cast<size_t>(optin), "mmattn psa kernels: C=", C,
                 " needs ", smem, " bytes of shared memory per block, the device has ", optin,
                 "; use backend='folded'");
-    launch::allow_shared_memory(kernel, smem);
   }
   int log2 = 0;
   while ((1 << log2) < tp) ++log2;
   return {tp, log2, smem};
+}
+
+// Lets `kernel` use the plan's shared memory; returns how many of its blocks an SM holds at once.
+template <typename Kernel>
+int prepare(Kernel kernel, const Launch& l) {
+  if (l.smem > kDefaultSmem) launch::allow_shared_memory(kernel, l.smem);
+  return launch::resident_blocks(kernel, kThreads, l.smem);
+}
+
+// Whether the kernels can move the tensors at `ptrs` (laid out like x) in 16-byte vectors of
+// kPack16<scalar_t> elements: whole vectors along the contiguous axis, aligned pointers.
+template <typename scalar_t>
+bool vectorizable(const Geometry& g, const Launch& l, std::initializer_list<const void*> ptrs) {
+  constexpr int vec = kPack16<scalar_t>;
+  if (vec == 1 || (g.pix_contig ? g.P % vec != 0 || l.tile_p < vec : g.C % vec != 0))
+    return false;
+  return std::all_of(ptrs.begin(), ptrs.end(),
+                     [](const void* p) { return is_aligned(p, vec * sizeof(scalar_t)); });
+}
+
+// f(Int<VEC>{}): the kernels instantiated for 16-byte vectors or for single elements.
+template <typename scalar_t, typename F>
+void with_vectors(bool vectors, F&& f) {
+  if (vectors)
+    f(Int<kPack16<scalar_t>>{});
+  else
+    f(Int<1>{});
 }
 
 // Blocks per image that fill the GPU in one wave: as many blocks as the SMs hold at once
@@ -440,31 +558,20 @@ int one_wave(int per_sm, int N) {
   return std::max(1, per_sm * sms / std::max(N, 1));
 }
 
-// Blocks per image for the split reductions (one wave unless `requested` > 0), and the pixels
-// each block reduces.
-int choose_splits(int64_t requested, int N, int P, int tile_p, int per_sm, int* chunk) {
-  const int tiles = (P + tile_p - 1) / tile_p;
-  int splits = requested > 0 ? static_cast<int>(requested) : one_wave(per_sm, N);
-  splits = std::max(1, std::min(splits, tiles));
-  const int tiles_per_split = (tiles + splits - 1) / splits;
-  *chunk = tiles_per_split * tile_p;
-  return (P + *chunk - 1) / *chunk;  // no split is empty
-}
-
-// The launch of a split reduction: tile plan, blocks per image and pixels per block.
+// The launch of a split reduction: tile plan, blocks per image and pixels per block (one wave
+// of blocks unless `requested` > 0; no split is empty).
 struct SplitLaunch {
   Launch l;
   int splits;
   int chunk;
 };
 
-template <typename Kernel>
-SplitLaunch plan_split(Kernel kernel, const Geometry& g, int N, int64_t splits_req, size_t elem,
-                       int tiles, int per_pixel, int per_channel) {
-  SplitLaunch s{plan(kernel, g.C, elem, tiles, per_pixel, per_channel), 0, 0};
-  const int per_sm = launch::resident_blocks(kernel, kThreads, s.l.smem);
-  s.splits = choose_splits(splits_req, N, g.P, s.l.tile_p, per_sm, &s.chunk);
-  return s;
+SplitLaunch split(const Launch& l, int64_t requested, int N, int P, int per_sm) {
+  const int tiles = (P + l.tile_p - 1) / l.tile_p;
+  int splits = requested > 0 ? static_cast<int>(requested) : one_wave(per_sm, N);
+  splits = std::max(1, std::min(splits, tiles));
+  const int chunk = (tiles + splits - 1) / splits * l.tile_p;
+  return {l, (P + chunk - 1) / chunk, chunk};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psa_fwd_reduce_cuda(
@@ -479,18 +586,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psa_fwd_r
   at::Tensor pmax, psum, ps, pm;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_fwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto kernel = fwd_reduce_kernel<scalar_t, acc_t>;
-    const SplitLaunch s = plan_split(kernel, g, N, splits_req, sizeof(acc_t), 1, 1, 3);
-    pmax = at::empty({N, s.splits}, opts);
-    psum = at::empty({N, s.splits}, opts);
-    ps = at::empty({N, s.splits, g.C}, opts);
-    pm = at::empty({N, s.splits, g.C}, opts);
-    if (N == 0) return;
-    launch::launch(kernel, dim3(s.splits, N), kThreads, s.l.smem,
-        x.data_ptr<scalar_t>(), g, s.l.tile_p, s.l.log2_tile, s.chunk, s.splits,
-        wq.data_ptr<acc_t>(),
-        logits.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(), psum.data_ptr<acc_t>(),
-        ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>());
+    const Launch l = plan(g.C, sizeof(acc_t), 1, 1, 3);
+    with_vectors<scalar_t>(vectorizable<scalar_t>(g, l, {x.data_ptr()}), [&](auto vec_tag) {
+      auto kernel = fwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
+      const SplitLaunch s = split(l, splits_req, N, g.P, prepare(kernel, l));
+      pmax = at::empty({N, s.splits}, opts);
+      psum = at::empty({N, s.splits}, opts);
+      ps = at::empty({N, s.splits, g.C}, opts);
+      pm = at::empty({N, s.splits, g.C}, opts);
+      if (N == 0) return;
+      launch::launch(kernel, dim3(s.splits, N), kThreads, l.smem,
+          x.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile, s.chunk, s.splits,
+          wq.data_ptr<acc_t>(),
+          logits.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(), psum.data_ptr<acc_t>(),
+          ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>());
+    });
   });
   return {logits, pmax, psum, ps, pm};
 }
@@ -510,15 +620,17 @@ std::tuple<at::Tensor, at::Tensor> psa_fwd_apply_cuda(const at::Tensor& x, const
   if (N == 0 || g.P == 0) return {y, s_mask};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_fwd_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto kernel = fwd_apply_kernel<scalar_t, acc_t>;
-    const Launch l = plan(kernel, g.C, sizeof(acc_t), 1, 1, 2);
-    const int tiles = (g.P + l.tile_p - 1) / l.tile_p;
-    const int grid_x =
-        std::min(tiles, one_wave(launch::resident_blocks(kernel, kThreads, l.smem), N));
-    launch::launch(kernel, dim3(grid_x, N), kThreads, l.smem,
-        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile,
-        a.data_ptr<acc_t>(), u.data_ptr<acc_t>(), bias.data_ptr<acc_t>(),
-        s_mask.data_ptr<acc_t>(), sequential);
+    const Launch l = plan(g.C, sizeof(acc_t), 1, 1, 2);
+    const bool vectors = vectorizable<scalar_t>(g, l, {x.data_ptr(), y.data_ptr()});
+    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
+      auto kernel = fwd_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
+      const int tiles = (g.P + l.tile_p - 1) / l.tile_p;
+      const int grid_x = std::min(tiles, one_wave(prepare(kernel, l), N));
+      launch::launch(kernel, dim3(grid_x, N), kThreads, l.smem,
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile,
+          a.data_ptr<acc_t>(), u.data_ptr<acc_t>(), bias.data_ptr<acc_t>(),
+          s_mask.data_ptr<acc_t>(), sequential);
+    });
   });
   return {y, s_mask};
 }
@@ -537,15 +649,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_bwd_reduce_cuda(
   at::Tensor pda, pdu;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto kernel = bwd_reduce_kernel<scalar_t, acc_t>;
-    const SplitLaunch s = plan_split(kernel, g, N, splits_req, sizeof(acc_t), 2, 2, 3);
-    pda = at::empty({N, s.splits, g.C}, opts);
-    pdu = at::empty({N, s.splits, g.C}, opts);
-    if (N == 0) return;
-    launch::launch(kernel, dim3(s.splits, N), kThreads, s.l.smem,
-        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g, s.l.tile_p, s.l.log2_tile,
-        s.chunk, s.splits, a.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(),
-        pda.data_ptr<acc_t>(), pdu.data_ptr<acc_t>(), sequential);
+    const Launch l = plan(g.C, sizeof(acc_t), 2, 2, 3);
+    const bool vectors = vectorizable<scalar_t>(g, l, {x.data_ptr(), grad.data_ptr()});
+    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
+      auto kernel = bwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
+      const SplitLaunch s = split(l, splits_req, N, g.P, prepare(kernel, l));
+      pda = at::empty({N, s.splits, g.C}, opts);
+      pdu = at::empty({N, s.splits, g.C}, opts);
+      if (N == 0) return;
+      launch::launch(kernel, dim3(s.splits, N), kThreads, l.smem,
+          grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile,
+          s.chunk, s.splits, a.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>(),
+          d_t.data_ptr<acc_t>(), pda.data_ptr<acc_t>(), pdu.data_ptr<acc_t>(), sequential);
+    });
   });
   return {d_t, pda, pdu};
 }
@@ -573,16 +689,21 @@ std::tuple<at::Tensor, at::Tensor> psa_bwd_apply_cuda(
   at::Tensor pgwq;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto kernel = bwd_apply_kernel<scalar_t, acc_t>;
-    const SplitLaunch s = plan_split(kernel, g, N, splits_req, sizeof(acc_t), 1, 4, 6);
-    pgwq = at::empty({N, s.splits, g.C}, opts);
-    if (N == 0) return;
-    launch::launch(kernel, dim3(s.splits, N), kThreads, s.l.smem,
-        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g,
-        s.l.tile_p, s.l.log2_tile, s.chunk, s.splits, a.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>(),
-        pi.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), u.data_ptr<acc_t>(), dm.data_ptr<acc_t>(),
-        dsv.data_ptr<acc_t>(), wq.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
-        pgwq.data_ptr<acc_t>(), sequential);
+    const Launch l = plan(g.C, sizeof(acc_t), 1, 4, 6);
+    const bool vectors =
+        vectorizable<scalar_t>(g, l, {x.data_ptr(), grad.data_ptr(), dx.data_ptr()});
+    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
+      auto kernel = bwd_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
+      const SplitLaunch s = split(l, splits_req, N, g.P, prepare(kernel, l));
+      pgwq = at::empty({N, s.splits, g.C}, opts);
+      if (N == 0) return;
+      launch::launch(kernel, dim3(s.splits, N), kThreads, l.smem,
+          grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g,
+          l.tile_p, l.log2_tile, s.chunk, s.splits, a.data_ptr<acc_t>(),
+          s_mask.data_ptr<acc_t>(), pi.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(),
+          u.data_ptr<acc_t>(), dm.data_ptr<acc_t>(), dsv.data_ptr<acc_t>(),
+          wq.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), pgwq.data_ptr<acc_t>(), sequential);
+    });
   });
   return {dx, pgwq};
 }

@@ -1,0 +1,43 @@
+// Vectors of elements moved by one memory access, shared by the CUDA kernel families (and their
+// CPU emulation): memory-bound kernels want 16-byte accesses per thread.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+namespace mmattn {
+
+template <int V>
+using Int = std::integral_constant<int, V>;
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Two values loaded together (one thread's step of a pass that reads two tensors).
+template <typename T>
+struct Pair {
+  T first, second;
+};
+
+// Elements of T in one 16-byte access.
+template <typename T>
+constexpr int kPack16 = sizeof(T) >= 16 ? 1 : 16 / static_cast<int>(sizeof(T));
+
+template <int VEC, typename T>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
+
+template <int VEC, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& value) {
+  *reinterpret_cast<Pack<T, VEC>*>(p) = value;
+}
+
+inline bool is_aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+}  // namespace mmattn
