@@ -49,9 +49,9 @@ constexpr int kWarps = kThreads / 32;
 // any bound, ptxas's own choice for bwd_reduce was 48 registers and 40 bytes of spills (sm_90).
 // The build warns on any spill (tests/ops/test_build.py fails on it, sm_80 and sm_90).
 constexpr int kMinBlocks = 4;
-// Steps of tile_loop whose loads are issued together: 2 x 16 bytes a thread, so 32 KB in flight
-// per SM in the forward passes (64 KB in bwd_reduce, which reads x and G), above the ~25-30 KB
-// that H100/H200 bandwidth x latency asks for.
+// Steps of tile_loop whose loads are issued together: 2 x 16 bytes a thread, so up to 32 KB in
+// flight per SM in the forward passes (64 KB in bwd_reduce, which reads x and G), above
+// bandwidth x latency (estimated at 700 ns: ~18 KB per SM on an H100, ~25 KB on an H200).
 constexpr int kLoadBatch = 2;
 constexpr int kMaxTile = 32;                  // pixels per tile (a power of two)
 constexpr size_t kDefaultSmem = 48 * 1024;    // without the opt-in attribute
