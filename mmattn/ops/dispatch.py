@@ -83,8 +83,15 @@ def _kernel_loaded(op: str, device_type: str) -> bool:
     return extension.has_kernel(op, device_type)
 
 
-def _kernel_check(x: torch.Tensor, op: str, device_type: str) -> Optional[str]:
-    """Why the compiled ``op`` cannot serve ``x`` on ``device_type``, or None."""
+#: the compiled ops that the PSA kernel path calls (all from one source file)
+PSA_KERNEL_OPS = ('psa_fwd_reduce', 'psa_fwd_glue', 'psa_fwd_apply', 'psa_bwd_reduce',
+                  'psa_bwd_glue', 'psa_bwd_apply')
+
+
+def _kernel_check(x: torch.Tensor, ops: str | tuple[str, ...],
+                  device_type: str) -> Optional[str]:
+    """Why the compiled ``ops`` cannot serve ``x`` on ``device_type``, or None."""
+    ops = (ops,) if isinstance(ops, str) else ops
     if x.device.type != device_type:
         return f'input is on {x.device.type}, the kernel runs on {device_type} tensors'
     if x.dtype not in _KERNEL_DTYPES:
@@ -92,7 +99,7 @@ def _kernel_check(x: torch.Tensor, op: str, device_type: str) -> Optional[str]:
     recording = _recording_graph()
     if recording:
         return f'{recording} (the reference graph uses standard operators only)'
-    if not _kernel_loaded(op, device_type):
+    if not all(_kernel_loaded(op, device_type) for op in ops):
         return (f'the compiled {device_type.upper()} kernel is not loaded: '
                 f'{extension.load_error() or "the extension has no " + device_type + " build"}')
     return None
@@ -123,7 +130,7 @@ def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False) -> tuple[bool, str
     ok, reason = can_use_psa_folded(x, hooks=hooks)
     if not ok:
         return ok, reason
-    reason = _kernel_check(x, 'psa_fwd_reduce', 'cuda')
+    reason = _kernel_check(x, PSA_KERNEL_OPS, 'cuda')
     return (False, reason) if reason else (True, 'ok')
 
 

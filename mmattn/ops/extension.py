@@ -55,6 +55,12 @@ SCHEMAS: dict[str, str] = {
     'psa_bwd_apply': 'psa_bwd_apply(Tensor grad, Tensor x, Tensor a, Tensor s_mask, Tensor pi, '
                      'Tensor d_t, Tensor u, Tensor dm, Tensor dsv, Tensor wq, Tensor beta, '
                      'int splits, bool sequential) -> (Tensor, Tensor)',
+    # the C-sized work between the passes, a thread block per image (psa_glue.cuh)
+    'psa_fwd_glue': 'psa_fwd_glue(Tensor logits, Tensor pmax, Tensor psum, Tensor ps, Tensor pm, '
+                    'Tensor[] weights, float eps, bool sequential) -> (Tensor, Tensor, Tensor)',
+    'psa_bwd_glue': 'psa_bwd_glue(Tensor d_t, Tensor part_da, Tensor part_dueff, Tensor stats, '
+                    'Tensor[] weights, float eps, bool sequential) '
+                    '-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)',
 }
 
 _LIB = torch.library.Library('mmattn', 'FRAGMENT')  # noqa: TOR901 (kept alive: owns the defs)

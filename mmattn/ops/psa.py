@@ -27,9 +27,11 @@ elementwise pass, plus C-sized work; the backward (hand-written, :func:`_backwar
 product ``G (.) x`` with its two reductions, three matrix-vector passes over x, and
 ``dx = G (.) (A (+) S)`` plus a rank-4 correction written in place. The saved state is x plus
 a few (N, P) and (N, C) vectors, against several (N, C/2, H, W) maps for the eager form.
-Written as four passes over x (:func:`_fwd_reduce_torch` ... :func:`_bwd_apply_torch`), each has
-a CUDA kernel with the same contract (``mmattn/ops/csrc/psa_kernels.cuh``; ``kernel=True``):
-2 reads and 1 write of x forward, 5·|x| backward (see ``docs/kernels.md``).
+Written as four passes over x (:func:`_fwd_reduce_torch` ... :func:`_bwd_apply_torch`) with
+the C-sized work between them in two "glue" functions (:func:`_fwd_glue_torch`,
+:func:`_bwd_glue_torch`), each has a CUDA kernel with the same contract
+(``mmattn/ops/csrc/psa_kernels.cuh``, ``psa_glue.cuh``; ``kernel=True``): 2 reads and 1 write
+of x forward, 5·|x| backward, and a handful of launches per step (see ``docs/kernels.md``).
 
 Both the forward and the backward are ``torch.library`` custom ops (``mmattn::psa_paper_folded``
 and ``mmattn::psa_paper_folded_backward``) with fake implementations, so ``torch.compile``
@@ -114,14 +116,29 @@ def _small_chain(s: Tensor, m: Tensor, w: dict, eps: float, sequential: bool) ->
     return dict(v=v, zhat=zhat, rstd=rstd, a=a, mz=mz, q=q, u=u, c=c, ueff=ueff)
 
 
+def _cast_all(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """``[t.to(dtype) for t in tensors]`` in two launches (one concatenation, one cast) instead
+    of one per tensor; nothing when they already have the dtype."""
+    if all(t.dtype == dtype for t in tensors):
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+    return [part.view(t.shape) for part, t in
+            zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def _weights(params: tuple[Tensor, ...], acc: torch.dtype) -> dict:
-    return {name: p.to(acc) for name, p in zip(PARAM_NAMES, params)}
+    return dict(zip(PARAM_NAMES, _cast_all(list(params), acc)))
+
+
+#: the parameters of the C-sized chain, in the order the glue ops take them
+CHAIN_NAMES = ('ch_wv', 'ch_bv', 'ch_wz', 'ch_bz', 'ln_weight', 'ln_bias', 'sp_wq', 'sp_bq',
+               'sp_wv', 'sp_bv')
 
 
 # ------------------------------------------------------------------ the four passes over x
 # Each pass has a pure-PyTorch form here and a CUDA kernel (``mmattn/ops/csrc/psa_cuda.cu``,
-# ops ``mmattn::psa_*`` of :mod:`mmattn.ops.extension`) with the same contract; everything
-# C-sized around them (:func:`_forward_impl`, :func:`_backward_impl`) is shared. The
+# ops ``mmattn::psa_*`` of :mod:`mmattn.ops.extension`) with the same contract, as has the
+# C-sized glue between them; :func:`_forward_impl` / :func:`_backward_impl` are shared. The
 # reductions over the pixels return one partial per split (the kernels split the pixels over
 # several thread blocks per image; the PyTorch forms use a single split).
 def _fwd_reduce_torch(x: Tensor, wq: Tensor, splits: int) -> tuple[Tensor, ...]:
@@ -173,14 +190,82 @@ def _bwd_apply_torch(grad: Tensor, x: Tensor, a: Tensor, s_mask: Tensor, pi: Ten
     return dx, g_wq
 
 
-_TORCH_PASSES = (_fwd_reduce_torch, _fwd_apply_torch, _bwd_reduce_torch, _bwd_apply_torch)
+# The C-sized work between the passes ("glue"): merging the splits and the chain of Eq. 1-5 on
+# C-vectors, forward and backward. One CUDA kernel each (a thread block per image) replaces
+# the 30-90 small PyTorch operations written here, whose launches would otherwise cost more
+# than the passes over x at large shapes. Weights: CHAIN_NAMES, accumulation dtype.
+def _fwd_glue_torch(logits: Tensor, pmax: Tensor, psum: Tensor, ps: Tensor, pm: Tensor,
+                    weights: list[Tensor], eps: float,
+                    sequential: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge the splits' online-softmax states and sums, run the chain. Returns pi (N, P),
+    stats (N, 4, C) = [s, m, A, u_eff] and the spatial logit's bias c (N)."""
+    w = dict(zip(CHAIN_NAMES, weights))
+    top = pmax.amax(-1, keepdim=True)                                    # N, 1
+    scale = torch.exp(pmax - top)                                        # N, S
+    total = (psum * scale).sum(-1, keepdim=True)                         # N, 1
+    s = torch.bmm(scale.unsqueeze(1), ps).squeeze(1) / total             # N, C
+    m = pm.sum(1) / logits.shape[1]
+    pi = torch.exp(logits - top) / total                                 # N, P
+    sm = _small_chain(s, m, w, eps, sequential)
+    return pi, torch.stack([s, m, sm['a'], sm['ueff']], 1), sm['c']
+
+
+def _bwd_glue_torch(d_t: Tensor, part_da: Tensor, part_dueff: Tensor, stats: Tensor,
+                    weights: list[Tensor], eps: float,
+                    sequential: bool) -> tuple[Tensor, ...]:
+    """The chain's backward for each image (the derivation follows the forward line by line,
+    in reverse). Returns what the last pass needs, dm = dL/dm / P and dsv = dL/ds (N, C) and
+    beta = dsv . s (N), and the parameter gradients' factors: the four weight gradients are
+    ``L[k]^T R[k]`` summed over the images (L (4, N, C/2), R (4, N, C): sp_wv, sp_wq, ch_wz
+    transposed, ch_wv), the six vector gradients the image sums of ``vecs`` (N, 3 C/2 + 3 C:
+    sp_bv, sp_bq, ch_bv, ln_weight, ln_bias, ch_bz)."""
+    w = dict(zip(CHAIN_NAMES, weights))
+    s, m = stats[:, 0], stats[:, 1]
+    sm = _small_chain(s, m, w, eps, sequential)
+    a, q, u = sm['a'], sm['q'], sm['u']
+    d_a, d_ueff = part_da.sum(1), part_dueff.sum(1)                     # N, C
+    d_c = d_t.sum(-1)                                                   # N
+    if sequential:
+        d_u = d_ueff * a
+        d_a = d_a + d_ueff * u
+    else:
+        d_u = d_ueff
+    # u = W_v'^T q, c = q . b_v', q = softmax(W_q' mz + b_q')
+    d_q = d_u @ w['sp_wv'].t() + d_c.unsqueeze(-1) * w['sp_bv']
+    d_g = q * (d_q - (q * d_q).sum(-1, keepdim=True))
+    d_mz = d_g @ w['sp_wq']                                             # N, C
+    if sequential:
+        d_a = d_a + d_mz * m
+        d_m = d_mz * a
+    else:
+        d_m = d_mz
+    # A = sigmoid(LN(z)), z = W_z v + b_z, v = W_v s + b_v
+    d_ln = d_a * a * (1 - a)
+    zhat = sm['zhat']
+    d_zhat = d_ln * w['ln_weight']
+    d_z = sm['rstd'] * (d_zhat - d_zhat.mean(-1, keepdim=True)
+                        - zhat * (d_zhat * zhat).mean(-1, keepdim=True))
+    d_v = d_z @ w['ch_wz']
+    d_sv = d_v @ w['ch_wv']                                             # N, C (d s)
+    beta = (d_sv * s).sum(-1)
+    left = torch.stack([q, d_g, sm['v'], d_v])
+    right = torch.stack([d_u, sm['mz'], d_z, s])
+    vecs = torch.cat([q * d_c.unsqueeze(-1), d_g, d_v, d_ln * zhat, d_ln, d_z], -1)
+    return d_m / d_t.shape[1], d_sv, beta, left, right, vecs
+
+
+_TORCH_PASSES = (_fwd_reduce_torch, _fwd_glue_torch, _fwd_apply_torch, _bwd_reduce_torch,
+                 _bwd_glue_torch, _bwd_apply_torch)
 
 
 def _passes(kernel: bool) -> tuple:
+    """(fwd_reduce, fwd_glue, fwd_apply, bwd_reduce, bwd_glue, bwd_apply): the PyTorch forms or
+    the compiled kernels."""
     if not kernel:
         return _TORCH_PASSES
     ops = torch.ops.mmattn
-    return ops.psa_fwd_reduce, ops.psa_fwd_apply, ops.psa_bwd_reduce, ops.psa_bwd_apply
+    return (ops.psa_fwd_reduce, ops.psa_fwd_glue, ops.psa_fwd_apply, ops.psa_bwd_reduce,
+            ops.psa_bwd_glue, ops.psa_bwd_apply)
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -191,88 +276,56 @@ def _dense(x: Tensor) -> Tensor:
 
 def _forward_impl(x: Tensor, params: tuple[Tensor, ...], eps: float, sequential: bool,
                   kernel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, pi, S, stats): stats[..., 0] = s (softmax-weighted mean), [..., 1] = m."""
-    fwd_reduce, fwd_apply, _, _ = _passes(kernel)
-    p = x.shape[2] * x.shape[3]
+    """Returns (y, pi, S, stats): stats (N, 4, C) = [s (softmax-weighted mean), m, A, u_eff]."""
+    fwd_reduce, fwd_glue, fwd_apply, _, _, _ = _passes(kernel)
     w = _weights(params, _acc_dtype(x))
     x = _dense(x)
     logits, pmax, psum, ps, pm = fwd_reduce(x, w['ch_wq'].reshape(-1), 0)
-    # merge the splits' online softmax states
-    top = pmax.amax(-1, keepdim=True)                                    # N, 1
-    scale = torch.exp(pmax - top)                                        # N, S
-    total = (psum * scale).sum(-1, keepdim=True)                         # N, 1
-    s = torch.bmm(scale.unsqueeze(1), ps).squeeze(1) / total             # N, C
-    m = pm.sum(1) / p
-    pi = torch.exp(logits - top) / total                                 # N, P
-    sm = _small_chain(s, m, w, eps, sequential)
-    y, s_mask = fwd_apply(x, sm['a'], sm['ueff'], sm['c'], sequential)
-    return y, pi, s_mask, torch.stack([s, m], -1)
+    pi, stats, c = fwd_glue(logits, pmax, psum, ps, pm, [w[k] for k in CHAIN_NAMES], eps,
+                            sequential)
+    y, s_mask = fwd_apply(x, stats[:, 2], stats[:, 3], c, sequential)
+    return y, pi, s_mask, stats
 
 
 def _backward_impl(grad: Tensor, x: Tensor, pi: Tensor, s_mask: Tensor, stats: Tensor,
                    params: tuple[Tensor, ...], eps: float, sequential: bool,
                    kernel: bool) -> tuple[Tensor, ...]:
-    """Gradients w.r.t. x and the 12 parameters (the derivation follows the forward line by
-    line, in reverse). ``ch_bq``'s gradient is ``sum_p dl_p = ds . s - ds . s = 0`` exactly
-    (the softmax removes the bias); it is returned as 0."""
-    _, _, bwd_reduce, bwd_apply = _passes(kernel)
-    p = x.shape[2] * x.shape[3]
+    """Gradients w.r.t. x and the 12 parameters, the latter flattened into one vector (in
+    PARAM_NAMES order; the backward op may not return views of one buffer). ``ch_bq``'s
+    gradient is ``sum_p dl_p = ds . s - ds . s = 0`` exactly (the softmax removes the bias);
+    it is returned as 0."""
+    _, _, _, bwd_reduce, bwd_glue, bwd_apply = _passes(kernel)
     acc = _acc_dtype(x)
     w = _weights(params, acc)
-    s, m = stats[..., 0], stats[..., 1]
-    sm = _small_chain(s, m, w, eps, sequential)
-    a, q, u = sm['a'], sm['q'], sm['u']
+    a, ueff = stats[:, 2], stats[:, 3]
     x = _dense(x)
     grad = grad.contiguous(memory_format=torch.channels_last) \
         if not x.is_contiguous() else grad.contiguous()
-
     # y[c,p] = x (A_c + S_p)  or  x A_c S_p;  S_p = sigmoid(ueff . x_p + c)
     d_t, part_da, part_dueff = bwd_reduce(grad, x, a, s_mask, 0, sequential)
-    d_a, d_ueff = part_da.sum(1), part_dueff.sum(1)                     # N, C
-    d_c = d_t.sum(-1)                                                   # N
-    if sequential:
-        d_u = d_ueff * a
-        d_a = d_a + d_ueff * u
-    else:
-        d_u = d_ueff
-    # u = W_v'^T q, c = q . b_v', q = softmax(W_q' mz + b_q')
-    d_q = d_u @ w['sp_wv'].t() + d_c.unsqueeze(-1) * w['sp_bv']
-    g_sp_wv = q.t() @ d_u
-    g_sp_bv = q.t() @ d_c
-    d_g = q * (d_q - (q * d_q).sum(-1, keepdim=True))
-    g_sp_wq = d_g.t() @ sm['mz']
-    g_sp_bq = d_g.sum(0)
-    d_mz = d_g @ w['sp_wq']                                             # N, C
-    if sequential:
-        d_a = d_a + d_mz * m
-        d_m = d_mz * a
-    else:
-        d_m = d_mz
-    # A = sigmoid(LN(z)), z = W_z v + b_z, v = W_v s + b_v
-    d_ln = d_a * a * (1 - a)
-    zhat = sm['zhat']
-    g_ln_w = (d_ln * zhat).sum(0)
-    g_ln_b = d_ln.sum(0)
-    d_zhat = d_ln * w['ln_weight']
-    d_z = sm['rstd'] * (d_zhat - d_zhat.mean(-1, keepdim=True)
-                        - zhat * (d_zhat * zhat).mean(-1, keepdim=True))
-    g_ch_wz = d_z.t() @ sm['v']
-    g_ch_bz = d_z.sum(0)
-    d_v = d_z @ w['ch_wz']
-    g_ch_wv = d_v.t() @ s
-    g_ch_bv = d_v.sum(0)
-    d_sv = d_v @ w['ch_wv']                                             # N, C (d s)
+    dm, d_sv, beta, left, right, vecs = bwd_glue(d_t, part_da, part_dueff, stats,
+                                                 [w[k] for k in CHAIN_NAMES], eps, sequential)
     # s = sum_p pi_p x_p, pi = softmax(l), l_p = ch_wq . x_p (+ ch_bq):
     # dl_p = pi_p (ds . x_p - ds . s);  dx = G (.) (A (+) S or A S) + rank-4 terms
-    beta = (d_sv * s).sum(-1)
-    dx, part_gwq = bwd_apply(grad, x, a, s_mask, pi, d_t, sm['ueff'], d_m / p, d_sv,
+    dx, part_gwq = bwd_apply(grad, x, a, s_mask, pi, d_t, ueff, dm, d_sv,
                              w['ch_wq'].reshape(-1), beta, 0, sequential)
-    g_ch_wq = part_gwq.sum((0, 1))
-    g_ch_bq = torch.zeros(1, dtype=acc, device=x.device)
+    mats = torch.bmm(left.transpose(1, 2), right)                       # 4, C/2, C
+    half = left.shape[-1]
+    g_sp_bv, g_sp_bq, g_ch_bv, g_ln_w, g_ln_b, g_ch_bz = vecs.sum(0).split(
+        [half] * 3 + [right.shape[-1]] * 3)
+    grads = {'ch_wq': part_gwq.sum((0, 1)), 'ch_bq': torch.zeros(1, dtype=acc, device=x.device),
+             'ch_wv': mats[3], 'ch_bv': g_ch_bv, 'ch_wz': mats[2].t(), 'ch_bz': g_ch_bz,
+             'ln_weight': g_ln_w, 'ln_bias': g_ln_b, 'sp_wq': mats[1], 'sp_bq': g_sp_bq,
+             'sp_wv': mats[0], 'sp_bv': g_sp_bv}
+    flat = torch.cat([grads[k].reshape(-1) for k in PARAM_NAMES])
+    return dx, flat.to(_grads_dtype(params, acc))
 
-    grads = (g_ch_wq, g_ch_bq, g_ch_wv, g_ch_bv, g_ch_wz, g_ch_bz, g_ln_w, g_ln_b,
-             g_sp_wq, g_sp_bq, g_sp_wv, g_sp_bv)
-    return (dx,) + tuple(g.to(prm.dtype).reshape(prm.shape) for g, prm in zip(grads, params))
+
+def _grads_dtype(params: tuple[Tensor, ...] | list[Tensor], acc: torch.dtype) -> torch.dtype:
+    """The dtype the parameter gradients leave the backward op in: the parameters' own when
+    they share one, else the accumulation dtype (each is cast on its way out)."""
+    dtypes = {prm.dtype for prm in params}
+    return dtypes.pop() if len(dtypes) == 1 else acc
 
 
 # ----------------------------------------------------------------------- torch.library ops
@@ -292,20 +345,22 @@ def _(x, ch_wq, ch_bq, ch_wv, ch_bv, ch_wz, ch_bz, ln_weight, ln_bias, sp_wq, sp
     n, c, h, w = x.shape
     acc = _acc_dtype(x)
     return (torch.empty_like(x), x.new_empty((n, h * w), dtype=acc),
-            x.new_empty((n, h * w), dtype=acc), x.new_empty((n, c, 2), dtype=acc))
+            x.new_empty((n, h * w), dtype=acc), x.new_empty((n, 4, c), dtype=acc))
 
 
 @torch.library.custom_op('mmattn::psa_paper_folded_backward', mutates_args=())
 def _psa_folded_backward_op(grad: Tensor, x: Tensor, pi: Tensor, s_mask: Tensor, stats: Tensor,
                             params: list[Tensor], eps: float, sequential: bool,
                             kernel: bool) -> list[Tensor]:
+    """[dx, the 12 parameter gradients flattened into one vector]."""
     return list(_backward_impl(grad, x, pi, s_mask, stats, tuple(params), eps, sequential,
                                kernel))
 
 
 @_psa_folded_backward_op.register_fake
 def _(grad, x, pi, s_mask, stats, params, eps, sequential, kernel):
-    return [torch.empty_like(x)] + [torch.empty_like(prm) for prm in params]
+    return [torch.empty_like(x), x.new_empty(sum(prm.numel() for prm in params),
+                                             dtype=_grads_dtype(params, _acc_dtype(x)))]
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -317,9 +372,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_y, grad_pi, grad_s, grad_stats):
     x, pi, s_mask, stats, *params = ctx.saved_tensors
-    grads = _psa_folded_backward_op(grad_y, x, pi, s_mask, stats, params, ctx.eps,
-                                    ctx.sequential, ctx.kernel)
-    return (*grads, None, None, None)
+    dx, flat = _psa_folded_backward_op(grad_y, x, pi, s_mask, stats, params, ctx.eps,
+                                       ctx.sequential, ctx.kernel)
+    grads = [part.view(prm.shape).to(prm.dtype) for part, prm in
+             zip(flat.split([prm.numel() for prm in params]), params)]
+    return (dx, *grads, None, None, None)
 
 
 _psa_folded_op.register_autograd(_backward, setup_context=_setup_context)

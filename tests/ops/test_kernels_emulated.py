@@ -19,6 +19,7 @@ from typing import Iterator
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmattn.ops.psa as psa_op
 from mmattn.ops import extension
@@ -58,8 +59,8 @@ def emulated() -> Iterator[object]:
 def psa_kernel(emulated, monkeypatch: pytest.MonkeyPatch):
     """``psa_paper_folded(..., kernel=True)`` running its four passes on the emulated kernels
     (the Python glue between them is mmattn's own)."""
-    passes = (emulated.psa_fwd_reduce, emulated.psa_fwd_apply, emulated.psa_bwd_reduce,
-              emulated.psa_bwd_apply)
+    passes = (emulated.psa_fwd_reduce, emulated.psa_fwd_glue, emulated.psa_fwd_apply,
+              emulated.psa_bwd_reduce, emulated.psa_bwd_glue, emulated.psa_bwd_apply)
     real = psa_op._passes
     monkeypatch.setattr(psa_op, '_passes', lambda kernel: passes if kernel else real(False))
 
@@ -132,8 +133,8 @@ def test_psa_kernels_on_misaligned_data(psa_kernel, layout: torch.memory_format)
     ours, ref = grads(psa_kernel, x, w, mode, g), grads(paper_psa, x, w, mode, g)
     for name, a, b in zip(('x',) + PARAM_NAMES, ours, ref):
         scale = ref[1] if name == 'ch_bq' else b
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * max(1.0, scale.abs().max().item()),
-                                   msg=name)
+        atol = 1e-10 * max(1.0, scale.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=atol, msg=name)
 
 
 def test_psa_kernels_wide_channels_use_the_opt_in_shared_memory(psa_kernel) -> None:
@@ -145,6 +146,86 @@ def test_psa_kernels_wide_channels_use_the_opt_in_shared_memory(psa_kernel) -> N
                                rtol=1e-12, atol=1e-12)
     ours, ref = grads(psa_kernel, x, w, 'parallel', g), grads(paper_psa, x, w, 'parallel', g)
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('mode', ['parallel', 'sequential'])
+def test_psa_glue_kernels_match_their_pytorch_twins(emulated, mode: str) -> None:
+    """The C-sized work between the passes (a thread block per image), against
+    ``_fwd_glue_torch`` / ``_bwd_glue_torch`` on random inputs, float64: one split and many,
+    C/2 below and above the block's 256 threads, C not a multiple of 32."""
+    sequential = mode == 'sequential'
+    for n, s, c, p in [(1, 1, 2, 1), (3, 5, 6, 7), (2, 41, 96, 50), (2, 3, 600, 9)]:
+        w = random_params(c, std=0.3)
+        weights = [w[k] for k in psa_op.CHAIN_NAMES]
+        logits, pmax = torch.randn(n, p, dtype=F64), torch.randn(n, s, dtype=F64)
+        psum, ps, pm = (torch.rand(n, s, dtype=F64) + 0.5, torch.randn(n, s, c, dtype=F64),
+                        torch.randn(n, s, c, dtype=F64))
+        fwd = emulated.psa_fwd_glue(logits, pmax, psum, ps, pm, weights, EPS, sequential)
+        for a, b in zip(fwd, psa_op._fwd_glue_torch(logits, pmax, psum, ps, pm, weights, EPS,
+                                                    sequential)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        stats = fwd[1]
+        d_t, part_da, part_dueff = (torch.randn(n, p, dtype=F64),
+                                    torch.randn(n, s, c, dtype=F64),
+                                    torch.randn(n, s, c, dtype=F64))
+        bwd = emulated.psa_bwd_glue(d_t, part_da, part_dueff, stats, weights, EPS, sequential)
+        ref = psa_op._bwd_glue_torch(d_t, part_da, part_dueff, stats, weights, EPS, sequential)
+        for name, a, b in zip(('dm', 'dsv', 'beta', 'left', 'right', 'vecs'), bwd, ref):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=name)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the operators that run (views and dtype queries excluded): on a GPU each is a
+    kernel launch."""
+    VIEWS = {'view', 'detach', '_unsafe_view', 't', 'transpose', 'unsqueeze', 'squeeze',
+             'expand', 'select', 'slice', 'reshape', 'as_strided', 'alias', 'permute',
+             'split', 'split_with_sizes', 'unbind', 'promote_types'}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_psa_kernel_path_launches_few_operators(psa_kernel, dtype: torch.dtype) -> None:
+    """With the kernels, a training step's host work is the four passes, the two glue kernels
+    and a few PyTorch operations (the weights' and gradients' casts, the weight gradients'
+    one batched product and sums), not the 30-90 small operations of the C-sized chain: on a
+    GPU each launch costs microseconds, as much as a pass over x at moderate sizes."""
+    w = {k: v.to(dtype) for k, v in random_params(32, std=0.3).items()}
+    x = torch.randn(2, 32, 4, 6, dtype=dtype)
+    params = tuple(w[k] for k in PARAM_NAMES)
+    with _CountOps() as fwd:
+        y, pi, s_mask, stats = psa_op._forward_impl(x, params, EPS, True, True)
+    g = torch.randn_like(y)
+    with _CountOps() as bwd:
+        psa_op._backward_impl(g, x, pi, s_mask, stats, params, EPS, True, True)
+    kernels = {f'mmattn_emulated.psa_{name}' for name in
+               ('fwd_reduce', 'fwd_glue', 'fwd_apply', 'bwd_reduce', 'bwd_glue', 'bwd_apply')}
+    assert kernels == {op for op in fwd.ops + bwd.ops if op.startswith('mmattn_emulated')}
+    # forward: 3 kernels (bf16: + concatenating and casting the weights); backward: 3 kernels,
+    # the weight gradients' product, two sums, ch_bq's zero, the transposed ch_wz gradient's
+    # copy and the concatenation of the gradients (bf16: + 3 casts and concatenations)
+    assert len(fwd.ops) <= 5, fwd.ops
+    assert len(bwd.ops) <= 12, bwd.ops
+
+
+def test_psa_glue_input_errors(emulated) -> None:
+    logits, pmax, psum = torch.randn(2, 9), torch.randn(2, 3), torch.rand(2, 3)
+    ps, pm = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    weights = [torch.randn(4, 8), torch.randn(4)]
+    with pytest.raises(RuntimeError, match='expected the 10 chain weights, got 2'):
+        emulated.psa_fwd_glue(logits, pmax, psum, ps, pm, weights, EPS, False)
+    with pytest.raises(RuntimeError, match='pmax must have shape'):
+        emulated.psa_fwd_glue(logits, pmax[:, :2], psum, ps, pm, weights, EPS, False)
+    with pytest.raises(RuntimeError, match='float32 or float64'):
+        emulated.psa_fwd_glue(logits.half(), pmax, psum, ps, pm, weights, EPS, False)
 
 
 def test_psa_kernel_input_errors(emulated) -> None:

@@ -1,9 +1,9 @@
 // Polarized Self-Attention (arXiv 2107.00782), paper form with the 1x1 convolutions folded
 // away (Eq. 1-5; the folding is derived in mmattn/ops/psa.py): the four passes over the feature
-// map x, as CUDA kernels. Everything C-sized (the small matrix-vector chain between the passes,
-// merging the split partial reductions) stays in PyTorch (mmattn/ops/psa.py), which also has a
-// pure-PyTorch implementation of each pass with the same contract (the CPU path and the
-// reference these kernels are tested against).
+// map x, as CUDA kernels. The C-sized work between the passes (merging the split partial
+// reductions, the small matrix-vector chain) is psa_glue.cuh. mmattn/ops/psa.py has a
+// pure-PyTorch implementation of each with the same contract (the CPU path and the reference
+// these kernels are tested against).
 //
 //   forward   reduce: l_p = w_q . x_p ; online softmax over p: per split, max M, sum Z = sum e^{l-M},
 //                     s_c = sum_p e^{l_p-M} x_cp ; m_c = sum_p x_cp          (1 read of x)
@@ -21,7 +21,7 @@
 // loads and stores move 16 bytes a thread where the layout allows (VEC elements consecutive in
 // memory: pixels of a channel for NCHW, channels of a pixel for channels_last), else single
 // elements; either way coalesced. The reductions over the pixels are split over `splits` blocks
-// per image (partials merged in PyTorch) so that large H*W fill the GPU.
+// per image (partials merged by the glue kernels) so that large H*W fill the GPU.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -123,7 +123,8 @@ __device__ __forceinline__ void tile_walk(const Geometry& g, int log2_tile, int 
     bool ok[BATCH];
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
-      ok[b] = s0 + b < steps && tile_vector<VEC, PIX>(g, log2_vpc, cblocks, tp, s0 + b, cs[b], ps[b]);
+      ok[b] = s0 + b < steps &&
+              tile_vector<VEC, PIX>(g, log2_vpc, cblocks, tp, s0 + b, cs[b], ps[b]);
       if (ok[b]) v[b] = load(cs[b], ps[b]);
     }
 #pragma unroll

@@ -1,0 +1,414 @@
+// Polarized Self-Attention, paper form folded (mmattn/ops/psa.py): the C-sized work between
+// the passes over x, one thread block per image, as two kernels. Their PyTorch twins are
+// `_fwd_glue_torch` / `_bwd_glue_torch` in mmattn/ops/psa.py (same contracts); as PyTorch
+// operations they are 30-90 launches per step, which at large shapes would cost more than the
+// passes over x themselves.
+//
+//   forward:  merge the splits' online-softmax states (max M_s, sum Z_s, weighted sums) into
+//             pi = softmax_p(l) and s = sum_p pi_p x_p, m = mean_p x_p; then the chain
+//             v = W_v s + b_v, z = W_z v + b_z, A = sigmoid(LN(z)), mz = A m | m,
+//             q = softmax(W_q mz + b_q), u = W_v'^T q, c = q . b_v', u_eff = u A | u   (Eq. 1-5)
+//   backward: the chain again (from s and m), then its derivative in reverse, giving what the
+//             last pass needs (dm, ds, beta) and the factors of the parameter gradients.
+//
+// All vectors are in the accumulation dtype (float or double); the weights are CHAIN_NAMES of
+// psa.py as contiguous matrices: ch_wv (C/2, C), ch_wz (C, C/2), sp_wq and sp_wv (C/2, C).
+// Per-image vectors live in global memory (outputs or a workspace): a block's threads write
+// and read them between __syncthreads, which orders global memory within the block too.
+#pragma once
+
+#include <vector>
+
+#include "psa_kernels.cuh"
+
+namespace mmattn {
+namespace psa {
+
+template <typename T>
+struct Chain {
+  const T *ch_wv, *ch_bv, *ch_wz, *ch_bz, *ln_w, *ln_b, *sp_wq, *sp_bq, *sp_wv, *sp_bv;
+};
+
+// Where the chain of one image reads s, m and writes its vectors (C-vectors unless noted).
+template <typename T>
+struct ChainVecs {
+  const T *s, *m;
+  T *a, *ueff, *zhat, *mz, *u;
+  T *v, *q;      // C/2
+  T *rstd, *c;   // one value each
+};
+
+template <typename T>
+__device__ __forceinline__ T op_rsqrt(T v) { return T(1) / ::sqrt(v); }
+
+// The block-wide reduction of v under op; every thread gets the result. `scratch`: kWarps
+// values of shared memory.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, Op op) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();  // the previous reduction has read scratch
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  T r = scratch[0];
+  for (int w = 1; w < kWarps; ++w) r = op(r, scratch[w]);
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+  return block_reduce(v, scratch, [](T x, T y) { return x + y; });
+}
+
+template <typename T>
+__device__ __forceinline__ T block_max(T v, T* scratch) {
+  return block_reduce(v, scratch, [](T x, T y) { return x > y ? x : y; });
+}
+
+// out[r] = sum_k W[r][k] vec[k] (+ bias[r]) for W (R x K), row-major: a warp per row.
+template <typename T>
+__device__ __forceinline__ void rows_dot(const T* W, const T* vec, const T* bias, int R, int K,
+                                         T* out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int r = warp; r < R; r += kWarps) {
+    T acc = 0;
+    for (int k = lane; k < K; k += 32) acc += W[static_cast<int64_t>(r) * K + k] * vec[k];
+    acc = warp_sum(acc);
+    if (lane == 0) out[r] = bias != nullptr ? acc + bias[r] : acc;
+  }
+}
+
+// out[k] = sum_r W[r][k] vec[r] for W (R x K), row-major: a thread per column (the threads of a
+// warp read consecutive columns).
+template <typename T>
+__device__ __forceinline__ void cols_dot(const T* W, const T* vec, int R, int K, T* out) {
+  for (int k = threadIdx.x; k < K; k += kThreads) {
+    T acc = 0;
+    for (int r = 0; r < R; ++r) acc += W[static_cast<int64_t>(r) * K + k] * vec[r];
+    out[k] = acc;
+  }
+}
+
+// The chain of Eq. 1-5 on one image's s and m (see the top of this file).
+template <typename T>
+__device__ void run_chain(const Chain<T>& w, int C, T eps, bool sequential, const ChainVecs<T>& o,
+                          T* scratch) {
+  const int H = C / 2;
+  rows_dot(w.ch_wv, o.s, w.ch_bv, H, C, o.v);
+  __syncthreads();
+  rows_dot(w.ch_wz, o.v, w.ch_bz, C, H, o.zhat);  // z, normalised in place below
+  __syncthreads();
+  T part = 0;
+  for (int c = threadIdx.x; c < C; c += kThreads) part += o.zhat[c];
+  const T mean = block_sum(part, scratch) / C;
+  part = 0;
+  for (int c = threadIdx.x; c < C; c += kThreads) part += (o.zhat[c] - mean) * (o.zhat[c] - mean);
+  const T rstd = op_rsqrt(block_sum(part, scratch) / C + eps);
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    const T zh = (o.zhat[c] - mean) * rstd;
+    o.zhat[c] = zh;
+    o.a[c] = op_sigmoid(w.ln_w[c] * zh + w.ln_b[c]);
+    o.mz[c] = sequential ? o.a[c] * o.m[c] : o.m[c];
+  }
+  if (threadIdx.x == 0) *o.rstd = rstd;
+  __syncthreads();
+  rows_dot(w.sp_wq, o.mz, w.sp_bq, H, C, o.q);  // logits, softmax in place below
+  __syncthreads();
+  part = -INFINITY;
+  for (int j = threadIdx.x; j < H; j += kThreads) part = op_max(part, o.q[j]);
+  const T qmax = block_max(part, scratch);
+  part = 0;
+  for (int j = threadIdx.x; j < H; j += kThreads) part += op_exp(o.q[j] - qmax);
+  const T qsum = block_sum(part, scratch);
+  for (int j = threadIdx.x; j < H; j += kThreads) o.q[j] = op_exp(o.q[j] - qmax) / qsum;
+  __syncthreads();
+  cols_dot(w.sp_wv, o.q, H, C, o.u);
+  for (int c = threadIdx.x; c < C; c += kThreads) o.ueff[c] = sequential ? o.u[c] * o.a[c] : o.u[c];
+  part = 0;
+  for (int j = threadIdx.x; j < H; j += kThreads) part += o.q[j] * w.sp_bv[j];
+  const T cb = block_sum(part, scratch);
+  if (threadIdx.x == 0) *o.c = cb;
+  __syncthreads();
+}
+
+// Workspace per image (the larger, backward layout): zhat, u, A, u_eff, d_a, d_mz, d_zhat
+// (C each), d_q (C/2), rstd, c.
+__host__ __device__ inline int64_t glue_work(int C) {
+  return 7 * static_cast<int64_t>(C) + C / 2 + 2;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
+                const T* __restrict__ psum, const T* __restrict__ ps, const T* __restrict__ pm,
+                int S, int C, int P, Chain<T> w, T eps, bool sequential, T* __restrict__ pi,
+                T* __restrict__ stats, T* __restrict__ cbias, T* __restrict__ work) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* scratch = reinterpret_cast<T*>(smem_raw);
+  const int n = blockIdx.x, H = C / 2;
+  const T* mx = pmax + static_cast<int64_t>(n) * S;
+  const T* sm = psum + static_cast<int64_t>(n) * S;
+  T part = -INFINITY;
+  for (int s = threadIdx.x; s < S; s += kThreads) part = op_max(part, mx[s]);
+  const T top = block_max(part, scratch);
+  part = 0;
+  for (int s = threadIdx.x; s < S; s += kThreads) part += sm[s] * op_exp(mx[s] - top);
+  const T total = block_sum(part, scratch);
+  T* st = stats + static_cast<int64_t>(n) * 4 * C;  // rows s, m, A, u_eff
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    T acc_s = 0, acc_m = 0;
+    for (int s = 0; s < S; ++s) {
+      const int64_t i = (static_cast<int64_t>(n) * S + s) * C + c;
+      acc_s += op_exp(mx[s] - top) * ps[i];
+      acc_m += pm[i];
+    }
+    st[c] = acc_s / total;
+    st[C + c] = acc_m / P;
+  }
+  __syncthreads();
+  T* ws = work + static_cast<int64_t>(n) * glue_work(C);
+  ChainVecs<T> o;
+  o.s = st;
+  o.m = st + C;
+  o.a = st + 2 * C;
+  o.ueff = st + 3 * C;
+  o.zhat = ws;
+  o.mz = ws + C;
+  o.u = ws + 2 * C;
+  o.v = ws + 3 * C;
+  o.q = ws + 3 * C + H;
+  o.rstd = ws + 4 * C;
+  o.c = cbias + n;
+  run_chain(w, C, eps, sequential, o, scratch);
+  const T* ln = logits + static_cast<int64_t>(n) * P;
+  T* pin = pi + static_cast<int64_t>(n) * P;
+  for (int p = threadIdx.x; p < P; p += kThreads) pin[p] = op_exp(ln[p] - top) / total;
+}
+
+// Outputs per image n: dm = dL/dm / P, dsv = dL/ds (N, C), beta (N); the weight-gradient
+// factors left (4, N, C/2) = [q, d_g, v, d_v] and right (4, N, C) = [d_u, mz, d_z, s]; the
+// vector gradients' terms vecs (N, 3 C/2 + 3 C) = [q d_c, d_g, d_v, d_ln zhat, d_ln, d_z].
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+bwd_glue_kernel(const T* __restrict__ d_t, const T* __restrict__ part_da,
+                const T* __restrict__ part_dueff, const T* __restrict__ stats, int N, int S,
+                int C, int P, Chain<T> w, T eps, bool sequential, T* __restrict__ dm,
+                T* __restrict__ dsv, T* __restrict__ beta, T* __restrict__ left,
+                T* __restrict__ right, T* __restrict__ vecs, T* __restrict__ work) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* scratch = reinterpret_cast<T*>(smem_raw);
+  const int n = blockIdx.x, H = C / 2;
+  const T* st = stats + static_cast<int64_t>(n) * 4 * C;
+  T* ws = work + static_cast<int64_t>(n) * glue_work(C);
+  auto L = [&](int k) { return left + (static_cast<int64_t>(k) * N + n) * H; };
+  auto R = [&](int k) { return right + (static_cast<int64_t>(k) * N + n) * C; };
+  T* vn = vecs + static_cast<int64_t>(n) * (3 * H + 3 * C);
+  T *d_a = ws + 4 * C, *d_mz = ws + 5 * C, *d_zhat = ws + 6 * C, *d_q = ws + 7 * C;
+  ChainVecs<T> o;
+  o.s = st;
+  o.m = st + C;
+  o.zhat = ws;
+  o.u = ws + C;
+  o.a = ws + 2 * C;
+  o.ueff = ws + 3 * C;
+  o.mz = R(1);
+  o.v = L(2);
+  o.q = L(0);
+  o.rstd = ws + 7 * C + H;
+  o.c = o.rstd + 1;
+  run_chain(w, C, eps, sequential, o, scratch);
+
+  // y = x (A (+) S) with S_p = sigmoid(u_eff . x_p + c): the partial sums of the backward
+  // reduce pass give dA and d u_eff; d c = sum_p d_t
+  T* d_u = R(0);
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    T da = 0, due = 0;
+    for (int s = 0; s < S; ++s) {
+      const int64_t i = (static_cast<int64_t>(n) * S + s) * C + c;
+      da += part_da[i];
+      due += part_dueff[i];
+    }
+    d_u[c] = sequential ? due * o.a[c] : due;
+    d_a[c] = sequential ? da + due * o.u[c] : da;
+    R(3)[c] = o.s[c];
+  }
+  T part = 0;
+  for (int p = threadIdx.x; p < P; p += kThreads) part += d_t[static_cast<int64_t>(n) * P + p];
+  const T d_c = block_sum(part, scratch);  // (its syncs also publish d_u)
+  // u = W_v'^T q, c = q . b_v', q = softmax(g): d_q = W_v' d_u + d_c b_v', d_g = q (d_q - q.d_q)
+  rows_dot(w.sp_wv, d_u, static_cast<const T*>(nullptr), H, C, d_q);
+  __syncthreads();
+  part = 0;
+  for (int j = threadIdx.x; j < H; j += kThreads) {
+    d_q[j] += d_c * w.sp_bv[j];
+    part += o.q[j] * d_q[j];
+  }
+  const T qdq = block_sum(part, scratch);
+  T* d_g = L(1);
+  for (int j = threadIdx.x; j < H; j += kThreads) {
+    d_g[j] = o.q[j] * (d_q[j] - qdq);
+    vn[j] = o.q[j] * d_c;
+    vn[H + j] = d_g[j];
+  }
+  __syncthreads();
+  // g = W_q' mz + b_q': d_mz = W_q'^T d_g; mz = A m | m
+  cols_dot(w.sp_wq, d_g, H, C, d_mz);
+  T part1 = 0, part2 = 0;
+  for (int c = threadIdx.x; c < C; c += kThreads) {  // the columns this thread just wrote
+    const T a = o.a[c];
+    const T da = sequential ? d_a[c] + d_mz[c] * o.m[c] : d_a[c];
+    dm[static_cast<int64_t>(n) * C + c] = (sequential ? d_mz[c] * a : d_mz[c]) / P;
+    // A = sigmoid(LN(z)): d_ln = dA A (1 - A), d_zhat = d_ln ln_w
+    const T d_ln = da * a * (T(1) - a);
+    vn[3 * H + c] = d_ln * o.zhat[c];
+    vn[3 * H + C + c] = d_ln;
+    d_zhat[c] = d_ln * w.ln_w[c];
+    part1 += d_zhat[c];
+    part2 += d_zhat[c] * o.zhat[c];
+  }
+  const T mean1 = block_sum(part1, scratch) / C;
+  const T mean2 = block_sum(part2, scratch) / C;
+  const T rstd = *o.rstd;
+  T* d_z = R(2);
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    d_z[c] = rstd * (d_zhat[c] - mean1 - o.zhat[c] * mean2);
+    vn[3 * H + 2 * C + c] = d_z[c];
+  }
+  __syncthreads();
+  // z = W_z v + b_z, v = W_v s + b_v: d_v = W_z^T d_z, ds = W_v^T d_v
+  T* d_v = L(3);
+  cols_dot(w.ch_wz, d_z, C, H, d_v);
+  for (int j = threadIdx.x; j < H; j += kThreads) vn[2 * H + j] = d_v[j];
+  __syncthreads();
+  T* dsn = dsv + static_cast<int64_t>(n) * C;
+  cols_dot(w.ch_wv, d_v, H, C, dsn);
+  part = 0;
+  for (int c = threadIdx.x; c < C; c += kThreads) part += dsn[c] * o.s[c];
+  const T b = block_sum(part, scratch);
+  if (threadIdx.x == 0) beta[n] = b;
+}
+
+// ---------------------------------------------------------------- host side
+// `t`, checked: shape, the accumulation dtype `acc` (float or double) and x's device; contiguous.
+at::Tensor acc_tensor(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType acc,
+                      const at::Device& device, const char* name) {
+  TORCH_CHECK(t.sizes() == shape, "mmattn psa glue: ", name, " must have shape ", shape,
+              ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc && t.device() == device, "mmattn psa glue: ", name,
+              " must be ", acc, " on ", device, ", got ", t.scalar_type(), " on ", t.device());
+  return t.contiguous();
+}
+
+// The chain's weights (CHAIN_NAMES), checked and made contiguous; `keep` holds them.
+template <typename T>
+Chain<T> chain_weights(at::TensorList weights, int C, at::ScalarType acc, const at::Device& dev,
+                       std::vector<at::Tensor>* keep) {
+  TORCH_CHECK(weights.size() == 10, "mmattn psa glue: expected the 10 chain weights, got ",
+              weights.size());
+  const int64_t H = C / 2;
+  const std::vector<std::vector<int64_t>> shapes{{H, C}, {H}, {C, H}, {C}, {C}, {C},
+                                                 {H, C}, {H}, {H, C}, {H}};
+  const char* names[] = {"ch_wv", "ch_bv", "ch_wz", "ch_bz", "ln_weight", "ln_bias",
+                         "sp_wq", "sp_bq", "sp_wv", "sp_bv"};
+  for (size_t i = 0; i < 10; ++i)
+    keep->push_back(acc_tensor(weights[i], shapes[i], acc, dev, names[i]));
+  const auto& k = *keep;
+  return {k[0].data_ptr<T>(), k[1].data_ptr<T>(), k[2].data_ptr<T>(), k[3].data_ptr<T>(),
+          k[4].data_ptr<T>(), k[5].data_ptr<T>(), k[6].data_ptr<T>(), k[7].data_ptr<T>(),
+          k[8].data_ptr<T>(), k[9].data_ptr<T>()};
+}
+
+// The sizes of a glue call, from its (N, P) and (N, S, C) inputs (checked): the images, pixels,
+// splits, channels, and the accumulation dtype and device everything else must have.
+struct GlueSizes {
+  int64_t N, P, S, C;
+  at::ScalarType acc;
+  at::Device dev;
+};
+
+GlueSizes glue_sizes(const at::Tensor& per_pixel, const at::Tensor& partial, const char* pp_name,
+                     const char* partial_name) {
+  TORCH_CHECK(per_pixel.dim() == 2 && partial.dim() == 3, "mmattn psa glue: ", pp_name,
+              " must be (N, P) and ", partial_name, " (N, S, C), got ", per_pixel.sizes(),
+              " and ", partial.sizes());
+  const GlueSizes z{per_pixel.size(0), per_pixel.size(1), partial.size(1), partial.size(2),
+                    per_pixel.scalar_type(), per_pixel.device()};
+  TORCH_CHECK(z.C % 2 == 0, "mmattn psa glue: C must be even, got C=", z.C);
+  TORCH_CHECK(z.acc == at::kFloat || z.acc == at::kDouble,
+              "mmattn psa glue: the accumulation dtype must be float32 or float64, got ", z.acc);
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_fwd_glue_cuda(
+    const at::Tensor& logits_in, const at::Tensor& pmax_in, const at::Tensor& psum_in,
+    const at::Tensor& ps_in, const at::Tensor& pm_in, at::TensorList weights, double eps,
+    bool sequential) {
+  const launch::DeviceGuard guard(logits_in.device());
+  const GlueSizes z = glue_sizes(logits_in, ps_in, "logits", "ps");
+  const int64_t N = z.N, P = z.P, S = z.S, C = z.C;
+  const at::ScalarType acc = z.acc;
+  const at::Device dev = z.dev;
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor pmax = acc_tensor(pmax_in, {N, S}, acc, dev, "pmax");
+  const at::Tensor psum = acc_tensor(psum_in, {N, S}, acc, dev, "psum");
+  const at::Tensor ps = acc_tensor(ps_in, {N, S, C}, acc, dev, "ps");
+  const at::Tensor pm = acc_tensor(pm_in, {N, S, C}, acc, dev, "pm");
+  const auto opts = logits.options();
+  at::Tensor pi = at::empty({N, P}, opts), stats = at::empty({N, 4, C}, opts);
+  at::Tensor cbias = at::empty({N}, opts);
+  if (N == 0) return {pi, stats, cbias};
+  at::Tensor work = at::empty({N, glue_work(static_cast<int>(C))}, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "psa_fwd_glue", [&] {
+    std::vector<at::Tensor> keep;
+    const Chain<scalar_t> w = chain_weights<scalar_t>(weights, static_cast<int>(C), acc, dev,
+                                                      &keep);
+    launch::launch(fwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)), kThreads,
+                   kWarps * sizeof(scalar_t), logits.data_ptr<scalar_t>(),
+                   pmax.data_ptr<scalar_t>(), psum.data_ptr<scalar_t>(),
+                   ps.data_ptr<scalar_t>(), pm.data_ptr<scalar_t>(), static_cast<int>(S),
+                   static_cast<int>(C), static_cast<int>(P), w, static_cast<scalar_t>(eps),
+                   sequential, pi.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(),
+                   cbias.data_ptr<scalar_t>(), work.data_ptr<scalar_t>());
+  });
+  return {pi, stats, cbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+psa_bwd_glue_cuda(const at::Tensor& d_t_in, const at::Tensor& part_da_in,
+                  const at::Tensor& part_dueff_in, const at::Tensor& stats_in,
+                  at::TensorList weights, double eps, bool sequential) {
+  const launch::DeviceGuard guard(d_t_in.device());
+  const GlueSizes z = glue_sizes(d_t_in, part_da_in, "d_t", "part_da");
+  const int64_t N = z.N, P = z.P, S = z.S, C = z.C, H = C / 2;
+  const at::ScalarType acc = z.acc;
+  const at::Device dev = z.dev;
+  const at::Tensor d_t = d_t_in.contiguous();
+  const at::Tensor part_da = acc_tensor(part_da_in, {N, S, C}, acc, dev, "part_da");
+  const at::Tensor part_dueff = acc_tensor(part_dueff_in, {N, S, C}, acc, dev, "part_dueff");
+  const at::Tensor stats = acc_tensor(stats_in, {N, 4, C}, acc, dev, "stats");
+  const auto opts = d_t.options();
+  at::Tensor dm = at::empty({N, C}, opts), dsv = at::empty({N, C}, opts);
+  at::Tensor beta = at::empty({N}, opts);
+  at::Tensor left = at::empty({4, N, H}, opts), right = at::empty({4, N, C}, opts);
+  at::Tensor vecs = at::empty({N, 3 * H + 3 * C}, opts);
+  if (N == 0) return {dm, dsv, beta, left, right, vecs};
+  at::Tensor work = at::empty({N, glue_work(static_cast<int>(C))}, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "psa_bwd_glue", [&] {
+    std::vector<at::Tensor> keep;
+    const Chain<scalar_t> w = chain_weights<scalar_t>(weights, static_cast<int>(C), acc, dev,
+                                                      &keep);
+    launch::launch(bwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)), kThreads,
+                   kWarps * sizeof(scalar_t), d_t.data_ptr<scalar_t>(),
+                   part_da.data_ptr<scalar_t>(), part_dueff.data_ptr<scalar_t>(),
+                   stats.data_ptr<scalar_t>(), static_cast<int>(N), static_cast<int>(S),
+                   static_cast<int>(C), static_cast<int>(P), w, static_cast<scalar_t>(eps),
+                   sequential, dm.data_ptr<scalar_t>(), dsv.data_ptr<scalar_t>(),
+                   beta.data_ptr<scalar_t>(), left.data_ptr<scalar_t>(),
+                   right.data_ptr<scalar_t>(), vecs.data_ptr<scalar_t>(),
+                   work.data_ptr<scalar_t>());
+  });
+  return {dm, dsv, beta, left, right, vecs};
+}
+
+}  // namespace psa
+}  // namespace mmattn
