@@ -83,7 +83,8 @@ def _kernel_loaded(op: str, device_type: str) -> bool:
     return extension.has_kernel(op, device_type)
 
 
-#: the compiled ops that the PSA kernel path calls (all from one source file)
+#: the compiled ops that the PSA kernel path calls, in the order of a training step (all from
+#: one source file; mmattn.ops.psa calls them in this order)
 PSA_KERNEL_OPS = ('psa_fwd_reduce', 'psa_fwd_glue', 'psa_fwd_apply', 'psa_bwd_reduce',
                   'psa_bwd_glue', 'psa_bwd_apply')
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dispatch import select_backend
+from .dispatch import PSA_KERNEL_OPS, select_backend
 
 __all__ = ['polarized_self_attention', 'psa_paper_folded', 'psa_paper_params',
            'psa_paper_reference']
@@ -260,12 +260,10 @@ _TORCH_PASSES = (_fwd_reduce_torch, _fwd_glue_torch, _fwd_apply_torch, _bwd_redu
 
 def _passes(kernel: bool) -> tuple:
     """(fwd_reduce, fwd_glue, fwd_apply, bwd_reduce, bwd_glue, bwd_apply): the PyTorch forms or
-    the compiled kernels."""
+    the compiled kernels (:data:`mmattn.ops.dispatch.PSA_KERNEL_OPS`, in this order)."""
     if not kernel:
         return _TORCH_PASSES
-    ops = torch.ops.mmattn
-    return (ops.psa_fwd_reduce, ops.psa_fwd_glue, ops.psa_fwd_apply, ops.psa_bwd_reduce,
-            ops.psa_bwd_glue, ops.psa_bwd_apply)
+    return tuple(getattr(torch.ops.mmattn, name) for name in PSA_KERNEL_OPS)
 
 
 def _dense(x: Tensor) -> Tensor:

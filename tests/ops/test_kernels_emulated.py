@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmattn.ops.psa as psa_op
 from mmattn.ops import extension
+from mmattn.ops.dispatch import PSA_KERNEL_OPS
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from test_outlook_op import grid, paper_aggregate  # noqa: E402
@@ -59,8 +60,7 @@ def emulated() -> Iterator[object]:
 def psa_kernel(emulated, monkeypatch: pytest.MonkeyPatch):
     """``psa_paper_folded(..., kernel=True)`` running its four passes on the emulated kernels
     (the Python glue between them is mmattn's own)."""
-    passes = (emulated.psa_fwd_reduce, emulated.psa_fwd_glue, emulated.psa_fwd_apply,
-              emulated.psa_bwd_reduce, emulated.psa_bwd_glue, emulated.psa_bwd_apply)
+    passes = tuple(getattr(emulated, name) for name in PSA_KERNEL_OPS)
     real = psa_op._passes
     monkeypatch.setattr(psa_op, '_passes', lambda kernel: passes if kernel else real(False))
 
@@ -206,8 +206,7 @@ def test_psa_kernel_path_launches_few_operators(psa_kernel, dtype: torch.dtype) 
     g = torch.randn_like(y)
     with _CountOps() as bwd:
         psa_op._backward_impl(g, x, pi, s_mask, stats, params, EPS, True, True)
-    kernels = {f'mmattn_emulated.psa_{name}' for name in
-               ('fwd_reduce', 'fwd_glue', 'fwd_apply', 'bwd_reduce', 'bwd_glue', 'bwd_apply')}
+    kernels = {f'{NAMESPACE}.{name}' for name in PSA_KERNEL_OPS}
     assert kernels == {op for op in fwd.ops + bwd.ops if op.startswith('mmattn_emulated')}
     # forward: 3 kernels (bf16: + concatenating and casting the weights); backward: 3 kernels,
     # the weight gradients' product, two sums, ch_bq's zero, the transposed ch_wz gradient's

@@ -147,14 +147,6 @@ struct NoLoad {
   __device__ __forceinline__ int operator()(int, int) const { return 0; }
 };
 
-// tile[p + k dp][c + k dc] = v[k]: a vector of tile_loop stored into the shared tile.
-template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void stage(acc_t* tile, int ld, const Pack<scalar_t, VEC>& v, int c,
-                                      int p, int dc, int dp) {
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) tile[(p + k * dp) * ld + c + k * dc] = static_cast<acc_t>(v.v[k]);
-}
-
 // emit(p, sum_c tile[p][c] * vec[c]) for every pixel of the tile: a warp per pixel.
 template <typename T, typename F>
 __device__ __forceinline__ void pixel_dots(const T* tile, int ld, int C, int tp, const T* vec,
@@ -175,6 +167,20 @@ __device__ __forceinline__ void load_vec(T* dst, const T* src, int count) {
 
 __device__ __forceinline__ int64_t at_cp(const Geometry& g, int c, int64_t p) {
   return c * g.sC + p * g.sP;
+}
+
+// tile[p][c] = src[c, pt + p] for the tile's pixels, in the accumulation type (src: one image
+// of x, laid out as g says).
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_tile(const Geometry& g, int log2_tile, int tp,
+                                          const scalar_t* src, int pt, acc_t* tile, int ld) {
+  tile_loop<VEC>(
+      g, log2_tile, tp, [&](int c, int p) { return load_pack<VEC>(src + at_cp(g, c, pt + p)); },
+      [&](int c, int p, int dc, int dp, const Pack<scalar_t, VEC>& v) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+          tile[(p + k * dp) * ld + c + k * dc] = static_cast<acc_t>(v.v[k]);
+      });
 }
 
 // ---------------------------------------------------------------- forward, pass 1: reductions
@@ -202,11 +208,7 @@ fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int lo
   for (int pt = p_begin; pt < p_end; pt += tile_p) {
     const int tp = min(tile_p, p_end - pt);
     __syncthreads();  // the previous tile is consumed; s_wq is visible
-    tile_loop<VEC>(
-        g, log2_tile, tp, [&](int c, int p) { return load_pack<VEC>(xn + at_cp(g, c, pt + p)); },
-        [&](int c, int p, int dc, int dp, const Pack<scalar_t, VEC>& v) {
-          stage(tile, ld, v, c, p, dc, dp);
-        });
+    load_tile<VEC>(g, log2_tile, tp, xn, pt, tile, ld);
     __syncthreads();
     pixel_dots(tile, ld, g.C, tp, s_wq, [&](int p, acc_t v) {
       s_w[p] = v;
@@ -269,11 +271,7 @@ fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geome
   for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int pt = t * tile_p, tp = min(tile_p, g.P - pt);
     __syncthreads();
-    tile_loop<VEC>(
-        g, log2_tile, tp, [&](int c, int p) { return load_pack<VEC>(xn + at_cp(g, c, pt + p)); },
-        [&](int c, int p, int dc, int dp, const Pack<scalar_t, VEC>& v) {
-          stage(tile, ld, v, c, p, dc, dp);
-        });
+    load_tile<VEC>(g, log2_tile, tp, xn, pt, tile, ld);
     __syncthreads();
     pixel_dots(tile, ld, g.C, tp, s_u, [&](int p, acc_t v) {
       const acc_t sg = op_sigmoid(v + b);
@@ -401,12 +399,7 @@ bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__
   for (int pt = p_begin; pt < p_end; pt += tile_p) {
     const int tp = min(tile_p, p_end - pt);
     __syncthreads();
-    tile_loop<VEC>(
-        g, log2_tile, tp,
-        [&](int c, int p) { return load_pack<VEC>(x + base + at_cp(g, c, pt + p)); },
-        [&](int c, int p, int dc, int dp, const Pack<scalar_t, VEC>& v) {
-          stage(tile, ld, v, c, p, dc, dp);
-        });
+    load_tile<VEC>(g, log2_tile, tp, x + base, pt, tile, ld);
     if (threadIdx.x < tp) {
       s_s[threadIdx.x] = s_mask[np + pt + threadIdx.x];
       s_pi[threadIdx.x] = pi[np + pt + threadIdx.x];
