@@ -1,9 +1,12 @@
-"""Plugin-capable HRNet (mmattn.models.hrnet): plugin placement and chaining inside the
+"""Plugin-capable HRNet (mmattn.models.hrnet, .pose_hrnet): plugin placement and chaining inside the
 residual blocks, stage selection, stock-checkpoint compatibility, errors, for both the
-mmseg and the mmpose host."""
+mmseg and the mmpose host, and each host's backbone importing only its own library."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -13,8 +16,8 @@ from mmseg.models.backbones import HRNet as SegHRNet
 from mmseg.models.backbones.resnet import BasicBlock as SegBasicBlock
 from torch import nn
 
-from mmattn.models.hrnet import (PluginBasicBlock, PluginBottleneck, PluginHRNet,
-                                 PosePluginBasicBlock, PosePluginBottleneck, PosePluginHRNet)
+from mmattn.models.hrnet import PluginBasicBlock, PluginBottleneck, PluginHRNet
+from mmattn.models.pose_hrnet import PosePluginBasicBlock, PosePluginBottleneck, PosePluginHRNet
 from mmattn.registry import MODELS
 
 
@@ -317,3 +320,46 @@ def test_pretrained_init_cfg_loads_stock_checkpoint(host, tmp_path) -> None:
         assert torch.equal(ours[key], value), key
     for block in model.stage_blocks(3):   # the plugins keep their own initialisation
         assert torch.equal(block.affine.weight, torch.full_like(block.affine.weight, 2.0))
+
+
+# Builds one host's backbone through the registry (as a config does) in a fresh interpreter in
+# which the other host's libraries cannot be imported, as on a machine without them.
+_WITHOUT = textwrap.dedent("""
+    import importlib.abc, sys
+    blocked = set(sys.argv[1].split(','))
+
+    class Missing(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split('.')[0] in blocked:
+                raise ModuleNotFoundError(f'No module named {name!r}', name=name)
+            return None
+
+    sys.meta_path.insert(0, Missing())
+    from mmattn.registry import MODELS
+    from mmattn.models.host_backbones import UNAVAILABLE
+    model = MODELS.build(dict(type=sys.argv[2], extra=%r, plugins=[dict(
+        cfg=dict(type='mmattn.SqueezeExcitation'), position='after_conv1',
+        stages=(False, False, False, True))]))
+    assert [type(b.se).__name__ for b in model.stage_blocks(4)] == ['SqueezeExcitation'] * 4
+    loaded = sorted({m.split('.')[0] for m in sys.modules} & {'mmseg', 'mmpose', 'mmdet'})
+    print(type(model).__name__, ','.join(loaded), sorted(UNAVAILABLE))
+""" % (EXTRA,))
+
+
+@pytest.mark.parametrize('backbone, blocked, library', [
+    ('PluginHRNet', 'mmpose,mmdet', 'mmseg'),
+    ('PosePluginHRNet', 'mmseg', None),
+], ids=['mmseg-without-mmpose-mmdet', 'mmpose-without-mmseg'])
+def test_backbone_needs_only_its_own_library(backbone, blocked, library) -> None:
+    """mmattn.PluginHRNet builds where mmpose and mmdet are missing, mmattn.PosePluginHRNet
+    where mmseg is; the missing library's backbone is reported unavailable, not an error."""
+    result = subprocess.run([sys.executable, '-c', _WITHOUT, blocked, backbone],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, loaded, unavailable = result.stdout.strip().splitlines()[-1].split(' ', 2)
+    assert name == backbone
+    assert not set(loaded.split(',')) & set(blocked.split(','))
+    if library is not None:
+        assert library in loaded.split(',')
+    other = {'PluginHRNet': 'PosePluginHRNet', 'PosePluginHRNet': 'PluginHRNet'}[backbone]
+    assert unavailable == repr([other])
