@@ -92,7 +92,7 @@ if __name__ == '__main__':
         python_requires='>=3.9',
         packages=find_packages(exclude=('configs', 'tools', 'tests', 'tests.*')),
         include_package_data=True,
-        package_data={'mmattn': ['.mim/**/*', 'ops/csrc/*']},
+        package_data={'mmattn': ['.mim/**/*', 'ops/csrc/*', 'py.typed']},
         install_requires=[
             'torch>=2.0', 'torchvision', 'timm>=1.0', 'mmengine>=0.10,<1.0', 'mmcv>=2.0,<2.2',
         ],
