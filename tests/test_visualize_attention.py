@@ -14,8 +14,9 @@ from PIL import Image
 from torch import nn
 
 from mmattn.layers import attention_blocks
-from mmattn.visualization import (DEMO_IMAGE, AttentionRecorder, make_demo_image,
-                                  outlook_pixel_map, visualize_attention)
+from mmattn.visualization import (CMAP, DEMO_IMAGE, NEAR_CONSTANT_RTOL, AttentionMap,
+                                  AttentionRecorder, colour_scale, draw_attention,
+                                  make_demo_image, outlook_pixel_map, visualize_attention)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(ROOT, 'tools'))
@@ -231,7 +232,7 @@ def test_cli_mm_config_with_checkpoint(tmp_path: pytest.TempPathFactory) -> None
         '    stages=(False, True, True, True))])\n')
     args = [str(cfg), 'demo', '--size', '64', '96', '--panel-px', str(PANEL_PX),
             '--max-blocks', '3']
-    first = tool.main(args + ['--out', str(tmp_path / 'a.png')])
+    first = tool.main(args + ['--out', str(tmp_path / 'a.png'), '--random-weights'])
     with Image.open(first['PolarizedSelfAttention']) as png:
         assert png.size == (2 * PANEL_PX, 3 * PANEL_PX)
 
@@ -254,4 +255,141 @@ def test_cli_rejects_unknown_model() -> None:
         tool.main(['not_a_model_xyz', 'demo'])
 
 
+# ------------------------------------------------------------------ honest scales and layout
+def test_colour_scale() -> None:
+    noise = 0.496 + 1e-4 * torch.rand(5, 7)
+    const = colour_scale([noise])
+    assert const.constant == pytest.approx(0.496, abs=2e-4)
+    assert (const.vmin, const.vmax) == (0., const.constant)      # from 0 to the value
+    assert const.label == f'constant {const.constant:.4g}'
+    zero = colour_scale([torch.zeros(3, 3)])
+    assert (zero.vmin, zero.vmax, zero.constant) == (0., 1., 0.)
+    a, b = torch.tensor([0.2, 0.5]), torch.tensor([0.3, 0.9])
+    shared = colour_scale([a, b])
+    assert (shared.vmin, shared.vmax, shared.constant) == (pytest.approx(0.2),
+                                                           pytest.approx(0.9), None)
+    assert colour_scale([a, b], from_zero=True).vmin == 0.
+    # just above the threshold: a real (if small) range is kept
+    edge = torch.tensor([1.0, 1.0 + 2 * NEAR_CONSTANT_RTOL])
+    assert colour_scale([edge]).constant is None
 
+
+def _map(block: str, title: str, kind: str, data: torch.Tensor,
+         group: str | None = None) -> AttentionMap:
+    q = (1, 2) if kind == 'pixel' else None
+    return AttentionMap(block, 'Demo', title, kind, data, q, None, group)
+
+
+def _overlaps(a: object, b: object) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1  # type: ignore
+
+
+@pytest.mark.parametrize('panel_px', [PANEL_PX, 256])
+def test_figure_scales_colormaps_and_layout(panel_px: int) -> None:
+    """Panels of one quantity share a labelled scale with the real range, heat maps use the
+    sequential colormap, a near-constant map is drawn as its constant, and no title
+    overlaps another title or a panel."""
+    import matplotlib.pyplot as plt
+    torch.manual_seed(0)
+    gate_a, gate_b = 0.2 + 0.5 * torch.rand(4, 6), 0.1 + 0.3 * torch.rand(4, 6)
+    flat = 0.496 + 1e-5 * torch.rand(4, 6)
+    weights = torch.rand(4, 6).softmax(-1)
+    weights[0] = 0                                   # pixels that get no weight
+    maps = [_map('block.a', 'gate', 'spatial', gate_a), _map('block.a', 'flat', 'spatial', flat),
+            _map('block.a', 'w', 'pixel', weights, group='weights'),
+            _map('block.a', 'w zoomed', 'pixel', weights[1:3, 1:4], group='weights'),
+            _map('block.b', 'gate', 'spatial', gate_b),
+            _map('block.b', 'flat', 'spatial', flat.clone()),
+            _map('block.b', 'w', 'pixel', weights.flip(0), group='weights'),
+            _map('block.b', 'w zoomed', 'pixel', weights[0:2, 0:3], group='weights'),
+            _map('block.b', 'channel', 'channel', torch.full((8,), 0.5))]
+    fig = draw_attention(_demo(), maps, panel_px=panel_px, max_rows=2,
+                         title='Demo: 2 of 2 blocks (random weights)')
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        assert fig.get_size_inches().tolist() == [5 * panel_px / 100, 2 * panel_px / 100]
+        panels = [ax for ax in fig.axes if ax.get_label() != '<colorbar>' and ax.axison]
+        assert len(panels) == 9                             # 4 + 5 maps, one cell empty
+        heat = {}
+        for ax in panels:
+            images = ax.get_images()
+            if not images:
+                continue
+            assert images[0].get_cmap().name == 'gray'      # the photo underneath
+            (im,) = images[1:]
+            assert im.get_cmap().name == CMAP == 'viridis'
+            assert im.colorbar is not None
+            heat.setdefault(ax.get_title().split('\n')[0], []).append(im)
+        for ims in heat.values():                           # one scale per quantity
+            assert len({(im.norm.vmin, im.norm.vmax) for im in ims}) == 1
+        (g1, g2) = heat['gate']
+        lo, hi = min(float(gate_a.min()), float(gate_b.min())), max(float(gate_a.max()),
+                                                                  float(gate_b.max()))
+        assert (g1.norm.vmin, g1.norm.vmax) == (pytest.approx(lo), pytest.approx(hi))
+        for im in heat['flat']:                             # not stretched: 0 .. 0.496
+            assert im.norm.vmin == 0. and im.norm.vmax == pytest.approx(0.496, abs=1e-4)
+            assert im.colorbar.ax.get_ylabel().startswith('constant 0.496')
+        for im in heat['w'] + heat['w zoomed']:             # weights from 0
+            assert im.norm.vmin == 0. and im.norm.vmax == pytest.approx(float(weights.max()))
+        bars = next(ax for ax in panels if ax.get_title().startswith('channel'))
+        assert bars.get_ylim()[0] == 0.                     # bars start at 0
+        assert 'constant 0.5' in bars.get_title()
+        # layout: the figure title and the panel titles overlap nothing
+        sup = fig._suptitle.get_window_extent(renderer)
+        titles = [ax.title.get_window_extent(renderer) for ax in panels if ax.get_title()]
+        for box in titles:
+            assert not _overlaps(sup, box)
+        for ax in fig.axes:
+            assert not _overlaps(sup, ax.get_window_extent(renderer))
+        for i, j in itertools.combinations(range(len(titles)), 2):
+            assert not _overlaps(titles[i], titles[j])
+        for ax in panels:
+            for other in fig.axes:
+                if other is not ax:
+                    assert not _overlaps(ax.title.get_window_extent(renderer),
+                                         other.get_window_extent(renderer))
+        fig_box = fig.bbox
+        for box in titles + [sup]:
+            assert box.x0 >= fig_box.x0 - 1 and box.x1 <= fig_box.x1 + 1
+            assert box.y0 >= fig_box.y0 - 1 and box.y1 <= fig_box.y1 + 1
+    finally:
+        plt.close(fig)
+
+
+def test_cli_defaults_to_the_latest_checkpoint(tmp_path: pytest.TempPathFactory,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --checkpoint the tool loads the work dir's latest checkpoint (the same
+    picture as passing it), without one it says the weights are random."""
+    cfg = tmp_path / 'tiny_se.py'
+    cfg.write_text("default_scope = 'mmpretrain'\n"
+                   "model = dict(type='mmattn.SqueezeExcitation', in_channels=3, "
+                   "rd_channels=2)\n")
+    monkeypatch.chdir(tmp_path)
+    assert tool.find_checkpoint(str(cfg)) == (None, osp.join('work_dirs', 'tiny_se'))
+    assert tool.find_checkpoint('timm:volo_d1') == (None, None)
+    from mmattn.analysis import load_model
+    work = tmp_path / 'work_dirs' / 'tiny_se'
+    work.mkdir(parents=True)
+    for it in (2, 10):
+        model = load_model(str(cfg)).model
+        torch.save({'state_dict': model.state_dict()}, str(work / f'iter_{it}.pth'))
+    rel = osp.join('work_dirs', 'tiny_se')
+    assert tool.find_checkpoint(str(cfg)) == (osp.join(rel, 'iter_10.pth'), rel)
+    assert tool.find_checkpoint(str(cfg), str(work))[0] == str(work / 'iter_10.pth')
+    (work / 'last_checkpoint').write_text(str(work / 'iter_2.pth'))
+    assert tool.find_checkpoint(str(cfg))[0] == str(work / 'iter_2.pth')
+
+    args = [str(cfg), 'demo', '--size', '32', '64', '--panel-px', str(PANEL_PX)]
+    found = tool.main(args + ['--out', str(tmp_path / 'found.png')])
+    given = tool.main(args + ['--out', str(tmp_path / 'given.png'), '--checkpoint',
+                              str(work / 'iter_2.pth')])
+    other = tool.main(args + ['--out', str(tmp_path / 'other.png'), '--checkpoint',
+                              str(work / 'iter_10.pth')])
+    key = 'SqueezeExcitation'
+    pngs = {name: np.asarray(Image.open(d[key])).astype(int)
+            for name, d in (('found', found), ('given', given), ('other', other))}
+    np.testing.assert_array_equal(pngs['found'], pngs['given'])
+    assert np.abs(pngs['found'] - pngs['other']).sum() > 0
+    with pytest.raises(FileNotFoundError, match='--checkpoint'):
+        tool.main(args + ['--checkpoint', str(tmp_path / 'missing.pth')])

@@ -3,14 +3,20 @@
     python tools/visualize_attention.py CONFIG_OR_MODEL IMAGE --out out.png
 
 CONFIG_OR_MODEL is an OpenMMLab config (``configs/psa_hrnet_ocr_cityscapes.py``,
-``mmseg::...``) or a timm model name (``timm:volo_d1`` / ``volo_d1``). Random weights unless
-``--checkpoint`` is given. Writes ``out.png`` (the first block of every type) and
-``out_<BlockType>.png`` per block type (up to ``--max-blocks`` blocks spread over the depth).
-``IMAGE`` may be ``demo`` for the shipped ``demo/demo.png``.
+``mmseg::...``) or a timm model name (``timm:volo_d1`` / ``volo_d1``). Weights: ``--checkpoint``
+if given; else, for a config, the latest checkpoint of its work dir (``work_dirs/<config
+name>``, as tools/train.py writes it: the ``last_checkpoint`` pointer, else the highest
+``iter_N``/``epoch_N``); else random, which the log and the figure titles say.
+Writes ``out.png`` (the first block of every type) and ``out_<BlockType>.png`` per block
+type (up to ``--max-blocks`` blocks spread over the depth). Heat maps use a sequential
+colormap with a colour bar in the data's units, one scale per quantity (shared by the rows);
+a near-constant map is drawn as its constant. ``IMAGE`` may be ``demo`` for the shipped
+``demo/demo.png``. See docs/inference.md.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os.path as osp
 
 import numpy as np
@@ -23,7 +29,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('model', help='config file, or timm model name (timm:volo_d1)')
     parser.add_argument('image', help="image file, or 'demo' for demo/demo.png")
     parser.add_argument('--out', default='attention.png', help='overview PNG path')
-    parser.add_argument('--checkpoint', help='checkpoint file to load')
+    parser.add_argument('--checkpoint',
+                        help="checkpoint file to load (default: the latest in the config's "
+                             'work dir, if any)')
+    parser.add_argument('--random-weights', action='store_true',
+                        help='do not look for a checkpoint in the work dir')
+    parser.add_argument('--work-dir',
+                        help="where to look for a checkpoint (default: the config's work_dir, "
+                             'else work_dirs/<config name>)')
     parser.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'),
                         help="input size (default: the config's crop / the model's size)")
     parser.add_argument('--pixel', type=float, nargs=2, metavar=('Y', 'X'),
@@ -37,12 +50,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def find_checkpoint(model: str, work_dir: str | None = None
+                    ) -> tuple[str | None, str | None]:
+    """``(checkpoint, where it was looked for)``: the latest checkpoint of the work dir of
+    config ``model`` (``work_dir``, else the config's ``work_dir``, else
+    ``work_dirs/<config name>``), as ``tools/train.py --resume`` picks it;
+    ``(None, work dir)`` when there is none, ``(None, None)`` when ``model`` is not a config
+    file and no ``work_dir`` is given."""
+    from mmattn.engine.run_config import latest_checkpoint
+    if work_dir is None:
+        if not model.endswith('.py') or not osp.isfile(model):
+            return None, None
+        from mmengine.config import Config
+        work_dir = Config.fromfile(model).get('work_dir') or osp.join(
+            'work_dirs', osp.splitext(osp.basename(model))[0])
+    found = latest_checkpoint(work_dir) if osp.isdir(work_dir) else None
+    return found, work_dir
+
+
 def main(argv: list[str] | None = None) -> dict[str, str]:
     args = parse_args(argv)
+    from mmengine.logging import print_log
+
+    import mmattn  # noqa: F401  (the mmattn:: config scope)
     from mmattn.analysis import load_model
     from mmattn.visualization import DEMO_IMAGE, visualize_attention
 
-    loaded = load_model(args.model, checkpoint=args.checkpoint, cfg_options=args.cfg_options,
+    checkpoint = args.checkpoint
+    if checkpoint is not None:
+        if not osp.isfile(checkpoint):
+            raise FileNotFoundError(f'--checkpoint: no such file {checkpoint!r}')
+        note = f'weights: {osp.basename(checkpoint)}'
+    elif not args.random_weights:
+        checkpoint, where = find_checkpoint(args.model, args.work_dir)
+        if checkpoint is not None:
+            print_log(f'visualize_attention: no --checkpoint given; using the latest '
+                      f'checkpoint in {where}: {checkpoint}', logger='current')
+            note = f'weights: {osp.basename(checkpoint)}'
+        else:
+            place = f' and no checkpoint in {where}' if where else ''
+            print_log(f'visualize_attention: no --checkpoint given{place}: the weights are '
+                      f'RANDOM (an untrained network; train it with tools/train.py or pass '
+                      f'--checkpoint)', logger='current', level=logging.WARNING)
+            note = 'random weights'
+    else:
+        note = 'random weights'
+    loaded = load_model(args.model, checkpoint=checkpoint, cfg_options=args.cfg_options,
                         device=args.device)
     path = args.image
     if path == 'demo':
@@ -59,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         query = (y / height, x / width)
     written = visualize_attention(loaded.runner, loaded.model, rgb, inputs, args.out,
                                   query=query, max_rows=args.max_blocks,
-                                  panel_px=args.panel_px)
+                                  panel_px=args.panel_px, note=note)
     for key, value in written.items():
         print(f'{key}: {value}')
     return written

@@ -27,14 +27,19 @@ OutlookAttention                  the weight with which every pixel of the neigh
 ================================  ===========================================================
 
 The query pixel is given in relative image coordinates and mapped onto each block's grid.
-:func:`render_attention` draws the maps with matplotlib (Agg): spatial maps as heat maps over
-the image (each panel scaled to its own min..max, printed in its title), channel weights as
-bars, C x C matrices as images; :func:`visualize_attention` does capture + render.
+:func:`draw_attention` draws the maps with matplotlib (Agg), :func:`render_attention` writes
+the PNG: spatial maps and per-pixel weights as heat maps over the image, C x C matrices as
+images, all in the sequential ``viridis`` with a colour bar in the data's units; channel
+weights as bars from 0. Panels of the same quantity share one scale, so rows compare, and a
+near-constant quantity (e.g. an untrained gate at 0.496 +- 1e-4) is drawn as the constant it
+is rather than stretched over the colours. :func:`visualize_attention` does capture + render.
 """
 from __future__ import annotations
 
 import os
 import os.path as osp
+import tempfile
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -44,8 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmattn.analysis.costs import iter_attention_blocks
+from mmattn.utils.file_mode import default_mode
 
-__all__ = ['AttentionMap', 'AttentionRecorder', 'render_attention', 'visualize_attention',
+__all__ = ['AttentionMap', 'AttentionRecorder', 'CMAP', 'ColourScale', 'NEAR_CONSTANT_RTOL',
+           'colour_scale', 'draw_attention', 'render_attention', 'visualize_attention',
            'outlook_pixel_map', 'criss_cross_maps']
 
 @dataclass
@@ -63,6 +70,8 @@ class AttentionMap:
         query: ``(row, col)`` of the query pixel on the ``data`` grid, for ``'pixel'`` maps.
         window: the part of the image ``data`` covers, relative ``(y0, x0, y1, x1)``;
             ``None``: all of it.
+        group: maps of one block type with the same group share one colour scale in a
+            figure (the quantity drawn in several panels); ``None``: the title.
     """
 
     block: str
@@ -72,6 +81,7 @@ class AttentionMap:
     data: torch.Tensor
     query: tuple[int, int] | None = None
     window: tuple[float, float, float, float] | None = None
+    group: str | None = None
 
 
 def _grid_index(rel: tuple[float, float], height: int, width: int) -> tuple[int, int]:
@@ -165,9 +175,10 @@ class AttentionRecorder:
     # -- helpers used by the hooks
     def _add(self, block: str, block_type: str, title: str, kind: str, data: torch.Tensor,
              query: tuple[int, int] | None = None,
-             window: tuple[float, float, float, float] | None = None) -> None:
+             window: tuple[float, float, float, float] | None = None,
+             group: str | None = None) -> None:
         self.maps.append(AttentionMap(block, block_type, title, kind,
-                                      data.detach().float().cpu(), query, window))
+                                      data.detach().float().cpu(), query, window, group))
 
     def _hook(self, module: nn.Module, fn: Callable[..., None], pre: bool = False) -> None:
         if pre:
@@ -230,8 +241,10 @@ class AttentionRecorder:
 
         def on_w(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
             g_h, g_w = state.pop('h'), out[0].mean(0)       # (H, 1), (1, W)
-            self._add(name, tname, 'g^h (mean over C)', 'spatial', g_h.expand(-1, g_w.shape[1]))
-            self._add(name, tname, 'g^w (mean over C)', 'spatial', g_w.expand(g_h.shape[0], -1))
+            self._add(name, tname, 'g^h (mean over C)', 'spatial', g_h.expand(-1, g_w.shape[1]),
+                      group='gates')
+            self._add(name, tname, 'g^w (mean over C)', 'spatial', g_w.expand(g_h.shape[0], -1),
+                      group='gates')
             self._add(name, tname, 'g^h g^w (mean over C)', 'spatial', g_h * g_w)
         self._hook(block.gate_h, on_h)
         self._hook(block.gate_w, on_w)
@@ -259,10 +272,10 @@ class AttentionRecorder:
             rc = _grid_index(self.query, h, w)
             for r, attn in enumerate(attns, 1):
                 self._add(name, tname, f'loop {r}: criss-cross weights', 'pixel',
-                          _cross_dense(attn, *rc), rc)
+                          _cross_dense(attn, *rc), rc, group='weights')
             if len(attns) > 1:
                 self._add(name, tname, f'{len(attns)} loops composed', 'pixel',
-                          _compose_cross(attns, *rc), rc)
+                          _compose_cross(attns, *rc), rc, group='weights')
             attns.clear()
         self._hook(block.cca, on_loop, pre=True)
         self._hook(block, on_block)
@@ -277,14 +290,15 @@ class AttentionRecorder:
             data = outlook_pixel_map(weights, height, width, *rc, kernel_size=block.kernel_size,
                                      padding=block.padding, stride=block.stride)
             tname = type(block).__name__
-            self._add(name, tname, 'outlook weights of the query pixel', 'pixel', data, rc)
+            self._add(name, tname, 'outlook weights of the query pixel', 'pixel', data, rc,
+                      group='weights')
             # the neighbourhood it reaches (at most (2K-1) pixels across), zoomed in
             rows, cols = torch.nonzero(data, as_tuple=True)
             r0, r1 = int(rows.min()), int(rows.max()) + 1
             c0, c1 = int(cols.min()), int(cols.max()) + 1
             self._add(name, tname, 'the same, zoomed', 'pixel', data[r0:r1, c0:c1],
                       (rc[0] - r0, rc[1] - c0),
-                      (r0 / height, c0 / width, r1 / height, c1 / width))
+                      (r0 / height, c0 / width, r1 / height, c1 / width), group='weights')
         self._hook(block.v, hook, pre=True)
 
     def __enter__(self) -> 'AttentionRecorder':
@@ -318,6 +332,59 @@ def _cam_matrix(cam: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- rendering
+#: the colormap of every heat map: sequential and perceptually uniform (low = dark blue,
+#: high = yellow), so equal steps of weight look like equal steps of colour
+CMAP = 'viridis'
+#: a group of maps whose values span less than this fraction of their magnitude is drawn
+#: as the constant it is (one colour, a colour bar from 0 labelled with the value) instead
+#: of being stretched over the colour range, where float noise would look like structure
+NEAR_CONSTANT_RTOL = 1e-2
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """The value range a colour bar (or a bar chart's axis) spans.
+
+    Attributes:
+        vmin, vmax: the data values at the two ends.
+        constant: the value of a near-constant group (see :data:`NEAR_CONSTANT_RTOL`), else
+            ``None``.
+    """
+
+    vmin: float
+    vmax: float
+    constant: float | None = None
+
+    @property
+    def label(self) -> str:
+        """``'constant 0.496'`` for a near-constant group, else ``''``."""
+        return '' if self.constant is None else f'constant {self.constant:.4g}'
+
+
+def _near_constant(lo: float, hi: float, rtol: float) -> bool:
+    return hi - lo <= rtol * max(abs(lo), abs(hi))
+
+
+def colour_scale(values: Sequence[torch.Tensor], *, from_zero: bool = False,
+                 rtol: float = NEAR_CONSTANT_RTOL) -> ColourScale:
+    """One scale for all of ``values``: their min..max (from 0 when ``from_zero``: weights
+    and bar lengths), or, when they vary by at most ``rtol`` of their magnitude, a scale
+    from 0 to their mean labelled as that constant (0 to 1 for a constant 0)."""
+    lo = min(float(v.min()) for v in values)
+    hi = max(float(v.max()) for v in values)
+    if _near_constant(lo, hi, rtol):
+        c = float(torch.cat([v.flatten().double() for v in values]).mean())
+        return ColourScale(min(0., c), max(0., c) if c != 0 else 1., c)
+    return ColourScale(min(lo, 0.) if from_zero else lo, hi)
+
+
+def _range_text(data: torch.Tensor, rtol: float = NEAR_CONSTANT_RTOL) -> str:
+    lo, hi = float(data.min()), float(data.max())
+    if _near_constant(lo, hi, rtol):
+        return f'constant {float(data.double().mean()):.4g} (spread {hi - lo:.1g})'
+    return f'range [{lo:.3g}, {hi:.3g}]'
+
+
 def _select(names: list[str], limit: int) -> list[str]:
     """``limit`` names spread evenly from the first to the last."""
     if len(names) <= limit:
@@ -327,56 +394,98 @@ def _select(names: list[str], limit: int) -> list[str]:
     return [names[i] for i in idx]
 
 
-def _draw_map(ax: Any, m: AttentionMap, gray: np.ndarray, data: torch.Tensor, lo: float,
-              hi: float) -> None:
-    """A spatial / per-pixel map as a heat map over (its window of) the grey image. Dense
-    spatial maps are drawn half-transparent and upsampled bilinearly; per-pixel maps with an
-    opacity that follows the weight (where a pixel gets no weight the image shows through)
-    and nearest upsampling, with the query pixel marked."""
+def _group_key(m: AttentionMap) -> tuple[str, str]:
+    return m.block_type, m.group or m.title
+
+
+def _wrap(text: str, width: int) -> str:
+    return '\n'.join(textwrap.fill(line, width) for line in text.split('\n'))
+
+
+def _colorbar(fig: Any, mappable: Any, ax: Any, scale: ColourScale, font: float) -> Any:
+    from matplotlib.ticker import FormatStrFormatter
+    cbar = fig.colorbar(mappable, ax=ax, fraction=0.06, pad=0.03, aspect=15)
+    cbar.ax.tick_params(labelsize=font, length=2, pad=1)
+    if scale.constant is not None:
+        cbar.set_ticks([scale.vmin, scale.vmax])
+        cbar.set_label(scale.label, fontsize=font, labelpad=1)
+    cbar.ax.yaxis.set_major_formatter(FormatStrFormatter('%.3g'))
+    return cbar
+
+
+def _draw_map(ax: Any, m: AttentionMap, gray: np.ndarray,
+              scale: ColourScale) -> Any:
+    """A spatial / per-pixel map as a heat map over (its window of) the grey image, in the
+    units of the data (``scale`` fixes the colour bar). Dense spatial maps are drawn
+    semi-transparent (the colour bar too) and upsampled bilinearly; per-pixel weights opaque
+    with nearest upsampling, transparent only where a pixel gets no weight (there the image
+    shows), with the query pixel marked."""
     if m.window is not None:
         y0, x0, y1, x1 = m.window
         height, width = gray.shape
         gray = gray[int(y0 * height):max(int(y1 * height), int(y0 * height) + 1),
                     int(x0 * width):max(int(x1 * width), int(x0 * width) + 1)]
     img_h, img_w = gray.shape
-    norm = (data - lo) / (hi - lo) if hi > lo else torch.zeros_like(data)
-    if m.kind == 'spatial':
-        up = F.interpolate(norm[None, None], size=(img_h, img_w), mode='bilinear',
-                           align_corners=False)[0, 0].numpy()
-        alpha: Any = 0.5
-    else:
-        up = F.interpolate(norm[None, None], size=(img_h, img_w), mode='nearest')[0, 0].numpy()
-        alpha = np.clip(0.15 + 0.8 * up, 0., 1.)
+    data = m.data.double()
     ax.imshow(gray, cmap='gray', vmin=0, vmax=1)
-    ax.imshow(up, cmap='jet', alpha=alpha, vmin=0, vmax=1)
+    if m.kind == 'spatial':
+        up = F.interpolate(data[None, None], size=(img_h, img_w), mode='bilinear',
+                           align_corners=False)[0, 0].numpy()
+        shown: Any = up
+        alpha = 0.6
+    else:
+        up = F.interpolate(data[None, None], size=(img_h, img_w), mode='nearest')[0, 0].numpy()
+        shown = np.ma.masked_equal(up, 0.)
+        alpha = 1.0
+    im = ax.imshow(shown, cmap=CMAP, alpha=alpha, vmin=scale.vmin, vmax=scale.vmax)
     if m.query is not None:
         gh, gw = data.shape
         ax.plot((m.query[1] + 0.5) * img_w / gw - 0.5, (m.query[0] + 0.5) * img_h / gh - 0.5,
-                marker='+', color='white', markersize=10, mew=2)
+                marker='+', color='red', markersize=9, mew=2)
+    return im
 
 
-def render_attention(image: np.ndarray, maps: Sequence[AttentionMap], out: str, *,
-                     panel_px: int = 256, max_rows: int = 4, title: str | None = None) -> str:
-    """Draw ``maps`` (one row per block, at most ``max_rows`` blocks spread over the depth;
-    one column per captured quantity) into the PNG ``out``.
+def draw_attention(image: np.ndarray, maps: Sequence[AttentionMap], *, panel_px: int = 256,
+                   max_rows: int = 4, title: str | None = None) -> Any:
+    """The matplotlib figure of ``maps``: one row per block (at most ``max_rows`` blocks
+    spread over the depth), one column per captured quantity.
 
-    The picture is ``cols * panel_px`` wide and ``rows * panel_px`` high (100 dpi, no tight
-    bounding box), so its size is known in advance. ``image`` is (H, W, 3) uint8 RGB.
+    Every heat map uses the sequential :data:`CMAP` with a colour bar in the data's units;
+    maps of the same quantity (same block type and :attr:`AttentionMap.group`) share one
+    scale across the figure (:func:`colour_scale`), so rows compare; per-pixel weights and
+    channel-weight bars start at 0; a near-constant group is drawn as its constant. Each
+    panel's title gives its own range. The figure is ``cols * panel_px`` wide and
+    ``rows * panel_px`` high at 100 dpi; matplotlib's constrained layout places the title,
+    panel titles and colour bars without overlaps.
     """
     import matplotlib
     matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     if not maps:
-        raise ValueError('render_attention: maps is empty (no attention block ran)')
+        raise ValueError('draw_attention: maps is empty (no attention block ran)')
     blocks: dict[str, list[AttentionMap]] = {}
     for m in maps:
         blocks.setdefault(m.block, []).append(m)
     rows = _select(list(blocks), max_rows)
+    drawn = [m for b in rows for m in blocks[b]]
+    groups: dict[tuple[str, str], list[AttentionMap]] = {}
+    for m in drawn:
+        groups.setdefault(_group_key(m), []).append(m)
+    scales = {key: colour_scale([m.data for m in ms],
+                                from_zero=ms[0].kind in ('pixel', 'channel'))
+              for key, ms in groups.items()}
     ncols = max(len(blocks[b]) for b in rows)
     dpi = 100
-    fig, axes = plt.subplots(len(rows), ncols, squeeze=False,
-                             figsize=(ncols * panel_px / dpi, len(rows) * panel_px / dpi), dpi=dpi)
+    # text scaled with the panels, titles wrapped to a panel's width (about 3/4 of it
+    # is left beside a colour bar; a character is about 0.55 em wide)
+    font = min(8., max(4.5, 6.5 * panel_px / 256))
+    chars = max(12, int(0.75 * panel_px / (0.55 * font * dpi / 72)))
+    fig = plt.figure(figsize=(ncols * panel_px / dpi, len(rows) * panel_px / dpi), dpi=dpi,
+                     layout='constrained')
+    fig.get_layout_engine().set(w_pad=2 / dpi, h_pad=2 / dpi, wspace=0.02, hspace=0.02)
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
     gray = image.astype(np.float32).mean(-1) / 255.
     for r, block in enumerate(rows):
         for c in range(ncols):
@@ -387,38 +496,57 @@ def render_attention(image: np.ndarray, maps: Sequence[AttentionMap], out: str, 
                 ax.axis('off')
                 continue
             m = blocks[block][c]
-            data = m.data.double()
-            lo, hi = float(data.min()), float(data.max())
-            label = f'{m.title}\n[{lo:.3g}, {hi:.3g}]'
+            scale = scales[_group_key(m)]
             if m.kind == 'channel':
-                ax.bar(np.arange(data.numel()), data.numpy(), width=1.0, color='tab:blue')
-                ax.set_xlim(-0.5, data.numel() - 0.5)
-                pad = (hi - lo) * 0.05 or 1e-3
-                ax.set_ylim(lo - pad, hi + pad)
-                ax.set_xlabel('channel', fontsize=7)
+                data = m.data.double().numpy()
+                ax.bar(np.arange(data.size), data, width=1.0, color='tab:blue')
+                ax.set_xlim(-0.5, data.size - 0.5)
+                ax.set_ylim(scale.vmin, scale.vmax + 0.05 * (scale.vmax - scale.vmin))
+                ax.set_yticks([scale.vmin, scale.vmax])
+                ax.yaxis.set_major_formatter(FormatStrFormatter('%.3g'))
+                ax.tick_params(labelsize=font - 0.5, length=2, pad=1)
+                ax.set_xlabel('channel', fontsize=font - 0.5, labelpad=1)
             elif m.kind == 'matrix':
-                ax.imshow(data.numpy(), cmap='viridis', interpolation='nearest')
+                im = ax.imshow(m.data.double().numpy(), cmap=CMAP, interpolation='nearest',
+                               vmin=scale.vmin, vmax=scale.vmax)
+                _colorbar(fig, im, ax, scale, font - 0.5)
             else:
-                _draw_map(ax, m, gray, data, lo, hi)
-            ax.set_title(label, fontsize=7)
+                _colorbar(fig, _draw_map(ax, m, gray, scale), ax, scale, font - 0.5)
+            ax.set_title(_wrap(f'{m.title}\n{_range_text(m.data)}', chars), fontsize=font,
+                         pad=2)
             if c == 0:
-                ax.set_ylabel(block if len(block) <= 28 else '...' + block[-25:], fontsize=7)
+                ax.set_ylabel(block if len(block) <= 28 else '...' + block[-25:], fontsize=font)
     if title:
-        fig.suptitle(title, fontsize=8)
-    height_px = len(rows) * panel_px
-    fig.subplots_adjust(left=0.08, right=0.97, bottom=12 / height_px,
-                        top=1 - 48 / height_px, wspace=0.3, hspace=0.4)
+        fig.suptitle(_wrap(title, int(chars * ncols * 0.9)), fontsize=font + 1.5)
+    return fig
+
+
+def render_attention(image: np.ndarray, maps: Sequence[AttentionMap], out: str, *,
+                     panel_px: int = 256, max_rows: int = 4, title: str | None = None) -> str:
+    """Draw ``maps`` with :func:`draw_attention` into the PNG ``out`` (written to a
+    temporary file renamed into place); returns ``out``. ``image`` is (H, W, 3) uint8 RGB."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_attention(image, maps, panel_px=panel_px, max_rows=max_rows, title=title)
     out_dir = osp.dirname(osp.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix='.' + osp.basename(out) + '.', suffix='.png')
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=fig.dpi, format='png')
+        os.chmod(tmp, default_mode())  # mkstemp's 0600 is not what open() would give
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if osp.exists(tmp):
+            os.remove(tmp)
     return out
 
 
 def visualize_attention(runner: Callable[[torch.Tensor], Any], model: nn.Module,
                         image: np.ndarray, inputs: torch.Tensor, out: str, *,
                         query: tuple[float, float] = (0.5, 0.5), max_rows: int = 4,
-                        panel_px: int = 256) -> dict[str, str]:
+                        panel_px: int = 256, note: str | None = None) -> dict[str, str]:
     """Run ``runner(inputs)`` with an :class:`AttentionRecorder` on ``model`` and write one
     PNG per block type, ``<out stem>_<BlockType>.png``, plus ``out`` itself: an overview with
     the first block of every type (one row each).
@@ -430,6 +558,7 @@ def visualize_attention(runner: Callable[[torch.Tensor], Any], model: nn.Module,
         inputs: the preprocessed (1, 3, H, W) batch.
         out: path of the overview PNG.
         query: relative (y, x) of the query pixel.
+        note: appended to every figure's title (e.g. which weights were loaded).
 
     Returns:
         ``{'overview': out, '<BlockType>': path, ...}``.
@@ -446,6 +575,7 @@ def visualize_attention(runner: Callable[[torch.Tensor], Any], model: nn.Module,
     for m in rec.maps:
         by_type.setdefault(m.block_type, []).append(m)
     stem, ext = osp.splitext(out)
+    suffix = f' ({note})' if note else ''
     written = {}
     firsts: list[AttentionMap] = []
     for tname, maps in by_type.items():
@@ -453,11 +583,11 @@ def visualize_attention(runner: Callable[[torch.Tensor], Any], model: nn.Module,
         n_blocks = len({m.block for m in maps})
         written[tname] = render_attention(
             image, maps, path, panel_px=panel_px, max_rows=max_rows,
-            title=f'{tname}: {min(n_blocks, max_rows)} of {n_blocks} blocks')
+            title=f'{tname}: {min(n_blocks, max_rows)} of {n_blocks} blocks{suffix}')
         first = maps[0].block
         firsts.extend(m for m in maps if m.block == first)
     written['overview'] = render_attention(image, firsts, out, panel_px=panel_px,
                                            max_rows=len(by_type),
-                                           title='first block of each type')
+                                           title=f'first block of each type{suffix}')
     return written
 
