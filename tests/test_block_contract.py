@@ -1,7 +1,9 @@
 """The contract every registered attention block follows (see mmattn/layers/__init__.py):
 constructed from ``in_channels`` alone, NCHW in and the same shape out for any H and W,
 contiguous or channels_last, autocast, device/dtype factory arguments, clear errors, every
-parameter trained, and usable from mm configs, mmcv plugins, timm and the exporters."""
+parameter trained, and usable from mm configs, mmcv plugins, timm and the exporters, including
+TorchScript (``torch.jit.script``) and torch.fx (``symbolic_trace``, timm's FX feature
+extraction)."""
 from __future__ import annotations
 
 import io
@@ -175,6 +177,84 @@ def test_jit_trace(name: str) -> None:
     with torch.no_grad():
         traced = torch.jit.trace(block, x, check_trace=False)
         torch.testing.assert_close(traced(x), block(x))
+
+
+def eager_reference(block: nn.Module, x: torch.Tensor,
+                    monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """The eager output on the reference path (what TorchScript compiles, and what torch.fx
+    traces where a block has a faster path)."""
+    with monkeypatch.context() as patch:
+        patch.setenv('MMATTN_BACKEND', 'reference')
+        return block(x)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_jit_script(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.jit.script compiles the block; same outputs and input gradients as eager (in
+    training mode too), and the input checks still raise with their message."""
+    skip_unsupported(name, 'jit.script')
+    block = make(name)
+    scripted = torch.jit.script(block)
+    x = torch.randn(2, C, 7, 6)
+    for train in (False, True):
+        block.train(train)
+        scripted.train(train)
+        xs, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, ref = scripted(xs), eager_reference(block, xe, monkeypatch)
+        torch.testing.assert_close(out, ref)
+        grad = torch.randn_like(ref)
+        out.backward(grad)
+        ref.backward(grad)
+        torch.testing.assert_close(xs.grad, xe.grad)
+    with pytest.raises(Exception, match=rf'{name}: the input has {C + 1} channels'):
+        scripted(torch.randn(1, C + 1, 5, 5))
+
+
+def test_jit_script_refuses_a_fast_backend() -> None:
+    """TorchScript compiles the reference path; an explicit faster backend refuses, naming it."""
+    block = BLOCKS['PolarizedSelfAttention'](C, backend='folded')
+    with pytest.raises(RuntimeError, match="backend='folded'"):
+        torch.jit.script(block)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_fx_symbolic_trace(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.fx.symbolic_trace traces the block (no leaf modules of its own); the graph
+    gives the eager outputs, keeps the input checks, and compiles with torch.jit.script."""
+    skip_unsupported(name, 'fx')
+    block = make(name).eval()
+    graph = torch.fx.symbolic_trace(block)
+    x = torch.randn(2, C, 7, 6)
+    with torch.no_grad():
+        ref = eager_reference(block, x, monkeypatch)
+        torch.testing.assert_close(graph(x), ref)
+        torch.testing.assert_close(torch.jit.script(graph)(x), ref)
+    with pytest.raises(ValueError, match=rf'{name}: the input has {C + 1} channels'):
+        graph(torch.randn(1, C + 1, 5, 5))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_fx_feature_extraction_in_timm_model(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As timm's own attention layers: in a timm ResNet (``attn_layer``), timm's FX feature
+    extraction (``FeatureGraphNet``, what ``feature_cls='fx'`` builds, with timm's tracer
+    settings) traces through the blocks and returns the eager features."""
+    import timm
+    monkeypatch.setenv('MMATTN_BACKEND', 'reference')  # the path torch.fx traces
+    model = timm.create_model('resnet10t', pretrained=False,
+                              block_args=dict(attn_layer=BLOCKS[name])).eval()
+    perturb_zero_params(model)
+    features = timm.models.FeatureGraphNet(model, out_indices=(1, 2))  # timm's tracer settings
+    # traced through, not kept as a leaf module: the graph reaches into the blocks (``se``)
+    graph = features.graph_module.graph
+    assert _count(features, BLOCKS[name]) == 0
+    assert any('.se.' in str(node.target) for node in graph.nodes)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        outs = features(x)
+        refs = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+    assert len(outs) == len(refs) == 2
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref)
 
 
 @pytest.mark.parametrize('name', NAMES)

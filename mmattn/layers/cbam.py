@@ -9,16 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from mmcv.cnn import ConvModule
 from timm.layers import LayerType
 from torch import nn
 
 from mmattn.registry import MODELS
 
-from .checks import check_input, check_positive, factory_kwargs
+from .bricks import ScriptableConvModule
+from .checks import check_input, check_positive, concrete_annotations, factory_kwargs
 from .squeeze_excite import make_act, reduced_channels
 
 __all__ = ['CBAM', 'CBAMChannelGate', 'CBAMSpatialGate']
+
+# torch.fx records the input check as one call (run on the real tensor when the graph runs)
+# instead of tracing its size checks
+torch.fx.wrap('check_input')
 
 
 class CBAMChannelGate(nn.Module):
@@ -48,6 +52,7 @@ class CBAMChannelGate(nn.Module):
         self.fc2 = nn.Conv2d(self.rd_channels, in_channels, 1, bias=mlp_bias, **dd)
         self.gate = make_act(gate_layer, 'gate_layer', name)
 
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``M_c(x) * x`` for ``x`` of shape (N, C, H, W)."""
         avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
@@ -60,7 +65,8 @@ class CBAMSpatialGate(nn.Module):
     both poolings across channels, output ``M_s(F) * F``. ``self.gate`` (sigma) is where a
     forward hook captures ``M_s`` (N, 1, H, W).
 
-    ``f^{kxk}`` is an mmcv ``ConvModule`` (keys ``conv.conv.*``, ``conv.bn.*``) with "same" zero
+    ``f^{kxk}`` is an mmcv ``ConvModule`` (keys ``conv.conv.*``, ``conv.bn.*``; the
+    :class:`~mmattn.layers.bricks.ScriptableConvModule` form of it) with "same" zero
     padding: without a norm (``norm_cfg=None``, Eq. 3) the conv has a bias; with
     ``norm_cfg=dict(type='BN')`` it is conv (no bias) + BN as in the official release and timm.
 
@@ -80,10 +86,12 @@ class CBAMSpatialGate(nn.Module):
             raise ValueError(f'{name}: kernel_size must be an odd integer >= 1, '
                              f'got {kernel_size!r}')
         self.kernel_size = kernel_size
-        self.conv = ConvModule(2, 1, kernel_size, padding=kernel_size // 2, norm_cfg=norm_cfg,
-                               act_cfg=None).to(**factory_kwargs(device, dtype))
+        self.conv = ScriptableConvModule(2, 1, kernel_size, padding=kernel_size // 2,
+                                         norm_cfg=norm_cfg,
+                                         act_cfg=None).to(**factory_kwargs(device, dtype))
         self.gate = make_act(gate_layer, 'gate_layer', name)
 
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``M_s(x) * x`` for ``x`` of shape (N, C, H, W)."""
         pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
@@ -120,6 +128,7 @@ class CBAM(nn.Module):
     """
 
     _abbr_ = 'cbam'
+    __constants__ = ['block_name']  # torch.jit.script: the name in the errors
 
     def __init__(self, in_channels: int, *, use_channel: bool = True, use_spatial: bool = True,
                  rd_ratio: float = 1. / 16, rd_channels: int | None = None, rd_divisor: int = 1,
@@ -127,7 +136,7 @@ class CBAM(nn.Module):
                  act_layer: LayerType = 'relu', gate_layer: LayerType = 'sigmoid',
                  mlp_bias: bool = False, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
-        name = type(self).__name__
+        name = self.block_name = type(self).__name__
         self.in_channels = check_positive('in_channels', in_channels, name)
         if not (use_channel or use_spatial):
             raise ValueError(f'{name}: at least one of use_channel and use_spatial must be True, '
@@ -141,9 +150,10 @@ class CBAM(nn.Module):
             kernel_size=kernel_size, norm_cfg=spatial_norm_cfg, gate_layer=gate_layer,
             **dd) if use_spatial else None
 
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``F'' = M_s(F') * F'`` with ``F' = M_c(F) * F`` for ``x`` = F of shape (N, C, H, W)."""
-        check_input(x, self.in_channels, type(self).__name__)
+        check_input(x, self.in_channels, self.block_name)
         if self.channel is not None:
             x = self.channel(x)
         if self.spatial is not None:

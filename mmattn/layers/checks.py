@@ -1,22 +1,46 @@
 """Argument and input checks shared by every block: clear ValueErrors that name the
-argument, the expected and the actual value."""
+argument, the expected and the actual value.
+
+The input checks (:func:`check_input`, :func:`check_nhwc`) run in every mode: they compile
+under ``torch.jit.script`` (shapes then print as lists) and each block module declares them
+with ``torch.fx.wrap``, so ``torch.fx.symbolic_trace`` records them as calls that check the
+real tensors when the graph runs, instead of failing on the symbolic shapes.
+"""
 from __future__ import annotations
 
-from typing import Any
+import typing
+from typing import Any, Callable, TypeVar
 
 import torch
+
+_F = TypeVar('_F', bound=Callable[..., Any])
+
+
+def shape_str(x: torch.Tensor) -> str:
+    """``x``'s shape for an error message: ``(1, 3, 5, 5)`` (a list under TorchScript)."""
+    if torch.jit.is_scripting():
+        return str(x.shape)
+    return str(tuple(x.shape))
 
 
 def check_input(x: torch.Tensor, in_channels: int, block: str) -> None:
     """Check that ``x`` is an NCHW tensor with ``in_channels`` channels."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f'{block}: expected a torch.Tensor input, got {type(x).__name__}')
+    if not torch.jit.is_scripting():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'{block}: expected a torch.Tensor input, got {type(x).__name__}')
     if x.dim() != 4:
         raise ValueError(f'{block}: expected a 4-D NCHW input, got a {x.dim()}-D tensor '
-                         f'of shape {tuple(x.shape)}')
+                         f'of shape {shape_str(x)}')
     if x.shape[1] != in_channels:
         raise ValueError(f'{block}: the input has {x.shape[1]} channels (shape '
-                         f'{tuple(x.shape)}), but in_channels={in_channels}')
+                         f'{shape_str(x)}), but in_channels={in_channels}')
+
+
+def check_nhwc(x: torch.Tensor, in_channels: int, block: str) -> None:
+    """Check that ``x`` is a channels-last (B, H, W, C) tensor with ``in_channels`` channels."""
+    if x.dim() != 4 or x.shape[-1] != in_channels:
+        raise ValueError(f'{block}: forward_nhwc expects (B, H, W, {in_channels}), got shape '
+                         f'{shape_str(x)}')
 
 
 def check_positive(name: str, value: Any, block: str, *, minimum: int = 1) -> int:
@@ -41,3 +65,12 @@ def check_divisible(name: str, value: int, divisor_name: str, divisor: int, bloc
 def factory_kwargs(device: Any = None, dtype: Any = None) -> dict:
     """``device``/``dtype`` as nn.Module constructors take them (timm passes them)."""
     return {'device': device, 'dtype': dtype}
+
+
+def concrete_annotations(fn: _F) -> _F:
+    """Replace the string annotations of ``fn`` (``from __future__ import annotations``) with
+    the objects they name. ``torch.fx`` copies the annotations of the traced module's
+    ``forward`` into the code it generates, where ``torch.jit.script`` (of the traced graph)
+    cannot resolve a string; the blocks' ``forward`` methods are decorated with this."""
+    fn.__annotations__ = typing.get_type_hints(fn)
+    return fn

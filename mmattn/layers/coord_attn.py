@@ -14,10 +14,14 @@ from torch import nn
 
 from mmattn.registry import MODELS
 
-from .checks import check_input, check_positive, factory_kwargs
+from .checks import check_input, check_positive, concrete_annotations, factory_kwargs
 from .squeeze_excite import make_act
 
 __all__ = ['CoordinateAttention']
+
+# torch.fx records the input check as one call (run on the real tensor when the graph runs)
+# instead of tracing its size checks
+torch.fx.wrap('check_input')
 
 
 @MODELS.register_module()
@@ -52,13 +56,14 @@ class CoordinateAttention(nn.Module):
     """
 
     _abbr_ = 'coord_attn'
+    __constants__ = ['block_name']  # torch.jit.script: the name in the errors
 
     def __init__(self, in_channels: int, *, reduction: int = 32, min_channels: int = 8,
                  norm_cfg: dict | None = None, act_layer: LayerType = 'hard_swish',
                  gate_layer: LayerType = 'sigmoid', device: Any = None,
                  dtype: Any = None) -> None:
         super().__init__()
-        name = type(self).__name__
+        name = self.block_name = type(self).__name__
         self.in_channels = check_positive('in_channels', in_channels, name)
         check_positive('reduction', reduction, name)
         check_positive('min_channels', min_channels, name)
@@ -72,9 +77,10 @@ class CoordinateAttention(nn.Module):
         self.gate_h = make_act(gate_layer, 'gate_layer', name)
         self.gate_w = make_act(gate_layer, 'gate_layer', name)
 
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x * g^h * g^w`` for ``x`` of shape (N, C, H, W)."""
-        check_input(x, self.in_channels, type(self).__name__)
+        check_input(x, self.in_channels, self.block_name)
         h, w = x.shape[2], x.shape[3]
         z_h = x.mean(3, keepdim=True)                  # (N, C, H, 1), Eq. 4
         z_w = x.mean(2, keepdim=True).transpose(2, 3)  # (N, C, W, 1), Eq. 5

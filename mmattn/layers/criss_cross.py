@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmattn.ops.dispatch import fx_tracing
 from mmattn.registry import MODELS
 
-from .checks import check_input, check_positive
+from .checks import check_input, check_positive, concrete_annotations
 
 try:  # mmcv.ops loads mmcv's compiled extension; mmcv-lite has none.
     from mmcv.ops import CrissCrossAttention as _MMCVCrissCrossAttention
@@ -19,6 +20,10 @@ except ImportError as err:  # pragma: no cover - depends on the installed mmcv b
     _MMCV_OPS_ERROR = f'{type(err).__name__}: {err}'
 
 __all__ = ['RecurrentCrissCrossAttention']
+
+# torch.fx records the input check as one call (run on the real tensor when the graph runs)
+# instead of tracing its size checks
+torch.fx.wrap('check_input')
 
 
 @MODELS.register_module()
@@ -41,6 +46,12 @@ class RecurrentCrissCrossAttention(nn.Module):
     Half-precision modules (``.half()``/``.bfloat16()``) run the op under autocast in the
     input's dtype: mmcv's float32 ``-inf`` mask otherwise mixes dtypes in its einsum.
 
+    TorchScript and torch.fx: mmcv's op is plain PyTorch, so ``torch.jit.script`` compiles
+    the block and ``torch.fx.symbolic_trace`` traces through it (no leaf module needed); both
+    record the float32 path: the autocast above is eager-only, so a scripted or traced
+    half-precision block must run under the caller's ``torch.autocast`` (float32 blocks are
+    unaffected).
+
     ONNX: export with ``torch.onnx.export(..., dynamo=True)``. The TorchScript exporter
     (``dynamo=False``) fails: mmcv builds the mask with ``torch.diag``, for which it has no
     symbolic (``aten::diag``, opset 17).
@@ -59,11 +70,12 @@ class RecurrentCrissCrossAttention(nn.Module):
     """
 
     _abbr_ = 'rcca'
+    __constants__ = ['block_name']  # torch.jit.script: the name in the errors
 
     def __init__(self, in_channels: int, *, recurrence: int = 2, device: Any = None,
                  dtype: Any = None) -> None:
         super().__init__()
-        name = type(self).__name__
+        name = self.block_name = type(self).__name__
         check_positive('in_channels', in_channels, name, minimum=8)
         check_positive('recurrence', recurrence, name)
         if _MMCVCrissCrossAttention is None:
@@ -76,13 +88,17 @@ class RecurrentCrissCrossAttention(nn.Module):
         if device is not None or dtype is not None:
             self.cca.to(device=device, dtype=dtype)
 
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_channels, type(self).__name__)
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # mmcv's op adds a float32 -inf mask to the energies, which promotes them to
-            # float32 and makes its last einsum mix dtypes; autocast re-casts the operands.
-            with torch.autocast(device_type=x.device.type, dtype=x.dtype):
-                return self._recur(x)
+        check_input(x, self.in_channels, self.block_name)
+        # mmcv's op adds a float32 -inf mask to the energies, which promotes them to float32
+        # and makes its last einsum mix dtypes; autocast re-casts the operands. Only in eager
+        # mode: TorchScript has no autocast context with a run-time device, and torch.fx
+        # cannot branch on a traced dtype (see the class docstring).
+        if not torch.jit.is_scripting():
+            if not fx_tracing() and x.dtype in (torch.float16, torch.bfloat16):
+                with torch.autocast(device_type=x.device.type, dtype=x.dtype):
+                    return self._recur(x)
         return self._recur(x)
 
     def _recur(self, x: torch.Tensor) -> torch.Tensor:

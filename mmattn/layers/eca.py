@@ -14,10 +14,14 @@ from torch import nn
 
 from mmattn.registry import MODELS
 
-from .checks import check_input, check_positive, factory_kwargs
+from .checks import check_input, check_positive, concrete_annotations, factory_kwargs
 from .squeeze_excite import make_act
 
 __all__ = ['EfficientChannelAttention', 'eca_kernel_size']
+
+# torch.fx records the input check as one call (run on the real tensor when the graph runs)
+# instead of tracing its size checks
+torch.fx.wrap('check_input')
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
@@ -55,12 +59,13 @@ class EfficientChannelAttention(nn.Module):
     """
 
     _abbr_ = 'eca'
+    __constants__ = ['block_name']  # torch.jit.script: the name in the errors
 
     def __init__(self, in_channels: int, *, kernel_size: int | None = None, gamma: float = 2,
                  beta: float = 1, gate_layer: LayerType = 'sigmoid', device: Any = None,
                  dtype: Any = None) -> None:
         super().__init__()
-        name = type(self).__name__
+        name = self.block_name = type(self).__name__
         self.in_channels = check_positive('in_channels', in_channels, name)
         if kernel_size is None:
             if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
@@ -77,9 +82,10 @@ class EfficientChannelAttention(nn.Module):
                               **factory_kwargs(device, dtype))
         self.gate = make_act(gate_layer, 'gate_layer', name)
 
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rescale each channel of ``x`` (N, C, H, W) by ``omega``."""
-        check_input(x, self.in_channels, type(self).__name__)
+        check_input(x, self.in_channels, self.block_name)
         y = x.mean((2, 3)).unsqueeze(1)  # (N, 1, C): channels are the 1-D conv's length axis
         w = self.gate(self.conv(y))
         return x * w.transpose(1, 2).unsqueeze(-1)

@@ -17,9 +17,15 @@ from torch import nn
 
 from mmattn.registry import MODELS
 
-from .checks import check_choice, check_input, check_positive
+from .bricks import ScriptableConvModule
+from .checks import check_choice, check_input, check_positive, concrete_annotations
 
 __all__ = ['NonLocalAttention', 'softmax_attention']
+
+# torch.fx records these as one call each (run on the real tensors when the graph runs)
+# instead of tracing their branches on sizes and dtypes
+torch.fx.wrap('check_input')
+torch.fx.wrap('softmax_attention')
 
 _MODES = ('embedded_gaussian', 'dot_product', 'gaussian', 'concatenation')
 _SOFTMAX_MODES = ('embedded_gaussian', 'gaussian')
@@ -89,10 +95,11 @@ class NonLocalAttention(nn.Module):
         sub_sample: 2x2 max pooling after ``phi`` and ``g`` (Sec. 3.3; in ``'gaussian'`` mode
             on the raw keys ``x``). Pooling uses ``ceil_mode=True`` so odd and 1-pixel maps keep
             every pixel (mmcv floors; identical on even sizes).
-        scale: divide the softmax logits by ``sqrt(d)``, ``d`` the logits' dot-product width
-            (``C'``; ``C`` in ``'gaussian'`` mode), as mmcv ``NonLocal2d(use_scale=True)``. The
-            paper does not scale, hence the default ``False`` (mmcv's default is ``True``).
-            Only for the softmax modes; ``True`` with another mode is a ``ValueError``.
+        scale: divide the softmax logits by ``sqrt(d)``, ``d`` the width of the dot product:
+            ``C'`` (``theta``/``phi``) in ``'embedded_gaussian'`` mode, ``C`` (the raw input) in
+            ``'gaussian'`` mode. The paper scales in neither mode, hence the default ``False``.
+            Only for the softmax modes; ``True`` with another mode is a ``ValueError``. mmcv's
+            ``use_scale`` does this in ``'embedded_gaussian'`` mode only (see below).
         efficient: use :func:`softmax_attention`'s SDPA path, which never stores the
             ``HW x HW`` weights (a 128x256 map has 32768^2 of them). ``None`` (default): on
             for the softmax modes. ``True`` with ``'dot_product'``/``'concatenation'`` is a
@@ -105,15 +112,34 @@ class NonLocalAttention(nn.Module):
     branches are ``nn.Sequential(conv, pool)``, so ``g.0.conv``), so mmcv checkpoints load after
     renaming the plugin prefix (``nonlocal_block`` there, ``nonlocal`` here). Traceable,
     compilable and exportable: the path is fixed at construction.
+
+    **mmcv equivalence.** ``NonLocal2d(C, mode=m, use_scale=u, reduction=r, sub_sample=s,
+    norm_cfg=n)`` with its state dict loaded here gives the same output as
+    ``NonLocalAttention(C, mode=m, scale=S, reduction=r, sub_sample=s, norm_cfg=n)`` with
+
+    - ``m='embedded_gaussian'``: ``S = u``. mmcv's default ``use_scale=True`` divides by
+      ``sqrt(C')``; the default here is the paper's ``False``, so pass ``scale=True``.
+    - ``m='gaussian'``: ``S = False`` whatever ``u``. mmcv ignores ``use_scale`` in this mode
+      and never scales; ``scale=True`` here divides the logits ``x_i^T x_j`` by ``sqrt(C)``,
+      which no mmcv setting reproduces.
+    - ``m='dot_product'`` / ``'concatenation'``: ``S = False``; mmcv ignores ``use_scale``
+      (here ``scale=True`` is a ``ValueError``).
+
+    and these further differences: ``sub_sample`` pools with ``ceil_mode=True`` (mmcv floors;
+    equal when ``H`` and ``W`` are even); ``C' = max(C // reduction, 1)`` (mmcv's
+    ``C // reduction`` is 0 when ``C < reduction``); only the 2-d block exists (mmcv's
+    ``conv_cfg`` for ``NonLocal1d``/``NonLocal3d`` has no counterpart), and the init is fixed
+    (mmcv's ``init_weights(std=0.01, zeros_init=True)`` defaults).
     """
 
     _abbr_ = 'nonlocal'
+    __constants__ = ['block_name']  # torch.jit.script: the name in the errors
 
     def __init__(self, in_channels: int, *, mode: str = 'embedded_gaussian', reduction: int = 2,
                  sub_sample: bool = False, scale: bool = False, efficient: bool | None = None,
                  norm_cfg: dict | None = None, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
-        name = type(self).__name__
+        name = self.block_name = type(self).__name__
         check_positive('in_channels', in_channels, name)
         check_positive('reduction', reduction, name)
         check_choice('mode', mode, _MODES, name)
@@ -133,7 +159,8 @@ class NonLocalAttention(nn.Module):
         self.efficient = mode in _SOFTMAX_MODES if efficient is None else bool(efficient)
 
         def conv(cin: int, cout: int, **kw: Any) -> ConvModule:
-            return ConvModule(cin, cout, kernel_size=1, act_cfg=None, **kw)
+            # mmcv's ConvModule, in the form TorchScript compiles (same keys)
+            return ScriptableConvModule(cin, cout, kernel_size=1, act_cfg=None, **kw)
 
         c, ci = in_channels, self.inter_channels
         self.g = conv(c, ci)
@@ -167,11 +194,14 @@ class NonLocalAttention(nn.Module):
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                tuple[int, int]]:
         """Queries ``(B, HW, d)``, keys ``(B, M, d)``, values ``(B, M, C')``, key grid size."""
-        if self.mode == 'gaussian':
-            q = x
-            k = self.phi(x) if self.sub_sample else x
-        else:
+        # hasattr (the mode's submodules), not self.mode: torch.jit.script resolves it when
+        # compiling, so it never compiles another mode's missing submodules
+        if hasattr(self, 'theta'):  # not 'gaussian'
             q, k = self.theta(x), self.phi(x)
+        else:  # 'gaussian': the raw input, pooled by phi with sub_sample
+            q, k = x, x
+            if hasattr(self, 'phi'):
+                k = self.phi(x)
         v = self.g(x)
         grid = (k.shape[2], k.shape[3])
         return (q.flatten(2).transpose(1, 2), k.flatten(2).transpose(1, 2),
@@ -182,18 +212,20 @@ class NonLocalAttention(nn.Module):
 
     def _pairwise(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Normalised pairwise weights ``f(x_i, x_j) / C(x)``, shape ``(B, N, M)``."""
-        if self.mode in _SOFTMAX_MODES:
+        if self.mode in ('embedded_gaussian', 'gaussian'):  # _SOFTMAX_MODES (TorchScript
+            # cannot read a global tuple)
             logits = torch.matmul(q, k.transpose(1, 2)) * self._logit_scale(q.shape[-1])
             return torch.softmax(logits, dim=-1)
-        if self.mode == 'dot_product':
+        if not hasattr(self, 'concat_project'):  # 'dot_product' (see _embed for hasattr)
             return torch.matmul(q, k.transpose(1, 2)) / k.shape[1]
         w = self.concat_project.conv.weight.flatten()
         w_theta, w_phi = w[:self.inter_channels], w[self.inter_channels:]
         f = F.relu(torch.matmul(q, w_theta).unsqueeze(2) + torch.matmul(k, w_phi).unsqueeze(1))
         return f / k.shape[1]
 
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_channels, type(self).__name__)
+        check_input(x, self.in_channels, self.block_name)
         b, _, h, w = x.shape
         q, k, v, _ = self._embed(x)
         if self.efficient:

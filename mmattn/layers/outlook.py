@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from mmattn.ops.dispatch import backends_for, select_backend
-from mmattn.ops.outlook import (outlook_attention, outlook_attention_block,
-                                outlook_weights)
+from mmattn.ops.outlook import (outlook_attention, outlook_attention_block, outlook_pool,
+                                outlook_softmax)
 from mmattn.registry import MODELS
 
-from .checks import check_choice, check_divisible, check_input, check_positive, factory_kwargs
+from .checks import (check_choice, check_divisible, check_input, check_nhwc, check_positive,
+                     concrete_annotations, factory_kwargs)
 
 __all__ = ['OutlookAttention', 'outlook_attention', 'outlook_grid_size']
 
@@ -53,20 +54,36 @@ def outlook_grid_size(height: int, width: int, kernel_size: int, padding: int, s
     They agree for *every* n iff ``K = 2p + 1`` (odd kernel, "same" padding: window ``(i,j)``
     is centred on pixel ``(s i, s j)``, the first pixel of pooled cell ``(i, j)``); other
     combinations work only for some sizes and raise ``ValueError`` for the others.
+
+    Compiles under ``torch.jit.script``; the block declares it with ``torch.fx.wrap``, so a
+    ``torch.fx`` graph checks the real sizes when it runs.
     """
-    grid = []
-    for name, n in (('height', height), ('width', width)):
-        pooled = -(-n // stride)
-        windows = (n + 2 * padding - kernel_size) // stride + 1 if n + 2 * padding >= kernel_size else 0
-        if windows != pooled:
-            raise ValueError(
-                f'{block}: kernel_size={kernel_size}, padding={padding}, stride={stride} do not '
-                f'tile an input of {name} {n}: the unfold gives {windows} windows but the pooled '
-                f'grid has ceil({n}/{stride})={pooled} cells; use kernel_size = 2*padding + 1 '
-                f'(any size works) or an input {name} for which floor((n + 2*padding - '
-                f'kernel_size)/stride) + 1 == ceil(n/stride)')
-        grid.append(pooled)
-    return grid[0], grid[1]
+    return (_grid_cells('height', height, kernel_size, padding, stride, block),
+            _grid_cells('width', width, kernel_size, padding, stride, block))
+
+
+def _grid_cells(name: str, n: int, kernel_size: int, padding: int, stride: int,
+                block: str) -> int:
+    """Pooled cells along one axis of length ``n`` (see :func:`outlook_grid_size`)."""
+    pooled = -(-n // stride)
+    windows = (n + 2 * padding - kernel_size) // stride + 1 if n + 2 * padding >= kernel_size else 0
+    if windows != pooled:
+        raise ValueError(
+            f'{block}: kernel_size={kernel_size}, padding={padding}, stride={stride} do not '
+            f'tile an input of {name} {n}: the unfold gives {windows} windows but the pooled '
+            f'grid has ceil({n}/{stride})={pooled} cells; use kernel_size = 2*padding + 1 '
+            f'(any size works) or an input {name} for which floor((n + 2*padding - '
+            f'kernel_size)/stride) + 1 == ceil(n/stride)')
+    return pooled
+
+
+# torch.fx records these calls (and checks the real tensors when the graph runs) instead of
+# tracing into them: their checks branch on sizes, and outlook_attention picks its path (a
+# compiled kernel or the reference) at run time, as the eager module does
+torch.fx.wrap('check_input')
+torch.fx.wrap('check_nhwc')
+torch.fx.wrap('outlook_grid_size')
+torch.fx.wrap('outlook_attention')
 
 
 @MODELS.register_module()
@@ -110,13 +127,14 @@ class OutlookAttention(nn.Module):
     """
 
     _abbr_ = 'outlook'
+    __constants__ = ['block_name']
 
     def __init__(self, in_channels: int, *, num_heads: int = 1, kernel_size: int = 3,
                  padding: int = 1, stride: int = 1, qkv_bias: bool = False,
                  attn_drop: float = 0., proj_drop: float = 0., data_format: str = 'NCHW',
                  backend: str = 'auto', device: Any = None, dtype: Any = None) -> None:
         super().__init__()
-        name = type(self).__name__
+        name = self.block_name = type(self).__name__
         check_choice('data_format', data_format, ('NCHW', 'NHWC'), name)
         self.data_format = data_format
         check_choice('backend', backend, backends_for('outlook'), name)
@@ -145,41 +163,59 @@ class OutlookAttention(nn.Module):
         return (f'num_heads={self.num_heads}, kernel_size={self.kernel_size}, '
                 f'padding={self.padding}, stride={self.stride}')
 
+    def __prepare_scriptable__(self) -> OutlookAttention:
+        """``torch.jit.script`` compiles the reference path: refuse a compiled backend."""
+        if self.backend not in ('auto', 'reference'):
+            raise RuntimeError(f'{self.block_name}: backend={self.backend!r} is a compiled kernel, '
+                               'which torch.jit.script cannot call; build the block with '
+                               "backend='auto' or 'reference' to script it")
+        return self
+
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Outlook attention of ``x`` (N, C, H, W); returns (N, C, H, W). With
         ``data_format='NHWC'``: (B, H, W, C) in and out."""
         if self.data_format == 'NHWC':
             return self.forward_nhwc(x)
-        check_input(x, self.in_channels, type(self).__name__)
+        check_input(x, self.in_channels, self.block_name)
         return self.forward_nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised outlook weights ``softmax(A_hat)`` of ``x`` (B, H, W, C), before dropout:
         (B, h, w, N, K^2, K^2)."""
         outlook_grid_size(x.shape[1], x.shape[2], self.kernel_size, self.padding, self.stride,
-                          type(self).__name__)
-        return outlook_weights(x, self.attn, num_heads=self.num_heads,
-                               kernel_size=self.kernel_size, stride=self.stride,
+                          self.block_name)
+        return outlook_softmax(self.attn(outlook_pool(x, self.stride)),
+                               num_heads=self.num_heads, kernel_size=self.kernel_size,
                                scale=self.scale)
 
-    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
-        """Outlook attention of a channels-last ``x`` (B, H, W, C); returns (B, H, W, C)."""
-        if x.dim() != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(f'{type(self).__name__}: forward_nhwc expects (B, H, W, '
-                             f'{self.in_channels}), got shape {tuple(x.shape)}')
+    def _fused_path(self, x: torch.Tensor) -> bool:
+        """Whether the eager forward runs the whole block on a compiled kernel."""
         chosen = select_backend('outlook', x, self.backend)[0]
         hooked = any(m._forward_hooks or m._forward_pre_hooks
                      for m in (self.v, self.attn, self.proj))
-        if chosen != 'reference' and not hooked and not (self.training and self.attn_drop.p > 0):
-            outlook_grid_size(x.shape[1], x.shape[2], self.kernel_size, self.padding,
-                              self.stride, type(self).__name__)
-            y = outlook_attention_block(
-                x, self.v.weight, self.v.bias, self.attn.weight, self.attn.bias,
-                self.proj.weight, self.proj.bias, num_heads=self.num_heads,
-                kernel_size=self.kernel_size, padding=self.padding, stride=self.stride,
-                scale=self.scale)
-            return self.proj_drop(y)
+        return chosen != 'reference' and not hooked and not (self.training and
+                                                             self.attn_drop.p > 0)
+
+    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """Outlook attention of a channels-last ``x`` (B, H, W, C); returns (B, H, W, C).
+
+        Under ``torch.jit.script`` and ``torch.fx`` tracing the forward is the unfused one
+        (``v``, ``attn``, ``proj`` called as modules); its aggregation is compiled to the
+        reference by TorchScript, and is one graph node choosing its path at run time under
+        ``torch.fx``."""
+        check_nhwc(x, self.in_channels, self.block_name)
+        if not torch.jit.is_scripting():
+            if self._fused_path(x):
+                outlook_grid_size(x.shape[1], x.shape[2], self.kernel_size, self.padding,
+                                  self.stride, self.block_name)
+                y = outlook_attention_block(
+                    x, self.v.weight, self.v.bias, self.attn.weight, self.attn.bias,
+                    self.proj.weight, self.proj.bias, num_heads=self.num_heads,
+                    kernel_size=self.kernel_size, padding=self.padding, stride=self.stride,
+                    scale=self.scale)
+                return self.proj_drop(y)
         attn = self.attn_drop(self.attention_weights(x))
         y = outlook_attention(self.v(x), attn, kernel_size=self.kernel_size,
-                              padding=self.padding, stride=self.stride, backend=chosen)
+                              padding=self.padding, stride=self.stride, backend=self.backend)
         return self.proj_drop(self.proj(y))

@@ -80,11 +80,12 @@ four passes over x run as PyTorch operations (``backend='folded'``, any device) 
 CUDA kernels (``backend='cuda'``, CUDA tensors, when the extension is built: see
 :mod:`mmattn.ops.extension`). ``backend='auto'`` (default) takes the CUDA kernels where they can
 run, else the folded op, unless ``MMATTN_BACKEND=reference`` is set, a graph is being recorded by
-``torch.jit.trace``/``torch.onnx.export`` (the traced/exported graph is the reference, standard
-operators only), or forward (pre-)hooks are registered on ``channel_gate``/``spatial_gate``: the
-folded op never calls those submodules, so with hooks ``auto`` keeps the reference and the hooks
-fire; ``backend='folded'``/``'cuda'`` with such hooks raise. ``backend='reference'`` always runs
-the equations above. ``variant='official'`` always runs its reference (its sequential spatial
+``torch.jit.trace``/``torch.onnx.export``/``torch.fx`` (the traced/exported graph is the
+reference, standard operators only; ``torch.jit.script`` compiles the reference too), or
+forward (pre-)hooks are registered on ``channel_gate``/``spatial_gate``: the folded op never
+calls those submodules, so with hooks ``auto`` keeps the reference and the hooks fire;
+``backend='folded'``/``'cuda'`` with such hooks raise. ``backend='reference'`` always runs the
+equations above. ``variant='official'`` always runs its reference (its sequential spatial
 branch needs a softmax over the pixels of each of the C/2 value channels, which does not fold).
 """
 from __future__ import annotations
@@ -98,9 +99,14 @@ from mmattn.ops.dispatch import backends_for, select_backend
 from mmattn.ops.psa import psa_paper_folded, psa_paper_params
 from mmattn.registry import MODELS
 
-from .checks import check_choice, check_input, check_positive, factory_kwargs
+from .checks import (check_choice, check_input, check_positive, concrete_annotations,
+                     factory_kwargs)
 
 __all__ = ['PolarizedChannelAttention', 'PolarizedSpatialAttention', 'PolarizedSelfAttention']
+
+# torch.fx records the input check as one call (run on the real tensor when the graph runs)
+# instead of tracing its size checks
+torch.fx.wrap('check_input')
 
 _MODES = ('parallel', 'sequential')
 _VARIANTS = ('paper', 'official')
@@ -185,15 +191,20 @@ class _ChannelBranch(nn.Module):
 
     def channel_mask(self, x: torch.Tensor) -> torch.Tensor:
         """``A^ch(x)``, shape ``N x C x 1 x 1``."""
-        if self.variant == 'paper':
-            wv, wq, wz = self.ch_wv, self.ch_wq, self.ch_wz
+        # hasattr (the variant's keys) rather than self.variant: torch.jit.script resolves it
+        # when compiling, so it never compiles the other variant's missing submodules
+        if hasattr(self, 'ch_wv'):                            # variant='paper'
+            v, q = self.ch_wv(x), self.ch_wq(x)
         else:
-            wv, wq, wz = self.conv_v_right, self.conv_q_right, self.conv_up
-        v = wv(x).flatten(2)                                  # N x C/2 x HW
-        q = wq(x).flatten(2).softmax(-1)                      # N x 1 x HW, softmax over pixels
-        z = wz(torch.matmul(v, q.transpose(1, 2)).unsqueeze(-1))   # N x C x 1 x 1
-        if self.variant == 'paper':
-            z = self.ln(z.flatten(1))[:, :, None, None]       # LayerNorm over the C channels
+            v, q = self.conv_v_right(x), self.conv_q_right(x)
+        v = v.flatten(2)                                      # N x C/2 x HW
+        q = q.flatten(2).softmax(-1)                          # N x 1 x HW, softmax over pixels
+        vq = torch.matmul(v, q.transpose(1, 2)).unsqueeze(-1)  # N x C/2 x 1 x 1
+        if hasattr(self, 'ch_wz'):
+            # LayerNorm over the C channels
+            z = self.ln(self.ch_wz(vq).flatten(1))[:, :, None, None]
+        else:
+            z = self.conv_up(vq)                              # N x C x 1 x 1
         return self.channel_gate(z)
 
 
@@ -213,7 +224,7 @@ class _SpatialBranch(nn.Module):
 
     def spatial_mask(self, x: torch.Tensor) -> torch.Tensor:
         """``A^sp(x)``, shape ``N x 1 x H x W``."""
-        if self.variant == 'paper':
+        if hasattr(self, 'sp_wq'):                          # variant='paper' (see channel_mask)
             q = self.sp_wq(x).mean((2, 3)).softmax(-1)      # N x C/2, softmax over channels
             v = self.sp_wv(x)
         else:
@@ -248,16 +259,19 @@ class PolarizedChannelAttention(_ChannelBranch):
     """
 
     _abbr_ = 'psa_ch'
+    __constants__ = ['block_name']  # torch.jit.script: the name in the errors
 
     def __init__(self, in_channels: int, *, variant: str = 'paper', mode: str = 'parallel',
                  ratio: int | None = None, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
-        ratio = _check_options(type(self).__name__, in_channels, mode, variant, ratio)
+        self.block_name = type(self).__name__
+        ratio = _check_options(self.block_name, in_channels, mode, variant, ratio)
         self.in_channels, self.variant, self.mode, self.ratio = in_channels, variant, mode, ratio
         self._build_channel_branch(in_channels, variant, ratio, factory_kwargs(device, dtype))
 
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_channels, type(self).__name__)
+        check_input(x, self.in_channels, self.block_name)
         return self.channel_mask(x) * x
 
     def extra_repr(self) -> str:
@@ -282,16 +296,19 @@ class PolarizedSpatialAttention(_SpatialBranch):
     """
 
     _abbr_ = 'psa_sp'
+    __constants__ = ['block_name']  # torch.jit.script: the name in the errors
 
     def __init__(self, in_channels: int, *, variant: str = 'paper', mode: str = 'parallel',
                  device: Any = None, dtype: Any = None) -> None:
         super().__init__()
-        _check_options(type(self).__name__, in_channels, mode, variant, None)
+        self.block_name = type(self).__name__
+        _check_options(self.block_name, in_channels, mode, variant, None)
         self.in_channels, self.variant, self.mode = in_channels, variant, mode
         self._build_spatial_branch(in_channels, variant, factory_kwargs(device, dtype))
 
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_channels, type(self).__name__)
+        check_input(x, self.in_channels, self.block_name)
         return self.spatial_mask(x) * x
 
     def extra_repr(self) -> str:
@@ -329,12 +346,13 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
     """
 
     _abbr_ = 'psa'
+    __constants__ = ['block_name']  # torch.jit.script: the name in the errors
 
     def __init__(self, in_channels: int, *, mode: str = 'parallel', variant: str = 'paper',
                  ratio: int | None = None, backend: str = 'auto', device: Any = None,
                  dtype: Any = None) -> None:
         super().__init__()
-        name = type(self).__name__
+        name = self.block_name = type(self).__name__
         ratio = _check_options(name, in_channels, mode, variant, ratio)
         check_choice('backend', backend, backends_for(f'psa_{variant}'), name)
         self.in_channels, self.variant, self.mode, self.ratio = in_channels, variant, mode, ratio
@@ -388,14 +406,25 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
         logits = torch.bmm(q.unsqueeze(1), values)                           # N, 1, P
         return _GateProduct.apply(x, a, self.spatial_gate(logits.view(n, 1, h, w)))
 
+    def __prepare_scriptable__(self) -> PolarizedSelfAttention:
+        """``torch.jit.script`` compiles the reference path: refuse a faster backend."""
+        if self.backend not in ('auto', 'reference'):
+            raise RuntimeError(f'{self.block_name}: backend={self.backend!r} cannot be compiled by '
+                               "torch.jit.script (it scripts the reference path); build the "
+                               "block with backend='auto' or 'reference' to script it")
+        return self
+
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_channels, type(self).__name__)
-        chosen = self.selected_backend(x)[0]
-        if chosen != 'reference' and self.variant == 'official':
-            return self._official_folded(x)
-        if chosen != 'reference':
-            return psa_paper_folded(x, *psa_paper_params(self), eps=self.ln.eps,
-                                    sequential=self.mode == 'sequential', kernel=chosen == 'cuda')
+        check_input(x, self.in_channels, self.block_name)
+        if not torch.jit.is_scripting():  # TorchScript compiles the reference path only
+            chosen = self.selected_backend(x)[0]
+            if chosen != 'reference' and self.variant == 'official':
+                return self._official_folded(x)
+            if chosen != 'reference':
+                return psa_paper_folded(x, *psa_paper_params(self), eps=self.ln.eps,
+                                        sequential=self.mode == 'sequential',
+                                        kernel=chosen == 'cuda')
         z_ch = self.channel_mask(x) * x
         if self.mode == 'parallel':
             return z_ch + self.spatial_mask(x) * x

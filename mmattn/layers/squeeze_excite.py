@@ -13,9 +13,13 @@ from torch import nn
 
 from mmattn.registry import MODELS
 
-from .checks import check_input, check_positive, factory_kwargs
+from .checks import check_input, check_positive, concrete_annotations, factory_kwargs
 
 __all__ = ['SqueezeExcitation']
+
+# torch.fx records the input check as one call (run on the real tensor when the graph runs)
+# instead of tracing its size checks
+torch.fx.wrap('check_input')
 
 
 def make_act(value: LayerType, name: str, block: str, inplace: bool | None = None) -> nn.Module:
@@ -68,13 +72,14 @@ class SqueezeExcitation(nn.Module):
     """
 
     _abbr_ = 'se'
+    __constants__ = ['block_name']  # torch.jit.script: the name in the errors
 
     def __init__(self, in_channels: int, *, rd_ratio: float = 1. / 16,
                  rd_channels: int | None = None, rd_divisor: int = 8,
                  act_layer: LayerType = 'relu', gate_layer: LayerType = 'sigmoid',
                  bias: bool = True, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
-        name = type(self).__name__
+        name = self.block_name = type(self).__name__
         self.in_channels = check_positive('in_channels', in_channels, name)
         self.rd_channels = reduced_channels(in_channels, rd_ratio, rd_channels, rd_divisor, name)
         dd = factory_kwargs(device, dtype)
@@ -83,9 +88,10 @@ class SqueezeExcitation(nn.Module):
         self.fc2 = nn.Conv2d(self.rd_channels, in_channels, 1, bias=bias, **dd)
         self.gate = make_act(gate_layer, 'gate_layer', name)
 
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rescale each channel of ``x`` (N, C, H, W) by its excitation ``s`` (N, C, 1, 1)."""
-        check_input(x, self.in_channels, type(self).__name__)
+        check_input(x, self.in_channels, self.block_name)
         z = x.mean((2, 3), keepdim=True)
         s = self.gate(self.fc2(self.act(self.fc1(z))))
         return x * s

@@ -29,9 +29,16 @@ from timm.models import volo as timm_volo
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from mmattn.layers.checks import concrete_annotations
 from mmattn.layers.outlook import OutlookAttention
 
 __all__ = ['VOLO', 'Outlooker', 'VOLO_ARCHS', 'checkpoint_filter_fn']
+
+# torch.fx records the position-embedding resampling as one call (it returns the embedding
+# unchanged when the grid matches) instead of tracing its size comparison; timm's tracers
+# already treat it so (timm registers it with register_notrace_function), plain
+# torch.fx.symbolic_trace needs this
+torch.fx.wrap('resample_abs_pos_embed_nhwc')
 
 # Table 1 of the paper / the release: stage depths, widths, heads, MLP ratio, stem width.
 VOLO_ARCHS: dict[str, dict[str, Any]] = {
@@ -125,15 +132,23 @@ class VOLO(timm_volo.VOLO):
                 blocks.apply(self._init_weights)
                 self.network[net_idx] = blocks
 
+    def __prepare_scriptable__(self) -> VOLO:
+        """``torch.jit.script`` compiles the logits path: refuse ``return_dense``, whose
+        training forward (MixToken) cannot be compiled."""
+        if self.return_dense:
+            raise RuntimeError(f'{type(self).__name__}: return_dense=True cannot be scripted (the '
+                               'token-labelling forward samples MixToken boxes in Python); '
+                               'script a model built with return_dense=False (same weights)')
+        return self
+
     def add_pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Add the position embedding to tokens ``x`` (B, H, W, C), resampled to (H, W)."""
         pos = self.pos_embed
         if pos is None:  # pruned (features of the outlooker stage only)
             return x
-        if pos.shape[1] != x.shape[1] or pos.shape[2] != x.shape[2]:
-            pos = resample_abs_pos_embed_nhwc(pos, [x.shape[1], x.shape[2]],
-                                              interpolation=self.pos_embed_interp,
-                                              antialias=False)
+        # returns pos itself when the grid is already (H, W)
+        pos = resample_abs_pos_embed_nhwc(pos, [x.shape[1], x.shape[2]],
+                                          interpolation=self.pos_embed_interp, antialias=False)
         return self.pos_drop(x + pos)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,11 +239,14 @@ class VOLO(timm_volo.VOLO):
             x_aux = unmixed.flatten(1, 2)
         return x_cls, x_aux, bbox
 
+    @concrete_annotations
     def forward(self, x: torch.Tensor) -> Any:
         """Logits ``head(cls) + 0.5 * max_tokens(aux_head(tokens))``; with ``return_dense``
-        in training mode the token-labelling triple (see the class docstring)."""
-        if self.return_dense and self.training:
-            return self.forward_train(x)
+        in training mode the token-labelling triple (see the class docstring; not under
+        ``torch.jit.script``, see :meth:`__prepare_scriptable__`)."""
+        if not torch.jit.is_scripting():
+            if self.return_dense and self.training:
+                return self.forward_train(x)
         return self.forward_head(self.forward_features(x))
 
 

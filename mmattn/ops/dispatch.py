@@ -20,10 +20,11 @@ Which path runs is decided per call by :func:`select_backend`:
    A/B comparisons), ``auto`` (or unset) lets the predicates choose;
 3. ``auto`` takes the first path, in the op's order of :data:`OPS`, whose predicate accepts the
    call. The predicates (``can_use_<op>_<backend>(x, ...) -> (bool, reason)``) say why a path
-   was declined: the device or dtype, a kernel that is not built, while ``torch.jit.trace`` or
-   ``torch.onnx.export`` records a graph (the reference uses standard operators only, so the
-   graph stays portable), or a module with hooks on the tensors a fused path never
-   materialises.
+   was declined: the device or dtype, a kernel that is not built, while ``torch.jit.trace``,
+   ``torch.onnx.export`` or ``torch.fx`` symbolic tracing records a graph (the reference uses
+   standard operators only, so the graph stays portable), or a module with hooks on the
+   tensors a fused path never materialises. Under ``torch.jit.script`` the blocks compile
+   their reference paths and never call :func:`select_backend`.
 
 :func:`kernel_status` reports the compiled kernels in one line (``python -m
 mmattn.utils.collect_env`` prints it).
@@ -40,7 +41,7 @@ from . import extension
 __all__ = ['BACKENDS', 'ENV_VAR', 'KernelUnavailableError', 'OPS', 'backends_for',
            'can_use_outlook_cpu',
            'can_use_outlook_cuda', 'can_use_psa_cuda', 'can_use_psa_folded', 'env_backend',
-           'kernel_status', 'select_backend']
+           'fx_tracing', 'kernel_status', 'select_backend']
 
 ENV_VAR = 'MMATTN_BACKEND'
 ENV_CHOICES = ('auto', 'reference')
@@ -70,9 +71,21 @@ def env_backend() -> str:
     return value
 
 
+def fx_tracing() -> bool:
+    """Whether ``torch.fx`` symbolic tracing is running (tensors are then ``fx.Proxy``
+    objects: no shape, device or dtype to decide on)."""
+    from torch.fx import _symbolic_trace
+    check = getattr(_symbolic_trace, 'is_fx_symbolic_tracing', None)  # torch >= 2.5
+    if check is None:
+        return _symbolic_trace._is_fx_tracing_flag
+    return check()
+
+
 def _recording_graph() -> Optional[str]:
     if torch.jit.is_tracing():
         return 'torch.jit.trace is recording'
+    if fx_tracing():
+        return 'torch.fx symbolic tracing is recording'
     if torch.onnx.is_in_onnx_export():
         return 'torch.onnx.export is recording'
     return None
@@ -93,13 +106,13 @@ def _kernel_check(x: torch.Tensor, ops: str | tuple[str, ...],
                   device_type: str) -> Optional[str]:
     """Why the compiled ``ops`` cannot serve ``x`` on ``device_type``, or None."""
     ops = (ops,) if isinstance(ops, str) else ops
+    recording = _recording_graph()  # first: under torch.fx, x is a Proxy
+    if recording:
+        return f'{recording} (the reference graph uses standard operators only)'
     if x.device.type != device_type:
         return f'input is on {x.device.type}, the kernel runs on {device_type} tensors'
     if x.dtype not in _KERNEL_DTYPES:
         return f'input dtype {x.dtype} is not one of the kernel dtypes {_KERNEL_DTYPES}'
-    recording = _recording_graph()
-    if recording:
-        return f'{recording} (the reference graph uses standard operators only)'
     if not all(_kernel_loaded(op, device_type) for op in ops):
         return (f'the compiled {device_type.upper()} kernel is not loaded: '
                 f'{extension.load_error() or "the extension has no " + device_type + " build"}')
@@ -110,15 +123,15 @@ def can_use_psa_folded(x: torch.Tensor, *, hooks: bool = False) -> tuple[bool, s
     """Whether the folded PSA op (``mmattn::psa_paper_folded``) can serve ``x``.
 
     Declines (with the reason) for non-floating inputs, while a graph is recorded by
-    ``torch.jit.trace``/``torch.onnx.export`` (the reference uses standard operators only),
-    and when ``hooks`` is set (the caller has hooks on the gate modules, whose inputs the folded
-    path never materialises).
+    ``torch.jit.trace``/``torch.onnx.export``/``torch.fx`` (the reference uses standard
+    operators only), and when ``hooks`` is set (the caller has hooks on the gate modules,
+    whose inputs the folded path never materialises).
     """
-    if not x.is_floating_point():
-        return False, f'input dtype {x.dtype} is not floating point'
-    recording = _recording_graph()
+    recording = _recording_graph()  # first: under torch.fx, x is a Proxy
     if recording:
         return False, f'{recording} (the reference graph uses standard operators only)'
+    if not x.is_floating_point():
+        return False, f'input dtype {x.dtype} is not floating point'
     if hooks:
         return False, ('hooks are registered on channel_gate/spatial_gate, which the folded '
                        'path does not call')

@@ -29,27 +29,29 @@ from . import extension  # noqa: F401  (defines the op schemas)
 from .dispatch import select_backend
 
 __all__ = ['outlook_attention', 'outlook_attention_block', 'outlook_attention_reference',
-           'outlook_weights']
+           'outlook_pool', 'outlook_softmax', 'outlook_weights']
 
 
 def outlook_attention_reference(v: Tensor, attn: Tensor, *, kernel_size: int, padding: int,
                                 stride: int) -> Tensor:
     """Eq. 4-5 with the K^2 windows gathered and scattered by strided slices of the padded map
     (standard operators only: traceable and exportable). Shapes as :func:`outlook_attention`."""
-    batch, height, width, channels = v.shape
+    batch, height, width, channels = v.shape[0], v.shape[1], v.shape[2], v.shape[3]
     h, w, heads = attn.shape[1], attn.shape[2], attn.shape[3]
     k = kernel_size
     span_h, span_w = stride * (h - 1) + 1, stride * (w - 1) + 1
     vp = F.pad(v, (0, 0, padding, padding, padding, padding))
-    offsets = [(a, b) for a in range(k) for b in range(k)]
-    windows = torch.stack([vp[:, a:a + span_h:stride, b:b + span_w:stride] for a, b in offsets],
-                          dim=3)  # (B, h, w, K^2, C)
+    # window position m = a * K + b (row offset a, column offset b); one loop, so that
+    # torch.jit.script compiles it
+    windows = torch.stack([vp[:, m // k:m // k + span_h:stride, m % k:m % k + span_w:stride]
+                           for m in range(k * k)], dim=3)  # (B, h, w, K^2, C)
     windows = windows.view(batch, h, w, k * k, heads, channels // heads).transpose(3, 4)
     out = torch.matmul(attn, windows).transpose(3, 4)  # (B, h, w, K^2, N, C/N)
     out = out.reshape(batch, h, w, k * k, channels)
     y = out.new_zeros(batch, height + 2 * padding, width + 2 * padding, channels)
-    for idx, (a, b) in enumerate(offsets):
-        y[:, a:a + span_h:stride, b:b + span_w:stride] += out[:, :, :, idx]
+    for m in range(k * k):
+        a, b = m // k, m % k
+        y[:, a:a + span_h:stride, b:b + span_w:stride] += out[:, :, :, m]
     return y[:, padding:padding + height, padding:padding + width]
 
 
@@ -79,9 +81,11 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd('mmattn::outlook_fwd', _backward, setup_context=_setup_context)
 
 
-def outlook_attention(v: Tensor, attn: Tensor, *, kernel_size: int, padding: int, stride: int,
+def outlook_attention(v: Tensor, attn: Tensor, kernel_size: int, padding: int, stride: int,
                       backend: str = 'auto') -> Tensor:
-    """Outlook aggregation, Eq. 4-5 of arXiv 2106.13112, on channels-last tensors.
+    """Outlook aggregation, Eq. 4-5 of arXiv 2106.13112, on channels-last tensors (pass the
+    geometry by keyword; the arguments are not keyword-only because TorchScript cannot compile
+    keyword-only arguments with defaults).
 
     Args:
         v: Values ``V`` (B, H, W, C).
@@ -96,7 +100,18 @@ def outlook_attention(v: Tensor, attn: Tensor, *, kernel_size: int, padding: int
 
     Returns:
         The folded output (B, H, W, C), before the output projection.
+
+    Under ``torch.jit.script`` this compiles to the reference (an explicit compiled backend
+    raises). :class:`~mmattn.layers.OutlookAttention` declares it with ``torch.fx.wrap``, so
+    a ``torch.fx`` graph calls it as one node that chooses its path when the graph runs, as
+    the eager module does.
     """
+    if torch.jit.is_scripting():
+        if backend != 'auto' and backend != 'reference':
+            raise RuntimeError(f"outlook_attention: backend='{backend}' is a compiled kernel, "
+                               "which TorchScript cannot call; use 'auto' or 'reference'")
+        return outlook_attention_reference(v, attn, kernel_size=kernel_size, padding=padding,
+                                           stride=stride)
     chosen, _ = select_backend('outlook', v, backend)
     if chosen == 'reference':
         return outlook_attention_reference(v, attn, kernel_size=kernel_size, padding=padding,
@@ -106,7 +121,7 @@ def outlook_attention(v: Tensor, attn: Tensor, *, kernel_size: int, padding: int
                                         stride)
 
 
-def _pool(x: Tensor, stride: int) -> Tensor:
+def outlook_pool(x: Tensor, stride: int) -> Tensor:
     """Ceil-mode average pooling with kernel and stride s of a (B, H, W, C) map (VOLO's)."""
     if stride == 1:
         return x
@@ -114,16 +129,23 @@ def _pool(x: Tensor, stride: int) -> Tensor:
                         ceil_mode=True).permute(0, 2, 3, 1)
 
 
+def outlook_softmax(logits: Tensor, *, num_heads: int, kernel_size: int,
+                    scale: float) -> Tensor:
+    """``softmax(scale * reshape(logits))``: the projected pooled map (B, h, w, N K^4) as
+    weights (B, h, w, N, K^2, K^2), normalised over the last axis (Eq. 3)."""
+    k2 = kernel_size * kernel_size
+    logits = logits.reshape(logits.shape[0], logits.shape[1], logits.shape[2], num_heads, k2,
+                            k2)
+    return (logits * scale).softmax(dim=-1)
+
+
 def outlook_weights(x: Tensor, project: Callable[[Tensor], Tensor], *, num_heads: int,
                     kernel_size: int, stride: int, scale: float) -> Tensor:
     """The normalised outlook weights of ``x`` (B, H, W, C), Eq. 3:
     ``softmax(scale * reshape(project(AvgPool_s(x))))``, shape (B, h, w, N, K^2, K^2), the
     softmax over the last axis. ``project`` is ``W_A`` (the block's ``attn`` layer)."""
-    pooled = _pool(x, stride)
-    b, h, w = pooled.shape[:3]
-    k2 = kernel_size * kernel_size
-    logits = project(pooled).reshape(b, h, w, num_heads, k2, k2)
-    return (logits * scale).softmax(dim=-1)
+    return outlook_softmax(project(outlook_pool(x, stride)), num_heads=num_heads,
+                           kernel_size=kernel_size, scale=scale)
 
 
 class _RecomputingOutlook(torch.autograd.Function):
@@ -163,7 +185,7 @@ class _RecomputingOutlook(torch.autograd.Function):
             acc = torch.promote_types(attn.dtype, torch.float32)
             attn_f, dattn = attn.to(acc), dattn.to(acc)
             dlogits = attn_f * (dattn - (attn_f * dattn).sum(-1, keepdim=True)) * scale
-            pooled = _pool(x, s)
+            pooled = outlook_pool(x, s)
             dlogits = dlogits.reshape(*pooled.shape[:3], -1).to(pooled.dtype)
             d2 = dlogits.reshape(-1, dlogits.shape[-1])
             g_attn_w = d2.t() @ pooled.reshape(-1, c).to(d2.dtype)

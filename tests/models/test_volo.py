@@ -166,6 +166,19 @@ def test_backbone_pretrained_matches_timm(timm_d1, ours_d1, tmp_path):
     torch.testing.assert_close(backbone.pos_embed, timm_d1.pos_embed)
 
 
+def test_backbone_fx_trace():
+    """Detection/segmentation graphs: torch.fx traces the mm backbone (pyramid necks, position
+    embedding resampled for the input grid) and gives the eager outputs exactly."""
+    backbone = MODELS.build(dict(type='mmattn.VOLO', arch=dict(VOLO_ARCHS['d1'], **TINY),
+                                 img_size=64)).eval()
+    graph = torch.fx.symbolic_trace(backbone)
+    x = torch.randn(1, 3, 96, 64)  # another grid than the stored embedding's
+    with torch.no_grad():
+        outs, expected = graph(x), backbone(x)
+    assert len(outs) == len(expected) == 4
+    assert all(torch.equal(out, exp) for out, exp in zip(outs, expected))
+
+
 def test_backbone_bad_arguments():
     with pytest.raises(ValueError, match='arch must be one of'):
         MODELS.build(dict(type='mmattn.VOLO', arch='d9'))
