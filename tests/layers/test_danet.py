@@ -1,7 +1,10 @@
 """DANet's PositionAttention (Eq. 1-2), ChannelAttention (Eq. 3-4, and the release's
 max-minus-energy form) and DualAttention written out in float64; the SDPA path; the official
-release's state-dict keys; identity at init; fp16 Gram overflow; gradcheck; argument checks."""
+release's state-dict keys; mmseg's PAM/CAM/DAHead weights and outputs; identity at init; fp16
+Gram overflow; gradcheck; argument checks."""
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmattn.layers import ChannelAttention, DualAttention, PositionAttention
+from mmattn.layers.danet import convert_mmseg_dahead
 
 SHAPES = [(2, 16, 5, 7), (1, 8, 1, 1), (1, 8, 3, 3), (2, 24, 4, 6), (1, 8, 1, 9)]
 
@@ -156,6 +160,95 @@ def test_official_release_keys_load() -> None:
     dual = DualAttention(c)
     dual.load_state_dict({**{f'pam.{k}': v for k, v in pam_release.items()},
                           'cam.gamma': torch.randn(1)})
+
+
+def randomise_mmseg(m: nn.Module) -> nn.Module:
+    """Non-zero gammas (mmcv Scale, 0 at init) in mmseg's PAM/CAM; the convs keep their
+    random init."""
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith('gamma.scale'):
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.mark.parametrize('channels, pam_channels, reduction', [(16, 2, 8), (12, 3, 4), (8, 1, 8)])
+@pytest.mark.parametrize('efficient', [False, True])
+def test_mmseg_pam_and_cam_load_and_match(channels: int, pam_channels: int, reduction: int,
+                                          efficient: bool) -> None:
+    """mmseg's PAM / CAM state dicts (``*_project`` keys, 0-d ``gamma.scale``) load strictly
+    into PositionAttention / ChannelAttention(energy='release'), which then give mmseg's
+    outputs."""
+    from mmseg.models.decode_heads.da_head import CAM, PAM
+    theirs_pam = randomise_mmseg(PAM(channels, pam_channels)).double()
+    theirs_cam = randomise_mmseg(CAM()).double()
+    assert theirs_pam.gamma.scale.shape == ()  # the mismatch the load hook absorbs
+    pam = PositionAttention(channels, reduction=reduction, efficient=efficient,
+                            dtype=torch.float64)
+    cam = ChannelAttention(channels, energy='release', dtype=torch.float64)
+    pam.load_state_dict(theirs_pam.state_dict())  # strict
+    cam.load_state_dict(theirs_cam.state_dict())
+    x = 0.5 * torch.randn(2, channels, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(pam(x), theirs_pam(x), rtol=0, atol=1e-10)
+    torch.testing.assert_close(cam(x), theirs_cam(x), rtol=0, atol=1e-10)
+
+
+def mmseg_dahead(channels: int = 16, pam_channels: int = 2) -> nn.Module:
+    from mmseg.models.decode_heads.da_head import DAHead
+    with warnings.catch_warnings():  # mmseg's own deprecation notes on building its loss
+        warnings.simplefilter('ignore', UserWarning)
+        head = DAHead(in_channels=8, channels=channels, pam_channels=pam_channels,
+                      num_classes=3, norm_cfg=dict(type='BN'))
+    return randomise_mmseg(head).double().eval()
+
+
+def test_convert_mmseg_dahead() -> None:
+    """A segmentor's DAHead weights (decode_head. prefix, with backbone and head-only keys
+    around them) convert to exactly DualAttention's / PositionAttention's /
+    ChannelAttention's keys, load strictly, and reproduce the head's own PAM and CAM:
+    DualAttention(x) = PAM(x) + CAM(x) - x."""
+    head = mmseg_dahead()
+    segmentor = {'backbone.conv1.weight': torch.randn(4, 3, 3, 3),
+                 **{f'decode_head.{k}': v for k, v in head.state_dict().items()}}
+    x = 0.5 * torch.randn(2, 16, 5, 7, dtype=torch.float64)
+    pam_ref, cam_ref = head.pam(x), head.cam(x)
+
+    dual = DualAttention(16, energy='release', dtype=torch.float64)
+    converted = convert_mmseg_dahead(segmentor)
+    assert sorted(converted) == sorted(dual.state_dict())
+    dual.load_state_dict(converted)  # strict
+    torch.testing.assert_close(dual(x), pam_ref + cam_ref - x, rtol=0, atol=1e-10)
+
+    pam = PositionAttention(16, dtype=torch.float64)
+    pam.load_state_dict(convert_mmseg_dahead(head.state_dict(), prefix='', part='pam'))
+    torch.testing.assert_close(pam(x), pam_ref, rtol=0, atol=1e-10)
+    cam = ChannelAttention(16, energy='release', dtype=torch.float64)
+    cam.load_state_dict(convert_mmseg_dahead(segmentor, part='cam'))
+    torch.testing.assert_close(cam(x), cam_ref, rtol=0, atol=1e-10)
+
+
+def test_mmseg_dahead_keys_load_through_dual_attention() -> None:
+    """The load hooks also take mmseg's pam.*/cam.* keys under DualAttention directly; the
+    head-only keys (in/out convs, classifiers) have no counterpart and fail a strict load."""
+    head = mmseg_dahead()
+    sub = {k: v for k, v in head.state_dict().items() if k.startswith(('pam.', 'cam.'))}
+    dual = DualAttention(16, energy='release', dtype=torch.float64)
+    dual.load_state_dict(sub)  # strict
+    x = 0.5 * torch.randn(1, 16, 4, 3, dtype=torch.float64)
+    torch.testing.assert_close(dual(x), head.pam(x) + head.cam(x) - x, rtol=0, atol=1e-10)
+    with pytest.raises(RuntimeError, match='pam_in_conv'):
+        dual.load_state_dict(head.state_dict())
+
+
+def test_convert_mmseg_dahead_errors() -> None:
+    head = mmseg_dahead()
+    with pytest.raises(ValueError, match="part must be one of.*'both'"):
+        convert_mmseg_dahead(head.state_dict(), prefix='', part='both')
+    with pytest.raises(ValueError, match="prefix='decode_head.'.*decode_head.pam.gamma.scale"):
+        convert_mmseg_dahead(head.state_dict())  # the head's own keys have no prefix
+    with pytest.raises(RuntimeError, match='size mismatch'):  # pam_channels 2 != 16 // 4
+        PositionAttention(16, reduction=4).load_state_dict(
+            convert_mmseg_dahead(head.state_dict(), prefix='', part='pam'))
 
 
 def test_channel_attention_fp16_gram_does_not_overflow() -> None:

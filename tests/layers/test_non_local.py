@@ -236,25 +236,64 @@ def test_gradcheck(mode: str, efficient: bool) -> None:
     assert torch.autograd.gradcheck(m, (x,))
 
 
-@pytest.mark.parametrize('mode', MODES)
-@pytest.mark.parametrize('sub_sample', [False, True])
-@pytest.mark.parametrize('norm_cfg', [None, dict(type='BN')])
-def test_mmcv_non_local_2d_keys_and_outputs(mode: str, sub_sample: bool,
-                                            norm_cfg: dict | None) -> None:
-    """Same state-dict keys as mmcv's NonLocal2d, and the same output with its weights (on an
-    even map, where its floor-mode pooling equals ours; mmcv scales only embedded_gaussian)."""
+def mmcv_to_mmattn_scale(mode: str, use_scale: bool) -> bool:
+    """The ``scale`` that reproduces mmcv ``NonLocal2d(mode=mode, use_scale=use_scale)``, read
+    from mmcv's source: only ``embedded_gaussian`` divides by ``sqrt(inter_channels)``;
+    ``gaussian``, ``dot_product`` and ``concatenation`` never look at ``use_scale``."""
+    return use_scale if mode == 'embedded_gaussian' else False
+
+
+def mmcv_pair(mode: str, use_scale: bool, sub_sample: bool, norm_cfg: dict | None,
+              scale: bool | None = None) -> tuple[nn.Module, NonLocalAttention]:
+    """mmcv's NonLocal2d with random weights and NonLocalAttention (``scale`` mapped from
+    ``use_scale`` unless given) holding the same weights. The key mapping is the identity
+    within the block (the plugin prefix, ``nonlocal_block`` in mmcv hosts and ``nonlocal`` in
+    ours, lies outside it): every key of one is a key of the other, with the same shape."""
     from mmcv.cnn import NonLocal2d
-    scale = mode == 'embedded_gaussian'
     theirs = NonLocal2d(8, mode=mode, sub_sample=sub_sample, norm_cfg=norm_cfg,
-                        use_scale=scale).double()
+                        use_scale=use_scale).double()
+    if scale is None:
+        scale = mmcv_to_mmattn_scale(mode, use_scale)
     ours = NonLocalAttention(8, mode=mode, sub_sample=sub_sample, norm_cfg=norm_cfg, scale=scale,
                              dtype=torch.float64)
-    assert list(ours.state_dict()) == list(theirs.state_dict())
+    key_map = {key: key for key in theirs.state_dict()}
+    assert sorted(key_map.values()) == sorted(ours.state_dict())
     randomise(theirs)
-    ours.load_state_dict(theirs.state_dict())
-    ours.eval()
-    x = torch.randn(2, 8, 4, 6, dtype=torch.float64)
+    ours.load_state_dict({key_map[k]: v for k, v in theirs.state_dict().items()})  # strict
+    return theirs, ours.eval()
+
+
+@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('use_scale', [False, True])
+@pytest.mark.parametrize('sub_sample', [False, True])
+@pytest.mark.parametrize('norm_cfg', [None, dict(type='BN')])
+def test_mmcv_non_local_2d_keys_and_outputs(mode: str, use_scale: bool, sub_sample: bool,
+                                            norm_cfg: dict | None) -> None:
+    """Same keys and output as mmcv's NonLocal2d for every mode and use_scale, with scale
+    mapped as the docstring says (an odd map without sub_sample; with it an even map, where
+    mmcv's floor-mode pooling equals our ceil mode)."""
+    theirs, ours = mmcv_pair(mode, use_scale, sub_sample, norm_cfg)
+    x = torch.randn((2, 8, 4, 6) if sub_sample else (2, 8, 5, 7), dtype=torch.float64)
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize('sub_sample', [False, True])
+def test_mmcv_gaussian_never_scales(sub_sample: bool) -> None:
+    """mmcv's gaussian mode gives one output whatever use_scale, equal to scale=False here;
+    scale=True here (logits / sqrt(C)) differs from both."""
+    x = torch.randn(2, 8, 4, 6, dtype=torch.float64)
+    theirs_scaled, ours_plain = mmcv_pair('gaussian', True, sub_sample, None, scale=False)
+    theirs_plain = mmcv_pair('gaussian', False, sub_sample, None)[0]
+    theirs_plain.load_state_dict(theirs_scaled.state_dict())
+    reference = theirs_scaled(x)
+    torch.testing.assert_close(theirs_plain(x), reference, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours_plain(x), reference, rtol=0, atol=1e-10)
+    ours_scaled = NonLocalAttention(8, mode='gaussian', sub_sample=sub_sample, scale=True,
+                                    dtype=torch.float64).eval()
+    ours_scaled.load_state_dict(theirs_scaled.state_dict())
+    assert (ours_scaled(x) - reference).abs().max() > 1e-3
+    torch.testing.assert_close(ours_scaled(x), nonlocal_reference(ours_scaled, x), rtol=0,
+                               atol=1e-10)
 
 
 def test_channels_last_and_dtype() -> None:
