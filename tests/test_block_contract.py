@@ -170,6 +170,25 @@ def test_bad_input_errors(name: str) -> None:
 
 
 @pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('dtype', [torch.int64, torch.uint8, torch.bool])
+def test_non_float_input_error(name: str, dtype: torch.dtype) -> None:
+    """An image tensor fed without conversion: one TypeError naming the dtype and the fix."""
+    block = make(name)
+    with pytest.raises(TypeError, match=r'floating-point input') as info:
+        block(torch.ones(1, C, 5, 5, dtype=dtype))
+    assert str(dtype) in str(info.value) and 'x.float()' in str(info.value)
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('hw', [(0, 5), (5, 0), (0, 0)])
+def test_zero_sized_spatial_input_error(name: str, hw: tuple[int, int]) -> None:
+    block = make(name)
+    with pytest.raises(ValueError, match=r'H >= 1 and W >= 1') as info:
+        block(torch.randn(1, C, *hw))
+    assert f'H={hw[0]}, W={hw[1]}' in str(info.value)
+
+
+@pytest.mark.parametrize('name', NAMES)
 def test_jit_trace(name: str) -> None:
     skip_unsupported(name, 'jit.trace')
     block = make(name).eval()

@@ -23,8 +23,23 @@ def shape_str(x: torch.Tensor) -> str:
     return str(tuple(x.shape))
 
 
+def _check_values(x: torch.Tensor, height: int, width: int, block: str) -> None:
+    """The dtype and spatial-size checks both layouts share: a floating-point tensor (the
+    blocks' weights, softmaxes and means are real-valued) with at least one pixel."""
+    if not x.is_floating_point():
+        raise TypeError(f'{block}: expected a floating-point input (float16, bfloat16, '
+                        f'float32 or float64), got dtype {x.dtype}; convert it first, e.g. '
+                        f'x.float() (images: normalise them as the model\'s data '
+                        f'preprocessor does)')
+    if height < 1 or width < 1:
+        raise ValueError(f'{block}: expected an input with H >= 1 and W >= 1, got H={height}, '
+                         f'W={width} (shape {shape_str(x)}): there are no pixels to attend '
+                         f'over; check the resize/crop before this block')
+
+
 def check_input(x: torch.Tensor, in_channels: int, block: str) -> None:
-    """Check that ``x`` is an NCHW tensor with ``in_channels`` channels."""
+    """Check that ``x`` is a floating-point NCHW tensor with ``in_channels`` channels and
+    ``H, W >= 1``."""
     if not torch.jit.is_scripting():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f'{block}: expected a torch.Tensor input, got {type(x).__name__}')
@@ -34,13 +49,16 @@ def check_input(x: torch.Tensor, in_channels: int, block: str) -> None:
     if x.shape[1] != in_channels:
         raise ValueError(f'{block}: the input has {x.shape[1]} channels (shape '
                          f'{shape_str(x)}), but in_channels={in_channels}')
+    _check_values(x, x.shape[2], x.shape[3], block)
 
 
 def check_nhwc(x: torch.Tensor, in_channels: int, block: str) -> None:
-    """Check that ``x`` is a channels-last (B, H, W, C) tensor with ``in_channels`` channels."""
+    """Check that ``x`` is a floating-point channels-last (B, H, W, C) tensor with
+    ``in_channels`` channels and ``H, W >= 1``."""
     if x.dim() != 4 or x.shape[-1] != in_channels:
         raise ValueError(f'{block}: forward_nhwc expects (B, H, W, {in_channels}), got shape '
                          f'{shape_str(x)}')
+    _check_values(x, x.shape[1], x.shape[2], block)
 
 
 def check_positive(name: str, value: Any, block: str, *, minimum: int = 1) -> int:
