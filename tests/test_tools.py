@@ -119,9 +119,12 @@ def test_missing_demo_data_is_explained(tmp_path: Path) -> None:
 
 
 def test_missing_real_dataset_is_explained(tmp_path: Path) -> None:
+    import torch
+    ckpt = tmp_path / 'ckpt.pth'  # a checkpoint file (it is looked at before the data)
+    torch.save({'state_dict': {}}, ckpt)
     result = subprocess.run(
         [sys.executable, 'tools/test.py', 'configs/psa_udp_hrnet_w48_coco_256x192.py',
-         str(REPO / 'setup.py'), '--work-dir', str(tmp_path / 'wd'),
+         str(ckpt), '--work-dir', str(tmp_path / 'wd'),
          '--cfg-options', f'test_dataloader.dataset.data_root={tmp_path}/coco/'],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2

@@ -57,6 +57,9 @@ import mmattn  # noqa: F401  (registers the blocks, checks the stack)
 from mmattn.analysis import saved_bytes
 from mmattn.layers import OutlookAttention, PolarizedSelfAttention
 from mmattn.ops import kernel_status, select_backend
+from mmattn.utils.quiet import quiet_no_cuda_runtime
+
+quiet_no_cuda_runtime()  # torch.compile imports torch.utils.cpp_extension, which says it on CPU
 
 # HBM bandwidth in GB/s (vendor data sheets)
 GPU_PEAK_GBS = {'H100 SXM': 3350, 'H100 80GB HBM3': 3350, 'H100 NVL': 3900, 'H100 PCIe': 2000,

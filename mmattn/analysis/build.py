@@ -103,6 +103,17 @@ def _timm_preprocess(model: nn.Module) -> Callable[[np.ndarray], torch.Tensor]:
     return preprocess
 
 
+def _load_weights(model: nn.Module, checkpoint: str, strict: bool) -> None:
+    """mmengine's ``load_checkpoint`` with weights-only loading that also reads checkpoints
+    written without ``WeightsOnlyCheckpointHook`` (mmengine's HistoryBuffer and numpy
+    objects, nothing else)."""
+    from mmengine.runner import load_checkpoint
+
+    from mmattn.utils.checkpoint import mmengine_checkpoint_globals
+    with mmengine_checkpoint_globals():
+        load_checkpoint(model, checkpoint, map_location='cpu', strict=strict)
+
+
 def load_model(spec: str, *, checkpoint: str | None = None,
                cfg_options: dict | None = None, model_kwargs: dict | None = None,
                device: str | torch.device = 'cpu') -> LoadedModel:
@@ -119,10 +130,16 @@ def load_model(spec: str, *, checkpoint: str | None = None,
 
     Raises:
         ValueError: ``spec`` is neither an existing ``.py`` config nor a timm model name.
+        mmattn.utils.checkpoint.CheckpointFileError: (a ValueError) ``checkpoint`` is
+            missing, truncated or not a PyTorch checkpoint; the message says what to do.
     """
     import timm
 
     import mmattn  # noqa: F401  (registers blocks, models and the mmattn:: config scope)
+    from mmattn.utils.checkpoint import check_checkpoint_file
+
+    if checkpoint and '://' not in checkpoint:  # before building; URLs are mmengine's to fetch
+        check_checkpoint_file(checkpoint, 'checkpoint')
 
     if spec.endswith('.py'):
         if '::' not in spec and not osp.isfile(spec):
@@ -130,7 +147,6 @@ def load_model(spec: str, *, checkpoint: str | None = None,
                              f'model name, got {spec!r} (no such file)')
         from mmengine.config import Config
         from mmengine.registry import MODELS, DefaultScope
-        from mmengine.runner import load_checkpoint
         if '::' in spec:  # a config shipped by a package: mmseg::ocrnet/...py
             from mmengine.hub import get_config
             cfg = get_config(spec)
@@ -146,7 +162,7 @@ def load_model(spec: str, *, checkpoint: str | None = None,
         with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
             model = MODELS.build(model_cfg)
         if checkpoint:
-            load_checkpoint(model, checkpoint, map_location='cpu', strict=False)
+            _load_weights(model, checkpoint, strict=False)
         model.to(device).eval()
         return LoadedModel(model, TensorForward(model), _mm_input_size(cfg),
                            _mm_preprocess(model), 'mm', spec)
@@ -157,8 +173,7 @@ def load_model(spec: str, *, checkpoint: str | None = None,
                          f'model name, got {spec!r}')
     model = timm.create_model(name, pretrained=False, **(model_kwargs or {}))
     if checkpoint:
-        from mmengine.runner import load_checkpoint
-        load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
+        _load_weights(model, checkpoint, strict=True)
     model.to(device).eval()
     size = (model.pretrained_cfg or {}).get('input_size', (3, 224, 224))
     return LoadedModel(model, TensorForward(model), (int(size[1]), int(size[2])),

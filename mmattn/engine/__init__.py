@@ -1,10 +1,12 @@
 """Small additions to mmengine's engine that our tools use: an atomic local file backend for
-checkpoints, weights-only loading of mmengine checkpoints, and CPU (gloo) support for
-mmengine's ``pytorch`` launcher."""
-from .atomic_backend import ATOMIC_BACKEND, AtomicLocalBackend
-from .checkpoint_globals import MMENGINE_CHECKPOINT_GLOBALS, mmengine_checkpoint_globals
+checkpoints (and the clean-up of what an interrupted save left), checkpoints that torch's
+weights-only loader reads, and CPU (gloo) support for mmengine's ``pytorch`` launcher."""
+from mmattn.utils.checkpoint import MMENGINE_CHECKPOINT_GLOBALS, mmengine_checkpoint_globals
+
+from .atomic_backend import ATOMIC_BACKEND, AtomicLocalBackend, remove_interrupted_saves
 from .cpu_distributed import CPUDistributedDataParallel, prepare_cpu_distributed
+from .hooks import WeightsOnlyCheckpointHook
 
 __all__ = ['ATOMIC_BACKEND', 'AtomicLocalBackend', 'CPUDistributedDataParallel',
-           'MMENGINE_CHECKPOINT_GLOBALS', 'mmengine_checkpoint_globals',
-           'prepare_cpu_distributed']
+           'MMENGINE_CHECKPOINT_GLOBALS', 'WeightsOnlyCheckpointHook',
+           'mmengine_checkpoint_globals', 'prepare_cpu_distributed', 'remove_interrupted_saves']

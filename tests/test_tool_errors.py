@@ -1,0 +1,254 @@
+"""Bad input to the tools ends in one message that names the input and the fix, before anything
+is built: misspelled plugin types, files that are not (complete) checkpoints, ``--resume``
+targets, ``--amp`` without a GPU, and the ``tools/test.py`` output flags that do not apply to
+a config's library."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODELS as ROOT_MODELS
+
+from mmattn.engine.run_config import RunConfigError, check_amp, resolve_resume
+from mmattn.registry import MODELS
+from mmattn.utils.checkpoint import CheckpointFileError, check_checkpoint_file
+from mmattn.utils.registry_names import UnknownTypeError, check_plugin_types, check_type_name
+
+REPO = Path(__file__).resolve().parents[1]
+SEG_DEMO = 'configs/demo/psa_hrnet_ocr_cityscapes_demo.py'
+POSE_DEMO = 'configs/demo/psa_udp_hrnet_w48_coco_demo.py'
+CLS_DEMO = 'configs/demo/volo_d1_demo.py'
+
+
+def load_tool(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f'_mmattn_tool_{name}',
+                                                  REPO / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------
+# registered names
+
+def test_misspelled_block_names_the_typo_and_the_right_name() -> None:
+    with pytest.raises(UnknownTypeError) as info:
+        check_type_name('PolarizedSelfAtention', MODELS, 'model.backbone.plugins[0].cfg.type')
+    message = str(info.value)
+    assert "model.backbone.plugins[0].cfg.type='PolarizedSelfAtention'" in message
+    assert 'PolarizedSelfAttention' in message.split('closest registered names:')[1]
+    assert not message.startswith("'")  # not KeyError's quoted repr
+    assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+
+
+def test_names_are_checked_in_the_config_scope() -> None:
+    from mmattn.layers import PolarizedSelfAttention
+    with ROOT_MODELS.switch_scope_and_registry('mmseg') as registry:
+        assert check_type_name('mmattn.PolarizedSelfAttention', registry, 'x') is \
+            PolarizedSelfAttention
+        with pytest.raises(UnknownTypeError, match="closest registered names: 'ContextBlock'"):
+            check_type_name('ContextBlok', registry, 'x')
+        # an mmattn block without its scope: the scoped name is suggested
+        with pytest.raises(UnknownTypeError, match="'mmattn.PolarizedSelfAttention'"):
+            check_type_name('PolarizedSelfAttention', registry, 'x')
+        with pytest.raises(UnknownTypeError, match='no registered name is close'):
+            check_type_name('Zzzzqqqq', registry, 'x')
+    assert check_type_name(PolarizedSelfAttention, MODELS, 'x') is PolarizedSelfAttention
+    with pytest.raises(UnknownTypeError, match=r'x must be a registered type name .* got 3'):
+        check_type_name(3, MODELS, 'x')
+
+
+def test_plugin_entries_are_found_anywhere_in_the_model() -> None:
+    model = dict(type='CascadeEncoderDecoder', backbone=dict(
+        type='mmattn.PluginHRNet',
+        plugins=[dict(cfg=dict(type='mmattn.PolarizedSelfAttention'), position='after_conv1'),
+                 dict(cfg=dict(type='mmattn.SqueezeExcitaton'), position='after_conv2')]))
+    with ROOT_MODELS.switch_scope_and_registry('mmseg') as registry:
+        with pytest.raises(UnknownTypeError) as info:
+            check_plugin_types(model, registry)
+    assert "model.backbone.plugins[1].cfg.type='mmattn.SqueezeExcitaton'" in str(info.value)
+    assert "'mmattn.SqueezeExcitation'" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoint files and --resume
+
+@pytest.fixture()
+def real_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / 'iter_8.pth'
+    torch.save({'state_dict': {'w': torch.randn(64, 64)}, 'meta': {'iter': 8}}, path)
+    return path
+
+
+def test_checkpoint_file_problems(tmp_path: Path, real_checkpoint: Path) -> None:
+    check_checkpoint_file(str(real_checkpoint))  # a complete one passes
+    legacy = tmp_path / 'legacy.pth'
+    torch.save({'w': torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    check_checkpoint_file(str(legacy))
+
+    truncated = tmp_path / 'truncated.pth'
+    data = real_checkpoint.read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    empty = tmp_path / 'empty.pth'
+    empty.write_bytes(b'')
+    text = tmp_path / 'notes.pth'
+    text.write_text('hello')
+    archive = tmp_path / 'archive.pth'
+    with zipfile.ZipFile(archive, 'w') as z:
+        z.writestr('readme.txt', 'x')
+    cases = {tmp_path / 'missing.pth': 'does not exist', tmp_path: 'is a directory',
+             empty: 'is empty', truncated: 'is truncated', text: 'is not a PyTorch checkpoint',
+             archive: 'is a zip archive but not a PyTorch checkpoint (no data.pkl inside)'}
+    for path, what in cases.items():
+        with pytest.raises(CheckpointFileError) as info:
+            check_checkpoint_file(str(path), '--resume')
+        message = str(info.value)
+        assert message.startswith(f'--resume {str(path)!r} {what}'), message
+        assert '; ' in message  # followed by what to do
+
+
+def test_resume_targets(tmp_path: Path, real_checkpoint: Path) -> None:
+    assert resolve_resume(None, str(tmp_path)) == (None, None)
+    empty = tmp_path / 'empty_work_dir'
+    checkpoint, note = resolve_resume('auto', str(empty))
+    assert checkpoint is None and note == (f'--resume: no checkpoint in {empty} to resume '
+                                           'from; starting from scratch')
+    assert resolve_resume('auto', str(tmp_path))[0] == str(real_checkpoint)
+    assert resolve_resume(str(real_checkpoint), str(empty))[0] == str(real_checkpoint)
+    with pytest.raises(CheckpointFileError, match='does not exist'):
+        resolve_resume(str(tmp_path / 'iter_99.pth'), str(tmp_path))
+    (tmp_path / 'iter_9.pth').write_bytes(b'PK\x03\x04 cut short')  # the latest one is broken
+    with pytest.raises(CheckpointFileError, match='latest checkpoint of the work dir'):
+        resolve_resume('auto', str(tmp_path))
+    assert resolve_resume('https://host/iter_1.pth', str(tmp_path))[0] == \
+        'https://host/iter_1.pth'
+
+
+def test_load_model_checks_the_checkpoint_before_building(tmp_path: Path) -> None:
+    from mmattn.analysis import load_model
+    bad = tmp_path / 'iter_40.pth'
+    bad.write_bytes(b'PK\x03\x04' + b'\0' * 100)
+    with pytest.raises(CheckpointFileError, match=r"checkpoint '.*iter_40.pth' is truncated"):
+        load_model('timm:no_such_model_either', checkpoint=str(bad))
+
+
+# ---------------------------------------------------------------------------------------
+# --amp
+
+def test_amp_without_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmengine.device as device
+    for name in ('is_cuda_available', 'is_npu_available', 'is_mlu_available',
+                 'is_musa_available'):
+        monkeypatch.setattr(device, name, lambda: False)
+    cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper')))
+    check_amp(cfg, amp_flag=False)
+    with pytest.raises(RunConfigError, match='--amp needs a GPU'):
+        check_amp(cfg, amp_flag=True)
+    with pytest.raises(RunConfigError, match='optim_wrapper.type=OptimWrapper'):
+        check_amp(Config(dict(optim_wrapper=dict(type='AmpOptimWrapper'))), amp_flag=False)
+    monkeypatch.setattr(device, 'is_cuda_available', lambda: True)
+    check_amp(cfg, amp_flag=True)
+
+
+def test_train_tool_stops_before_building(monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture,
+                                          tmp_path: Path) -> None:
+    train = load_tool('train')
+    work_dir = tmp_path / 'wd'
+    cases = {('--resume', str(tmp_path / 'gone.pth')): "--resume '",
+             ('--cfg-options', 'model.backbone.plugins.0.cfg.type=mmattn.PSA'):
+                 'model.backbone.plugins[0].cfg.type'}
+    if not torch.cuda.is_available():
+        cases[('--amp', )] = '--amp needs a GPU'
+    for extra, expected in cases.items():
+        monkeypatch.setattr(sys, 'argv', ['tools/train.py', str(REPO / SEG_DEMO),
+                                          '--work-dir', str(work_dir), *extra])
+        assert train.main() == 2
+        err = capsys.readouterr().err
+        assert err.startswith('tools/train.py: ') and expected in err, err
+        assert not work_dir.exists()  # nothing was built
+
+
+def test_test_tool_names_a_broken_checkpoint(tmp_path: Path, real_checkpoint: Path) -> None:
+    data = real_checkpoint.read_bytes()
+    cut = tmp_path / 'iter_40.pth'
+    cut.write_bytes(data[:1000])
+    result = subprocess.run([sys.executable, 'tools/test.py', SEG_DEMO, str(cut)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"CHECKPOINT '{cut}' is truncated" in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# tools/test.py --show-dir / --out / --dump
+
+@pytest.fixture(scope='module')
+def test_tool() -> ModuleType:
+    return load_tool('test')
+
+
+@pytest.fixture(scope='module')
+def configs() -> dict[str, Config]:
+    import mmattn  # noqa: F401  (the mmattn:: scope)
+    return {name: Config.fromfile(str(REPO / path))
+            for name, path in (('seg', SEG_DEMO), ('pose', POSE_DEMO), ('cls', CLS_DEMO))}
+
+
+def output_args(test_tool: ModuleType, *argv: str) -> argparse.Namespace:
+    return test_tool.parse_args(['CONFIG', 'CKPT', *argv])
+
+
+def test_output_flags_follow_each_library(test_tool: ModuleType, configs: dict,
+                                          tmp_path: Path) -> None:
+    seg = configs['seg'].copy()
+    test_tool.apply_output_args(seg, output_args(test_tool, '--show-dir', 'vis', '--out', 'p'))
+    assert seg.test_evaluator['output_dir'] == 'p'  # mmseg: IoUMetric writes the PNGs
+    assert seg.default_hooks.visualization.draw is True and seg.visualizer.save_dir == 'vis'
+
+    pose = configs['pose'].copy()
+    test_tool.apply_output_args(pose, output_args(test_tool, '--show-dir', 'vis', '--dump',
+                                                  'p.pkl', '--interval', '3'))
+    assert pose.test_evaluator[-1] == dict(type='DumpResults', out_file_path='p.pkl')
+    hook = pose.default_hooks.visualization
+    assert hook.enable is True and hook.interval == 3 and hook.out_dir == str(Path('vis')
+                                                                             .absolute())
+
+    cls = configs['cls'].copy()
+    test_tool.apply_output_args(cls, output_args(test_tool, '--out', 'p.pkl', '--show-dir', 'v'))
+    assert cls.default_hooks.visualization.enable is True
+
+
+@pytest.mark.parametrize('name, argv, message', [
+    ('seg', ['--dump', 'p.pkl'], '--dump does not apply to this config'),
+    ('cls', ['--dump', 'p.pkl'], 'use --out FILE.pkl'),
+    ('pose', ['--dump', 'p.json'], '--dump must name a .pkl file'),
+    ('pose', ['--out', 'm.txt'], 'must name a .json, .yaml or .pkl file'),
+    ('pose', ['--out', 'm.json', '--out-item', 'pred'], '--out-item does not apply'),
+    ('cls', ['--out', 'p.json'], '--out must name a .pkl file'),
+    ('cls', ['--out-item', 'metrics'], '--out-item needs --out'),
+    ('seg', ['--show-dir', 'v', '--interval', '0'], '--interval must be >= 1'),
+])
+def test_output_flags_that_do_not_apply(test_tool: ModuleType, configs: dict, name: str,
+                                        argv: list[str], message: str) -> None:
+    with pytest.raises(RunConfigError, match=message):
+        test_tool.apply_output_args(configs[name].copy(), output_args(test_tool, *argv))
+
+
+def test_output_flags_need_a_known_library(test_tool: ModuleType, configs: dict) -> None:
+    cfg = configs['seg'].copy()
+    cfg.default_scope = 'mmdet'
+    with pytest.raises(RunConfigError, match="default_scope='mmdet'"):
+        test_tool.apply_output_args(cfg, output_args(test_tool, '--show-dir', 'v'))
+    cfg = configs['cls'].copy()
+    cfg.default_hooks.pop('visualization')
+    with pytest.raises(RunConfigError, match="type='VisualizationHook'"):
+        test_tool.apply_output_args(cfg, output_args(test_tool, '--show-dir', 'v'))
