@@ -15,7 +15,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_plugin_layer
+from mmengine.registry import MODELS
 from torch import nn
+
+from mmattn.utils.registry_names import check_type_name
 
 __all__ = ['PluginBasicMixin', 'PluginBottleneckMixin', 'PluginHRNetMixin', 'check_plugin']
 
@@ -134,6 +137,10 @@ def check_plugin(plugin: Any, owner: str, allowed_keys: tuple[str, ...]) -> tupl
                          f'got {cfg!r}')
     if 'position' not in plugin:
         raise ValueError(f"{owner}: plugins entry needs a 'position', got {plugin!r}")
+    # the registry mmcv's build_plugin_layer looks the type up in (the current default
+    # scope's): a misspelled name fails here, named, with the closest registered names
+    with MODELS.switch_scope_and_registry(None) as registry:
+        check_type_name(cfg['type'], registry, f"{owner}: plugins entry cfg.type")
     return cfg, plugin['position']
 
 

@@ -290,6 +290,18 @@ def test_backbone_errors(host) -> None:
         build(host[0], plugins=dict(cfg=dict(type=Affine), position='after_conv1'))
 
 
+@HOSTS
+def test_misspelled_plugin_type_names_the_closest(host) -> None:
+    """A typo in a plugin's registered name fails before the network is built, naming the
+    typo and the registered names closest to it (not mmcv's 'Cannot find None')."""
+    plugins = [dict(cfg=dict(type='mmattn.PolarizedSelfAtention'), position='after_conv1')]
+    with pytest.raises(ValueError) as info:
+        build(host[0], plugins=plugins)
+    message = str(info.value)
+    assert "'mmattn.PolarizedSelfAtention'" in message and 'cfg.type' in message
+    assert "'mmattn.PolarizedSelfAttention'" in message
+
+
 def test_registered_and_built_from_host_registries() -> None:
     from mmpose.registry import MODELS as POSE_MODELS
     from mmseg.registry import MODELS as SEG_MODELS
