@@ -207,3 +207,17 @@ def test_cli_classification(ckpt_dir: str, tmp_path: pytest.TempPathFactory,
     assert len(tops) == 3 and all(line.split(': ')[1].split(' (')[0] in CLS_CLASSES
                                   for line in tops)
     assert osp.isfile(tmp_path / 'demo_cls.png') and osp.isfile(tmp_path / 'demo_cls.json')
+
+
+def test_truncated_checkpoint_is_named(tmp_path: pytest.TempPathFactory) -> None:
+    """A checkpoint cut short (a copy interrupted, a full disk) fails before any model is
+    built, with one message naming the file."""
+    from mmattn.utils.checkpoint import CheckpointFileError
+    whole = tmp_path / 'whole.pth'
+    torch.save({'state_dict': {'w': torch.zeros(1000)}}, whole)
+    cut = tmp_path / 'iter_40.pth'
+    cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    with pytest.raises(CheckpointFileError, match='truncated') as info:
+        inference(SEG_CONFIG, str(cut), 'demo', str(tmp_path / 'out'))
+    assert str(cut) in str(info.value)
+    assert not (tmp_path / 'out').exists()

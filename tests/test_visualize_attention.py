@@ -393,3 +393,20 @@ def test_cli_defaults_to_the_latest_checkpoint(tmp_path: pytest.TempPathFactory,
     assert np.abs(pngs['found'] - pngs['other']).sum() > 0
     with pytest.raises(FileNotFoundError, match='--checkpoint'):
         tool.main(args + ['--checkpoint', str(tmp_path / 'missing.pth')])
+
+
+def test_cli_names_a_file_that_is_no_checkpoint(tmp_path: pytest.TempPathFactory) -> None:
+    """A wrong --checkpoint is one line naming the file and the fix (exit status 1), before
+    any model is built."""
+    import subprocess
+    bad = tmp_path / 'iter_40.pth'
+    bad.write_bytes(b'not a checkpoint')
+    result = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'tools', 'visualize_attention.py'), 'volo_d1', 'demo',
+         '--checkpoint', str(bad), '--out', str(tmp_path / 'x.png')],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert str(bad) in last and 'not a PyTorch checkpoint' in last
+    assert not (tmp_path / 'x.png').exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os.path as osp
+import sys
 
 import numpy as np
 from mmengine.config import DictAction
@@ -119,4 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
 
 
 if __name__ == '__main__':
-    main()
+    from mmattn.utils.checkpoint import CheckpointFileError
+    try:
+        main()
+    except (CheckpointFileError, FileNotFoundError) as exc:
+        # a wrong path or a file that is no checkpoint: one line, not a traceback
+        sys.exit(f'tools/visualize_attention.py: {exc}')

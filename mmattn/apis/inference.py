@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mmattn.utils.checkpoint import check_checkpoint_file, mmengine_checkpoint_globals
 from mmattn.utils.file_mode import default_mode
 
 __all__ = ['TASKS', 'InferenceResult', 'load_config', 'detect_task', 'load_image',
@@ -182,6 +183,7 @@ def inference(config: Any, checkpoint: str, image: str | np.ndarray, out_dir: st
     """
     if not isinstance(checkpoint, (str, os.PathLike)) or not osp.isfile(checkpoint):
         raise FileNotFoundError(f'checkpoint: no such file {checkpoint!r}')
+    check_checkpoint_file(str(checkpoint), 'checkpoint')  # truncated / not a checkpoint
     if not 0 < opacity <= 1:
         raise ValueError(f'opacity must be in (0, 1], got {opacity!r}')
     if not isinstance(topk, int) or topk < 1:
@@ -199,18 +201,21 @@ def inference(config: Any, checkpoint: str, image: str | np.ndarray, out_dir: st
     out_file = osp.join(out_dir, f'{name}_{_SUFFIX[task]}.png')
     files: dict[str, str] = {}
     ranked = None
-    if task == 'segmentation':
-        from .segmentation import segment_image
-        sample, vis = segment_image(cfg, checkpoint, bgr, rgb, device=device,
-                                    opacity=opacity)
-    elif task == 'pose':
-        from .pose import estimate_pose
-        sample, vis = estimate_pose(cfg, checkpoint, bgr, rgb, device=device, bboxes=boxes,
-                                    kpt_thr=kpt_thr)
-    else:
-        from .classification import classify_image
-        sample, ranked, vis = classify_image(cfg, checkpoint, bgr, rgb, device=device,
-                                             topk=topk)
+    # checkpoints of tools/train.py load with weights only as they are; the allow-list of
+    # mmengine's own objects (nothing else) also opens checkpoints written before that
+    with mmengine_checkpoint_globals():
+        if task == 'segmentation':
+            from .segmentation import segment_image
+            sample, vis = segment_image(cfg, checkpoint, bgr, rgb, device=device,
+                                        opacity=opacity)
+        elif task == 'pose':
+            from .pose import estimate_pose
+            sample, vis = estimate_pose(cfg, checkpoint, bgr, rgb, device=device,
+                                        bboxes=boxes, kpt_thr=kpt_thr)
+        else:
+            from .classification import classify_image
+            sample, ranked, vis = classify_image(cfg, checkpoint, bgr, rgb, device=device,
+                                                 topk=topk)
     files['vis'] = _save_png(vis, out_file)
     if ranked is not None:
         text = json.dumps([dict(label=label, score=score) for label, score in ranked],
