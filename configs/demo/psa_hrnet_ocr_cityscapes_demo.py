@@ -1,11 +1,12 @@
 # The main job's demo: configs/psa_hrnet_ocr_cityscapes.py (HRNetV2-W48 + OCR with 104
 # parallel PSA blocks, unchanged architecture) on the embedded Cityscapes-format demo data
-# (`python tools/make_demo_data.py`: 16 train / 4 val images of 128x256 with labelTrainIds).
-# Only the data root, the crop/resize sizes and the schedule differ: 40 iterations at
-# batch 2 on 64x128 crops (about 1 s each on 2 CPU cores), evaluated with mmseg's IoUMetric
-# (mIoU) at 20 and 40, a checkpoint at each. No ImageNet initialisation (nothing is
-# downloaded). It shows the pipeline working end to end, not a trained model: from scratch,
-# 40 iterations do not get a W48 network past predicting the majority classes.
+# (`python tools/make_demo_data.py`: 24 train / 4 val street scenes of 128x256 with
+# labelTrainIds, 8 classes that differ in colour, texture and place).
+# Only the data root, the crop/resize sizes, the augmentation strength, the optimiser and
+# the schedule differ: 200 iterations at batch 2 on 64x128 crops with AdamW, evaluated with
+# mmseg's IoUMetric (mIoU and the per-class IoU table) every 50 iterations; a checkpoint
+# every 100, of which only the latest is kept (with the optimiser state, so --resume
+# works). No ImageNet initialisation (nothing is downloaded): it learns from scratch.
 _base_ = ['../psa_hrnet_ocr_cityscapes.py']
 
 data_root = 'data/demo/cityscapes/'
@@ -19,7 +20,9 @@ train_pipeline = [
     dict(type='RandomResize', scale=scale, ratio_range=(0.5, 2.0), keep_ratio=True),
     dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
     dict(type='RandomFlip', prob=0.5),
-    dict(type='PhotoMetricDistortion'),
+    # milder than the stock setting: the demo's classes are told apart by colour first
+    dict(type='PhotoMetricDistortion', brightness_delta=16, contrast_range=(0.8, 1.2),
+         saturation_range=(0.8, 1.2), hue_delta=5),
     dict(type='PackSegInputs'),
 ]
 test_pipeline = [
@@ -36,12 +39,18 @@ val_dataloader = dict(
     dataset=dict(data_root=data_root, pipeline=test_pipeline))
 test_dataloader = val_dataloader
 
-max_iters = 40
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=20)
+# from scratch in 200 steps: AdamW at 2e-3 (measured here: final mIoU 23 against 20 at
+# 1e-3, 13 for Adam at 1e-3 with a warm-up, and SGD at 0.05 far behind at 75 iterations)
+optim_wrapper = dict(
+    _delete_=True, type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.01))
+max_iters = 200
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=50)
 param_scheduler = [
-    dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end=max_iters, by_epoch=False)
+    dict(type='PolyLR', eta_min=1e-5, power=0.9, begin=0, end=max_iters, by_epoch=False)
 ]
 default_hooks = dict(
     logger=dict(interval=10),
-    checkpoint=dict(interval=20, max_keep_ckpts=2),
+    checkpoint=dict(interval=100, max_keep_ckpts=1),
     visualization=dict(draw=False))
+randomness = dict(seed=0)
