@@ -27,7 +27,12 @@ def classify_image(cfg: Any, checkpoint: str, bgr: np.ndarray, rgb: np.ndarray, 
 
     inferencer = ImageClassificationInferencer(model=cfg, pretrained=checkpoint,
                                                device=device)
-    (sample,) = inferencer(bgr, return_datasamples=True)
+    # the inferencer's own stages, without its ``__call__``'s progress bar (which, for one
+    # image, ends without a newline and runs into whatever is printed next)
+    with torch.no_grad():
+        preds = [pred for batch in inferencer.preprocess([bgr], batch_size=1)
+                 for pred in inferencer.forward(batch)]
+    (sample,) = inferencer.postprocess(preds, None, return_datasamples=True)
     scores = sample.pred_score.detach().float().cpu()
     values, indices = torch.topk(scores, min(topk, scores.numel()))
     classes = inferencer.classes
