@@ -80,6 +80,15 @@ def check_divisible(name: str, value: int, divisor_name: str, divisor: int, bloc
         raise ValueError(f'{block}: {name}={value} is not divisible by {divisor_name}={divisor}')
 
 
+def check_scriptable_backend(backend: str, block: str) -> None:
+    """``torch.jit.script`` compiles a block's reference path: refuse a block built to run a
+    compiled or folded op instead (for ``__prepare_scriptable__``)."""
+    if backend not in ('auto', 'reference'):
+        raise RuntimeError(f'{block}: backend={backend!r} cannot be compiled by '
+                           'torch.jit.script (it scripts the reference path); build the block '
+                           "with backend='auto' or 'reference' to script it")
+
+
 def factory_kwargs(device: Any = None, dtype: Any = None) -> dict:
     """``device``/``dtype`` as nn.Module constructors take them (timm passes them)."""
     return {'device': device, 'dtype': dtype}

@@ -38,7 +38,7 @@ from mmattn.ops.outlook import (outlook_attention, outlook_attention_block, outl
 from mmattn.registry import MODELS
 
 from .checks import (check_choice, check_divisible, check_input, check_nhwc, check_positive,
-                     concrete_annotations, factory_kwargs)
+                     check_scriptable_backend, concrete_annotations, factory_kwargs)
 
 __all__ = ['OutlookAttention', 'outlook_attention', 'outlook_grid_size']
 
@@ -164,11 +164,8 @@ class OutlookAttention(nn.Module):
                 f'padding={self.padding}, stride={self.stride}')
 
     def __prepare_scriptable__(self) -> OutlookAttention:
-        """``torch.jit.script`` compiles the reference path: refuse a compiled backend."""
-        if self.backend not in ('auto', 'reference'):
-            raise RuntimeError(f'{self.block_name}: backend={self.backend!r} is a compiled kernel, '
-                               'which torch.jit.script cannot call; build the block with '
-                               "backend='auto' or 'reference' to script it")
+        """``torch.jit.script`` compiles the reference path: refuse another backend."""
+        check_scriptable_backend(self.backend, self.block_name)
         return self
 
     @concrete_annotations

@@ -99,8 +99,8 @@ from mmattn.ops.dispatch import backends_for, select_backend
 from mmattn.ops.psa import psa_paper_folded, psa_paper_params
 from mmattn.registry import MODELS
 
-from .checks import (check_choice, check_input, check_positive, concrete_annotations,
-                     factory_kwargs)
+from .checks import (check_choice, check_input, check_positive, check_scriptable_backend,
+                     concrete_annotations, factory_kwargs)
 
 __all__ = ['PolarizedChannelAttention', 'PolarizedSpatialAttention', 'PolarizedSelfAttention']
 
@@ -407,11 +407,8 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
         return _GateProduct.apply(x, a, self.spatial_gate(logits.view(n, 1, h, w)))
 
     def __prepare_scriptable__(self) -> PolarizedSelfAttention:
-        """``torch.jit.script`` compiles the reference path: refuse a faster backend."""
-        if self.backend not in ('auto', 'reference'):
-            raise RuntimeError(f'{self.block_name}: backend={self.backend!r} cannot be compiled by '
-                               "torch.jit.script (it scripts the reference path); build the "
-                               "block with backend='auto' or 'reference' to script it")
+        """``torch.jit.script`` compiles the reference path: refuse another backend."""
+        check_scriptable_backend(self.backend, self.block_name)
         return self
 
     @concrete_annotations
