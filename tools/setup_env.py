@@ -16,6 +16,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,11 +55,11 @@ def pip_install(*args: str, env: dict[str, str] | None = None) -> None:
     subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
 
 
-def runs(code: str) -> bool:
+def runs(code: str, cwd: str | None = None) -> bool:
     """Whether ``code`` runs without error in a fresh interpreter (fresh: what this
-    process imported before an install would be stale)."""
+    process imported before an install would be stale), in ``cwd`` if given."""
     return subprocess.run([sys.executable, '-c', code], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL).returncode == 0
+                          stderr=subprocess.DEVNULL, cwd=cwd).returncode == 0
 
 
 def wrong(*names: str) -> list[str]:
@@ -90,7 +91,9 @@ def editable_ok() -> bool:
         return False
     code = ('import importlib.util, sys, pathlib; s = importlib.util.find_spec("mmattn"); '
             f'sys.exit(s is None or pathlib.Path(s.origin).resolve().parents[1] != pathlib.Path({str(ROOT)!r}))')
-    return stack.installed_version('mmattn') is not None and runs(code)
+    # run outside the checkout: from inside it, ``import mmattn`` finds the working tree
+    # even when the installed (editable) copy points at another, moved or deleted checkout
+    return stack.installed_version('mmattn') is not None and runs(code, cwd=tempfile.gettempdir())
 
 
 def steps():
