@@ -375,3 +375,33 @@ def test_backbone_needs_only_its_own_library(backbone, blocked, library) -> None
         assert library in loaded.split(',')
     other = {'PluginHRNet': 'PosePluginHRNet', 'PosePluginHRNet': 'PluginHRNet'}[backbone]
     assert unavailable == repr([other])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('variant, mode', [('official', 'sequential'), ('paper', 'parallel')])
+def test_psa_hrnet_compiles_as_one_graph(variant: str, mode: str) -> None:
+    """torch.compile(fullgraph=True) traces a PSA PluginHRNet in training mode without a graph
+    break (plugin hosting, backend choice and input checks included); the compiled forward
+    and backward equal eager."""
+    torch._dynamo.reset()
+    model = PluginHRNet(extra=EXTRA, plugins=[dict(
+        cfg=dict(type='mmattn.PolarizedSelfAttention', variant=variant, mode=mode),
+        position='after_conv1', stages=STAGES_2_TO_4)]).double().train()
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    # 64 px: the smallest branch is 2x2, so no BN normalises over only two values (which
+    # would amplify rounding) and no PSA softmax runs over a single pixel (whose ch_wq
+    # gradient is exactly zero in theory, rounding noise in practice)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    results = []
+    for fn in (model, compiled):
+        model.zero_grad()
+        outs = fn(x)   # train-mode BN: both calls see the same batch statistics
+        sum((o * o).mean() for o in outs).backward()
+        results.append(([o.detach() for o in outs],
+                        [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (outs_ref, grads_ref), (outs_c, grads_c) = results
+    for out_c, out_ref in zip(outs_c, outs_ref):
+        torch.testing.assert_close(out_c, out_ref, rtol=1e-9, atol=1e-9)
+    assert len(grads_c) == len(grads_ref) > 0
+    for g_c, g_ref in zip(grads_c, grads_ref):
+        torch.testing.assert_close(g_c, g_ref, rtol=1e-8, atol=1e-9)
