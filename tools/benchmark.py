@@ -311,8 +311,8 @@ HEADER = ['op', 'shape', 'form', 'impl', 'fwd ms', 'fwd+bwd ms', 'fwd speedup',
           'fwd+bwd GB/s (% peak)', 'max |y - eager|']
 
 
-def markdown(rows: list[list[str]]) -> str:
-    lines = ['| ' + ' | '.join(HEADER) + ' |', '|' + '---|' * len(HEADER)]
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
     return '\n'.join(lines)
 
@@ -406,7 +406,7 @@ def main() -> None:
     for case, argv in cases:
         run_case(case, args, device, peak, rows, argv + common)
     print()
-    print(markdown(rows))
+    print(markdown_table(HEADER, rows))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,73 @@
+"""tools/benchmark_model.py: whole HRNet-OCR training steps, stock against the PSA forms,
+built from the real configs in a process where mmpose and mmdet cannot be imported."""
+from __future__ import annotations
+
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TOOL = osp.join(ROOT, 'tools', 'benchmark_model.py')
+
+# run the tool with mmpose and mmdet made unimportable, then report what got imported
+_RUN_WITHOUT_MMPOSE = """
+import importlib.abc, runpy, sys
+
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('mmpose', 'mmdet'):
+            raise ModuleNotFoundError(f'No module named {name!r}', name=name)
+        return None
+
+sys.meta_path.insert(0, Missing())
+tool = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(tool, run_name='__main__')
+print('loaded:', ','.join(sorted({m.split('.')[0] for m in sys.modules}
+                                 & {'mmseg', 'mmpose', 'mmdet'})))
+"""
+
+
+def _table(stdout: str) -> list[list[str]]:
+    lines = [line for line in stdout.splitlines() if line.startswith('| ')]
+    return [[cell.strip() for cell in line.strip('|').split('|')] for line in lines[1:]]
+
+
+@pytest.mark.slow
+def test_training_steps_of_stock_and_psa_forms_without_mmpose() -> None:
+    result = subprocess.run(
+        [sys.executable, '-c', _RUN_WITHOUT_MMPOSE, TOOL, '--shape', '1,32,64',
+         '--forms', 'psa_s-official,paper-parallel', '--backends', 'auto,reference,cuda',
+         '--iters', '1', '--warmup', '0', '--threads', '1'],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.strip().splitlines()[-1] == 'loaded: mmseg'
+    assert 'batch 1 x 3x32x64' in out
+    # the official form has no CUDA backend, and the paper form's cannot run on CPU tensors:
+    # each is said, not run
+    assert "skipped: psa_s-official with backend='cuda' (it accepts" in out
+    assert "skipped: paper-parallel with backend='cuda': psa_paper: backend='cuda' " \
+        "requested but it declined: input is on cpu" in out
+    rows = _table(out)
+    runs = [(row[0], row[1]) for row in rows]
+    assert runs[:5] == [('stock', '-'), ('psa_s-official', 'auto'),
+                        ('psa_s-official', 'reference'), ('paper-parallel', 'auto'),
+                        ('paper-parallel', 'reference')]
+    assert rows[0][4] == '1.00x'
+    for row in rows:
+        assert row[2] == 'float32'
+        assert float(row[3]) > 0 and float(row[6]) > 0   # step ms, host ms
+        assert row[5] == '-' and row[7] == '-'           # CUDA-only columns on a CPU run
+
+
+def test_bad_arguments_name_the_option() -> None:
+    for argv, expected in [(['--forms', 'psa_x'], "--forms: unknown ['psa_x']"),
+                           (['--shape', '2,64'], '--shape must be three positive integers'),
+                           (['--dtypes', 'float16'], "--dtypes: unknown ['float16']")]:
+        result = subprocess.run([sys.executable, TOOL, *argv], capture_output=True, text=True,
+                                timeout=300, cwd=ROOT)
+        assert result.returncode == 2
+        assert expected in result.stderr, result.stderr[-2000:]

@@ -1,0 +1,293 @@
+"""Benchmark whole training steps of HRNetV2-W48 + OCR: stock against each PSA form.
+
+Builds the models from the real configs (no weights loaded; SyncBN reverted to BN so that one
+process runs them):
+
+* ``stock``: mmseg's ``ocrnet/ocrnet_hr48_4xb2-80k_cityscapes-512x1024.py``, the config the
+  PSA configs are based on;
+* ``psa_p-official``: ``configs/psa_hrnet_ocr_cityscapes.py`` (104 ``PSA_p`` of the authors'
+  release), ``psa_s-official``: ``configs/psa-s_hrnet_ocr_cityscapes.py`` (104 ``PSA_s``, the
+  released weights' form);
+* ``paper-parallel``, ``paper-sequential``: the same placement with ``variant='paper'``;
+
+each PSA form once per backend it accepts (``--backends``, default ``auto`` and
+``reference``; ``auto`` is what a config runs). A training step is mmengine's
+``model.train_step``: the data preprocessor, forward with the loss, backward and the config's
+optimizer update (SGD), on random images with random labels of the 19 Cityscapes classes.
+``--dtypes bfloat16`` runs the preprocessor and the forward under ``torch.autocast`` (as
+mmengine's ``AmpOptimWrapper`` does; the backward runs outside it).
+
+Printed per model and dtype: the median step time over ``--iters`` steps (the models take
+turns step by step, so load from other processes hits them alike), its ratio to ``stock`` in
+the same dtype, the peak memory above the model and its optimizer state (CUDA: the caching
+allocator's peak), the host time per step (CPU time of the Python thread from the start of the
+step until it returns, before waiting for the GPU: on CUDA what the step costs the host; on a
+CPU device the main thread's share of the compute), and (CUDA) the kernel launches per step
+and per PSA block beyond stock, counted with ``torch.profiler`` over one step.
+
+This is a tool, not a test: nothing here asserts a speed. Examples::
+
+    python tools/benchmark_model.py                       # CPU: 2 x 3x64x128, fp32
+    python tools/benchmark_model.py --device cuda         # 2 x 3x512x1024, fp32 and bf16
+    python tools/benchmark_model.py --forms stock,psa_s-official --backends auto --iters 20
+
+It needs mmseg (and mmcv), not mmpose or mmdet.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os.path as osp
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+import mmattn  # noqa: F401  (registers the blocks and PluginHRNet)
+from mmattn.analysis import load_model
+from mmattn.layers import PolarizedSelfAttention
+from mmattn.ops import KernelUnavailableError, backends_for, kernel_status, select_backend
+from mmattn.utils.quiet import filter_tool_warnings, quiet_no_cuda_runtime
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from benchmark import DTYPES, device_name, markdown_table, sync  # noqa: E402
+
+quiet_no_cuda_runtime()
+filter_tool_warnings()
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+STOCK_CONFIG = 'mmseg::ocrnet/ocrnet_hr48_4xb2-80k_cityscapes-512x1024.py'
+PSA_P_CONFIG = osp.join(ROOT, 'configs', 'psa_hrnet_ocr_cityscapes.py')
+PSA_S_CONFIG = osp.join(ROOT, 'configs', 'psa-s_hrnet_ocr_cityscapes.py')
+#: form -> (config, PSA options replacing the config's, or None to keep the config's block)
+FORMS: dict[str, tuple[str, Optional[dict]]] = {
+    'stock': (STOCK_CONFIG, None),
+    'psa_p-official': (PSA_P_CONFIG, None),
+    'psa_s-official': (PSA_S_CONFIG, None),
+    'paper-parallel': (PSA_P_CONFIG, dict(variant='paper', mode='parallel')),
+    'paper-sequential': (PSA_P_CONFIG, dict(variant='paper', mode='sequential')),
+}
+NUM_CLASSES = 19
+HEADER = ['model', 'backend', 'dtype', 'step ms', 'vs stock', 'peak MiB (CUDA)',
+          'host ms / step', 'launches / step (CUDA)', 'launches / PSA block (CUDA)']
+
+
+@dataclass
+class Model:
+    """One built model with its optimizer, ready to step."""
+
+    form: str
+    backend: str
+    model: nn.Module
+    optim_wrapper: object
+    blocks: int  # PSA blocks inside
+
+    @property
+    def label(self) -> str:
+        return self.form if self.form == 'stock' else f'{self.form} ({self.backend})'
+
+
+def build(form: str, backend: str, shape: tuple[int, int, int], device: torch.device) -> Model:
+    """The model of ``form`` from its config, with ``backend`` for its PSA blocks, its data
+    preprocessor padding to ``shape``'s size (the configs' crop size, 512x1024, otherwise)."""
+    from mmengine.config import Config
+    from mmengine.hub import get_config
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.optim import build_optim_wrapper
+
+    config, override = FORMS[form]
+    options = {'model.data_preprocessor.size': shape[1:]}
+    if form != 'stock':
+        cfg = Config.fromfile(config)
+        plugins = copy.deepcopy(cfg.model.backbone.plugins)
+        for plugin in plugins:
+            plugin['cfg'].update(override or {}, backend=backend)
+        options['model.backbone.plugins'] = plugins
+    loaded = load_model(config, cfg_options=options, device=device)
+    model = revert_sync_batchnorm(loaded.model).to(device).train()
+    cfg = get_config(config) if '::' in config else Config.fromfile(config)
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    blocks = sum(isinstance(m, PolarizedSelfAttention) for m in model.modules())
+    return Model(form, backend, model, optim_wrapper, blocks)
+
+
+def make_batch(shape: tuple[int, int, int], device: torch.device, seed: int = 0) -> dict:
+    """mmengine's data batch: uint8 images and SegDataSamples with random label maps."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    n, h, w = shape
+    gen = torch.Generator().manual_seed(seed)
+    inputs, samples = [], []
+    for _ in range(n):
+        inputs.append(torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8)
+                      .to(device))
+        sample = SegDataSample(metainfo=dict(img_shape=(h, w), pad_shape=(h, w),
+                                             ori_shape=(h, w)))
+        sample.gt_sem_seg = PixelData(
+            data=torch.randint(0, NUM_CLASSES, (1, h, w), generator=gen).to(device))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.device,
+            host: list[float]):
+    """One training step; appends the host time (thread CPU time until it returns) to host."""
+    autocast = dtype != torch.float32
+
+    model = entry.model
+
+    def step() -> None:  # mmengine's BaseModel.train_step, with autocast around the forward
+        t0 = time.thread_time()
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            data = model.data_preprocessor(batch, True)
+            losses = model._run_forward(data, mode='loss')
+        loss, _ = model.parse_losses(losses)
+        entry.optim_wrapper.update_params(loss)
+        host.append(time.thread_time() - t0)
+
+    return step
+
+
+def launches(step, device: torch.device) -> Optional[int]:
+    """CUDA kernels one call of ``step`` runs (torch.profiler), or None off CUDA."""
+    if device.type != 'cuda':
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    return sum(1 for evt in prof.events()
+               if evt.device_type == torch.autograd.DeviceType.CUDA and 'Memcpy' not in evt.name
+               and 'Memset' not in evt.name)
+
+
+def peak_mib(step, device: torch.device) -> Optional[float]:
+    if device.type != 'cuda':
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def fmt(value: Optional[float], spec: str) -> str:
+    return '-' if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='Forms: ' + ', '.join(FORMS) + '.')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--shape', default=None,
+                        help='batch,height,width (default 2,512,1024 on CUDA, 2,64,128 on CPU)')
+    parser.add_argument('--forms', default=','.join(FORMS),
+                        help='comma-separated forms (stock is always run, as the baseline)')
+    parser.add_argument('--backends', default='auto,reference',
+                        help='comma-separated PSA backends (each form runs those it accepts)')
+    parser.add_argument('--dtypes', default=None,
+                        help='comma-separated: float32, bfloat16 (autocast); default both on '
+                             'CUDA, float32 on CPU')
+    parser.add_argument('--iters', type=int, default=None, help='timed steps (10 CUDA, 5 CPU)')
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error(f'--device {args.device} needs a CUDA device; none found')
+    cuda = device.type == 'cuda'
+    try:
+        shape = tuple(int(v) for v in (args.shape or ('2,512,1024' if cuda else '2,64,128'))
+                      .split(','))
+        assert len(shape) == 3 and min(shape) > 0
+    except (ValueError, AssertionError):
+        parser.error(f'--shape must be three positive integers batch,height,width, '
+                     f'got {args.shape!r}')
+    forms = [f.strip() for f in args.forms.split(',') if f.strip()]
+    unknown = [f for f in forms if f not in FORMS]
+    if unknown:
+        parser.error(f'--forms: unknown {unknown}; choose from {list(FORMS)}')
+    forms = ['stock'] + [f for f in forms if f != 'stock']
+    backends = [b.strip() for b in args.backends.split(',') if b.strip()]
+    dtype_names = (args.dtypes or ('float32,bfloat16' if cuda else 'float32')).split(',')
+    bad = [d for d in dtype_names if d not in ('float32', 'bfloat16')]
+    if bad:
+        parser.error(f'--dtypes: unknown {bad}; choose from float32, bfloat16')
+    iters = args.iters or (10 if cuda else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    models: list[Model] = []
+    for form in forms:
+        if form == 'stock':
+            models.append(build(form, '-', shape, device))
+            continue
+        variant = (FORMS[form][1] or {}).get('variant', 'official')
+        accepted = backends_for(f'psa_{variant}')
+        for backend in backends:
+            if backend not in accepted:
+                print(f'skipped: {form} with backend={backend!r} (it accepts {accepted})')
+                continue
+            try:  # a compiled backend that cannot run here says why, as the block would
+                select_backend(f'psa_{variant}', torch.empty(1, 2, 1, 1, device=device), backend)
+            except KernelUnavailableError as exc:
+                print(f'skipped: {form} with backend={backend!r}: {exc}')
+                continue
+            models.append(build(form, backend, shape, device))
+    batch = make_batch(shape, device)
+
+    print(f'device: {device_name(device)}')
+    print(f'torch {torch.__version__}; batch {shape[0]} x 3x{shape[1]}x{shape[2]}; median of '
+          f'{iters} training steps after {args.warmup} warm-up steps')
+    print(f'mmattn kernels: {kernel_status()}', flush=True)
+    rows = []
+    for name in dtype_names:
+        dtype = DTYPES[name]
+        host = {m.label: [] for m in models}
+        steps = {m.label: step_fn(m, batch, dtype, device, host[m.label]) for m in models}
+        for _ in range(args.warmup):
+            for step in steps.values():
+                step()
+        for times in host.values():
+            times.clear()
+        wall: dict[str, list[float]] = {label: [] for label in steps}
+        for _ in range(iters):
+            for label, step in steps.items():
+                sync(device)
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                wall[label].append(time.perf_counter() - t0)
+        median = {label: statistics.median(ts) * 1e3 for label, ts in wall.items()}
+        host_ms = {label: statistics.median(ts) * 1e3 for label, ts in host.items()}
+        counts = {label: launches(step, device) for label, step in steps.items()}
+        peaks = {label: peak_mib(step, device) for label, step in steps.items()}
+        base = median['stock']
+        for m in models:
+            label = m.label
+            per_block = None
+            if counts[label] is not None and m.blocks:
+                per_block = (counts[label] - counts['stock']) / m.blocks
+            rows.append([m.form, m.backend, name, f'{median[label]:.1f}',
+                         f'{median[label] / base:.2f}x', fmt(peaks[label], '.0f'),
+                         f'{host_ms[label]:.1f}',
+                         fmt(counts[label], 'd'), fmt(per_block, '.1f')])
+            print(' | '.join(rows[-1]), flush=True)
+    print()
+    print(markdown_table(HEADER, rows))
+
+
+if __name__ == '__main__':
+    main()
