@@ -34,6 +34,7 @@ This is a tool, not a test: nothing here asserts a speed. Examples::
 
     python tools/benchmark.py --preset cpu          # PSA [4,256,64,64] fp32, 2 threads
     python tools/benchmark.py --preset gpu          # the issue's H100/H200 bf16 shapes
+    python tools/benchmark.py --preset host         # PSA [1,8,4,4] vs conv3x3+BN+ReLU, 1 thread
     python tools/benchmark.py --op psa --shape 2,64,32,32 --mode sequential --no-compile
 """
 from __future__ import annotations
@@ -198,6 +199,17 @@ def outlook_case(shape: tuple[int, ...], heads: int, dtype: torch.dtype,
                 lambda: torch.randn(shape, device=device, dtype=dtype), impls)
 
 
+def conv_case(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Case:
+    """A 3x3 convolution + BatchNorm + ReLU at ``shape``: the yardstick of a block's host
+    overhead (``--preset host``)."""
+    c = shape[1]
+    block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                          nn.ReLU()).to(device, dtype)
+    return Case('conv3x3+BN+ReLU', shape, 'training mode', 0, 0,
+                lambda: torch.randn(shape, device=device, dtype=dtype), {'eager': block},
+                compile=False)
+
+
 class _TrainStep(nn.Module):
     """A model whose timed forward+backward ends with an SGD update (``after_backward``)."""
 
@@ -323,6 +335,12 @@ PRESETS = {
                      ((4, 256, 64, 64), 'sequential', 'paper'),
                      ((4, 256, 64, 64), 'sequential', 'official')],
                 outlook=[((8, 28, 28, 192), 6)], volo=[4]),
+    # issue 12's host-overhead goal: every PSA form's forward + backward at most 1.5x a 3x3
+    # conv + BN + ReLU at [1, 8, 4, 4], one thread (what a small map costs beyond its FLOPs)
+    'host': dict(device='cpu', dtype='float32', threads=1,
+                 psa=[((1, 8, 4, 4), mode, variant) for variant in ('paper', 'official')
+                      for mode in ('parallel', 'sequential')],
+                 outlook=[], volo=[], conv=[(1, 8, 4, 4)]),
     'gpu': dict(device='cuda', dtype='bfloat16', threads=None,
                 psa=[((16, 256, 128, 128), 'parallel', 'paper'),
                      ((16, 256, 128, 128), 'sequential', 'paper'),
@@ -361,11 +379,14 @@ def main() -> None:
         args.device, args.dtype = preset['device'], preset['dtype']
         args.threads = args.threads or preset['threads']
         psa_cases, outlook_cases, volo_cases = preset['psa'], preset['outlook'], preset['volo']
+        conv_cases = preset.get('conv', [])
+        args.no_compile = args.no_compile or args.preset == 'host'
     else:
         modes = ['parallel', 'sequential'] if args.mode == 'both' else [args.mode]
         psa_cases = [(args.shape or (4, 256, 64, 64), m, args.variant) for m in modes]
         outlook_cases = [(args.shape or (8, 28, 28, 192), args.heads)]
         volo_cases = [args.batch]
+        conv_cases = []
     if args.shape and args.op == 'all' and not args.preset:
         parser.error('--shape needs --op psa (N,C,H,W) or --op outlook (B,H,W,C)')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
@@ -392,6 +413,7 @@ def main() -> None:
               for shape, heads in outlook_cases]
     cases += [(volo_case(batch, dtype, device), ['--op', 'volo', '--batch', str(batch)])
               for batch in volo_cases]
+    cases += [(conv_case(shape, dtype, device), []) for shape in conv_cases]
     if args.probe_compile:   # child process of probe_compile: one case, compile and run it
         case, _ = cases[0]
         x = case.make_input()
@@ -407,6 +429,14 @@ def main() -> None:
         run_case(case, args, device, peak, rows, argv + common)
     print()
     print(markdown_table(HEADER, rows))
+    yardstick = [row for row in rows if row[0] == 'conv3x3+BN+ReLU']
+    if yardstick:
+        base = float(yardstick[0][5])
+        print(f'\nforward + backward against a 3x3 conv + BN + ReLU at the same shape '
+              f'({base:.3f} ms):')
+        for row in rows:
+            if row[0] == 'psa':
+                print(f'  PSA {row[2]}, {row[3]}: {float(row[5]) / base:.1f}x')
 
 
 if __name__ == '__main__':
