@@ -31,7 +31,7 @@ This is a tool, not a test: nothing here asserts a speed. Examples::
     python tools/benchmark_model.py --device cuda         # 2 x 3x512x1024, fp32 and bf16
     python tools/benchmark_model.py --forms stock,psa_s-official --backends auto --iters 20
 
-It needs mmseg (and mmcv), not mmpose or mmdet.
+It needs mmseg (and mmcv), not mmpose, mmdet or mmpretrain.
 """
 from __future__ import annotations
 

@@ -1,0 +1,90 @@
+"""Run every compiled CUDA kernel once, forward and backward, on small awkward shapes: the
+program that ``compute-sanitizer`` checks (``tools/gpu_check.sh`` runs it under ``--tool
+memcheck`` and ``--tool racecheck``)::
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python tools/sanitize_kernels.py
+
+PSA (paper form, ``backend='cuda'``): both modes, float32 and bfloat16, NCHW and channels_last,
+on [2, 64, 17, 13], [3, 96, 33, 40] and [1, 8, 1, 1] (odd sizes, a single pixel). Outlook
+attention (``backend='cuda'``): K=3 with stride 1 and 2, float32 and bfloat16. Each result is
+compared with the reference path, so that a kernel the sanitizer passes but that computes
+garbage still fails. Exits 0 when all match, 1 otherwise; needs a CUDA GPU and the kernels
+(``MMATTN_JIT=1`` or a ``MMATTN_WITH_CUDA=1`` install).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import mmattn  # noqa: F401
+from mmattn.layers import OutlookAttention, PolarizedSelfAttention
+from mmattn.ops import kernel_status
+
+PSA_SHAPES = [(2, 64, 17, 13), (3, 96, 33, 40), (1, 8, 1, 1)]
+DTYPES = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+
+def run_pair(fast: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor) -> float:
+    """Forward and backward of both on x; the largest difference (outputs and input
+    gradients) relative to the reference's largest magnitude."""
+    worst = 0.0
+    results = []
+    for block in (fast, ref):
+        xi = x.detach().clone().requires_grad_()
+        y = block(xi)
+        y.float().square().sum().backward()
+        results.append((y.detach().float(), xi.grad.float()))
+    for got, want in zip(*results):
+        worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item())
+    return worst
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.parse_args()
+    if not torch.cuda.is_available():
+        print('sanitize_kernels: needs a CUDA GPU; none found', file=sys.stderr)
+        return 2
+    print(f'mmattn kernels: {kernel_status()}', flush=True)
+    device = torch.device('cuda')
+    failures = []
+    for dtype, tol in DTYPES.items():
+        for mode in ('parallel', 'sequential'):
+            for shape in PSA_SHAPES:
+                for layout in (torch.contiguous_format, torch.channels_last):
+                    fast = PolarizedSelfAttention(shape[1], mode=mode, backend='cuda').to(device)
+                    ref = PolarizedSelfAttention(shape[1], mode=mode,
+                                                 backend='reference').to(device)
+                    ref.load_state_dict(fast.state_dict())
+                    x = torch.randn(shape, device=device).to(dtype=dtype, memory_format=layout)
+                    fast, ref = fast.to(dtype), ref.to(dtype)
+                    err = run_pair(fast, ref, x)
+                    name = f'psa {mode} {list(shape)} {dtype} {layout}'
+                    print(f'{name}: max relative difference {err:.1e}', flush=True)
+                    if not err <= tol:
+                        failures.append(name)
+        for stride in (1, 2):
+            fast = OutlookAttention(64, num_heads=2, kernel_size=3, stride=stride,
+                                    backend='cuda').to(device, dtype)
+            ref = OutlookAttention(64, num_heads=2, kernel_size=3, stride=stride,
+                                   backend='reference').to(device, dtype)
+            ref.load_state_dict(fast.state_dict())
+            x = torch.randn(2, 64, 13, 11, device=device, dtype=dtype)
+            err = run_pair(fast, ref, x)
+            name = f'outlook K=3 stride {stride} {dtype}'
+            print(f'{name}: max relative difference {err:.1e}', flush=True)
+            if not err <= tol:
+                failures.append(name)
+    torch.cuda.synchronize()
+    if failures:
+        print(f'sanitize_kernels: {len(failures)} case(s) differ from the reference: '
+              f'{failures}', file=sys.stderr)
+        return 1
+    print('sanitize_kernels: all cases match the reference')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
