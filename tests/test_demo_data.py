@@ -170,3 +170,35 @@ def test_coco_keypoints_are_visible_and_told_apart_by_colour(demo_root: Path) ->
     centroids = np.stack([x_train[k_train == k].mean(0) for k in range(17)])
     pred = ((x_val[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
     assert (pred == k_val).mean() > 0.95
+
+
+def test_seg_demo_trains_on_what_it_is_evaluated_on(demo_root: Path) -> None:
+    """The seg demo config feeds the network whole scenes of one size in training and at
+    test (with crops of the full-size scenes, the BN running statistics gathered in training
+    did not fit the whole images of the evaluation: 13 mIoU instead of 67), while the metric
+    still compares against the full-resolution labels."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATASETS
+
+    cfg = Config.fromfile(str(Path(__file__).parents[1] / 'configs' / 'demo' /
+                              'psa_hrnet_ocr_cityscapes_demo.py'))
+    init_default_scope('mmseg')
+    sizes = {}
+    for split in ('train', 'val'):
+        ds_cfg = cfg[f'{split}_dataloader'].dataset.copy()
+        ds_cfg.data_root = str(demo_root / 'cityscapes')
+        ds = DATASETS.build(ds_cfg)
+        for i in range(2):
+            item = ds[i]
+            sizes.setdefault(split, set()).add(tuple(item['inputs'].shape[1:]))
+            # the whole scene, halved (a crop would keep the full scale)
+            assert tuple(item['data_samples'].scale_factor) == (0.5, 0.5)
+            if split == 'val':   # the labels stay at full size, the prediction is resized
+                assert tuple(item['data_samples'].gt_sem_seg.shape) == (128, 256)
+                assert tuple(item['data_samples'].ori_shape) == (128, 256)
+            else:
+                assert tuple(item['data_samples'].gt_sem_seg.shape) == tuple(cfg.crop_size)
+    assert sizes == {'train': {tuple(cfg.crop_size)}, 'val': {tuple(cfg.crop_size)}}
+    assert tuple(cfg.crop_size) == (64, 128)
+    assert tuple(cfg.model.data_preprocessor.size) == tuple(cfg.crop_size)

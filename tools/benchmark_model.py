@@ -11,9 +11,9 @@ process runs them):
 * ``paper-parallel``, ``paper-sequential``: the same placement with ``variant='paper'``;
 
 each PSA form once per backend it accepts (``--backends``, default ``auto`` and
-``reference``; ``auto`` is what a config runs). A training step is mmengine's
-``model.train_step``: the data preprocessor, forward with the loss, backward and the config's
-optimizer update (SGD), on random images with random labels of the 19 Cityscapes classes.
+``reference``; ``auto`` is what a config runs). A training step is what mmengine's
+``BaseModel.train_step`` does: the data preprocessor, forward with the loss, backward and the
+config's optimizer update (SGD), on random images with random labels of the 19 Cityscapes classes.
 ``--dtypes bfloat16`` runs the preprocessor and the forward under ``torch.autocast`` (as
 mmengine's ``AmpOptimWrapper`` does; the backward runs outside it).
 
@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -135,10 +135,9 @@ def make_batch(shape: tuple[int, int, int], device: torch.device, seed: int = 0)
 
 
 def step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.device,
-            host: list[float]):
+            host: list[float]) -> Callable[[], None]:
     """One training step; appends the host time (thread CPU time until it returns) to host."""
     autocast = dtype != torch.float32
-
     model = entry.model
 
     def step() -> None:  # mmengine's BaseModel.train_step, with autocast around the forward
@@ -153,7 +152,7 @@ def step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.device,
     return step
 
 
-def launches(step, device: torch.device) -> Optional[int]:
+def launches(step: Callable[[], None], device: torch.device) -> Optional[int]:
     """CUDA kernels one call of ``step`` runs (torch.profiler), or None off CUDA."""
     if device.type != 'cuda':
         return None
@@ -167,7 +166,7 @@ def launches(step, device: torch.device) -> Optional[int]:
                and 'Memset' not in evt.name)
 
 
-def peak_mib(step, device: torch.device) -> Optional[float]:
+def peak_mib(step: Callable[[], None], device: torch.device) -> Optional[float]:
     if device.type != 'cuda':
         return None
     sync(device)
