@@ -54,7 +54,7 @@ from mmattn.ops import KernelUnavailableError, backends_for, kernel_status, sele
 from mmattn.utils.quiet import filter_tool_warnings, quiet_no_cuda_runtime
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from benchmark import DTYPES, device_name, markdown_table, sync  # noqa: E402
+from benchmark import DTYPES, device_name, markdown_table, peak_cuda_bytes, sync  # noqa: E402
 
 quiet_no_cuda_runtime()
 filter_tool_warnings()
@@ -166,17 +166,6 @@ def launches(step: Callable[[], None], device: torch.device) -> Optional[int]:
                and 'Memset' not in evt.name)
 
 
-def peak_mib(step: Callable[[], None], device: torch.device) -> Optional[float]:
-    if device.type != 'cuda':
-        return None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    step()
-    sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-
-
 def fmt(value: Optional[float], spec: str) -> str:
     return '-' if value is None else format(value, spec)
 
@@ -272,7 +261,8 @@ def main() -> None:
         median = {label: statistics.median(ts) * 1e3 for label, ts in wall.items()}
         host_ms = {label: statistics.median(ts) * 1e3 for label, ts in host.items()}
         counts = {label: launches(step, device) for label, step in steps.items()}
-        peaks = {label: peak_mib(step, device) for label, step in steps.items()}
+        peaks = {label: peak_cuda_bytes(step, device) for label, step in steps.items()}
+        peaks_mib = {label: None if b is None else b / 2 ** 20 for label, b in peaks.items()}
         base = median['stock']
         for m in models:
             label = m.label
@@ -280,7 +270,7 @@ def main() -> None:
             if counts[label] is not None and m.blocks:
                 per_block = (counts[label] - counts['stock']) / m.blocks
             rows.append([m.form, m.backend, name, f'{median[label]:.1f}',
-                         f'{median[label] / base:.2f}x', fmt(peaks[label], '.0f'),
+                         f'{median[label] / base:.2f}x', fmt(peaks_mib[label], '.0f'),
                          f'{host_ms[label]:.1f}',
                          fmt(counts[label], 'd'), fmt(per_block, '.1f')])
             print(' | '.join(rows[-1]), flush=True)
