@@ -72,21 +72,31 @@ compute ``A^ch`` / ``A^sp`` of ``x``, and the parameter-free ``channel_gate`` / 
 submodules (the final sigmoids) see exactly the masks used in ``forward`` - attach a forward
 hook to them (in sequential mode the spatial gate sees ``A^sp(Z^ch)``).
 
-Backends (``PolarizedSelfAttention(backend=...)``, ``variant='paper'`` only): the paper form's
-1x1 convolutions fold exactly onto C-vectors (:mod:`mmattn.ops.psa`), so ``forward`` can run the
-folded op ``mmattn::psa_paper_folded`` (hand-written backward; several times faster and a
-fraction of the activation memory) instead of the eager equations above (the *reference*). Its
-four passes over x run as PyTorch operations (``backend='folded'``, any device) or as compiled
-CUDA kernels (``backend='cuda'``, CUDA tensors, when the extension is built: see
-:mod:`mmattn.ops.extension`). ``backend='auto'`` (default) takes the CUDA kernels where they can
-run, else the folded op, unless ``MMATTN_BACKEND=reference`` is set, a graph is being recorded by
-``torch.jit.trace``/``torch.onnx.export``/``torch.fx`` (the traced/exported graph is the
-reference, standard operators only; ``torch.jit.script`` compiles the reference too), or
-forward (pre-)hooks are registered on ``channel_gate``/``spatial_gate``: the folded op never
-calls those submodules, so with hooks ``auto`` keeps the reference and the hooks fire;
-``backend='folded'``/``'cuda'`` with such hooks raise. ``backend='reference'`` always runs the
-equations above. ``variant='official'`` always runs its reference (its sequential spatial
-branch needs a softmax over the pixels of each of the C/2 value channels, which does not fold).
+Backends (``PolarizedSelfAttention(backend=...)``): besides the eager equations above (the
+*reference*, ``backend='reference'``), ``forward`` can run
+
+* ``'folded'`` (any device): the 1x1 convolutions moved onto C-vectors wherever they act on a
+  pixel-averaged quantity. The paper form folds completely (:mod:`mmattn.ops.psa`: the op
+  ``mmattn::psa_paper_folded`` with a hand-written backward, a fraction of the activation
+  memory); the release's forms fold what folds in PyTorch operations
+  (:meth:`PolarizedSelfAttention._official_folded`: ``PSA_s`` keeps its softmaxed
+  (N, C/2, H, W) value map);
+* ``'cuda'`` (paper form, CUDA tensors): the folded op's passes over x as compiled CUDA kernels;
+* ``'cpu'`` (every form, CPU tensors): the whole block as one compiled C++ op per direction,
+  its autograd registered in C++ (:mod:`mmattn.ops.psa_block`): nothing but x kept for the
+  backward, and a small map costs its arithmetic instead of 40-120 operator calls.
+
+The compiled ones need the extension (see :mod:`mmattn.ops.extension`). ``backend='auto'``
+(default) takes, in this order, the CUDA kernels, the fused CPU block (for maps up to
+:data:`mmattn.ops.dispatch.PSA_CPU_MAX_WORK` multiply-adds per image; the folded paths' BLAS
+products are faster beyond), the folded path, where each can run; it keeps the reference when
+``MMATTN_BACKEND=reference`` is set, while ``torch.jit.trace``/``torch.onnx.export``/
+``torch.fx`` record a graph (the traced/exported graph is the reference, standard operators
+only; ``torch.jit.script`` compiles the reference too), and, for the paper form, when forward
+(pre-)hooks are registered on ``channel_gate``/``spatial_gate``: the fused and the paper's
+folded paths never call those submodules, so with hooks ``auto`` takes a path that does (the
+release's folded path calls them) and the hooks fire; ``backend='folded'``/``'cuda'``/``'cpu'``
+with hooks on a gate they do not call raise.
 """
 from __future__ import annotations
 
@@ -97,6 +107,7 @@ from torch import nn
 
 from mmattn.ops.dispatch import backends_for, select_backend
 from mmattn.ops.psa import psa_paper_folded, psa_paper_params
+from mmattn.ops.psa_block import psa_block, psa_block_weights
 from mmattn.registry import MODELS
 
 from .checks import (check_choice, check_input, check_positive, check_scriptable_backend,
@@ -336,9 +347,10 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
             the module docstring lists how it differs from the paper).
         ratio: bottleneck ratio of the release's ``PSA_s`` ``conv_up`` (default 4); only
             allowed with ``variant='official', mode='sequential'``.
-        backend: ``'auto'`` (default), ``'reference'``, ``'folded'`` or ``'cuda'`` (the
-            compiled kernels; forward raises, saying how to build them, where they cannot run).
-            Only ``'auto'``/``'reference'`` for ``variant='official'``. See the module docstring.
+        backend: ``'auto'`` (default), ``'reference'``, ``'folded'``, ``'cpu'`` (the fused
+            C++ block) or, for ``variant='paper'``, ``'cuda'`` (the compiled kernels; forward
+            raises, saying how to build them, where they cannot run). See the module
+            docstring.
 
     ``channel_mask(x)`` / ``spatial_mask(x)`` return ``A^ch(x)`` / ``A^sp(x)``; forward hooks on
     ``channel_gate`` / ``spatial_gate`` capture the masks actually used by ``forward`` (they
@@ -366,10 +378,13 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
                    for gate in (self.channel_gate, self.spatial_gate))
 
     def selected_backend(self, x: torch.Tensor) -> tuple[str, str]:
-        """The path ``forward(x)`` takes and why: ``('cuda' | 'folded' | 'reference', reason)``."""
-        if self.variant == 'official':   # its folded path calls the gates: hooks still fire
-            return select_backend('psa_official', x, self.backend)
-        return select_backend('psa_paper', x, self.backend, hooks=self._gates_hooked())
+        """The path ``forward(x)`` takes and why: ``('cuda' | 'cpu' | 'folded' | 'reference',
+        reason)``."""
+        # the release's folded path calls the gates (their hooks fire), the fused and the
+        # paper's folded paths do not; auto takes the fused CPU block for small maps only
+        return select_backend(f'psa_{self.variant}', x, self.backend,
+                              hooks=self._gates_hooked(), size_limit=True,
+                              quadratic=self.variant == 'official' and self.mode == 'sequential')
 
     def _official_folded(self, x: torch.Tensor) -> torch.Tensor:
         """The release's ``PSA_p``/``PSA_s`` with every 1x1 convolution that acts on a
@@ -416,6 +431,8 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
         check_input(x, self.in_channels, self.block_name)
         if not torch.jit.is_scripting():  # TorchScript compiles the reference path only
             chosen = self.selected_backend(x)[0]
+            if chosen == 'cpu':
+                return psa_block(x, *psa_block_weights(self))
             if chosen != 'reference' and self.variant == 'official':
                 return self._official_folded(x)
             if chosen != 'reference':

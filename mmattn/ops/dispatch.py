@@ -7,7 +7,8 @@ have faster paths:
   (``mmattn.ops.psa``), registered as a ``torch.library`` custom op; runs on any device;
 * ``'cuda'``: compiled CUDA kernels (``mmattn/ops/csrc``, loaded by :mod:`mmattn.ops.extension`;
   PSA: the folded form's four passes over x; outlook attention: the fused aggregation);
-* ``'cpu'`` (outlook attention): the compiled C++ kernel for CPU tensors.
+* ``'cpu'``: compiled C++ kernels for CPU tensors (outlook attention: the fused aggregation;
+  PSA: the whole block in one op per direction, :mod:`mmattn.ops.psa_block`).
 
 Which path runs is decided per call by :func:`select_backend`:
 
@@ -40,13 +41,15 @@ from . import extension
 
 __all__ = ['BACKENDS', 'ENV_VAR', 'KernelUnavailableError', 'OPS', 'backends_for',
            'can_use_outlook_cpu',
-           'can_use_outlook_cuda', 'can_use_psa_cuda', 'can_use_psa_folded', 'env_backend',
+           'can_use_outlook_cuda', 'can_use_psa_cpu', 'can_use_psa_cuda', 'can_use_psa_folded',
+           'env_backend',
            'fx_tracing', 'kernel_status', 'select_backend']
 
 ENV_VAR = 'MMATTN_BACKEND'
 ENV_CHOICES = ('auto', 'reference')
 #: the ops with a fast path, and their backends besides the reference, in auto's order
-OPS: dict[str, tuple[str, ...]] = {'psa_paper': ('cuda', 'folded'), 'psa_official': ('folded',),
+OPS: dict[str, tuple[str, ...]] = {'psa_paper': ('cuda', 'cpu', 'folded'),
+                                   'psa_official': ('cpu', 'folded'),
                                    'outlook': ('cuda', 'cpu')}
 #: every ``backend=`` value some op accepts
 BACKENDS = ('auto', 'reference') + tuple(dict.fromkeys(b for names in OPS.values() for b in names))
@@ -119,7 +122,8 @@ def _kernel_check(x: torch.Tensor, ops: str | tuple[str, ...],
     return None
 
 
-def can_use_psa_folded(x: torch.Tensor, *, hooks: bool = False) -> tuple[bool, str]:
+def can_use_psa_folded(x: torch.Tensor, *, hooks: bool = False,
+                       **_: object) -> tuple[bool, str]:
     """Whether the folded PSA op (``mmattn::psa_paper_folded``) can serve ``x``.
 
     Declines (with the reason) for non-floating inputs, while a graph is recorded by
@@ -133,12 +137,13 @@ def can_use_psa_folded(x: torch.Tensor, *, hooks: bool = False) -> tuple[bool, s
     if not x.is_floating_point():
         return False, f'input dtype {x.dtype} is not floating point'
     if hooks:
-        return False, ('hooks are registered on channel_gate/spatial_gate, which the folded '
-                       'path does not call')
+        return False, ('hooks are registered on channel_gate/spatial_gate, which the fused '
+                       'and folded paths do not call')
     return True, 'ok'
 
 
-def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False) -> tuple[bool, str]:
+def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False,
+                     **_: object) -> tuple[bool, str]:
     """Whether the CUDA kernels of the folded PSA op can serve ``x``: a CUDA tensor of a kernel
     dtype, the extension loaded, no graph being recorded, no hooks on the gates."""
     ok, reason = can_use_psa_folded(x, hooks=hooks)
@@ -146,6 +151,42 @@ def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False) -> tuple[bool, str
         return ok, reason
     reason = _kernel_check(x, PSA_KERNEL_OPS, 'cuda')
     return (False, reason) if reason else (True, 'ok')
+
+
+#: the compiled ops of the fused CPU PSA block (mmattn.ops.psa_block)
+PSA_CPU_OPS = ('psa_block_fwd', 'psa_block_bwd')
+#: with ``size_limit``, the fused CPU block is taken up to this much work per image: C*H*W
+#: (paper forms, PSA_p), C/2*C*H*W (PSA_s, whose per-pixel (C/2 x C) product the fused loops
+#: do without BLAS). Measured (docs/benchmarks.md): faster than the folded paths at every size
+#: up to [2, 384, 2, 4] / [2, 48, 16, 32] for those, and for PSA_s on tiny maps only; slower
+#: than BLAS products on large maps.
+PSA_CPU_MAX_WORK = 1 << 16
+
+
+def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False, size_limit: bool = False,
+                    quadratic: bool = False) -> tuple[bool, str]:
+    """Whether the fused C++ PSA block (one op per direction, autograd in C++) can serve
+    ``x``: a CPU tensor of a kernel dtype, the extension loaded, no graph being recorded, no
+    hooks on the gates (it calls no submodule). With ``size_limit`` (what ``auto`` asks) it
+    also declines maps beyond :data:`PSA_CPU_MAX_WORK` (``quadratic``: the work of ``PSA_s``)."""
+    ok, reason = can_use_psa_folded(x, hooks=hooks)
+    if not ok:
+        return ok, reason
+    reason = _kernel_check(x, PSA_CPU_OPS, 'cpu')
+    if reason:
+        return False, reason
+    if size_limit:
+        n, c, h, w = x.shape
+        work = c * h * w * (c // 2 if quadratic else 1)
+        if work > PSA_CPU_MAX_WORK:
+            return False, (f'the map needs {work} multiply-adds per image, more than '
+                           f'{PSA_CPU_MAX_WORK}: the folded path, on BLAS, is faster there')
+    return True, 'ok'
+
+
+def _official_folded(x: torch.Tensor, *, hooks: bool = False, **_: object) -> tuple[bool, str]:
+    """The release's folded path calls the gate modules: their hooks do not stop it."""
+    return can_use_psa_folded(x)
 
 
 def can_use_outlook_cuda(v: torch.Tensor) -> tuple[bool, str]:
@@ -162,11 +203,29 @@ def can_use_outlook_cpu(v: torch.Tensor) -> tuple[bool, str]:
 
 _PREDICATES: dict[tuple[str, str], Callable[..., tuple[bool, str]]] = {
     ('psa_paper', 'folded'): can_use_psa_folded,
-    ('psa_official', 'folded'): can_use_psa_folded,
+    ('psa_official', 'folded'): _official_folded,
     ('psa_paper', 'cuda'): can_use_psa_cuda,
+    ('psa_paper', 'cpu'): can_use_psa_cpu,
+    ('psa_official', 'cpu'): can_use_psa_cpu,
     ('outlook', 'cuda'): can_use_outlook_cuda,
     ('outlook', 'cpu'): can_use_outlook_cpu,
 }
+
+
+#: auto's decisions by (op, device, dtype, shape, predicate arguments, extension state); see
+#: select_backend. Bounded: cleared when it reaches _DECISIONS_MAX entries.
+_DECISIONS: dict[tuple, tuple[str, str]] = {}
+_DECISIONS_MAX = 4096
+
+
+def _decide_auto(op: str, x: torch.Tensor, predicate_kwargs: dict) -> tuple[str, str]:
+    reasons = []
+    for name in OPS[op]:
+        ok, reason = _PREDICATES[(op, name)](x, **predicate_kwargs)
+        if ok:
+            return name, 'auto'
+        reasons.append(f'{name}: {reason}')
+    return 'reference', '; '.join(reasons)
 
 
 def select_backend(op: str, x: torch.Tensor, backend: str = 'auto',
@@ -177,6 +236,11 @@ def select_backend(op: str, x: torch.Tensor, backend: str = 'auto',
     :data:`OPS`, falling back to the reference; an explicit backend that cannot run raises
     :class:`KernelUnavailableError` naming the reason (for a compiled kernel: how to build it).
     ``predicate_kwargs`` go to the predicates (e.g. PSA's ``hooks=True``).
+
+    ``auto``'s decision is cached per op, device, dtype, shape, predicate arguments and
+    extension state (what the predicates look at besides the per-call state): a call reads
+    ``MMATTN_BACKEND`` and checks for graph recording, then looks the decision up. Under
+    ``torch.compile`` and while a graph is recorded it is derived afresh.
     """
     if op not in OPS:
         raise ValueError(f'select_backend: op must be one of {tuple(OPS)}, got {op!r}')
@@ -188,14 +252,21 @@ def select_backend(op: str, x: torch.Tensor, backend: str = 'auto',
     if backend == 'auto':
         if env_backend() == 'reference':
             return 'reference', f'{ENV_VAR}=reference'
-        reasons = []
-        for name in OPS[op]:
-            ok, reason = _PREDICATES[(op, name)](x, **predicate_kwargs)
-            if ok:
-                return name, 'auto'
-            reasons.append(f'{name}: {reason}')
-        return 'reference', '; '.join(reasons)
-    ok, reason = _PREDICATES[(op, backend)](x, **predicate_kwargs)
+        if _recording_graph() or torch.compiler.is_compiling():
+            return _decide_auto(op, x, predicate_kwargs)
+        extension.load_extension()
+        key = (op, x.device, x.dtype, tuple(x.shape), tuple(sorted(predicate_kwargs.items())),
+               extension.loaded_from(), extension.load_error())
+        decision = _DECISIONS.get(key)
+        if decision is None:
+            decision = _decide_auto(op, x, predicate_kwargs)
+            if len(_DECISIONS) >= _DECISIONS_MAX:
+                _DECISIONS.clear()
+            _DECISIONS[key] = decision
+        return decision
+    # an explicit choice is not declined for its size (size_limit is auto's heuristic)
+    ok, reason = _PREDICATES[(op, backend)](
+        x, **{k: v for k, v in predicate_kwargs.items() if k != 'size_limit'})
     if not ok:
         hint = f'; {extension.BUILD_HINT}' if backend in ('cuda', 'cpu') and \
             'not loaded' in reason else ''

@@ -137,7 +137,8 @@ def test_bad_arguments() -> None:
         select_backend('outlook', x, 'folded')
     with pytest.raises(ValueError, match="op.*'psa_release'"):
         select_backend('psa_release', x)
-    assert backends_for('psa_paper') == ('auto', 'reference', 'cuda', 'folded')
+    assert backends_for('psa_paper') == ('auto', 'reference', 'cuda', 'cpu', 'folded')
+    assert backends_for('psa_official') == ('auto', 'reference', 'cpu', 'folded')
 
 
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')
