@@ -38,8 +38,10 @@ from mmattn.ops import extension, outlook_attention, outlook_attention_reference
 torch.ops.load_library({library!r})
 extension.reset_state('setup.py build')
 ops = sorted(extension.SCHEMAS)
-assert all(extension.has_kernel(op, 'cuda') for op in ops), ops
-assert all(extension.has_kernel(op, 'cpu') for op in ops if op.startswith('outlook'))
+cpu_only = ('psa_block_fwd', 'psa_block_bwd')   # the fused CPU PSA block
+assert all(extension.has_kernel(op, 'cuda') for op in ops if op not in cpu_only), ops
+assert all(extension.has_kernel(op, 'cpu') for op in ops
+           if op.startswith('outlook') or op in cpu_only)
 v = torch.randn(2, 6, 5, 8, dtype=torch.float64)
 a = torch.randn(2, 3, 3, 2, 9, 9, dtype=torch.float64).softmax(-1)
 kw = dict(kernel_size=3, padding=1, stride=2)
