@@ -192,3 +192,5 @@ def test_input_errors(cpu_kernels: str) -> None:
                                        eps)
     with pytest.raises(RuntimeError, match='psa_block: x must be .N, C, H, W., got 3 dims'):
         torch.ops.mmattn.psa_block_fwd(x[0], weights, form, eps)
+    with pytest.raises(RuntimeError, match='psa_block: H and W must be positive'):
+        torch.ops.mmattn.psa_block_fwd(x[..., :0], weights, form, eps)

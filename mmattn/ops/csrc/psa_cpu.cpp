@@ -442,6 +442,8 @@ void check_args(const at::Tensor& x, const std::vector<at::Tensor>& weights, int
   TORCH_CHECK(x.dim() == 4, "psa_block: x must be (N, C, H, W), got ", x.dim(), " dims");
   TORCH_CHECK(x.is_floating_point(), "psa_block: x must be floating point, got ", x.dtype());
   TORCH_CHECK(form >= 0 && form <= 3, "psa_block: form must be 0-3, got ", form);
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "psa_block: H and W must be positive, got ",
+              x.sizes());
   const int64_t C = x.size(1);
   TORCH_CHECK(C >= 2 && C % 2 == 0, "psa_block: C must be even and >= 2, got ", C);
   const int64_t Cb = form == kReleaseS ? weights.at(3).numel() : 0;
