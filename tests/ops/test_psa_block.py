@@ -74,12 +74,16 @@ def test_matches_equations_and_reference_gradients(cpu_kernels: str, variant: st
         torch.testing.assert_close(got, want, **TOL)
 
 
+def op_args(variant: str, mode: str, shape: tuple[int, ...]) -> tuple:
+    """(x, weights, form, eps) for the op itself, all leaves requiring gradients."""
+    weights, form, eps = psa_block_weights(block(variant, mode, shape[1], 'cpu'))
+    weights = [w.detach().clone().requires_grad_() for w in weights]
+    return torch.randn(shape, dtype=F64, requires_grad=True), weights, form, eps
+
+
 @pytest.mark.parametrize('variant, mode', FORMS)
 def test_gradcheck(cpu_kernels: str, variant: str, mode: str) -> None:
-    fused = block(variant, mode, 8, 'cpu')
-    weights, form, eps = psa_block_weights(fused)
-    weights = [w.detach().clone().requires_grad_() for w in weights]
-    x = torch.randn(2, 8, 3, 2, dtype=F64, requires_grad=True)
+    x, weights, form, eps = op_args(variant, mode, (2, 8, 3, 2))
     assert torch.autograd.gradcheck(lambda x, *w: psa_block(x, list(w), form, eps),
                                     (x, *weights))
 
@@ -87,11 +91,8 @@ def test_gradcheck(cpu_kernels: str, variant: str, mode: str) -> None:
 @pytest.mark.parametrize('variant, mode', FORMS)
 def test_opcheck(cpu_kernels: str, variant: str, mode: str) -> None:
     """Schema, fake tensor, the C++ autograd registration and AOT dispatch (torch.compile)."""
-    fused = block(variant, mode, 8, 'cpu')
-    weights, form, eps = psa_block_weights(fused)
-    weights = [w.detach().clone().requires_grad_() for w in weights]
-    x = torch.randn(2, 8, 3, 5, dtype=F64, requires_grad=True)
-    torch.library.opcheck(torch.ops.mmattn.psa_block_fwd.default, (x, weights, form, eps))
+    torch.library.opcheck(torch.ops.mmattn.psa_block_fwd.default,
+                          op_args(variant, mode, (2, 8, 3, 5)))
 
 
 @pytest.mark.parametrize('variant, mode', FORMS)
