@@ -87,9 +87,9 @@ Backends (``PolarizedSelfAttention(backend=...)``): besides the eager equations 
   backward, and a small map costs its arithmetic instead of 40-120 operator calls.
 
 The compiled ones need the extension (see :mod:`mmattn.ops.extension`). ``backend='auto'``
-(default) takes, in this order, the CUDA kernels, the fused CPU block (for maps up to
-:data:`mmattn.ops.dispatch.PSA_CPU_MAX_WORK` multiply-adds per image; the folded paths' BLAS
-products are faster beyond), the folded path, where each can run; it keeps the reference when
+(default) takes, in this order, the CUDA kernels, the fused CPU block (for maps of up to
+:data:`mmattn.ops.dispatch.PSA_CPU_MAX_WORK` elements per image; beyond, the folded paths are
+as fast), the folded path, where each can run; it keeps the reference when
 ``MMATTN_BACKEND=reference`` is set, while ``torch.jit.trace``/``torch.onnx.export``/
 ``torch.fx`` record a graph (the traced/exported graph is the reference, standard operators
 only; ``torch.jit.script`` compiles the reference too), and, for the paper form, when forward
@@ -383,8 +383,7 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
         # the release's folded path calls the gates (their hooks fire), the fused and the
         # paper's folded paths do not; auto takes the fused CPU block for small maps only
         return select_backend(f'psa_{self.variant}', x, self.backend,
-                              hooks=self._gates_hooked(), size_limit=True,
-                              quadratic=self.variant == 'official' and self.mode == 'sequential')
+                              hooks=self._gates_hooked(), size_limit=True)
 
     def _official_folded(self, x: torch.Tensor) -> torch.Tensor:
         """The release's ``PSA_p``/``PSA_s`` with every 1x1 convolution that acts on a

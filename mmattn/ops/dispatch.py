@@ -155,20 +155,19 @@ def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False,
 
 #: the compiled ops of the fused CPU PSA block (mmattn.ops.psa_block)
 PSA_CPU_OPS = ('psa_block_fwd', 'psa_block_bwd')
-#: with ``size_limit``, the fused CPU block is taken up to this much work per image: C*H*W
-#: (paper forms, PSA_p), C/2*C*H*W (PSA_s, whose per-pixel (C/2 x C) product the fused loops
-#: do without BLAS). Measured (docs/benchmarks.md): faster than the folded paths at every size
-#: up to [2, 384, 2, 4] / [2, 48, 16, 32] for those, and for PSA_s on tiny maps only; slower
-#: than BLAS products on large maps.
+#: with ``size_limit``, the fused CPU block is taken up to this many elements per image (C*H*W).
+#: Measured (docs/benchmarks.md, 2 cores): faster than the folded paths for every form at every
+#: measured size up to [2, 48, 16, 32] / [2, 384, 2, 4] (2-4x there); on large maps, where both
+#: are bound by their products, either may win by a few tens of percent.
 PSA_CPU_MAX_WORK = 1 << 16
 
 
-def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False, size_limit: bool = False,
-                    quadratic: bool = False) -> tuple[bool, str]:
+def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False,
+                    size_limit: bool = False) -> tuple[bool, str]:
     """Whether the fused C++ PSA block (one op per direction, autograd in C++) can serve
     ``x``: a CPU tensor of a kernel dtype, the extension loaded, no graph being recorded, no
     hooks on the gates (it calls no submodule). With ``size_limit`` (what ``auto`` asks) it
-    also declines maps beyond :data:`PSA_CPU_MAX_WORK` (``quadratic``: the work of ``PSA_s``)."""
+    also declines maps of more than :data:`PSA_CPU_MAX_WORK` elements per image."""
     ok, reason = can_use_psa_folded(x, hooks=hooks)
     if not ok:
         return ok, reason
@@ -176,11 +175,10 @@ def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False, size_limit: bool = 
     if reason:
         return False, reason
     if size_limit:
-        n, c, h, w = x.shape
-        work = c * h * w * (c // 2 if quadratic else 1)
-        if work > PSA_CPU_MAX_WORK:
-            return False, (f'the map needs {work} multiply-adds per image, more than '
-                           f'{PSA_CPU_MAX_WORK}: the folded path, on BLAS, is faster there')
+        _, c, h, w = x.shape
+        if c * h * w > PSA_CPU_MAX_WORK:
+            return False, (f'the map has {c * h * w} elements per image, more than '
+                           f'{PSA_CPU_MAX_WORK}: the folded path is as fast there')
     return True, 'ok'
 
 

@@ -11,8 +11,10 @@ kept for the backward, which recomputes the C-sized quantities (and, for ``PSA_s
 
 The op computes in float32 (float64 for float64 inputs) whatever the input dtype and returns the
 input's dtype and memory format. Its loops are plain C++ over (C, H*W) per image, parallel over
-the images, so the PyTorch paths (whose products run on BLAS) are faster on large maps; the
-dispatch (:func:`mmattn.ops.dispatch.can_use_psa_cpu`) takes it for small maps only.
+the images (``PSA_s``'s (C/2 x C) products on BLAS); where the arithmetic dominates, on large
+maps, the PyTorch paths are as fast, so ``auto`` takes it for maps of up to
+:data:`mmattn.ops.dispatch.PSA_CPU_MAX_WORK` elements per image
+(:func:`mmattn.ops.dispatch.can_use_psa_cpu`).
 """
 from __future__ import annotations
 

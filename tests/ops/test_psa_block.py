@@ -28,7 +28,8 @@ F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
 FORMS = [('paper', 'parallel'), ('paper', 'sequential'), ('official', 'parallel'),
          ('official', 'sequential')]
-SHAPES = [(1, 8, 4, 4), (2, 8, 7, 5), (3, 2, 1, 1), (1, 6, 1, 9), (2, 32, 3, 5)]
+# the last one is large enough for PSA_s to run its (C/2 x C) products on BLAS (psa_cpu.cpp)
+SHAPES = [(1, 8, 4, 4), (2, 8, 7, 5), (3, 2, 1, 1), (1, 6, 1, 9), (2, 32, 3, 5), (2, 48, 12, 10)]
 
 
 def block(variant: str, mode: str, c: int, backend: str, dtype=F64) -> PolarizedSelfAttention:
@@ -136,20 +137,18 @@ def test_weight_gradients_sum_over_images(cpu_kernels: str) -> None:
 
 
 def test_auto_takes_it_for_small_maps_only(cpu_kernels: str) -> None:
+    side = 1 + int((PSA_CPU_MAX_WORK / 16) ** 0.5)
+    large = torch.randn(1, 16, side, side)
     for variant, mode in FORMS:
         b = PolarizedSelfAttention(16, mode=mode, variant=variant)
         assert b.selected_backend(torch.randn(2, 16, 4, 4))[0] == 'cpu'
-        quadratic = (variant, mode) == ('official', 'sequential')
-        side = 1 + int((PSA_CPU_MAX_WORK / (16 * (8 if quadratic else 1))) ** 0.5)
-        large = torch.randn(1, 16, side, side)
         assert b.selected_backend(large)[0] == 'folded'
-        ok, reason = can_use_psa_cpu(large, size_limit=True, quadratic=quadratic)
-        assert not ok and 'the folded path, on BLAS, is faster there' in reason
-        assert can_use_psa_cpu(large[..., :side - 1, :side - 1], size_limit=True,
-                               quadratic=quadratic)[0]
+        ok, reason = can_use_psa_cpu(large, size_limit=True)
+        assert not ok and 'the folded path is as fast there' in reason
+        assert can_use_psa_cpu(large[..., :side - 1, :side - 1], size_limit=True)[0]
         # asked for explicitly, it runs at any size
         b.backend = 'cpu'
-        assert b.selected_backend(torch.randn(1, 16, side, side))[0] == 'cpu'
+        assert b.selected_backend(large)[0] == 'cpu'
 
 
 def test_gate_hooks_keep_a_path_that_calls_the_gates(cpu_kernels: str) -> None:

@@ -80,6 +80,23 @@ void outer_add(T* G, const T* a, const T* b, int64_t rows, int64_t cols) {
   }
 }
 
+// PSA_s's per-pixel (C/2 x C) products go to BLAS (at::mm on the raw buffers) from this many
+// multiply-adds per image on; below it, the loops (an ATen call costs microseconds)
+constexpr int64_t kBlasWork = 1 << 14;
+
+template <typename T>
+at::Tensor wrap(const T* data, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<T*>(data), {rows, cols},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// out (rows x cols) = a (rows x inner) @ b (inner x cols), each given as a tensor view
+template <typename T>
+void mm_into(T* out, const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor dst = wrap(out, a.size(0), b.size(1));
+  at::mm_out(dst, a, b);
+}
+
 // softmax of v[0..n) in place
 template <typename T>
 void softmax(T* v, int64_t n) {
@@ -229,15 +246,22 @@ void forward_image(const T* x, const Weights<T>& W, int64_t form, T eps, Image<T
     const T* wv = W[9];
     matvec(wq, im.mz.data(), static_cast<const T*>(nullptr), Ch, C, im.q.data());
     im.V.assign(Ch * P, T(0));
-    for (int64_t k = 0; k < Ch; ++k) {
-      T* vk = im.V.data() + k * P;
-      for (int64_t c = 0; c < C; ++c) {
-        const T w = wv[k * C + c] * im.a[c];
-        const T* xc = x + c * P;
-        for (int64_t p = 0; p < P; ++p) vk[p] += w * xc[p];
+    if (Ch * C * P >= kBlasWork) {  // V = (W_v' diag(A)) x
+      Vec<T> wa(Ch * C);
+      for (int64_t k = 0; k < Ch; ++k)
+        for (int64_t c = 0; c < C; ++c) wa[k * C + c] = wv[k * C + c] * im.a[c];
+      mm_into(im.V.data(), wrap(wa.data(), Ch, C), wrap(x, C, P));
+    } else {
+      for (int64_t k = 0; k < Ch; ++k) {
+        T* vk = im.V.data() + k * P;
+        for (int64_t c = 0; c < C; ++c) {
+          const T w = wv[k * C + c] * im.a[c];
+          const T* xc = x + c * P;
+          for (int64_t p = 0; p < P; ++p) vk[p] += w * xc[p];
+        }
       }
-      softmax(vk, P);
     }
+    for (int64_t k = 0; k < Ch; ++k) softmax(im.V.data() + k * P, P);
     std::fill(im.S.begin(), im.S.end(), T(0));
     for (int64_t k = 0; k < Ch; ++k) {
       const T qk = im.q[k];
@@ -330,7 +354,7 @@ void backward_image(const T* g, const T* x, const Weights<T>& W, int64_t form, T
   } else {
     // S_p = sigmoid(t_p), t_p = sum_k q_k V[k][p]
     const T* wv = W[9];
-    Vec<T> dt(P), dq(Ch, T(0)), dvl(P), e(C * P, T(0));
+    Vec<T> dt(P), dq(Ch, T(0)), dvl(Ch * P), e(C * P, T(0));
     for (int64_t p = 0; p < P; ++p) dt[p] = dS[p] * S[p] * (T(1) - S[p]);
     for (int64_t k = 0; k < Ch; ++k) {
       const T* vk = im.V.data() + k * P;
@@ -338,14 +362,27 @@ void backward_image(const T* g, const T* x, const Weights<T>& W, int64_t form, T
       dq[k] = vdt;
       // V[k] = softmax_p(Vl[k]), dV[k][p] = q_k dt_p: dVl[k][p] = V q_k (dt_p - V[k] . dt)
       const T qk = im.q[k];
-      for (int64_t p = 0; p < P; ++p) dvl[p] = vk[p] * qk * (dt[p] - vdt);
-      // Vl[k][p] = sum_c W_v'[k][c] A_c x[c][p]:
-      //   dW_v'[k][c] = sum_p dVl[k][p] A_c x[c][p], e[c][p] += W_v'[k][c] dVl[k][p]
-      for (int64_t c = 0; c < C; ++c) {
-        const T w = wv[k * C + c];
-        T* ec = e.data() + c * P;
-        for (int64_t p = 0; p < P; ++p) ec[p] += w * dvl[p];
-        dW[9][k * C + c] += dot(dvl.data(), x + c * P, P) * a[c];
+      T* dvk = dvl.data() + k * P;
+      for (int64_t p = 0; p < P; ++p) dvk[p] = vk[p] * qk * (dt[p] - vdt);
+    }
+    // Vl[k][p] = sum_c W_v'[k][c] A_c x[c][p]:
+    //   dW_v'[k][c] = A_c sum_p dVl[k][p] x[c][p],  e[c][p] = sum_k W_v'[k][c] dVl[k][p]
+    if (Ch * C * P >= kBlasWork) {
+      const at::Tensor dvl_t = wrap(dvl.data(), Ch, P);
+      mm_into(e.data(), wrap(wv, Ch, C).t(), dvl_t);
+      Vec<T> g(Ch * C);
+      mm_into(g.data(), dvl_t, wrap(x, C, P).t());
+      for (int64_t k = 0; k < Ch; ++k)
+        for (int64_t c = 0; c < C; ++c) dW[9][k * C + c] += g[k * C + c] * a[c];
+    } else {
+      for (int64_t k = 0; k < Ch; ++k) {
+        const T* dvk = dvl.data() + k * P;
+        for (int64_t c = 0; c < C; ++c) {
+          const T w = wv[k * C + c];
+          T* ec = e.data() + c * P;
+          for (int64_t p = 0; p < P; ++p) ec[p] += w * dvk[p];
+          dW[9][k * C + c] += dot(dvk, x + c * P, P) * a[c];
+        }
       }
     }
     // the value input A_c x[c][p]: dx += A e, dA += sum_p x e
