@@ -383,21 +383,19 @@ def test_volo_demo_checkpoint_everywhere_and_resume(demo_data: Path, tmp_path: P
 
 
 @pytest.mark.slow
-def test_seg_demo_checkpoint_loads_with_mmseg_init_model(demo_data: Path,
-                                                        tmp_path: Path) -> None:
-    config = 'configs/demo/psa_hrnet_ocr_cityscapes_demo.py'
-    train(config, tmp_path, 'train_cfg.max_iters=1', 'train_cfg.val_interval=2',
-          'default_hooks.checkpoint.interval=1', 'param_scheduler.0.end=1')
-    plain_load(tmp_path / 'iter_1.pth')
-    load_with_entry_point(config, tmp_path / 'iter_1.pth', 'mmseg')
-
-
-@pytest.mark.slow
-def test_pose_demo_checkpoint_loads_with_mmpose_init_model(demo_data: Path,
-                                                          tmp_path: Path) -> None:
-    config = 'configs/demo/psa_udp_hrnet_w48_coco_demo.py'
+@pytest.mark.parametrize('config, overrides, checkpoint, library', [
+    ('configs/demo/psa_hrnet_ocr_cityscapes_demo.py',
+     ('train_cfg.max_iters=1', 'train_cfg.val_interval=2',
+      'default_hooks.checkpoint.interval=1', 'param_scheduler.0.end=1'), 'iter_1.pth', 'mmseg'),
     # one iteration: the first 4 training samples, no validation
-    train(config, tmp_path, 'train_cfg.max_epochs=1', 'train_cfg.val_interval=2',
-          'default_hooks.checkpoint.interval=1', 'train_dataloader.dataset.indices=4')
-    plain_load(tmp_path / 'epoch_1.pth')
-    load_with_entry_point(config, tmp_path / 'epoch_1.pth', 'mmpose')
+    ('configs/demo/psa_udp_hrnet_w48_coco_demo.py',
+     ('train_cfg.max_epochs=1', 'train_cfg.val_interval=2',
+      'default_hooks.checkpoint.interval=1', 'train_dataloader.dataset.indices=4'),
+     'epoch_1.pth', 'mmpose'),
+], ids=['seg-mmseg', 'pose-mmpose'])
+def test_demo_checkpoint_loads_with_init_model(demo_data: Path, tmp_path: Path, config: str,
+                                               overrides: tuple[str, ...], checkpoint: str,
+                                               library: str) -> None:
+    train(config, tmp_path, *overrides)
+    plain_load(tmp_path / checkpoint)
+    load_with_entry_point(config, tmp_path / checkpoint, library)
