@@ -100,16 +100,15 @@ def build(form: str, backend: str, shape: tuple[int, int, int], device: torch.de
     from mmengine.optim import build_optim_wrapper
 
     config, override = FORMS[form]
+    cfg = get_config(config) if '::' in config else Config.fromfile(config)
     options = {'model.data_preprocessor.size': shape[1:]}
     if form != 'stock':
-        cfg = Config.fromfile(config)
         plugins = copy.deepcopy(cfg.model.backbone.plugins)
         for plugin in plugins:
             plugin['cfg'].update(override or {}, backend=backend)
         options['model.backbone.plugins'] = plugins
     loaded = load_model(config, cfg_options=options, device=device)
     model = revert_sync_batchnorm(loaded.model).to(device).train()
-    cfg = get_config(config) if '::' in config else Config.fromfile(config)
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     blocks = sum(isinstance(m, PolarizedSelfAttention) for m in model.modules())
     return Model(form, backend, model, optim_wrapper, blocks)
