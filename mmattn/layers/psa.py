@@ -81,7 +81,10 @@ Backends (``PolarizedSelfAttention(backend=...)``): besides the eager equations 
   memory); the release's forms fold what folds in PyTorch operations
   (:meth:`PolarizedSelfAttention._official_folded`: ``PSA_s`` keeps its softmaxed
   (N, C/2, H, W) value map);
-* ``'cuda'`` (paper form, CUDA tensors): the folded op's passes over x as compiled CUDA kernels;
+* ``'cuda'`` (CUDA tensors): for the paper form, the folded op's passes over x as compiled CUDA
+  kernels; for the release's forms, the whole block as one compiled C++ op per direction
+  (:mod:`mmattn.ops.psa_block`, ``csrc/psa_release.cpp``: its operations launched from C++, the
+  autograd in C++, nothing but x kept for the backward);
 * ``'cpu'`` (every form, CPU tensors): the whole block as one compiled C++ op per direction,
   its autograd registered in C++ (:mod:`mmattn.ops.psa_block`): nothing but x kept for the
   backward, and a small map costs its arithmetic instead of 40-120 operator calls.
@@ -348,9 +351,8 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
         ratio: bottleneck ratio of the release's ``PSA_s`` ``conv_up`` (default 4); only
             allowed with ``variant='official', mode='sequential'``.
         backend: ``'auto'`` (default), ``'reference'``, ``'folded'``, ``'cpu'`` (the fused
-            C++ block) or, for ``variant='paper'``, ``'cuda'`` (the compiled kernels; forward
-            raises, saying how to build them, where they cannot run). See the module
-            docstring.
+            C++ block) or ``'cuda'`` (the compiled CUDA path; forward raises, saying how to
+            build it, where it cannot run). See the module docstring.
 
     ``channel_mask(x)`` / ``spatial_mask(x)`` return ``A^ch(x)`` / ``A^sp(x)``; forward hooks on
     ``channel_gate`` / ``spatial_gate`` capture the masks actually used by ``forward`` (they
@@ -430,7 +432,7 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
         check_input(x, self.in_channels, self.block_name)
         if not torch.jit.is_scripting():  # TorchScript compiles the reference path only
             chosen = self.selected_backend(x)[0]
-            if chosen == 'cpu':
+            if chosen == 'cpu' or (chosen == 'cuda' and self.variant == 'official'):
                 return psa_block(x, *psa_block_weights(self))
             if chosen != 'reference' and self.variant == 'official':
                 return self._official_folded(x)

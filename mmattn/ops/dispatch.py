@@ -5,8 +5,10 @@ have faster paths:
 
 * ``'folded'`` (PSA): an algebraically equivalent pure-PyTorch form with a hand-written backward
   (``mmattn.ops.psa``), registered as a ``torch.library`` custom op; runs on any device;
-* ``'cuda'``: compiled CUDA kernels (``mmattn/ops/csrc``, loaded by :mod:`mmattn.ops.extension`;
-  PSA: the folded form's four passes over x; outlook attention: the fused aggregation);
+* ``'cuda'``: compiled CUDA code (``mmattn/ops/csrc``, loaded by :mod:`mmattn.ops.extension`;
+  PSA, paper form: the folded form's four passes over x as kernels; PSA, the release's forms:
+  the whole block as one C++ op per direction, :mod:`mmattn.ops.psa_block`; outlook
+  attention: the fused aggregation);
 * ``'cpu'``: compiled C++ kernels for CPU tensors (outlook attention: the fused aggregation;
   PSA: the whole block in one op per direction, :mod:`mmattn.ops.psa_block`).
 
@@ -41,7 +43,8 @@ from . import extension
 
 __all__ = ['BACKENDS', 'ENV_VAR', 'KernelUnavailableError', 'OPS', 'backends_for',
            'can_use_outlook_cpu',
-           'can_use_outlook_cuda', 'can_use_psa_cpu', 'can_use_psa_cuda', 'can_use_psa_folded',
+           'can_use_outlook_cuda', 'can_use_psa_block_cuda', 'can_use_psa_cpu', 'can_use_psa_cuda',
+           'can_use_psa_folded',
            'env_backend',
            'fx_tracing', 'kernel_status', 'select_backend']
 
@@ -49,7 +52,7 @@ ENV_VAR = 'MMATTN_BACKEND'
 ENV_CHOICES = ('auto', 'reference')
 #: the ops with a fast path, and their backends besides the reference, in auto's order
 OPS: dict[str, tuple[str, ...]] = {'psa_paper': ('cuda', 'cpu', 'folded'),
-                                   'psa_official': ('cpu', 'folded'),
+                                   'psa_official': ('cuda', 'cpu', 'folded'),
                                    'outlook': ('cuda', 'cpu')}
 #: every ``backend=`` value some op accepts
 BACKENDS = ('auto', 'reference') + tuple(dict.fromkeys(b for names in OPS.values() for b in names))
@@ -153,8 +156,9 @@ def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False,
     return (False, reason) if reason else (True, 'ok')
 
 
-#: the compiled ops of the fused CPU PSA block (mmattn.ops.psa_block)
-PSA_CPU_OPS = ('psa_block_fwd', 'psa_block_bwd')
+#: the compiled ops of the whole-block PSA path (mmattn.ops.psa_block): all four forms on the
+#: CPU, the release's two on CUDA
+PSA_BLOCK_OPS = ('psa_block_fwd', 'psa_block_bwd')
 #: with ``size_limit``, the fused CPU block is taken up to this many elements per image (C*H*W).
 #: Measured (docs/benchmarks.md, 2 cores): faster than the folded paths for every form at every
 #: measured size up to [2, 48, 16, 32] / [2, 384, 2, 4] (2-4x there); on large maps, where both
@@ -171,7 +175,7 @@ def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False,
     ok, reason = can_use_psa_folded(x, hooks=hooks)
     if not ok:
         return ok, reason
-    reason = _kernel_check(x, PSA_CPU_OPS, 'cpu')
+    reason = _kernel_check(x, PSA_BLOCK_OPS, 'cpu')
     if reason:
         return False, reason
     if size_limit:
@@ -180,6 +184,19 @@ def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False,
             return False, (f'the map has {c * h * w} elements per image, more than '
                            f'{PSA_CPU_MAX_WORK}: the folded path is as fast there')
     return True, 'ok'
+
+
+def can_use_psa_block_cuda(x: torch.Tensor, *, hooks: bool = False,
+                           **_: object) -> tuple[bool, str]:
+    """Whether the release's PSA forms can run as one C++ op per direction on ``x``
+    (``psa_block_fwd``'s CUDA implementation, ``csrc/psa_release.cpp``): a CUDA tensor of a
+    kernel dtype, the extension built with its CUDA sources, no graph being recorded, no hooks
+    on the gates (it calls no submodule)."""
+    ok, reason = can_use_psa_folded(x, hooks=hooks)
+    if not ok:
+        return ok, reason
+    reason = _kernel_check(x, PSA_BLOCK_OPS, 'cuda')
+    return (False, reason) if reason else (True, 'ok')
 
 
 def _official_folded(x: torch.Tensor, *, hooks: bool = False, **_: object) -> tuple[bool, str]:
@@ -205,6 +222,7 @@ _PREDICATES: dict[tuple[str, str], Callable[..., tuple[bool, str]]] = {
     ('psa_paper', 'cuda'): can_use_psa_cuda,
     ('psa_paper', 'cpu'): can_use_psa_cpu,
     ('psa_official', 'cpu'): can_use_psa_cpu,
+    ('psa_official', 'cuda'): can_use_psa_block_cuda,
     ('outlook', 'cuda'): can_use_outlook_cuda,
     ('outlook', 'cpu'): can_use_outlook_cpu,
 }

@@ -56,11 +56,17 @@ SCHEMAS: dict[str, str] = {
                      'Tensor d_t, Tensor u, Tensor dm, Tensor dsv, Tensor wq, Tensor beta, '
                      'int splits, bool sequential) -> (Tensor, Tensor)',
     # a whole PSA block (the four forms of mmattn.layers.PolarizedSelfAttention) in one call
-    # per direction, on the CPU (psa_cpu.cpp); form: 0/1 paper parallel/sequential, 2/3 the
-    # release's PSA_p/PSA_s
+    # per direction, on the CPU (psa_cpu.cpp) and, forms 2/3, on CUDA (psa_release.cpp); form:
+    # 0/1 paper parallel/sequential, 2/3 the release's PSA_p/PSA_s
     'psa_block_fwd': 'psa_block_fwd(Tensor x, Tensor[] weights, int form, float eps) -> Tensor',
     'psa_block_bwd': 'psa_block_bwd(Tensor grad, Tensor x, Tensor[] weights, int form, '
                      'float eps) -> (Tensor, Tensor[])',
+    # the release's PSA_p / PSA_s (forms 2, 3) as ATen operations on any device
+    # (psa_release.cpp): the CUDA implementation of psa_block_fwd/_bwd, callable on its own
+    'psa_release_fwd': 'psa_release_fwd(Tensor x, Tensor[] weights, int form, float eps) '
+                       '-> Tensor',
+    'psa_release_bwd': 'psa_release_bwd(Tensor grad, Tensor x, Tensor[] weights, int form, '
+                       'float eps) -> (Tensor, Tensor[])',
     # the C-sized work between the passes, a thread block per image (psa_glue.cuh)
     'psa_fwd_glue': 'psa_fwd_glue(Tensor logits, Tensor pmax, Tensor psum, Tensor ps, Tensor pm, '
                     'Tensor[] weights, float eps, bool sequential) -> (Tensor, Tensor, Tensor)',

@@ -73,14 +73,17 @@ def psa_block(x: Tensor, weights: list[Tensor], form: int, eps: float) -> Tensor
     return torch.ops.mmattn.psa_block_fwd(x, weights, form, eps)
 
 
-@torch.library.register_fake('mmattn::psa_block_fwd')
-def _(x, weights, form, eps):
+def _fake_fwd(x, weights, form, eps):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake('mmattn::psa_block_bwd')
-def _(grad, x, weights, form, eps):
+def _fake_bwd(grad, x, weights, form, eps):
     return torch.empty_like(x), [torch.empty_like(w) for w in weights]
+
+
+for _name in ('psa_block', 'psa_release'):
+    torch.library.register_fake(f'mmattn::{_name}_fwd')(_fake_fwd)
+    torch.library.register_fake(f'mmattn::{_name}_bwd')(_fake_bwd)
 
 # The autograd of psa_block_fwd is registered in C++ (psa_cpu.cpp), with the kernels: a call runs
 # no Python beyond psa_block itself. First-order gradients only.

@@ -138,7 +138,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="op.*'psa_release'"):
         select_backend('psa_release', x)
     assert backends_for('psa_paper') == ('auto', 'reference', 'cuda', 'cpu', 'folded')
-    assert backends_for('psa_official') == ('auto', 'reference', 'cpu', 'folded')
+    assert backends_for('psa_official') == ('auto', 'reference', 'cuda', 'cpu', 'folded')
 
 
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')

@@ -332,13 +332,14 @@ def test_layer_backend_errors() -> None:
     with pytest.raises(ValueError, match="backend.*'fast'"):
         PolarizedSelfAttention(8, backend='fast')
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', "
-                                         r"'cpu', 'folded'\), got 'cuda'"):
-        PolarizedSelfAttention(8, variant='official', backend='cuda')
+                                         r"'cuda', 'cpu', 'folded'\), got 'kernel'"):
+        PolarizedSelfAttention(8, variant='official', backend='kernel')
     assert PolarizedSelfAttention(8, variant='official').selected_backend(
         torch.randn(1, 8, 2, 2))[0] == 'folded'
-    block = PolarizedSelfAttention(8, backend='cuda')
-    with pytest.raises(KernelUnavailableError, match="backend='cuda'.*input is on cpu"):
-        block(torch.randn(1, 8, 2, 2))
+    for variant in ('paper', 'official'):
+        block = PolarizedSelfAttention(8, variant=variant, backend='cuda')
+        with pytest.raises(KernelUnavailableError, match="backend='cuda'.*input is on cpu"):
+            block(torch.randn(1, 8, 2, 2))
     for variant in ('paper', 'official'):   # the fused CPU block, not built in this process
         block = PolarizedSelfAttention(8, variant=variant, backend='cpu')
         with pytest.raises(KernelUnavailableError, match="backend='cpu'.*not loaded.*MMATTN_JIT"):

@@ -1,0 +1,63 @@
+// What the two implementations of the op mmattn::psa_block_fwd / psa_block_bwd share (a whole
+// PSA block per call, mmattn/ops/psa_block.py): the forms, the weights each takes and the
+// checks of the arguments. psa_cpu.cpp is the CPU implementation (all four forms), psa_release.cpp
+// the one for CUDA tensors (the release's PSA_p and PSA_s).
+#pragma once
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+namespace mmattn {
+
+// the op's `form` argument: mmattn.ops.psa_block.FORMS
+enum Form : int64_t { kPaperParallel = 0, kPaperSequential = 1, kReleaseP = 2, kReleaseS = 3 };
+
+// The expected weight shapes of a form, for the checks: (rows, cols), cols 0 for vectors.
+inline std::vector<std::pair<int64_t, int64_t>> weight_shapes(int64_t form, int64_t C,
+                                                              int64_t Cb) {
+  const int64_t Ch = C / 2;
+  switch (form) {
+    case kPaperParallel:
+    case kPaperSequential:
+      return {{C, 0}, {1, 0}, {Ch, C}, {Ch, 0}, {C, Ch}, {C, 0}, {C, 0}, {C, 0},
+              {Ch, C}, {Ch, 0}, {Ch, C}, {Ch, 0}};
+    case kReleaseP:
+      return {{C, 0}, {Ch, C}, {C, Ch}, {Ch, C}, {Ch, C}};
+    default:
+      return {{C, 0}, {Ch, C}, {Cb, Ch}, {Cb, 0}, {Cb, 0}, {Cb, 0}, {C, Cb}, {C, 0},
+              {Ch, C}, {Ch, C}};
+  }
+}
+
+inline void check_args(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                       int64_t form) {
+  TORCH_CHECK(x.dim() == 4, "psa_block: x must be (N, C, H, W), got ", x.dim(), " dims");
+  TORCH_CHECK(x.is_floating_point(), "psa_block: x must be floating point, got ", x.dtype());
+  TORCH_CHECK(form >= 0 && form <= 3, "psa_block: form must be 0-3, got ", form);
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "psa_block: H and W must be positive, got ",
+              x.sizes());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(C >= 2 && C % 2 == 0, "psa_block: C must be even and >= 2, got ", C);
+  const int64_t Cb = form == kReleaseS ? weights.at(3).numel() : 0;
+  auto shapes = weight_shapes(form, C, Cb);
+  TORCH_CHECK(weights.size() == shapes.size(), "psa_block: form ", form, " takes ",
+              shapes.size(), " weights, got ", weights.size());
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const auto& w = weights[i];
+    const int64_t expected = shapes[i].first * std::max<int64_t>(shapes[i].second, 1);
+    TORCH_CHECK(w.numel() == expected, "psa_block: weight ", i, " must have ", expected,
+                " elements, got ", w.numel());
+    TORCH_CHECK(w.device() == x.device(), "psa_block: weight ", i, " is on ", w.device(),
+                ", x on ", x.device());
+  }
+}
+
+// The dtype of the C-sized work: float64 for float64 inputs, else float32.
+inline at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace mmattn
