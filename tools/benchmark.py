@@ -344,6 +344,7 @@ PRESETS = {
     'gpu': dict(device='cuda', dtype='bfloat16', threads=None,
                 psa=[((16, 256, 128, 128), 'parallel', 'paper'),
                      ((16, 256, 128, 128), 'sequential', 'paper'),
+                     ((16, 256, 128, 128), 'parallel', 'official'),
                      ((16, 256, 128, 128), 'sequential', 'official')],
                 outlook=[((128, 28, 28, 192), 6)],    # VOLO-D1 stage 1 at 224 px, batch 128
                 volo=[128]),

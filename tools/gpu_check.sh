@@ -59,7 +59,7 @@ stage kernels_build python3 -m mmattn.ops.build --cuda
 wait "$mmcv_pid"
 echo "== mmcv_build: rc $(cat "$OUT/mmcv_build.rc") ($OUT/mmcv_build.log)"
 [ "$(cat "$OUT/mmcv_build.rc")" = 0 ] || { failed=$((failed + 1)); tail -n 25 "$OUT/mmcv_build.log"; }
-TAIL=40 stage model_benchmark python3 tools/benchmark_model.py --iters 10
+TAIL=60 stage model_benchmark python3 tools/benchmark_model.py --iters 10 --backends auto,folded,reference
 stage cuda_tests python3 -m pytest tests/ops -q -m cuda -p no:cacheprovider
 stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py
 stage racecheck compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py

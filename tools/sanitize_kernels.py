@@ -4,8 +4,10 @@ memcheck`` and ``--tool racecheck``)::
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tools/sanitize_kernels.py
 
-PSA (paper form, ``backend='cuda'``): both modes, float32 and bfloat16, NCHW and channels_last,
-on [2, 64, 17, 13], [3, 96, 33, 40] and [1, 8, 1, 1] (odd sizes, a single pixel). Outlook
+PSA (``backend='cuda'``: the whole block per call, the paper's two forms and the release's
+``PSA_p`` on the kernels, ``PSA_s`` as ATen operations): float32 and bfloat16, NCHW and
+channels_last, on [2, 64, 17, 13], [3, 96, 33, 40] and [1, 8, 1, 1] (odd sizes, a single
+pixel). Outlook
 attention (``backend='cuda'``): K=3 with stride 1 and 2, float32 and bfloat16. Each result is
 compared with the reference path, so that a kernel the sanitizer passes but that computes
 garbage still fails. Exits 0 when all match, 1 otherwise; needs a CUDA GPU and the kernels
@@ -23,6 +25,8 @@ from mmattn.layers import OutlookAttention, PolarizedSelfAttention
 from mmattn.ops import kernel_status
 
 PSA_SHAPES = [(2, 64, 17, 13), (3, 96, 33, 40), (1, 8, 1, 1)]
+PSA_FORMS = [('paper', 'parallel'), ('paper', 'sequential'), ('official', 'parallel'),
+             ('official', 'sequential')]
 DTYPES = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
@@ -51,17 +55,17 @@ def main() -> int:
     device = torch.device('cuda')
     failures = []
     for dtype, tol in DTYPES.items():
-        for mode in ('parallel', 'sequential'):
+        for variant, mode in PSA_FORMS:
             for shape in PSA_SHAPES:
                 for layout in (torch.contiguous_format, torch.channels_last):
-                    fast = PolarizedSelfAttention(shape[1], mode=mode, backend='cuda').to(device)
-                    ref = PolarizedSelfAttention(shape[1], mode=mode,
-                                                 backend='reference').to(device)
+                    kw = dict(mode=mode, variant=variant)
+                    fast = PolarizedSelfAttention(shape[1], backend='cuda', **kw).to(device)
+                    ref = PolarizedSelfAttention(shape[1], backend='reference', **kw).to(device)
                     ref.load_state_dict(fast.state_dict())
                     x = torch.randn(shape, device=device).to(dtype=dtype, memory_format=layout)
                     fast, ref = fast.to(dtype), ref.to(dtype)
                     err = run_pair(fast, ref, x)
-                    name = f'psa {mode} {list(shape)} {dtype} {layout}'
+                    name = f'psa {variant} {mode} {list(shape)} {dtype} {layout}'
                     print(f'{name}: max relative difference {err:.1e}', flush=True)
                     if not err <= tol:
                         failures.append(name)

@@ -81,10 +81,9 @@ Backends (``PolarizedSelfAttention(backend=...)``): besides the eager equations 
   memory); the release's forms fold what folds in PyTorch operations
   (:meth:`PolarizedSelfAttention._official_folded`: ``PSA_s`` keeps its softmaxed
   (N, C/2, H, W) value map);
-* ``'cuda'`` (CUDA tensors): for the paper form, the folded op's passes over x as compiled CUDA
-  kernels; for the release's forms, the whole block as one compiled C++ op per direction
-  (:mod:`mmattn.ops.psa_block`, ``csrc/psa_release.cpp``: its operations launched from C++, the
-  autograd in C++, nothing but x kept for the backward);
+* ``'cuda'`` (CUDA tensors): the whole block as one compiled op per direction with its autograd
+  in C++ (:mod:`mmattn.ops.psa_block`): the paper forms and ``PSA_p`` on the folded passes'
+  CUDA kernels, ``PSA_s`` as ATen operations launched from C++ (nothing but x kept);
 * ``'cpu'`` (every form, CPU tensors): the whole block as one compiled C++ op per direction,
   its autograd registered in C++ (:mod:`mmattn.ops.psa_block`): nothing but x kept for the
   backward, and a small map costs its arithmetic instead of 40-120 operator calls.
@@ -432,14 +431,13 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
         check_input(x, self.in_channels, self.block_name)
         if not torch.jit.is_scripting():  # TorchScript compiles the reference path only
             chosen = self.selected_backend(x)[0]
-            if chosen == 'cpu' or (chosen == 'cuda' and self.variant == 'official'):
+            if chosen in ('cpu', 'cuda'):
                 return psa_block(x, *psa_block_weights(self))
             if chosen != 'reference' and self.variant == 'official':
                 return self._official_folded(x)
             if chosen != 'reference':
                 return psa_paper_folded(x, *psa_paper_params(self), eps=self.ln.eps,
-                                        sequential=self.mode == 'sequential',
-                                        kernel=chosen == 'cuda')
+                                        sequential=self.mode == 'sequential')
         z_ch = self.channel_mask(x) * x
         if self.mode == 'parallel':
             return z_ch + self.spatial_mask(x) * x

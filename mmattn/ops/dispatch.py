@@ -6,9 +6,9 @@ have faster paths:
 * ``'folded'`` (PSA): an algebraically equivalent pure-PyTorch form with a hand-written backward
   (``mmattn.ops.psa``), registered as a ``torch.library`` custom op; runs on any device;
 * ``'cuda'``: compiled CUDA code (``mmattn/ops/csrc``, loaded by :mod:`mmattn.ops.extension`;
-  PSA, paper form: the folded form's four passes over x as kernels; PSA, the release's forms:
-  the whole block as one C++ op per direction, :mod:`mmattn.ops.psa_block`; outlook
-  attention: the fused aggregation);
+  PSA: the folded paper form's four passes over x as kernels, and the whole block as one
+  compiled op per direction, :mod:`mmattn.ops.psa_block`; outlook attention: the fused
+  aggregation);
 * ``'cpu'``: compiled C++ kernels for CPU tensors (outlook attention: the fused aggregation;
   PSA: the whole block in one op per direction, :mod:`mmattn.ops.psa_block`).
 
@@ -147,18 +147,19 @@ def can_use_psa_folded(x: torch.Tensor, *, hooks: bool = False,
 
 def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False,
                      **_: object) -> tuple[bool, str]:
-    """Whether the CUDA kernels of the folded PSA op can serve ``x``: a CUDA tensor of a kernel
+    """Whether the CUDA kernels of the paper-form PSA can serve ``x`` (the folded op's passes,
+    and the whole block per call that the module runs on them): a CUDA tensor of a kernel
     dtype, the extension loaded, no graph being recorded, no hooks on the gates."""
     ok, reason = can_use_psa_folded(x, hooks=hooks)
     if not ok:
         return ok, reason
-    reason = _kernel_check(x, PSA_KERNEL_OPS, 'cuda')
+    reason = _kernel_check(x, PSA_KERNEL_OPS + PSA_BLOCK_CUDA_OPS, 'cuda')
     return (False, reason) if reason else (True, 'ok')
 
 
-#: the compiled ops of the whole-block PSA path (mmattn.ops.psa_block): all four forms on the
-#: CPU, the release's two on CUDA
+#: the compiled ops of the whole-block PSA path (mmattn.ops.psa_block), per device
 PSA_BLOCK_OPS = ('psa_block_fwd', 'psa_block_bwd')
+PSA_BLOCK_CUDA_OPS = ('psa_block_cuda_fwd', 'psa_block_cuda_bwd')
 #: with ``size_limit``, the fused CPU block is taken up to this many elements per image (C*H*W).
 #: Measured (docs/benchmarks.md, 2 cores): faster than the folded paths for every form at every
 #: measured size up to [2, 48, 16, 32] / [2, 384, 2, 4] (2-4x there); on large maps, where both
@@ -188,14 +189,14 @@ def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False,
 
 def can_use_psa_block_cuda(x: torch.Tensor, *, hooks: bool = False,
                            **_: object) -> tuple[bool, str]:
-    """Whether the release's PSA forms can run as one C++ op per direction on ``x``
-    (``psa_block_fwd``'s CUDA implementation, ``csrc/psa_release.cpp``): a CUDA tensor of a
-    kernel dtype, the extension built with its CUDA sources, no graph being recorded, no hooks
-    on the gates (it calls no submodule)."""
+    """Whether the release's PSA forms can run as one compiled op per direction on ``x``
+    (``psa_block_cuda_fwd``: ``PSA_p`` on the pass kernels, ``PSA_s`` as ATen operations
+    launched from C++): a CUDA tensor of a kernel dtype, the extension built with its CUDA
+    sources, no graph being recorded, no hooks on the gates (it calls no submodule)."""
     ok, reason = can_use_psa_folded(x, hooks=hooks)
     if not ok:
         return ok, reason
-    reason = _kernel_check(x, PSA_BLOCK_OPS, 'cuda')
+    reason = _kernel_check(x, PSA_BLOCK_CUDA_OPS, 'cuda')
     return (False, reason) if reason else (True, 'ok')
 
 

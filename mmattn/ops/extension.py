@@ -56,13 +56,19 @@ SCHEMAS: dict[str, str] = {
                      'Tensor d_t, Tensor u, Tensor dm, Tensor dsv, Tensor wq, Tensor beta, '
                      'int splits, bool sequential) -> (Tensor, Tensor)',
     # a whole PSA block (the four forms of mmattn.layers.PolarizedSelfAttention) in one call
-    # per direction, on the CPU (psa_cpu.cpp) and, forms 2/3, on CUDA (psa_release.cpp); form:
-    # 0/1 paper parallel/sequential, 2/3 the release's PSA_p/PSA_s
+    # per direction, on the CPU (psa_cpu.cpp); form: 0/1 paper parallel/sequential, 2/3 the
+    # release's PSA_p/PSA_s
     'psa_block_fwd': 'psa_block_fwd(Tensor x, Tensor[] weights, int form, float eps) -> Tensor',
     'psa_block_bwd': 'psa_block_bwd(Tensor grad, Tensor x, Tensor[] weights, int form, '
                      'float eps) -> (Tensor, Tensor[])',
+    # the same on CUDA (psa_cuda.cu): the forward also returns the small tensors its backward
+    # takes (their shapes: mmattn.ops.psa_block.state_shapes)
+    'psa_block_cuda_fwd': 'psa_block_cuda_fwd(Tensor x, Tensor[] weights, int form, float eps) '
+                          '-> (Tensor, Tensor[])',
+    'psa_block_cuda_bwd': 'psa_block_cuda_bwd(Tensor grad, Tensor x, Tensor[] state, '
+                          'Tensor[] weights, int form, float eps) -> (Tensor, Tensor[])',
     # the release's PSA_p / PSA_s (forms 2, 3) as ATen operations on any device
-    # (psa_release.cpp): the CUDA implementation of psa_block_fwd/_bwd, callable on its own
+    # (psa_release.cpp; psa_block_cuda_fwd runs PSA_s with it)
     'psa_release_fwd': 'psa_release_fwd(Tensor x, Tensor[] weights, int form, float eps) '
                        '-> Tensor',
     'psa_release_bwd': 'psa_release_bwd(Tensor grad, Tensor x, Tensor[] weights, int form, '

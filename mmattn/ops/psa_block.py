@@ -1,27 +1,35 @@
-"""A whole Polarized Self-Attention block (arXiv 2107.00782) as one compiled CPU op per
-direction: ``mmattn::psa_block_fwd`` / ``mmattn::psa_block_bwd`` (``csrc/psa_cpu.cpp``).
+"""A whole Polarized Self-Attention block (arXiv 2107.00782) as one compiled op per direction:
+on the CPU ``mmattn::psa_block_fwd`` / ``psa_block_bwd`` (``csrc/psa_cpu.cpp``), on CUDA
+``mmattn::psa_block_cuda_fwd`` / ``psa_block_cuda_bwd`` (``csrc/psa_cuda.cu``), each with its
+autograd registered in C++ (``csrc/psa_autograd.cpp``).
 
 Each of the four forms :class:`mmattn.layers.PolarizedSelfAttention` computes - the paper's Eq. 5
 (``variant='paper'``, parallel or sequential) and the authors' release (``variant='official'``:
 ``PSA_p``, ``PSA_s``) - runs its forward in one call and its backward, parameter gradients
-included, in one more: what a small map costs is then its arithmetic, not the 40-120 operator
-calls of the PyTorch paths (see ``docs/benchmarks.md``, host overhead). Only x and the weights are
-kept for the backward, which recomputes the C-sized quantities (and, for ``PSA_s``, the
-(C/2, H, W) softmaxed value map, one image at a time inside the call).
+included, in one more: what a block costs is then its arithmetic, not the 40-120 operator
+calls of the PyTorch paths with Python between them (see ``docs/benchmarks.md``, host
+overhead).
 
+CPU: only x and the weights are kept for the backward, which recomputes the C-sized quantities
+(and, for ``PSA_s``, the (C/2, H, W) softmaxed value map, one image at a time inside the call).
 The op computes in float32 (float64 for float64 inputs) whatever the input dtype and returns the
 input's dtype and memory format. Its loops are plain C++ over (C, H*W) per image, parallel over
 the images (``PSA_s``'s (C/2 x C) products on BLAS); where the arithmetic dominates, on large
 maps, the PyTorch paths are as fast, so ``auto`` takes it for maps of up to
 :data:`mmattn.ops.dispatch.PSA_CPU_MAX_WORK` elements per image
 (:func:`mmattn.ops.dispatch.can_use_psa_cpu`).
+
+CUDA: the paper forms and ``PSA_p`` run on the pass kernels (3-4 launches forward, 3 backward
+plus the weight gradients' product and sums; ``csrc/psa_block_cuda.cuh``); the forward also
+returns the few (N, P) and (N, C) tensors its backward takes (:func:`state_shapes`), kept with x.
+``PSA_s`` runs as ATen operations launched from C++ (``csrc/psa_release.cpp``), keeping only x.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ['FORMS', 'psa_block', 'psa_block_weights']
+__all__ = ['FORMS', 'psa_block', 'psa_block_weights', 'state_shapes']
 
 #: (variant, mode) -> the op's ``form`` argument
 FORMS = {('paper', 'parallel'): 0, ('paper', 'sequential'): 1,
@@ -68,9 +76,23 @@ def psa_block_weights(module: nn.Module) -> tuple[list[Tensor], int, float]:
 
 
 def psa_block(x: Tensor, weights: list[Tensor], form: int, eps: float) -> Tensor:
-    """The block's output for ``x`` (N, C, H, W) on the compiled CPU op, differentiable in x
-    and the weights (:func:`psa_block_weights` gives the arguments)."""
+    """The block's output for ``x`` (N, C, H, W) on the compiled op of x's device
+    (``psa_block_fwd`` on the CPU, ``psa_block_cuda_fwd`` on CUDA), differentiable in x and the
+    weights (:func:`psa_block_weights` gives the arguments)."""
+    if x.device.type == 'cuda':
+        return torch.ops.mmattn.psa_block_cuda_fwd(x, weights, form, eps)[0]
     return torch.ops.mmattn.psa_block_fwd(x, weights, form, eps)
+
+
+def state_shapes(form: int, n: int, c: int, h: int, w: int) -> list[tuple[int, ...]]:
+    """The shapes of what ``psa_block_cuda_fwd`` returns besides y, for x (n, c, h, w)
+    (``csrc/psa_block_cuda.cuh``; all in float32, float64 for float64 x)."""
+    p, half = h * w, c // 2
+    if form < 2:   # pi, S, stats [s, m, A, u_eff], c, A, u_eff
+        return [(n, p), (n, p), (n, 4, c), (n,), (n, c), (n, c)]
+    if form == 2:  # pi, t, the spatial softmax's state, stats [s, m, A, u], small [v, q]
+        return [(n, p), (n, p), (2, n), (4, n, c), (2, n, half)]
+    return []      # PSA_s keeps nothing but x
 
 
 def _fake_fwd(x, weights, form, eps):
@@ -81,9 +103,21 @@ def _fake_bwd(grad, x, weights, form, eps):
     return torch.empty_like(x), [torch.empty_like(w) for w in weights]
 
 
+def _fake_cuda_fwd(x, weights, form, eps):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    state = [x.new_empty(shape, dtype=acc) for shape in state_shapes(form, *x.shape)]
+    return torch.empty_like(x), state
+
+
+def _fake_cuda_bwd(grad, x, state, weights, form, eps):
+    return _fake_bwd(grad, x, weights, form, eps)
+
+
 for _name in ('psa_block', 'psa_release'):
     torch.library.register_fake(f'mmattn::{_name}_fwd')(_fake_fwd)
     torch.library.register_fake(f'mmattn::{_name}_bwd')(_fake_bwd)
+torch.library.register_fake('mmattn::psa_block_cuda_fwd')(_fake_cuda_fwd)
+torch.library.register_fake('mmattn::psa_block_cuda_bwd')(_fake_cuda_bwd)
 
-# The autograd of psa_block_fwd is registered in C++ (psa_cpu.cpp), with the kernels: a call runs
-# no Python beyond psa_block itself. First-order gradients only.
+# The autograd of psa_block_fwd and psa_block_cuda_fwd is registered in C++ (psa_autograd.cpp),
+# with the kernels: a call runs no Python beyond psa_block itself. First-order gradients only.

@@ -39,9 +39,12 @@ torch.ops.load_library({library!r})
 extension.reset_state('setup.py build')
 ops = sorted(extension.SCHEMAS)
 any_device = ('psa_release_fwd', 'psa_release_bwd')   # ATen operations, every device
-assert all(extension.has_kernel(op, 'cuda') for op in ops if op not in any_device), ops
+cpu_only = ('psa_block_fwd', 'psa_block_bwd')          # the fused CPU PSA block
+assert all(extension.has_kernel(op, 'cuda') for op in ops
+           if op not in any_device + cpu_only), ops
 assert all(extension.has_kernel(op, 'cpu') for op in ops
-           if op.startswith('outlook') or op.startswith('psa_block'))
+           if op.startswith('outlook') or op in cpu_only)
+assert not extension.has_kernel('psa_block_cuda_fwd', 'cpu')
 assert all(torch._C._dispatch_has_kernel_for_dispatch_key('mmattn::' + op,
                                                           'CompositeExplicitAutograd')
            for op in any_device)

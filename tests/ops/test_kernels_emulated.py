@@ -24,11 +24,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mmattn.ops.psa as psa_op
 from mmattn.ops import extension
 from mmattn.ops.dispatch import PSA_KERNEL_OPS
+from mmattn.ops.psa_block import psa_block_weights, state_shapes
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from test_outlook_op import grid, paper_aggregate  # noqa: E402
+from test_psa_block import block  # noqa: E402
 from test_psa_op import (EPS, F64, PARAM_NAMES, check_low_precision, grads,  # noqa: E402
                          paper_psa, random_params)
+from test_psa_release import block_function, check_matches, through  # noqa: E402
+from test_psa_release import check_low_precision as check_release_low_precision  # noqa: E402
 
 HERE = osp.dirname(osp.abspath(__file__))
 NAMESPACE = 'mmattn_emulated'
@@ -45,6 +49,7 @@ def emulated() -> Iterator[object]:
         for schema in extension.SCHEMAS.values():
             lib.define(schema)
         lib.define('psa_vector_width(Tensor x, int tiles) -> int')  # psa_emulated.cpp
+        lib.define('emulated_launches() -> int')
         _LIBRARY.append(lib)
         load(name='mmattn_emulated_kernels',
              sources=[osp.join(HERE, 'emulation', 'psa_emulated.cpp'),
@@ -239,6 +244,77 @@ def test_psa_kernel_input_errors(emulated) -> None:
     with pytest.raises(RuntimeError, match='contiguous or channels_last'):
         emulated.psa_fwd_apply(x.transpose(2, 3), torch.randn(2, 6), torch.randn(2, 6),
                                torch.randn(2), False)
+
+
+# ---------------------------------------------------------------- the whole block per call
+@pytest.fixture
+def block_kernel(emulated):
+    """``(module, x) -> output`` through the emulated psa_block_cuda_fwd/_bwd: the paper forms
+    and the release's PSA_p on the pass kernels (psa_block_cuda.cuh), as psa_cuda.cu runs them,
+    with the state the forward returns kept for the backward."""
+    return through(block_function(emulated.psa_block_cuda_fwd, emulated.psa_block_cuda_bwd,
+                                  state=True))
+
+
+BLOCK_FORMS = [('paper', 'parallel'), ('paper', 'sequential'), ('official', 'parallel')]
+
+
+@pytest.mark.parametrize('variant, mode', BLOCK_FORMS)
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_psa_block_kernels_match_equations(block_kernel, variant: str, mode: str,
+                                           layout: torch.memory_format) -> None:
+    """1x1 maps, one pixel row, C not a multiple of 32, more pixels than a tile and than a
+    split (every reduction over the pixels split); float64, output and every gradient."""
+    for shape in [(1, 2, 1, 1), (2, 8, 7, 5), (3, 4, 1, 9), (2, 64, 16, 12), (1, 96, 9, 1)]:
+        check_matches(block_kernel, mode, shape, layout, variant)
+
+
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_psa_p_kernels_low_precision(block_kernel, dtype: torch.dtype,
+                                     layout: torch.memory_format) -> None:
+    """PSA_p at C=256, 16-byte vectors in both layouts: error against float64 at most about
+    twice the eager reference's in the same dtype (the paper forms: the folded op's tests)."""
+    def in_layout(b, x: Tensor) -> Tensor:
+        return block_kernel(b, x.contiguous(memory_format=layout))
+    check_release_low_precision(in_layout, 'parallel', (2, 256, 10, 12), dtype)
+
+
+@pytest.mark.parametrize('variant, mode, launches', [
+    ('paper', 'sequential', (3, 3)), ('official', 'parallel', (4, 3))])
+def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: str,
+                                   launches: tuple[int, int]) -> None:
+    """A training step launches 3 kernels forward for the paper forms (reduction, glue, apply
+    pass; PSA_p: 4, with the reduction of its spatial logits) and 3 backward (reduction, glue,
+    apply pass); besides, a few ATen operations from C++ (the paper form's two gate vectors
+    made contiguous; the weight gradients' batched product and sums)."""
+    b = block(variant, mode, 32, 'reference')
+    x = torch.randn(2, 32, 6, 5, dtype=torch.float32, requires_grad=True)
+    start = emulated.emulated_launches()
+    y = block_kernel(b, x)
+    forward = emulated.emulated_launches() - start
+    y.sum().backward()
+    assert (forward, emulated.emulated_launches() - start - forward) == launches
+
+
+def test_psa_block_kernel_state_shapes(emulated) -> None:
+    """What the forward returns besides y has the shapes the fake implementation gives
+    (torch.compile builds its graph from those)."""
+    for variant, mode in BLOCK_FORMS:
+        weights, form, eps = psa_block_weights(block(variant, mode, 8, 'reference'))
+        for dtype, acc in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                           (F64, F64)):
+            x = torch.randn(3, 8, 5, 2, dtype=dtype)
+            y, state = emulated.psa_block_cuda_fwd(x, [w.to(dtype) for w in weights], form,
+                                                   eps)
+            assert [tuple(t.shape) for t in state] == state_shapes(form, *x.shape)
+            assert all(t.dtype == acc for t in state) and y.dtype == dtype
+
+
+def test_psa_block_kernel_errors(emulated) -> None:
+    weights, form, eps = psa_block_weights(block('official', 'sequential', 8, 'reference'))
+    with pytest.raises(RuntimeError, match='forms 0-2 only, got 3'):
+        emulated.psa_block_cuda_fwd(torch.randn(1, 8, 2, 2), weights, form, eps)
 
 
 # ---------------------------------------------------------------- outlook attention

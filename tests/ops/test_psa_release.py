@@ -7,7 +7,7 @@ Outputs are checked against the release's equations written out in ``tests/layer
 (``release_psa``), gradients against autograd through the module's reference path (1x1
 convolutions and softmaxes on the full maps) and by float64 gradcheck; in float32, bfloat16 and
 float16 the error against float64 is at most about twice the eager reference's in that dtype.
-On a GPU (``cuda``-marked) the module's ``backend='cuda'`` runs it through the C++ autograd.
+On a GPU the module's ``backend='cuda'`` runs it (``test_psa_block_cuda.py``).
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from mmattn.analysis import saved_bytes
 from mmattn.layers import PolarizedSelfAttention
 from mmattn.ops import KernelUnavailableError
 from mmattn.ops.dispatch import can_use_psa_block_cuda
@@ -33,27 +32,42 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 MODES = ['parallel', 'sequential']
 
 
-class _Release(torch.autograd.Function):
-    """psa_release_fwd with psa_release_bwd as its backward (on the GPU the C++ autograd of
-    psa_block_fwd pairs them)."""
+def block_function(fwd, bwd, state: bool = False) -> type:
+    """An autograd function of the op pair ``fwd(x, weights, form, eps)`` /
+    ``bwd(grad, x, weights, form, eps)``, or with ``state`` of ``fwd -> (y, state)`` /
+    ``bwd(grad, x, state, weights, form, eps)`` (on the GPU the C++ autograd pairs them)."""
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, form: int, eps: float, *weights: Tensor) -> Tensor:
-        ctx.save_for_backward(x, *weights)
-        ctx.form, ctx.eps = form, eps
-        return torch.ops.mmattn.psa_release_fwd(x, list(weights), form, eps)
+    class Block(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Tensor, form: int, eps: float, *weights: Tensor) -> Tensor:
+            out = fwd(x, list(weights), form, eps)
+            y, kept = (out[0], list(out[1])) if state else (out, [])
+            ctx.save_for_backward(x, *weights, *kept)
+            ctx.form, ctx.eps, ctx.weights = form, eps, len(weights)
+            return y
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple:
-        x, *weights = ctx.saved_tensors
-        dx, dws = torch.ops.mmattn.psa_release_bwd(grad, x, weights, ctx.form, ctx.eps)
-        return (dx, None, None, *dws)
+        @staticmethod
+        def backward(ctx: Any, grad: Tensor) -> tuple:
+            x, *rest = ctx.saved_tensors
+            weights, kept = rest[:ctx.weights], rest[ctx.weights:]
+            args = (grad, x, kept, weights) if state else (grad, x, weights)
+            dx, dws = bwd(*args, ctx.form, ctx.eps)
+            return (dx, None, None, *dws)
+
+    return Block
 
 
-def release_op(b: PolarizedSelfAttention, x: Tensor) -> Tensor:
-    """The module's output through the op, differentiable in x and the module's parameters."""
-    weights, form, eps = psa_block_weights(b)
-    return _Release.apply(x, form, eps, *weights)
+def through(function: type):
+    """``(module, x) -> output`` through ``function``, differentiable in x and the module's
+    parameters."""
+    def run(b: PolarizedSelfAttention, x: Tensor) -> Tensor:
+        weights, form, eps = psa_block_weights(b)
+        return function.apply(x, form, eps, *weights)
+    return run
+
+
+RELEASE = block_function(torch.ops.mmattn.psa_release_fwd, torch.ops.mmattn.psa_release_bwd)
+release_op = through(RELEASE)
 
 
 def all_grads(fn, b: PolarizedSelfAttention, x: Tensor, g: Tensor) -> list[Tensor]:
@@ -68,23 +82,56 @@ def reference(b: PolarizedSelfAttention, x: Tensor) -> Tensor:
     return b(x)
 
 
+def check_matches(fn, mode: str, shape: tuple[int, ...], layout: torch.memory_format,
+                  variant: str = 'official') -> None:
+    """``fn``'s output against the equations (the release's, or the paper's) and its gradients
+    against autograd through the reference, float64, x and G in ``layout`` (kept by y and dx)."""
+    b = block(variant, mode, shape[1], 'reference')
+    x = torch.randn(shape, dtype=F64)
+    xl = x.contiguous(memory_format=layout)
+    y = fn(b, xl)
+    assert y.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(y, equations(b, x), **TOL)
+    g = torch.randn(shape, dtype=F64).contiguous(memory_format=layout)
+    ours = all_grads(fn, b, xl, g)
+    assert ours[0].is_contiguous(memory_format=layout)
+    for got, want in zip(ours, all_grads(reference, b, x, g)):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def check_low_precision(fn, mode: str, shape: tuple[int, ...], dtype: torch.dtype,
+                        variant: str = 'official') -> None:
+    """``fn``'s output and every gradient in ``dtype``: error against float64 at most about
+    twice the eager reference's own in that dtype (the reference on the CPU)."""
+    b = block(variant, mode, shape[1], 'reference')
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(0.3)
+    x, g = torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)
+    truth, truth_g = reference(b, x), all_grads(reference, b, x, g)
+    b = b.to(dtype)
+    xh, gh = x.to(dtype), g.to(dtype)
+    ref, ref_g = reference(b, xh), all_grads(reference, b, xh, gh)
+    ours, ours_g = fn(b, xh), all_grads(fn, b, xh, gh)
+    assert ours.dtype == dtype
+
+    def err(a: Tensor, t: Tensor) -> float:
+        return (a.double().cpu() - t).abs().max().item()
+
+    assert err(ours, truth) <= 2 * err(ref, truth) + 1e-6
+    names = ['x'] + [n for n, _ in b.named_parameters()]
+    for name, a, r, t in zip(names, ours_g, ref_g, truth_g):
+        assert a.dtype == dtype, name
+        assert err(a, t) <= 2 * err(r, t) + 1e-3 * t.abs().max().item(), name
+
+
 @pytest.mark.parametrize('mode', MODES)
 @pytest.mark.parametrize('shape', SHAPES)
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
 def test_matches_equations_and_reference_gradients(cpu_kernels: str, mode: str,
                                                    shape: tuple[int, ...],
                                                    layout: torch.memory_format) -> None:
-    b = block('official', mode, shape[1], 'reference')
-    x = torch.randn(shape, dtype=F64)
-    xl = x.contiguous(memory_format=layout)
-    y = release_op(b, xl)
-    assert y.is_contiguous(memory_format=layout)
-    torch.testing.assert_close(y, equations(b, x), **TOL)
-    g = torch.randn(shape, dtype=F64).contiguous(memory_format=layout)
-    ours = all_grads(release_op, b, xl, g)
-    assert ours[0].is_contiguous(memory_format=layout)
-    for got, want in zip(ours, all_grads(reference, b, x, g)):
-        torch.testing.assert_close(got, want, **TOL)
+    check_matches(release_op, mode, shape, layout)
 
 
 @pytest.mark.parametrize('mode', MODES)
@@ -92,36 +139,16 @@ def test_gradcheck(cpu_kernels: str, mode: str) -> None:
     weights, form, eps = psa_block_weights(block('official', mode, 8, 'reference'))
     weights = [w.detach().clone().requires_grad_() for w in weights]
     x = torch.randn(2, 8, 3, 2, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, *w: _Release.apply(x, form, eps, *w),
+    assert torch.autograd.gradcheck(lambda x, *w: RELEASE.apply(x, form, eps, *w),
                                     (x, *weights))
 
 
 @pytest.mark.parametrize('mode', MODES)
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision(cpu_kernels: str, mode: str, dtype: torch.dtype) -> None:
-    """Output and every gradient in ``dtype``: error against float64 at most about twice the
-    eager reference's own in that dtype (the products with x run in x's dtype, as the
-    reference's convolutions do; the softmaxes and the C-sized chain in float32)."""
-    b = block('official', mode, 64, 'reference')
-    with torch.no_grad():
-        for p in b.parameters():
-            p.mul_(0.3)
-    x, g = torch.randn(2, 64, 9, 10, dtype=F64), torch.randn(2, 64, 9, 10, dtype=F64)
-    truth, truth_g = reference(b, x), all_grads(reference, b, x, g)
-    b = b.to(dtype)
-    xh, gh = x.to(dtype), g.to(dtype)
-    ref, ref_g = reference(b, xh), all_grads(reference, b, xh, gh)
-    ours, ours_g = release_op(b, xh), all_grads(release_op, b, xh, gh)
-    assert ours.dtype == dtype
-
-    def err(a: Tensor, t: Tensor) -> float:
-        return (a.double() - t).abs().max().item()
-
-    assert err(ours, truth) <= 2 * err(ref, truth) + 1e-6
-    names = ['x'] + [n for n, _ in b.named_parameters()]
-    for name, a, r, t in zip(names, ours_g, ref_g, truth_g):
-        assert a.dtype == dtype, name
-        assert err(a, t) <= 2 * err(r, t) + 1e-3 * t.abs().max().item(), name
+    """The products with x run in x's dtype, as the reference's convolutions do; the
+    softmaxes and the C-sized chain in float32."""
+    check_low_precision(release_op, mode, (2, 64, 9, 10), dtype)
 
 
 @pytest.mark.parametrize('mode', MODES)
@@ -163,80 +190,3 @@ def test_cuda_backend_declines_cpu_tensors() -> None:
         b.backend = 'cuda'
         with pytest.raises(KernelUnavailableError, match="backend='cuda'.*input is on cpu"):
             b(x)
-
-
-# ---------------------------------------------------------------- on a GPU
-def cuda_pair(mode: str, c: int, dtype: torch.dtype = F64):
-    fast = block('official', mode, c, 'cuda').to('cuda', dtype)
-    ref = block('official', mode, c, 'reference').to('cuda', dtype)
-    ref.load_state_dict(fast.state_dict())
-    return fast, ref
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize('mode', MODES)
-@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
-def test_cuda_module_matches_reference(cuda_kernels: str, mode: str,
-                                       layout: torch.memory_format) -> None:
-    fast, ref = cuda_pair(mode, 48)
-    assert fast.selected_backend(torch.randn(1, 48, 2, 2, device='cuda'))[0] == 'cuda'
-    auto = block('official', mode, 48, 'auto').cuda()
-    assert auto.selected_backend(torch.randn(1, 48, 2, 2, device='cuda'))[0] == 'cuda'
-    for shape in [(2, 48, 12, 10), (1, 48, 1, 1), (3, 48, 33, 17)]:
-        x = torch.randn(shape, dtype=F64, device='cuda').contiguous(memory_format=layout)
-        g = torch.randn(shape, dtype=F64, device='cuda').contiguous(memory_format=layout)
-        y = fast(x)
-        assert y.is_contiguous(memory_format=layout)
-        torch.testing.assert_close(y, ref(x), **TOL)
-        for got, want in zip(all_grads(lambda b, t: b(t), fast, x, g),
-                             all_grads(lambda b, t: b(t), ref, x, g)):
-            torch.testing.assert_close(got, want, **TOL)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize('mode', MODES)
-def test_cuda_keeps_only_x_and_graph_replays(cuda_kernels: str, mode: str) -> None:
-    """Nothing but x is kept for the backward, and a training step (forward, backward) is
-    captured in a CUDA graph whose replay equals eager: no host-device synchronisation."""
-    fast, _ = cuda_pair(mode, 64, torch.float32)
-    x = torch.randn(2, 64, 32, 24, device='cuda', requires_grad=True)
-    assert saved_bytes(fast, x) == 0
-    static_x = torch.randn(2, 64, 32, 24, device='cuda', requires_grad=True)
-
-    def step() -> Tensor:
-        fast.zero_grad(set_to_none=False)
-        static_x.grad = None
-        y = fast(static_x)
-        y.square().sum().backward()
-        return y
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up outside the capture (cuBLAS workspaces, allocator)
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = step()
-    with torch.no_grad():
-        static_x.copy_(torch.randn_like(static_x))
-    graph.replay()
-    torch.cuda.synchronize()
-    got = [static_y.clone(), static_x.grad.clone()] + [p.grad.clone() for p in fast.parameters()]
-    eager = [step().detach(), static_x.grad] + [p.grad for p in fast.parameters()]
-    for a, b in zip(got, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize('mode', MODES)
-def test_cuda_torch_compile_fullgraph(cuda_kernels: str, mode: str) -> None:
-    torch._dynamo.reset()
-    fast, ref = cuda_pair(mode, 16)
-    compiled = torch.compile(fast, fullgraph=True, backend='aot_eager')
-    x = torch.randn(2, 16, 5, 4, dtype=F64, device='cuda')
-    g = torch.randn_like(x)
-    for got, want in zip(all_grads(lambda b, t: compiled(t), fast, x, g),
-                         all_grads(lambda b, t: b(t), ref, x, g)):
-        torch.testing.assert_close(got, want, **TOL)

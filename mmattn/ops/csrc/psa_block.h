@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -59,5 +60,27 @@ inline void check_args(const at::Tensor& x, const std::vector<at::Tensor>& weigh
 inline at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// The weights of a form as the accumulation dtype's contiguous vectors and matrices, in the
+// op's order (each parameter comes in its own shape: conv weights (rows, cols, 1, 1)).
+inline std::vector<at::Tensor> acc_weights(at::TensorList weights, int64_t form, int64_t C,
+                                           at::ScalarType acc) {
+  const int64_t Cb = form == kReleaseS ? weights[3].numel() : 0;
+  const auto shapes = weight_shapes(form, C, Cb);
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const auto [rows, cols] = shapes[i];
+    const at::Tensor w = weights[i].to(acc).contiguous();
+    out.push_back(cols == 0 ? w.view({rows}) : w.view({rows, cols}));
+  }
+  return out;
+}
+
+// The release's forms (2, 3) as ATen operations on any device (psa_release.cpp).
+at::Tensor release_fwd(const at::Tensor& x, at::TensorList weights, int64_t form, double eps);
+std::tuple<at::Tensor, std::vector<at::Tensor>> release_bwd(const at::Tensor& grad,
+                                                            const at::Tensor& x,
+                                                            at::TensorList weights, int64_t form,
+                                                            double eps);
 
 }  // namespace mmattn

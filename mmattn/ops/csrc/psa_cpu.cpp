@@ -26,8 +26,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "psa_block.h"
@@ -542,48 +540,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> psa_block_bwd_cpu(
   return {dx.to(x.scalar_type()).contiguous(x.suggest_memory_format()), grads};
 }
 
-// The autograd of psa_block_fwd, registered in C++: a training step calls no Python per block
-// beyond the module's forward. Saved: x and the weights. First-order gradients only.
-class PsaBlock : public torch::autograd::Function<PsaBlock> {
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                            at::TensorList weights, int64_t form, double eps) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("mmattn::psa_block_fwd", "")
-                         .typed<at::Tensor(const at::Tensor&, at::TensorList, int64_t, double)>();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    std::vector<at::Tensor> saved{x};
-    saved.insert(saved.end(), weights.begin(), weights.end());
-    ctx->save_for_backward(saved);
-    ctx->saved_data["form"] = form;
-    ctx->saved_data["eps"] = eps;
-    return op.call(x, weights, form, eps);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    static auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("mmattn::psa_block_bwd", "")
-            .typed<std::tuple<at::Tensor, std::vector<at::Tensor>>(
-                const at::Tensor&, const at::Tensor&, at::TensorList, int64_t, double)>();
-    const auto saved = ctx->get_saved_variables();
-    const std::vector<at::Tensor> weights(saved.begin() + 1, saved.end());
-    auto [dx, dweights] = op.call(grads[0], saved[0], weights, ctx->saved_data["form"].toInt(),
-                                  ctx->saved_data["eps"].toDouble());
-    torch::autograd::variable_list out{dx};
-    out.insert(out.end(), dweights.begin(), dweights.end());
-    out.emplace_back();  // form
-    out.emplace_back();  // eps
-    return out;
-  }
-};
-
-at::Tensor psa_block_fwd_autograd(const at::Tensor& x, at::TensorList weights, int64_t form,
-                                  double eps) {
-  return PsaBlock::apply(x, weights, form, eps);
-}
-
 }  // namespace
 }  // namespace mmattn
 
@@ -592,6 +548,3 @@ TORCH_LIBRARY_IMPL(mmattn, CPU, m) {
   m.impl("psa_block_bwd", &mmattn::psa_block_bwd_cpu);
 }
 
-TORCH_LIBRARY_IMPL(mmattn, Autograd, m) {
-  m.impl("psa_block_fwd", &mmattn::psa_block_fwd_autograd);
-}

@@ -131,6 +131,43 @@ __device__ void run_chain(const Chain<T>& w, int C, T eps, bool sequential, cons
   __syncthreads();
 }
 
+// Merges image n's S splits of the forward reduction (psa_kernels.cuh, fwd_reduce_kernel):
+// s = sum_p pi_p x_p and m = mean_p x_p into s_out and m_out (C each, visible to the block on
+// return); returns the softmax's normalisation (the logits' maximum, the sum of exponentials).
+template <typename T>
+__device__ SoftmaxNorm<T> merge_splits(const T* pmax, const T* psum, const T* ps, const T* pm,
+                                       int n, int S, int C, int P, T* s_out, T* m_out,
+                                       T* scratch) {
+  const T* mx = pmax + static_cast<int64_t>(n) * S;
+  const T* sm = psum + static_cast<int64_t>(n) * S;
+  T part = -INFINITY;
+  for (int s = threadIdx.x; s < S; s += kThreads) part = op_max(part, mx[s]);
+  const T top = block_max(part, scratch);
+  part = 0;
+  for (int s = threadIdx.x; s < S; s += kThreads) part += sm[s] * op_exp(mx[s] - top);
+  const T total = block_sum(part, scratch);
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    T acc_s = 0, acc_m = 0;
+    for (int s = 0; s < S; ++s) {
+      const int64_t i = (static_cast<int64_t>(n) * S + s) * C + c;
+      acc_s += op_exp(mx[s] - top) * ps[i];
+      acc_m += pm[i];
+    }
+    s_out[c] = acc_s / total;
+    m_out[c] = acc_m / P;
+  }
+  __syncthreads();
+  return {top, total};
+}
+
+// pi = softmax_p(logits) of image n, from its normalisation.
+template <typename T>
+__device__ void write_pi(const T* logits, int n, int P, const SoftmaxNorm<T>& norm, T* pi) {
+  const T* ln = logits + static_cast<int64_t>(n) * P;
+  T* pin = pi + static_cast<int64_t>(n) * P;
+  for (int p = threadIdx.x; p < P; p += kThreads) pin[p] = norm(ln[p]);
+}
+
 // Workspace per image (the larger, backward layout): zhat, u, A, u_eff, d_a, d_mz, d_zhat
 // (C each), d_q (C/2), rstd, c.
 __host__ __device__ inline int64_t glue_work(int C) {
@@ -146,26 +183,8 @@ fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* scratch = reinterpret_cast<T*>(smem_raw);
   const int n = blockIdx.x, H = C / 2;
-  const T* mx = pmax + static_cast<int64_t>(n) * S;
-  const T* sm = psum + static_cast<int64_t>(n) * S;
-  T part = -INFINITY;
-  for (int s = threadIdx.x; s < S; s += kThreads) part = op_max(part, mx[s]);
-  const T top = block_max(part, scratch);
-  part = 0;
-  for (int s = threadIdx.x; s < S; s += kThreads) part += sm[s] * op_exp(mx[s] - top);
-  const T total = block_sum(part, scratch);
   T* st = stats + static_cast<int64_t>(n) * 4 * C;  // rows s, m, A, u_eff
-  for (int c = threadIdx.x; c < C; c += kThreads) {
-    T acc_s = 0, acc_m = 0;
-    for (int s = 0; s < S; ++s) {
-      const int64_t i = (static_cast<int64_t>(n) * S + s) * C + c;
-      acc_s += op_exp(mx[s] - top) * ps[i];
-      acc_m += pm[i];
-    }
-    st[c] = acc_s / total;
-    st[C + c] = acc_m / P;
-  }
-  __syncthreads();
+  const SoftmaxNorm<T> norm = merge_splits(pmax, psum, ps, pm, n, S, C, P, st, st + C, scratch);
   T* ws = work + static_cast<int64_t>(n) * glue_work(C);
   ChainVecs<T> o;
   o.s = st;
@@ -180,9 +199,7 @@ fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
   o.rstd = ws + 4 * C;
   o.c = cbias + n;
   run_chain(w, C, eps, sequential, o, scratch);
-  const T* ln = logits + static_cast<int64_t>(n) * P;
-  T* pin = pi + static_cast<int64_t>(n) * P;
-  for (int p = threadIdx.x; p < P; p += kThreads) pin[p] = op_exp(ln[p] - top) / total;
+  write_pi(logits, n, P, norm, pi);
 }
 
 // Outputs per image n: dm = dL/dm / P, dsv = dL/ds (N, C), beta (N); the weight-gradient

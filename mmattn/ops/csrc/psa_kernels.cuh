@@ -81,6 +81,36 @@ __device__ __forceinline__ T op_sigmoid(T v) { return T(1) / (T(1) + op_exp(-v))
 template <typename T>
 __device__ __forceinline__ T op_max(T a, T b) { return a > b ? a : b; }
 
+// The release's PSA_p gates a pixel with S_p = sigmoid(sig_p), sig = softmax_p(t): its passes
+// get the logits t (N, P) and the online-softmax states of the reduction that computed them
+// (per split: max, sum of exponentials), and merge those states per image (a loop over the
+// splits, the same in every thread). `t == nullptr`: the paper's gate, S_p = sigmoid(u . x_p + b).
+template <typename acc_t>
+struct PixelSoftmax {
+  const acc_t* t;
+  const acc_t* max;
+  const acc_t* sum;
+  int splits;
+};
+
+template <typename acc_t>
+struct SoftmaxNorm {
+  acc_t top, total;
+  __device__ __forceinline__ acc_t operator()(acc_t logit) const {
+    return op_exp(logit - top) / total;
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ SoftmaxNorm<acc_t> merge_softmax(const PixelSoftmax<acc_t>& sm, int n) {
+  const acc_t* mx = sm.max + static_cast<int64_t>(n) * sm.splits;
+  const acc_t* sum = sm.sum + static_cast<int64_t>(n) * sm.splits;
+  acc_t top = -INFINITY, total = 0;
+  for (int s = 0; s < sm.splits; ++s) top = op_max(top, mx[s]);
+  for (int s = 0; s < sm.splits; ++s) total += sum[s] * op_exp(mx[s] - top);
+  return {top, total};
+}
+
 // A tile of `tp` (<= tile_p) pixels x C channels is moved in vectors of VEC elements that lie
 // consecutively in memory: (c + k dc, p + k dp), k < VEC, with (dc, dp) = (0, 1) for NCHW (pixels
 // of a channel) and (1, 0) for channels_last (channels of a pixel), so one access moves each. A
@@ -187,7 +217,8 @@ __device__ __forceinline__ void load_tile(const Geometry& g, int log2_tile, int 
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int log2_tile,
-                  int chunk, int splits, const acc_t* __restrict__ wq, acc_t* __restrict__ logits,
+                  int chunk, int splits, const acc_t* __restrict__ wq, int64_t wq_stride,
+                  acc_t* __restrict__ logits,
                   acc_t* __restrict__ pmax, acc_t* __restrict__ psum, acc_t* __restrict__ ps,
                   acc_t* __restrict__ pm) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -200,7 +231,7 @@ fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int lo
 
   const int n = blockIdx.y, split = blockIdx.x;
   const scalar_t* xn = x + n * g.sN;
-  load_vec(s_wq, wq, g.C);
+  load_vec(s_wq, wq + n * wq_stride, g.C);
   for (int c = threadIdx.x; c < g.C; c += kThreads) acc_s[c] = acc_m[c] = acc_t(0);
 
   const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
@@ -253,7 +284,8 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g, int tile_p,
                  int log2_tile, const acc_t* __restrict__ a, const acc_t* __restrict__ u,
-                 const acc_t* __restrict__ bias, acc_t* __restrict__ s_mask, bool sequential) {
+                 const acc_t* __restrict__ bias, PixelSoftmax<acc_t> psm,
+                 acc_t* __restrict__ s_mask, acc_t* __restrict__ norm_out, bool sequential) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -264,21 +296,35 @@ fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geome
   const int n = blockIdx.y;
   const scalar_t* xn = x + n * g.sN;
   scalar_t* yn = y + n * g.sN;
+  const int64_t np = static_cast<int64_t>(n) * g.P;
   load_vec(s_a, a + static_cast<int64_t>(n) * g.C, g.C);
-  load_vec(s_u, u + static_cast<int64_t>(n) * g.C, g.C);
-  const acc_t b = bias[n];
+  const bool release = psm.t != nullptr;  // the gate from given logits: no dot products
+  if (!release) load_vec(s_u, u + static_cast<int64_t>(n) * g.C, g.C);
+  const acc_t b = release ? acc_t(0) : bias[n];
+  const SoftmaxNorm<acc_t> norm = release ? merge_softmax(psm, n) : SoftmaxNorm<acc_t>{0, 1};
+  if (release && norm_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    norm_out[n] = norm.top;  // the merged state (2, N), for the backward: one split
+    norm_out[gridDim.y + n] = norm.total;
+  }
   const int tiles = (g.P + tile_p - 1) / tile_p;
   for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int pt = t * tile_p, tp = min(tile_p, g.P - pt);
     __syncthreads();
     load_tile<VEC>(g, log2_tile, tp, xn, pt, tile, ld);
+    if (release && threadIdx.x < tp) {
+      const acc_t sg = op_sigmoid(norm(psm.t[np + pt + threadIdx.x]));
+      s_s[threadIdx.x] = sg;
+      s_mask[np + pt + threadIdx.x] = sg;
+    }
     __syncthreads();
-    pixel_dots(tile, ld, g.C, tp, s_u, [&](int p, acc_t v) {
-      const acc_t sg = op_sigmoid(v + b);
-      s_s[p] = sg;
-      s_mask[static_cast<int64_t>(n) * g.P + pt + p] = sg;
-    });
-    __syncthreads();
+    if (!release) {
+      pixel_dots(tile, ld, g.C, tp, s_u, [&](int p, acc_t v) {
+        const acc_t sg = op_sigmoid(v + b);
+        s_s[p] = sg;
+        s_mask[np + pt + p] = sg;
+      });
+      __syncthreads();
+    }
     tile_loop<VEC>(g, log2_tile, tp, NoLoad{}, [&](int c, int p, int dc, int dp, int) {
       Pack<scalar_t, VEC> out;
 #pragma unroll
@@ -297,23 +343,34 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, Geometry g,
                   int tile_p, int log2_tile, int chunk, int splits, const acc_t* __restrict__ a,
-                  const acc_t* __restrict__ s_mask, acc_t* __restrict__ d_t,
-                  acc_t* __restrict__ pda, acc_t* __restrict__ pdu, bool sequential) {
+                  const acc_t* __restrict__ s_mask, PixelSoftmax<acc_t> psm,
+                  acc_t* __restrict__ d_t, acc_t* __restrict__ pda, acc_t* __restrict__ pdu,
+                  acc_t* __restrict__ pr, bool sequential) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
   acc_t* tile_gx = reinterpret_cast<acc_t*>(smem_raw);  // G (.) x
   acc_t* tile_x = tile_gx + tile_p * ld;
   acc_t* s_s = tile_x + tile_p * ld;
   acc_t* s_dt = s_s + tile_p;
-  acc_t* s_a = s_dt + tile_p;      // a (sequential) or ones (parallel)
+  acc_t* s_sig = s_dt + tile_p;    // the release's PSA_p: sig_p, a factor of d_t
+  acc_t* s_a = s_sig + tile_p;     // a (sequential) or ones (parallel)
   acc_t* acc_da = s_a + g.C;
   acc_t* acc_du = acc_da + g.C;
+  acc_t* acc_r = acc_du + g.C;     // the release's PSA_p: sum_p x_p sig_p
+  acc_t* s_norm = acc_r + g.C;     // the release's PSA_p: the softmax's state (in shared
+                                   // memory: held in registers, bf16 spilled on sm_90)
 
   const int n = blockIdx.y, split = blockIdx.x;
-  const int64_t base = n * g.sN;
+  const int64_t base = n * g.sN, np = static_cast<int64_t>(n) * g.P;
+  const bool release = psm.t != nullptr;
+  if (release && threadIdx.x == 0) {  // visible after the first tile's barrier
+    const SoftmaxNorm<acc_t> norm = merge_softmax(psm, n);
+    s_norm[0] = norm.top;
+    s_norm[1] = norm.total;
+  }
   for (int c = threadIdx.x; c < g.C; c += kThreads) {
     s_a[c] = sequential ? a[static_cast<int64_t>(n) * g.C + c] : acc_t(1);
-    acc_da[c] = acc_du[c] = acc_t(0);
+    acc_da[c] = acc_du[c] = acc_r[c] = acc_t(0);
   }
   const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
   for (int pt = p_begin; pt < p_end; pt += tile_p) {
@@ -334,30 +391,44 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
             tile_gx[at] = static_cast<acc_t>(xg.second.v[k]) * xk;
           }
         });
-    if (threadIdx.x < tp) s_s[threadIdx.x] = s_mask[static_cast<int64_t>(n) * g.P + pt + threadIdx.x];
+    if (threadIdx.x < tp) {
+      const int64_t i = np + pt + threadIdx.x;
+      if (release) {
+        const acc_t sig = SoftmaxNorm<acc_t>{s_norm[0], s_norm[1]}(psm.t[i]);
+        s_sig[threadIdx.x] = sig;
+        s_s[threadIdx.x] = op_sigmoid(sig);
+      } else {
+        s_s[threadIdx.x] = s_mask[i];
+      }
+    }
     __syncthreads();
+    // d_t = dL/d(the gate's logit): paper u . x_p + b; release sig_p dL/d(sig_p) (the factor
+    // sig_p of the softmax's backward, whose other term the glue subtracts)
     pixel_dots(tile_gx, ld, g.C, tp, s_a, [&](int p, acc_t ds) {
       const acc_t sg = s_s[p];
-      const acc_t dt = ds * sg * (acc_t(1) - sg);
+      const acc_t dt = ds * sg * (acc_t(1) - sg) * (release ? s_sig[p] : acc_t(1));
       s_dt[p] = dt;
-      d_t[static_cast<int64_t>(n) * g.P + pt + p] = dt;
+      d_t[np + pt + p] = dt;
     });
     __syncthreads();
     for (int c = threadIdx.x; c < g.C; c += kThreads) {
-      acc_t da = 0, du = 0;
+      acc_t da = 0, du = 0, r = 0;
       for (int p = 0; p < tp; ++p) {
-        const acc_t gx = tile_gx[p * ld + c];
+        const acc_t gx = tile_gx[p * ld + c], xv = tile_x[p * ld + c];
         da += sequential ? gx * s_s[p] : gx;
-        du += tile_x[p * ld + c] * s_dt[p];
+        du += xv * s_dt[p];
+        if (release) r += xv * s_sig[p];
       }
       acc_da[c] += da;
       acc_du[c] += du;
+      acc_r[c] += r;
     }
   }
   const int64_t o = static_cast<int64_t>(n) * splits + split;
   for (int c = threadIdx.x; c < g.C; c += kThreads) {
     pda[o * g.C + c] = acc_da[c];
     pdu[o * g.C + c] = acc_du[c];
+    if (release) pr[o * g.C + c] = acc_r[c];
   }
 }
 
@@ -568,14 +639,34 @@ SplitLaunch split(const Launch& l, int64_t requested, int N, int P, int per_sm) 
   return {l, (P + chunk - 1) / chunk, chunk};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psa_fwd_reduce_cuda(
-    const at::Tensor& x, const at::Tensor& wq_in, int64_t splits_req) {
-  const launch::DeviceGuard guard(x.device());
-  const Geometry g = geometry(x);
+// The release's PSA_p gate logits and their softmax states (PixelSoftmax), as tensors; all
+// undefined for the paper's gate.
+struct SoftmaxStates {
+  at::Tensor t, max, sum;
+};
+
+template <typename acc_t>
+PixelSoftmax<acc_t> pixel_softmax(const SoftmaxStates& st) {
+  if (!st.t.defined()) return {nullptr, nullptr, nullptr, 0};
+  return {st.t.data_ptr<acc_t>(), st.max.data_ptr<acc_t>(), st.sum.data_ptr<acc_t>(),
+          static_cast<int>(st.max.size(1))};
+}
+
+SoftmaxStates check_states(const SoftmaxStates& st, const at::Tensor& x, int N, int P) {
+  if (!st.t.defined()) return st;
+  const int64_t splits = st.max.size(-1);
+  return {vec(st.t, x, {N, P}, "t"), vec(st.max, x, {N, splits}, "tmax"),
+          vec(st.sum, x, {N, splits}, "tsum")};
+}
+
+// The forward reduction with the logit weights `wq`: (C) shared by the images, or (N, C) one
+// per image (the release's PSA_p computes its spatial logits u . x_p so); checked by the caller.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_reduce(
+    const at::Tensor& x, const Geometry& g, const at::Tensor& wq, int64_t splits_req) {
   const int N = static_cast<int>(x.size(0));
-  const at::Tensor wq = vec(wq_in, x, {g.C}, "wq");
   const auto acc = at::toOpMathType(x.scalar_type());
   const auto opts = x.options().dtype(acc);
+  const int64_t wq_stride = wq.dim() == 2 ? g.C : 0;
   at::Tensor logits = at::empty({N, g.P}, opts);
   at::Tensor pmax, psum, ps, pm;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_fwd_reduce", [&] {
@@ -591,7 +682,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psa_fwd_r
       if (N == 0) return;
       launch::launch(kernel, dim3(s.splits, N), kThreads, l.smem,
           x.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile, s.chunk, s.splits,
-          wq.data_ptr<acc_t>(),
+          wq.data_ptr<acc_t>(), wq_stride,
           logits.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(), psum.data_ptr<acc_t>(),
           ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>());
     });
@@ -599,16 +690,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psa_fwd_r
   return {logits, pmax, psum, ps, pm};
 }
 
-std::tuple<at::Tensor, at::Tensor> psa_fwd_apply_cuda(const at::Tensor& x, const at::Tensor& a_in,
-                                                      const at::Tensor& u_in,
-                                                      const at::Tensor& bias_in,
-                                                      bool sequential) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> psa_fwd_reduce_cuda(
+    const at::Tensor& x, const at::Tensor& wq_in, int64_t splits_req) {
+  const launch::DeviceGuard guard(x.device());
+  const Geometry g = geometry(x);
+  return fwd_reduce(x, g, vec(wq_in, x, {g.C}, "wq"), splits_req);
+}
+
+// y and the gate S (N, P): S_p = sigmoid(u . x_p + bias) (paper), or from `states` (the
+// release's PSA_p; u and bias are then unused and may be undefined; `norm_out` (2, N), if
+// defined, receives the merged softmax state: the maxima and the sums of exponentials).
+std::tuple<at::Tensor, at::Tensor> fwd_apply(const at::Tensor& x, const at::Tensor& a_in,
+                                             const at::Tensor& u_in, const at::Tensor& bias_in,
+                                             const SoftmaxStates& states_in, bool sequential,
+                                             const at::Tensor& norm_out = at::Tensor()) {
   const launch::DeviceGuard guard(x.device());
   const Geometry g = geometry(x);
   const int N = static_cast<int>(x.size(0));
   const at::Tensor a = vec(a_in, x, {N, g.C}, "a");
-  const at::Tensor u = vec(u_in, x, {N, g.C}, "u");
-  const at::Tensor bias = vec(bias_in, x, {N}, "bias");
+  const SoftmaxStates states = check_states(states_in, x, N, g.P);
+  const bool release = states.t.defined();
+  const at::Tensor u = release ? u_in : vec(u_in, x, {N, g.C}, "u");
+  const at::Tensor bias = release ? bias_in : vec(bias_in, x, {N}, "bias");
   const at::Tensor y = like_x(at::empty_like(x), x, g, "y");
   at::Tensor s_mask = at::empty({N, g.P}, x.options().dtype(at::toOpMathType(x.scalar_type())));
   if (N == 0 || g.P == 0) return {y, s_mask};
@@ -622,41 +725,68 @@ std::tuple<at::Tensor, at::Tensor> psa_fwd_apply_cuda(const at::Tensor& x, const
       const int grid_x = std::min(tiles, one_wave(prepare(kernel, l), N));
       launch::launch(kernel, dim3(grid_x, N), kThreads, l.smem,
           x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile,
-          a.data_ptr<acc_t>(), u.data_ptr<acc_t>(), bias.data_ptr<acc_t>(),
-          s_mask.data_ptr<acc_t>(), sequential);
+          a.data_ptr<acc_t>(), release ? nullptr : u.data_ptr<acc_t>(),
+          release ? nullptr : bias.data_ptr<acc_t>(), pixel_softmax<acc_t>(states),
+          s_mask.data_ptr<acc_t>(), norm_out.defined() ? norm_out.data_ptr<acc_t>() : nullptr,
+          sequential);
     });
   });
   return {y, s_mask};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_bwd_reduce_cuda(
+std::tuple<at::Tensor, at::Tensor> psa_fwd_apply_cuda(const at::Tensor& x, const at::Tensor& a,
+                                                      const at::Tensor& u,
+                                                      const at::Tensor& bias,
+                                                      bool sequential) {
+  return fwd_apply(x, a, u, bias, SoftmaxStates{}, sequential);
+}
+
+// d_t (N, P) and the splits' partial dA, d u sums: `s_in` is the gate S (paper), or undefined
+// with `states` given (the release's PSA_p: S and sig computed from them; d_t then carries the
+// factor sig_p, and the fourth result holds the splits' partial sum_p x_p sig_p; undefined
+// for the paper).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& a_in,
-    const at::Tensor& s_in, int64_t splits_req, bool sequential) {
+    const at::Tensor& s_in, const SoftmaxStates& states_in, int64_t splits_req,
+    bool sequential) {
   const launch::DeviceGuard guard(x.device());
   const Geometry g = geometry(x);
   const int N = static_cast<int>(x.size(0));
   const at::Tensor grad = like_x(grad_in, x, g, "grad");
   const at::Tensor a = vec(a_in, x, {N, g.C}, "a");
-  const at::Tensor s_mask = vec(s_in, x, {N, g.P}, "s_mask");
+  const SoftmaxStates states = check_states(states_in, x, N, g.P);
+  const bool release = states.t.defined();
+  const at::Tensor s_mask = release ? s_in : vec(s_in, x, {N, g.P}, "s_mask");
   const auto opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
   at::Tensor d_t = at::empty({N, g.P}, opts);
-  at::Tensor pda, pdu;
+  at::Tensor pda, pdu, pr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Launch l = plan(g.C, sizeof(acc_t), 2, 2, 3);
+    const Launch l = plan(g.C, sizeof(acc_t), 2, 3, 5);  // (C >= 2: room for s_norm)
     const bool vectors = vectorizable<scalar_t>(g, l, {x.data_ptr(), grad.data_ptr()});
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
       auto kernel = bwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
       const SplitLaunch s = split(l, splits_req, N, g.P, prepare(kernel, l));
       pda = at::empty({N, s.splits, g.C}, opts);
       pdu = at::empty({N, s.splits, g.C}, opts);
+      if (release) pr = at::empty({N, s.splits, g.C}, opts);
       if (N == 0) return;
       launch::launch(kernel, dim3(s.splits, N), kThreads, l.smem,
           grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile,
-          s.chunk, s.splits, a.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>(),
-          d_t.data_ptr<acc_t>(), pda.data_ptr<acc_t>(), pdu.data_ptr<acc_t>(), sequential);
+          s.chunk, s.splits, a.data_ptr<acc_t>(),
+          release ? nullptr : s_mask.data_ptr<acc_t>(), pixel_softmax<acc_t>(states),
+          d_t.data_ptr<acc_t>(), pda.data_ptr<acc_t>(), pdu.data_ptr<acc_t>(),
+          release ? pr.data_ptr<acc_t>() : nullptr, sequential);
     });
   });
+  return {d_t, pda, pdu, pr};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_bwd_reduce_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& a, const at::Tensor& s_mask,
+    int64_t splits_req, bool sequential) {
+  auto [d_t, pda, pdu, pr] = bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, splits_req,
+                                        sequential);
   return {d_t, pda, pdu};
 }
 

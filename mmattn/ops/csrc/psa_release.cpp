@@ -1,10 +1,10 @@
 // The authors' release of Polarized Self-Attention (DeLightCMU/PSA, PSA_p and PSA_s;
 // mmattn.layers.PolarizedSelfAttention with variant='official'): one C++ function per
-// direction, written as ATen operations on the whole batch, so it runs on any device. It is
-// the implementation of the op mmattn::psa_block_fwd / psa_block_bwd for CUDA tensors (the CPU
-// has its own, psa_cpu.cpp; the autograd registered there serves both), and the ops
-// mmattn::psa_release_fwd / psa_release_bwd on every device (so that the tests run this very
-// code on the CPU).
+// direction, written as ATen operations on the whole batch, so it runs on any device. On CUDA
+// tensors it is how mmattn::psa_block_fwd / psa_block_bwd run PSA_s (psa_cuda.cu; PSA_p runs
+// on the pass kernels, psa_release_p.cuh; the CPU has its own loops, psa_cpu.cpp; the autograd
+// registered there serves every device). It is also the op mmattn::psa_release_fwd /
+// psa_release_bwd on every device, so that the tests run this very code on the CPU.
 //
 // What it buys over the module's folded PyTorch path (PolarizedSelfAttention._official_folded):
 // a block's forward is one op call and its backward one more, with the autograd in C++: the
@@ -110,21 +110,6 @@ Dims dims(const at::Tensor& x) {
   return {x.size(0), x.size(1), x.size(2), x.size(3), x.size(2) * x.size(3)};
 }
 
-// The weights as the acc dtype's matrices and vectors (the op takes each parameter in its own
-// shape: conv weights (rows, cols, 1, 1), the LayerNorm's (Cb, 1, 1)).
-std::vector<at::Tensor> acc_weights(at::TensorList weights, int64_t form, const Dims& d,
-                                    at::ScalarType acc) {
-  const int64_t Cb = form == kReleaseS ? weights[3].numel() : 0;
-  const auto shapes = weight_shapes(form, d.C, Cb);
-  std::vector<at::Tensor> out;
-  for (size_t i = 0; i < shapes.size(); ++i) {
-    const auto [rows, cols] = shapes[i];
-    const at::Tensor w = weights[i].to(acc);
-    out.push_back(cols == 0 ? w.reshape({rows}) : w.reshape({rows, cols}));
-  }
-  return out;
-}
-
 void check(const at::Tensor& x, at::TensorList weights, int64_t form) {
   check_args(x, std::vector<at::Tensor>(weights.begin(), weights.end()), form);
   TORCH_CHECK(form == kReleaseP || form == kReleaseS,
@@ -135,6 +120,8 @@ void check(const at::Tensor& x, at::TensorList weights, int64_t form) {
 
 at::Tensor dense(const at::Tensor& x) { return x.contiguous(x.suggest_memory_format()); }
 
+}  // namespace
+
 at::Tensor release_fwd(const at::Tensor& x_in, at::TensorList weights, int64_t form,
                        double eps) {
   check(x_in, weights, form);
@@ -142,7 +129,7 @@ at::Tensor release_fwd(const at::Tensor& x_in, at::TensorList weights, int64_t f
   const at::Tensor x = dense(x_in);
   const Dims d = dims(x);
   const auto acc = acc_type(x);
-  const auto W = acc_weights(weights, form, d, acc);
+  const auto W = acc_weights(weights, form, d.C, acc);
   const Forward f = forward_parts(x.flatten(2), W, form, eps, d, acc);
   const at::Tensor a4 = f.a.to(x.scalar_type()).view({d.N, d.C, 1, 1});
   const at::Tensor s4 = f.S.to(x.scalar_type()).view({d.N, 1, d.H, d.W});
@@ -167,7 +154,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_bwd(const at::Tensor& gr
   const Dims d = dims(x);
   const auto acc = acc_type(x);
   const auto dt = x.scalar_type();
-  const auto W = acc_weights(weights, form, d, acc);
+  const auto W = acc_weights(weights, form, d.C, acc);
   const at::Tensor xf = x.flatten(2);
   Forward f = forward_parts(xf, W, form, eps, d, acc);
   const bool parallel = form == kReleaseP;
@@ -261,18 +248,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_bwd(const at::Tensor& gr
   return {dx, out};
 }
 
-}  // namespace
 }  // namespace mmattn
 
-// every device: what the tests call on the CPU (the CUDA implementation of psa_block is this)
+// every device: what the tests call on the CPU (psa_cuda.cu runs PSA_s on CUDA tensors with it)
 TORCH_LIBRARY_IMPL(mmattn, CompositeExplicitAutograd, m) {
   m.impl("psa_release_fwd", &mmattn::release_fwd);
   m.impl("psa_release_bwd", &mmattn::release_bwd);
 }
-
-#ifdef WITH_CUDA
-TORCH_LIBRARY_IMPL(mmattn, CUDA, m) {
-  m.impl("psa_block_fwd", &mmattn::release_fwd);
-  m.impl("psa_block_bwd", &mmattn::release_bwd);
-}
-#endif

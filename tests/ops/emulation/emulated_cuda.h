@@ -59,6 +59,7 @@ struct Block {
 inline Block block;
 constexpr size_t kSharedMemoryBytes = 227 * 1024;  // an H100's opt-in limit per block
 inline std::vector<unsigned char*> shared_memories;  // one per kernel family
+inline int64_t launches = 0;                         // kernel launches so far (for the tests)
 
 inline bool register_shared_memory(unsigned char* memory) {
   shared_memories.push_back(memory);
@@ -113,6 +114,7 @@ void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem,
   TORCH_CHECK(threads >= 1 && threads <= 1024, "emulated launch: ", threads, " threads");
   TORCH_CHECK(smem <= mmattn_emulation::kSharedMemoryBytes, "emulated launch: ", smem,
               " bytes of shared memory, the device has ", mmattn_emulation::kSharedMemoryBytes);
+  ++mmattn_emulation::launches;
   gridDim = grid;
   blockDim = dim3(threads);
   const unsigned warps = (threads + 31) / 32;

@@ -1,10 +1,12 @@
-// The PSA CUDA kernels and their host wrappers (mmattn/ops/csrc/psa_kernels.cuh and
-// psa_glue.cuh) compiled for the CPU emulation of emulated_cuda.h, registered as the CPU
-// implementations of the ops mmattn_emulated::psa_* (the test defines their schemas: mmattn's).
+// The PSA CUDA kernels and their host code (mmattn/ops/csrc/psa_kernels.cuh, psa_glue.cuh,
+// psa_release_p.cuh, psa_block_cuda.cuh) compiled for the CPU emulation of emulated_cuda.h,
+// registered as the CPU implementations of the ops mmattn_emulated::psa_* (the test defines
+// their schemas: mmattn's).
 #include "emulated_cuda.h"
 
 #include <torch/library.h>
 
+#include "psa_block_cuda.cuh"
 #include "psa_glue.cuh"
 #include "psa_kernels.cuh"
 
@@ -25,7 +27,34 @@ int64_t psa_vector_width(const at::Tensor& x, int64_t tiles) {
   return width;
 }
 
+// psa_block_cuda_fwd/_bwd on the emulated kernels: the paper forms and PSA_p (psa_cuda.cu adds
+// PSA_s, as ATen operations)
+void check_form(int64_t form) {
+  TORCH_CHECK(form >= 0 && form <= 2, "emulated psa_block_cuda: forms 0-2 only, got ", form);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> block_fwd(const at::Tensor& x,
+                                                          at::TensorList weights, int64_t form,
+                                                          double eps) {
+  check_form(form);
+  return mmattn::psa::block_forward(x, weights, form, eps);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> block_bwd(const at::Tensor& grad,
+                                                          const at::Tensor& x,
+                                                          at::TensorList state,
+                                                          at::TensorList weights, int64_t form,
+                                                          double eps) {
+  check_form(form);
+  return mmattn::psa::block_backward(grad, x, state, weights, form, eps);
+}
+
+// kernel launches since the library was loaded
+int64_t emulated_launches() { return mmattn_emulation::launches; }
+
 TORCH_LIBRARY_IMPL(mmattn_emulated, CPU, m) {
+  m.impl("psa_block_cuda_fwd", &block_fwd);
+  m.impl("psa_block_cuda_bwd", &block_bwd);
   m.impl("psa_vector_width", &psa_vector_width);
   m.impl("psa_fwd_reduce", &mmattn::psa::psa_fwd_reduce_cuda);
   m.impl("psa_fwd_apply", &mmattn::psa::psa_fwd_apply_cuda);
@@ -33,4 +62,9 @@ TORCH_LIBRARY_IMPL(mmattn_emulated, CPU, m) {
   m.impl("psa_bwd_apply", &mmattn::psa::psa_bwd_apply_cuda);
   m.impl("psa_fwd_glue", &mmattn::psa::psa_fwd_glue_cuda);
   m.impl("psa_bwd_glue", &mmattn::psa::psa_bwd_glue_cuda);
+}
+
+// no tensor argument to dispatch on: one kernel for every key
+TORCH_LIBRARY_IMPL(mmattn_emulated, CompositeImplicitAutograd, m) {
+  m.impl("emulated_launches", &emulated_launches);
 }

@@ -1,0 +1,98 @@
+// A whole PSA block on the CUDA pass kernels, composed in C++: the implementation of the ops
+// mmattn::psa_block_cuda_fwd / _bwd (mmattn/ops/psa_block.py) for the paper's two forms and the
+// release's PSA_p (psa_cuda.cu adds PSA_s, as ATen operations: psa_release.cpp). The forward
+// returns, besides y, what its backward takes (a few (N, P), (N, C) and (N, C/2) tensors: never
+// anything of x's size); the autograd that pairs them is registered in C++ (psa_autograd.cpp),
+// so a training step runs no Python per block beyond the module's call.
+//
+//   paper forms (psa_kernels.cuh, psa_glue.cuh; the folding is derived in mmattn/ops/psa.py):
+//     forward  3 launches: reduce, glue, apply;
+//     backward 3 launches: reduce, glue, apply; then the weight gradients' batched product and
+//              two sums (ATen).
+//   the release's PSA_p (psa_release_p.cuh): forward 4, backward 3 (+ the same ATen tail).
+//
+// Needs the launch interface (cuda_launch.cuh, or the tests' CPU emulation).
+#pragma once
+
+#include <tuple>
+#include <vector>
+
+#include "psa_block.h"
+#include "psa_glue.cuh"
+#include "psa_kernels.cuh"
+#include "psa_release_p.cuh"
+
+namespace mmattn {
+namespace psa {
+
+// The paper forms: y, and [pi, S, stats (N, 4, C) = [s, m, A, u_eff], c (N), A, u_eff].
+std::tuple<at::Tensor, std::vector<at::Tensor>> paper_forward(const at::Tensor& x,
+                                                              const Geometry& g,
+                                                              const std::vector<at::Tensor>& W,
+                                                              double eps, bool sequential) {
+  auto [logits, pmax, psum, ps, pm] = fwd_reduce(x, g, W[0], 0);
+  auto [pi, stats, c] = psa_fwd_glue_cuda(logits, pmax, psum, ps, pm,
+                                          at::TensorList(W).slice(2), eps, sequential);
+  const at::Tensor a = stats.select(1, 2).contiguous(), ueff = stats.select(1, 3).contiguous();
+  auto [y, s_mask] = fwd_apply(x, a, ueff, c, SoftmaxStates{}, sequential);
+  return {y, {pi, s_mask, stats, c, a, ueff}};
+}
+
+// dL/dx and the 12 weights' gradients in the accumulation dtype, in the op's order. ch_bq's is
+// exactly 0 (the softmax over pixels removes the bias).
+std::tuple<at::Tensor, std::vector<at::Tensor>> paper_backward(
+    const at::Tensor& grad, const at::Tensor& x, const std::vector<at::Tensor>& saved,
+    const std::vector<at::Tensor>& W, double eps, bool sequential) {
+  const at::Tensor &pi = saved[0], &s_mask = saved[1], &stats = saved[2], &a = saved[4],
+                   &ueff = saved[5];
+  auto [d_t, part_da, part_dueff, unused] =
+      bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, 0, sequential);
+  auto [dm, dsv, beta, left, right, vecs] = psa_bwd_glue_cuda(
+      d_t, part_da, part_dueff, stats, at::TensorList(W).slice(2), eps, sequential);
+  auto [dx, part_gwq] = psa_bwd_apply_cuda(grad, x, a, s_mask, pi, d_t, ueff, dm, dsv, W[0],
+                                           beta, 0, sequential);
+  const at::Tensor mats = at::bmm(left.transpose(1, 2), right);  // (4, C/2, C)
+  const int64_t H = left.size(2), C = right.size(2);
+  // vecs' columns: sp_bv, sp_bq, ch_bv (C/2 each), ln_weight, ln_bias, ch_bz (C each)
+  const auto v = vecs.sum(0).split_with_sizes({H, H, H, C, C, C});
+  return {dx,
+          {part_gwq.sum({0, 1}), at::zeros({1}, part_gwq.options()), mats[3], v[2],
+           mats[2].t(), v[5], v[3], v[4], mats[1], v[1], mats[0], v[0]}};
+}
+
+// x made dense in its own memory format (NCHW or channels_last), as the kernels need.
+inline at::Tensor dense(const at::Tensor& x) { return x.contiguous(x.suggest_memory_format()); }
+
+// psa_block_cuda_fwd for forms 0-2 (checked by the caller).
+std::tuple<at::Tensor, std::vector<at::Tensor>> block_forward(const at::Tensor& x_in,
+                                                              at::TensorList weights,
+                                                              int64_t form, double eps) {
+  const launch::DeviceGuard guard(x_in.device());
+  const at::Tensor x = dense(x_in);
+  const Geometry g = geometry(x);
+  const auto W = acc_weights(weights, form, g.C, at::toOpMathType(x.scalar_type()));
+  if (form == kReleaseP) return release_p_forward(x, g, W);
+  return paper_forward(x, g, W, eps, form == kPaperSequential);
+}
+
+// psa_block_cuda_bwd for forms 0-2: dL/dx, and the gradients in the weights' shapes and dtypes.
+std::tuple<at::Tensor, std::vector<at::Tensor>> block_backward(
+    const at::Tensor& grad_in, const at::Tensor& x_in, at::TensorList saved_in,
+    at::TensorList weights, int64_t form, double eps) {
+  const launch::DeviceGuard guard(x_in.device());
+  const at::Tensor x = dense(x_in);
+  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
+  const Geometry g = geometry(x);
+  const auto W = acc_weights(weights, form, g.C, at::toOpMathType(x.scalar_type()));
+  const std::vector<at::Tensor> saved(saved_in.begin(), saved_in.end());
+  auto [dx, acc_grads] = form == kReleaseP
+                             ? release_p_backward(grad, x, g, saved, W)
+                             : paper_backward(grad, x, saved, W, eps, form == kPaperSequential);
+  std::vector<at::Tensor> grads;
+  for (size_t i = 0; i < acc_grads.size(); ++i)
+    grads.push_back(acc_grads[i].reshape(weights[i].sizes()).to(weights[i].scalar_type()));
+  return {dx, grads};
+}
+
+}  // namespace psa
+}  // namespace mmattn

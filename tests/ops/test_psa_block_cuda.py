@@ -1,0 +1,131 @@
+"""The whole PSA block per call on a GPU (``mmattn::psa_block_cuda_fwd`` / ``_bwd``, autograd in
+C++): ``PolarizedSelfAttention(backend='cuda')`` for the four forms against the module's
+reference path, the state kept for the backward, CUDA-graph capture and ``torch.compile``.
+All ``cuda``-marked: they run on a machine with a GPU (``tools/gpu_check.sh``); the same code's
+logic runs on the CPU in ``test_kernels_emulated.py`` (the kernels) and ``test_psa_release.py``
+(PSA_s's ATen operations).
+"""
+from __future__ import annotations
+
+import os.path as osp
+import sys
+
+import pytest
+import torch
+from torch import Tensor
+
+from mmattn.analysis import saved_bytes
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from test_psa_block import FORMS, block  # noqa: E402
+from test_psa_release import all_grads, check_low_precision  # noqa: E402
+
+F64 = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-10)
+pytestmark = pytest.mark.cuda
+
+
+def cuda_pair(variant: str, mode: str, c: int, dtype: torch.dtype = F64):
+    fast = block(variant, mode, c, 'cuda').to('cuda', dtype)
+    ref = block(variant, mode, c, 'reference').to('cuda', dtype)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def call(b, t: Tensor) -> Tensor:
+    return b(t)
+
+
+@pytest.mark.parametrize('variant, mode', FORMS)
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_module_matches_reference(cuda_kernels: str, variant: str, mode: str,
+                                  layout: torch.memory_format) -> None:
+    fast, ref = cuda_pair(variant, mode, 48)
+    auto = block(variant, mode, 48, 'auto').cuda()
+    assert auto.selected_backend(torch.randn(1, 48, 2, 2, device='cuda'))[0] == 'cuda'
+    for shape in [(2, 48, 12, 10), (1, 48, 1, 1), (3, 48, 33, 17), (1, 48, 130, 96)]:
+        x = torch.randn(shape, dtype=F64, device='cuda').contiguous(memory_format=layout)
+        g = torch.randn(shape, dtype=F64, device='cuda').contiguous(memory_format=layout)
+        y = fast(x)
+        assert y.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(y, ref(x), **TOL)
+        for got, want in zip(all_grads(call, fast, x, g), all_grads(call, ref, x, g)):
+            torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize('variant, mode', FORMS)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision(cuda_kernels: str, variant: str, mode: str, dtype: torch.dtype) -> None:
+    """Error against float64 at most about twice the eager reference's in the same dtype
+    (C=256: 16-byte vectors; the check of test_psa_release.py, on CUDA tensors)."""
+    def on_cuda(b, x: Tensor) -> Tensor:
+        b.to('cuda').backend = 'cuda'
+        return b(x.cuda()).cpu()
+    check_low_precision(on_cuda, mode, (2, 256, 24, 20), dtype, variant)
+
+
+@pytest.mark.parametrize('variant, mode', FORMS)
+def test_keeps_nothing_of_x_size(cuda_kernels: str, variant: str, mode: str) -> None:
+    """Besides x, the backward keeps a few (N, P) and (N, C) tensors (the paper forms and
+    PSA_p) or nothing (PSA_s): under a twentieth of x at C=64."""
+    fast, ref = cuda_pair(variant, mode, 64, torch.float32)
+    x = torch.randn(2, 64, 32, 24, device='cuda', requires_grad=True)
+    assert saved_bytes(fast, x) < x.numel() * x.element_size() / 20
+    assert saved_bytes(ref, x) >= x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize('variant, mode', FORMS)
+def test_training_step_replays_in_a_cuda_graph(cuda_kernels: str, variant: str,
+                                               mode: str) -> None:
+    """A training step (forward, backward) captured in a CUDA graph replays equal to eager on
+    new data: no host-device synchronisation, no allocation outside the graph's pool."""
+    fast, _ = cuda_pair(variant, mode, 64, torch.float32)
+    static_x = torch.randn(2, 64, 32, 24, device='cuda', requires_grad=True)
+
+    def step() -> Tensor:
+        fast.zero_grad(set_to_none=False)
+        static_x.grad = None
+        y = fast(static_x)
+        y.square().sum().backward()
+        return y
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up outside the capture (cuBLAS workspaces, the allocator)
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = step()
+    with torch.no_grad():
+        static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    torch.cuda.synchronize()
+    got = [static_y.clone(), static_x.grad.clone()] + [p.grad.clone() for p in fast.parameters()]
+    want = [step().detach(), static_x.grad] + [p.grad for p in fast.parameters()]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('variant, mode', FORMS)
+def test_torch_compile_fullgraph(cuda_kernels: str, variant: str, mode: str) -> None:
+    torch._dynamo.reset()
+    fast, ref = cuda_pair(variant, mode, 16)
+    compiled = torch.compile(fast, fullgraph=True, backend='aot_eager')
+    x = torch.randn(2, 16, 5, 4, dtype=F64, device='cuda')
+    g = torch.randn_like(x)
+    for got, want in zip(all_grads(lambda b, t: compiled(t), fast, x, g),
+                         all_grads(call, ref, x, g)):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_opcheck(cuda_kernels: str) -> None:
+    """Schema, fake tensors (the state's shapes), the C++ autograd and AOT dispatch."""
+    from mmattn.ops.psa_block import psa_block_weights
+    for variant, mode in FORMS:
+        weights, form, eps = psa_block_weights(block(variant, mode, 8, 'reference'))
+        weights = [w.detach().cuda().requires_grad_() for w in weights]
+        x = torch.randn(2, 8, 3, 5, dtype=F64, device='cuda', requires_grad=True)
+        torch.library.opcheck(torch.ops.mmattn.psa_block_cuda_fwd.default,
+                              (x, weights, form, eps))
