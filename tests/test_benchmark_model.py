@@ -48,11 +48,10 @@ def test_training_steps_of_stock_and_psa_forms_with_mmseg_only() -> None:
     out = result.stdout
     assert out.strip().splitlines()[-1] == 'loaded: mmseg'
     assert 'batch 1 x 3x32x64' in out
-    # the official form has no CUDA backend, and the paper form's cannot run on CPU tensors:
-    # each is said, not run
-    assert "skipped: psa_s-official with backend='cuda' (it accepts" in out
-    assert "skipped: paper-parallel with backend='cuda': psa_paper: backend='cuda' " \
-        "requested but it declined: input is on cpu" in out
+    # the CUDA backend cannot run on CPU tensors: that is said, not run
+    for form, op in (('psa_s-official', 'psa_official'), ('paper-parallel', 'psa_paper')):
+        assert f"skipped: {form} with backend='cuda': {op}: backend='cuda' requested but it " \
+            "declined: input is on cpu" in out
     rows = _table(out)
     runs = [(row[0], row[1]) for row in rows]
     assert runs[:5] == [('stock', '-'), ('psa_s-official', 'auto'),

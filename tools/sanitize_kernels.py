@@ -5,9 +5,8 @@ memcheck`` and ``--tool racecheck``)::
     compute-sanitizer --tool memcheck --error-exitcode 1 python tools/sanitize_kernels.py
 
 PSA (``backend='cuda'``: the whole block per call, the paper's two forms and the release's
-``PSA_p`` on the kernels, ``PSA_s`` as ATen operations): float32 and bfloat16, NCHW and
-channels_last, on [2, 64, 17, 13], [3, 96, 33, 40] and [1, 8, 1, 1] (odd sizes, a single
-pixel). Outlook
+``PSA_p`` and ``PSA_s``): float32 and bfloat16, NCHW and channels_last, on [2, 64, 17, 13],
+[3, 96, 33, 40] and [1, 8, 1, 1] (odd sizes, a single pixel). Outlook
 attention (``backend='cuda'``): K=3 with stride 1 and 2, float32 and bfloat16. Each result is
 compared with the reference path, so that a kernel the sanitizer passes but that computes
 garbage still fails. Exits 0 when all match, 1 otherwise; needs a CUDA GPU and the kernels

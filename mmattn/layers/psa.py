@@ -82,8 +82,9 @@ Backends (``PolarizedSelfAttention(backend=...)``): besides the eager equations 
   (:meth:`PolarizedSelfAttention._official_folded`: ``PSA_s`` keeps its softmaxed
   (N, C/2, H, W) value map);
 * ``'cuda'`` (CUDA tensors): the whole block as one compiled op per direction with its autograd
-  in C++ (:mod:`mmattn.ops.psa_block`): the paper forms and ``PSA_p`` on the folded passes'
-  CUDA kernels, ``PSA_s`` as ATen operations launched from C++ (nothing but x kept);
+  in C++ (:mod:`mmattn.ops.psa_block`): every form on CUDA kernels (the paper's folded passes;
+  ``PSA_s``'s value map computed per tile, never stored), keeping a few (N, H*W) and (N, C)
+  tensors besides x;
 * ``'cpu'`` (every form, CPU tensors): the whole block as one compiled C++ op per direction,
   its autograd registered in C++ (:mod:`mmattn.ops.psa_block`): nothing but x kept for the
   backward, and a small map costs its arithmetic instead of 40-120 operator calls.

@@ -190,9 +190,9 @@ def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False,
 def can_use_psa_block_cuda(x: torch.Tensor, *, hooks: bool = False,
                            **_: object) -> tuple[bool, str]:
     """Whether the release's PSA forms can run as one compiled op per direction on ``x``
-    (``psa_block_cuda_fwd``: ``PSA_p`` on the pass kernels, ``PSA_s`` as ATen operations
-    launched from C++): a CUDA tensor of a kernel dtype, the extension built with its CUDA
-    sources, no graph being recorded, no hooks on the gates (it calls no submodule)."""
+    (``psa_block_cuda_fwd``, on the CUDA kernels): a CUDA tensor of a kernel dtype, the
+    extension built with its CUDA sources, no graph being recorded, no hooks on the gates (it
+    calls no submodule)."""
     ok, reason = can_use_psa_folded(x, hooks=hooks)
     if not ok:
         return ok, reason

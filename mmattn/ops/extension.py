@@ -67,12 +67,6 @@ SCHEMAS: dict[str, str] = {
                           '-> (Tensor, Tensor[])',
     'psa_block_cuda_bwd': 'psa_block_cuda_bwd(Tensor grad, Tensor x, Tensor[] state, '
                           'Tensor[] weights, int form, float eps) -> (Tensor, Tensor[])',
-    # the release's PSA_p / PSA_s (forms 2, 3) as ATen operations on any device
-    # (psa_release.cpp; psa_block_cuda_fwd runs PSA_s with it)
-    'psa_release_fwd': 'psa_release_fwd(Tensor x, Tensor[] weights, int form, float eps) '
-                       '-> Tensor',
-    'psa_release_bwd': 'psa_release_bwd(Tensor grad, Tensor x, Tensor[] weights, int form, '
-                       'float eps) -> (Tensor, Tensor[])',
     # the C-sized work between the passes, a thread block per image (psa_glue.cuh)
     'psa_fwd_glue': 'psa_fwd_glue(Tensor logits, Tensor pmax, Tensor psum, Tensor ps, Tensor pm, '
                     'Tensor[] weights, float eps, bool sequential) -> (Tensor, Tensor, Tensor)',

@@ -19,10 +19,10 @@ maps, the PyTorch paths are as fast, so ``auto`` takes it for maps of up to
 :data:`mmattn.ops.dispatch.PSA_CPU_MAX_WORK` elements per image
 (:func:`mmattn.ops.dispatch.can_use_psa_cpu`).
 
-CUDA: the paper forms and ``PSA_p`` run on the pass kernels (3-4 launches forward, 3 backward
-plus the weight gradients' product and sums; ``csrc/psa_block_cuda.cuh``); the forward also
-returns the few (N, P) and (N, C) tensors its backward takes (:func:`state_shapes`), kept with x.
-``PSA_s`` runs as ATen operations launched from C++ (``csrc/psa_release.cpp``), keeping only x.
+CUDA: every form runs on the pass kernels (3-5 launches forward, 3-4 backward plus the weight
+gradients' products and sums; ``csrc/psa_block_cuda.cuh``); the forward also returns the few
+(N, P), (N, C) and (N, C/2) tensors its backward takes (:func:`state_shapes`), kept with x:
+never anything of x's size (``PSA_s``'s (N, C/2, H, W) value map is recomputed per tile).
 """
 from __future__ import annotations
 
@@ -84,15 +84,19 @@ def psa_block(x: Tensor, weights: list[Tensor], form: int, eps: float) -> Tensor
     return torch.ops.mmattn.psa_block_fwd(x, weights, form, eps)
 
 
-def state_shapes(form: int, n: int, c: int, h: int, w: int) -> list[tuple[int, ...]]:
-    """The shapes of what ``psa_block_cuda_fwd`` returns besides y, for x (n, c, h, w)
-    (``csrc/psa_block_cuda.cuh``; all in float32, float64 for float64 x)."""
+def state_shapes(form: int, n: int, c: int, h: int, w: int,
+                 bottleneck: int = 0) -> list[tuple[int, ...]]:
+    """The shapes of what ``psa_block_cuda_fwd`` returns besides y, for x (n, c, h, w) and
+    (``PSA_s``) its ``bottleneck`` channels (``csrc/psa_block_cuda.cuh``; all in float32,
+    float64 for float64 x)."""
     p, half = h * w, c // 2
     if form < 2:   # pi, S, stats [s, m, A, u_eff], c, A, u_eff
         return [(n, p), (n, p), (n, 4, c), (n,), (n, c), (n, c)]
     if form == 2:  # pi, t, the spatial softmax's state, stats [s, m, A, u], small [v, q]
         return [(n, p), (n, p), (2, n), (4, n, c), (2, n, half)]
-    return []      # PSA_s keeps nothing but x
+    # pi, S, stats [s, m, A, A m], small [v, q], the bottleneck's [zhat, h2, relu(h2), -],
+    # its LayerNorm's 1/std, the value softmax's state
+    return [(n, p), (n, p), (4, n, c), (2, n, half), (4, n, bottleneck), (n,), (2, n, half)]
 
 
 def _fake_fwd(x, weights, form, eps):
@@ -105,7 +109,9 @@ def _fake_bwd(grad, x, weights, form, eps):
 
 def _fake_cuda_fwd(x, weights, form, eps):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    state = [x.new_empty(shape, dtype=acc) for shape in state_shapes(form, *x.shape)]
+    bottleneck = weights[3].numel() if form == 3 else 0
+    state = [x.new_empty(shape, dtype=acc)
+             for shape in state_shapes(form, *x.shape, bottleneck=bottleneck)]
     return torch.empty_like(x), state
 
 
@@ -113,9 +119,8 @@ def _fake_cuda_bwd(grad, x, state, weights, form, eps):
     return _fake_bwd(grad, x, weights, form, eps)
 
 
-for _name in ('psa_block', 'psa_release'):
-    torch.library.register_fake(f'mmattn::{_name}_fwd')(_fake_fwd)
-    torch.library.register_fake(f'mmattn::{_name}_bwd')(_fake_bwd)
+torch.library.register_fake('mmattn::psa_block_fwd')(_fake_fwd)
+torch.library.register_fake('mmattn::psa_block_bwd')(_fake_bwd)
 torch.library.register_fake('mmattn::psa_block_cuda_fwd')(_fake_cuda_fwd)
 torch.library.register_fake('mmattn::psa_block_cuda_bwd')(_fake_cuda_bwd)
 

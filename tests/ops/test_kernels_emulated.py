@@ -31,8 +31,8 @@ from test_outlook_op import grid, paper_aggregate  # noqa: E402
 from test_psa_block import block  # noqa: E402
 from test_psa_op import (EPS, F64, PARAM_NAMES, check_low_precision, grads,  # noqa: E402
                          paper_psa, random_params)
-from test_psa_release import block_function, check_matches, through  # noqa: E402
-from test_psa_release import check_low_precision as check_release_low_precision  # noqa: E402
+from psa_block_checks import block_function, check_matches, through  # noqa: E402
+from psa_block_checks import check_low_precision as check_release_low_precision  # noqa: E402
 
 HERE = osp.dirname(osp.abspath(__file__))
 NAMESPACE = 'mmattn_emulated'
@@ -249,14 +249,14 @@ def test_psa_kernel_input_errors(emulated) -> None:
 # ---------------------------------------------------------------- the whole block per call
 @pytest.fixture
 def block_kernel(emulated):
-    """``(module, x) -> output`` through the emulated psa_block_cuda_fwd/_bwd: the paper forms
-    and the release's PSA_p on the pass kernels (psa_block_cuda.cuh), as psa_cuda.cu runs them,
-    with the state the forward returns kept for the backward."""
-    return through(block_function(emulated.psa_block_cuda_fwd, emulated.psa_block_cuda_bwd,
-                                  state=True))
+    """``(module, x) -> output`` through the emulated psa_block_cuda_fwd/_bwd: every form on the
+    kernels as psa_cuda.cu composes them (psa_block_cuda.cuh), with the state the forward
+    returns kept for the backward."""
+    return through(block_function(emulated.psa_block_cuda_fwd, emulated.psa_block_cuda_bwd))
 
 
-BLOCK_FORMS = [('paper', 'parallel'), ('paper', 'sequential'), ('official', 'parallel')]
+BLOCK_FORMS = [('paper', 'parallel'), ('paper', 'sequential'), ('official', 'parallel'),
+               ('official', 'sequential')]
 
 
 @pytest.mark.parametrize('variant, mode', BLOCK_FORMS)
@@ -269,25 +269,36 @@ def test_psa_block_kernels_match_equations(block_kernel, variant: str, mode: str
         check_matches(block_kernel, mode, shape, layout, variant)
 
 
+@pytest.mark.parametrize('mode', ['parallel', 'sequential'])
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
-def test_psa_p_kernels_low_precision(block_kernel, dtype: torch.dtype,
-                                     layout: torch.memory_format) -> None:
-    """PSA_p at C=256, 16-byte vectors in both layouts: error against float64 at most about
-    twice the eager reference's in the same dtype (the paper forms: the folded op's tests)."""
+def test_psa_release_kernels_low_precision(block_kernel, mode: str, dtype: torch.dtype,
+                                           layout: torch.memory_format) -> None:
+    """The release's forms at C=256, 16-byte vectors in both layouts: error against float64 at
+    most about twice the eager reference's in the same dtype (the paper forms' passes: the
+    folded op's tests above)."""
     def in_layout(b, x: Tensor) -> Tensor:
         return block_kernel(b, x.contiguous(memory_format=layout))
-    check_release_low_precision(in_layout, 'parallel', (2, 256, 10, 12), dtype)
+    check_release_low_precision(in_layout, mode, (2, 256, 10, 12), dtype)
+
+
+def test_psa_s_kernels_wide_channels(block_kernel) -> None:
+    """PSA_s at C=1024, float64: the value passes' tiles shrink to a few pixels (the value
+    map's tile and two pixel tiles share the block's shared memory)."""
+    check_matches(block_kernel, 'sequential', (2, 1024, 3, 2), torch.contiguous_format)
 
 
 @pytest.mark.parametrize('variant, mode, launches', [
-    ('paper', 'sequential', (3, 3)), ('official', 'parallel', (4, 3))])
+    ('paper', 'sequential', (3, 3)), ('official', 'parallel', (4, 3)),
+    ('official', 'sequential', (5, 4))])
 def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: str,
                                    launches: tuple[int, int]) -> None:
-    """A training step launches 3 kernels forward for the paper forms (reduction, glue, apply
-    pass; PSA_p: 4, with the reduction of its spatial logits) and 3 backward (reduction, glue,
-    apply pass); besides, a few ATen operations from C++ (the paper form's two gate vectors
-    made contiguous; the weight gradients' batched product and sums)."""
+    """A training step's kernels: the paper forms 3 forward (reduction, glue, apply pass) and 3
+    backward (reduction, glue, apply pass); PSA_p 4 forward (+ the reduction of its spatial
+    logits); PSA_s 5 forward (reduction, glue, value reduction, its merge, apply pass) and 4
+    backward (reduction, value pass, glue, apply pass). Besides, a few ATen operations from C++
+    (the weight gradients' products and sums; PSA_s: zeroing its atomic buffer, adding its value
+    pass's part of dx)."""
     b = block(variant, mode, 32, 'reference')
     x = torch.randn(2, 32, 6, 5, dtype=torch.float32, requires_grad=True)
     start = emulated.emulated_launches()
@@ -299,22 +310,18 @@ def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: s
 
 def test_psa_block_kernel_state_shapes(emulated) -> None:
     """What the forward returns besides y has the shapes the fake implementation gives
-    (torch.compile builds its graph from those)."""
+    (torch.compile builds its graph from those) and nothing of x's size."""
     for variant, mode in BLOCK_FORMS:
         weights, form, eps = psa_block_weights(block(variant, mode, 8, 'reference'))
+        bottleneck = weights[3].numel() if form == 3 else 0
         for dtype, acc in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                            (F64, F64)):
             x = torch.randn(3, 8, 5, 2, dtype=dtype)
             y, state = emulated.psa_block_cuda_fwd(x, [w.to(dtype) for w in weights], form,
                                                    eps)
-            assert [tuple(t.shape) for t in state] == state_shapes(form, *x.shape)
+            assert [tuple(t.shape) for t in state] == \
+                state_shapes(form, *x.shape, bottleneck=bottleneck)
             assert all(t.dtype == acc for t in state) and y.dtype == dtype
-
-
-def test_psa_block_kernel_errors(emulated) -> None:
-    weights, form, eps = psa_block_weights(block('official', 'sequential', 8, 'reference'))
-    with pytest.raises(RuntimeError, match='forms 0-2 only, got 3'):
-        emulated.psa_block_cuda_fwd(torch.randn(1, 8, 2, 2), weights, form, eps)
 
 
 # ---------------------------------------------------------------- outlook attention

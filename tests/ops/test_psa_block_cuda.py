@@ -2,8 +2,7 @@
 C++): ``PolarizedSelfAttention(backend='cuda')`` for the four forms against the module's
 reference path, the state kept for the backward, CUDA-graph capture and ``torch.compile``.
 All ``cuda``-marked: they run on a machine with a GPU (``tools/gpu_check.sh``); the same code's
-logic runs on the CPU in ``test_kernels_emulated.py`` (the kernels) and ``test_psa_release.py``
-(PSA_s's ATen operations).
+logic runs on the CPU in ``test_kernels_emulated.py`` (the kernels under an emulation of CUDA).
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from mmattn.analysis import saved_bytes
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from test_psa_block import FORMS, block  # noqa: E402
-from test_psa_release import all_grads, check_low_precision  # noqa: E402
+from psa_block_checks import all_grads, check_low_precision  # noqa: E402
 
 F64 = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -57,7 +56,7 @@ def test_module_matches_reference(cuda_kernels: str, variant: str, mode: str,
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision(cuda_kernels: str, variant: str, mode: str, dtype: torch.dtype) -> None:
     """Error against float64 at most about twice the eager reference's in the same dtype
-    (C=256: 16-byte vectors; the check of test_psa_release.py, on CUDA tensors)."""
+    (C=256: 16-byte vectors; the check of psa_block_checks.py, on CUDA tensors)."""
     def on_cuda(b, x: Tensor) -> Tensor:
         b.to('cuda').backend = 'cuda'
         return b(x.cuda()).cpu()
@@ -66,8 +65,8 @@ def test_low_precision(cuda_kernels: str, variant: str, mode: str, dtype: torch.
 
 @pytest.mark.parametrize('variant, mode', FORMS)
 def test_keeps_nothing_of_x_size(cuda_kernels: str, variant: str, mode: str) -> None:
-    """Besides x, the backward keeps a few (N, P) and (N, C) tensors (the paper forms and
-    PSA_p) or nothing (PSA_s): under a twentieth of x at C=64."""
+    """Besides x, the backward keeps a few (N, P), (N, C) and (N, C/2) tensors: under a
+    twentieth of x at C=64 (the reference keeps more than x)."""
     fast, ref = cuda_pair(variant, mode, 64, torch.float32)
     x = torch.randn(2, 64, 32, 24, device='cuda', requires_grad=True)
     assert saved_bytes(fast, x) < x.numel() * x.element_size() / 20

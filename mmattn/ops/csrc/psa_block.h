@@ -1,11 +1,10 @@
 // What the two implementations of the op mmattn::psa_block_fwd / psa_block_bwd share (a whole
 // PSA block per call, mmattn/ops/psa_block.py): the forms, the weights each takes and the
-// checks of the arguments. psa_cpu.cpp is the CPU implementation (all four forms), psa_release.cpp
-// the one for CUDA tensors (the release's PSA_p and PSA_s).
+// checks of the arguments. psa_cpu.cpp is the CPU implementation, psa_cuda.cu (with
+// psa_block_cuda.cuh) the CUDA one.
 #pragma once
 
 #include <algorithm>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -75,12 +74,5 @@ inline std::vector<at::Tensor> acc_weights(at::TensorList weights, int64_t form,
   }
   return out;
 }
-
-// The release's forms (2, 3) as ATen operations on any device (psa_release.cpp).
-at::Tensor release_fwd(const at::Tensor& x, at::TensorList weights, int64_t form, double eps);
-std::tuple<at::Tensor, std::vector<at::Tensor>> release_bwd(const at::Tensor& grad,
-                                                            const at::Tensor& x,
-                                                            at::TensorList weights, int64_t form,
-                                                            double eps);
 
 }  // namespace mmattn

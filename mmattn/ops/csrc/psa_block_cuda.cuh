@@ -1,15 +1,14 @@
-// A whole PSA block on the CUDA pass kernels, composed in C++: the implementation of the ops
-// mmattn::psa_block_cuda_fwd / _bwd (mmattn/ops/psa_block.py) for the paper's two forms and the
-// release's PSA_p (psa_cuda.cu adds PSA_s, as ATen operations: psa_release.cpp). The forward
-// returns, besides y, what its backward takes (a few (N, P), (N, C) and (N, C/2) tensors: never
+// A whole PSA block on the CUDA kernels, composed in C++: the implementation of the ops
+// mmattn::psa_block_cuda_fwd / _bwd (mmattn/ops/psa_block.py) for the four forms. The forward
+// returns, besides y, what its backward takes (a few (N, P), (N, C), (N, C/2) tensors: never
 // anything of x's size); the autograd that pairs them is registered in C++ (psa_autograd.cpp),
 // so a training step runs no Python per block beyond the module's call.
 //
 //   paper forms (psa_kernels.cuh, psa_glue.cuh; the folding is derived in mmattn/ops/psa.py):
-//     forward  3 launches: reduce, glue, apply;
-//     backward 3 launches: reduce, glue, apply; then the weight gradients' batched product and
-//              two sums (ATen).
-//   the release's PSA_p (psa_release_p.cuh): forward 4, backward 3 (+ the same ATen tail).
+//     forward 3 launches: reduce, glue, apply; backward 3: reduce, glue, apply;
+//   the release's PSA_p (psa_release_p.cuh): forward 4, backward 3;
+//   the release's PSA_s (psa_release_s.cuh): forward 5, backward 4;
+// each backward then adds the weight gradients' products and sums (ATen).
 //
 // Needs the launch interface (cuda_launch.cuh, or the tests' CPU emulation).
 #pragma once
@@ -21,6 +20,7 @@
 #include "psa_glue.cuh"
 #include "psa_kernels.cuh"
 #include "psa_release_p.cuh"
+#include "psa_release_s.cuh"
 
 namespace mmattn {
 namespace psa {
@@ -63,7 +63,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> paper_backward(
 // x made dense in its own memory format (NCHW or channels_last), as the kernels need.
 inline at::Tensor dense(const at::Tensor& x) { return x.contiguous(x.suggest_memory_format()); }
 
-// psa_block_cuda_fwd for forms 0-2 (checked by the caller).
+// psa_block_cuda_fwd (the form checked by the caller).
 std::tuple<at::Tensor, std::vector<at::Tensor>> block_forward(const at::Tensor& x_in,
                                                               at::TensorList weights,
                                                               int64_t form, double eps) {
@@ -72,10 +72,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> block_forward(const at::Tensor& 
   const Geometry g = geometry(x);
   const auto W = acc_weights(weights, form, g.C, at::toOpMathType(x.scalar_type()));
   if (form == kReleaseP) return release_p_forward(x, g, W);
+  if (form == kReleaseS) return release_s_forward(x, g, W, eps);
   return paper_forward(x, g, W, eps, form == kPaperSequential);
 }
 
-// psa_block_cuda_bwd for forms 0-2: dL/dx, and the gradients in the weights' shapes and dtypes.
+// psa_block_cuda_bwd: dL/dx, and the gradients in the weights' shapes and dtypes.
 std::tuple<at::Tensor, std::vector<at::Tensor>> block_backward(
     const at::Tensor& grad_in, const at::Tensor& x_in, at::TensorList saved_in,
     at::TensorList weights, int64_t form, double eps) {
@@ -85,9 +86,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> block_backward(
   const Geometry g = geometry(x);
   const auto W = acc_weights(weights, form, g.C, at::toOpMathType(x.scalar_type()));
   const std::vector<at::Tensor> saved(saved_in.begin(), saved_in.end());
-  auto [dx, acc_grads] = form == kReleaseP
-                             ? release_p_backward(grad, x, g, saved, W)
-                             : paper_backward(grad, x, saved, W, eps, form == kPaperSequential);
+  auto [dx, acc_grads] =
+      form == kReleaseP   ? release_p_backward(grad, x, g, saved, W)
+      : form == kReleaseS ? release_s_backward(grad, x, g, saved, W)
+                          : paper_backward(grad, x, saved, W, eps, form == kPaperSequential);
   std::vector<at::Tensor> grads;
   for (size_t i = 0; i < acc_grads.size(); ++i)
     grads.push_back(acc_grads[i].reshape(weights[i].sizes()).to(weights[i].scalar_type()));

@@ -1,8 +1,7 @@
 // Polarized Self-Attention's CUDA kernels: the folded paper form's four passes over x and the
 // C-sized work between them (psa_kernels.cuh, psa_glue.cuh, launched through cuda_launch.cuh),
-// and the whole block per call, mmattn::psa_block_cuda_fwd / _bwd: the paper forms and the
-// release's PSA_p on those passes (psa_block_cuda.cuh, psa_release_p.cuh), PSA_s as ATen
-// operations (psa_release.cpp).
+// and the whole block per call, mmattn::psa_block_cuda_fwd / _bwd, for the four forms
+// (psa_block_cuda.cuh; the release's PSA_p and PSA_s: psa_release_p.cuh, psa_release_s.cuh).
 #include <torch/library.h>
 
 #include "cuda_launch.cuh"
@@ -14,17 +13,11 @@
 namespace mmattn {
 namespace {
 
-void check_block_args(const at::Tensor& x, at::TensorList weights, int64_t form) {
-  check_args(x, std::vector<at::Tensor>(weights.begin(), weights.end()), form);
-}
-
-// A whole block per call: the paper forms and PSA_p on the kernels (psa_block_cuda.cuh), PSA_s
-// as ATen operations (psa_release.cpp: it keeps nothing but x, so its state is empty).
+// A whole block per call, every form on the kernels (psa_block_cuda.cuh).
 std::tuple<at::Tensor, std::vector<at::Tensor>> psa_block_cuda_fwd(const at::Tensor& x,
                                                                    at::TensorList weights,
                                                                    int64_t form, double eps) {
-  check_block_args(x, weights, form);
-  if (form == kReleaseS) return {release_fwd(x, weights, form, eps), {}};
+  check_args(x, std::vector<at::Tensor>(weights.begin(), weights.end()), form);
   return psa::block_forward(x, weights, form, eps);
 }
 
@@ -33,10 +26,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> psa_block_cuda_bwd(const at::Ten
                                                                    at::TensorList state,
                                                                    at::TensorList weights,
                                                                    int64_t form, double eps) {
-  check_block_args(x, weights, form);
+  check_args(x, std::vector<at::Tensor>(weights.begin(), weights.end()), form);
   TORCH_CHECK(grad.sizes() == x.sizes(), "psa_block_cuda_bwd: grad must have x's shape ",
               x.sizes(), ", got ", grad.sizes());
-  if (form == kReleaseS) return release_bwd(grad, x, weights, form, eps);
   return psa::block_backward(grad, x, state, weights, form, eps);
 }
 

@@ -213,6 +213,29 @@ __device__ __forceinline__ void load_tile(const Geometry& g, int log2_tile, int 
       });
 }
 
+// The tiles of x and of G (.) x (the backward reductions'): tile_x[p][c] = x[c, pt + p],
+// tile_gx[p][c] = grad[c, pt + p] x[c, pt + p] (x, grad: one image, laid out as g says).
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_tiles_gx(const Geometry& g, int log2_tile, int tp,
+                                              const scalar_t* x, const scalar_t* grad, int pt,
+                                              acc_t* tile_x, acc_t* tile_gx, int ld) {
+  tile_loop<VEC>(
+      g, log2_tile, tp,
+      [&](int c, int p) {
+        const int64_t i = at_cp(g, c, pt + p);
+        return Pair<Pack<scalar_t, VEC>>{load_pack<VEC>(x + i), load_pack<VEC>(grad + i)};
+      },
+      [&](int c, int p, int dc, int dp, const Pair<Pack<scalar_t, VEC>>& xg) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const int at = (p + k * dp) * ld + c + k * dc;
+          const acc_t xk = static_cast<acc_t>(xg.first.v[k]);
+          tile_x[at] = xk;
+          tile_gx[at] = static_cast<acc_t>(xg.second.v[k]) * xk;
+        }
+      });
+}
+
 // ---------------------------------------------------------------- forward, pass 1: reductions
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
@@ -376,21 +399,7 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
   for (int pt = p_begin; pt < p_end; pt += tile_p) {
     const int tp = min(tile_p, p_end - pt);
     __syncthreads();
-    tile_loop<VEC>(
-        g, log2_tile, tp,
-        [&](int c, int p) {
-          const int64_t i = base + at_cp(g, c, pt + p);
-          return Pair<Pack<scalar_t, VEC>>{load_pack<VEC>(x + i), load_pack<VEC>(grad + i)};
-        },
-        [&](int c, int p, int dc, int dp, const Pair<Pack<scalar_t, VEC>>& xg) {
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const int at = (p + k * dp) * ld + c + k * dc;
-            const acc_t xk = static_cast<acc_t>(xg.first.v[k]);
-            tile_x[at] = xk;
-            tile_gx[at] = static_cast<acc_t>(xg.second.v[k]) * xk;
-          }
-        });
+    load_tiles_gx<VEC>(g, log2_tile, tp, x + base, grad + base, pt, tile_x, tile_gx, ld);
     if (threadIdx.x < tp) {
       const int64_t i = np + pt + threadIdx.x;
       if (release) {
@@ -562,17 +571,18 @@ at::Tensor vec(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
 }
 
 // Tile size (a power of two) and dynamic shared memory for `tiles` (TP x (C+1)) tiles,
-// `per_pixel` TP-vectors and `per_channel` C-vectors of the accumulation type.
+// `per_pixel` TP-vectors, `per_channel` C-vectors and `fixed` more values of the accumulation
+// type.
 struct Launch {
   int tile_p;
   int log2_tile;
   size_t smem;
 };
 
-Launch plan(int C, size_t elem, int tiles, int per_pixel, int per_channel) {
+Launch plan(int C, size_t elem, int tiles, int per_pixel, int per_channel, int fixed = 0) {
   auto bytes = [&](int tp) {
     return elem * (static_cast<size_t>(tiles) * tp * (C + 1) + static_cast<size_t>(per_pixel) * tp +
-                   static_cast<size_t>(per_channel) * C);
+                   static_cast<size_t>(per_channel) * C + static_cast<size_t>(fixed));
   };
   int tp = kMaxTile;
   while (tp > 1 && bytes(tp) > kDefaultSmem) tp /= 2;

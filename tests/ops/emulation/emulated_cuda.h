@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -83,6 +84,20 @@ inline T __shfl_xor_sync(unsigned, T value, int lane_mask) {
 }
 
 inline float __expf(float v) { return std::exp(v); }
+
+namespace mmattn_emulation {
+inline std::mutex atomics;
+}  // namespace mmattn_emulation
+
+// atomicAdd: the old value, the sum stored (one lock for every address: the threads of a block
+// run concurrently)
+template <typename T>
+inline T atomicAdd(T* address, T value) {
+  const std::lock_guard<std::mutex> lock(mmattn_emulation::atomics);
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
 
 namespace mmattn {
 namespace launch {

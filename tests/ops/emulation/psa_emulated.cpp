@@ -27,10 +27,9 @@ int64_t psa_vector_width(const at::Tensor& x, int64_t tiles) {
   return width;
 }
 
-// psa_block_cuda_fwd/_bwd on the emulated kernels: the paper forms and PSA_p (psa_cuda.cu adds
-// PSA_s, as ATen operations)
+// psa_block_cuda_fwd/_bwd on the emulated kernels
 void check_form(int64_t form) {
-  TORCH_CHECK(form >= 0 && form <= 2, "emulated psa_block_cuda: forms 0-2 only, got ", form);
+  TORCH_CHECK(form >= 0 && form <= 3, "emulated psa_block_cuda: forms 0-3, got ", form);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> block_fwd(const at::Tensor& x,

@@ -1,0 +1,111 @@
+"""Checks of a whole PSA block computed by some implementation (the compiled CUDA block on a
+GPU, or its kernels under the CPU emulation), shared by ``test_kernels_emulated.py`` and
+``test_psa_block_cuda.py``: outputs against the equations written out in
+``tests/layers/test_psa.py``, every gradient against autograd through the module's reference
+path (1x1 convolutions and softmaxes on the full maps, standard operators), and, in float32,
+bfloat16 and float16, an error against float64 at most about twice the eager reference's.
+"""
+from __future__ import annotations
+
+import os.path as osp
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmattn.layers import PolarizedSelfAttention
+from mmattn.ops.psa_block import psa_block_weights
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from test_psa_block import block, equations  # noqa: E402
+
+F64 = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def block_function(fwd, bwd) -> type:
+    """An autograd function of the op pair ``fwd(x, weights, form, eps) -> (y, state)`` /
+    ``bwd(grad, x, state, weights, form, eps) -> (dx, weight gradients)`` (the C++ autograd
+    pairs them so on a GPU; the emulated ops have none)."""
+
+    class Block(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Tensor, form: int, eps: float, *weights: Tensor) -> Tensor:
+            y, state = fwd(x, list(weights), form, eps)
+            ctx.save_for_backward(x, *weights, *state)
+            ctx.form, ctx.eps, ctx.weights = form, eps, len(weights)
+            return y
+
+        @staticmethod
+        def backward(ctx: Any, grad: Tensor) -> tuple:
+            x, *rest = ctx.saved_tensors
+            weights, state = rest[:ctx.weights], rest[ctx.weights:]
+            dx, dws = bwd(grad, x, state, weights, ctx.form, ctx.eps)
+            return (dx, None, None, *dws)
+
+    return Block
+
+
+def through(function: type):
+    """``(module, x) -> output`` through ``function``, differentiable in x and the module's
+    parameters."""
+    def run(b: PolarizedSelfAttention, x: Tensor) -> Tensor:
+        weights, form, eps = psa_block_weights(b)
+        return function.apply(x, form, eps, *weights)
+    return run
+
+
+def all_grads(fn, b: PolarizedSelfAttention, x: Tensor, g: Tensor) -> list[Tensor]:
+    b.zero_grad()
+    xi = x.detach().clone().requires_grad_()
+    fn(b, xi).backward(g)
+    return [xi.grad] + [p.grad.clone() for p in b.parameters()]
+
+
+def reference(b: PolarizedSelfAttention, x: Tensor) -> Tensor:
+    b.backend = 'reference'
+    return b(x)
+
+
+def check_matches(fn, mode: str, shape: tuple[int, ...], layout: torch.memory_format,
+                  variant: str = 'official') -> None:
+    """``fn``'s output against the equations (the release's, or the paper's) and its gradients
+    against autograd through the reference, float64, x and G in ``layout`` (kept by y and dx)."""
+    b = block(variant, mode, shape[1], 'reference')
+    x = torch.randn(shape, dtype=F64)
+    xl = x.contiguous(memory_format=layout)
+    y = fn(b, xl)
+    assert y.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(y, equations(b, x), **TOL)
+    g = torch.randn(shape, dtype=F64).contiguous(memory_format=layout)
+    ours = all_grads(fn, b, xl, g)
+    assert ours[0].is_contiguous(memory_format=layout)
+    for got, want in zip(ours, all_grads(reference, b, x, g)):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def check_low_precision(fn, mode: str, shape: tuple[int, ...], dtype: torch.dtype,
+                        variant: str = 'official') -> None:
+    """``fn``'s output and every gradient in ``dtype``: error against float64 at most about
+    twice the eager reference's own in that dtype (the reference on the CPU)."""
+    b = block(variant, mode, shape[1], 'reference')
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(0.3)
+    x, g = torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)
+    truth, truth_g = reference(b, x), all_grads(reference, b, x, g)
+    b = b.to(dtype)
+    xh, gh = x.to(dtype), g.to(dtype)
+    ref, ref_g = reference(b, xh), all_grads(reference, b, xh, gh)
+    ours, ours_g = fn(b, xh), all_grads(fn, b, xh, gh)
+    assert ours.dtype == dtype
+
+    def err(a: Tensor, t: Tensor) -> float:
+        return (a.double().cpu() - t).abs().max().item()
+
+    assert err(ours, truth) <= 2 * err(ref, truth) + 1e-6
+    names = ['x'] + [n for n, _ in b.named_parameters()]
+    for name, a, r, t in zip(names, ours_g, ref_g, truth_g):
+        assert a.dtype == dtype, name
+        assert err(a, t) <= 2 * err(r, t) + 1e-3 * t.abs().max().item(), name
