@@ -509,7 +509,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
   at::Tensor s_mask = at::empty({N, P}, opts);
   const at::Tensor y = like_x(at::empty_like(x), x, g, "y");
   if (N == 0) return {y, {pi, s_mask, stats, small, bott, rstd, norm}};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_release_s_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
     launch::launch(release_s_fwd_glue_kernel<acc_t>, dim3(N), kThreads, kWarps * sizeof(acc_t),
@@ -565,7 +565,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   at::Tensor beta = at::empty({N}, opts), dz = at::empty({N, C}, opts);
   at::Tensor dh1 = at::empty({N, Cb}, opts), dh2 = at::empty({N, Cb}, opts);
   at::Tensor dv = at::empty({N, H}, opts), vecs = at::empty({N, 3 * Cb + C}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_release_s_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
     const Launch lr = plan(C, sizeof(acc_t), 2, 2, 4);
