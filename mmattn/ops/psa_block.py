@@ -94,9 +94,9 @@ def state_shapes(form: int, n: int, c: int, h: int, w: int,
         return [(n, p), (n, p), (n, 4, c), (n,), (n, c), (n, c)]
     if form == 2:  # pi, t, the spatial softmax's state, stats [s, m, A, u], small [v, q]
         return [(n, p), (n, p), (2, n), (4, n, c), (2, n, half)]
-    # pi, S, stats [s, m, A, A m], small [v, q], the bottleneck's [zhat, h2, relu(h2), -],
-    # its LayerNorm's 1/std, the value softmax's state
-    return [(n, p), (n, p), (4, n, c), (2, n, half), (4, n, bottleneck), (n,), (2, n, half)]
+    # pi, S, stats [s, m, A, A m], small [v, q], the bottleneck's [zhat, h2, relu(h2)], its
+    # LayerNorm's 1/std, the value softmax's state
+    return [(n, p), (n, p), (4, n, c), (2, n, half), (3, n, bottleneck), (n,), (2, n, half)]
 
 
 def _fake_fwd(x, weights, form, eps):

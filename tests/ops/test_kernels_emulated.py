@@ -299,9 +299,10 @@ def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: s
     """A training step's kernels: the paper forms 3 forward (reduction, glue, apply pass) and 3
     backward (reduction, glue, apply pass); PSA_p 4 forward (+ the reduction of its spatial
     logits); PSA_s 5 forward (reduction, glue, value reduction, its merge, apply pass) and 4
-    backward (reduction, value pass, glue, apply pass). Besides, a few ATen operations from C++
-    (the weight gradients' products and sums; PSA_s: zeroing its atomic buffer, adding its value
-    pass's part of dx)."""
+    backward (reduction, value pass, glue, apply pass). Besides, 2-6 small ATen operations from
+    C++ (the paper forms and PSA_p: the weight gradients' batched product and sums; PSA_s:
+    zeroing the buffer its kernels add the weight gradients into, adding its value pass's part
+    of dx)."""
     b = block(variant, mode, 32, 'reference')
     x = torch.randn(2, 32, 6, 5, dtype=torch.float32, requires_grad=True)
     start = emulated.emulated_launches()

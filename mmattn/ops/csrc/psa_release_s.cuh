@@ -18,8 +18,8 @@
 // (Vl again, V, t, S, y). Backward, with the forward's small state: the backward reduction
 // (dt = dL/dt, dA's direct part sum_p G x S, dq = sum_p V dt); the value pass (dVl =
 // V q (dt - dq); W_v''s gradient sum_n A (.) sum_p dVl x^T with atomic adds; e = W_v'^T dVl:
-// dx's part A e and dA's part sum_p x e); the glue (the chain's derivative); the paper form's
-// backward apply pass (dx's other terms); the other weight gradients as a few ATen products.
+// dx's part A e and dA's part sum_p x e); the glue (the chain's derivative, the other weights'
+// gradients with atomic adds); the paper form's backward apply pass (dx's other terms).
 //
 // The value products run on CUDA cores, a thread per (k, p) of a tile of pixels (W_v' read
 // through the cache, the tile from shared memory): tensor cores would be the next step.
@@ -52,8 +52,8 @@ ReleaseS<T> release_s_chain(const std::vector<at::Tensor>& W) {
 }
 
 // ---------------------------------------------------------------- glue, forward
-// Image n: stats (4, N, C) = [s, m, A, mz], small (2, N, H) = [v, q], bott (4, N, Cb) =
-// [zhat, h2, relu(h2), (unused)], rstd (N); pi (N, P).
+// Image n: stats (4, N, C) = [s, m, A, mz], small (2, N, H) = [v, q], bott (3, N, Cb) =
+// [zhat, h2, relu(h2)] (the bottleneck), rstd (N) (its LayerNorm's); pi (N, P).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 release_s_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
@@ -102,11 +102,41 @@ release_s_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pm
 }
 
 // ---------------------------------------------------------------- glue, backward
+// Where the weights' gradients (all but wq's) lie in one flat buffer, in the op's order:
+// W_v, W_1, b_1, LN w, LN b, W_2, b_2, W_q', W_v'.
+struct ReleaseSGrads {
+  int64_t wv, w1, b1, lnw, lnb, w2, b2, wq2, wv2, total;
+};
+
+__host__ __device__ inline ReleaseSGrads release_s_grads(int64_t C, int64_t Cb) {
+  const int64_t H = C / 2;
+  ReleaseSGrads o;
+  o.wv = 0;
+  o.w1 = o.wv + H * C;
+  o.b1 = o.w1 + Cb * H;
+  o.lnw = o.b1 + Cb;
+  o.lnb = o.lnw + Cb;
+  o.w2 = o.lnb + Cb;
+  o.b2 = o.w2 + C * Cb;
+  o.wq2 = o.b2 + C;
+  o.wv2 = o.wq2 + H * C;
+  o.total = o.wv2 + H * C;
+  return o;
+}
+
+// out[i][j] += u[i] v[j] for i < rows, j < cols (row-major), with atomic adds: the images'
+// blocks add into the same gradient.
+template <typename T>
+__device__ __forceinline__ void add_outer(T* out, const T* u, const T* v, int rows, int cols) {
+  for (int i = threadIdx.x; i < rows * cols; i += kThreads)
+    atomicAdd(out + i, u[i / cols] * v[i % cols]);
+}
+
 // Image n. In: the splits' partial dA sums (pda: sum_p G x S, S splits; pdae: sum_p x e, Se
-// splits), dq (N, H), the
-// forward's state. Out: dm = dL/dm / P, ds = dL/ds (N, C), beta = ds . s (N) for the backward
-// apply pass; the per-image factors of the weight gradients: dz (N, C), dh1, dh2 (N, Cb), dv
-// (N, H); and vecs (N, 3 Cb + C) = [dh2 zhat, dh2, dh1, dz] (the vector gradients' terms).
+// splits), dq (N, H), the forward's state. Out: dm = dL/dm / P, ds = dL/ds (N, C),
+// beta = ds . s (N), for the backward apply pass; the weights' gradients (but wq's and W_v''s)
+// added into `grads` (release_s_grads' layout, zeroed before). dz (N, C), dh1, dh2 (N, Cb),
+// dv (N, H): workspace.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const T* __restrict__ pdae,
@@ -115,14 +145,16 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const T* __restrict_
                           const T* __restrict__ rstd, int N, int C, int P, ReleaseS<T> w,
                           T* __restrict__ dm, T* __restrict__ dsv, T* __restrict__ beta,
                           T* __restrict__ dz, T* __restrict__ dh1, T* __restrict__ dh2,
-                          T* __restrict__ dv, T* __restrict__ vecs) {
+                          T* __restrict__ dv, T* __restrict__ grads) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* scratch = reinterpret_cast<T*>(smem_raw);
   const int n = blockIdx.x, H = C / 2, Cb = w.Cb;
+  const ReleaseSGrads off = release_s_grads(C, Cb);
   auto row = [&](int k) { return stats + (static_cast<int64_t>(k) * N + n) * C; };
   auto brow = [&](int k) { return bott + (static_cast<int64_t>(k) * N + n) * Cb; };
-  const T *s = row(0), *m = row(1), *a = row(2);
-  const T *zhat = brow(0), *h2 = brow(1);
+  const T *s = row(0), *m = row(1), *a = row(2), *mz = row(3);
+  const T *zhat = brow(0), *h2 = brow(1), *r = brow(2);
+  const T* v = small + static_cast<int64_t>(n) * H;
   const T* dqn = dq + static_cast<int64_t>(n) * H;
   T* dzn = dz + static_cast<int64_t>(n) * C;
   T* dmn = dm + static_cast<int64_t>(n) * C;
@@ -130,9 +162,9 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const T* __restrict_
   T* dh2n = dh2 + static_cast<int64_t>(n) * Cb;
   T* dvn = dv + static_cast<int64_t>(n) * H;
   T* dsn = dsv + static_cast<int64_t>(n) * C;
-  T* vn = vecs + static_cast<int64_t>(n) * (3 * Cb + C);
 
-  // q = W_q' mz, mz = A (.) m: dmz = W_q'^T dq, dm = dmz A, dA += dmz m
+  // q = W_q' mz, mz = A (.) m: dW_q' += dq mz^T, dmz = W_q'^T dq, dm = dmz A, dA += dmz m
+  add_outer(grads + off.wq2, dqn, mz, H, C);
   cols_dot(w.wq2, dqn, H, C, dmn);  // dmz, in dm's row until scaled below
   for (int c = threadIdx.x; c < C; c += kThreads) {  // the columns this thread just wrote
     T da = 0;
@@ -142,17 +174,18 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const T* __restrict_
     da += dmz * m[c];
     dmn[c] = dmz * a[c] / P;
     dzn[c] = da * a[c] * (T(1) - a[c]);  // A = sigmoid(z)
-    vn[3 * Cb + c] = dzn[c];
+    atomicAdd(grads + off.b2 + c, dzn[c]);
   }
   __syncthreads();
-  // z = W_2 relu(h2) + b_2: dr = W_2^T dz, dh2 = dr [h2 > 0]
+  // z = W_2 relu(h2) + b_2: dW_2 += dz relu(h2)^T, dr = W_2^T dz, dh2 = dr [h2 > 0]
+  add_outer(grads + off.w2, dzn, r, C, Cb);
   cols_dot(w.w2, dzn, C, Cb, dh2n);
   T part1 = 0, part2 = 0;
   for (int j = threadIdx.x; j < Cb; j += kThreads) {
     const T d = h2[j] > T(0) ? dh2n[j] : T(0);
     dh2n[j] = d;
-    vn[j] = d * zhat[j];
-    vn[Cb + j] = d;
+    atomicAdd(grads + off.lnw + j, d * zhat[j]);
+    atomicAdd(grads + off.lnb + j, d);
     const T dzh = d * w.lnw[j];
     part1 += dzh;
     part2 += dzh * zhat[j];
@@ -162,12 +195,16 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const T* __restrict_
   const T mean2 = block_sum(part2, scratch) / Cb;
   for (int j = threadIdx.x; j < Cb; j += kThreads) {
     dh1n[j] = rstd[n] * (dh2n[j] * w.lnw[j] - mean1 - zhat[j] * mean2);
-    vn[2 * Cb + j] = dh1n[j];
+    atomicAdd(grads + off.b1 + j, dh1n[j]);
   }
   __syncthreads();
-  cols_dot(w.w1, dh1n, Cb, H, dvn);  // h1 = W_1 v + b_1: dv = W_1^T dh1
+  // h1 = W_1 v + b_1: dW_1 += dh1 v^T, dv = W_1^T dh1
+  add_outer(grads + off.w1, dh1n, v, Cb, H);
+  cols_dot(w.w1, dh1n, Cb, H, dvn);
   __syncthreads();
-  cols_dot(w.wv, dvn, H, C, dsn);    // v = W_v s: ds = W_v^T dv
+  // v = W_v s: dW_v += dv s^T, ds = W_v^T dv
+  add_outer(grads + off.wv, dvn, s, H, C);
+  cols_dot(w.wv, dvn, H, C, dsn);
   T part = 0;
   for (int c = threadIdx.x; c < C; c += kThreads) part += dsn[c] * s[c];
   const T b = block_sum(part, scratch);
@@ -411,7 +448,8 @@ value_bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __res
 // ---------------------------------------------------------------- backward, the value map
 // dVl[k][p] = V[k][p] q_k (dt_p - dq_k); out: ex = A (.) W_v'^T dVl (x's shape and layout),
 // pdae (N, splits, C) = sum_p x e, and gwv (H, C) += A_c sum_p dVl[k][p] x[c][p], W_v''s
-// gradient summed over the images and pixels (atomic adds, in the accumulation dtype).
+// gradient summed over the images and pixels (atomic adds, in the accumulation dtype, into
+// zeros).
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 value_bwd_map_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ ex, Geometry g,
@@ -504,7 +542,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
   std::tie(logits, pmax, psum, ps, pm) = fwd_reduce(x, g, W[0], 0);
   const auto opts = logits.options();
   at::Tensor pi = at::empty({N, P}, opts), stats = at::empty({4, N, C}, opts);
-  at::Tensor small = at::empty({2, N, H}, opts), bott = at::empty({4, N, Cb}, opts);
+  at::Tensor small = at::empty({2, N, H}, opts), bott = at::empty({3, N, Cb}, opts);
   at::Tensor rstd = at::empty({N}, opts), norm = at::empty({2, N, H}, opts);
   at::Tensor s_mask = at::empty({N, P}, opts);
   const at::Tensor y = like_x(at::empty_like(x), x, g, "y");
@@ -559,12 +597,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   const auto opts = pi.options();
   const at::Tensor a = stats[2], q = small[1];
   at::Tensor d_t = at::empty({N, P}, opts), dq, pda, pdae;
-  at::Tensor gwv = at::zeros({H, C}, opts);  // the atomic adds' target: W_v''s gradient
+  const ReleaseSGrads off = release_s_grads(C, Cb);
+  at::Tensor grads = at::zeros({off.total}, opts);  // the atomic adds' target
   const at::Tensor ex = like_x(at::empty_like(x), x, g, "ex");
   at::Tensor dm = at::empty({N, C}, opts), dsv = at::empty({N, C}, opts);
   at::Tensor beta = at::empty({N}, opts), dz = at::empty({N, C}, opts);
   at::Tensor dh1 = at::empty({N, Cb}, opts), dh2 = at::empty({N, Cb}, opts);
-  at::Tensor dv = at::empty({N, H}, opts), vecs = at::empty({N, 3 * Cb + C}, opts);
+  at::Tensor dv = at::empty({N, H}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
@@ -595,7 +634,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
                        ex.data_ptr<scalar_t>(), g, lm.tile_p, lm.log2_tile, sl.chunk,
                        sl.splits, a.data_ptr<acc_t>(), w.wv2, q.data_ptr<acc_t>(),
                        norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), dq.data_ptr<acc_t>(),
-                       pdae.data_ptr<acc_t>(), gwv.data_ptr<acc_t>());
+                       pdae.data_ptr<acc_t>(), grads.data_ptr<acc_t>() + off.wv2);
     });
     if (N > 0)
       launch::launch(release_s_bwd_glue_kernel<acc_t>, dim3(N), kThreads,
@@ -606,16 +645,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
                      rstd.data_ptr<acc_t>(), N, C, P, w, dm.data_ptr<acc_t>(),
                      dsv.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), dz.data_ptr<acc_t>(),
                      dh1.data_ptr<acc_t>(), dh2.data_ptr<acc_t>(), dv.data_ptr<acc_t>(),
-                     vecs.data_ptr<acc_t>());
+                     grads.data_ptr<acc_t>());
   });
   // dx = G A S + dm + ds pi + wq dl (the paper form's apply pass, with no u dt term) + A e
   auto [dx, part_gwq] = psa_bwd_apply_cuda(grad, x, a, s_mask, pi, d_t, at::zeros({N, C}, opts),
                                            dm, dsv, W[0], beta, 0, true);
   dx.add_(ex);
-  const auto v = vecs.sum(0).split_with_sizes({Cb, Cb, Cb, C});  // ln_w, ln_b, b_1, b_2
-  return {dx,
-          {part_gwq.sum({0, 1}), at::mm(dv.t(), stats[0]), at::mm(dh1.t(), small[0]), v[2],
-           v[0], v[1], at::mm(dz.t(), bott[2]), v[3], at::mm(dq.t(), stats[3]), gwv}};
+  std::vector<at::Tensor> out{part_gwq.sum({0, 1})};
+  int64_t start = 0;  // the flat buffer's parts, in the op's order (block_backward shapes them)
+  for (const int64_t end : {off.w1, off.b1, off.lnw, off.lnb, off.w2, off.b2, off.wq2, off.wv2,
+                            off.total}) {
+    out.push_back(grads.slice(0, start, end));
+    start = end;
+  }
+  return {dx, out};
 }
 
 }  // namespace psa
