@@ -598,7 +598,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   const at::Tensor a = stats[2], q = small[1];
   at::Tensor d_t = at::empty({N, P}, opts), dq, pda, pdae;
   const ReleaseSGrads off = release_s_grads(C, Cb);
-  at::Tensor grads = at::zeros({off.total}, opts);  // the atomic adds' target
+  // the atomic adds' target, and N x C zeros more: the apply pass's u (PSA_s has no u d_t term)
+  at::Tensor grads = at::zeros({off.total + static_cast<int64_t>(N) * C}, opts);
   const at::Tensor ex = like_x(at::empty_like(x), x, g, "ex");
   at::Tensor dm = at::empty({N, C}, opts), dsv = at::empty({N, C}, opts);
   at::Tensor beta = at::empty({N}, opts), dz = at::empty({N, C}, opts);
@@ -648,8 +649,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
                      grads.data_ptr<acc_t>());
   });
   // dx = G A S + dm + ds pi + wq dl (the paper form's apply pass, with no u dt term) + A e
-  auto [dx, part_gwq] = psa_bwd_apply_cuda(grad, x, a, s_mask, pi, d_t, at::zeros({N, C}, opts),
-                                           dm, dsv, W[0], beta, 0, true);
+  const at::Tensor no_u = grads.narrow(0, off.total, static_cast<int64_t>(N) * C).view({N, C});
+  auto [dx, part_gwq] = psa_bwd_apply_cuda(grad, x, a, s_mask, pi, d_t, no_u, dm, dsv, W[0],
+                                           beta, 0, true);
   dx.add_(ex);
   std::vector<at::Tensor> out{part_gwq.sum({0, 1})};
   int64_t start = 0;  // the flat buffer's parts, in the op's order (block_backward shapes them)
