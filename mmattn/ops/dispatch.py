@@ -43,8 +43,7 @@ from . import extension
 
 __all__ = ['BACKENDS', 'ENV_VAR', 'KernelUnavailableError', 'OPS', 'backends_for',
            'can_use_outlook_cpu',
-           'can_use_outlook_cuda', 'can_use_psa_block_cuda', 'can_use_psa_cpu', 'can_use_psa_cuda',
-           'can_use_psa_folded',
+           'can_use_outlook_cuda', 'can_use_psa_cpu', 'can_use_psa_cuda', 'can_use_psa_folded',
            'env_backend',
            'fx_tracing', 'kernel_status', 'select_backend']
 
@@ -147,9 +146,10 @@ def can_use_psa_folded(x: torch.Tensor, *, hooks: bool = False,
 
 def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False,
                      **_: object) -> tuple[bool, str]:
-    """Whether the CUDA kernels of the paper-form PSA can serve ``x`` (the folded op's passes,
-    and the whole block per call that the module runs on them): a CUDA tensor of a kernel
-    dtype, the extension loaded, no graph being recorded, no hooks on the gates."""
+    """Whether the PSA CUDA kernels can serve ``x`` (the folded paper op's passes, and the whole
+    block per call, ``psa_block_cuda_fwd``, that the module runs for every form): a CUDA tensor
+    of a kernel dtype, the extension built with its CUDA sources, no graph being recorded, no
+    hooks on the gates (neither calls them)."""
     ok, reason = can_use_psa_folded(x, hooks=hooks)
     if not ok:
         return ok, reason
@@ -187,19 +187,6 @@ def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False,
     return True, 'ok'
 
 
-def can_use_psa_block_cuda(x: torch.Tensor, *, hooks: bool = False,
-                           **_: object) -> tuple[bool, str]:
-    """Whether the release's PSA forms can run as one compiled op per direction on ``x``
-    (``psa_block_cuda_fwd``, on the CUDA kernels): a CUDA tensor of a kernel dtype, the
-    extension built with its CUDA sources, no graph being recorded, no hooks on the gates (it
-    calls no submodule)."""
-    ok, reason = can_use_psa_folded(x, hooks=hooks)
-    if not ok:
-        return ok, reason
-    reason = _kernel_check(x, PSA_BLOCK_CUDA_OPS, 'cuda')
-    return (False, reason) if reason else (True, 'ok')
-
-
 def _official_folded(x: torch.Tensor, *, hooks: bool = False, **_: object) -> tuple[bool, str]:
     """The release's folded path calls the gate modules: their hooks do not stop it."""
     return can_use_psa_folded(x)
@@ -223,7 +210,7 @@ _PREDICATES: dict[tuple[str, str], Callable[..., tuple[bool, str]]] = {
     ('psa_paper', 'cuda'): can_use_psa_cuda,
     ('psa_paper', 'cpu'): can_use_psa_cpu,
     ('psa_official', 'cpu'): can_use_psa_cpu,
-    ('psa_official', 'cuda'): can_use_psa_block_cuda,
+    ('psa_official', 'cuda'): can_use_psa_cuda,
     ('outlook', 'cuda'): can_use_outlook_cuda,
     ('outlook', 'cpu'): can_use_outlook_cpu,
 }

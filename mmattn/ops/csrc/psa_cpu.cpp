@@ -458,17 +458,10 @@ void backward_image(const T* g, const T* x, const Weights<T>& W, int64_t form, T
 }
 
 template <typename T>
-Weights<T> weight_ptrs(const std::vector<at::Tensor>& acc_weights) {
+Weights<T> weight_ptrs(const std::vector<at::Tensor>& wa) {
   Weights<T> W;
-  for (const auto& w : acc_weights) W.w.push_back(w.data_ptr<T>());
+  for (const auto& w : wa) W.w.push_back(w.data_ptr<T>());
   return W;
-}
-
-std::vector<at::Tensor> to_acc(const std::vector<at::Tensor>& weights, at::ScalarType acc) {
-  std::vector<at::Tensor> out;
-  out.reserve(weights.size());
-  for (const auto& w : weights) out.push_back(w.to(acc).contiguous());
-  return out;
 }
 
 at::Tensor psa_block_fwd_cpu(const at::Tensor& x, at::TensorList weights_in, int64_t form,
@@ -477,7 +470,7 @@ at::Tensor psa_block_fwd_cpu(const at::Tensor& x, at::TensorList weights_in, int
   check_args(x, weights, form);
   const auto acc = acc_type(x);
   const at::Tensor xa = x.to(acc).contiguous();
-  const auto wa = to_acc(weights, acc);
+  const auto wa = acc_weights(weights, form, x.size(1), acc);
   at::Tensor y = at::empty_like(xa);
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
   AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "psa_block_fwd_cpu", [&] {
@@ -505,7 +498,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> psa_block_bwd_cpu(
               ", got ", grad.sizes());
   const auto acc = acc_type(x);
   const at::Tensor xa = x.to(acc).contiguous(), ga = grad.to(acc).contiguous();
-  const auto wa = to_acc(weights, acc);
+  const auto wa = acc_weights(weights, form, x.size(1), acc);
   const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
   at::Tensor dx = at::empty_like(xa);
   // the weight gradients of each image in one row of one buffer (images run in parallel),

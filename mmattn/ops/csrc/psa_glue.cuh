@@ -65,6 +65,23 @@ __device__ __forceinline__ T block_max(T v, T* scratch) {
   return block_reduce(v, scratch, [](T x, T y) { return x > y ? x : y; });
 }
 
+// A LayerNorm's statistics of z[0..n): the mean and 1 / sqrt(biased variance + eps); every
+// thread gets them.
+template <typename T>
+struct Moments {
+  T mean, rstd;
+};
+
+template <typename T>
+__device__ __forceinline__ Moments<T> block_moments(const T* z, int n, T eps, T* scratch) {
+  T part = 0;
+  for (int i = threadIdx.x; i < n; i += kThreads) part += z[i];
+  const T mean = block_sum(part, scratch) / n;
+  part = 0;
+  for (int i = threadIdx.x; i < n; i += kThreads) part += (z[i] - mean) * (z[i] - mean);
+  return {mean, op_rsqrt(block_sum(part, scratch) / n + eps)};
+}
+
 // out[r] = sum_k W[r][k] vec[k] (+ bias[r]) for W (R x K), row-major: a warp per row.
 template <typename T>
 __device__ __forceinline__ void rows_dot(const T* W, const T* vec, const T* bias, int R, int K,
@@ -98,23 +115,18 @@ __device__ void run_chain(const Chain<T>& w, int C, T eps, bool sequential, cons
   __syncthreads();
   rows_dot(w.ch_wz, o.v, w.ch_bz, C, H, o.zhat);  // z, normalised in place below
   __syncthreads();
-  T part = 0;
-  for (int c = threadIdx.x; c < C; c += kThreads) part += o.zhat[c];
-  const T mean = block_sum(part, scratch) / C;
-  part = 0;
-  for (int c = threadIdx.x; c < C; c += kThreads) part += (o.zhat[c] - mean) * (o.zhat[c] - mean);
-  const T rstd = op_rsqrt(block_sum(part, scratch) / C + eps);
+  const Moments<T> ln = block_moments(o.zhat, C, eps, scratch);
   for (int c = threadIdx.x; c < C; c += kThreads) {
-    const T zh = (o.zhat[c] - mean) * rstd;
+    const T zh = (o.zhat[c] - ln.mean) * ln.rstd;
     o.zhat[c] = zh;
     o.a[c] = op_sigmoid(w.ln_w[c] * zh + w.ln_b[c]);
     o.mz[c] = sequential ? o.a[c] * o.m[c] : o.m[c];
   }
-  if (threadIdx.x == 0) *o.rstd = rstd;
+  if (threadIdx.x == 0) *o.rstd = ln.rstd;
   __syncthreads();
   rows_dot(w.sp_wq, o.mz, w.sp_bq, H, C, o.q);  // logits, softmax in place below
   __syncthreads();
-  part = -INFINITY;
+  T part = -INFINITY;
   for (int j = threadIdx.x; j < H; j += kThreads) part = op_max(part, o.q[j]);
   const T qmax = block_max(part, scratch);
   part = 0;

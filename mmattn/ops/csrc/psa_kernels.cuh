@@ -101,14 +101,21 @@ struct SoftmaxNorm {
   }
 };
 
+// `count` online-softmax states (maximum mx[i stride], sum of exponentials sum[i stride])
+// merged into one, in the calling thread.
+template <typename acc_t>
+__device__ __forceinline__ SoftmaxNorm<acc_t> merge_states(const acc_t* mx, const acc_t* sum,
+                                                           int count, int stride) {
+  acc_t top = -INFINITY, total = 0;
+  for (int s = 0; s < count; ++s) top = op_max(top, mx[s * stride]);
+  for (int s = 0; s < count; ++s) total += sum[s * stride] * op_exp(mx[s * stride] - top);
+  return {top, total};
+}
+
 template <typename acc_t>
 __device__ __forceinline__ SoftmaxNorm<acc_t> merge_softmax(const PixelSoftmax<acc_t>& sm, int n) {
-  const acc_t* mx = sm.max + static_cast<int64_t>(n) * sm.splits;
-  const acc_t* sum = sm.sum + static_cast<int64_t>(n) * sm.splits;
-  acc_t top = -INFINITY, total = 0;
-  for (int s = 0; s < sm.splits; ++s) top = op_max(top, mx[s]);
-  for (int s = 0; s < sm.splits; ++s) total += sum[s] * op_exp(mx[s] - top);
-  return {top, total};
+  const int64_t o = static_cast<int64_t>(n) * sm.splits;
+  return merge_states(sm.max + o, sm.sum + o, sm.splits, 1);
 }
 
 // A tile of `tp` (<= tile_p) pixels x C channels is moved in vectors of VEC elements that lie

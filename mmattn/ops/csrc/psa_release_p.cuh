@@ -37,8 +37,7 @@ struct ReleaseP {
                                   // conv_v_left (H, C)
 };
 
-// Image n: stats rows (4, N, C) = [s, m, A, u], small rows (2, N, H) = [v, q]; pi (N, P) unless
-// null.
+// Image n: stats rows (4, N, C) = [s, m, A, u], small rows (2, N, H) = [v, q]; pi (N, P).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 release_p_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
@@ -60,7 +59,7 @@ release_p_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pm
   cols_dot(w.wv2, q, H, C, u);                                    // u = W_v'^T q
   __syncthreads();
   for (int c = threadIdx.x; c < C; c += kThreads) a[c] = op_sigmoid(a[c]);  // A = sigmoid(z)
-  if (pi != nullptr) write_pi(logits, n, P, norm, pi);
+  write_pi(logits, n, P, norm, pi);
 }
 
 // Image n of the backward. In: w_t = sig_p dL/d(sig_p) (N, P) and the splits' partial sums
@@ -143,8 +142,9 @@ ReleaseP<T> release_p_chain(const std::vector<at::Tensor>& W) {
   return {W[1].data_ptr<T>(), W[2].data_ptr<T>(), W[3].data_ptr<T>(), W[4].data_ptr<T>()};
 }
 
-// What the forward's three reductions give: pi (N, P), stats (4, N, C) = [s, m, A, u],
-// small (2, N, H) = [v, q], and the spatial logits with their splits' softmax states.
+// What the forward's two reductions and the glue between them give: pi (N, P), stats (4, N, C)
+// = [s, m, A, u], small (2, N, H) = [v, q], and the spatial logits with their splits' softmax
+// states.
 struct ReleasePPasses {
   at::Tensor pi, stats, small;
   SoftmaxStates spatial;
@@ -174,7 +174,7 @@ ReleasePPasses release_p_passes(const at::Tensor& x, const Geometry& g,
   return r;
 }
 
-// PSA_p's output for x (N, C, H, W, dense in its memory format, N > 0) and the weights in the
+// PSA_p's output for x (N, C, H, W, dense in its memory format) and the weights in the
 // accumulation dtype (acc_weights of psa_block.h), with what its backward takes: [pi, t, norm,
 // stats, small] (norm (2, N): the spatial softmax's merged state).
 std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_forward(

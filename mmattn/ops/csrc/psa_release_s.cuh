@@ -76,19 +76,14 @@ release_s_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pm
   rows_dot(w.w1, v, w.b1, Cb, H, zhat);                         // h1 = W_1 v + b_1
   __syncthreads();
   // the bottleneck's LayerNorm over its Cb channels, then the affine and the ReLU
-  T part = 0;
-  for (int j = threadIdx.x; j < Cb; j += kThreads) part += zhat[j];
-  const T mean = block_sum(part, scratch) / Cb;
-  part = 0;
-  for (int j = threadIdx.x; j < Cb; j += kThreads) part += (zhat[j] - mean) * (zhat[j] - mean);
-  const T rs = op_rsqrt(block_sum(part, scratch) / Cb + eps);
+  const Moments<T> ln = block_moments(zhat, Cb, eps, scratch);
   for (int j = threadIdx.x; j < Cb; j += kThreads) {
-    const T zh = (zhat[j] - mean) * rs;
+    const T zh = (zhat[j] - ln.mean) * ln.rstd;
     zhat[j] = zh;
     h2[j] = zh * w.lnw[j] + w.lnb[j];
     r[j] = op_max(h2[j], T(0));
   }
-  if (threadIdx.x == 0) rstd[n] = rs;
+  if (threadIdx.x == 0) rstd[n] = ln.rstd;
   __syncthreads();
   rows_dot(w.w2, r, w.b2, C, Cb, a);                            // z = W_2 r + b_2
   __syncthreads();
@@ -303,14 +298,10 @@ value_merge_kernel(const T* __restrict__ vmax, const T* __restrict__ vsum, int N
                    T* __restrict__ norm) {
   const int n = blockIdx.x;
   for (int k = threadIdx.x; k < H; k += kThreads) {
-    T top = -INFINITY, total = 0;
-    for (int s = 0; s < S; ++s) top = op_max(top, vmax[(static_cast<int64_t>(n) * S + s) * H + k]);
-    for (int s = 0; s < S; ++s) {
-      const int64_t i = (static_cast<int64_t>(n) * S + s) * H + k;
-      total += vsum[i] * op_exp(vmax[i] - top);
-    }
-    norm[static_cast<int64_t>(n) * H + k] = top;
-    norm[(static_cast<int64_t>(N) + n) * H + k] = total;
+    const int64_t o = static_cast<int64_t>(n) * S * H + k;
+    const SoftmaxNorm<T> merged = merge_states(vmax + o, vsum + o, S, H);
+    norm[static_cast<int64_t>(n) * H + k] = merged.top;
+    norm[(static_cast<int64_t>(N) + n) * H + k] = merged.total;
   }
 }
 
