@@ -22,8 +22,11 @@ turns step by step, so load from other processes hits them alike), its ratio to 
 the same dtype, the peak memory above the model and its optimizer state (CUDA: the caching
 allocator's peak), the host time per step (CPU time of the Python thread from the start of the
 step until it returns, before waiting for the GPU: on CUDA what the step costs the host; on a
-CPU device the main thread's share of the compute), and (CUDA) the kernel launches per step
-and per PSA block beyond stock, counted with ``torch.profiler`` over one step.
+CPU device the main thread's share of the compute), and (CUDA) the kernel launches per step,
+per PSA block beyond stock and the GPU's kernel time per step (the sum of the kernels'
+durations: a step time well above it is host-bound), counted with ``torch.profiler`` over one
+step. ``--profile N`` prints, from that same profiled step, each PSA model's N kernels with the
+most device time.
 
 This is a tool, not a test: nothing here asserts a speed. Examples::
 
@@ -73,7 +76,8 @@ FORMS: dict[str, tuple[str, Optional[dict]]] = {
 }
 NUM_CLASSES = 19
 HEADER = ['model', 'backend', 'dtype', 'step ms', 'vs stock', 'peak MiB (CUDA)',
-          'host ms / step', 'launches / step (CUDA)', 'launches / PSA block (CUDA)']
+          'host ms / step', 'kernel ms / step (CUDA)', 'launches / step (CUDA)',
+          'launches / PSA block (CUDA)']
 
 
 @dataclass
@@ -151,8 +155,19 @@ def step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.device,
     return step
 
 
-def launches(step: Callable[[], None], device: torch.device) -> Optional[int]:
-    """CUDA kernels one call of ``step`` runs (torch.profiler), or None off CUDA."""
+@dataclass
+class Kernels:
+    """The CUDA kernels of one profiled step."""
+
+    launches: int
+    ms: float  # the sum of their durations
+    table: str  # the top ones by device time ('' unless asked for)
+
+
+def profile_kernels(step: Callable[[], None], device: torch.device,
+                    top: int = 0) -> Optional[Kernels]:
+    """The CUDA kernels one call of ``step`` runs (``torch.profiler``), or None off CUDA;
+    with ``top``, the table of the ``top`` operators and kernels with the most device time."""
     if device.type != 'cuda':
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -160,9 +175,15 @@ def launches(step: Callable[[], None], device: torch.device) -> Optional[int]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         sync(device)
-    return sum(1 for evt in prof.events()
-               if evt.device_type == torch.autograd.DeviceType.CUDA and 'Memcpy' not in evt.name
-               and 'Memset' not in evt.name)
+    kernels = [evt for evt in prof.events()
+               if evt.device_type == torch.autograd.DeviceType.CUDA
+               and 'Memcpy' not in evt.name and 'Memset' not in evt.name]
+    table = ''
+    if top:
+        table = prof.key_averages().table(sort_by='self_device_time_total', row_limit=top,
+                                          max_name_column_width=70)
+    return Kernels(len(kernels), sum(evt.time_range.elapsed_us() for evt in kernels) / 1e3,
+                   table)
 
 
 def fmt(value: Optional[float], spec: str) -> str:
@@ -187,6 +208,9 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=None, help='timed steps (10 CUDA, 5 CPU)')
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--profile', type=int, default=0, metavar='N',
+                        help='CUDA: print each PSA model\'s N operators with the most device '
+                             'time in the profiled step')
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -259,20 +283,24 @@ def main() -> None:
                 wall[label].append(time.perf_counter() - t0)
         median = {label: statistics.median(ts) * 1e3 for label, ts in wall.items()}
         host_ms = {label: statistics.median(ts) * 1e3 for label, ts in host.items()}
-        counts = {label: launches(step, device) for label, step in steps.items()}
+        kernels = {label: profile_kernels(step, device, 0 if label == 'stock' else args.profile)
+                   for label, step in steps.items()}
         peaks = {label: peak_cuda_bytes(step, device) for label, step in steps.items()}
         peaks_mib = {label: None if b is None else b / 2 ** 20 for label, b in peaks.items()}
         base = median['stock']
         for m in models:
             label = m.label
-            per_block = None
-            if counts[label] is not None and m.blocks:
-                per_block = (counts[label] - counts['stock']) / m.blocks
+            k, per_block = kernels[label], None
+            if k is not None and m.blocks:
+                per_block = (k.launches - kernels['stock'].launches) / m.blocks
             rows.append([m.form, m.backend, name, f'{median[label]:.1f}',
                          f'{median[label] / base:.2f}x', fmt(peaks_mib[label], '.0f'),
-                         f'{host_ms[label]:.1f}',
-                         fmt(counts[label], 'd'), fmt(per_block, '.1f')])
+                         f'{host_ms[label]:.1f}', fmt(k and k.ms, '.1f'),
+                         fmt(k and k.launches, 'd'), fmt(per_block, '.1f')])
             print(' | '.join(rows[-1]), flush=True)
+            if k is not None and k.table:
+                print(f'{label}, {name}: top {args.profile} by device time\n{k.table}',
+                      flush=True)
     print()
     print(markdown_table(HEADER, rows))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything mmattn checks on a GPU, in one call: the model-level numbers first (the
-# HRNet-OCR training step, stock against each PSA form), then the CUDA kernels' tests,
-# compute-sanitizer memcheck and racecheck, and the op benchmark. See docs/kernels.md.
+# Everything mmattn checks on a GPU, in one call: the kernels' build, their `cuda` tests (while
+# mmcv builds), the model-level numbers (the HRNet-OCR training step, stock against each PSA
+# form), compute-sanitizer memcheck, the op benchmark and racecheck. See docs/kernels.md.
 #
 #   bash tools/gpu_check.sh --prepare   # on the development machine: fill .whl/ (git-ignored)
 #   bash tools/gpu_check.sh             # on the GPU machine, from the repo root, .whl/ carried
@@ -9,9 +9,15 @@
 # The GPU machine's image has torch, nvcc, ninja and compute-sanitizer but no OpenMMLab
 # package and no network: the pure-Python wheels and mmcv's source come in .whl/. mmcv's
 # compiled ops (which mmseg imports) are built there, for the CPU only (the HRNet-OCR step
-# runs none of them), in the background while mmattn's kernels build. Each stage's output
-# goes to $OUT/<stage>.log (default gpu_check/); a failed stage is reported and the next
-# one still runs. Exit status: the number of failed stages.
+# runs none of them), in the background while mmattn's kernels build and are tested. Each
+# stage's output goes to $OUT/<stage>.log (default gpu_check/); a failed stage is reported and
+# the next one still runs. Each stage has a time limit in seconds (a lease is short: a stage
+# that hangs must not take the rest with it), and the benchmarks' arguments can be replaced:
+#
+#   MODEL_ARGS='--iters 6 --backends auto,folded --profile 12' bash tools/gpu_check.sh
+#   LIMIT_model_benchmark=240 OP_ARGS='--preset gpu --op psa' bash tools/gpu_check.sh
+#
+# Exit status: the number of failed stages (a stage stopped at its limit counts as failed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,12 +37,17 @@ mkdir -p "$OUT"
 JOBS=$(nproc)
 failed=0
 
-stage() {  # stage NAME COMMAND...: run it, log it, report rc and seconds
-  local name=$1 start rc
-  shift
+MODEL_ARGS=${MODEL_ARGS:---iters 10 --backends auto,folded,reference --profile 12}
+OP_ARGS=${OP_ARGS:---preset gpu --iters 30}
+
+stage() {  # stage NAME DEFAULT_LIMIT COMMAND...: run it (LIMIT_<NAME> s at most), log it, report
+  local name=$1 limit_var="LIMIT_$1" limit start rc
+  limit=${!limit_var:-$2}
+  shift 2
   start=$(date +%s)
-  "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo "   (stopped at its limit of $limit s)" >> "$OUT/$name.log"
   echo "== $name: rc $rc in $(( $(date +%s) - start )) s ($OUT/$name.log)"
   tail -n "${TAIL:-25}" "$OUT/$name.log"
   [ "$rc" -eq 0 ] || failed=$((failed + 1))
@@ -52,17 +63,19 @@ export MMATTN_SKIP_STACK_CHECK=1 MMATTN_JIT=1 MAX_JOBS=$JOBS
 # (mmcv's setup.py compiles the CUDA ops whenever torch sees a GPU: hidden from it here)
 ( CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 FORCE_CUDA=0 python3 -m pip install -q --no-index --no-deps \
     --no-build-isolation .whl/mmcv-2.1.0.tar.gz > "$OUT/mmcv_build.log" 2>&1;
-  echo $? > "$OUT/mmcv_build.rc" ) &
+  echo $? > /tmp/mmcv_build.rc ) &
 mmcv_pid=$!
 
-stage kernels_build python3 -m mmattn.ops.build --cuda
+stage kernels_build 300 python3 -m mmattn.ops.build --cuda
+stage cuda_tests 180 python3 -m pytest tests/ops -q -m cuda -p no:cacheprovider
 wait "$mmcv_pid"
-echo "== mmcv_build: rc $(cat "$OUT/mmcv_build.rc") ($OUT/mmcv_build.log)"
-[ "$(cat "$OUT/mmcv_build.rc")" = 0 ] || { failed=$((failed + 1)); tail -n 25 "$OUT/mmcv_build.log"; }
-TAIL=60 stage model_benchmark python3 tools/benchmark_model.py --iters 10 --backends auto,folded,reference
-stage cuda_tests python3 -m pytest tests/ops -q -m cuda -p no:cacheprovider
-stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py
-stage racecheck compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py
-TAIL=30 stage op_benchmark python3 tools/benchmark.py --preset gpu --iters 30
+echo "== mmcv_build: rc $(cat /tmp/mmcv_build.rc) ($OUT/mmcv_build.log)"
+[ "$(cat /tmp/mmcv_build.rc)" = 0 ] || { failed=$((failed + 1)); tail -n 25 "$OUT/mmcv_build.log"; }
+# shellcheck disable=SC2086  # the arguments are meant to split
+TAIL=40 stage model_benchmark 420 python3 tools/benchmark_model.py $MODEL_ARGS
+stage memcheck 180 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py
+# shellcheck disable=SC2086
+TAIL=30 stage op_benchmark 300 python3 tools/benchmark.py $OP_ARGS
+stage racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py
 echo "== gpu_check: $failed failed stage(s)"
 exit "$failed"
