@@ -2,6 +2,7 @@
 without a GPU can check them."""
 from __future__ import annotations
 
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -25,3 +26,55 @@ def test_sanitizer_program_refuses_without_a_gpu() -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == \
         'sanitize_kernels: needs a CUDA GPU; none found'
+
+
+FAKE_PYTHON = r'''#!/bin/bash
+# stands in for the GPU machine's python3: logs each call with what the script exported
+echo "python3 $* | MMCV_WITH_OPS=${MMCV_WITH_OPS:-} PYTHONPATH=${PYTHONPATH:-}" >> "$CALLS"
+case "$*" in
+  *"pip wheel"*) mkdir -p "$WHEEL_DIR"; touch "$WHEEL_DIR/mmcv-2.1.0-cp312-cp312-linux_x86_64.whl";;
+  *pytest*) exit 3;;
+  *benchmark_model*) sleep 30;;
+esac
+exit 0
+'''
+
+
+def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
+    """The order the GPU machine needs (mmcv before anything imports mmattn, mmcv's ops before
+    mmseg's model benchmark, this tree on PYTHONPATH for tools/*.py), a failed stage not
+    stopping the next, and a stage cut at the deadline counted as failed; python3, nvidia-smi
+    and compute-sanitizer are stand-ins that log their calls."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'python3').write_text(FAKE_PYTHON)
+    (bin_dir / 'nvidia-smi').write_text('#!/bin/bash\necho "Fake GPU, 1 MiB"\n')
+    (bin_dir / 'compute-sanitizer').write_text(
+        '#!/bin/bash\necho "compute-sanitizer $*" >> "$CALLS"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    calls = tmp_path / 'calls'
+    script = osp.join(ROOT, 'tools', 'gpu_check.sh')
+    script_text = open(script).read()
+    assert '/tmp/mmcv_ops' in script_text   # where the fake pip wheel must put mmcv's wheel
+    env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', CALLS=str(calls),
+               WHEEL_DIR='/tmp/mmcv_ops', OUT=str(tmp_path / 'out'), DEADLINE='60',
+               LIMIT_model_benchmark='21')
+    result = subprocess.run(['bash', script], capture_output=True, text=True, env=env,
+                            timeout=120)
+    log = calls.read_text().splitlines()
+    order = [next(i for i, line in enumerate(log) if key in line)
+             for key in ('mmcv-2.1.0.tar.gz', 'mmattn.ops.build', 'pytest', 'uninstall -q -y mmcv-lite',
+                         'mmcv_ops/mmcv-2.1.0',
+                         'benchmark_model.py', '--tool memcheck', 'benchmark.py --preset',
+                         '--tool racecheck')]
+    assert order == sorted(order), log
+    assert 'MMCV_WITH_OPS=0' in log[order[0]]          # mmcv without its ops, first
+    assert all(f'PYTHONPATH={ROOT}' in line for line in log[order[1]:]
+               if line.startswith('python3')), log
+    # the pytest stage failed and the model benchmark outran its limit: 2 failed stages
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert '== cuda_tests: rc 3' in result.stdout
+    assert '== model_benchmark: rc 124' in result.stdout
+    assert 'stopped at its limit of 21 s' in (tmp_path / 'out' / 'model_benchmark.log').read_text()
+    assert '== gpu_check: 2 failed stage(s)' in result.stdout

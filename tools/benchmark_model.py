@@ -240,6 +240,7 @@ def main() -> None:
     if cuda:
         torch.backends.cudnn.benchmark = True
 
+    started = time.perf_counter()
     models: list[Model] = []
     for form in forms:
         if form == 'stock':
@@ -262,9 +263,11 @@ def main() -> None:
     print(f'device: {device_name(device)}')
     print(f'torch {torch.__version__}; batch {shape[0]} x 3x{shape[1]}x{shape[2]}; median of '
           f'{iters} training steps after {args.warmup} warm-up steps')
-    print(f'mmattn kernels: {kernel_status()}', flush=True)
+    print(f'mmattn kernels: {kernel_status()}')
+    print(f'built {len(models)} models in {time.perf_counter() - started:.0f} s', flush=True)
     rows = []
     for name in dtype_names:
+        started = time.perf_counter()
         dtype = DTYPES[name]
         host = {m.label: [] for m in models}
         steps = {m.label: step_fn(m, batch, dtype, device, host[m.label]) for m in models}
@@ -281,12 +284,15 @@ def main() -> None:
                 step()
                 sync(device)
                 wall[label].append(time.perf_counter() - t0)
+        timed = time.perf_counter()
         median = {label: statistics.median(ts) * 1e3 for label, ts in wall.items()}
         host_ms = {label: statistics.median(ts) * 1e3 for label, ts in host.items()}
         kernels = {label: profile_kernels(step, device, 0 if label == 'stock' else args.profile)
                    for label, step in steps.items()}
         peaks = {label: peak_cuda_bytes(step, device) for label, step in steps.items()}
         peaks_mib = {label: None if b is None else b / 2 ** 20 for label, b in peaks.items()}
+        print(f'{name}: {timed - started:.0f} s of steps, {time.perf_counter() - timed:.0f} s '
+              f'of profiled and peak-memory steps', flush=True)
         base = median['stock']
         for m in models:
             label = m.label

@@ -7,15 +7,20 @@
 #   bash tools/gpu_check.sh             # on the GPU machine, from the repo root, .whl/ carried
 #
 # The GPU machine's image has torch, nvcc, ninja and compute-sanitizer but no OpenMMLab
-# package and no network: the pure-Python wheels and mmcv's source come in .whl/. mmcv's
-# compiled ops (which mmseg imports) are built there, for the CPU only (the HRNet-OCR step
-# runs none of them), in the background while mmattn's kernels build and are tested. Each
-# stage's output goes to $OUT/<stage>.log (default gpu_check/); a failed stage is reported and
-# the next one still runs. Each stage has a time limit in seconds (a lease is short: a stage
-# that hangs must not take the rest with it), and the benchmarks' arguments can be replaced:
+# package and no network: the pure-Python wheels and mmcv's source come in .whl/. mmattn
+# imports mmcv, so mmcv is installed first without its compiled ops (seconds); mmcv's ops (which
+# mmseg imports; the HRNet-OCR step runs none of them) are built into a wheel, for the CPU only,
+# in the background while mmattn's kernels build and are tested, and installed before the
+# model benchmark. Each stage's output goes to $OUT/<stage>.log (default gpu_check/); a failed
+# stage is reported and the next one still runs.
+#
+# A lease is short (15 minutes, a call at most 10): the whole script keeps within DEADLINE
+# seconds (default 560, counted from its start), each stage within its own limit and what is
+# left of the deadline (a stage with under 20 s left is skipped, and counts as failed). Limits
+# and the benchmarks' arguments can be replaced:
 #
 #   MODEL_ARGS='--iters 6 --backends auto,folded --profile 12' bash tools/gpu_check.sh
-#   LIMIT_model_benchmark=240 OP_ARGS='--preset gpu --op psa' bash tools/gpu_check.sh
+#   LIMIT_model_benchmark=300 OP_ARGS='--preset gpu --op psa' bash tools/gpu_check.sh
 #
 # Exit status: the number of failed stages (a stage stopped at its limit counts as failed).
 set -uo pipefail
@@ -36,18 +41,28 @@ OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
 JOBS=$(nproc)
 failed=0
-
-MODEL_ARGS=${MODEL_ARGS:---iters 10 --backends auto,folded,reference --profile 12}
-OP_ARGS=${OP_ARGS:---preset gpu --iters 30}
+T0=$(date +%s)
+DEADLINE=${DEADLINE:-560}
+MODEL_ARGS=${MODEL_ARGS:---iters 6 --warmup 2 --backends auto,folded}
+OP_ARGS=${OP_ARGS:---preset gpu --op psa --iters 20}
 
 stage() {  # stage NAME DEFAULT_LIMIT COMMAND...: run it (LIMIT_<NAME> s at most), log it, report
-  local name=$1 limit_var="LIMIT_$1" limit start rc
+  local name=$1 limit_var="LIMIT_$1" limit left start rc
   limit=${!limit_var:-$2}
   shift 2
+  left=$(( DEADLINE - ($(date +%s) - T0) ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then
+    echo "== $name: skipped, $limit s allowed (its limit, or what is left of the $DEADLINE s deadline)"
+    failed=$((failed + 1))
+    return 0
+  fi
   start=$(date +%s)
-  timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
-  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo "   (stopped at its limit of $limit s)" >> "$OUT/$name.log"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "   (stopped at its limit of $limit s)" >> "$OUT/$name.log"
+  fi
   echo "== $name: rc $rc in $(( $(date +%s) - start )) s ($OUT/$name.log)"
   tail -n "${TAIL:-25}" "$OUT/$name.log"
   [ "$rc" -eq 0 ] || failed=$((failed + 1))
@@ -56,26 +71,35 @@ stage() {  # stage NAME DEFAULT_LIMIT COMMAND...: run it (LIMIT_<NAME> s at most
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-python3 -m pip install -q --no-deps .whl/*.whl || exit 100
+PIP=(python3 -m pip install -q --no-index --no-deps --no-cache-dir)
+"${PIP[@]}" .whl/*.whl || exit 100
+MMCV_WITH_OPS=0 "${PIP[@]}" --no-build-isolation .whl/mmcv-2.1.0.tar.gz || exit 101
 export MMATTN_SKIP_STACK_CHECK=1 MMATTN_JIT=1 MAX_JOBS=$JOBS
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # mmattn from this tree, for tools/*.py too
 
-# mmcv with its ops, for mmseg: in the background while the kernels build; CPU ops only
-# (mmcv's setup.py compiles the CUDA ops whenever torch sees a GPU: hidden from it here)
-( CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 FORCE_CUDA=0 python3 -m pip install -q --no-index --no-deps \
-    --no-build-isolation .whl/mmcv-2.1.0.tar.gz > "$OUT/mmcv_build.log" 2>&1;
-  echo $? > /tmp/mmcv_build.rc ) &
+# mmcv's ops, CPU only (its setup.py compiles the CUDA ops whenever torch sees a GPU: hidden
+# from it here), into a wheel: site-packages is not touched while the kernels' stages import mmcv
+rm -rf /tmp/mmcv_ops
+( CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 FORCE_CUDA=0 python3 -m pip wheel -q --no-index \
+    --no-deps --no-cache-dir --no-build-isolation .whl/mmcv-2.1.0.tar.gz -w /tmp/mmcv_ops \
+    > "$OUT/mmcv_build.log" 2>&1; echo $? > /tmp/mmcv_build.rc ) &
 mmcv_pid=$!
 
-stage kernels_build 300 python3 -m mmattn.ops.build --cuda
-stage cuda_tests 180 python3 -m pytest tests/ops -q -m cuda -p no:cacheprovider
+stage kernels_build 240 python3 -m mmattn.ops.build --cuda
+stage cuda_tests 120 python3 -m pytest tests/ops -q -m cuda -p no:cacheprovider
 wait "$mmcv_pid"
-echo "== mmcv_build: rc $(cat /tmp/mmcv_build.rc) ($OUT/mmcv_build.log)"
-[ "$(cat /tmp/mmcv_build.rc)" = 0 ] || { failed=$((failed + 1)); tail -n 25 "$OUT/mmcv_build.log"; }
+rc=$(cat /tmp/mmcv_build.rc)
+if [ "$rc" = 0 ]; then  # mmcv-lite (MMCV_WITH_OPS=0 names it so) makes way for mmcv
+  { python3 -m pip uninstall -q -y mmcv-lite && "${PIP[@]}" /tmp/mmcv_ops/mmcv-*.whl; } \
+    >> "$OUT/mmcv_build.log" 2>&1 || rc=$?
+fi
+echo "== mmcv_build (with its CPU ops): rc $rc, $(( $(date +%s) - T0 )) s into the run"
+[ "$rc" = 0 ] || { failed=$((failed + 1)); tail -n 25 "$OUT/mmcv_build.log"; }
 # shellcheck disable=SC2086  # the arguments are meant to split
-TAIL=40 stage model_benchmark 420 python3 tools/benchmark_model.py $MODEL_ARGS
-stage memcheck 180 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py
+TAIL=30 stage model_benchmark 300 python3 tools/benchmark_model.py $MODEL_ARGS
+stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitize_kernels.py
 # shellcheck disable=SC2086
-TAIL=30 stage op_benchmark 300 python3 tools/benchmark.py $OP_ARGS
-stage racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py
-echo "== gpu_check: $failed failed stage(s)"
+TAIL=20 stage op_benchmark 120 python3 tools/benchmark.py $OP_ARGS
+stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 python3 tools/sanitize_kernels.py
+echo "== gpu_check: $failed failed stage(s), $(( $(date +%s) - T0 )) s"
 exit "$failed"

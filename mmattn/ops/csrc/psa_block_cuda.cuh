@@ -56,7 +56,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> paper_backward(
   // vecs' columns: sp_bv, sp_bq, ch_bv (C/2 each), ln_weight, ln_bias, ch_bz (C each)
   const auto v = vecs.sum(0).split_with_sizes({H, H, H, C, C, C});
   return {dx,
-          {part_gwq.sum({0, 1}), at::zeros({1}, part_gwq.options()), mats[3], v[2],
+          {part_gwq.sum(at::IntArrayRef{0, 1}), at::zeros({1}, part_gwq.options()), mats[3], v[2],
            mats[2].t(), v[5], v[3], v[4], mats[1], v[1], mats[0], v[0]}};
 }
 

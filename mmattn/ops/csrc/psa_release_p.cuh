@@ -219,7 +219,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_backward(
   auto [dx, part_gwq] = psa_bwd_apply_cuda(grad, x, a, s_mask, pi, d_t, stats[3], dm, dsv,
                                            W[0], beta, 0, false);
   const at::Tensor mats = at::bmm(left.transpose(1, 2), right);  // (4, H, C)
-  return {dx, {part_gwq.sum({0, 1}), mats[3], mats[2].t(), mats[1], mats[0]}};
+  return {dx, {part_gwq.sum(at::IntArrayRef{0, 1}), mats[3], mats[2].t(), mats[1], mats[0]}};
 }
 
 }  // namespace psa

@@ -644,7 +644,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   auto [dx, part_gwq] = psa_bwd_apply_cuda(grad, x, a, s_mask, pi, d_t, no_u, dm, dsv, W[0],
                                            beta, 0, true);
   dx.add_(ex);
-  std::vector<at::Tensor> out{part_gwq.sum({0, 1})};
+  std::vector<at::Tensor> out{part_gwq.sum(at::IntArrayRef{0, 1})};
   int64_t start = 0;  // the flat buffer's parts, in the op's order (block_backward shapes them)
   for (const int64_t end : {off.w1, off.b1, off.lnw, off.lnb, off.w2, off.b2, off.wq2, off.wv2,
                             off.total}) {
