@@ -291,25 +291,49 @@ def test_psa_s_kernels_wide_channels(block_kernel) -> None:
     check_matches(block_kernel, 'sequential', (2, 1024, 3, 2), torch.contiguous_format)
 
 
-@pytest.mark.parametrize('variant, mode, launches', [
-    ('paper', 'sequential', (3, 3)), ('official', 'parallel', (4, 3)),
-    ('official', 'sequential', (5, 4))])
+#: ATen operators that launch nothing on a GPU (allocations, views, no-op casts)
+NO_LAUNCH = {'aten::empty', 'aten::empty_strided', 'aten::empty_like', 'aten::to',
+             'aten::view', 'aten::as_strided', 'aten::select', 'aten::slice', 'aten::narrow',
+             'aten::t', 'aten::transpose', 'aten::reshape', 'aten::_reshape_alias',
+             'aten::split_with_sizes', 'aten::split', 'aten::unbind', 'aten::expand',
+             'aten::resolve_conj', 'aten::resolve_neg', 'aten::alias', 'aten::detach',
+             'aten::contiguous', 'aten::lift_fresh', 'aten::resize_', 'aten::unsqueeze',
+             'aten::squeeze', 'aten::permute', 'aten::result_type'}
+
+
+def aten_launches(events, op: str) -> int:
+    """The ATen operators that ``op``'s C++ calls (its direct children in the profile) and that
+    would launch a kernel on a GPU: those computing anything, themselves or below."""
+    def computes(evt) -> bool:
+        return evt.name not in NO_LAUNCH or any(computes(c) for c in evt.cpu_children)
+    return sum(computes(child) for evt in events if evt.name == op
+               for child in evt.cpu_children)
+
+
+@pytest.mark.parametrize('variant, mode, kernels, total', [
+    ('paper', 'sequential', (3, 3), 12), ('official', 'parallel', (4, 3), 9),
+    ('official', 'sequential', (5, 4), 13)])
 def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: str,
-                                   launches: tuple[int, int]) -> None:
-    """A training step's kernels: the paper forms 3 forward (reduction, glue, apply pass) and 3
-    backward (reduction, glue, apply pass); PSA_p 4 forward (+ the reduction of its spatial
-    logits); PSA_s 5 forward (reduction, glue, value reduction, its merge, apply pass) and 4
-    backward (reduction, value pass, glue, apply pass). Besides, 2-6 small ATen operations from
-    C++ (the paper forms and PSA_p: the weight gradients' batched product and sums; PSA_s:
-    zeroing the buffer its kernels add the weight gradients into, adding its value pass's part
-    of dx)."""
-    b = block(variant, mode, 32, 'reference')
+                                   kernels: tuple[int, int], total: int) -> None:
+    """A training step's launches per block: the paper forms' kernels 3 forward (reduction,
+    glue, apply pass) and 3 backward (reduction, glue, apply pass); PSA_p 4 forward (+ the
+    reduction of its spatial logits); PSA_s 5 forward (reduction, glue, value reduction, its
+    merge, apply pass) and 4 backward (reduction, value pass, glue, apply pass); and, in
+    ``total``, the ATen operators the ops' C++ runs besides (each a launch on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    b = block(variant, mode, 32, 'reference', torch.float32)
     x = torch.randn(2, 32, 6, 5, dtype=torch.float32, requires_grad=True)
     start = emulated.emulated_launches()
-    y = block_kernel(b, x)
-    forward = emulated.emulated_launches() - start
-    y.sum().backward()
-    assert (forward, emulated.emulated_launches() - start - forward) == launches
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = block_kernel(b, x)
+        forward = emulated.emulated_launches() - start
+        y.backward(torch.randn_like(y))
+    backward = emulated.emulated_launches() - start - forward
+    events = prof.events()
+    aten = {op: aten_launches(events, f'{NAMESPACE}::psa_block_cuda_{op}')
+            for op in ('fwd', 'bwd')}
+    assert (forward, backward) == kernels
+    assert forward + backward + aten['fwd'] + aten['bwd'] == total, aten
 
 
 def test_psa_block_kernel_state_shapes(emulated) -> None:
