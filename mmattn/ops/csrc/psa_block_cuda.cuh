@@ -45,19 +45,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> paper_backward(
     const std::vector<at::Tensor>& W, double eps, bool sequential) {
   const at::Tensor &pi = saved[0], &s_mask = saved[1], &stats = saved[2], &a = saved[4],
                    &ueff = saved[5];
+  const int64_t C = a.size(1), H = C / 2;
+  // W_q's gradient (C) and ch_bq's (exactly 0): cleared by the reduction, W_q's added into by
+  // the apply pass
+  const at::Tensor flat = at::empty({C + 1}, a.options());
   auto [d_t, part_da, part_dueff, unused] =
-      bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, 0, sequential);
+      bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, 0, sequential, flat);
   auto [dm, dsv, beta, left, right, vecs] = psa_bwd_glue_cuda(
       d_t, part_da, part_dueff, stats, at::TensorList(W).slice(2), eps, sequential);
-  auto [dx, part_gwq] = psa_bwd_apply_cuda(grad, x, a, s_mask, pi, d_t, ueff, dm, dsv, W[0],
-                                           beta, 0, sequential);
+  const at::Tensor gwq = flat.narrow(0, 0, C);
+  at::Tensor dx = std::get<0>(bwd_apply(grad, x, a, s_mask, pi, d_t, ueff, dm, dsv, W[0], beta,
+                                        0, sequential, gwq));
   const at::Tensor mats = at::bmm(left.transpose(1, 2), right);  // (4, C/2, C)
-  const int64_t H = left.size(2), C = right.size(2);
   // vecs' columns: sp_bv, sp_bq, ch_bv (C/2 each), ln_weight, ln_bias, ch_bz (C each)
   const auto v = vecs.sum(0).split_with_sizes({H, H, H, C, C, C});
   return {dx,
-          {part_gwq.sum(at::IntArrayRef{0, 1}), at::zeros({1}, part_gwq.options()), mats[3], v[2],
-           mats[2].t(), v[5], v[3], v[4], mats[1], v[1], mats[0], v[0]}};
+          {gwq, flat.narrow(0, C, 1), mats[3], v[2], mats[2].t(), v[5], v[3], v[4], mats[1],
+           v[1], mats[0], v[0]}};
 }
 
 // x made dense in its own memory format (NCHW or channels_last), as the kernels need.

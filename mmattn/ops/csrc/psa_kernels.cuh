@@ -202,6 +202,19 @@ __device__ __forceinline__ void load_vec(T* dst, const T* src, int count) {
   for (int i = threadIdx.x; i < count; i += kThreads) dst[i] = src[i];
 }
 
+// Zeroes `count` values at `buf` (none when null), spread over the whole grid: the first kernel
+// of a backward clears the buffer that its later kernels add the weight gradients into with
+// atomics (the stream orders them), so that no launch is spent on clearing it.
+template <typename T>
+__device__ __forceinline__ void zero_grid(T* buf, int64_t count) {
+  if (buf == nullptr) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * gridDim.y * kThreads;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kThreads +
+                   threadIdx.x;
+       i < count; i += stride)
+    buf[i] = T(0);
+}
+
 __device__ __forceinline__ int64_t at_cp(const Geometry& g, int c, int64_t p) {
   return c * g.sC + p * g.sP;
 }
@@ -375,7 +388,8 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
                   int tile_p, int log2_tile, int chunk, int splits, const acc_t* __restrict__ a,
                   const acc_t* __restrict__ s_mask, PixelSoftmax<acc_t> psm,
                   acc_t* __restrict__ d_t, acc_t* __restrict__ pda, acc_t* __restrict__ pdu,
-                  acc_t* __restrict__ pr, bool sequential) {
+                  acc_t* __restrict__ pr, bool sequential, acc_t* __restrict__ zero,
+                  int64_t zero_count) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
   acc_t* tile_gx = reinterpret_cast<acc_t*>(smem_raw);  // G (.) x
@@ -393,6 +407,7 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
   const int n = blockIdx.y, split = blockIdx.x;
   const int64_t base = n * g.sN, np = static_cast<int64_t>(n) * g.P;
   const bool release = psm.t != nullptr;
+  zero_grid(zero, zero_count);
   if (release && threadIdx.x == 0) {  // visible after the first tile's barrier
     const SoftmaxNorm<acc_t> norm = merge_softmax(psm, n);
     s_norm[0] = norm.top;
@@ -457,7 +472,8 @@ bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__
                  const acc_t* __restrict__ pi, const acc_t* __restrict__ d_t,
                  const acc_t* __restrict__ u, const acc_t* __restrict__ dm,
                  const acc_t* __restrict__ dsv, const acc_t* __restrict__ wq,
-                 const acc_t* __restrict__ beta, acc_t* __restrict__ pgwq, bool sequential) {
+                 const acc_t* __restrict__ beta, acc_t* __restrict__ pgwq, bool sequential,
+                 acc_t* __restrict__ gwq) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -516,8 +532,15 @@ bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__
           store_pack(dx + base + at_cp(g, c, pt + p), out);
         });
   }
+  // the W_q gradient: this block's part added into gwq (zeroed by the backward's first
+  // kernel) when given, else written to its (n, split) row of pgwq
   const int64_t o = static_cast<int64_t>(n) * splits + split;
-  for (int c = threadIdx.x; c < g.C; c += kThreads) pgwq[o * g.C + c] = acc_g[c];
+  for (int c = threadIdx.x; c < g.C; c += kThreads) {
+    if (gwq != nullptr)
+      atomicAdd(gwq + c, acc_g[c]);
+    else
+      pgwq[o * g.C + c] = acc_g[c];
+  }
 }
 
 // ---------------------------------------------------------------- host side
@@ -761,11 +784,12 @@ std::tuple<at::Tensor, at::Tensor> psa_fwd_apply_cuda(const at::Tensor& x, const
 // d_t (N, P) and the splits' partial dA, d u sums: `s_in` is the gate S (paper), or undefined
 // with `states` given (the release's PSA_p: S and sig computed from them; d_t then carries the
 // factor sig_p, and the fourth result holds the splits' partial sum_p x_p sig_p; undefined
-// for the paper).
+// for the paper). `zero`, when defined (the accumulation dtype, contiguous), is cleared on the
+// way (zero_grid).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& a_in,
     const at::Tensor& s_in, const SoftmaxStates& states_in, int64_t splits_req,
-    bool sequential) {
+    bool sequential, const at::Tensor& zero = at::Tensor()) {
   const launch::DeviceGuard guard(x.device());
   const Geometry g = geometry(x);
   const int N = static_cast<int>(x.size(0));
@@ -775,6 +799,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
   const bool release = states.t.defined();
   const at::Tensor s_mask = release ? s_in : vec(s_in, x, {N, g.P}, "s_mask");
   const auto opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  TORCH_CHECK(!zero.defined() || (zero.scalar_type() == opts.dtype().toScalarType() &&
+                                  zero.device() == x.device() && zero.is_contiguous()),
+              "mmattn psa kernels: the buffer to zero must be contiguous, of the accumulation "
+              "dtype, on x's device");
   at::Tensor d_t = at::empty({N, g.P}, opts);
   at::Tensor pda, pdu, pr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_reduce", [&] {
@@ -787,13 +815,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
       pda = at::empty({N, s.splits, g.C}, opts);
       pdu = at::empty({N, s.splits, g.C}, opts);
       if (release) pr = at::empty({N, s.splits, g.C}, opts);
-      if (N == 0) return;
+      if (N == 0) {  // no kernel runs to clear it
+        if (zero.defined()) zero.zero_();
+        return;
+      }
       launch::launch(kernel, dim3(s.splits, N), kThreads, l.smem,
           grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile,
           s.chunk, s.splits, a.data_ptr<acc_t>(),
           release ? nullptr : s_mask.data_ptr<acc_t>(), pixel_softmax<acc_t>(states),
           d_t.data_ptr<acc_t>(), pda.data_ptr<acc_t>(), pdu.data_ptr<acc_t>(),
-          release ? pr.data_ptr<acc_t>() : nullptr, sequential);
+          release ? pr.data_ptr<acc_t>() : nullptr, sequential,
+          zero.defined() ? zero.data_ptr<acc_t>() : nullptr,
+          zero.defined() ? zero.numel() : int64_t{0});
     });
   });
   return {d_t, pda, pdu, pr};
@@ -807,11 +840,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_bwd_reduce_cuda(
   return {d_t, pda, pdu};
 }
 
-std::tuple<at::Tensor, at::Tensor> psa_bwd_apply_cuda(
+// dx, and the W_q gradient's partial sums per split (N, splits, C); or, with `gwq` given (C
+// values of the accumulation dtype, zeroed before by the same stream), the W_q gradient added
+// into gwq and no partial sums.
+std::tuple<at::Tensor, at::Tensor> bwd_apply(
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& a_in,
     const at::Tensor& s_in, const at::Tensor& pi_in, const at::Tensor& dt_in,
     const at::Tensor& u_in, const at::Tensor& dm_in, const at::Tensor& dsv_in,
-    const at::Tensor& wq_in, const at::Tensor& beta_in, int64_t splits_req, bool sequential) {
+    const at::Tensor& wq_in, const at::Tensor& beta_in, int64_t splits_req, bool sequential,
+    const at::Tensor& gwq = at::Tensor()) {
   const launch::DeviceGuard guard(x.device());
   const Geometry g = geometry(x);
   const int N = static_cast<int>(x.size(0));
@@ -827,6 +864,8 @@ std::tuple<at::Tensor, at::Tensor> psa_bwd_apply_cuda(
   const at::Tensor beta = vec(beta_in, x, {N}, "beta");
   const at::Tensor dx = like_x(at::empty_like(x), x, g, "dx");
   const auto opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  TORCH_CHECK(!gwq.defined() || (vec(gwq, x, {g.C}, "gwq").is_same(gwq)),
+              "mmattn psa kernels: gwq must be contiguous (the kernel adds into it)");
   at::Tensor pgwq;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -836,17 +875,27 @@ std::tuple<at::Tensor, at::Tensor> psa_bwd_apply_cuda(
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
       auto kernel = bwd_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
       const SplitLaunch s = split(l, splits_req, N, g.P, prepare(kernel, l));
-      pgwq = at::empty({N, s.splits, g.C}, opts);
+      if (!gwq.defined()) pgwq = at::empty({N, s.splits, g.C}, opts);
       if (N == 0) return;
       launch::launch(kernel, dim3(s.splits, N), kThreads, l.smem,
           grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g,
           l.tile_p, l.log2_tile, s.chunk, s.splits, a.data_ptr<acc_t>(),
           s_mask.data_ptr<acc_t>(), pi.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(),
           u.data_ptr<acc_t>(), dm.data_ptr<acc_t>(), dsv.data_ptr<acc_t>(),
-          wq.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), pgwq.data_ptr<acc_t>(), sequential);
+          wq.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
+          gwq.defined() ? nullptr : pgwq.data_ptr<acc_t>(), sequential,
+          gwq.defined() ? gwq.data_ptr<acc_t>() : nullptr);
     });
   });
   return {dx, pgwq};
+}
+
+std::tuple<at::Tensor, at::Tensor> psa_bwd_apply_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& a, const at::Tensor& s_mask,
+    const at::Tensor& pi, const at::Tensor& d_t, const at::Tensor& u, const at::Tensor& dm,
+    const at::Tensor& dsv, const at::Tensor& wq, const at::Tensor& beta, int64_t splits_req,
+    bool sequential) {
+  return bwd_apply(grad, x, a, s_mask, pi, d_t, u, dm, dsv, wq, beta, splits_req, sequential);
 }
 
 }  // namespace psa

@@ -196,8 +196,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_backward(
   const at::Tensor a = stats[2];
   const SoftmaxStates spatial{t, norm[0].view({N, 1}), norm[1].view({N, 1})};
   at::Tensor w_t, part_da, part_du, part_r;  // (not structured bindings: a lambda captures them)
+  // W_q's gradient: cleared by the reduction, added into by the apply pass
+  const at::Tensor gwq = at::empty({C}, a.options());
   std::tie(w_t, part_da, part_du, part_r) =
-      bwd_reduce(grad, x, a, at::Tensor(), spatial, 0, false);
+      bwd_reduce(grad, x, a, at::Tensor(), spatial, 0, false, gwq);
   const auto opts = w_t.options();
   at::Tensor d_t = at::empty({N, P}, opts), s_mask = at::empty({N, P}, opts);
   at::Tensor dm = at::empty({N, C}, opts), dsv = at::empty({N, C}, opts);
@@ -216,10 +218,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_backward(
                    dsv.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
                    left.data_ptr<scalar_t>(), right.data_ptr<scalar_t>());
   });
-  auto [dx, part_gwq] = psa_bwd_apply_cuda(grad, x, a, s_mask, pi, d_t, stats[3], dm, dsv,
-                                           W[0], beta, 0, false);
+  at::Tensor dx = std::get<0>(
+      bwd_apply(grad, x, a, s_mask, pi, d_t, stats[3], dm, dsv, W[0], beta, 0, false, gwq));
   const at::Tensor mats = at::bmm(left.transpose(1, 2), right);  // (4, H, C)
-  return {dx, {part_gwq.sum(at::IntArrayRef{0, 1}), mats[3], mats[2].t(), mats[1], mats[0]}};
+  return {dx, {gwq, mats[3], mats[2].t(), mats[1], mats[0]}};
 }
 
 }  // namespace psa

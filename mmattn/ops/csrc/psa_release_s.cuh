@@ -381,9 +381,11 @@ value_bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __res
                         const acc_t* __restrict__ a, const acc_t* __restrict__ s_mask,
                         const acc_t* __restrict__ wv2, const acc_t* __restrict__ q,
                         const acc_t* __restrict__ norm, acc_t* __restrict__ d_t,
-                        acc_t* __restrict__ pda, acc_t* __restrict__ pdq) {
+                        acc_t* __restrict__ pda, acc_t* __restrict__ pdq,
+                        acc_t* __restrict__ zero, int64_t zero_count) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1, H = g.C / 2, N = gridDim.y;
+  zero_grid(zero, zero_count);  // the weight gradients' buffer (psa_kernels.cuh)
   acc_t* tile_gx = reinterpret_cast<acc_t*>(smem_raw);  // G (.) x
   acc_t* tile_x = tile_gx + tile_p * ld;
   acc_t* s_s = tile_x + tile_p * ld;
@@ -589,8 +591,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   const at::Tensor a = stats[2], q = small[1];
   at::Tensor d_t = at::empty({N, P}, opts), dq, pda, pdae;
   const ReleaseSGrads off = release_s_grads(C, Cb);
-  // the atomic adds' target, and N x C zeros more: the apply pass's u (PSA_s has no u d_t term)
-  at::Tensor grads = at::zeros({off.total + static_cast<int64_t>(N) * C}, opts);
+  // the atomic adds' target (the weights' gradients, W_q's last), and N x C zeros more: the
+  // apply pass's u (PSA_s has no u d_t term); cleared by the first kernel, the reduction
+  at::Tensor grads = at::empty({off.total + C + static_cast<int64_t>(N) * C}, opts);
+  if (N == 0) grads.zero_();  // (no kernel runs to clear it)
   const at::Tensor ex = like_x(at::empty_like(x), x, g, "ex");
   at::Tensor dm = at::empty({N, C}, opts), dsv = at::empty({N, C}, opts);
   at::Tensor beta = at::empty({N}, opts), dz = at::empty({N, C}, opts);
@@ -612,7 +616,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
                        lr.log2_tile, sl.chunk, sl.splits, a.data_ptr<acc_t>(),
                        s_mask.data_ptr<acc_t>(), w.wv2, q.data_ptr<acc_t>(),
                        norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), pda.data_ptr<acc_t>(),
-                       pdq.data_ptr<acc_t>());
+                       pdq.data_ptr<acc_t>(), grads.data_ptr<acc_t>(), grads.numel());
       dq = pdq.sum(1);
     });
     const Launch lm = plan(C, sizeof(acc_t), 2, 1 + H, 4);
@@ -640,11 +644,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
                      grads.data_ptr<acc_t>());
   });
   // dx = G A S + dm + ds pi + wq dl (the paper form's apply pass, with no u dt term) + A e
-  const at::Tensor no_u = grads.narrow(0, off.total, static_cast<int64_t>(N) * C).view({N, C});
-  auto [dx, part_gwq] = psa_bwd_apply_cuda(grad, x, a, s_mask, pi, d_t, no_u, dm, dsv, W[0],
-                                           beta, 0, true);
+  const at::Tensor gwq = grads.narrow(0, off.total, C);
+  const at::Tensor no_u =
+      grads.narrow(0, off.total + C, static_cast<int64_t>(N) * C).view({N, C});
+  at::Tensor dx = std::get<0>(
+      bwd_apply(grad, x, a, s_mask, pi, d_t, no_u, dm, dsv, W[0], beta, 0, true, gwq));
   dx.add_(ex);
-  std::vector<at::Tensor> out{part_gwq.sum(at::IntArrayRef{0, 1})};
+  std::vector<at::Tensor> out{gwq};
   int64_t start = 0;  // the flat buffer's parts, in the op's order (block_backward shapes them)
   for (const int64_t end : {off.w1, off.b1, off.lnw, off.lnb, off.w2, off.b2, off.wq2, off.wv2,
                             off.total}) {
