@@ -325,7 +325,7 @@ def aten_launches(events, op: str) -> int:
 
 @pytest.mark.parametrize('variant, mode, kernels, total', [
     ('paper', 'sequential', (3, 3), 10), ('official', 'parallel', (4, 3), 8),
-    ('official', 'sequential', (5, 4), 11)])
+    ('official', 'sequential', (5, 4), 9)])
 def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: str,
                                    kernels: tuple[int, int], total: int) -> None:
     """A training step's launches per block: the paper forms' kernels 3 forward (reduction,

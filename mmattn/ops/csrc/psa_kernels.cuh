@@ -473,7 +473,7 @@ bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__
                  const acc_t* __restrict__ u, const acc_t* __restrict__ dm,
                  const acc_t* __restrict__ dsv, const acc_t* __restrict__ wq,
                  const acc_t* __restrict__ beta, acc_t* __restrict__ pgwq, bool sequential,
-                 acc_t* __restrict__ gwq) {
+                 acc_t* __restrict__ gwq, bool accumulate) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -521,12 +521,15 @@ bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__
         [&](int c, int p) { return load_pack<VEC>(grad + base + at_cp(g, c, pt + p)); },
         [&](int c, int p, int dc, int dp, const Pack<scalar_t, VEC>& gv) {
           Pack<scalar_t, VEC> out;
+          if (accumulate)  // dx holds a part already (PSA_s: its value map's)
+            out = load_pack<VEC>(dx + base + at_cp(g, c, pt + p));
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
             const int ck = c + k * dc, pk = p + k * dp;
             const acc_t gate = sequential ? s_a[ck] * s_s[pk] : s_a[ck] + s_s[pk];
-            const acc_t v = static_cast<acc_t>(gv.v[k]) * gate + s_u[ck] * s_dt[pk] +
-                            s_dm[ck] + s_dsv[ck] * s_pi[pk] + s_wq[ck] * s_dl[pk];
+            acc_t v = static_cast<acc_t>(gv.v[k]) * gate + s_u[ck] * s_dt[pk] + s_dm[ck] +
+                      s_dsv[ck] * s_pi[pk] + s_wq[ck] * s_dl[pk];
+            if (accumulate) v += static_cast<acc_t>(out.v[k]);
             out.v[k] = static_cast<scalar_t>(v);
           }
           store_pack(dx + base + at_cp(g, c, pt + p), out);
@@ -842,13 +845,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_bwd_reduce_cuda(
 
 // dx, and the W_q gradient's partial sums per split (N, splits, C); or, with `gwq` given (C
 // values of the accumulation dtype, zeroed before by the same stream), the W_q gradient added
-// into gwq and no partial sums.
+// into gwq and no partial sums. With `dx_part` given (laid out as x), dx is dx_part plus this
+// pass's terms, written over dx_part.
 std::tuple<at::Tensor, at::Tensor> bwd_apply(
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& a_in,
     const at::Tensor& s_in, const at::Tensor& pi_in, const at::Tensor& dt_in,
     const at::Tensor& u_in, const at::Tensor& dm_in, const at::Tensor& dsv_in,
     const at::Tensor& wq_in, const at::Tensor& beta_in, int64_t splits_req, bool sequential,
-    const at::Tensor& gwq = at::Tensor()) {
+    const at::Tensor& gwq = at::Tensor(), const at::Tensor& dx_part = at::Tensor()) {
   const launch::DeviceGuard guard(x.device());
   const Geometry g = geometry(x);
   const int N = static_cast<int>(x.size(0));
@@ -862,7 +866,10 @@ std::tuple<at::Tensor, at::Tensor> bwd_apply(
   const at::Tensor dsv = vec(dsv_in, x, {N, g.C}, "dsv");
   const at::Tensor wq = vec(wq_in, x, {g.C}, "wq");
   const at::Tensor beta = vec(beta_in, x, {N}, "beta");
-  const at::Tensor dx = like_x(at::empty_like(x), x, g, "dx");
+  const bool accumulate = dx_part.defined();
+  const at::Tensor dx = like_x(accumulate ? dx_part : at::empty_like(x), x, g, "dx");
+  TORCH_CHECK(!accumulate || dx.is_same(dx_part),
+              "mmattn psa kernels: dx_part must be laid out as x (the pass adds into it)");
   const auto opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
   TORCH_CHECK(!gwq.defined() || (vec(gwq, x, {g.C}, "gwq").is_same(gwq)),
               "mmattn psa kernels: gwq must be contiguous (the kernel adds into it)");
@@ -884,7 +891,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_apply(
           u.data_ptr<acc_t>(), dm.data_ptr<acc_t>(), dsv.data_ptr<acc_t>(),
           wq.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
           gwq.defined() ? nullptr : pgwq.data_ptr<acc_t>(), sequential,
-          gwq.defined() ? gwq.data_ptr<acc_t>() : nullptr);
+          gwq.defined() ? gwq.data_ptr<acc_t>() : nullptr, accumulate);
     });
   });
   return {dx, pgwq};

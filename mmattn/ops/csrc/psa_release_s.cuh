@@ -439,18 +439,20 @@ value_bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __res
 }
 
 // ---------------------------------------------------------------- backward, the value map
-// dVl[k][p] = V[k][p] q_k (dt_p - dq_k); out: ex = A (.) W_v'^T dVl (x's shape and layout),
-// pdae (N, splits, C) = sum_p x e, and gwv (H, C) += A_c sum_p dVl[k][p] x[c][p], W_v''s
-// gradient summed over the images and pixels (atomic adds, in the accumulation dtype, into
-// zeros).
+// dVl[k][p] = V[k][p] q_k (dt_p - dq_k), dq merged from the reduction's pdq (N, dq_splits, H)
+// by each block (the first split's also writes it to dq for the glue); out: ex = A (.) W_v'^T
+// dVl (x's shape and layout), pdae (N, splits, C) = sum_p x e, and gwv (H, C) += A_c sum_p
+// dVl[k][p] x[c][p], W_v''s gradient summed over the images and pixels (atomic adds, in the
+// accumulation dtype, into zeros).
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 value_bwd_map_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ ex, Geometry g,
                      int tile_p, int log2_tile, int chunk, int splits,
                      const acc_t* __restrict__ a, const acc_t* __restrict__ wv2,
                      const acc_t* __restrict__ q, const acc_t* __restrict__ norm,
-                     const acc_t* __restrict__ d_t, const acc_t* __restrict__ dq,
-                     acc_t* __restrict__ pdae, acc_t* __restrict__ gwv) {
+                     const acc_t* __restrict__ d_t, const acc_t* __restrict__ pdq,
+                     int dq_splits, acc_t* __restrict__ dq, acc_t* __restrict__ pdae,
+                     acc_t* __restrict__ gwv) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1, H = g.C / 2, N = gridDim.y;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -467,7 +469,12 @@ value_bwd_map_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ ex, 
   const int64_t np = static_cast<int64_t>(n) * g.P;
   load_vec(s_a, a + static_cast<int64_t>(n) * g.C, g.C);
   load_value_state(q, norm, n, N, H, s_q, s_vmax, s_vsum);
-  load_vec(s_dq, dq + static_cast<int64_t>(n) * H, H);
+  for (int k = threadIdx.x; k < H; k += kThreads) {
+    acc_t v = 0;
+    for (int s = 0; s < dq_splits; ++s) v += pdq[(static_cast<int64_t>(n) * dq_splits + s) * H + k];
+    s_dq[k] = v;
+    if (split == 0) dq[static_cast<int64_t>(n) * H + k] = v;
+  }
   for (int c = threadIdx.x; c < g.C; c += kThreads) acc_dae[c] = 0;
   const int rounds = value_rounds(H, tile_p), p = threadIdx.x % tile_p;
   const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
@@ -589,7 +596,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
                    &bott = saved[4], &rstd = saved[5], &norm = saved[6];
   const auto opts = pi.options();
   const at::Tensor a = stats[2], q = small[1];
-  at::Tensor d_t = at::empty({N, P}, opts), dq, pda, pdae;
+  at::Tensor d_t = at::empty({N, P}, opts), dq = at::empty({N, H}, opts), pda, pdq, pdae;
   const ReleaseSGrads off = release_s_grads(C, Cb);
   // the atomic adds' target (the weights' gradients, W_q's last), and N x C zeros more: the
   // apply pass's u (PSA_s has no u d_t term); cleared by the first kernel, the reduction
@@ -609,7 +616,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
       auto kernel = value_bwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
       const SplitLaunch sl = split(lr, 0, N, P, prepare(kernel, lr));
       pda = at::empty({N, sl.splits, C}, opts);
-      const at::Tensor pdq = at::empty({N, sl.splits, H}, opts);
+      pdq = at::empty({N, sl.splits, H}, opts);
       if (N > 0)
         launch::launch(kernel, dim3(sl.splits, N), kThreads, lr.smem,
                        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g, lr.tile_p,
@@ -617,7 +624,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
                        s_mask.data_ptr<acc_t>(), w.wv2, q.data_ptr<acc_t>(),
                        norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), pda.data_ptr<acc_t>(),
                        pdq.data_ptr<acc_t>(), grads.data_ptr<acc_t>(), grads.numel());
-      dq = pdq.sum(1);
     });
     const Launch lm = plan(C, sizeof(acc_t), 2, 1 + H, 4);
     const bool vec_m = vectorizable<scalar_t>(g, lm, {x.data_ptr(), ex.data_ptr()});
@@ -629,7 +635,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
         launch::launch(kernel, dim3(sl.splits, N), kThreads, lm.smem, x.data_ptr<scalar_t>(),
                        ex.data_ptr<scalar_t>(), g, lm.tile_p, lm.log2_tile, sl.chunk,
                        sl.splits, a.data_ptr<acc_t>(), w.wv2, q.data_ptr<acc_t>(),
-                       norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), dq.data_ptr<acc_t>(),
+                       norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), pdq.data_ptr<acc_t>(),
+                       static_cast<int>(pdq.size(1)), dq.data_ptr<acc_t>(),
                        pdae.data_ptr<acc_t>(), grads.data_ptr<acc_t>() + off.wv2);
     });
     if (N > 0)
@@ -643,13 +650,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
                      dh1.data_ptr<acc_t>(), dh2.data_ptr<acc_t>(), dv.data_ptr<acc_t>(),
                      grads.data_ptr<acc_t>());
   });
-  // dx = G A S + dm + ds pi + wq dl (the paper form's apply pass, with no u dt term) + A e
+  // dx = G A S + dm + ds pi + wq dl (the paper form's apply pass, with no u dt term) + A e,
+  // the apply pass adding into ex
   const at::Tensor gwq = grads.narrow(0, off.total, C);
   const at::Tensor no_u =
       grads.narrow(0, off.total + C, static_cast<int64_t>(N) * C).view({N, C});
-  at::Tensor dx = std::get<0>(
-      bwd_apply(grad, x, a, s_mask, pi, d_t, no_u, dm, dsv, W[0], beta, 0, true, gwq));
-  dx.add_(ex);
+  const at::Tensor dx = std::get<0>(
+      bwd_apply(grad, x, a, s_mask, pi, d_t, no_u, dm, dsv, W[0], beta, 0, true, gwq, ex));
   std::vector<at::Tensor> out{gwq};
   int64_t start = 0;  // the flat buffer's parts, in the op's order (block_backward shapes them)
   for (const int64_t end : {off.w1, off.b1, off.lnw, off.lnb, off.w2, off.b2, off.wq2, off.wv2,
