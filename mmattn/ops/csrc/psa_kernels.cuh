@@ -107,7 +107,9 @@ template <typename acc_t>
 __device__ __forceinline__ SoftmaxNorm<acc_t> merge_states(const acc_t* mx, const acc_t* sum,
                                                            int count, int stride) {
   acc_t top = -INFINITY, total = 0;
+#pragma unroll 1
   for (int s = 0; s < count; ++s) top = op_max(top, mx[s * stride]);
+#pragma unroll 1
   for (int s = 0; s < count; ++s) total += sum[s * stride] * op_exp(mx[s * stride] - top);
   return {top, total};
 }

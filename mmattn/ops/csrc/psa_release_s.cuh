@@ -13,9 +13,9 @@
 //   spatial: m = mean_p x_p, mz = A (.) m, q = W_q' mz,
 //            Vl[k][p] = sum_c W_v'[k][c] A_c x[c][p], V = softmax_p(Vl) (per k),
 //            t_p = q . V_p, S_p = sigmoid(t_p);   y = x A S
-// Forward, 5 launches: the reduction (l's online softmax, s, m); the glue (A, q); the value
-// reduction (per k, the online softmax state of Vl over the pixels); its merge; the apply pass
-// (Vl again, V, t, S, y). Backward, with the forward's small state: the backward reduction
+// Forward, 4 launches: the reduction (l's online softmax, s, m); the glue (A, q); the value
+// reduction (per k, the online softmax state of Vl over the pixels, per split of the pixels);
+// the apply pass (merging the splits' states, then Vl again, V, t, S, y). Backward, with the forward's small state: the backward reduction
 // (dt = dL/dt, dA's direct part sum_p G x S, dq = sum_p V dt); the value pass (dVl =
 // V q (dt - dq); W_v''s gradient sum_n A (.) sum_p dVl x^T with atomic adds; e = W_v'^T dVl:
 // dx's part A e and dA's part sum_p x e); the glue (the chain's derivative, the other weights'
@@ -291,20 +291,6 @@ value_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int 
   }
 }
 
-// The splits' states merged: norm (2, N, H) = [max, sum of exponentials].
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-value_merge_kernel(const T* __restrict__ vmax, const T* __restrict__ vsum, int N, int S, int H,
-                   T* __restrict__ norm) {
-  const int n = blockIdx.x;
-  for (int k = threadIdx.x; k < H; k += kThreads) {
-    const int64_t o = static_cast<int64_t>(n) * S * H + k;
-    const SoftmaxNorm<T> merged = merge_states(vmax + o, vsum + o, S, H);
-    norm[static_cast<int64_t>(n) * H + k] = merged.top;
-    norm[(static_cast<int64_t>(N) + n) * H + k] = merged.total;
-  }
-}
-
 // Loads the per-image H-vectors q, the value softmax's max and sum into shared memory.
 template <typename T>
 __device__ __forceinline__ void load_value_state(const T* q, const T* norm, int n, int N, int H,
@@ -315,13 +301,17 @@ __device__ __forceinline__ void load_value_state(const T* q, const T* norm, int 
 }
 
 // ---------------------------------------------------------------- forward, apply
-// y = x A S with S_p = sigmoid(sum_k q_k V[k][p]); S (N, P) kept for the backward.
+// y = x A S with S_p = sigmoid(sum_k q_k V[k][p]); S (N, P) kept for the backward. Each block
+// merges the value reduction's S split states (vmax, vsum: (N, S, H)) itself; the first
+// block of an image writes the merged state, norm (2, N, H) = [max, sum of exponentials], for
+// the backward.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g,
                    int tile_p, int log2_tile, const acc_t* __restrict__ a,
                    const acc_t* __restrict__ wv2, const acc_t* __restrict__ q,
-                   const acc_t* __restrict__ norm, acc_t* __restrict__ s_mask) {
+                   const acc_t* __restrict__ vmax, const acc_t* __restrict__ vsum, int S,
+                   acc_t* __restrict__ norm, acc_t* __restrict__ s_mask) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1, H = g.C / 2, N = gridDim.y;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -334,7 +324,17 @@ value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geo
   const int n = blockIdx.y;
   const int64_t np = static_cast<int64_t>(n) * g.P;
   load_vec(s_a, a + static_cast<int64_t>(n) * g.C, g.C);
-  load_value_state(q, norm, n, N, H, s_q, s_vmax, s_vsum);
+  load_vec(s_q, q + static_cast<int64_t>(n) * H, H);
+  for (int k = threadIdx.x; k < H; k += kThreads) {
+    const int64_t o = static_cast<int64_t>(n) * S * H + k;
+    const SoftmaxNorm<acc_t> merged = merge_states(vmax + o, vsum + o, S, H);
+    s_vmax[k] = merged.top;
+    s_vsum[k] = merged.total;
+    if (blockIdx.x == 0) {
+      norm[static_cast<int64_t>(n) * H + k] = merged.top;
+      norm[(static_cast<int64_t>(N) + n) * H + k] = merged.total;
+    }
+  }
   const int rounds = value_rounds(H, tile_p), p = threadIdx.x % tile_p;
   const int tiles = (g.P + tile_p - 1) / tile_p;
   for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
@@ -568,9 +568,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
                      lr.tile_p, lr.log2_tile, sl.chunk, sl.splits, a, w.wv2,
                      vmax.data_ptr<acc_t>(), vsum.data_ptr<acc_t>());
     });
-    launch::launch(value_merge_kernel<acc_t>, dim3(N), kThreads, 0, vmax.data_ptr<acc_t>(),
-                   vsum.data_ptr<acc_t>(), N, static_cast<int>(vmax.size(1)), H,
-                   norm.data_ptr<acc_t>());
     const Launch la = plan(C, sizeof(acc_t), 1, 1, 3, kThreads);
     const bool vectors = vectorizable<scalar_t>(g, la, {x.data_ptr(), y.data_ptr()});
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
@@ -579,8 +576,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
       const int grid_x = std::min(tiles, one_wave(prepare(kernel, la), N));
       launch::launch(kernel, dim3(grid_x, N), kThreads, la.smem, x.data_ptr<scalar_t>(),
                      y.data_ptr<scalar_t>(), g, la.tile_p, la.log2_tile, a, w.wv2,
-                     small[1].data_ptr<acc_t>(), norm.data_ptr<acc_t>(),
-                     s_mask.data_ptr<acc_t>());
+                     small[1].data_ptr<acc_t>(), vmax.data_ptr<acc_t>(),
+                     vsum.data_ptr<acc_t>(), static_cast<int>(vmax.size(1)),
+                     norm.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>());
     });
   });
   return {y, {pi, s_mask, stats, small, bott, rstd, norm}};
