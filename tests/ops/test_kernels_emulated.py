@@ -324,7 +324,7 @@ def aten_launches(events, op: str) -> int:
 
 
 @pytest.mark.parametrize('variant, mode, kernels, total', [
-    ('paper', 'sequential', (3, 3), 10), ('official', 'parallel', (4, 3), 8),
+    ('paper', 'sequential', (3, 3), 7), ('official', 'parallel', (4, 3), 8),
     ('official', 'sequential', (4, 4), 8)])
 def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: str,
                                    kernels: tuple[int, int], total: int) -> None:

@@ -7,8 +7,10 @@
 //   paper forms (psa_kernels.cuh, psa_glue.cuh; the folding is derived in mmattn/ops/psa.py):
 //     forward 3 launches: reduce, glue, apply; backward 3: reduce, glue, apply;
 //   the release's PSA_p (psa_release_p.cuh): forward 4, backward 3;
-//   the release's PSA_s (psa_release_s.cuh): forward 5, backward 4;
-// each backward then adds the weight gradients' products and sums (ATen).
+//   the release's PSA_s (psa_release_s.cuh): forward 4, backward 4.
+// Each backward's first kernel clears one buffer that its later kernels add the weight
+// gradients into (atomics); the paper forms and PSA_p then form their matrices' gradients in one
+// batched product (ATen): at most 8 launches per block per training step.
 //
 // Needs the launch interface (cuda_launch.cuh, or the tests' CPU emulation).
 #pragma once
@@ -31,9 +33,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> paper_forward(const at::Tensor& 
                                                               const std::vector<at::Tensor>& W,
                                                               double eps, bool sequential) {
   auto [logits, pmax, psum, ps, pm] = fwd_reduce(x, g, W[0], 0);
-  auto [pi, stats, c] = psa_fwd_glue_cuda(logits, pmax, psum, ps, pm,
-                                          at::TensorList(W).slice(2), eps, sequential);
-  const at::Tensor a = stats.select(1, 2).contiguous(), ueff = stats.select(1, 3).contiguous();
+  const at::Tensor a = at::empty({x.size(0), g.C}, logits.options()), ueff = at::empty_like(a);
+  auto [pi, stats, c] = fwd_glue(logits, pmax, psum, ps, pm, at::TensorList(W).slice(2), eps,
+                                 sequential, a, ueff);
   auto [y, s_mask] = fwd_apply(x, a, ueff, c, SoftmaxStates{}, sequential);
   return {y, {pi, s_mask, stats, c, a, ueff}};
 }
@@ -46,19 +48,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> paper_backward(
   const at::Tensor &pi = saved[0], &s_mask = saved[1], &stats = saved[2], &a = saved[4],
                    &ueff = saved[5];
   const int64_t C = a.size(1), H = C / 2;
-  // W_q's gradient (C) and ch_bq's (exactly 0): cleared by the reduction, W_q's added into by
-  // the apply pass
-  const at::Tensor flat = at::empty({C + 1}, a.options());
+  // The atomic adds' target, cleared by the reduction: W_q's gradient (C, from the apply pass),
+  // ch_bq's (exactly 0), the vector gradients (3 C/2 + 3 C, from the glue; sp_bv, sp_bq, ch_bv
+  // (C/2 each), ln_weight, ln_bias, ch_bz (C each))
+  const at::Tensor flat = at::empty({C + 1 + 3 * H + 3 * C}, a.options());
   auto [d_t, part_da, part_dueff, unused] =
       bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, 0, sequential, flat);
-  auto [dm, dsv, beta, left, right, vecs] = psa_bwd_glue_cuda(
-      d_t, part_da, part_dueff, stats, at::TensorList(W).slice(2), eps, sequential);
+  auto [dm, dsv, beta, left, right, no_vecs] =
+      bwd_glue(d_t, part_da, part_dueff, stats, at::TensorList(W).slice(2), eps, sequential,
+               flat.narrow(0, C + 1, 3 * H + 3 * C));
   const at::Tensor gwq = flat.narrow(0, 0, C);
   at::Tensor dx = std::get<0>(bwd_apply(grad, x, a, s_mask, pi, d_t, ueff, dm, dsv, W[0], beta,
                                         0, sequential, gwq));
   const at::Tensor mats = at::bmm(left.transpose(1, 2), right);  // (4, C/2, C)
-  // vecs' columns: sp_bv, sp_bq, ch_bv (C/2 each), ln_weight, ln_bias, ch_bz (C each)
-  const auto v = vecs.sum(0).split_with_sizes({H, H, H, C, C, C});
+  const auto v = flat.narrow(0, C + 1, 3 * H + 3 * C).split_with_sizes({H, H, H, C, C, C});
   return {dx,
           {gwq, flat.narrow(0, C, 1), mats[3], v[2], mats[2].t(), v[5], v[3], v[4], mats[1],
            v[1], mats[0], v[0]}};

@@ -191,7 +191,8 @@ __global__ void __launch_bounds__(kThreads)
 fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
                 const T* __restrict__ psum, const T* __restrict__ ps, const T* __restrict__ pm,
                 int S, int C, int P, Chain<T> w, T eps, bool sequential, T* __restrict__ pi,
-                T* __restrict__ stats, T* __restrict__ cbias, T* __restrict__ work) {
+                T* __restrict__ stats, T* __restrict__ cbias, T* __restrict__ work,
+                T* __restrict__ a_out, T* __restrict__ ueff_out) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* scratch = reinterpret_cast<T*>(smem_raw);
   const int n = blockIdx.x, H = C / 2;
@@ -210,20 +211,29 @@ fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
   o.q = ws + 3 * C + H;
   o.rstd = ws + 4 * C;
   o.c = cbias + n;
-  run_chain(w, C, eps, sequential, o, scratch);
+  run_chain(w, C, eps, sequential, o, scratch);  // (ends with a barrier: o.a, o.ueff visible)
+  if (a_out != nullptr) {  // A and u_eff also as dense (N, C) rows, for the apply pass
+    for (int c = threadIdx.x; c < C; c += kThreads) {
+      a_out[static_cast<int64_t>(n) * C + c] = o.a[c];
+      ueff_out[static_cast<int64_t>(n) * C + c] = o.ueff[c];
+    }
+  }
   write_pi(logits, n, P, norm, pi);
 }
 
 // Outputs per image n: dm = dL/dm / P, dsv = dL/ds (N, C), beta (N); the weight-gradient
 // factors left (4, N, C/2) = [q, d_g, v, d_v] and right (4, N, C) = [d_u, mz, d_z, s]; the
-// vector gradients' terms vecs (N, 3 C/2 + 3 C) = [q d_c, d_g, d_v, d_ln zhat, d_ln, d_z].
+// vector gradients' terms vecs (N, 3 C/2 + 3 C) = [q d_c, d_g, d_v, d_ln zhat, d_ln, d_z], or,
+// with vec_sum given, their sum over the images added into vec_sum (3 C/2 + 3 C, zeroed
+// before; atomic adds) and vecs unused.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 bwd_glue_kernel(const T* __restrict__ d_t, const T* __restrict__ part_da,
                 const T* __restrict__ part_dueff, const T* __restrict__ stats, int N, int S,
                 int C, int P, Chain<T> w, T eps, bool sequential, T* __restrict__ dm,
                 T* __restrict__ dsv, T* __restrict__ beta, T* __restrict__ left,
-                T* __restrict__ right, T* __restrict__ vecs, T* __restrict__ work) {
+                T* __restrict__ right, T* __restrict__ vecs, T* __restrict__ work,
+                T* __restrict__ vec_sum) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* scratch = reinterpret_cast<T*>(smem_raw);
   const int n = blockIdx.x, H = C / 2;
@@ -231,7 +241,13 @@ bwd_glue_kernel(const T* __restrict__ d_t, const T* __restrict__ part_da,
   T* ws = work + static_cast<int64_t>(n) * glue_work(C);
   auto L = [&](int k) { return left + (static_cast<int64_t>(k) * N + n) * H; };
   auto R = [&](int k) { return right + (static_cast<int64_t>(k) * N + n) * C; };
-  T* vn = vecs + static_cast<int64_t>(n) * (3 * H + 3 * C);
+  T* vn = vec_sum != nullptr ? nullptr : vecs + static_cast<int64_t>(n) * (3 * H + 3 * C);
+  auto put = [&](int i, T v) {  // term i of the vector gradients
+    if (vn != nullptr)
+      vn[i] = v;
+    else
+      atomicAdd(vec_sum + i, v);
+  };
   T *d_a = ws + 4 * C, *d_mz = ws + 5 * C, *d_zhat = ws + 6 * C, *d_q = ws + 7 * C;
   ChainVecs<T> o;
   o.s = st;
@@ -276,8 +292,8 @@ bwd_glue_kernel(const T* __restrict__ d_t, const T* __restrict__ part_da,
   T* d_g = L(1);
   for (int j = threadIdx.x; j < H; j += kThreads) {
     d_g[j] = o.q[j] * (d_q[j] - qdq);
-    vn[j] = o.q[j] * d_c;
-    vn[H + j] = d_g[j];
+    put(j, o.q[j] * d_c);
+    put(H + j, d_g[j]);
   }
   __syncthreads();
   // g = W_q' mz + b_q': d_mz = W_q'^T d_g; mz = A m | m
@@ -289,8 +305,8 @@ bwd_glue_kernel(const T* __restrict__ d_t, const T* __restrict__ part_da,
     dm[static_cast<int64_t>(n) * C + c] = (sequential ? d_mz[c] * a : d_mz[c]) / P;
     // A = sigmoid(LN(z)): d_ln = dA A (1 - A), d_zhat = d_ln ln_w
     const T d_ln = da * a * (T(1) - a);
-    vn[3 * H + c] = d_ln * o.zhat[c];
-    vn[3 * H + C + c] = d_ln;
+    put(3 * H + c, d_ln * o.zhat[c]);
+    put(3 * H + C + c, d_ln);
     d_zhat[c] = d_ln * w.ln_w[c];
     part1 += d_zhat[c];
     part2 += d_zhat[c] * o.zhat[c];
@@ -301,13 +317,13 @@ bwd_glue_kernel(const T* __restrict__ d_t, const T* __restrict__ part_da,
   T* d_z = R(2);
   for (int c = threadIdx.x; c < C; c += kThreads) {
     d_z[c] = rstd * (d_zhat[c] - mean1 - o.zhat[c] * mean2);
-    vn[3 * H + 2 * C + c] = d_z[c];
+    put(3 * H + 2 * C + c, d_z[c]);
   }
   __syncthreads();
   // z = W_z v + b_z, v = W_v s + b_v: d_v = W_z^T d_z, ds = W_v^T d_v
   T* d_v = L(3);
   cols_dot(w.ch_wz, d_z, C, H, d_v);
-  for (int j = threadIdx.x; j < H; j += kThreads) vn[2 * H + j] = d_v[j];
+  for (int j = threadIdx.x; j < H; j += kThreads) put(2 * H + j, d_v[j]);
   __syncthreads();
   T* dsn = dsv + static_cast<int64_t>(n) * C;
   cols_dot(w.ch_wv, d_v, H, C, dsn);
@@ -368,10 +384,13 @@ GlueSizes glue_sizes(const at::Tensor& per_pixel, const at::Tensor& partial, con
   return z;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_fwd_glue_cuda(
+// pi, stats (N, 4, C) = [s, m, A, u_eff] and c; with a_out and ueff_out given ((N, C), the
+// accumulation dtype, contiguous), A and u_eff also written there.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_glue(
     const at::Tensor& logits_in, const at::Tensor& pmax_in, const at::Tensor& psum_in,
     const at::Tensor& ps_in, const at::Tensor& pm_in, at::TensorList weights, double eps,
-    bool sequential) {
+    bool sequential, const at::Tensor& a_out = at::Tensor(),
+    const at::Tensor& ueff_out = at::Tensor()) {
   const launch::DeviceGuard guard(logits_in.device());
   const GlueSizes z = glue_sizes(logits_in, ps_in, "logits", "ps");
   const int64_t N = z.N, P = z.P, S = z.S, C = z.C;
@@ -385,6 +404,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_fwd_glue_cuda(
   const auto opts = logits.options();
   at::Tensor pi = at::empty({N, P}, opts), stats = at::empty({N, 4, C}, opts);
   at::Tensor cbias = at::empty({N}, opts);
+  const bool rows = a_out.defined();
+  if (rows)
+    TORCH_CHECK(ueff_out.defined() &&
+                    acc_tensor(a_out, {N, C}, acc, dev, "a_out").is_same(a_out) &&
+                    acc_tensor(ueff_out, {N, C}, acc, dev, "ueff_out").is_same(ueff_out),
+                "mmattn psa glue: a_out and ueff_out must both be given, contiguous");
   if (N == 0) return {pi, stats, cbias};
   at::Tensor work = at::empty({N, glue_work(static_cast<int>(C))}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "psa_fwd_glue", [&] {
@@ -397,15 +422,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_fwd_glue_cuda(
                    ps.data_ptr<scalar_t>(), pm.data_ptr<scalar_t>(), static_cast<int>(S),
                    static_cast<int>(C), static_cast<int>(P), w, static_cast<scalar_t>(eps),
                    sequential, pi.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(),
-                   cbias.data_ptr<scalar_t>(), work.data_ptr<scalar_t>());
+                   cbias.data_ptr<scalar_t>(), work.data_ptr<scalar_t>(),
+                   rows ? a_out.data_ptr<scalar_t>() : nullptr,
+                   rows ? ueff_out.data_ptr<scalar_t>() : nullptr);
   });
   return {pi, stats, cbias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_fwd_glue_cuda(
+    const at::Tensor& logits, const at::Tensor& pmax, const at::Tensor& psum,
+    const at::Tensor& ps, const at::Tensor& pm, at::TensorList weights, double eps,
+    bool sequential) {
+  return fwd_glue(logits, pmax, psum, ps, pm, weights, eps, sequential);
+}
+
+// dm, dsv, beta, left, right and vecs (bwd_glue_kernel); with vec_sum given (3 C/2 + 3 C
+// values, the accumulation dtype, contiguous, zeroed before by the same stream), vecs' sum over
+// the images added into it, and vecs undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-psa_bwd_glue_cuda(const at::Tensor& d_t_in, const at::Tensor& part_da_in,
-                  const at::Tensor& part_dueff_in, const at::Tensor& stats_in,
-                  at::TensorList weights, double eps, bool sequential) {
+bwd_glue(const at::Tensor& d_t_in, const at::Tensor& part_da_in,
+         const at::Tensor& part_dueff_in, const at::Tensor& stats_in, at::TensorList weights,
+         double eps, bool sequential, const at::Tensor& vec_sum = at::Tensor()) {
   const launch::DeviceGuard guard(d_t_in.device());
   const GlueSizes z = glue_sizes(d_t_in, part_da_in, "d_t", "part_da");
   const int64_t N = z.N, P = z.P, S = z.S, C = z.C, H = C / 2;
@@ -419,7 +456,10 @@ psa_bwd_glue_cuda(const at::Tensor& d_t_in, const at::Tensor& part_da_in,
   at::Tensor dm = at::empty({N, C}, opts), dsv = at::empty({N, C}, opts);
   at::Tensor beta = at::empty({N}, opts);
   at::Tensor left = at::empty({4, N, H}, opts), right = at::empty({4, N, C}, opts);
-  at::Tensor vecs = at::empty({N, 3 * H + 3 * C}, opts);
+  const bool summed = vec_sum.defined();
+  TORCH_CHECK(!summed || acc_tensor(vec_sum, {3 * H + 3 * C}, acc, dev, "vec_sum").is_same(vec_sum),
+              "mmattn psa glue: vec_sum must be contiguous");
+  at::Tensor vecs = summed ? at::Tensor() : at::empty({N, 3 * H + 3 * C}, opts);
   if (N == 0) return {dm, dsv, beta, left, right, vecs};
   at::Tensor work = at::empty({N, glue_work(static_cast<int>(C))}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "psa_bwd_glue", [&] {
@@ -433,10 +473,16 @@ psa_bwd_glue_cuda(const at::Tensor& d_t_in, const at::Tensor& part_da_in,
                    static_cast<int>(C), static_cast<int>(P), w, static_cast<scalar_t>(eps),
                    sequential, dm.data_ptr<scalar_t>(), dsv.data_ptr<scalar_t>(),
                    beta.data_ptr<scalar_t>(), left.data_ptr<scalar_t>(),
-                   right.data_ptr<scalar_t>(), vecs.data_ptr<scalar_t>(),
-                   work.data_ptr<scalar_t>());
+                   right.data_ptr<scalar_t>(), summed ? nullptr : vecs.data_ptr<scalar_t>(),
+                   work.data_ptr<scalar_t>(), summed ? vec_sum.data_ptr<scalar_t>() : nullptr);
   });
   return {dm, dsv, beta, left, right, vecs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+psa_bwd_glue_cuda(const at::Tensor& d_t, const at::Tensor& part_da, const at::Tensor& part_dueff,
+                  const at::Tensor& stats, at::TensorList weights, double eps, bool sequential) {
+  return bwd_glue(d_t, part_da, part_dueff, stats, weights, eps, sequential);
 }
 
 }  // namespace psa
