@@ -144,17 +144,30 @@ def can_use_psa_folded(x: torch.Tensor, *, hooks: bool = False,
     return True, 'ok'
 
 
+def _deterministic_only() -> bool:
+    """Whether ``torch.use_deterministic_algorithms(True)`` is on (not warn-only)."""
+    return (torch.are_deterministic_algorithms_enabled()
+            and not torch.is_deterministic_algorithms_warn_only_enabled())
+
+
 def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False,
                      **_: object) -> tuple[bool, str]:
     """Whether the PSA CUDA kernels can serve ``x`` (the folded paper op's passes, and the whole
     block per call, ``psa_block_cuda_fwd``, that the module runs for every form): a CUDA tensor
     of a kernel dtype, the extension built with its CUDA sources, no graph being recorded, no
-    hooks on the gates (neither calls them)."""
+    hooks on the gates (neither calls them), and deterministic algorithms not demanded (the
+    block's backward adds its weight gradients up with atomics, as PyTorch's own
+    non-deterministic CUDA ops do)."""
     ok, reason = can_use_psa_folded(x, hooks=hooks)
     if not ok:
         return ok, reason
     reason = _kernel_check(x, PSA_KERNEL_OPS + PSA_BLOCK_CUDA_OPS, 'cuda')
-    return (False, reason) if reason else (True, 'ok')
+    if reason:
+        return False, reason
+    if _deterministic_only():
+        return False, ('torch.use_deterministic_algorithms(True) is on: the CUDA block adds its '
+                       'weight gradients up with atomics, in no fixed order')
+    return True, 'ok'
 
 
 #: the compiled ops of the whole-block PSA path (mmattn.ops.psa_block), per device
@@ -241,8 +254,9 @@ def select_backend(op: str, x: torch.Tensor, backend: str = 'auto',
     :class:`KernelUnavailableError` naming the reason (for a compiled kernel: how to build it).
     ``predicate_kwargs`` go to the predicates (e.g. PSA's ``hooks=True``).
 
-    ``auto``'s decision is cached per op, device, dtype, shape, predicate arguments and
-    extension state (what the predicates look at besides the per-call state): a call reads
+    ``auto``'s decision is cached per op, device, dtype, shape, predicate arguments, extension
+    state and whether deterministic algorithms are demanded (what the predicates look at
+    besides the per-call state): a call reads
     ``MMATTN_BACKEND`` and checks for graph recording, then looks the decision up. Under
     ``torch.compile`` and while a graph is recorded it is derived afresh.
     """
@@ -260,7 +274,7 @@ def select_backend(op: str, x: torch.Tensor, backend: str = 'auto',
             return _decide_auto(op, x, predicate_kwargs)
         extension.load_extension()
         key = (op, x.device, x.dtype, tuple(x.shape), tuple(sorted(predicate_kwargs.items())),
-               extension.loaded_from(), extension.load_error())
+               extension.loaded_from(), extension.load_error(), _deterministic_only())
         decision = _DECISIONS.get(key)
         if decision is None:
             decision = _decide_auto(op, x, predicate_kwargs)

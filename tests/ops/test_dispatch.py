@@ -107,6 +107,28 @@ def test_explicit_kernel_says_why_and_how_to_build() -> None:
     assert not can_use_outlook_cuda(x)[0]
 
 
+def test_psa_cuda_declines_when_determinism_is_demanded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA block adds its weight gradients with atomics: with
+    torch.use_deterministic_algorithms(True) the predicate declines (auto then takes a
+    deterministic path), with warn_only it serves (the op's backward warns then)."""
+    monkeypatch.setattr(dispatch, '_kernel_check', lambda *args: None)  # as if built, on CUDA
+    x = torch.randn(1, 4, 2, 2)
+    assert can_use_psa_cuda(x) == (True, 'ok')
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(True)
+        ok, reason = can_use_psa_cuda(x)
+        assert not ok and reason.startswith('torch.use_deterministic_algorithms(True) is on')
+        assert select_backend('psa_official', x)[0] != 'cuda'
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        assert can_use_psa_cuda(x) == (True, 'ok')
+        assert select_backend('psa_official', x)[0] == 'cuda'   # the cached decision is per mode
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
 def test_kernel_declines_dtype_and_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dispatch, '_kernel_loaded', lambda op, device_type: True)
     assert can_use_outlook_cpu(torch.randn(2, 2)) == (True, 'ok')

@@ -349,6 +349,22 @@ def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: s
     assert forward + backward + aten['fwd'] + aten['bwd'] == total, aten
 
 
+def test_psa_block_backward_alerts_non_determinism(block_kernel) -> None:
+    """The backward adds the weight gradients up with atomics: under
+    torch.use_deterministic_algorithms(True) it raises, as PyTorch's own such ops do."""
+    b = block('official', 'parallel', 8, 'reference', torch.float32)
+    x = torch.randn(2, 8, 3, 4, requires_grad=True)
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(True)
+        y = block_kernel(b, x)   # the forward is deterministic
+        with pytest.raises(RuntimeError, match='psa_block_cuda_bwd.*atomics'):
+            y.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
 def test_psa_block_kernel_state_shapes(emulated) -> None:
     """What the forward returns besides y has the shapes the fake implementation gives
     (torch.compile builds its graph from those) and nothing of x's size."""

@@ -88,6 +88,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> block_backward(
     const at::Tensor& grad_in, const at::Tensor& x_in, at::TensorList saved_in,
     at::TensorList weights, int64_t form, double eps) {
   const launch::DeviceGuard guard(x_in.device());
+  // as PyTorch's own ops do: an error under torch.use_deterministic_algorithms(True), a warning
+  // in its warn-only mode
+  at::globalContext().alertNotDeterministic(
+      "mmattn::psa_block_cuda_bwd (the weight gradients are added up with atomics)");
   const at::Tensor x = dense(x_in);
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(x.suggest_memory_format());
   const Geometry g = geometry(x);
