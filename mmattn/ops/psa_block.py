@@ -19,8 +19,9 @@ maps, the PyTorch paths are as fast, so ``auto`` takes it for maps of up to
 :data:`mmattn.ops.dispatch.PSA_CPU_MAX_WORK` elements per image
 (:func:`mmattn.ops.dispatch.can_use_psa_cpu`).
 
-CUDA: every form runs on the pass kernels (3-5 launches forward, 3-4 backward plus the weight
-gradients' products and sums; ``csrc/psa_block_cuda.cuh``); the forward also returns the few
+CUDA: every form runs on the pass kernels (3-4 launches forward, 3-4 backward plus, for the
+paper forms and PSA_p, one batched product for the weight matrices' gradients: 7-8 per training
+step; ``csrc/psa_block_cuda.cuh``); the forward also returns the few
 (N, P), (N, C) and (N, C/2) tensors its backward takes (:func:`state_shapes`), kept with x:
 never anything of x's size (``PSA_s``'s (N, C/2, H, W) value map is recomputed per tile).
 """
