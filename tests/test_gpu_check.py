@@ -34,7 +34,7 @@ echo "python3 $* | MMCV_WITH_OPS=${MMCV_WITH_OPS:-} PYTHONPATH=${PYTHONPATH:-}" 
 case "$*" in
   *"pip wheel"*) mkdir -p "$WHEEL_DIR"; touch "$WHEEL_DIR/mmcv-2.1.0-cp312-cp312-linux_x86_64.whl";;
   *pytest*) exit 3;;
-  *benchmark_model*) sleep 30;;
+  *benchmark_model*) sleep 20;;
 esac
 exit 0
 '''
@@ -59,7 +59,7 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     assert '/tmp/mmcv_ops' in script_text   # where the fake pip wheel must put mmcv's wheel
     env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', CALLS=str(calls),
                WHEEL_DIR='/tmp/mmcv_ops', OUT=str(tmp_path / 'out'), DEADLINE='60',
-               LIMIT_model_benchmark='21')
+               LIMIT_model_benchmark='2', MIN_STAGE_S='1')
     result = subprocess.run(['bash', script], capture_output=True, text=True, env=env,
                             timeout=120)
     log = calls.read_text().splitlines()
@@ -76,5 +76,5 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert '== cuda_tests: rc 3' in result.stdout
     assert '== model_benchmark: rc 124' in result.stdout
-    assert 'stopped at its limit of 21 s' in (tmp_path / 'out' / 'model_benchmark.log').read_text()
+    assert 'stopped at its limit of 2 s' in (tmp_path / 'out' / 'model_benchmark.log').read_text()
     assert '== gpu_check: 2 failed stage(s)' in result.stdout

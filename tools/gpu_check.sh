@@ -16,8 +16,8 @@
 #
 # A lease is short (15 minutes, a call at most 10): the whole script keeps within DEADLINE
 # seconds (default 560, counted from its start), each stage within its own limit and what is
-# left of the deadline (a stage with under 20 s left is skipped, and counts as failed). Limits
-# and the benchmarks' arguments can be replaced:
+# left of the deadline (a stage with under MIN_STAGE_S, 20 s, left is skipped, and counts as
+# failed). Limits and the benchmarks' arguments can be replaced:
 #
 #   MODEL_ARGS='--iters 6 --backends auto,folded --profile 12' bash tools/gpu_check.sh
 #   LIMIT_model_benchmark=300 OP_ARGS='--preset gpu --op psa' bash tools/gpu_check.sh
@@ -52,7 +52,7 @@ stage() {  # stage NAME DEFAULT_LIMIT COMMAND...: run it (LIMIT_<NAME> s at most
   shift 2
   left=$(( DEADLINE - ($(date +%s) - T0) ))
   [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -lt 20 ]; then
+  if [ "$limit" -lt "${MIN_STAGE_S:-20}" ]; then
     echo "== $name: skipped, $limit s allowed (its limit, or what is left of the $DEADLINE s deadline)"
     failed=$((failed + 1))
     return 0
