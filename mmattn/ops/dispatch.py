@@ -254,11 +254,12 @@ def select_backend(op: str, x: torch.Tensor, backend: str = 'auto',
     :class:`KernelUnavailableError` naming the reason (for a compiled kernel: how to build it).
     ``predicate_kwargs`` go to the predicates (e.g. PSA's ``hooks=True``).
 
-    ``auto``'s decision is cached per op, device, dtype, shape, predicate arguments, extension
-    state and whether deterministic algorithms are demanded (what the predicates look at
-    besides the per-call state): a call reads
-    ``MMATTN_BACKEND`` and checks for graph recording, then looks the decision up. Under
-    ``torch.compile`` and while a graph is recorded it is derived afresh.
+    The decision (``auto``'s, or whether an explicit backend's predicate accepts) is cached
+    per op, backend, device, dtype, shape, predicate arguments, extension state and whether
+    deterministic algorithms are demanded (what the predicates look at besides the per-call
+    state): a call reads ``MMATTN_BACKEND`` (``auto``) and checks for graph recording, then
+    looks the decision up. Under ``torch.compile`` and while a graph is recorded it is derived
+    afresh.
     """
     if op not in OPS:
         raise ValueError(f'select_backend: op must be one of {tuple(OPS)}, got {op!r}')
@@ -267,24 +268,29 @@ def select_backend(op: str, x: torch.Tensor, backend: str = 'auto',
         raise ValueError(f'{op}: backend must be one of {allowed}, got {backend!r}')
     if backend == 'reference':
         return 'reference', 'requested'
+    if backend == 'auto' and env_backend() == 'reference':
+        return 'reference', f'{ENV_VAR}=reference'
     if backend == 'auto':
-        if env_backend() == 'reference':
-            return 'reference', f'{ENV_VAR}=reference'
-        if _recording_graph() or torch.compiler.is_compiling():
-            return _decide_auto(op, x, predicate_kwargs)
+        decide = lambda: _decide_auto(op, x, predicate_kwargs)  # noqa: E731
+    else:  # an explicit choice is not declined for its size (size_limit is auto's heuristic)
+        kwargs = {k: v for k, v in predicate_kwargs.items() if k != 'size_limit'}
+        decide = lambda: _PREDICATES[(op, backend)](x, **kwargs)  # noqa: E731
+    if _recording_graph() or torch.compiler.is_compiling():
+        decision = decide()
+    else:
         extension.load_extension()
-        key = (op, x.device, x.dtype, tuple(x.shape), tuple(sorted(predicate_kwargs.items())),
-               extension.loaded_from(), extension.load_error(), _deterministic_only())
+        key = (op, backend, x.device, x.dtype, tuple(x.shape),
+               tuple(sorted(predicate_kwargs.items())), extension.loaded_from(),
+               extension.load_error(), _deterministic_only())
         decision = _DECISIONS.get(key)
         if decision is None:
-            decision = _decide_auto(op, x, predicate_kwargs)
+            decision = decide()
             if len(_DECISIONS) >= _DECISIONS_MAX:
                 _DECISIONS.clear()
             _DECISIONS[key] = decision
+    if backend == 'auto':
         return decision
-    # an explicit choice is not declined for its size (size_limit is auto's heuristic)
-    ok, reason = _PREDICATES[(op, backend)](
-        x, **{k: v for k, v in predicate_kwargs.items() if k != 'size_limit'})
+    ok, reason = decision
     if not ok:
         hint = f'; {extension.BUILD_HINT}' if backend in ('cuda', 'cpu') and \
             'not loaded' in reason else ''

@@ -113,6 +113,7 @@ def test_psa_cuda_declines_when_determinism_is_demanded(
     torch.use_deterministic_algorithms(True) the predicate declines (auto then takes a
     deterministic path), with warn_only it serves (the op's backward warns then)."""
     monkeypatch.setattr(dispatch, '_kernel_check', lambda *args: None)  # as if built, on CUDA
+    monkeypatch.setattr(dispatch, '_DECISIONS', {})   # none cached from other tests' states
     x = torch.randn(1, 4, 2, 2)
     assert can_use_psa_cuda(x) == (True, 'ok')
     was = (torch.are_deterministic_algorithms_enabled(),
