@@ -383,9 +383,12 @@ class PolarizedSelfAttention(_ChannelBranch, _SpatialBranch):
         """The path ``forward(x)`` takes and why: ``('cuda' | 'cpu' | 'folded' | 'reference',
         reason)``."""
         # the release's folded path calls the gates (their hooks fire), the fused and the
-        # paper's folded paths do not; auto takes the fused CPU block for small maps only
+        # paper's folded paths do not; auto's heuristics: the fused CPU block for small maps
+        # only, the folded path on CUDA only where it measured faster than the reference
+        form = 'paper' if self.variant == 'paper' else \
+            ('PSA_p' if self.mode == 'parallel' else 'PSA_s')
         return select_backend(f'psa_{self.variant}', x, self.backend,
-                              hooks=self._gates_hooked(), size_limit=True)
+                              hooks=self._gates_hooked(), heuristics=True, form=form)
 
     def _official_folded(self, x: torch.Tensor) -> torch.Tensor:
         """The release's ``PSA_p``/``PSA_s`` with every 1x1 convolution that acts on a

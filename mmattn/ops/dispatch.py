@@ -173,18 +173,18 @@ def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False,
 #: the compiled ops of the whole-block PSA path (mmattn.ops.psa_block), per device
 PSA_BLOCK_OPS = ('psa_block_fwd', 'psa_block_bwd')
 PSA_BLOCK_CUDA_OPS = ('psa_block_cuda_fwd', 'psa_block_cuda_bwd')
-#: with ``size_limit``, the fused CPU block is taken up to this many elements per image (C*H*W).
+#: with ``heuristics``, the fused CPU block is taken up to this many elements per image (C*H*W).
 #: Measured (docs/benchmarks.md, 2 cores): faster than the folded paths for every form at every
 #: measured size up to [2, 48, 16, 32] / [2, 384, 2, 4] (2-4x there); on large maps, where both
 #: are bound by their products, either may win by a few tens of percent.
 PSA_CPU_MAX_WORK = 1 << 16
 
 
-def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False,
-                    size_limit: bool = False) -> tuple[bool, str]:
+def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False, heuristics: bool = False,
+                    **_: object) -> tuple[bool, str]:
     """Whether the fused C++ PSA block (one op per direction, autograd in C++) can serve
     ``x``: a CPU tensor of a kernel dtype, the extension loaded, no graph being recorded, no
-    hooks on the gates (it calls no submodule). With ``size_limit`` (what ``auto`` asks) it
+    hooks on the gates (it calls no submodule). With ``heuristics`` (what ``auto`` asks) it
     also declines maps of more than :data:`PSA_CPU_MAX_WORK` elements per image."""
     ok, reason = can_use_psa_folded(x, hooks=hooks)
     if not ok:
@@ -192,7 +192,7 @@ def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False,
     reason = _kernel_check(x, PSA_BLOCK_OPS, 'cpu')
     if reason:
         return False, reason
-    if size_limit:
+    if heuristics:
         _, c, h, w = x.shape
         if c * h * w > PSA_CPU_MAX_WORK:
             return False, (f'the map has {c * h * w} elements per image, more than '
@@ -200,9 +200,40 @@ def can_use_psa_cpu(x: torch.Tensor, *, hooks: bool = False,
     return True, 'ok'
 
 
-def _official_folded(x: torch.Tensor, *, hooks: bool = False, **_: object) -> tuple[bool, str]:
-    """The release's folded path calls the gate modules: their hooks do not stop it."""
-    return can_use_psa_folded(x)
+#: the forms whose folded path measured slower than the reference on a GPU (an H100,
+#: 2026-11-25, docs/benchmarks.md): forward + backward at [16, 256, 128, 128] bf16 0.89x and
+#: 0.77x the reference for the paper's parallel and sequential forms, 0.84-0.91x for PSA_s (fp32,
+#: bf16), and an HRNet-OCR training step with 104 PSA_s took 489 ms folded against 376 ms on the
+#: reference (its 1x1 convolutions run on TF32 tensor cores through cuDNN, the folded products as
+#: fp32 GEMMs); PSA_p's folded path was 1.05-1.11x faster, so it keeps it
+FOLDED_SLOWER_ON_CUDA = ('paper', 'PSA_s')
+
+
+def _folded_too_slow(x: torch.Tensor, form: str, heuristics: bool) -> Optional[str]:
+    """Why ``auto`` (``heuristics``) passes over the folded path of ``form`` for ``x``, or
+    None: on CUDA tensors, for :data:`FOLDED_SLOWER_ON_CUDA`. ``backend='folded'`` still takes
+    it (it keeps far less for the backward than the reference)."""
+    if heuristics and x.device.type == 'cuda' and form in FOLDED_SLOWER_ON_CUDA:
+        return (f'on CUDA the folded {form} form measured slower than the reference (an H100, '
+                f'docs/benchmarks.md); backend=\'folded\' takes it for its smaller memory')
+    return None
+
+
+def _paper_folded(x: torch.Tensor, *, hooks: bool = False, heuristics: bool = False,
+                  **_: object) -> tuple[bool, str]:
+    """The paper form's folded op, unless ``auto`` knows the reference to be faster."""
+    ok, reason = can_use_psa_folded(x, hooks=hooks)
+    slow = ok and _folded_too_slow(x, 'paper', heuristics)
+    return (False, slow) if slow else (ok, reason)
+
+
+def _official_folded(x: torch.Tensor, *, hooks: bool = False, heuristics: bool = False,
+                     form: str = '', **_: object) -> tuple[bool, str]:
+    """The release's folded path (it calls the gate modules: their hooks do not stop it),
+    unless ``auto`` knows the reference to be faster for ``form`` (``'PSA_p'``/``'PSA_s'``)."""
+    ok, reason = can_use_psa_folded(x)
+    slow = ok and _folded_too_slow(x, form, heuristics)
+    return (False, slow) if slow else (ok, reason)
 
 
 def can_use_outlook_cuda(v: torch.Tensor) -> tuple[bool, str]:
@@ -218,7 +249,7 @@ def can_use_outlook_cpu(v: torch.Tensor) -> tuple[bool, str]:
 
 
 _PREDICATES: dict[tuple[str, str], Callable[..., tuple[bool, str]]] = {
-    ('psa_paper', 'folded'): can_use_psa_folded,
+    ('psa_paper', 'folded'): _paper_folded,
     ('psa_official', 'folded'): _official_folded,
     ('psa_paper', 'cuda'): can_use_psa_cuda,
     ('psa_paper', 'cpu'): can_use_psa_cpu,
@@ -272,8 +303,8 @@ def select_backend(op: str, x: torch.Tensor, backend: str = 'auto',
         return 'reference', f'{ENV_VAR}=reference'
     if backend == 'auto':
         decide = lambda: _decide_auto(op, x, predicate_kwargs)  # noqa: E731
-    else:  # an explicit choice is not declined for its size (size_limit is auto's heuristic)
-        kwargs = {k: v for k, v in predicate_kwargs.items() if k != 'size_limit'}
+    else:  # an explicit choice is not declined by auto's heuristics (size, measured speed)
+        kwargs = {k: v for k, v in predicate_kwargs.items() if k != 'heuristics'}
         decide = lambda: _PREDICATES[(op, backend)](x, **kwargs)  # noqa: E731
     if _recording_graph() or torch.compiler.is_compiling():
         decision = decide()

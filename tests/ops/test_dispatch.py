@@ -107,6 +107,34 @@ def test_explicit_kernel_says_why_and_how_to_build() -> None:
     assert not can_use_outlook_cuda(x)[0]
 
 
+class _CudaLike:
+    """What the folded paths' predicates read of a CUDA tensor (none on this machine)."""
+    device = torch.device('cuda', 0)
+
+    @staticmethod
+    def is_floating_point() -> bool:
+        return True
+
+
+def test_auto_passes_over_folded_paths_measured_slower_on_cuda() -> None:
+    """auto's heuristics skip the folded path on CUDA for the forms it measured slower than
+    the reference there (the paper's and PSA_s), keep it for PSA_p and on the CPU; an explicit
+    backend='folded' is not subject to them."""
+    paper = dispatch._PREDICATES[('psa_paper', 'folded')]
+    official = dispatch._PREDICATES[('psa_official', 'folded')]
+    x = _CudaLike()
+    ok, reason = paper(x, heuristics=True, form='paper')
+    assert not ok and reason.startswith('on CUDA the folded paper form measured slower')
+    ok, reason = official(x, heuristics=True, form='PSA_s')
+    assert not ok and 'folded PSA_s form' in reason
+    assert official(x, heuristics=True, form='PSA_p') == (True, 'ok')
+    assert paper(x) == (True, 'ok') and official(x, form='PSA_s') == (True, 'ok')
+    cpu = torch.randn(1, 4, 2, 2)
+    assert paper(cpu, heuristics=True, form='paper') == (True, 'ok')
+    assert official(cpu, heuristics=True, form='PSA_s') == (True, 'ok')
+    assert dispatch.FOLDED_SLOWER_ON_CUDA == ('paper', 'PSA_s')
+
+
 def test_psa_cuda_declines_when_determinism_is_demanded(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA block adds its weight gradients with atomics: with

@@ -143,9 +143,9 @@ def test_auto_takes_it_for_small_maps_only(cpu_kernels: str) -> None:
         b = PolarizedSelfAttention(16, mode=mode, variant=variant)
         assert b.selected_backend(torch.randn(2, 16, 4, 4))[0] == 'cpu'
         assert b.selected_backend(large)[0] == 'folded'
-        ok, reason = can_use_psa_cpu(large, size_limit=True)
+        ok, reason = can_use_psa_cpu(large, heuristics=True)
         assert not ok and 'the folded path is as fast there' in reason
-        assert can_use_psa_cpu(large[..., :side - 1, :side - 1], size_limit=True)[0]
+        assert can_use_psa_cpu(large[..., :side - 1, :side - 1], heuristics=True)[0]
         # asked for explicitly, it runs at any size
         b.backend = 'cpu'
         assert b.selected_backend(large)[0] == 'cpu'
