@@ -76,5 +76,6 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert '== cuda_tests: rc 3' in result.stdout
     assert '== model_benchmark: rc 124' in result.stdout
-    assert 'stopped at its limit of 2 s' in (tmp_path / 'out' / 'model_benchmark.log').read_text()
+    log_text = (tmp_path / 'out' / 'model_benchmark.log').read_text()
+    assert 'stopped at its limit of 2 s' in log_text
     assert '== gpu_check: 2 failed stage(s)' in result.stdout

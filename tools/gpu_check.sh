@@ -53,7 +53,7 @@ stage() {  # stage NAME DEFAULT_LIMIT COMMAND...: run it (LIMIT_<NAME> s at most
   left=$(( DEADLINE - ($(date +%s) - T0) ))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt "${MIN_STAGE_S:-20}" ]; then
-    echo "== $name: skipped, $limit s allowed (its limit, or what is left of the $DEADLINE s deadline)"
+    echo "== $name: skipped, $limit s allowed (its limit, or what DEADLINE=$DEADLINE leaves)"
     failed=$((failed + 1))
     return 0
   fi

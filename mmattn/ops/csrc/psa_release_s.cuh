@@ -15,7 +15,8 @@
 //            t_p = q . V_p, S_p = sigmoid(t_p);   y = x A S
 // Forward, 4 launches: the reduction (l's online softmax, s, m); the glue (A, q); the value
 // reduction (per k, the online softmax state of Vl over the pixels, per split of the pixels);
-// the apply pass (merging the splits' states, then Vl again, V, t, S, y). Backward, with the forward's small state: the backward reduction
+// the apply pass (merging the splits' states, then Vl again, V, t, S, y). Backward, with the
+// forward's small state: the backward reduction
 // (dt = dL/dt, dA's direct part sum_p G x S, dq = sum_p V dt); the value pass (dVl =
 // V q (dt - dq); W_v''s gradient sum_n A (.) sum_p dVl x^T with atomic adds; e = W_v'^T dVl:
 // dx's part A e and dA's part sum_p x e); the glue (the chain's derivative, the other weights'
