@@ -68,6 +68,25 @@ def test_pose_demo_trains_with_coco_ap(demo_data: Path, tmp_path: Path) -> None:
     assert (tmp_path / 'epoch_1.pth').is_file()
 
 
+def test_release_process_group_ends_the_group(tmp_path: Path) -> None:
+    """tools/train.py and tools/test.py end the process group after a run (left to the
+    interpreter's exit, a gloo rank can abort): a one-process gloo group, released, then
+    released again with none left."""
+    import torch.distributed as dist
+
+    from mmattn.engine import release_process_group
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0,
+                            world_size=1)
+    try:
+        assert dist.is_initialized()
+        release_process_group()
+        assert not dist.is_initialized()
+        release_process_group()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_two_process_cpu_run_through_dist_train(demo_data: Path, tmp_path: Path) -> None:
     out = ok(run(['bash', 'tools/dist_train.sh', SEG_DEMO, '2', '--work-dir', str(tmp_path),

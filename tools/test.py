@@ -18,7 +18,7 @@ import sys
 import mmattn  # noqa: F401  (registers blocks, models and the mmattn:: config scope)
 from mmengine.config import Config
 
-from mmattn.engine import mmengine_checkpoint_globals
+from mmattn.engine import mmengine_checkpoint_globals, release_process_group
 from mmattn.engine.run_config import (USER_ERRORS, RunConfigError, add_common_args,
                                       build_runner, is_local_path, load_run_config)
 from mmattn.utils.checkpoint import check_checkpoint_file
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             mmengine.dump(metrics, args.out)
             runner.logger.info(f'metrics written to {args.out}')
+    release_process_group()
     return 0
 
 

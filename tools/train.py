@@ -16,7 +16,7 @@ import sys
 import mmattn  # noqa: F401  (registers blocks, models and the mmattn:: config scope)
 from mmengine.logging import print_log
 
-from mmattn.engine import mmengine_checkpoint_globals
+from mmattn.engine import mmengine_checkpoint_globals, release_process_group
 from mmattn.engine.run_config import (USER_ERRORS, RunConfigError, add_common_args,
                                       build_runner, check_amp, clean_interrupted_saves,
                                       is_local_path, load_run_config, resolve_resume,
@@ -100,6 +100,7 @@ def main() -> int:
     # checkpoints written before WeightsOnlyCheckpointHook hold mmengine's own objects
     with mmengine_checkpoint_globals():
         runner.train()
+    release_process_group()
     return 0
 
 

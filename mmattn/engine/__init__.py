@@ -4,9 +4,11 @@ weights-only loader reads, and CPU (gloo) support for mmengine's ``pytorch`` lau
 from mmattn.utils.checkpoint import MMENGINE_CHECKPOINT_GLOBALS, mmengine_checkpoint_globals
 
 from .atomic_backend import ATOMIC_BACKEND, AtomicLocalBackend, remove_interrupted_saves
-from .cpu_distributed import CPUDistributedDataParallel, prepare_cpu_distributed
+from .cpu_distributed import (CPUDistributedDataParallel, prepare_cpu_distributed,
+                              release_process_group)
 from .hooks import WeightsOnlyCheckpointHook
 
 __all__ = ['ATOMIC_BACKEND', 'AtomicLocalBackend', 'CPUDistributedDataParallel',
            'MMENGINE_CHECKPOINT_GLOBALS', 'WeightsOnlyCheckpointHook',
-           'mmengine_checkpoint_globals', 'prepare_cpu_distributed', 'remove_interrupted_saves']
+           'mmengine_checkpoint_globals', 'prepare_cpu_distributed', 'release_process_group',
+           'remove_interrupted_saves']

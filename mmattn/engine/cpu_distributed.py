@@ -6,7 +6,8 @@ mmengine 0.10.7 assumes a GPU per process twice: ``init_dist('pytorch')`` calls
 module. On a machine without CUDA, :func:`prepare_cpu_distributed` initialises the process
 group itself (gloo, from torchrun's environment; the Runner then skips ``init_dist``) and
 selects :class:`CPUDistributedDataParallel`, which drops ``device_ids`` for CPU modules.
-With a GPU nothing changes.
+With a GPU nothing changes. After a run, :func:`release_process_group` ends the process group
+before the interpreter's exit (any launcher, any backend).
 """
 from __future__ import annotations
 
@@ -75,3 +76,13 @@ def prepare_cpu_distributed(cfg: Config, launcher: str) -> bool:
     wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))
     cfg.model_wrapper_cfg = wrapper
     return True
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if one was started, while the interpreter is still
+    whole. Left to the interpreter's exit, gloo's worker threads may still hold work whose
+    release needs the GIL, and a rank aborts ("terminate called without an active exception",
+    pytorch/pytorch#190489; NCCL warns that the group was not destroyed). ``tools/train.py``
+    and ``tools/test.py`` call it after a run that ended normally."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
