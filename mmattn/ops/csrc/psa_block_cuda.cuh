@@ -54,14 +54,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> paper_backward(
   const at::Tensor flat = at::empty({C + 1 + 3 * H + 3 * C}, a.options());
   auto [d_t, part_da, part_dueff, unused] =
       bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, 0, sequential, flat);
-  auto [dm, dsv, beta, left, right, no_vecs] =
-      bwd_glue(d_t, part_da, part_dueff, stats, at::TensorList(W).slice(2), eps, sequential,
-               flat.narrow(0, C + 1, 3 * H + 3 * C));
+  const at::Tensor vec_grads = flat.narrow(0, C + 1, 3 * H + 3 * C);
+  auto [dm, dsv, beta, left, right, no_vecs] = bwd_glue(
+      d_t, part_da, part_dueff, stats, at::TensorList(W).slice(2), eps, sequential, vec_grads);
   const at::Tensor gwq = flat.narrow(0, 0, C);
   at::Tensor dx = std::get<0>(bwd_apply(grad, x, a, s_mask, pi, d_t, ueff, dm, dsv, W[0], beta,
                                         0, sequential, gwq));
   const at::Tensor mats = at::bmm(left.transpose(1, 2), right);  // (4, C/2, C)
-  const auto v = flat.narrow(0, C + 1, 3 * H + 3 * C).split_with_sizes({H, H, H, C, C, C});
+  const auto v = vec_grads.split_with_sizes({H, H, H, C, C, C});
   return {dx,
           {gwq, flat.narrow(0, C, 1), mats[3], v[2], mats[2].t(), v[5], v[3], v[4], mats[1],
            v[1], mats[0], v[0]}};

@@ -804,10 +804,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
   const bool release = states.t.defined();
   const at::Tensor s_mask = release ? s_in : vec(s_in, x, {N, g.P}, "s_mask");
   const auto opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
-  TORCH_CHECK(!zero.defined() || (zero.scalar_type() == opts.dtype().toScalarType() &&
-                                  zero.device() == x.device() && zero.is_contiguous()),
-              "mmattn psa kernels: the buffer to zero must be contiguous, of the accumulation "
-              "dtype, on x's device");
+  TORCH_CHECK(!zero.defined() || vec(zero, x, {zero.numel()}, "zero").is_same(zero),
+              "mmattn psa kernels: the buffer to zero must be a contiguous vector (the kernel "
+              "clears it)");
   at::Tensor d_t = at::empty({N, g.P}, opts);
   at::Tensor pda, pdu, pr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_reduce", [&] {
