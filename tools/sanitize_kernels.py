@@ -9,8 +9,10 @@ PSA (``backend='cuda'``: the whole block per call, the paper's two forms and the
 [3, 96, 33, 40] and [1, 8, 1, 1] (odd sizes, a single pixel). Outlook
 attention (``backend='cuda'``): K=3 with stride 1 and 2, float32 and bfloat16. Each result is
 compared with the reference path, so that a kernel the sanitizer passes but that computes
-garbage still fails. Exits 0 when all match, 1 otherwise; needs a CUDA GPU and the kernels
-(``MMATTN_JIT=1`` or a ``MMATTN_WITH_CUDA=1`` install).
+garbage still fails (float32 against a float32 reference: TF32 is switched off). ``--ops``
+and ``--dtypes`` take a part of it (``--ops official-sequential --dtypes float32``). Exits 0
+when all match, 1 otherwise; needs a CUDA GPU and the kernels (``MMATTN_JIT=1`` or a
+``MMATTN_WITH_CUDA=1`` install).
 """
 from __future__ import annotations
 
@@ -46,15 +48,34 @@ def run_pair(fast: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor) -> fl
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.parse_args()
+    names = [f'{variant}-{mode}' for variant, mode in PSA_FORMS] + ['outlook']
+    parser.add_argument('--ops', default=','.join(names),
+                        help=f'comma-separated, of {", ".join(names)} (default: all)')
+    parser.add_argument('--dtypes', default=','.join(str(d)[6:] for d in DTYPES),
+                        help='comma-separated: float32, bfloat16 (default: both)')
+    args = parser.parse_args()
+    ops = [o.strip() for o in args.ops.split(',') if o.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(',') if d.strip()]
+    unknown = [o for o in ops if o not in names] + [
+        d for d in dtypes if d not in ('float32', 'bfloat16')]
+    if unknown:
+        parser.error(f'unknown {unknown}: --ops takes {names}, --dtypes float32, bfloat16')
     if not torch.cuda.is_available():
         print('sanitize_kernels: needs a CUDA GPU; none found', file=sys.stderr)
         return 2
     print(f'mmattn kernels: {kernel_status()}', flush=True)
     device = torch.device('cuda')
+    # the kernels compute float32 in float32 FMAs; the reference's 1x1 convolutions would run
+    # on TF32 tensor cores (cuDNN's default), 1e-4-1e-3 away from float32 (an H200, 2026-11-26)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     failures = []
     for dtype, tol in DTYPES.items():
+        if str(dtype)[6:] not in dtypes:
+            continue
         for variant, mode in PSA_FORMS:
+            if f'{variant}-{mode}' not in ops:
+                continue
             for shape in PSA_SHAPES:
                 for layout in (torch.contiguous_format, torch.channels_last):
                     kw = dict(mode=mode, variant=variant)
@@ -68,7 +89,7 @@ def main() -> int:
                     print(f'{name}: max relative difference {err:.1e}', flush=True)
                     if not err <= tol:
                         failures.append(name)
-        for stride in (1, 2):
+        for stride in (1, 2) if 'outlook' in ops else ():
             fast = OutlookAttention(64, num_heads=2, kernel_size=3, stride=stride,
                                     backend='cuda').to(device, dtype)
             ref = OutlookAttention(64, num_heads=2, kernel_size=3, stride=stride,
