@@ -9,6 +9,10 @@
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cusparse.h
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <utility>
 
 namespace mmattn {
@@ -18,34 +22,95 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 
 enum class Attr { kMultiProcessors, kSharedMemoryOptin };
 
+// What the host code asks the runtime before a launch (device attributes, a kernel's
+// occupancy, whether its shared-memory limit was raised), asked once per device and kernel and
+// remembered: a block's forward and backward launch up to 8 kernels, and each of these runtime
+// calls costs microseconds of host time on every call otherwise.
+class RuntimeCache {
+ public:
+  static RuntimeCache& get() {
+    static RuntimeCache cache;
+    return cache;
+  }
+  // value of key, computed by `compute` the first time it is asked for
+  template <typename F>
+  int lookup(const std::tuple<int, const void*, int64_t, int64_t>& key, F&& compute) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      const auto it = values_.find(key);
+      if (it != values_.end()) return it->second;
+    }
+    const int value = compute();  // (outside the lock: a CUDA error throws from here)
+    const std::lock_guard<std::mutex> lock(mutex_);
+    values_[key] = value;
+    return value;
+  }
+  // raise(key, value, apply): apply() unless key's remembered value is already value or more,
+  // then remember the larger
+  template <typename F>
+  void raise(const std::tuple<int, const void*, int64_t, int64_t>& key, int value, F&& apply) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = values_.find(key);
+    if (it != values_.end() && it->second >= value) return;
+    apply();
+    values_[key] = value;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<std::tuple<int, const void*, int64_t, int64_t>, int> values_;
+};
+
+inline int current_device() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
 // A property of the current device (the CUDA runtime directly: ATen/cuda/CUDAContext.h would
 // pull in the cuBLAS/cuSPARSE headers, which a minimal toolkit lacks).
 inline int device_attribute(Attr attr) {
-  int device = 0, value = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(
-      &value,
-      attr == Attr::kMultiProcessors ? cudaDevAttrMultiProcessorCount
-                                     : cudaDevAttrMaxSharedMemoryPerBlockOptin,
-      device));
-  return value;
+  const int device = current_device();
+  return RuntimeCache::get().lookup(
+      std::make_tuple(device, static_cast<const void*>(nullptr), static_cast<int64_t>(attr),
+                      int64_t{-1}),
+      [&] {
+        int value = 0;
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(
+            &value,
+            attr == Attr::kMultiProcessors ? cudaDevAttrMultiProcessorCount
+                                           : cudaDevAttrMaxSharedMemoryPerBlockOptin,
+            device));
+        return value;
+      });
 }
 
 // Lets `kernel` use `bytes` of dynamic shared memory (needed above 48 KiB).
 template <typename... KArgs>
 void allow_shared_memory(void (*kernel)(KArgs...), size_t bytes) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
+  // (only ever raised: a launch that needs less than an earlier one's limit is served by it)
+  RuntimeCache::get().raise(
+      std::make_tuple(current_device(), reinterpret_cast<const void*>(kernel), int64_t{-2},
+                      int64_t{-1}),
+      static_cast<int>(bytes), [&] {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(
+            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+      });
 }
 
 // How many blocks of `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) one SM
 // holds at once (registers, shared memory and thread limits together); at least 1.
 template <typename... KArgs>
 int resident_blocks(void (*kernel)(KArgs...), unsigned threads, size_t smem) {
-  int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel,
-                                                               static_cast<int>(threads), smem));
-  return blocks > 0 ? blocks : 1;
+  return RuntimeCache::get().lookup(
+      std::make_tuple(current_device(), reinterpret_cast<const void*>(kernel),
+                      static_cast<int64_t>(threads), static_cast<int64_t>(smem)),
+      [&] {
+        int blocks = 0;
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &blocks, kernel, static_cast<int>(threads), smem));
+        return blocks > 0 ? blocks : 1;
+      });
 }
 
 // kernel<<<grid, threads, smem, current stream>>>(args...), checked.

@@ -143,13 +143,56 @@ __device__ void run_chain(const Chain<T>& w, int C, T eps, bool sequential, cons
   __syncthreads();
 }
 
+// Dynamic shared memory of a glue kernel, in values of its dtype: block_reduce's kWarps, then
+// sum_splits' kThreads partial sums.
+constexpr int kGlueSmem = kWarps + kThreads;
+
+// out[c] = sum_{s < S} weight(s) src[(n S + s) C + c] for the channels c < C of image n: the
+// splits' partial sums of an (N, S, C) tensor added up by the whole block, visible to it on
+// return. Below kThreads / 2 channels, G = kThreads / C groups of C threads each take every
+// G-th split and their sums are added in group order (the same order every run); otherwise a
+// thread per channel. `part`: the glue's shared memory past its first kWarps values.
+template <typename T, typename Weight>
+__device__ __forceinline__ void sum_splits(const T* src, int n, int S, int C, Weight weight,
+                                           T* part, T* out) {
+  src += static_cast<int64_t>(n) * S * C;
+  const int G = C > 0 && C <= kThreads / 2 ? kThreads / C : 1;
+  if (G > 1) {  // group g = threadIdx.x / C sums the splits g, g + G, ... of channel c
+    const int c = threadIdx.x % C, g = threadIdx.x / C;
+    if (g < G) {
+      T acc = 0;
+#pragma unroll 1
+      for (int s = g; s < S; s += G) acc += weight(s) * src[static_cast<int64_t>(s) * C + c];
+      part[threadIdx.x] = acc;  // g C + c
+    }
+    __syncthreads();
+  }
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    T acc = 0;
+    if (G > 1) {
+      for (int g = 0; g < G; ++g) acc += part[g * C + c];
+    } else {
+      for (int s = 0; s < S; ++s) acc += weight(s) * src[static_cast<int64_t>(s) * C + c];
+    }
+    out[c] = acc;
+  }
+  __syncthreads();
+}
+
+// sum_splits without weights
+struct Unweighted {
+  __device__ __forceinline__ int operator()(int) const { return 1; }
+};
+
 // Merges image n's S splits of the forward reduction (psa_kernels.cuh, fwd_reduce_kernel):
 // s = sum_p pi_p x_p and m = mean_p x_p into s_out and m_out (C each, visible to the block on
 // return); returns the softmax's normalisation (the logits' maximum, the sum of exponentials).
+// `scratch`: kGlueSmem values.
 template <typename T>
-__device__ SoftmaxNorm<T> merge_splits(const T* pmax, const T* psum, const T* ps, const T* pm,
-                                       int n, int S, int C, int P, T* s_out, T* m_out,
-                                       T* scratch) {
+__device__ __forceinline__ SoftmaxNorm<T> merge_splits(const T* pmax, const T* psum,
+                                                       const T* ps, const T* pm, int n, int S,
+                                                       int C, int P, T* s_out, T* m_out,
+                                                       T* scratch) {
   const T* mx = pmax + static_cast<int64_t>(n) * S;
   const T* sm = psum + static_cast<int64_t>(n) * S;
   T part = -INFINITY;
@@ -158,17 +201,10 @@ __device__ SoftmaxNorm<T> merge_splits(const T* pmax, const T* psum, const T* ps
   part = 0;
   for (int s = threadIdx.x; s < S; s += kThreads) part += sm[s] * op_exp(mx[s] - top);
   const T total = block_sum(part, scratch);
-  for (int c = threadIdx.x; c < C; c += kThreads) {
-    T acc_s = 0, acc_m = 0;
-    for (int s = 0; s < S; ++s) {
-      const int64_t i = (static_cast<int64_t>(n) * S + s) * C + c;
-      acc_s += op_exp(mx[s] - top) * ps[i];
-      acc_m += pm[i];
-    }
-    s_out[c] = acc_s / total;
-    m_out[c] = acc_m / P;
-  }
-  __syncthreads();
+  const T inv_total = T(1) / total, inv_p = T(1) / P;
+  sum_splits(ps, n, S, C, [=](int s) { return op_exp(mx[s] - top) * inv_total; },
+             scratch + kWarps, s_out);
+  sum_splits(pm, n, S, C, [=](int) { return inv_p; }, scratch + kWarps, m_out);
   return {top, total};
 }
 
@@ -266,13 +302,10 @@ bwd_glue_kernel(const T* __restrict__ d_t, const T* __restrict__ part_da,
   // y = x (A (+) S) with S_p = sigmoid(u_eff . x_p + c): the partial sums of the backward
   // reduce pass give dA and d u_eff; d c = sum_p d_t
   T* d_u = R(0);
+  sum_splits(part_da, n, S, C, Unweighted{}, scratch + kWarps, d_a);  // the sums over the
+  sum_splits(part_dueff, n, S, C, Unweighted{}, scratch + kWarps, d_u);  // pixels first
   for (int c = threadIdx.x; c < C; c += kThreads) {
-    T da = 0, due = 0;
-    for (int s = 0; s < S; ++s) {
-      const int64_t i = (static_cast<int64_t>(n) * S + s) * C + c;
-      da += part_da[i];
-      due += part_dueff[i];
-    }
+    const T da = d_a[c], due = d_u[c];
     d_u[c] = sequential ? due * o.a[c] : due;
     d_a[c] = sequential ? da + due * o.u[c] : da;
     R(3)[c] = o.s[c];
@@ -417,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_glue(
     const Chain<scalar_t> w = chain_weights<scalar_t>(weights, static_cast<int>(C), acc, dev,
                                                       &keep);
     launch::launch(fwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)), kThreads,
-                   kWarps * sizeof(scalar_t), logits.data_ptr<scalar_t>(),
+                   kGlueSmem * sizeof(scalar_t), logits.data_ptr<scalar_t>(),
                    pmax.data_ptr<scalar_t>(), psum.data_ptr<scalar_t>(),
                    ps.data_ptr<scalar_t>(), pm.data_ptr<scalar_t>(), static_cast<int>(S),
                    static_cast<int>(C), static_cast<int>(P), w, static_cast<scalar_t>(eps),
@@ -467,7 +500,7 @@ bwd_glue(const at::Tensor& d_t_in, const at::Tensor& part_da_in,
     const Chain<scalar_t> w = chain_weights<scalar_t>(weights, static_cast<int>(C), acc, dev,
                                                       &keep);
     launch::launch(bwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)), kThreads,
-                   kWarps * sizeof(scalar_t), d_t.data_ptr<scalar_t>(),
+                   kGlueSmem * sizeof(scalar_t), d_t.data_ptr<scalar_t>(),
                    part_da.data_ptr<scalar_t>(), part_dueff.data_ptr<scalar_t>(),
                    stats.data_ptr<scalar_t>(), static_cast<int>(N), static_cast<int>(S),
                    static_cast<int>(C), static_cast<int>(P), w, static_cast<scalar_t>(eps),

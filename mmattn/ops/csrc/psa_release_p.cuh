@@ -95,18 +95,14 @@ release_p_bwd_glue_kernel(const T* __restrict__ w_t, const T* __restrict__ part_
   T part = 0;
   for (int p = threadIdx.x; p < P; p += kThreads) part += w_t[np + p];
   const T beta_t = block_sum(part, scratch);
+  sum_splits(part_r, n, S, C, Unweighted{}, scratch + kWarps, R(1));  // r, in m's row until below
+  sum_splits(part_du, n, S, C, Unweighted{}, scratch + kWarps, R(0));
+  sum_splits(part_da, n, S, C, Unweighted{}, scratch + kWarps, R(2));  // dA
   for (int c = threadIdx.x; c < C; c += kThreads) {
-    T r = 0, du = 0, dac = 0;
-    for (int k = 0; k < S; ++k) {
-      const int64_t i = (static_cast<int64_t>(n) * S + k) * C + c;
-      r += part_r[i];
-      du += part_du[i];
-      dac += part_da[i];
-    }
-    R(0)[c] = du - beta_t * r;
+    R(0)[c] -= beta_t * R(1)[c];  // du = sum_p x_p w_t - beta_t r
     R(1)[c] = m[c];
     R(3)[c] = s[c];
-    R(2)[c] = dac * a[c] * (T(1) - a[c]);  // A = sigmoid(z): dz = dA A (1 - A)
+    R(2)[c] = R(2)[c] * a[c] * (T(1) - a[c]);  // A = sigmoid(z): dz = dA A (1 - A)
   }
   for (int p = threadIdx.x; p < P; p += kThreads) {
     const T sig = sig_of(t[np + p]);
@@ -162,7 +158,7 @@ ReleasePPasses release_p_passes(const at::Tensor& x, const Geometry& g,
   r.small = at::empty({2, N, C / 2}, opts);
   if (N > 0) AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "psa_release_p_fwd_glue", [&] {
     launch::launch(release_p_fwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)),
-                   kThreads, kWarps * sizeof(scalar_t), logits.data_ptr<scalar_t>(),
+                   kThreads, kGlueSmem * sizeof(scalar_t), logits.data_ptr<scalar_t>(),
                    pmax.data_ptr<scalar_t>(), psum.data_ptr<scalar_t>(),
                    ps.data_ptr<scalar_t>(), pm.data_ptr<scalar_t>(), static_cast<int>(N),
                    static_cast<int>(pmax.size(1)), static_cast<int>(C), static_cast<int>(P),
@@ -207,7 +203,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_backward(
   at::Tensor left = at::empty({4, N, H}, opts), right = at::empty({4, N, C}, opts);
   if (N > 0) AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "psa_release_p_bwd_glue", [&] {
     launch::launch(release_p_bwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)),
-                   kThreads, kWarps * sizeof(scalar_t), w_t.data_ptr<scalar_t>(),
+                   kThreads, kGlueSmem * sizeof(scalar_t), w_t.data_ptr<scalar_t>(),
                    part_da.data_ptr<scalar_t>(), part_du.data_ptr<scalar_t>(),
                    part_r.data_ptr<scalar_t>(), static_cast<int>(part_da.size(1)),
                    t.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(),

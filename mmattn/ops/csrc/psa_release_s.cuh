@@ -162,12 +162,13 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const T* __restrict_
   // q = W_q' mz, mz = A (.) m: dW_q' += dq mz^T, dmz = W_q'^T dq, dm = dmz A, dA += dmz m
   add_outer(grads + off.wq2, dqn, mz, H, C);
   cols_dot(w.wq2, dqn, H, C, dmn);  // dmz, in dm's row until scaled below
-  for (int c = threadIdx.x; c < C; c += kThreads) {  // the columns this thread just wrote
-    T da = 0;
-    for (int k = 0; k < S; ++k) da += pda[(static_cast<int64_t>(n) * S + k) * C + c];
-    for (int k = 0; k < Se; ++k) da += pdae[(static_cast<int64_t>(n) * Se + k) * C + c];
+  // dA = sum_p G x S (pda's splits) + sum_p x e (pdae's) + dmz m, the two sums first in dz's
+  // and ds's rows (ds is written last)
+  sum_splits(pda, n, S, C, Unweighted{}, scratch + kWarps, dzn);
+  sum_splits(pdae, n, Se, C, Unweighted{}, scratch + kWarps, dsn);
+  for (int c = threadIdx.x; c < C; c += kThreads) {
     const T dmz = dmn[c];
-    da += dmz * m[c];
+    const T da = dzn[c] + dsn[c] + dmz * m[c];
     dmn[c] = dmz * a[c] / P;
     dzn[c] = da * a[c] * (T(1) - a[c]);  // A = sigmoid(z)
     atomicAdd(grads + off.b2 + c, dzn[c]);
@@ -224,8 +225,30 @@ __device__ __forceinline__ T value_logit(const T* tile, int ld, int C, const T* 
   const T* wk = wv2 + static_cast<int64_t>(k) * C;
   const T* xp = tile + p * ld;
   T acc = 0;
-  for (int c = 0; c < C; ++c) acc += wk[c] * s_a[c] * xp[c];
+  for (int c = 0; c < C; ++c) acc += wk[c] * (s_a[c] * xp[c]);  // as from a scaled tile
   return acc;
+}
+
+// The same from a tile already scaled by A (scale_tile): one product and two loads per term.
+template <typename T>
+__device__ __forceinline__ T value_logit(const T* tile, int ld, int C, const T* wv2, int k,
+                                         int p) {
+  const T* wk = wv2 + static_cast<int64_t>(k) * C;
+  const T* xp = tile + p * ld;
+  T acc = 0;
+  for (int c = 0; c < C; ++c) acc += wk[c] * xp[c];
+  return acc;
+}
+
+// tile[p][c] *= A_c for the tile's tp pixels, then a barrier: the value logits' A (.) x once
+// per element instead of once per value channel.
+template <typename T>
+__device__ __forceinline__ void scale_tile(T* tile, int ld, int C, int tp, const T* s_a) {
+  for (int i = threadIdx.x; i < tp * C; i += kThreads) {
+    const int pp = i / C, c = i - pp * C;
+    tile[pp * ld + c] *= s_a[c];
+  }
+  __syncthreads();
 }
 
 // The reduction of v over the tile_p lanes of one k (xor shuffles within the segment).
@@ -269,13 +292,15 @@ value_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int 
     __syncthreads();
     load_tile<VEC>(g, log2_tile, tp, x + n * g.sN, pt, tile, ld);
     __syncthreads();
+    scale_tile(tile, ld, g.C, tp, s_a);
     for (int rd = 0; rd < rounds; ++rd) {
       const int k = (threadIdx.x + rd * kThreads) / tile_p;
       const bool valid = k < H && p < tp;
-      const acc_t vl = valid ? value_logit(tile, ld, g.C, wv2, s_a, k, p) : -INFINITY;
-      const acc_t top = segment_reduce(vl, tile_p, maximum<acc_t>);
-      const acc_t old = k < H ? run_max[k] : acc_t(0);
-      const acc_t new_max = op_max(old, top);
+      const acc_t vl = valid ? value_logit(tile, ld, g.C, wv2, k, p) : -INFINITY;
+      // k's state is read and written by its owner lane only (lane p = 0 brings the old
+      // maximum into the segment's maximum): no other lane reads what it writes
+      const acc_t old = k < H && p == 0 ? run_max[k] : -INFINITY;
+      const acc_t new_max = segment_reduce(op_max(vl, old), tile_p, maximum<acc_t>);
       const acc_t e = valid ? op_exp(vl - new_max) : acc_t(0);
       const acc_t total = segment_reduce(e, tile_p, add<acc_t>);
       if (k < H && p == 0) {  // the segment's first lane owns k's state
@@ -343,11 +368,12 @@ value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geo
     __syncthreads();
     load_tile<VEC>(g, log2_tile, tp, x + n * g.sN, pt, tile, ld);
     __syncthreads();
+    scale_tile(tile, ld, g.C, tp, s_a);  // A (.) x: the value logits' input and y / S
     acc_t part = 0;
     for (int rd = 0; rd < rounds; ++rd) {
       const int k = (threadIdx.x + rd * kThreads) / tile_p;
       if (k < H && p < tp)
-        part += s_q[k] * op_exp(value_logit(tile, ld, g.C, wv2, s_a, k, p) - s_vmax[k]) /
+        part += s_q[k] * op_exp(value_logit(tile, ld, g.C, wv2, k, p) - s_vmax[k]) /
                 s_vsum[k];
     }
     s_part[threadIdx.x] = part;
@@ -365,7 +391,7 @@ value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geo
 #pragma unroll
       for (int kk = 0; kk < VEC; ++kk) {
         const int ck = c + kk * dc, pk = pp + kk * dp;
-        out.v[kk] = static_cast<scalar_t>(tile[pk * ld + ck] * s_a[ck] * s_s[pk]);
+        out.v[kk] = static_cast<scalar_t>(tile[pk * ld + ck] * s_s[pk]);
       }
       store_pack(y + n * g.sN + at_cp(g, c, pt + pp), out);
     });
@@ -411,6 +437,7 @@ value_bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __res
     load_tiles_gx<VEC>(g, log2_tile, tp, x + base, grad + base, pt, tile_x, tile_gx, ld);
     if (threadIdx.x < tp) s_s[threadIdx.x] = s_mask[np + pt + threadIdx.x];
     __syncthreads();
+    scale_tile(tile_x, ld, g.C, tp, s_a);  // (tile_x serves the value logits only)
     pixel_dots(tile_gx, ld, g.C, tp, s_a, [&](int pp, acc_t ds) {
       const acc_t sg = s_s[pp];
       const acc_t dt = ds * sg * (acc_t(1) - sg);
@@ -426,7 +453,7 @@ value_bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __res
     for (int rd = 0; rd < rounds; ++rd) {
       const int k = (threadIdx.x + rd * kThreads) / tile_p;
       const bool valid = k < H && p < tp;
-      const acc_t v = valid ? op_exp(value_logit(tile_x, ld, g.C, wv2, s_a, k, p) -
+      const acc_t v = valid ? op_exp(value_logit(tile_x, ld, g.C, wv2, k, p) -
                                      s_vmax[k]) / s_vsum[k] * s_dt[p]
                             : acc_t(0);
       const acc_t total = segment_reduce(v, tile_p, add<acc_t>);
@@ -551,7 +578,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
-    launch::launch(release_s_fwd_glue_kernel<acc_t>, dim3(N), kThreads, kWarps * sizeof(acc_t),
+    launch::launch(release_s_fwd_glue_kernel<acc_t>, dim3(N), kThreads, kGlueSmem * sizeof(acc_t),
                    logits.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(), psum.data_ptr<acc_t>(),
                    ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>(), N,
                    static_cast<int>(pmax.size(1)), C, P, w, static_cast<acc_t>(eps),
@@ -640,7 +667,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
     });
     if (N > 0)
       launch::launch(release_s_bwd_glue_kernel<acc_t>, dim3(N), kThreads,
-                     kWarps * sizeof(acc_t), pda.data_ptr<acc_t>(),
+                     kGlueSmem * sizeof(acc_t), pda.data_ptr<acc_t>(),
                      static_cast<int>(pda.size(1)), pdae.data_ptr<acc_t>(),
                      static_cast<int>(pdae.size(1)), dq.data_ptr<acc_t>(),
                      stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(), bott.data_ptr<acc_t>(),
