@@ -31,7 +31,7 @@ from test_outlook_op import grid, paper_aggregate  # noqa: E402
 from test_psa_block import block  # noqa: E402
 from test_psa_op import (EPS, F64, PARAM_NAMES, check_low_precision, grads,  # noqa: E402
                          paper_psa, random_params)
-from psa_block_checks import block_function, check_matches, through  # noqa: E402
+from psa_block_checks import all_grads, block_function, check_matches, through  # noqa: E402
 from psa_block_checks import check_low_precision as check_release_low_precision  # noqa: E402
 
 HERE = osp.dirname(osp.abspath(__file__))
@@ -347,6 +347,48 @@ def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: s
             for op in ('fwd', 'bwd')}
     assert (forward, backward) == kernels
     assert forward + backward + aten['fwd'] + aten['bwd'] == total, aten
+
+
+ZERO_FILLS = ('aten::zeros', 'aten::zeros_like', 'aten::new_zeros', 'aten::fill_', 'aten::zero_')
+
+
+@pytest.mark.parametrize('variant, mode', BLOCK_FORMS)
+def test_psa_block_cuda_autograd_fills_nothing_for_the_state(
+        emulated, block_kernel, cpu_kernels, variant: str, mode: str) -> None:
+    """The C++ autograd of psa_block_cuda_fwd (psa_autograd.cpp), run on the emulated kernels
+    registered as the op's CPU implementation: the forward's state outputs take no gradient, so
+    the backward fills no zero tensor for them outside the ops (each a launch per block on a
+    GPU; an H200 step launched 14-18 kernels per block against the ops' own 7-8), and the
+    gradients are those of the same ops paired in Python."""
+    from torch.profiler import ProfilerActivity, profile
+    lib = torch.library.Library('mmattn', 'IMPL')
+    try:
+        lib.impl('psa_block_cuda_fwd', emulated.psa_block_cuda_fwd, 'CPU')
+        lib.impl('psa_block_cuda_bwd', emulated.psa_block_cuda_bwd, 'CPU')
+        b = block(variant, mode, 16, 'reference', torch.float32)
+        weights, form, eps = psa_block_weights(b)
+        x, g = torch.randn(2, 16, 5, 3), torch.randn(2, 16, 5, 3)
+        xi = x.clone().requires_grad_()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y, state = torch.ops.mmattn.psa_block_cuda_fwd(xi, weights, form, eps)
+            y.backward(g)
+        assert len(state) >= 5 and not any(t.requires_grad for t in state)
+
+        def in_op(evt) -> bool:
+            while evt is not None:
+                if evt.name.endswith(('psa_block_cuda_fwd', 'psa_block_cuda_bwd')):
+                    return True
+                evt = evt.cpu_parent
+            return False
+        assert any(e.name.endswith('psa_block_cuda_bwd') for e in prof.events())
+        fills = [e.name for e in prof.events() if e.name in ZERO_FILLS and not in_op(e)]
+        assert not fills, fills
+        ours = [xi.grad] + [p.grad.clone() for p in b.parameters()]
+        paired = all_grads(block_kernel, b, x, g)
+        for got, want in zip(ours, paired, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    finally:
+        lib._destroy()
 
 
 def test_psa_block_backward_alerts_non_determinism(block_kernel) -> None:
