@@ -144,42 +144,65 @@ __device__ void run_chain(const Chain<T>& w, int C, T eps, bool sequential, cons
 }
 
 // Dynamic shared memory of a glue kernel, in values of its dtype: block_reduce's kWarps, then
-// sum_splits' kThreads partial sums.
-constexpr int kGlueSmem = kWarps + kThreads;
+// sum_splits' partial sums (kThreads per source, 3 sources at most).
+constexpr int kGlueSmem = kWarps + 3 * kThreads;
 
-// out[c] = sum_{s < S} weight(s) src[(n S + s) C + c] for the channels c < C of image n: the
-// splits' partial sums of an (N, S, C) tensor added up by the whole block, visible to it on
-// return. Below kThreads / 2 channels, G = kThreads / C groups of C threads each take every
-// G-th split and their sums are added in group order (the same order every run); otherwise a
-// thread per channel. `part`: the glue's shared memory past its first kWarps values.
-template <typename T, typename Weight>
-__device__ __forceinline__ void sum_splits(const T* src, int n, int S, int C, Weight weight,
-                                           T* part, T* out) {
-  src += static_cast<int64_t>(n) * S * C;
+// out_j[c] = sum_{s < S} src_j[(n S + s) C + c] for the K (1-3) sources j and the channels
+// c < C of image n (source 0's terms times weight(s)): the splits' partial sums of (N, S, C)
+// tensors added up by the whole block, visible to it on return. One loop over the splits
+// serves the K sources (their loads in flight together). Up to kThreads / 2 channels,
+// G = kThreads / C groups of C threads each take every G-th split and their sums are added in
+// group order (the same order every run); otherwise a thread per channel, as the loops it
+// replaced. `part`: the glue's shared memory past its first kWarps values.
+// (An H200 run of a first version, its groups' loop kept from unrolling and one call per
+// source, measured the glues 22-57 % slower, 2026-11-26: these loops are a large part of a
+// glue's time.)
+template <int K, typename T, typename Weight>
+__device__ __forceinline__ void sum_splits(int n, int S, int C, Weight weight, T* part,
+                                           const T* src0, T* out0, const T* src1 = nullptr,
+                                           T* out1 = nullptr, const T* src2 = nullptr,
+                                           T* out2 = nullptr) {
+  static_assert(K >= 1 && K <= 3, "sum_splits: 1 to 3 sources");
+  const int64_t base = static_cast<int64_t>(n) * S * C;
   const int G = C > 0 && C <= kThreads / 2 ? kThreads / C : 1;
-  if (G > 1) {  // group g = threadIdx.x / C sums the splits g, g + G, ... of channel c
-    const int c = threadIdx.x % C, g = threadIdx.x / C;
-    if (g < G) {
-      T acc = 0;
-#pragma unroll 1
-      for (int s = g; s < S; s += G) acc += weight(s) * src[static_cast<int64_t>(s) * C + c];
-      part[threadIdx.x] = acc;  // g C + c
+  const int g = G > 1 ? threadIdx.x / C : 0;
+  for (int c = G > 1 ? threadIdx.x % C : threadIdx.x; c < C && g < G; c += kThreads) {
+    T a0 = 0, a1 = 0, a2 = 0;
+    for (int s = g; s < S; s += G) {
+      const int64_t i = base + static_cast<int64_t>(s) * C + c;
+      a0 += weight(s) * src0[i];
+      if (K > 1) a1 += src1[i];
+      if (K > 2) a2 += src2[i];
     }
-    __syncthreads();
-  }
-  for (int c = threadIdx.x; c < C; c += kThreads) {
-    T acc = 0;
-    if (G > 1) {
-      for (int g = 0; g < G; ++g) acc += part[g * C + c];
+    if (G > 1) {  // (a single pass of the loop, threadIdx.x = g C + c)
+      part[threadIdx.x] = a0;
+      if (K > 1) part[kThreads + threadIdx.x] = a1;
+      if (K > 2) part[2 * kThreads + threadIdx.x] = a2;
     } else {
-      for (int s = 0; s < S; ++s) acc += weight(s) * src[static_cast<int64_t>(s) * C + c];
+      out0[c] = a0;
+      if (K > 1) out1[c] = a1;
+      if (K > 2) out2[c] = a2;
     }
-    out[c] = acc;
+  }
+  if (G > 1) {
+    __syncthreads();
+    if (threadIdx.x < C) {
+      const int c = threadIdx.x;
+      T a0 = 0, a1 = 0, a2 = 0;
+      for (int gg = 0; gg < G; ++gg) {
+        a0 += part[gg * C + c];
+        if (K > 1) a1 += part[kThreads + gg * C + c];
+        if (K > 2) a2 += part[2 * kThreads + gg * C + c];
+      }
+      out0[c] = a0;
+      if (K > 1) out1[c] = a1;
+      if (K > 2) out2[c] = a2;
+    }
   }
   __syncthreads();
 }
 
-// sum_splits without weights
+// sum_splits' weight where there is none
 struct Unweighted {
   __device__ __forceinline__ int operator()(int) const { return 1; }
 };
@@ -201,16 +224,19 @@ __device__ __forceinline__ SoftmaxNorm<T> merge_splits(const T* pmax, const T* p
   part = 0;
   for (int s = threadIdx.x; s < S; s += kThreads) part += sm[s] * op_exp(mx[s] - top);
   const T total = block_sum(part, scratch);
-  const T inv_total = T(1) / total, inv_p = T(1) / P;
-  sum_splits(ps, n, S, C, [=](int s) { return op_exp(mx[s] - top) * inv_total; },
-             scratch + kWarps, s_out);
-  sum_splits(pm, n, S, C, [=](int) { return inv_p; }, scratch + kWarps, m_out);
+  sum_splits<2>(n, S, C, [=](int s) { return op_exp(mx[s] - top); }, scratch + kWarps, ps,
+                s_out, pm, m_out);
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    s_out[c] /= total;
+    m_out[c] /= P;
+  }
+  __syncthreads();
   return {top, total};
 }
 
 // pi = softmax_p(logits) of image n, from its normalisation.
 template <typename T>
-__device__ void write_pi(const T* logits, int n, int P, const SoftmaxNorm<T>& norm, T* pi) {
+__device__ __forceinline__ void write_pi(const T* logits, int n, int P, const SoftmaxNorm<T>& norm, T* pi) {
   const T* ln = logits + static_cast<int64_t>(n) * P;
   T* pin = pi + static_cast<int64_t>(n) * P;
   for (int p = threadIdx.x; p < P; p += kThreads) pin[p] = norm(ln[p]);
@@ -223,7 +249,7 @@ __host__ __device__ inline int64_t glue_work(int C) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
                 const T* __restrict__ psum, const T* __restrict__ ps, const T* __restrict__ pm,
                 int S, int C, int P, Chain<T> w, T eps, bool sequential, T* __restrict__ pi,
@@ -263,7 +289,7 @@ fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
 // with vec_sum given, their sum over the images added into vec_sum (3 C/2 + 3 C, zeroed
 // before; atomic adds) and vecs unused.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 bwd_glue_kernel(const T* __restrict__ d_t, const T* __restrict__ part_da,
                 const T* __restrict__ part_dueff, const T* __restrict__ stats, int N, int S,
                 int C, int P, Chain<T> w, T eps, bool sequential, T* __restrict__ dm,
@@ -302,8 +328,7 @@ bwd_glue_kernel(const T* __restrict__ d_t, const T* __restrict__ part_da,
   // y = x (A (+) S) with S_p = sigmoid(u_eff . x_p + c): the partial sums of the backward
   // reduce pass give dA and d u_eff; d c = sum_p d_t
   T* d_u = R(0);
-  sum_splits(part_da, n, S, C, Unweighted{}, scratch + kWarps, d_a);  // the sums over the
-  sum_splits(part_dueff, n, S, C, Unweighted{}, scratch + kWarps, d_u);  // pixels first
+  sum_splits<2>(n, S, C, Unweighted{}, scratch + kWarps, part_da, d_a, part_dueff, d_u);
   for (int c = threadIdx.x; c < C; c += kThreads) {
     const T da = d_a[c], due = d_u[c];
     d_u[c] = sequential ? due * o.a[c] : due;

@@ -39,7 +39,7 @@ struct ReleaseP {
 
 // Image n: stats rows (4, N, C) = [s, m, A, u], small rows (2, N, H) = [v, q]; pi (N, P).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 release_p_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
                           const T* __restrict__ psum, const T* __restrict__ ps,
                           const T* __restrict__ pm, int N, int S, int C, int P, ReleaseP<T> w,
@@ -70,7 +70,7 @@ release_p_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pm
 // gradients' factors left (4, N, H) = [q, dq, v, dv] and right (4, N, C) = [du, m, dz, s]
 // (their outer products summed over the images are dW_v', dW_q', dW_up^T, dW_v).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 release_p_bwd_glue_kernel(const T* __restrict__ w_t, const T* __restrict__ part_da,
                           const T* __restrict__ part_du, const T* __restrict__ part_r, int S,
                           const T* __restrict__ t, const T* __restrict__ norm,
@@ -95,9 +95,9 @@ release_p_bwd_glue_kernel(const T* __restrict__ w_t, const T* __restrict__ part_
   T part = 0;
   for (int p = threadIdx.x; p < P; p += kThreads) part += w_t[np + p];
   const T beta_t = block_sum(part, scratch);
-  sum_splits(part_r, n, S, C, Unweighted{}, scratch + kWarps, R(1));  // r, in m's row until below
-  sum_splits(part_du, n, S, C, Unweighted{}, scratch + kWarps, R(0));
-  sum_splits(part_da, n, S, C, Unweighted{}, scratch + kWarps, R(2));  // dA
+  // r (in m's row until below), du's first term, dA
+  sum_splits<3>(n, S, C, Unweighted{}, scratch + kWarps, part_r, R(1), part_du, R(0), part_da,
+                R(2));
   for (int c = threadIdx.x; c < C; c += kThreads) {
     R(0)[c] -= beta_t * R(1)[c];  // du = sum_p x_p w_t - beta_t r
     R(1)[c] = m[c];

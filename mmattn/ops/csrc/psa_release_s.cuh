@@ -56,7 +56,7 @@ ReleaseS<T> release_s_chain(const std::vector<at::Tensor>& W) {
 // Image n: stats (4, N, C) = [s, m, A, mz], small (2, N, H) = [v, q], bott (3, N, Cb) =
 // [zhat, h2, relu(h2)] (the bottleneck), rstd (N) (its LayerNorm's); pi (N, P).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 release_s_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
                           const T* __restrict__ psum, const T* __restrict__ ps,
                           const T* __restrict__ pm, int N, int S, int C, int P, ReleaseS<T> w,
@@ -134,7 +134,7 @@ __device__ __forceinline__ void add_outer(T* out, const T* u, const T* v, int ro
 // added into `grads` (release_s_grads' layout, zeroed before). dz (N, C), dh1, dh2 (N, Cb),
 // dv (N, H): workspace.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const T* __restrict__ pdae,
                           int Se, const T* __restrict__ dq, const T* __restrict__ stats,
                           const T* __restrict__ small, const T* __restrict__ bott,
@@ -164,8 +164,8 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const T* __restrict_
   cols_dot(w.wq2, dqn, H, C, dmn);  // dmz, in dm's row until scaled below
   // dA = sum_p G x S (pda's splits) + sum_p x e (pdae's) + dmz m, the two sums first in dz's
   // and ds's rows (ds is written last)
-  sum_splits(pda, n, S, C, Unweighted{}, scratch + kWarps, dzn);
-  sum_splits(pdae, n, Se, C, Unweighted{}, scratch + kWarps, dsn);
+  sum_splits<1>(n, S, C, Unweighted{}, scratch + kWarps, pda, dzn);
+  sum_splits<1>(n, Se, C, Unweighted{}, scratch + kWarps, pdae, dsn);
   for (int c = threadIdx.x; c < C; c += kThreads) {
     const T dmz = dmn[c];
     const T da = dzn[c] + dsn[c] + dmz * m[c];
