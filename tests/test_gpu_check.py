@@ -66,8 +66,8 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
                             timeout=120)
     log = calls.read_text().splitlines()
     order = [next(i for i, line in enumerate(log) if key in line)
-             for key in ('mmcv-2.1.0.tar.gz', 'mmattn.ops.build', 'pytest', 'uninstall -q -y mmcv-lite',
-                         'mmcv_ops/mmcv-2.1.0',
+             for key in ('mmcv-2.1.0.tar.gz', 'mmattn.ops.build', 'pytest',
+                         'uninstall -q -y mmcv-lite', 'mmcv_ops/mmcv-2.1.0',
                          'benchmark_model.py', '--tool memcheck', 'benchmark.py --preset',
                          '--tool racecheck')]
     assert order == sorted(order), log

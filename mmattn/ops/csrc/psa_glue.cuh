@@ -235,11 +235,23 @@ __device__ __forceinline__ SoftmaxNorm<T> merge_splits(const T* pmax, const T* p
 }
 
 // pi = softmax_p(logits) of image n, from its normalisation.
+// Four logits loaded before the first store: one block per image runs this over all its
+// pixels, so it is bound by the loads' latency.
 template <typename T>
-__device__ __forceinline__ void write_pi(const T* logits, int n, int P, const SoftmaxNorm<T>& norm, T* pi) {
+__device__ __forceinline__ void write_pi(const T* logits, int n, int P,
+                                         const SoftmaxNorm<T>& norm, T* pi) {
   const T* ln = logits + static_cast<int64_t>(n) * P;
   T* pin = pi + static_cast<int64_t>(n) * P;
-  for (int p = threadIdx.x; p < P; p += kThreads) pin[p] = norm(ln[p]);
+  int p = threadIdx.x;
+  for (; p + 3 * kThreads < P; p += 4 * kThreads) {
+    const T l0 = ln[p], l1 = ln[p + kThreads], l2 = ln[p + 2 * kThreads],
+            l3 = ln[p + 3 * kThreads];
+    pin[p] = norm(l0);
+    pin[p + kThreads] = norm(l1);
+    pin[p + 2 * kThreads] = norm(l2);
+    pin[p + 3 * kThreads] = norm(l3);
+  }
+  for (; p < P; p += kThreads) pin[p] = norm(ln[p]);
 }
 
 // Workspace per image (the larger, backward layout): zhat, u, A, u_eff, d_a, d_mz, d_zhat
