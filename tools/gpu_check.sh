@@ -19,7 +19,7 @@
 # left of the deadline (a stage with under MIN_STAGE_S, 20 s, left is skipped, and counts as
 # failed). Limits and the benchmarks' arguments can be replaced:
 #
-#   MODEL_ARGS='--iters 6 --backends auto,folded --profile 12' bash tools/gpu_check.sh
+#   MODEL_ARGS='--iters 6 --backends auto,folded --profile 12' bash tools/gpu_check.sh  # + folded
 #   LIMIT_model_benchmark=300 OP_ARGS='--preset gpu --op psa' bash tools/gpu_check.sh
 #   SANITIZE_ARGS='--dtypes float32' bash tools/gpu_check.sh   # both sanitizer stages
 #
@@ -44,7 +44,7 @@ JOBS=$(nproc)
 failed=0
 T0=$(date +%s)
 DEADLINE=${DEADLINE:-560}
-MODEL_ARGS=${MODEL_ARGS:---iters 6 --warmup 2 --backends auto,folded}
+MODEL_ARGS=${MODEL_ARGS:---iters 8 --warmup 2 --backends auto --profile 8}  # 5 models: ~2 min
 OP_ARGS=${OP_ARGS:---preset gpu --op psa --iters 20}
 SANITIZE_ARGS=${SANITIZE_ARGS:-}
 
