@@ -218,25 +218,21 @@ __host__ __device__ inline int value_rounds(int rows, int tile_p) {
   return (rows * tile_p + kThreads - 1) / kThreads;
 }
 
-// Vl[k][p] = sum_c W_v'[k][c] A_c x[c][p] from the tile (raw x) and s_a (A).
-template <typename T>
-__device__ __forceinline__ T value_logit(const T* tile, int ld, int C, const T* wv2,
-                                         const T* s_a, int k, int p) {
-  const T* wk = wv2 + static_cast<int64_t>(k) * C;
-  const T* xp = tile + p * ld;
-  T acc = 0;
-  for (int c = 0; c < C; ++c) acc += wk[c] * (s_a[c] * xp[c]);  // as from a scaled tile
-  return acc;
-}
-
-// The same from a tile already scaled by A (scale_tile): one product and two loads per term.
-template <typename T>
+// Vl[k][p] = sum_c W_v'[k][c] (A (.) x)[c][p] from a tile scaled by A (scale_tile: one product
+// and two loads per term), or, kRawTile, from the raw tile and s_a (A), A applied per term (the
+// same products in the same order).
+template <bool kRawTile = false, typename T>
 __device__ __forceinline__ T value_logit(const T* tile, int ld, int C, const T* wv2, int k,
-                                         int p) {
+                                         int p, const T* s_a = nullptr) {
   const T* wk = wv2 + static_cast<int64_t>(k) * C;
   const T* xp = tile + p * ld;
   T acc = 0;
-  for (int c = 0; c < C; ++c) acc += wk[c] * xp[c];
+  for (int c = 0; c < C; ++c) {
+    if constexpr (kRawTile)
+      acc += wk[c] * (s_a[c] * xp[c]);
+    else
+      acc += wk[c] * xp[c];
+  }
   return acc;
 }
 
@@ -518,7 +514,7 @@ value_bwd_map_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ ex, 
       acc_t dvl = 0;
       if (p < tp) {
         const acc_t v =
-            op_exp(value_logit(tile, ld, g.C, wv2, s_a, k, p) - s_vmax[k]) / s_vsum[k];
+            op_exp(value_logit<true>(tile, ld, g.C, wv2, k, p, s_a) - s_vmax[k]) / s_vsum[k];
         dvl = v * s_q[k] * (s_dt[p] - s_dq[k]);
       }
       s_dvl[k * tile_p + p] = dvl;  // 0 past the tile
