@@ -236,21 +236,25 @@ def _folded_too_slow(x: torch.Tensor, form: str, heuristics: bool) -> Optional[s
     return None
 
 
-def _paper_folded(x: torch.Tensor, *, hooks: bool = False, heuristics: bool = False,
-                  **_: object) -> tuple[bool, str]:
-    """The paper form's folded op, unless ``auto`` knows the reference to be faster."""
+def _folded_unless_slower(x: torch.Tensor, form: str, hooks: bool,
+                          heuristics: bool) -> tuple[bool, str]:
+    """can_use_psa_folded, unless ``auto`` knows the reference to be faster for ``form``."""
     ok, reason = can_use_psa_folded(x, hooks=hooks)
-    slow = ok and _folded_too_slow(x, 'paper', heuristics)
-    return (False, slow) if slow else (ok, reason)
-
-
-def _official_folded(x: torch.Tensor, *, hooks: bool = False, heuristics: bool = False,
-                     form: str = '', **_: object) -> tuple[bool, str]:
-    """The release's folded path (it calls the gate modules: their hooks do not stop it),
-    unless ``auto`` knows the reference to be faster for ``form`` (``'PSA_p'``/``'PSA_s'``)."""
-    ok, reason = can_use_psa_folded(x)
     slow = ok and _folded_too_slow(x, form, heuristics)
     return (False, slow) if slow else (ok, reason)
+
+
+def _paper_folded(x: torch.Tensor, *, hooks: bool = False, heuristics: bool = False,
+                  **_: object) -> tuple[bool, str]:
+    """The paper form's folded op (it never calls the gates: their hooks stop it)."""
+    return _folded_unless_slower(x, 'paper', hooks, heuristics)
+
+
+def _official_folded(x: torch.Tensor, *, heuristics: bool = False, form: str = '',
+                     **_: object) -> tuple[bool, str]:
+    """The release's folded path of ``form`` (``'PSA_p'``/``'PSA_s'``; it calls the gate
+    modules: their hooks do not stop it)."""
+    return _folded_unless_slower(x, form, False, heuristics)
 
 
 def can_use_outlook_cuda(v: torch.Tensor) -> tuple[bool, str]:
