@@ -345,7 +345,10 @@ PRESETS = {
                 psa=[((16, 256, 128, 128), 'parallel', 'paper'),
                      ((16, 256, 128, 128), 'sequential', 'paper'),
                      ((16, 256, 128, 128), 'parallel', 'official'),
-                     ((16, 256, 128, 128), 'sequential', 'official')],
+                     ((16, 256, 128, 128), 'sequential', 'official'),
+                     # PSA_s at HRNet-OCR's widest map and its widest channels (2 x 512x1024)
+                     ((2, 48, 128, 256), 'sequential', 'official'),
+                     ((2, 384, 16, 32), 'sequential', 'official')],
                 outlook=[((128, 28, 28, 192), 6)],    # VOLO-D1 stage 1 at 224 px, batch 128
                 volo=[128]),
 }

@@ -83,7 +83,7 @@ Backends (``PolarizedSelfAttention(backend=...)``): besides the eager equations 
   (N, C/2, H, W) value map);
 * ``'cuda'`` (CUDA tensors): the whole block as one compiled op per direction with its autograd
   in C++ (:mod:`mmattn.ops.psa_block`): every form on CUDA kernels (the paper's folded passes;
-  ``PSA_s``'s value map computed per tile, never stored), keeping a few (N, H*W) and (N, C)
+  ``PSA_s``'s value map a transient GEMM output, never kept), keeping a few (N, H*W) and (N, C)
   tensors besides x;
 * ``'cpu'`` (every form, CPU tensors): the whole block as one compiled C++ op per direction,
   its autograd registered in C++ (:mod:`mmattn.ops.psa_block`): nothing but x kept for the

@@ -150,24 +150,16 @@ def _deterministic_only() -> bool:
             and not torch.is_deterministic_algorithms_warn_only_enabled())
 
 
-#: with ``heuristics``, ``auto`` passes over the CUDA block of ``PSA_s`` above this much value
-#: work per call, N*H*W*C^2 (its value map's (C/2 x C) products per pixel run on scalar FMAs in
-#: four passes; the reference's 1x1 convolutions on tensor cores). Measured on an H200,
-#: 2026-11-26, forward + backward in bf16 against the eager reference (docs/benchmarks.md):
-#: 2.1x / 1.9x faster at [2, 48, 128, 256] / [2, 384, 16, 32] (1.5e8, HRNet-OCR's blocks),
-#: even at [16, 64, 128, 128] (1.1e9), 0.13x at [16, 256, 128, 128] (1.7e10).
-PSA_S_CUDA_MAX_WORK = 1_500_000_000
-
-
-def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False, heuristics: bool = False,
-                     form: str = '', **_: object) -> tuple[bool, str]:
+def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False, **_: object) -> tuple[bool, str]:
     """Whether the PSA CUDA kernels can serve ``x`` (the folded paper op's passes, and the whole
     block per call, ``psa_block_cuda_fwd``, that the module runs for every form): a CUDA tensor
     of a kernel dtype, the extension built with its CUDA sources, no graph being recorded, no
     hooks on the gates (neither calls them), and deterministic algorithms not demanded (the
     block's backward adds its weight gradients up with atomics, as PyTorch's own
-    non-deterministic CUDA ops do). With ``heuristics`` (what ``auto`` asks) it also declines
-    ``form='PSA_s'`` above :data:`PSA_S_CUDA_MAX_WORK`."""
+    non-deterministic CUDA ops do). ``auto``'s heuristics add nothing here: the block
+    measured faster than the folded paths and the reference at model level for every form (an
+    H200, docs/benchmarks.md), and PSA_s's value products run as GEMMs (tensor cores), as the
+    reference's 1x1 convolutions do."""
     ok, reason = can_use_psa_folded(x, hooks=hooks)
     if not ok:
         return ok, reason
@@ -177,13 +169,6 @@ def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False, heuristics: bool =
     if _deterministic_only():
         return False, ('torch.use_deterministic_algorithms(True) is on: the CUDA block adds its '
                        'weight gradients up with atomics, in no fixed order')
-    if heuristics and form == 'PSA_s' and x.dim() == 4:
-        n, c, h, w = x.shape
-        work = n * h * w * c * c
-        if work > PSA_S_CUDA_MAX_WORK:
-            return False, (f'PSA_s\'s value products, N*H*W*C^2 = {work:.2e}, are more than '
-                           f'{PSA_S_CUDA_MAX_WORK:.1e}: its CUDA kernels run them on scalar '
-                           f'FMAs, the reference on tensor cores (measured faster there)')
     return True, 'ok'
 
 

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mmattn.ops.psa as psa_op
 from mmattn.ops import extension
 from mmattn.ops.dispatch import PSA_KERNEL_OPS
-from mmattn.ops.psa_block import psa_block_weights, state_shapes
+from mmattn.ops.psa_block import psa_block_weights, state_dtypes, state_shapes
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from test_outlook_op import grid, paper_aggregate  # noqa: E402
@@ -311,7 +311,7 @@ NO_LAUNCH = {'aten::empty', 'aten::empty_strided', 'aten::empty_like', 'aten::to
              'aten::split_with_sizes', 'aten::split', 'aten::unbind', 'aten::expand',
              'aten::resolve_conj', 'aten::resolve_neg', 'aten::alias', 'aten::detach',
              'aten::contiguous', 'aten::lift_fresh', 'aten::resize_', 'aten::unsqueeze',
-             'aten::squeeze', 'aten::permute', 'aten::result_type'}
+             'aten::squeeze', 'aten::permute', 'aten::result_type', 'aten::flatten'}
 
 
 def aten_launches(events, op: str) -> int:
@@ -325,14 +325,16 @@ def aten_launches(events, op: str) -> int:
 
 @pytest.mark.parametrize('variant, mode, kernels, total', [
     ('paper', 'sequential', (3, 3), 7), ('official', 'parallel', (4, 3), 8),
-    ('official', 'sequential', (4, 4), 8)])
+    ('official', 'sequential', (4, 4), 12)])
 def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: str,
                                    kernels: tuple[int, int], total: int) -> None:
     """A training step's launches per block: the paper forms' kernels 3 forward (reduction,
     glue, apply pass) and 3 backward (reduction, glue, apply pass); PSA_p 4 forward (+ the
-    reduction of its spatial logits); PSA_s 4 forward (reduction, glue, value reduction, apply
-    pass) and 4 backward (reduction, value pass, glue, apply pass); and, in ``total``, the ATen
-    operators the ops' C++ runs besides (each a launch on a GPU): at most 8 in all (issue 12)."""
+    reduction of its spatial logits); PSA_s 4 forward (reduction, glue, value softmax state,
+    apply pass) and 4 backward (the paper's reduction, dq and dVl, glue, apply pass); and, in ``total``, the ATen
+    operators the ops' C++ runs besides (each a launch on a GPU): at most 8 in all (issue 12)
+    but for PSA_s, whose value products are GEMMs (tensor cores) between its kernels: the value
+    map forward (1), the map again, dx's part and M = dVl x^T backward (3)."""
     from torch.profiler import ProfilerActivity, profile
     b = block(variant, mode, 32, 'reference', torch.float32)
     x = torch.randn(2, 32, 6, 5, dtype=torch.float32, requires_grad=True)
@@ -408,8 +410,9 @@ def test_psa_block_backward_alerts_non_determinism(block_kernel) -> None:
 
 
 def test_psa_block_kernel_state_shapes(emulated) -> None:
-    """What the forward returns besides y has the shapes the fake implementation gives
-    (torch.compile builds its graph from those) and nothing of x's size."""
+    """What the forward returns besides y has the shapes and dtypes the fake implementation
+    gives (torch.compile builds its graph from those) and nothing of x's size: the accumulation
+    dtype, but for PSA_s's value GEMM weight (N, C/2, C), in x's dtype."""
     for variant, mode in BLOCK_FORMS:
         weights, form, eps = psa_block_weights(block(variant, mode, 8, 'reference'))
         bottleneck = weights[3].numel() if form == 3 else 0
@@ -420,7 +423,11 @@ def test_psa_block_kernel_state_shapes(emulated) -> None:
                                                    eps)
             assert [tuple(t.shape) for t in state] == \
                 state_shapes(form, *x.shape, bottleneck=bottleneck)
-            assert all(t.dtype == acc for t in state) and y.dtype == dtype
+            want = [acc] * len(state)
+            if form == 3:   # PSA_s's W_v' diag(A), the value GEMM's weight: x's dtype
+                want[-1] = dtype
+            assert [t.dtype for t in state] == want == state_dtypes(form, dtype)
+            assert y.dtype == dtype
 
 
 # ---------------------------------------------------------------- outlook attention

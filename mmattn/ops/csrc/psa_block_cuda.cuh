@@ -7,10 +7,11 @@
 //   paper forms (psa_kernels.cuh, psa_glue.cuh; the folding is derived in mmattn/ops/psa.py):
 //     forward 3 launches: reduce, glue, apply; backward 3: reduce, glue, apply;
 //   the release's PSA_p (psa_release_p.cuh): forward 4, backward 3;
-//   the release's PSA_s (psa_release_s.cuh): forward 4, backward 4.
+//   the release's PSA_s (psa_release_s.cuh): forward 4, backward 4, and its value products as
+//   batched GEMMs (ATen) between them: 1 forward, 3 backward.
 // Each backward's first kernel clears one buffer that its later kernels add the weight
 // gradients into (atomics); the paper forms and PSA_p then form their matrices' gradients in one
-// batched product (ATen): at most 8 launches per block per training step.
+// batched product (ATen): 7-8 launches per block per training step (PSA_s 12).
 //
 // Needs the launch interface (cuda_launch.cuh, or the tests' CPU emulation).
 #pragma once
@@ -75,6 +76,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> block_forward(const at::Tensor& 
                                                               at::TensorList weights,
                                                               int64_t form, double eps) {
   const launch::DeviceGuard guard(x_in.device());
+  // the ATen operators below are the kernel's own work: no autograd for them (the weights may
+  // require grad when the op is called directly)
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
   const at::Tensor x = dense(x_in);
   const Geometry g = geometry(x);
   const auto W = acc_weights(weights, form, g.C, at::toOpMathType(x.scalar_type()));
@@ -88,6 +92,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> block_backward(
     const at::Tensor& grad_in, const at::Tensor& x_in, at::TensorList saved_in,
     at::TensorList weights, int64_t form, double eps) {
   const launch::DeviceGuard guard(x_in.device());
+  const at::AutoDispatchBelowADInplaceOrView no_autograd;
   // as PyTorch's own ops do: an error under torch.use_deterministic_algorithms(True), a warning
   // in its warn-only mode
   at::globalContext().alertNotDeterministic(

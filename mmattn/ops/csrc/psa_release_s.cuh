@@ -1,9 +1,10 @@
 // The authors' PSA_s (DeLightCMU/PSA; mmattn.layers.PolarizedSelfAttention, variant='official',
 // mode='sequential', the form of the released HRNet-OCR weights) as CUDA kernels: the channel
 // branch on the paper form's reduction (psa_kernels.cuh), the C-sized chain in two glue kernels
-// (a thread block per image), and the spatial branch's per-pixel (C/2 x C) product in passes
-// over x that never store the (N, C/2, H, W) value map. Composed into a block's forward and
-// backward in psa_block_cuda.cuh.
+// (a thread block per image), and the spatial branch's per-pixel (C/2 x C) product as one
+// batched GEMM per direction of use (ATen, so tensor cores) into a transient value map that
+// the forward drops and the backward recomputes: nothing of size (N, C/2, H, W) is kept.
+// Composed into a block's forward and backward in psa_block_cuda.cuh.
 //
 // Per image (x[c][p], C channels, P pixels, H = C/2, Cb bottleneck channels; weights as
 // matrices: wq = conv_q_right, W_v = conv_v_right, W_1/b_1, LN (w, b), W_2/b_2 = conv_up,
@@ -11,19 +12,21 @@
 //   channel: l_p = wq . x_p, pi = softmax_p(l), s = sum_p pi_p x_p, v = W_v s,
 //            h2 = LN_Cb(W_1 v + b_1) w + b, A = sigmoid(W_2 relu(h2) + b_2)
 //   spatial: m = mean_p x_p, mz = A (.) m, q = W_q' mz,
-//            Vl[k][p] = sum_c W_v'[k][c] A_c x[c][p], V = softmax_p(Vl) (per k),
-//            t_p = q . V_p, S_p = sigmoid(t_p);   y = x A S
-// Forward, 4 launches: the reduction (l's online softmax, s, m); the glue (A, q); the value
-// reduction (per k, the online softmax state of Vl over the pixels, per split of the pixels);
-// the apply pass (merging the splits' states, then Vl again, V, t, S, y). Backward, with the
-// forward's small state: the backward reduction
-// (dt = dL/dt, dA's direct part sum_p G x S, dq = sum_p V dt); the value pass (dVl =
-// V q (dt - dq); W_v''s gradient sum_n A (.) sum_p dVl x^T with atomic adds; e = W_v'^T dVl:
-// dx's part A e and dA's part sum_p x e); the glue (the chain's derivative, the other weights'
-// gradients with atomic adds); the paper form's backward apply pass (dx's other terms).
+//            Vl[k][p] = sum_c W_v'[k][c] A_c x[c][p] = (Wa x)[k][p], Wa = W_v' diag(A),
+//            V = softmax_p(Vl) (per k), t_p = q . V_p, S_p = sigmoid(t_p);   y = x A S
+// Forward, 4 kernels and 1 GEMM: the reduction (l's online softmax, s, m); the glue (A, q, and
+// Wa in x's dtype, kept for the backward); Vl = Wa x (N, H, P) (a batched GEMM); the value
+// softmax's state (max and sum of exponentials per row k); the apply pass (t from Vl, S, y).
+// Backward, 4 kernels and 3 GEMMs, with the forward's small state: the paper form's backward
+// reduction (dt = dL/dt, dA's direct part sum_p G x S; it clears the gradients' buffer); Vl
+// again; per row k, dq_k = sum_p V dt and dVl = V q (dt - dq), over Vl in place; two GEMMs,
+// dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl) and M = dVl x^T (N, H, C); the glue (W_v''s
+// gradient sum_n M_n diag(A_n) and dA's part sum_p x e = sum_k W_v'[k][c] M[k][c] from M, the
+// chain's derivative, the other weights' gradients, with atomic adds); the paper form's
+// backward apply pass (dx's other terms, added into A (.) e).
 //
-// The value products run on CUDA cores, a thread per (k, p) of a tile of pixels (W_v' read
-// through the cache, the tile from shared memory): tensor cores would be the next step.
+// The GEMMs run in x's dtype (accumulating in float32 for the half types, as cuBLAS and the
+// reference's 1x1 convolutions do); everything else in the accumulation dtype.
 //
 // Needs psa_kernels.cuh and psa_glue.cuh, and the launch interface (cuda_launch.cuh, or the
 // tests' CPU emulation, which provides atomicAdd).
@@ -54,14 +57,16 @@ ReleaseS<T> release_s_chain(const std::vector<at::Tensor>& W) {
 
 // ---------------------------------------------------------------- glue, forward
 // Image n: stats (4, N, C) = [s, m, A, mz], small (2, N, H) = [v, q], bott (3, N, Cb) =
-// [zhat, h2, relu(h2)] (the bottleneck), rstd (N) (its LayerNorm's); pi (N, P).
-template <typename T>
+// [zhat, h2, relu(h2)] (the bottleneck), rstd (N) (its LayerNorm's); pi (N, P); wa (N, H, C) =
+// W_v' diag(A), the value GEMM's weight, in x's dtype WT.
+template <typename T, typename WT>
 __global__ void __launch_bounds__(kThreads, 1)
 release_s_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
                           const T* __restrict__ psum, const T* __restrict__ ps,
                           const T* __restrict__ pm, int N, int S, int C, int P, ReleaseS<T> w,
                           T eps, T* __restrict__ pi, T* __restrict__ stats,
-                          T* __restrict__ small, T* __restrict__ bott, T* __restrict__ rstd) {
+                          T* __restrict__ small, T* __restrict__ bott, T* __restrict__ rstd,
+                          WT* __restrict__ wa) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* scratch = reinterpret_cast<T*>(smem_raw);
   const int n = blockIdx.x, H = C / 2, Cb = w.Cb;
@@ -94,6 +99,9 @@ release_s_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pm
   }
   __syncthreads();
   rows_dot(w.wq2, mz, static_cast<const T*>(nullptr), H, C, q);  // q = W_q' (A m)
+  WT* wan = wa + static_cast<int64_t>(n) * H * C;
+  for (int i = threadIdx.x; i < H * C; i += kThreads)
+    wan[i] = static_cast<WT>(w.wv2[i] * a[i % C]);
   write_pi(logits, n, P, norm, pi);
 }
 
@@ -128,15 +136,15 @@ __device__ __forceinline__ void add_outer(T* out, const T* u, const T* v, int ro
     atomicAdd(out + i, u[i / cols] * v[i % cols]);
 }
 
-// Image n. In: the splits' partial dA sums (pda: sum_p G x S, S splits; pdae: sum_p x e, Se
-// splits), dq (N, H), the forward's state. Out: dm = dL/dm / P, ds = dL/ds (N, C),
-// beta = ds . s (N), for the backward apply pass; the weights' gradients (but wq's and W_v''s)
-// added into `grads` (release_s_grads' layout, zeroed before). dz (N, C), dh1, dh2 (N, Cb),
-// dv (N, H): workspace.
-template <typename T>
+// Image n. In: the splits' partial dA sums (pda: sum_p G x S, S splits), the value GEMM's
+// M = dVl x^T (N, H, C; x's dtype MT), dq (N, H), the forward's state. Out: dm = dL/dm / P,
+// ds = dL/ds (N, C), beta = ds . s (N), for the backward apply pass; the weights' gradients
+// (but wq's) added into `grads` (release_s_grads' layout, zeroed before). dz (N, C), dh1, dh2
+// (N, Cb), dv (N, H): workspace.
+template <typename T, typename MT>
 __global__ void __launch_bounds__(kThreads, 1)
-release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const T* __restrict__ pdae,
-                          int Se, const T* __restrict__ dq, const T* __restrict__ stats,
+release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict__ mvx,
+                          const T* __restrict__ dq, const T* __restrict__ stats,
                           const T* __restrict__ small, const T* __restrict__ bott,
                           const T* __restrict__ rstd, int N, int C, int P, ReleaseS<T> w,
                           T* __restrict__ dm, T* __restrict__ dsv, T* __restrict__ beta,
@@ -162,10 +170,21 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const T* __restrict_
   // q = W_q' mz, mz = A (.) m: dW_q' += dq mz^T, dmz = W_q'^T dq, dm = dmz A, dA += dmz m
   add_outer(grads + off.wq2, dqn, mz, H, C);
   cols_dot(w.wq2, dqn, H, C, dmn);  // dmz, in dm's row until scaled below
-  // dA = sum_p G x S (pda's splits) + sum_p x e (pdae's) + dmz m, the two sums first in dz's
-  // and ds's rows (ds is written last)
+  // dA = sum_p G x S (pda's splits) + sum_p x e + dmz m, the two sums first in dz's and ds's
+  // rows (ds is written last). With e = W_v'^T dVl and M = dVl x^T: sum_p x e = sum_k
+  // W_v'[k][c] M[k][c], and W_v''s gradient sum_n sum_p dVl (A (.) x)^T adds A_c M[k][c].
   sum_splits<1>(n, S, C, Unweighted{}, scratch + kWarps, pda, dzn);
-  sum_splits<1>(n, Se, C, Unweighted{}, scratch + kWarps, pdae, dsn);
+  const MT* mn = mvx + static_cast<int64_t>(n) * H * C;
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    T xe = 0;
+    for (int k = 0; k < H; ++k) {
+      const int64_t i = static_cast<int64_t>(k) * C + c;
+      const T mk = static_cast<T>(mn[i]);
+      xe += w.wv2[i] * mk;
+      atomicAdd(grads + off.wv2 + i, a[c] * mk);
+    }
+    dsn[c] = xe;
+  }
   for (int c = threadIdx.x; c < C; c += kThreads) {
     const T dmz = dmn[c];
     const T da = dzn[c] + dsn[c] + dmz * m[c];
@@ -208,169 +227,115 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const T* __restrict_
   if (threadIdx.x == 0) beta[n] = b;
 }
 
-// ---------------------------------------------------------------- the value map, per tile
+// ---------------------------------------------------------------- the value map
+// Vl = W_v' (A (.) x) is, per image n, the product of Wa_n = W_v' diag(A_n) (H x C; the forward
+// glue writes it, the backward keeps it) with x_n (C x P): one batched GEMM (ATen: cuBLAS on
+// tensor cores for half types, and for float32 where torch.backends.cuda.matmul.allow_tf32
+// allows; CPU BLAS in the emulation), written in x's dtype to a transient (N, H, P) buffer that
+// the forward drops and the backward recomputes. The kernels below read it row by row: the
+// softmax's per-row state, the gate, dq and dVl.
+
+// x (N, C, H, W), dense in its memory format, as N (C x P) matrices: a view (NCHW: rows of
+// pixels; channels_last: its transpose, which the GEMMs take as such).
+inline at::Tensor channel_matrices(const at::Tensor& x) { return x.flatten(2); }
+
 // The tile's (k, p) pairs, k < H value channels, p < tile_p pixels, in rounds of kThreads:
 // pair idx = threadIdx.x + round * kThreads is (idx / tile_p, idx % tile_p), so a thread keeps
 // its pixel in every round (kThreads is a multiple of tile_p) and the tile_p lanes of a k are
-// consecutive lanes of one warp (tile_p divides 32). Every thread runs every round (past the
-// last pair with `valid` false), so that the segment reductions below can shuffle.
+// consecutive lanes of one warp (tile_p divides 32), reading consecutive pixels of Vl's row k.
 __host__ __device__ inline int value_rounds(int rows, int tile_p) {
   return (rows * tile_p + kThreads - 1) / kThreads;
 }
 
-// Vl[k][p] = sum_c W_v'[k][c] (A (.) x)[c][p] from a tile scaled by A (scale_tile: one product
-// and two loads per term), or, kRawTile, from the raw tile and s_a (A), A applied per term (the
-// same products in the same order).
-template <bool kRawTile = false, typename T>
-__device__ __forceinline__ T value_logit(const T* tile, int ld, int C, const T* wv2, int k,
-                                         int p, const T* s_a = nullptr) {
-  const T* wk = wv2 + static_cast<int64_t>(k) * C;
-  const T* xp = tile + p * ld;
-  T acc = 0;
-  for (int c = 0; c < C; ++c) {
-    if constexpr (kRawTile)
-      acc += wk[c] * (s_a[c] * xp[c]);
-    else
-      acc += wk[c] * xp[c];
-  }
-  return acc;
+// Two online-softmax states (maximum, sum of exponentials) merged; an empty state has maximum
+// -inf and sum 0.
+template <typename T>
+__device__ __forceinline__ void merge_state(T& top, T& total, T other_top, T other_total) {
+  const T m = op_max(top, other_top);
+  if (m == -INFINITY) return;  // both empty
+  total = total * op_exp(top - m) + other_total * op_exp(other_top - m);
+  top = m;
 }
 
-// tile[p][c] *= A_c for the tile's tp pixels, then a barrier: the value logits' A (.) x once
-// per element instead of once per value channel.
-template <typename T>
-__device__ __forceinline__ void scale_tile(T* tile, int ld, int C, int tp, const T* s_a) {
-  for (int i = threadIdx.x; i < tp * C; i += kThreads) {
-    const int pp = i / C, c = i - pp * C;
-    tile[pp * ld + c] *= s_a[c];
-  }
-  __syncthreads();
-}
-
-// The reduction of v over the tile_p lanes of one k (xor shuffles within the segment).
-template <typename T, typename Op>
-__device__ __forceinline__ T segment_reduce(T v, int tile_p, Op op) {
-  for (int o = tile_p / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T add(T a, T b) { return a + b; }
-
-template <typename T>
-__device__ __forceinline__ T maximum(T a, T b) { return op_max(a, b); }
-
-// ---------------------------------------------------------------- forward, value reduction
-// Per split: each value channel's online softmax state over the split's pixels: vmax, vsum
-// (N, splits, H).
+// ---------------------------------------------------------------- forward, the value softmax
+// norm (2, N, H) = [max_p Vl[k][p], sum_p exp(Vl[k][p] - max)] for each row (n, k) of Vl
+// (N, H, P): a block per row (grid (H, N)), each thread an online softmax over its vectors of
+// the row, merged over the block.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-value_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int log2_tile,
-                    int chunk, int splits, const acc_t* __restrict__ a,
-                    const acc_t* __restrict__ wv2, acc_t* __restrict__ vmax,
-                    acc_t* __restrict__ vsum) {
+__global__ void __launch_bounds__(kThreads)
+value_stats_kernel(const scalar_t* __restrict__ vl, int P, acc_t* __restrict__ norm) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int ld = g.C + 1, H = g.C / 2;
-  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* s_a = tile + tile_p * ld;
-  acc_t* run_max = s_a + g.C;
-  acc_t* run_sum = run_max + H;
-  const int n = blockIdx.y, split = blockIdx.x;
-  load_vec(s_a, a + static_cast<int64_t>(n) * g.C, g.C);
-  for (int k = threadIdx.x; k < H; k += kThreads) {
-    run_max[k] = -INFINITY;
-    run_sum[k] = 0;
+  acc_t* s_top = reinterpret_cast<acc_t*>(smem_raw);  // kWarps each
+  acc_t* s_total = s_top + kWarps;
+  const int H = gridDim.x, k = blockIdx.x, n = blockIdx.y;
+  const int64_t row = static_cast<int64_t>(n) * H + k;
+  const scalar_t* r = vl + row * P;
+  acc_t top = -INFINITY, total = 0;
+  for (int i = threadIdx.x * VEC; i < P; i += kThreads * VEC) {
+    const Pack<scalar_t, VEC> v = load_pack<VEC>(r + i);
+    acc_t m = top;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m = op_max(m, static_cast<acc_t>(v.v[j]));
+    acc_t s = total * op_exp(top - m);  // (m is finite: the pack's values are)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) s += op_exp(static_cast<acc_t>(v.v[j]) - m);
+    top = m;
+    total = s;
   }
-  const int rounds = value_rounds(H, tile_p), p = threadIdx.x % tile_p;
-  const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
-  for (int pt = p_begin; pt < p_end; pt += tile_p) {
-    const int tp = min(tile_p, p_end - pt);
-    __syncthreads();
-    load_tile<VEC>(g, log2_tile, tp, x + n * g.sN, pt, tile, ld);
-    __syncthreads();
-    scale_tile(tile, ld, g.C, tp, s_a);
-    for (int rd = 0; rd < rounds; ++rd) {
-      const int k = (threadIdx.x + rd * kThreads) / tile_p;
-      const bool valid = k < H && p < tp;
-      const acc_t vl = valid ? value_logit(tile, ld, g.C, wv2, k, p) : -INFINITY;
-      // k's state is read and written by its owner lane only (lane p = 0 brings the old
-      // maximum into the segment's maximum): no other lane reads what it writes
-      const acc_t old = k < H && p == 0 ? run_max[k] : -INFINITY;
-      const acc_t new_max = segment_reduce(op_max(vl, old), tile_p, maximum<acc_t>);
-      const acc_t e = valid ? op_exp(vl - new_max) : acc_t(0);
-      const acc_t total = segment_reduce(e, tile_p, add<acc_t>);
-      if (k < H && p == 0) {  // the segment's first lane owns k's state
-        run_sum[k] = run_sum[k] * op_exp(old - new_max) + total;
-        run_max[k] = new_max;
-      }
-    }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const acc_t ot = __shfl_xor_sync(0xffffffffu, top, o);
+    const acc_t os = __shfl_xor_sync(0xffffffffu, total, o);
+    merge_state(top, total, ot, os);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    s_top[threadIdx.x >> 5] = top;
+    s_total[threadIdx.x >> 5] = total;
   }
   __syncthreads();
-  const int64_t o = (static_cast<int64_t>(n) * splits + split) * H;
-  for (int k = threadIdx.x; k < H; k += kThreads) {
-    vmax[o + k] = run_max[k];
-    vsum[o + k] = run_sum[k];
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kWarps; ++w) merge_state(top, total, s_top[w], s_total[w]);
+    norm[row] = top;
+    norm[static_cast<int64_t>(gridDim.y) * H + row] = total;
   }
-}
-
-// Loads the per-image H-vectors q, the value softmax's max and sum into shared memory.
-template <typename T>
-__device__ __forceinline__ void load_value_state(const T* q, const T* norm, int n, int N, int H,
-                                                 T* s_q, T* s_vmax, T* s_vsum) {
-  load_vec(s_q, q + static_cast<int64_t>(n) * H, H);
-  load_vec(s_vmax, norm + static_cast<int64_t>(n) * H, H);
-  load_vec(s_vsum, norm + (static_cast<int64_t>(N) + n) * H, H);
 }
 
 // ---------------------------------------------------------------- forward, apply
-// y = x A S with S_p = sigmoid(sum_k q_k V[k][p]); S (N, P) kept for the backward. Each block
-// merges the value reduction's S split states (vmax, vsum: (N, S, H)) itself; the first
-// block of an image writes the merged state, norm (2, N, H) = [max, sum of exponentials], for
-// the backward.
+// y = x A S with S_p = sigmoid(t_p), t_p = sum_k q_k exp(Vl[k][p] - max_k) / sum_k; S (N, P)
+// kept for the backward. A block takes tiles of tile_p pixels: the logits from Vl (a thread per
+// (k, p) pair, partial sums added per pixel through shared memory), then y from x in x's
+// layout (no tile of x is staged: each element is read once, scaled, written).
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g,
                    int tile_p, int log2_tile, const acc_t* __restrict__ a,
-                   const acc_t* __restrict__ wv2, const acc_t* __restrict__ q,
-                   const acc_t* __restrict__ vmax, const acc_t* __restrict__ vsum, int S,
-                   acc_t* __restrict__ norm, acc_t* __restrict__ s_mask) {
+                   const scalar_t* __restrict__ vl, const acc_t* __restrict__ q,
+                   const acc_t* __restrict__ norm, acc_t* __restrict__ s_mask) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int ld = g.C + 1, H = g.C / 2, N = gridDim.y;
-  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* s_a = tile + tile_p * ld;
-  acc_t* s_q = s_a + g.C;
-  acc_t* s_vmax = s_q + H;
-  acc_t* s_vsum = s_vmax + H;
-  acc_t* s_part = s_vsum + H;       // kThreads partial logits
+  const int H = g.C / 2, N = gridDim.y;
+  acc_t* s_a = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* s_qz = s_a + g.C;          // q_k / sum_k
+  acc_t* s_vmax = s_qz + H;
+  acc_t* s_part = s_vmax + H;       // kThreads partial logits
   acc_t* s_s = s_part + kThreads;   // the tile's S
   const int n = blockIdx.y;
-  const int64_t np = static_cast<int64_t>(n) * g.P;
+  const int64_t np = static_cast<int64_t>(n) * g.P, nh = static_cast<int64_t>(n) * H;
   load_vec(s_a, a + static_cast<int64_t>(n) * g.C, g.C);
-  load_vec(s_q, q + static_cast<int64_t>(n) * H, H);
   for (int k = threadIdx.x; k < H; k += kThreads) {
-    const int64_t o = static_cast<int64_t>(n) * S * H + k;
-    const SoftmaxNorm<acc_t> merged = merge_states(vmax + o, vsum + o, S, H);
-    s_vmax[k] = merged.top;
-    s_vsum[k] = merged.total;
-    if (blockIdx.x == 0) {
-      norm[static_cast<int64_t>(n) * H + k] = merged.top;
-      norm[(static_cast<int64_t>(N) + n) * H + k] = merged.total;
-    }
+    s_vmax[k] = norm[nh + k];
+    s_qz[k] = q[nh + k] / norm[static_cast<int64_t>(N) * H + nh + k];
   }
   const int rounds = value_rounds(H, tile_p), p = threadIdx.x % tile_p;
   const int tiles = (g.P + tile_p - 1) / tile_p;
   for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int pt = t * tile_p, tp = min(tile_p, g.P - pt);
-    __syncthreads();
-    load_tile<VEC>(g, log2_tile, tp, x + n * g.sN, pt, tile, ld);
-    __syncthreads();
-    scale_tile(tile, ld, g.C, tp, s_a);  // A (.) x: the value logits' input and y / S
+    __syncthreads();  // (s_a, s_qz, s_vmax written; the last tile's s_part, s_s read)
     acc_t part = 0;
     for (int rd = 0; rd < rounds; ++rd) {
       const int k = (threadIdx.x + rd * kThreads) / tile_p;
       if (k < H && p < tp)
-        part += s_q[k] * op_exp(value_logit(tile, ld, g.C, wv2, k, p) - s_vmax[k]) /
-                s_vsum[k];
+        part += s_qz[k] *
+                op_exp(static_cast<acc_t>(vl[(nh + k) * g.P + pt + p]) - s_vmax[k]);
     }
     s_part[threadIdx.x] = part;
     __syncthreads();
@@ -382,182 +347,73 @@ value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geo
       s_mask[np + pt + threadIdx.x] = sg;
     }
     __syncthreads();
-    tile_loop<VEC>(g, log2_tile, tp, NoLoad{}, [&](int c, int pp, int dc, int dp, int) {
-      Pack<scalar_t, VEC> out;
+    const scalar_t* xn = x + n * g.sN;
+    tile_loop<VEC>(
+        g, log2_tile, tp, [&](int c, int pp) { return load_pack<VEC>(xn + at_cp(g, c, pt + pp)); },
+        [&](int c, int pp, int dc, int dp, const Pack<scalar_t, VEC>& v) {
+          Pack<scalar_t, VEC> out;
 #pragma unroll
-      for (int kk = 0; kk < VEC; ++kk) {
-        const int ck = c + kk * dc, pk = pp + kk * dp;
-        out.v[kk] = static_cast<scalar_t>(tile[pk * ld + ck] * s_s[pk]);
-      }
-      store_pack(y + n * g.sN + at_cp(g, c, pt + pp), out);
-    });
+          for (int kk = 0; kk < VEC; ++kk) {
+            const int ck = c + kk * dc, pk = pp + kk * dp;
+            out.v[kk] = static_cast<scalar_t>(static_cast<acc_t>(v.v[kk]) * s_a[ck] * s_s[pk]);
+          }
+          store_pack(y + n * g.sN + at_cp(g, c, pt + pp), out);
+        });
   }
 }
 
-// ---------------------------------------------------------------- backward, reduction
-// Per split: dt = dL/dt (N, P) with dS_p = sum_c G x A, dt = dS S (1 - S); pda (N, splits, C) =
-// sum_p G x S (dA's direct part); pdq (N, splits, H) = sum_p V dt.
+// ---------------------------------------------------------------- backward, dVl
+// For each row (n, k) of Vl (N, H, P), a block (grid (H, N)): dq_k = sum_p V[k][p] dt_p, V =
+// exp(Vl - max_k) / sum_k (written to dq (N, H) for the glue), then dVl[k][p] = V[k][p] q_k
+// (dt_p - dq_k) over Vl in place; vectors of VEC pixels (P % VEC == 0). dt = dL/dt (N, P), from
+// the backward reduction.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-value_bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-                        Geometry g, int tile_p, int log2_tile, int chunk, int splits,
-                        const acc_t* __restrict__ a, const acc_t* __restrict__ s_mask,
-                        const acc_t* __restrict__ wv2, const acc_t* __restrict__ q,
-                        const acc_t* __restrict__ norm, acc_t* __restrict__ d_t,
-                        acc_t* __restrict__ pda, acc_t* __restrict__ pdq,
-                        acc_t* __restrict__ zero, int64_t zero_count) {
+__global__ void __launch_bounds__(kThreads, 1)  // (with no minimum, float64 spilled 8 bytes)
+value_grad_kernel(scalar_t* __restrict__ vl, int P, const acc_t* __restrict__ q,
+                  const acc_t* __restrict__ norm, const acc_t* __restrict__ d_t,
+                  acc_t* __restrict__ dq) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int ld = g.C + 1, H = g.C / 2, N = gridDim.y;
-  zero_grid(zero, zero_count);  // the weight gradients' buffer (psa_kernels.cuh)
-  acc_t* tile_gx = reinterpret_cast<acc_t*>(smem_raw);  // G (.) x
-  acc_t* tile_x = tile_gx + tile_p * ld;
-  acc_t* s_s = tile_x + tile_p * ld;
-  acc_t* s_dt = s_s + tile_p;
-  acc_t* s_a = s_dt + tile_p;
-  acc_t* acc_da = s_a + g.C;
-  acc_t* s_q = acc_da + g.C;
-  acc_t* s_vmax = s_q + H;
-  acc_t* s_vsum = s_vmax + H;
-  acc_t* acc_dq = s_vsum + H;
-  const int n = blockIdx.y, split = blockIdx.x;
-  const int64_t base = n * g.sN, np = static_cast<int64_t>(n) * g.P;
-  load_vec(s_a, a + static_cast<int64_t>(n) * g.C, g.C);
-  load_value_state(q, norm, n, N, H, s_q, s_vmax, s_vsum);
-  for (int c = threadIdx.x; c < g.C; c += kThreads) acc_da[c] = 0;
-  for (int k = threadIdx.x; k < H; k += kThreads) acc_dq[k] = 0;
-  const int rounds = value_rounds(H, tile_p), p = threadIdx.x % tile_p;
-  const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
-  for (int pt = p_begin; pt < p_end; pt += tile_p) {
-    const int tp = min(tile_p, p_end - pt);
-    __syncthreads();
-    load_tiles_gx<VEC>(g, log2_tile, tp, x + base, grad + base, pt, tile_x, tile_gx, ld);
-    if (threadIdx.x < tp) s_s[threadIdx.x] = s_mask[np + pt + threadIdx.x];
-    __syncthreads();
-    scale_tile(tile_x, ld, g.C, tp, s_a);  // (tile_x serves the value logits only)
-    pixel_dots(tile_gx, ld, g.C, tp, s_a, [&](int pp, acc_t ds) {
-      const acc_t sg = s_s[pp];
-      const acc_t dt = ds * sg * (acc_t(1) - sg);
-      s_dt[pp] = dt;
-      d_t[np + pt + pp] = dt;
-    });
-    __syncthreads();
-    for (int c = threadIdx.x; c < g.C; c += kThreads) {
-      acc_t da = 0;
-      for (int pp = 0; pp < tp; ++pp) da += tile_gx[pp * ld + c] * s_s[pp];
-      acc_da[c] += da;
-    }
-    for (int rd = 0; rd < rounds; ++rd) {
-      const int k = (threadIdx.x + rd * kThreads) / tile_p;
-      const bool valid = k < H && p < tp;
-      const acc_t v = valid ? op_exp(value_logit(tile_x, ld, g.C, wv2, k, p) -
-                                     s_vmax[k]) / s_vsum[k] * s_dt[p]
-                            : acc_t(0);
-      const acc_t total = segment_reduce(v, tile_p, add<acc_t>);
-      if (k < H && p == 0) acc_dq[k] += total;
-    }
-  }
-  __syncthreads();
-  const int64_t o = static_cast<int64_t>(n) * splits + split;
-  for (int c = threadIdx.x; c < g.C; c += kThreads) pda[o * g.C + c] = acc_da[c];
-  for (int k = threadIdx.x; k < H; k += kThreads) pdq[o * H + k] = acc_dq[k];
-}
-
-// ---------------------------------------------------------------- backward, the value map
-// dVl[k][p] = V[k][p] q_k (dt_p - dq_k), dq merged from the reduction's pdq (N, dq_splits, H)
-// by each block (the first split's also writes it to dq for the glue); out: ex = A (.) W_v'^T
-// dVl (x's shape and layout), pdae (N, splits, C) = sum_p x e, and gwv (H, C) += A_c sum_p
-// dVl[k][p] x[c][p], W_v''s gradient summed over the images and pixels (atomic adds, in the
-// accumulation dtype, into zeros).
-template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-value_bwd_map_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ ex, Geometry g,
-                     int tile_p, int log2_tile, int chunk, int splits,
-                     const acc_t* __restrict__ a, const acc_t* __restrict__ wv2,
-                     const acc_t* __restrict__ q, const acc_t* __restrict__ norm,
-                     const acc_t* __restrict__ d_t, const acc_t* __restrict__ pdq,
-                     int dq_splits, acc_t* __restrict__ dq, acc_t* __restrict__ pdae,
-                     acc_t* __restrict__ gwv) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int ld = g.C + 1, H = g.C / 2, N = gridDim.y;
-  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* tile_e = tile + tile_p * ld;
-  acc_t* s_dvl = tile_e + tile_p * ld;  // [k][p], tile_p per k
-  acc_t* s_a = s_dvl + H * tile_p;
-  acc_t* acc_dae = s_a + g.C;
-  acc_t* s_q = acc_dae + g.C;
-  acc_t* s_vmax = s_q + H;
-  acc_t* s_vsum = s_vmax + H;
-  acc_t* s_dq = s_vsum + H;
-  acc_t* s_dt = s_dq + H;
-  const int n = blockIdx.y, split = blockIdx.x;
-  const int64_t np = static_cast<int64_t>(n) * g.P;
-  load_vec(s_a, a + static_cast<int64_t>(n) * g.C, g.C);
-  load_value_state(q, norm, n, N, H, s_q, s_vmax, s_vsum);
-  for (int k = threadIdx.x; k < H; k += kThreads) {
-    acc_t v = 0;
-    for (int s = 0; s < dq_splits; ++s) v += pdq[(static_cast<int64_t>(n) * dq_splits + s) * H + k];
-    s_dq[k] = v;
-    if (split == 0) dq[static_cast<int64_t>(n) * H + k] = v;
-  }
-  for (int c = threadIdx.x; c < g.C; c += kThreads) acc_dae[c] = 0;
-  const int rounds = value_rounds(H, tile_p), p = threadIdx.x % tile_p;
-  const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
-  for (int pt = p_begin; pt < p_end; pt += tile_p) {
-    const int tp = min(tile_p, p_end - pt);
-    __syncthreads();
-    load_tile<VEC>(g, log2_tile, tp, x + n * g.sN, pt, tile, ld);
-    if (threadIdx.x < tp) s_dt[threadIdx.x] = d_t[np + pt + threadIdx.x];
-    __syncthreads();
-    for (int rd = 0; rd < rounds; ++rd) {
-      const int k = (threadIdx.x + rd * kThreads) / tile_p;
-      if (k >= H) continue;
-      acc_t dvl = 0;
-      if (p < tp) {
-        const acc_t v =
-            op_exp(value_logit<true>(tile, ld, g.C, wv2, k, p, s_a) - s_vmax[k]) / s_vsum[k];
-        dvl = v * s_q[k] * (s_dt[p] - s_dq[k]);
-      }
-      s_dvl[k * tile_p + p] = dvl;  // 0 past the tile
-    }
-    __syncthreads();
-    // dW_v'[k][c] += A_c sum_p dVl[k][p] x[c][p]: a thread per (k, c), consecutive c in a warp
-    for (int i = threadIdx.x; i < H * g.C; i += kThreads) {
-      const int k = i / g.C, c = i % g.C;
-      acc_t h = 0;
-      for (int pp = 0; pp < tp; ++pp) h += s_dvl[k * tile_p + pp] * tile[pp * ld + c];
-      atomicAdd(gwv + i, h * s_a[c]);
-    }
-    // e[c][p] = sum_k W_v'[k][c] dVl[k][p]: a thread per (c, p), the tile_p pixels of a channel
-    // on consecutive lanes (every thread runs every round: the segment sum shuffles); sum_p x e
-    for (int rd = 0; rd < value_rounds(g.C, tile_p); ++rd) {
-      const int i = threadIdx.x + rd * kThreads, c = i / tile_p;
-      acc_t e = 0;
-      if (c < g.C && p < tp)
-        for (int k = 0; k < H; ++k)
-          e += wv2[static_cast<int64_t>(k) * g.C + c] * s_dvl[k * tile_p + p];
-      if (c < g.C) tile_e[p * ld + c] = e * s_a[c];
-      const acc_t xe = segment_reduce(c < g.C && p < tp ? tile[p * ld + c] * e : acc_t(0),
-                                      tile_p, add<acc_t>);
-      if (c < g.C && p == 0) acc_dae[c] += xe;
-    }
-    __syncthreads();
-    tile_loop<VEC>(g, log2_tile, tp, NoLoad{}, [&](int c, int pp, int dc, int dp, int) {
-      Pack<scalar_t, VEC> out;
+  acc_t* scratch = reinterpret_cast<acc_t*>(smem_raw);  // block_sum's kWarps values
+  const int H = gridDim.x, k = blockIdx.x, n = blockIdx.y;
+  const int64_t row = static_cast<int64_t>(n) * H + k;
+  scalar_t* r = vl + row * P;
+  const acc_t* dtn = d_t + static_cast<int64_t>(n) * P;
+  const acc_t top = norm[row], total = norm[static_cast<int64_t>(gridDim.y) * H + row];
+  acc_t part = 0;
+  for (int i = threadIdx.x * VEC; i < P; i += kThreads * VEC) {
+    const Pack<scalar_t, VEC> v = load_pack<VEC>(r + i);
 #pragma unroll
-      for (int kk = 0; kk < VEC; ++kk)
-        out.v[kk] = static_cast<scalar_t>(tile_e[(pp + kk * dp) * ld + c + kk * dc]);
-      store_pack(ex + n * g.sN + at_cp(g, c, pt + pp), out);
-    });
+    for (int j = 0; j < VEC; ++j) part += op_exp(static_cast<acc_t>(v.v[j]) - top) * dtn[i + j];
   }
-  __syncthreads();
-  const int64_t o = static_cast<int64_t>(n) * splits + split;
-  for (int c = threadIdx.x; c < g.C; c += kThreads) pdae[o * g.C + c] = acc_dae[c];
+  const acc_t dqk = block_sum(part, scratch) / total;
+  if (threadIdx.x == 0) dq[row] = dqk;
+  const acc_t qz = q[row] / total;
+  for (int i = threadIdx.x * VEC; i < P; i += kThreads * VEC) {
+    Pack<scalar_t, VEC> v = load_pack<VEC>(r + i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      v.v[j] = static_cast<scalar_t>(op_exp(static_cast<acc_t>(v.v[j]) - top) * qz *
+                                     (dtn[i + j] - dqk));
+    store_pack(r + i, v);
+  }
 }
 
 // ---------------------------------------------------------------- host side
+// Vl (N, H, P) in x's dtype for the per-image weight Wa (N, H, C): the value GEMM.
+inline at::Tensor value_logits(const at::Tensor& wa, const at::Tensor& x) {
+  return at::bmm(wa, channel_matrices(x));
+}
+
+// Whether the kernels that walk Vl's rows can move 16-byte vectors of them.
+template <typename scalar_t>
+bool rows_vectorizable(const at::Tensor& vl, int P) {
+  return P % kPack16<scalar_t> == 0 && is_aligned(vl.data_ptr(), 16);
+}
+
 // PSA_s's output for x (N, C, H, W, dense in its memory format) and the weights in the
 // accumulation dtype (acc_weights of psa_block.h), with what its backward takes: [pi, S, stats,
-// small, bott, rstd, norm] (norm (2, N, H): the value softmax's merged state).
+// small, bott, rstd, norm, wa] (norm (2, N, H): the value softmax's state, max and sum per row;
+// wa (N, H, C): the value GEMM's weight, in x's dtype).
 std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
     const at::Tensor& x, const Geometry& g, const std::vector<at::Tensor>& W, double eps) {
   const int N = static_cast<int>(x.size(0)), C = g.C, H = C / 2, P = g.P;
@@ -568,44 +424,38 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
   at::Tensor pi = at::empty({N, P}, opts), stats = at::empty({4, N, C}, opts);
   at::Tensor small = at::empty({2, N, H}, opts), bott = at::empty({3, N, Cb}, opts);
   at::Tensor rstd = at::empty({N}, opts), norm = at::empty({2, N, H}, opts);
-  at::Tensor s_mask = at::empty({N, P}, opts);
+  at::Tensor s_mask = at::empty({N, P}, opts), wa = at::empty({N, H, C}, x.options());
   const at::Tensor y = like_x(at::empty_like(x), x, g, "y");
-  if (N == 0) return {y, {pi, s_mask, stats, small, bott, rstd, norm}};
+  if (N == 0) return {y, {pi, s_mask, stats, small, bott, rstd, norm, wa}};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
-    launch::launch(release_s_fwd_glue_kernel<acc_t>, dim3(N), kThreads, kGlueSmem * sizeof(acc_t),
-                   logits.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(), psum.data_ptr<acc_t>(),
-                   ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>(), N,
+    launch::launch(release_s_fwd_glue_kernel<acc_t, scalar_t>, dim3(N), kThreads,
+                   kGlueSmem * sizeof(acc_t), logits.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(),
+                   psum.data_ptr<acc_t>(), ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>(), N,
                    static_cast<int>(pmax.size(1)), C, P, w, static_cast<acc_t>(eps),
                    pi.data_ptr<acc_t>(), stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(),
-                   bott.data_ptr<acc_t>(), rstd.data_ptr<acc_t>());
-    const acc_t* a = stats[2].data_ptr<acc_t>();
-    const Launch lr = plan(C, sizeof(acc_t), 1, 0, 2);
-    at::Tensor vmax, vsum;
-    with_vectors<scalar_t>(vectorizable<scalar_t>(g, lr, {x.data_ptr()}), [&](auto vec_tag) {
-      auto kernel = value_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
-      const SplitLaunch sl = split(lr, 0, N, P, prepare(kernel, lr));
-      vmax = at::empty({N, sl.splits, H}, opts);
-      vsum = at::empty({N, sl.splits, H}, opts);
-      launch::launch(kernel, dim3(sl.splits, N), kThreads, lr.smem, x.data_ptr<scalar_t>(), g,
-                     lr.tile_p, lr.log2_tile, sl.chunk, sl.splits, a, w.wv2,
-                     vmax.data_ptr<acc_t>(), vsum.data_ptr<acc_t>());
+                   bott.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), wa.data_ptr<scalar_t>());
+    const at::Tensor a = stats[2];
+    const at::Tensor vl = value_logits(wa, x);
+    with_vectors<scalar_t>(rows_vectorizable<scalar_t>(vl, P), [&](auto vec_tag) {
+      launch::launch(value_stats_kernel<scalar_t, acc_t, decltype(vec_tag)::value>, dim3(H, N),
+                     kThreads, 2 * kWarps * sizeof(acc_t), vl.data_ptr<scalar_t>(), P,
+                     norm.data_ptr<acc_t>());
     });
-    const Launch la = plan(C, sizeof(acc_t), 1, 1, 3, kThreads);
+    const Launch la = plan(C, sizeof(acc_t), 0, 1, 2, kThreads);
     const bool vectors = vectorizable<scalar_t>(g, la, {x.data_ptr(), y.data_ptr()});
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
       auto kernel = value_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
       const int tiles = (P + la.tile_p - 1) / la.tile_p;
       const int grid_x = std::min(tiles, one_wave(prepare(kernel, la), N));
       launch::launch(kernel, dim3(grid_x, N), kThreads, la.smem, x.data_ptr<scalar_t>(),
-                     y.data_ptr<scalar_t>(), g, la.tile_p, la.log2_tile, a, w.wv2,
-                     small[1].data_ptr<acc_t>(), vmax.data_ptr<acc_t>(),
-                     vsum.data_ptr<acc_t>(), static_cast<int>(vmax.size(1)),
+                     y.data_ptr<scalar_t>(), g, la.tile_p, la.log2_tile, a.data_ptr<acc_t>(),
+                     vl.data_ptr<scalar_t>(), small[1].data_ptr<acc_t>(),
                      norm.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>());
     });
   });
-  return {y, {pi, s_mask, stats, small, bott, rstd, norm}};
+  return {y, {pi, s_mask, stats, small, bott, rstd, norm, wa}};
 }
 
 // dL/dx and the weights' gradients in the accumulation dtype, in the op's order.
@@ -615,57 +465,44 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   const int N = static_cast<int>(x.size(0)), C = g.C, H = C / 2, P = g.P;
   const int Cb = static_cast<int>(W[3].size(0));
   const at::Tensor &pi = saved[0], &s_mask = saved[1], &stats = saved[2], &small = saved[3],
-                   &bott = saved[4], &rstd = saved[5], &norm = saved[6];
+                   &bott = saved[4], &rstd = saved[5], &norm = saved[6], &wa = saved[7];
   const auto opts = pi.options();
   const at::Tensor a = stats[2], q = small[1];
-  at::Tensor d_t = at::empty({N, P}, opts), dq = at::empty({N, H}, opts), pda, pdq, pdae;
   const ReleaseSGrads off = release_s_grads(C, Cb);
   // the atomic adds' target (the weights' gradients, W_q's last), and N x C zeros more: the
   // apply pass's u (PSA_s has no u d_t term); cleared by the first kernel, the reduction
-  at::Tensor grads = at::empty({off.total + C + static_cast<int64_t>(N) * C}, opts);
-  if (N == 0) grads.zero_();  // (no kernel runs to clear it)
+  const at::Tensor grads = at::empty({off.total + C + static_cast<int64_t>(N) * C}, opts);
+  // dt = dL/dt (S = sigmoid(t)) and dA's direct part sum_p G x S: the paper form's sequential
+  // backward reduction, which also clears `grads`
+  at::Tensor d_t, pda;  // (not structured bindings: a lambda captures them)
+  std::tie(d_t, pda, std::ignore, std::ignore) =
+      bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, 0, true, grads);
   const at::Tensor ex = like_x(at::empty_like(x), x, g, "ex");
-  at::Tensor dm = at::empty({N, C}, opts), dsv = at::empty({N, C}, opts);
-  at::Tensor beta = at::empty({N}, opts), dz = at::empty({N, C}, opts);
-  at::Tensor dh1 = at::empty({N, Cb}, opts), dh2 = at::empty({N, Cb}, opts);
-  at::Tensor dv = at::empty({N, H}, opts);
+  at::Tensor dq = at::empty({N, H}, opts), dm = at::empty({N, C}, opts);
+  at::Tensor dsv = at::empty({N, C}, opts), beta = at::empty({N}, opts);
+  at::Tensor dz = at::empty({N, C}, opts), dh1 = at::empty({N, Cb}, opts);
+  at::Tensor dh2 = at::empty({N, Cb}, opts), dv = at::empty({N, H}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
-    const Launch lr = plan(C, sizeof(acc_t), 2, 2, 4);
-    const bool vectors = vectorizable<scalar_t>(g, lr, {x.data_ptr(), grad.data_ptr()});
-    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
-      auto kernel = value_bwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
-      const SplitLaunch sl = split(lr, 0, N, P, prepare(kernel, lr));
-      pda = at::empty({N, sl.splits, C}, opts);
-      pdq = at::empty({N, sl.splits, H}, opts);
-      if (N > 0)
-        launch::launch(kernel, dim3(sl.splits, N), kThreads, lr.smem,
-                       grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g, lr.tile_p,
-                       lr.log2_tile, sl.chunk, sl.splits, a.data_ptr<acc_t>(),
-                       s_mask.data_ptr<acc_t>(), w.wv2, q.data_ptr<acc_t>(),
-                       norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), pda.data_ptr<acc_t>(),
-                       pdq.data_ptr<acc_t>(), grads.data_ptr<acc_t>(), grads.numel());
-    });
-    const Launch lm = plan(C, sizeof(acc_t), 2, 1 + H, 4);
-    const bool vec_m = vectorizable<scalar_t>(g, lm, {x.data_ptr(), ex.data_ptr()});
-    with_vectors<scalar_t>(vec_m, [&](auto vec_tag) {
-      auto kernel = value_bwd_map_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
-      const SplitLaunch sl = split(lm, 0, N, P, prepare(kernel, lm));
-      pdae = at::empty({N, sl.splits, C}, opts);
-      if (N > 0)
-        launch::launch(kernel, dim3(sl.splits, N), kThreads, lm.smem, x.data_ptr<scalar_t>(),
-                       ex.data_ptr<scalar_t>(), g, lm.tile_p, lm.log2_tile, sl.chunk,
-                       sl.splits, a.data_ptr<acc_t>(), w.wv2, q.data_ptr<acc_t>(),
-                       norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), pdq.data_ptr<acc_t>(),
-                       static_cast<int>(pdq.size(1)), dq.data_ptr<acc_t>(),
-                       pdae.data_ptr<acc_t>(), grads.data_ptr<acc_t>() + off.wv2);
-    });
+    const at::Tensor vl = value_logits(wa, x);  // again: the forward keeps none of it
     if (N > 0)
-      launch::launch(release_s_bwd_glue_kernel<acc_t>, dim3(N), kThreads,
+      with_vectors<scalar_t>(rows_vectorizable<scalar_t>(vl, P), [&](auto vec_tag) {
+        launch::launch(value_grad_kernel<scalar_t, acc_t, decltype(vec_tag)::value>,
+                       dim3(H, N), kThreads, kWarps * sizeof(acc_t), vl.data_ptr<scalar_t>(), P,
+                       q.data_ptr<acc_t>(), norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(),
+                       dq.data_ptr<acc_t>());
+      });
+    // vl now holds dVl. e = W_v'^T dVl: dx's part A (.) e = Wa^T dVl, written in x's layout;
+    // M = dVl x^T (N, H, C), from which the glue forms W_v''s gradient sum_n M_n diag(A_n) and
+    // dA's part sum_p x e = sum_k W_v'[k][c] M[k][c]
+    at::Tensor ex_rows = channel_matrices(ex);
+    at::bmm_out(ex_rows, wa.transpose(1, 2), vl);
+    const at::Tensor m = at::bmm(vl, channel_matrices(x).transpose(1, 2));
+    if (N > 0)
+      launch::launch(release_s_bwd_glue_kernel<acc_t, scalar_t>, dim3(N), kThreads,
                      kGlueSmem * sizeof(acc_t), pda.data_ptr<acc_t>(),
-                     static_cast<int>(pda.size(1)), pdae.data_ptr<acc_t>(),
-                     static_cast<int>(pdae.size(1)), dq.data_ptr<acc_t>(),
+                     static_cast<int>(pda.size(1)), m.data_ptr<scalar_t>(), dq.data_ptr<acc_t>(),
                      stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(), bott.data_ptr<acc_t>(),
                      rstd.data_ptr<acc_t>(), N, C, P, w, dm.data_ptr<acc_t>(),
                      dsv.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), dz.data_ptr<acc_t>(),
