@@ -22,6 +22,12 @@
 #   MODEL_ARGS='--iters 6 --backends auto,folded --profile 12' bash tools/gpu_check.sh  # + folded
 #   LIMIT_model_benchmark=300 OP_ARGS='--preset gpu --op psa' bash tools/gpu_check.sh
 #   SANITIZE_ARGS='--dtypes float32' bash tools/gpu_check.sh   # both sanitizer stages
+#   SPLIT_SWEEP='64 16' bash tools/gpu_check.sh   # + the model benchmark per split cap
+#
+# SPLIT_SWEEP (default none) runs, after the model benchmark, one more model benchmark (its
+# arguments SWEEP_ARGS: stock, PSA_p and the paper's parallel form, 5 steps) per value with
+# MMATTN_PSA_MAX_SPLITS set to it (the cap on the pass kernels' splits per image that the glue
+# kernels merge; docs/kernels.md), a stage `splits_<value>` each.
 #
 # Exit status: the number of failed stages (a stage stopped at its limit counts as failed).
 set -uo pipefail
@@ -47,6 +53,8 @@ DEADLINE=${DEADLINE:-560}
 MODEL_ARGS=${MODEL_ARGS:---iters 8 --warmup 2 --backends auto --profile 8}  # 5 models: ~2 min
 OP_ARGS=${OP_ARGS:---preset gpu --op psa --iters 20}
 SANITIZE_ARGS=${SANITIZE_ARGS:-}
+SPLIT_SWEEP=${SPLIT_SWEEP:-}
+SWEEP_ARGS=${SWEEP_ARGS:---iters 5 --warmup 2 --backends auto --profile 8 --forms stock,psa_p-official,paper-parallel}
 
 stage() {  # stage NAME DEFAULT_LIMIT COMMAND...: run it (LIMIT_<NAME> s at most), log it, report
   local name=$1 limit_var="LIMIT_$1" limit left start rc
@@ -99,6 +107,11 @@ echo "== mmcv_build (with its CPU ops): rc $rc, $(( $(date +%s) - T0 )) s into t
 [ "$rc" = 0 ] || { failed=$((failed + 1)); tail -n 25 "$OUT/mmcv_build.log"; }
 # shellcheck disable=SC2086  # the arguments are meant to split
 TAIL=30 stage model_benchmark 300 python3 tools/benchmark_model.py $MODEL_ARGS
+for cap in $SPLIT_SWEEP; do
+  # shellcheck disable=SC2086
+  TAIL=30 stage "splits_$cap" 150 env MMATTN_PSA_MAX_SPLITS="$cap" \
+    python3 tools/benchmark_model.py $SWEEP_ARGS
+done
 # shellcheck disable=SC2086
 stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
   python3 tools/sanitize_kernels.py $SANITIZE_ARGS

@@ -272,6 +272,32 @@ def test_psa_block_kernels_match_equations(block_kernel, variant: str, mode: str
         check_matches(block_kernel, mode, shape, layout, variant)
 
 
+@pytest.mark.parametrize('cap', ['1', '3'])
+def test_psa_block_kernels_with_the_split_cap(block_kernel, emulated, cap: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """MMATTN_PSA_MAX_SPLITS caps the reductions' splits per image (one, or a few longer ones
+    than one wave would give): every form still matches the equations in float64."""
+    x = torch.randn(1, 8, 16, 16, dtype=F64)   # 8 tiles: one wave of the emulation, 8 splits
+    wq = torch.randn(8, dtype=F64)
+    assert emulated.psa_fwd_reduce(x, wq, 0)[1].shape == (1, 8)
+    monkeypatch.setenv('MMATTN_PSA_MAX_SPLITS', cap)
+    assert emulated.psa_fwd_reduce(x, wq, 0)[1].shape == (1, int(cap))
+    assert emulated.psa_fwd_reduce(x, wq, 4)[1].shape == (1, 4)   # an explicit count: kept
+    for variant, mode in BLOCK_FORMS:
+        check_matches(block_kernel, mode, (1, 8, 16, 16), torch.contiguous_format, variant)
+
+
+def test_psa_split_cap_errors(emulated, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, wq = torch.randn(1, 4, 6, 6), torch.randn(4)
+    for bad in ('-1', 'four', '2x'):
+        monkeypatch.setenv('MMATTN_PSA_MAX_SPLITS', bad)
+        with pytest.raises(RuntimeError, match=f"MMATTN_PSA_MAX_SPLITS must be a non-negative "
+                                               f"integer \\(0: no cap\\), got '{bad}'"):
+            emulated.psa_fwd_reduce(x, wq, 0)
+    monkeypatch.setenv('MMATTN_PSA_MAX_SPLITS', '0')
+    assert emulated.psa_fwd_reduce(x, wq, 0)[1].shape[0] == 1
+
+
 @pytest.mark.parametrize('variant, mode', BLOCK_FORMS)
 def test_psa_block_kernels_empty_batch(block_kernel, variant: str, mode: str) -> None:
     """No image: empty y and dx, and every weight's gradient zero (a sum over no image) though

@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <initializer_list>
 #include <tuple>
 
@@ -668,8 +669,24 @@ int one_wave(int per_sm, int N) {
   return std::max(1, per_sm * sms / std::max(N, 1));
 }
 
+// The environment's cap on the splits per image of the reductions whose size the host code
+// chooses: MMATTN_PSA_MAX_SPLITS, a positive integer, or unset / 0 for none. A tuning knob to
+// measure with: at a small batch one wave is hundreds of splits per image (an H200 at N = 2:
+// 264), each a partial sum that a glue kernel's single block then merges, so fewer, longer
+// splits trade the reduction's parallelism for the glue's latency (docs/kernels.md).
+inline int max_splits_from_env() {
+  const char* text = std::getenv("MMATTN_PSA_MAX_SPLITS");
+  if (text == nullptr || *text == '\0') return 0;
+  char* end = nullptr;
+  const long value = std::strtol(text, &end, 10);
+  TORCH_CHECK(*end == '\0' && value >= 0 && value <= (1L << 30),
+              "MMATTN_PSA_MAX_SPLITS must be a non-negative integer (0: no cap), got '", text,
+              "'");
+  return static_cast<int>(value);
+}
+
 // The launch of a split reduction: tile plan, blocks per image and pixels per block (one wave
-// of blocks unless `requested` > 0; no split is empty).
+// of blocks, at most MMATTN_PSA_MAX_SPLITS, unless `requested` > 0; no split is empty).
 struct SplitLaunch {
   Launch l;
   int splits;
@@ -679,6 +696,10 @@ struct SplitLaunch {
 SplitLaunch split(const Launch& l, int64_t requested, int N, int P, int per_sm) {
   const int tiles = (P + l.tile_p - 1) / l.tile_p;
   int splits = requested > 0 ? static_cast<int>(requested) : one_wave(per_sm, N);
+  if (requested <= 0) {
+    const int cap = max_splits_from_env();
+    if (cap > 0) splits = std::min(splits, cap);
+  }
   splits = std::max(1, std::min(splits, tiles));
   const int chunk = (tiles + splits - 1) / splits * l.tile_p;
   return {l, (P + chunk - 1) / chunk, chunk};

@@ -258,45 +258,47 @@ __device__ __forceinline__ void merge_state(T& top, T& total, T other_top, T oth
 }
 
 // ---------------------------------------------------------------- forward, the value softmax
-// norm (2, N, H) = [max_p Vl[k][p], sum_p exp(Vl[k][p] - max)] for each row (n, k) of Vl
-// (N, H, P): a block per row (grid (H, N)), each thread an online softmax over its vectors of
-// the row, merged over the block.
+// norm (2, rows) = [max_p Vl[r][p], sum_p exp(Vl[r][p] - max)] for each of Vl's rows r = n H + k
+// (N, H, P): a block per row (the grid at most one wave, its blocks looping over the rows),
+// each thread an online softmax over its vectors of the row, merged over the block.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
-value_stats_kernel(const scalar_t* __restrict__ vl, int P, acc_t* __restrict__ norm) {
+value_stats_kernel(const scalar_t* __restrict__ vl, int64_t rows, int P,
+                   acc_t* __restrict__ norm) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* s_top = reinterpret_cast<acc_t*>(smem_raw);  // kWarps each
   acc_t* s_total = s_top + kWarps;
-  const int H = gridDim.x, k = blockIdx.x, n = blockIdx.y;
-  const int64_t row = static_cast<int64_t>(n) * H + k;
-  const scalar_t* r = vl + row * P;
-  acc_t top = -INFINITY, total = 0;
-  for (int i = threadIdx.x * VEC; i < P; i += kThreads * VEC) {
-    const Pack<scalar_t, VEC> v = load_pack<VEC>(r + i);
-    acc_t m = top;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const scalar_t* r = vl + row * P;
+    acc_t top = -INFINITY, total = 0;
+    for (int i = threadIdx.x * VEC; i < P; i += kThreads * VEC) {
+      const Pack<scalar_t, VEC> v = load_pack<VEC>(r + i);
+      acc_t m = top;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) m = op_max(m, static_cast<acc_t>(v.v[j]));
-    acc_t s = total * op_exp(top - m);  // (m is finite: the pack's values are)
+      for (int j = 0; j < VEC; ++j) m = op_max(m, static_cast<acc_t>(v.v[j]));
+      acc_t s = total * op_exp(top - m);  // (m is finite: the pack's values are)
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) s += op_exp(static_cast<acc_t>(v.v[j]) - m);
-    top = m;
-    total = s;
-  }
+      for (int j = 0; j < VEC; ++j) s += op_exp(static_cast<acc_t>(v.v[j]) - m);
+      top = m;
+      total = s;
+    }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const acc_t ot = __shfl_xor_sync(0xffffffffu, top, o);
-    const acc_t os = __shfl_xor_sync(0xffffffffu, total, o);
-    merge_state(top, total, ot, os);
-  }
-  if ((threadIdx.x & 31) == 0) {
-    s_top[threadIdx.x >> 5] = top;
-    s_total[threadIdx.x >> 5] = total;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < kWarps; ++w) merge_state(top, total, s_top[w], s_total[w]);
-    norm[row] = top;
-    norm[static_cast<int64_t>(gridDim.y) * H + row] = total;
+    for (int o = 16; o > 0; o >>= 1) {
+      const acc_t ot = __shfl_xor_sync(0xffffffffu, top, o);
+      const acc_t os = __shfl_xor_sync(0xffffffffu, total, o);
+      merge_state(top, total, ot, os);
+    }
+    __syncthreads();  // the previous row's states are read
+    if ((threadIdx.x & 31) == 0) {
+      s_top[threadIdx.x >> 5] = top;
+      s_total[threadIdx.x >> 5] = total;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < kWarps; ++w) merge_state(top, total, s_top[w], s_total[w]);
+      norm[row] = top;
+      norm[rows + row] = total;
+    }
   }
 }
 
@@ -363,39 +365,48 @@ value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geo
 }
 
 // ---------------------------------------------------------------- backward, dVl
-// For each row (n, k) of Vl (N, H, P), a block (grid (H, N)): dq_k = sum_p V[k][p] dt_p, V =
-// exp(Vl - max_k) / sum_k (written to dq (N, H) for the glue), then dVl[k][p] = V[k][p] q_k
-// (dt_p - dq_k) over Vl in place; vectors of VEC pixels (P % VEC == 0). dt = dL/dt (N, P), from
-// the backward reduction.
+// For each row r = n H + k of Vl (N, H, P), a block (the grid at most one wave, its blocks
+// looping over the rows): dq_k = sum_p V[k][p] dt_p, V = exp(Vl - max_k) / sum_k (written to
+// dq (N, H) for the glue), then dVl[k][p] = V[k][p] q_k (dt_p - dq_k) over Vl in place; vectors
+// of VEC pixels (P % VEC == 0). dt = dL/dt (N, P), from the backward reduction.
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads, 1)  // (with no minimum, float64 spilled 8 bytes)
-value_grad_kernel(scalar_t* __restrict__ vl, int P, const acc_t* __restrict__ q,
-                  const acc_t* __restrict__ norm, const acc_t* __restrict__ d_t,
-                  acc_t* __restrict__ dq) {
+value_grad_kernel(scalar_t* __restrict__ vl, int64_t rows, int H, int P,
+                  const acc_t* __restrict__ q, const acc_t* __restrict__ norm,
+                  const acc_t* __restrict__ d_t, acc_t* __restrict__ dq) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* scratch = reinterpret_cast<acc_t*>(smem_raw);  // block_sum's kWarps values
-  const int H = gridDim.x, k = blockIdx.x, n = blockIdx.y;
-  const int64_t row = static_cast<int64_t>(n) * H + k;
-  scalar_t* r = vl + row * P;
-  const acc_t* dtn = d_t + static_cast<int64_t>(n) * P;
-  const acc_t top = norm[row], total = norm[static_cast<int64_t>(gridDim.y) * H + row];
-  acc_t part = 0;
-  for (int i = threadIdx.x * VEC; i < P; i += kThreads * VEC) {
-    const Pack<scalar_t, VEC> v = load_pack<VEC>(r + i);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    scalar_t* r = vl + row * P;
+    const acc_t* dtn = d_t + row / H * P;
+    const acc_t top = norm[row], total = norm[rows + row];
+    acc_t part = 0;
+    for (int i = threadIdx.x * VEC; i < P; i += kThreads * VEC) {
+      const Pack<scalar_t, VEC> v = load_pack<VEC>(r + i);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) part += op_exp(static_cast<acc_t>(v.v[j]) - top) * dtn[i + j];
-  }
-  const acc_t dqk = block_sum(part, scratch) / total;
-  if (threadIdx.x == 0) dq[row] = dqk;
-  const acc_t qz = q[row] / total;
-  for (int i = threadIdx.x * VEC; i < P; i += kThreads * VEC) {
-    Pack<scalar_t, VEC> v = load_pack<VEC>(r + i);
+      for (int j = 0; j < VEC; ++j)
+        part += op_exp(static_cast<acc_t>(v.v[j]) - top) * dtn[i + j];
+    }
+    const acc_t dqk = block_sum(part, scratch) / total;  // (its first barrier: scratch free)
+    if (threadIdx.x == 0) dq[row] = dqk;
+    const acc_t qz = q[row] / total;
+    for (int i = threadIdx.x * VEC; i < P; i += kThreads * VEC) {
+      Pack<scalar_t, VEC> v = load_pack<VEC>(r + i);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      v.v[j] = static_cast<scalar_t>(op_exp(static_cast<acc_t>(v.v[j]) - top) * qz *
-                                     (dtn[i + j] - dqk));
-    store_pack(r + i, v);
+      for (int j = 0; j < VEC; ++j)
+        v.v[j] = static_cast<scalar_t>(op_exp(static_cast<acc_t>(v.v[j]) - top) * qz *
+                                       (dtn[i + j] - dqk));
+      store_pack(r + i, v);
+    }
   }
+}
+
+// Blocks for a kernel that walks `rows` rows a block at a time: one wave at most.
+template <typename... KArgs>
+int row_blocks(void (*kernel)(KArgs...), int64_t rows, size_t smem) {
+  const int sms = launch::device_attribute(launch::Attr::kMultiProcessors);
+  const int64_t wave = static_cast<int64_t>(launch::resident_blocks(kernel, kThreads, smem)) * sms;
+  return static_cast<int>(std::max<int64_t>(1, std::min(rows, wave)));
 }
 
 // ---------------------------------------------------------------- host side
@@ -439,9 +450,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
     const at::Tensor a = stats[2];
     const at::Tensor vl = value_logits(wa, x);
     with_vectors<scalar_t>(rows_vectorizable<scalar_t>(vl, P), [&](auto vec_tag) {
-      launch::launch(value_stats_kernel<scalar_t, acc_t, decltype(vec_tag)::value>, dim3(H, N),
-                     kThreads, 2 * kWarps * sizeof(acc_t), vl.data_ptr<scalar_t>(), P,
-                     norm.data_ptr<acc_t>());
+      auto kernel = value_stats_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
+      const int64_t rows = static_cast<int64_t>(N) * H;
+      const size_t smem = 2 * kWarps * sizeof(acc_t);
+      launch::launch(kernel, dim3(row_blocks(kernel, rows, smem)), kThreads, smem,
+                     vl.data_ptr<scalar_t>(), rows, P, norm.data_ptr<acc_t>());
     });
     const Launch la = plan(C, sizeof(acc_t), 0, 1, 2, kThreads);
     const bool vectors = vectorizable<scalar_t>(g, la, {x.data_ptr(), y.data_ptr()});
@@ -488,10 +501,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
     const at::Tensor vl = value_logits(wa, x);  // again: the forward keeps none of it
     if (N > 0)
       with_vectors<scalar_t>(rows_vectorizable<scalar_t>(vl, P), [&](auto vec_tag) {
-        launch::launch(value_grad_kernel<scalar_t, acc_t, decltype(vec_tag)::value>,
-                       dim3(H, N), kThreads, kWarps * sizeof(acc_t), vl.data_ptr<scalar_t>(), P,
-                       q.data_ptr<acc_t>(), norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(),
-                       dq.data_ptr<acc_t>());
+        auto kernel = value_grad_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
+        const int64_t rows = static_cast<int64_t>(N) * H;
+        const size_t smem = kWarps * sizeof(acc_t);
+        launch::launch(kernel, dim3(row_blocks(kernel, rows, smem)), kThreads, smem,
+                       vl.data_ptr<scalar_t>(), rows, H, P, q.data_ptr<acc_t>(),
+                       norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), dq.data_ptr<acc_t>());
       });
     // vl now holds dVl. e = W_v'^T dVl: dx's part A (.) e = Wa^T dVl, written in x's layout;
     // M = dVl x^T (N, H, C), from which the glue forms W_v''s gradient sum_n M_n diag(A_n) and
