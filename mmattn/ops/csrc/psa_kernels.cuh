@@ -84,8 +84,9 @@ __device__ __forceinline__ T op_max(T a, T b) { return a > b ? a : b; }
 
 // The release's PSA_p gates a pixel with S_p = sigmoid(sig_p), sig = softmax_p(t): its passes
 // get the logits t (N, P) and the online-softmax states of the reduction that computed them
-// (per split: max, sum of exponentials), and merge those states per image (a loop over the
-// splits, the same in every thread). `t == nullptr`: the paper's gate, S_p = sigmoid(u . x_p + b).
+// (per split: max, sum of exponentials), and merge those states per image (the forward apply
+// pass with the whole block, block_merge_softmax; the backward gets them merged).
+// `t == nullptr`: the paper's gate, S_p = sigmoid(u . x_p + b).
 template <typename acc_t>
 struct PixelSoftmax {
   const acc_t* t;
@@ -119,6 +120,50 @@ template <typename acc_t>
 __device__ __forceinline__ SoftmaxNorm<acc_t> merge_softmax(const PixelSoftmax<acc_t>& sm, int n) {
   const int64_t o = static_cast<int64_t>(n) * sm.splits;
   return merge_states(sm.max + o, sm.sum + o, sm.splits, 1);
+}
+
+// Two online-softmax states merged into (top, total); an empty state is (-inf, 0).
+template <typename T>
+__device__ __forceinline__ void merge_state(T& top, T& total, T other_top, T other_total) {
+  const T m = op_max(top, other_top);
+  if (m == -INFINITY) return;  // both empty
+  total = total * op_exp(top - m) + other_total * op_exp(other_top - m);
+  top = m;
+}
+
+// The block-wide merge of one state per thread (warps by shuffles, then the warps' states in
+// warp order); every thread gets the result. `scratch`: 2 kWarps values of shared memory.
+template <typename T>
+__device__ __forceinline__ SoftmaxNorm<T> block_merge(T top, T total, T* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const T other_top = __shfl_xor_sync(0xffffffffu, top, o);
+    const T other_total = __shfl_xor_sync(0xffffffffu, total, o);
+    merge_state(top, total, other_top, other_total);
+  }
+  __syncthreads();  // an earlier merge has read scratch
+  if ((threadIdx.x & 31) == 0) {
+    scratch[threadIdx.x >> 5] = top;
+    scratch[kWarps + (threadIdx.x >> 5)] = total;
+  }
+  __syncthreads();
+  top = scratch[0];
+  total = scratch[kWarps];
+  for (int w = 1; w < kWarps; ++w) merge_state(top, total, scratch[w], scratch[kWarps + w]);
+  return {top, total};
+}
+
+// Image n's split states merged by the whole block, each thread a strided share of the splits
+// (merge_softmax's result up to rounding, in a fixed order): a few loads per thread instead of
+// a chain of 2 S dependent ones. `scratch`: 2 kWarps values.
+template <typename acc_t>
+__device__ __forceinline__ SoftmaxNorm<acc_t> block_merge_softmax(const PixelSoftmax<acc_t>& sm,
+                                                                  int n, acc_t* scratch) {
+  const int64_t o = static_cast<int64_t>(n) * sm.splits;
+  acc_t top = -INFINITY, total = 0;
+  for (int s = threadIdx.x; s < sm.splits; s += kThreads)
+    merge_state(top, total, sm.max[o + s], sm.sum[o + s]);
+  return block_merge(top, total, scratch);
 }
 
 // A tile of `tp` (<= tile_p) pixels x C channels is moved in vectors of VEC elements that lie
@@ -338,6 +383,7 @@ fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geome
   acc_t* s_s = tile + tile_p * ld;
   acc_t* s_a = s_s + tile_p;
   acc_t* s_u = s_a + g.C;
+  acc_t* s_merge = s_u + g.C;  // block_merge's 2 kWarps values
 
   const int n = blockIdx.y;
   const scalar_t* xn = x + n * g.sN;
@@ -347,7 +393,9 @@ fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geome
   const bool release = psm.t != nullptr;  // the gate from given logits: no dot products
   if (!release) load_vec(s_u, u + static_cast<int64_t>(n) * g.C, g.C);
   const acc_t b = release ? acc_t(0) : bias[n];
-  const SoftmaxNorm<acc_t> norm = release ? merge_softmax(psm, n) : SoftmaxNorm<acc_t>{0, 1};
+  // (S splits' states: by the whole block, not a 2 S-long chain of loads in every thread)
+  const SoftmaxNorm<acc_t> norm =
+      release ? block_merge_softmax(psm, n, s_merge) : SoftmaxNorm<acc_t>{0, 1};
   if (release && norm_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
     norm_out[n] = norm.top;  // the merged state (2, N), for the backward: one split
     norm_out[gridDim.y + n] = norm.total;
@@ -783,7 +831,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_apply(const at::Tensor& x, const at::Tens
   if (N == 0 || g.P == 0) return {y, s_mask};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_fwd_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Launch l = plan(g.C, sizeof(acc_t), 1, 1, 2);
+    const Launch l = plan(g.C, sizeof(acc_t), 1, 1, 2, 2 * kWarps);
     const bool vectors = vectorizable<scalar_t>(g, l, {x.data_ptr(), y.data_ptr()});
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
       auto kernel = fwd_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;

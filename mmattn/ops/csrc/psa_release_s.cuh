@@ -247,16 +247,6 @@ __host__ __device__ inline int value_rounds(int rows, int tile_p) {
   return (rows * tile_p + kThreads - 1) / kThreads;
 }
 
-// Two online-softmax states (maximum, sum of exponentials) merged; an empty state has maximum
-// -inf and sum 0.
-template <typename T>
-__device__ __forceinline__ void merge_state(T& top, T& total, T other_top, T other_total) {
-  const T m = op_max(top, other_top);
-  if (m == -INFINITY) return;  // both empty
-  total = total * op_exp(top - m) + other_total * op_exp(other_top - m);
-  top = m;
-}
-
 // ---------------------------------------------------------------- forward, the value softmax
 // norm (2, rows) = [max_p Vl[r][p], sum_p exp(Vl[r][p] - max)] for each of Vl's rows r = n H + k
 // (N, H, P): a block per row (the grid at most one wave, its blocks looping over the rows),
@@ -266,8 +256,7 @@ __global__ void __launch_bounds__(kThreads)
 value_stats_kernel(const scalar_t* __restrict__ vl, int64_t rows, int P,
                    acc_t* __restrict__ norm) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* s_top = reinterpret_cast<acc_t*>(smem_raw);  // kWarps each
-  acc_t* s_total = s_top + kWarps;
+  acc_t* scratch = reinterpret_cast<acc_t*>(smem_raw);  // block_merge's 2 kWarps values
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const scalar_t* r = vl + row * P;
     acc_t top = -INFINITY, total = 0;
@@ -282,22 +271,10 @@ value_stats_kernel(const scalar_t* __restrict__ vl, int64_t rows, int P,
       top = m;
       total = s;
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const acc_t ot = __shfl_xor_sync(0xffffffffu, top, o);
-      const acc_t os = __shfl_xor_sync(0xffffffffu, total, o);
-      merge_state(top, total, ot, os);
-    }
-    __syncthreads();  // the previous row's states are read
-    if ((threadIdx.x & 31) == 0) {
-      s_top[threadIdx.x >> 5] = top;
-      s_total[threadIdx.x >> 5] = total;
-    }
-    __syncthreads();
+    const SoftmaxNorm<acc_t> merged = block_merge(top, total, scratch);
     if (threadIdx.x == 0) {
-      for (int w = 1; w < kWarps; ++w) merge_state(top, total, s_top[w], s_total[w]);
-      norm[row] = top;
-      norm[rows + row] = total;
+      norm[row] = merged.top;
+      norm[rows + row] = merged.total;
     }
   }
 }
