@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ['FORMS', 'psa_block', 'psa_block_weights', 'state_dtypes', 'state_shapes']
+__all__ = ['FORMS', 'psa_block', 'psa_block_weights', 'state_shapes']
 
 #: (variant, mode) -> the op's ``form`` argument
 FORMS = {('paper', 'parallel'): 0, ('paper', 'sequential'): 1,
@@ -89,25 +89,16 @@ def psa_block(x: Tensor, weights: list[Tensor], form: int, eps: float) -> Tensor
 def state_shapes(form: int, n: int, c: int, h: int, w: int,
                  bottleneck: int = 0) -> list[tuple[int, ...]]:
     """The shapes of what ``psa_block_cuda_fwd`` returns besides y, for x (n, c, h, w) and
-    (``PSA_s``) its ``bottleneck`` channels (``csrc/psa_block_cuda.cuh``; in float32, float64
-    for float64 x, but for ``PSA_s``'s last, its value GEMM's weight, in x's dtype)."""
+    (``PSA_s``) its ``bottleneck`` channels (``csrc/psa_block_cuda.cuh``; all in float32,
+    float64 for float64 x)."""
     p, half = h * w, c // 2
     if form < 2:   # pi, S, stats [s, m, A, u_eff], c, A, u_eff
         return [(n, p), (n, p), (n, 4, c), (n,), (n, c), (n, c)]
     if form == 2:  # pi, t, the spatial softmax's state, stats [s, m, A, u], small [v, q]
         return [(n, p), (n, p), (2, n), (4, n, c), (2, n, half)]
     # pi, S, stats [s, m, A, A m], small [v, q], the bottleneck's [zhat, h2, relu(h2)], its
-    # LayerNorm's 1/std, the value softmax's state, W_v' diag(A)
-    return [(n, p), (n, p), (4, n, c), (2, n, half), (3, n, bottleneck), (n,), (2, n, half),
-            (n, half, c)]
-
-
-def state_dtypes(form: int, dtype: torch.dtype) -> list[torch.dtype]:
-    """The dtypes of what ``psa_block_cuda_fwd`` returns besides y, for x of ``dtype`` (see
-    :func:`state_shapes`)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    count = len(state_shapes(form, 1, 2, 1, 1, 1))
-    return [acc] * (count - 1) + [dtype if form == 3 else acc]
+    # LayerNorm's 1/std, the value softmax's state
+    return [(n, p), (n, p), (4, n, c), (2, n, half), (3, n, bottleneck), (n,), (2, n, half)]
 
 
 def _fake_fwd(x, weights, form, eps):
@@ -119,10 +110,10 @@ def _fake_bwd(grad, x, weights, form, eps):
 
 
 def _fake_cuda_fwd(x, weights, form, eps):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     bottleneck = weights[3].numel() if form == 3 else 0
-    state = [x.new_empty(shape, dtype=dtype) for shape, dtype in
-             zip(state_shapes(form, *x.shape, bottleneck=bottleneck),
-                 state_dtypes(form, x.dtype), strict=True)]
+    state = [x.new_empty(shape, dtype=acc)
+             for shape in state_shapes(form, *x.shape, bottleneck=bottleneck)]
     return torch.empty_like(x), state
 
 

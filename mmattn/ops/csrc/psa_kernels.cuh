@@ -263,6 +263,23 @@ __device__ __forceinline__ void zero_grid(T* buf, int64_t count) {
     buf[i] = T(0);
 }
 
+// out[n][r][c] = w[r][c] v[n][c] for n < N, r < R, c < C (none when out is null), in out's
+// dtype, spread over the whole grid like zero_grid: PSA_s's value-GEMM weight W_v' diag(A),
+// formed for its backward by the first kernel (psa_release_s.cuh), which no launch then costs.
+template <typename T, typename acc_t>
+__device__ __forceinline__ void scale_columns_grid(T* out, const acc_t* w, const acc_t* v, int N,
+                                                   int R, int C) {
+  if (out == nullptr) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * gridDim.y * kThreads;
+  const int64_t count = static_cast<int64_t>(N) * R * C, per_image = static_cast<int64_t>(R) * C;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kThreads +
+                   threadIdx.x;
+       i < count; i += stride) {
+    const int64_t n = i / per_image, c = i % C;
+    out[i] = static_cast<T>(w[i - n * per_image] * v[n * C + c]);
+  }
+}
+
 __device__ __forceinline__ int64_t at_cp(const Geometry& g, int c, int64_t p) {
   return c * g.sC + p * g.sP;
 }
@@ -440,7 +457,8 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
                   const acc_t* __restrict__ s_mask, PixelSoftmax<acc_t> psm,
                   acc_t* __restrict__ d_t, acc_t* __restrict__ pda, acc_t* __restrict__ pdu,
                   acc_t* __restrict__ pr, bool sequential, acc_t* __restrict__ zero,
-                  int64_t zero_count) {
+                  int64_t zero_count, scalar_t* __restrict__ wa, const acc_t* __restrict__ wv2,
+                  int wa_rows) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
   acc_t* tile_gx = reinterpret_cast<acc_t*>(smem_raw);  // G (.) x
@@ -459,6 +477,7 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
   const int64_t base = n * g.sN, np = static_cast<int64_t>(n) * g.P;
   const bool release = psm.t != nullptr;
   zero_grid(zero, zero_count);
+  scale_columns_grid(wa, wv2, a, gridDim.y, wa_rows, g.C);  // (PSA_s: W_v' diag(A))
   if (release && threadIdx.x == 0) {  // visible after the first tile's barrier
     const SoftmaxNorm<acc_t> norm = merge_softmax(psm, n);
     s_norm[0] = norm.top;
@@ -859,11 +878,13 @@ std::tuple<at::Tensor, at::Tensor> psa_fwd_apply_cuda(const at::Tensor& x, const
 // with `states` given (the release's PSA_p: S and sig computed from them; d_t then carries the
 // factor sig_p, and the fourth result holds the splits' partial sum_p x_p sig_p; undefined
 // for the paper). `zero`, when defined (the accumulation dtype, contiguous), is cleared on the
-// way (zero_grid).
+// way (zero_grid); `wa`, when defined ((N, R, C) in x's dtype, contiguous), receives
+// wv2 (R, C) diag(a_n) per image on the way (scale_columns_grid).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& a_in,
     const at::Tensor& s_in, const SoftmaxStates& states_in, int64_t splits_req,
-    bool sequential, const at::Tensor& zero = at::Tensor()) {
+    bool sequential, const at::Tensor& zero = at::Tensor(),
+    const at::Tensor& wv2 = at::Tensor(), const at::Tensor& wa = at::Tensor()) {
   const launch::DeviceGuard guard(x.device());
   const Geometry g = geometry(x);
   const int N = static_cast<int>(x.size(0));
@@ -876,6 +897,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
   TORCH_CHECK(!zero.defined() || vec(zero, x, {zero.numel()}, "zero").is_same(zero),
               "mmattn psa kernels: the buffer to zero must be a contiguous vector (the kernel "
               "clears it)");
+  const int wa_rows = wa.defined() ? static_cast<int>(wa.size(1)) : 0;
+  TORCH_CHECK(!wa.defined() ||
+                  (wa.sizes() == at::IntArrayRef({N, wa_rows, g.C}) && wa.is_contiguous() &&
+                   wa.scalar_type() == x.scalar_type() &&
+                   vec(wv2, x, {wa_rows, g.C}, "wv2").is_same(wv2)),
+              "mmattn psa kernels: wa must be a contiguous (N, R, C) tensor of x's dtype and wv2 "
+              "a contiguous (R, C) one of the accumulation dtype");
   at::Tensor d_t = at::empty({N, g.P}, opts);
   at::Tensor pda, pdu, pr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_reduce", [&] {
@@ -899,7 +927,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
           d_t.data_ptr<acc_t>(), pda.data_ptr<acc_t>(), pdu.data_ptr<acc_t>(),
           release ? pr.data_ptr<acc_t>() : nullptr, sequential,
           zero.defined() ? zero.data_ptr<acc_t>() : nullptr,
-          zero.defined() ? zero.numel() : int64_t{0});
+          zero.defined() ? zero.numel() : int64_t{0},
+          wa.defined() ? wa.data_ptr<scalar_t>() : nullptr,
+          wa.defined() ? wv2.data_ptr<acc_t>() : nullptr, wa_rows);
     });
   });
   return {d_t, pda, pdu, pr};

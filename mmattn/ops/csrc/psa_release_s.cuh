@@ -15,11 +15,11 @@
 //            Vl[k][p] = sum_c W_v'[k][c] A_c x[c][p] = (Wa x)[k][p], Wa = W_v' diag(A),
 //            V = softmax_p(Vl) (per k), t_p = q . V_p, S_p = sigmoid(t_p);   y = x A S
 // Forward, 4 kernels and 1 GEMM: the reduction (l's online softmax, s, m); the glue (A, q, and
-// Wa in x's dtype, kept for the backward); Vl = Wa x (N, H, P) (a batched GEMM); the value
+// Wa in x's dtype); Vl = Wa x (N, H, P) (a batched GEMM); the value
 // softmax's state (max and sum of exponentials per row k); the apply pass (t from Vl, S, y).
 // Backward, 4 kernels and 3 GEMMs, with the forward's small state: the paper form's backward
-// reduction (dt = dL/dt, dA's direct part sum_p G x S; it clears the gradients' buffer); Vl
-// again; per row k, dq_k = sum_p V dt and dVl = V q (dt - dq), over Vl in place; two GEMMs,
+// reduction (dt = dL/dt, dA's direct part sum_p G x S; on the way it clears the gradients'
+// buffer and writes Wa again); Vl again; per row k, dq_k = sum_p V dt and dVl = V q (dt - dq), over Vl in place; two GEMMs,
 // dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl) and M = dVl x^T (N, H, C); the glue (W_v''s
 // gradient sum_n M_n diag(A_n) and dA's part sum_p x e = sum_k W_v'[k][c] M[k][c] from M, the
 // chain's derivative, the other weights' gradients, with atomic adds); the paper form's
@@ -229,7 +229,7 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
 
 // ---------------------------------------------------------------- the value map
 // Vl = W_v' (A (.) x) is, per image n, the product of Wa_n = W_v' diag(A_n) (H x C; the forward
-// glue writes it, the backward keeps it) with x_n (C x P): one batched GEMM (ATen: cuBLAS on
+// glue writes it, the backward's first kernel again) with x_n (C x P): one batched GEMM (ATen: cuBLAS on
 // tensor cores for half types, and for float32 where torch.backends.cuda.matmul.allow_tf32
 // allows; CPU BLAS in the emulation), written in x's dtype to a transient (N, H, P) buffer that
 // the forward drops and the backward recomputes. The kernels below read it row by row: the
@@ -400,8 +400,7 @@ bool rows_vectorizable(const at::Tensor& vl, int P) {
 
 // PSA_s's output for x (N, C, H, W, dense in its memory format) and the weights in the
 // accumulation dtype (acc_weights of psa_block.h), with what its backward takes: [pi, S, stats,
-// small, bott, rstd, norm, wa] (norm (2, N, H): the value softmax's state, max and sum per row;
-// wa (N, H, C): the value GEMM's weight, in x's dtype).
+// small, bott, rstd, norm] (norm (2, N, H): the value softmax's state, max and sum per row).
 std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
     const at::Tensor& x, const Geometry& g, const std::vector<at::Tensor>& W, double eps) {
   const int N = static_cast<int>(x.size(0)), C = g.C, H = C / 2, P = g.P;
@@ -414,7 +413,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
   at::Tensor rstd = at::empty({N}, opts), norm = at::empty({2, N, H}, opts);
   at::Tensor s_mask = at::empty({N, P}, opts), wa = at::empty({N, H, C}, x.options());
   const at::Tensor y = like_x(at::empty_like(x), x, g, "y");
-  if (N == 0) return {y, {pi, s_mask, stats, small, bott, rstd, norm, wa}};
+  if (N == 0) return {y, {pi, s_mask, stats, small, bott, rstd, norm}};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
@@ -445,7 +444,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
                      norm.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>());
     });
   });
-  return {y, {pi, s_mask, stats, small, bott, rstd, norm, wa}};
+  return {y, {pi, s_mask, stats, small, bott, rstd, norm}};
 }
 
 // dL/dx and the weights' gradients in the accumulation dtype, in the op's order.
@@ -455,7 +454,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   const int N = static_cast<int>(x.size(0)), C = g.C, H = C / 2, P = g.P;
   const int Cb = static_cast<int>(W[3].size(0));
   const at::Tensor &pi = saved[0], &s_mask = saved[1], &stats = saved[2], &small = saved[3],
-                   &bott = saved[4], &rstd = saved[5], &norm = saved[6], &wa = saved[7];
+                   &bott = saved[4], &rstd = saved[5], &norm = saved[6];
   const auto opts = pi.options();
   const at::Tensor a = stats[2], q = small[1];
   const ReleaseSGrads off = release_s_grads(C, Cb);
@@ -463,10 +462,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   // apply pass's u (PSA_s has no u d_t term); cleared by the first kernel, the reduction
   const at::Tensor grads = at::empty({off.total + C + static_cast<int64_t>(N) * C}, opts);
   // dt = dL/dt (S = sigmoid(t)) and dA's direct part sum_p G x S: the paper form's sequential
-  // backward reduction, which also clears `grads`
+  // backward reduction, which also clears `grads` and writes the value GEMM's weight Wa
+  const at::Tensor wa = at::empty({N, H, C}, x.options());
   at::Tensor d_t, pda;  // (not structured bindings: a lambda captures them)
   std::tie(d_t, pda, std::ignore, std::ignore) =
-      bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, 0, true, grads);
+      bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, 0, true, grads, W[9], wa);
   const at::Tensor ex = like_x(at::empty_like(x), x, g, "ex");
   at::Tensor dq = at::empty({N, H}, opts), dm = at::empty({N, C}, opts);
   at::Tensor dsv = at::empty({N, C}, opts), beta = at::empty({N}, opts);
