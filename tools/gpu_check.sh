@@ -25,7 +25,7 @@
 #   SPLIT_SWEEP='64 16' bash tools/gpu_check.sh   # + the model benchmark per split cap
 #
 # SPLIT_SWEEP (default none) runs, after the model benchmark, one more model benchmark (its
-# arguments SWEEP_ARGS: stock, PSA_p and the paper's parallel form, 5 steps) per value with
+# arguments SWEEP_ARGS: stock, PSA_p and the paper's parallel form, fp32, 5 steps) per value with
 # MMATTN_PSA_MAX_SPLITS set to it (the cap on the pass kernels' splits per image that the glue
 # kernels merge; docs/kernels.md), a stage `splits_<value>` each.
 #
@@ -54,7 +54,7 @@ MODEL_ARGS=${MODEL_ARGS:---iters 8 --warmup 2 --backends auto --profile 8}  # 5 
 OP_ARGS=${OP_ARGS:---preset gpu --op psa --iters 20}
 SANITIZE_ARGS=${SANITIZE_ARGS:-}
 SPLIT_SWEEP=${SPLIT_SWEEP:-}
-SWEEP_ARGS=${SWEEP_ARGS:---iters 5 --warmup 2 --backends auto --profile 8 --forms stock,psa_p-official,paper-parallel}
+SWEEP_ARGS=${SWEEP_ARGS:---iters 5 --warmup 2 --backends auto --profile 8 --dtypes float32 --forms psa_p-official,paper-parallel}
 
 stage() {  # stage NAME DEFAULT_LIMIT COMMAND...: run it (LIMIT_<NAME> s at most), log it, report
   local name=$1 limit_var="LIMIT_$1" limit left start rc
