@@ -157,9 +157,9 @@ def can_use_psa_cuda(x: torch.Tensor, *, hooks: bool = False, **_: object) -> tu
     hooks on the gates (neither calls them), and deterministic algorithms not demanded (the
     block's backward adds its weight gradients up with atomics, as PyTorch's own
     non-deterministic CUDA ops do). ``auto``'s heuristics add nothing here: the block
-    measured faster than the folded paths and the reference at model level for every form (an
-    H200, docs/benchmarks.md), and PSA_s's value products run as GEMMs (tensor cores), as the
-    reference's 1x1 convolutions do."""
+    measured faster than the folded paths at model level for every form (an H200,
+    docs/benchmarks.md), and PSA_s's value products now run as GEMMs (tensor cores), as the
+    reference's 1x1 convolutions do (not yet measured on a GPU)."""
     ok, reason = can_use_psa_folded(x, hooks=hooks)
     if not ok:
         return ok, reason
