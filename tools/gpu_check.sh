@@ -54,7 +54,9 @@ MODEL_ARGS=${MODEL_ARGS:---iters 8 --warmup 2 --backends auto --profile 8}  # 5 
 OP_ARGS=${OP_ARGS:---preset gpu --op psa --iters 20}
 SANITIZE_ARGS=${SANITIZE_ARGS:-}
 SPLIT_SWEEP=${SPLIT_SWEEP:-}
-SWEEP_ARGS=${SWEEP_ARGS:---iters 5 --warmup 2 --backends auto --profile 8 --dtypes float32 --forms psa_p-official,paper-parallel}
+SWEEP_FORMS=psa_p-official,paper-parallel   # (stock always runs, as the baseline)
+SWEEP_ARGS=${SWEEP_ARGS:---iters 5 --warmup 2 --backends auto --profile 8 --dtypes float32 \
+--forms $SWEEP_FORMS}
 
 stage() {  # stage NAME DEFAULT_LIMIT COMMAND...: run it (LIMIT_<NAME> s at most), log it, report
   local name=$1 limit_var="LIMIT_$1" limit left start rc

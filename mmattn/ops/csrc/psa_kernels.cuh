@@ -250,17 +250,30 @@ __device__ __forceinline__ void load_vec(T* dst, const T* src, int count) {
   for (int i = threadIdx.x; i < count; i += kThreads) dst[i] = src[i];
 }
 
+// body(i) for i < count, spread over the whole grid (a (x, y) grid of kThreads-thread blocks).
+template <typename Body>
+__device__ __forceinline__ void grid_stride(int64_t count, Body&& body) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * gridDim.y * kThreads;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kThreads +
+                   threadIdx.x;
+       i < count; i += stride)
+    body(i);
+}
+
 // Zeroes `count` values at `buf` (none when null), spread over the whole grid: the first kernel
 // of a backward clears the buffer that its later kernels add the weight gradients into with
 // atomics (the stream orders them), so that no launch is spent on clearing it.
 template <typename T>
 __device__ __forceinline__ void zero_grid(T* buf, int64_t count) {
-  if (buf == nullptr) return;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * gridDim.y * kThreads;
-  for (int64_t i = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kThreads +
-                   threadIdx.x;
-       i < count; i += stride)
-    buf[i] = T(0);
+  if (buf != nullptr) grid_stride(count, [&](int64_t i) { buf[i] = T(0); });
+}
+
+// w v in T: an element of W_v' diag(A), PSA_s's value-GEMM weight. Its forward glue and its
+// backward's first kernel (scale_columns_grid) both form it, so the backward recomputes the
+// forward's value map bit for bit (psa_release_s.cuh).
+template <typename T, typename acc_t>
+__device__ __forceinline__ T scaled_weight(acc_t w, acc_t v) {
+  return static_cast<T>(w * v);
 }
 
 // out[n][r][c] = w[r][c] v[n][c] for n < N, r < R, c < C (none when out is null), in out's
@@ -270,14 +283,11 @@ template <typename T, typename acc_t>
 __device__ __forceinline__ void scale_columns_grid(T* out, const acc_t* w, const acc_t* v, int N,
                                                    int R, int C) {
   if (out == nullptr) return;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * gridDim.y * kThreads;
-  const int64_t count = static_cast<int64_t>(N) * R * C, per_image = static_cast<int64_t>(R) * C;
-  for (int64_t i = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kThreads +
-                   threadIdx.x;
-       i < count; i += stride) {
-    const int64_t n = i / per_image, c = i % C;
-    out[i] = static_cast<T>(w[i - n * per_image] * v[n * C + c]);
-  }
+  const int64_t per_image = static_cast<int64_t>(R) * C;
+  grid_stride(N * per_image, [&](int64_t i) {
+    const int64_t n = i / per_image;
+    out[i] = scaled_weight<T>(w[i - n * per_image], v[n * C + i % C]);
+  });
 }
 
 __device__ __forceinline__ int64_t at_cp(const Geometry& g, int c, int64_t p) {

@@ -18,11 +18,11 @@
 // Wa in x's dtype); Vl = Wa x (N, H, P) (a batched GEMM); the value
 // softmax's state (max and sum of exponentials per row k); the apply pass (t from Vl, S, y).
 // Backward, 4 kernels and 3 GEMMs, with the forward's small state: the paper form's backward
-// reduction (dt = dL/dt, dA's direct part sum_p G x S; on the way it clears the gradients'
-// buffer and writes Wa again); Vl again; per row k, dq_k = sum_p V dt and dVl = V q (dt - dq), over Vl in place; two GEMMs,
-// dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl) and M = dVl x^T (N, H, C); the glue (W_v''s
-// gradient sum_n M_n diag(A_n) and dA's part sum_p x e = sum_k W_v'[k][c] M[k][c] from M, the
-// chain's derivative, the other weights' gradients, with atomic adds); the paper form's
+// reduction (dt = dL/dt, dA's direct part sum_p G x S; on the way it clears the gradients' buffer
+// and writes Wa again); Vl again; per row k, dq_k = sum_p V dt and dVl = V q (dt - dq), over Vl in
+// place; two GEMMs, dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl) and M = dVl x^T (N, H, C); the
+// glue (W_v''s gradient sum_n M_n diag(A_n) and dA's part sum_p x e = sum_k W_v'[k][c] M[k][c] from
+// M, the chain's derivative, the other weights' gradients, with atomic adds); the paper form's
 // backward apply pass (dx's other terms, added into A (.) e).
 //
 // The GEMMs run in x's dtype (accumulating in float32 for the half types, as cuBLAS and the
@@ -101,7 +101,7 @@ release_s_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pm
   rows_dot(w.wq2, mz, static_cast<const T*>(nullptr), H, C, q);  // q = W_q' (A m)
   WT* wan = wa + static_cast<int64_t>(n) * H * C;
   for (int i = threadIdx.x; i < H * C; i += kThreads)
-    wan[i] = static_cast<WT>(w.wv2[i] * a[i % C]);
+    wan[i] = scaled_weight<WT>(w.wv2[i], a[i % C]);
   write_pi(logits, n, P, norm, pi);
 }
 
@@ -229,11 +229,11 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
 
 // ---------------------------------------------------------------- the value map
 // Vl = W_v' (A (.) x) is, per image n, the product of Wa_n = W_v' diag(A_n) (H x C; the forward
-// glue writes it, the backward's first kernel again) with x_n (C x P): one batched GEMM (ATen: cuBLAS on
-// tensor cores for half types, and for float32 where torch.backends.cuda.matmul.allow_tf32
-// allows; CPU BLAS in the emulation), written in x's dtype to a transient (N, H, P) buffer that
-// the forward drops and the backward recomputes. The kernels below read it row by row: the
-// softmax's per-row state, the gate, dq and dVl.
+// glue writes it, the backward's first kernel again) with x_n (C x P): one batched GEMM (ATen:
+// cuBLAS on tensor cores for half types, and for float32 where
+// torch.backends.cuda.matmul.allow_tf32 allows; CPU BLAS in the emulation), written in x's dtype to
+// a transient (N, H, P) buffer that the forward drops and the backward recomputes. The kernels
+// below read it row by row: the softmax's per-row state, the gate, dq and dVl.
 
 // x (N, C, H, W), dense in its memory format, as N (C x P) matrices: a view (NCHW: rows of
 // pixels; channels_last: its transpose, which the GEMMs take as such).
@@ -381,9 +381,8 @@ value_grad_kernel(scalar_t* __restrict__ vl, int64_t rows, int H, int P,
 // Blocks for a kernel that walks `rows` rows a block at a time: one wave at most.
 template <typename... KArgs>
 int row_blocks(void (*kernel)(KArgs...), int64_t rows, size_t smem) {
-  const int sms = launch::device_attribute(launch::Attr::kMultiProcessors);
-  const int64_t wave = static_cast<int64_t>(launch::resident_blocks(kernel, kThreads, smem)) * sms;
-  return static_cast<int>(std::max<int64_t>(1, std::min(rows, wave)));
+  const int wave = one_wave(launch::resident_blocks(kernel, kThreads, smem), 1);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, wave)));
 }
 
 // ---------------------------------------------------------------- host side
