@@ -51,10 +51,10 @@ SCHEMAS: dict[str, str] = {
     'psa_fwd_apply': 'psa_fwd_apply(Tensor x, Tensor a, Tensor u, Tensor bias, '
                      'bool sequential) -> (Tensor, Tensor)',
     'psa_bwd_reduce': 'psa_bwd_reduce(Tensor grad, Tensor x, Tensor a, Tensor s_mask, '
-                      'int splits, bool sequential) -> (Tensor, Tensor, Tensor)',
-    'psa_bwd_apply': 'psa_bwd_apply(Tensor grad, Tensor x, Tensor a, Tensor s_mask, Tensor pi, '
-                     'Tensor d_t, Tensor u, Tensor dm, Tensor dsv, Tensor wq, Tensor beta, '
-                     'int splits, bool sequential) -> (Tensor, Tensor)',
+                      'int splits, bool sequential) -> (Tensor, Tensor, Tensor, Tensor)',
+    'psa_bwd_apply': 'psa_bwd_apply(Tensor grad, Tensor x, Tensor a, Tensor s_mask, '
+                     'Tensor logits, Tensor lnorm, Tensor d_t, Tensor u, Tensor dm, Tensor dsv, '
+                     'Tensor wq, Tensor beta, int splits, bool sequential) -> (Tensor, Tensor)',
     # a whole PSA block (the four forms of mmattn.layers.PolarizedSelfAttention) in one call
     # per direction, on the CPU (psa_cpu.cpp); form: 0/1 paper parallel/sequential, 2/3 the
     # release's PSA_p/PSA_s
@@ -67,11 +67,12 @@ SCHEMAS: dict[str, str] = {
                           '-> (Tensor, Tensor[])',
     'psa_block_cuda_bwd': 'psa_block_cuda_bwd(Tensor grad, Tensor x, Tensor[] state, '
                           'Tensor[] weights, int form, float eps) -> (Tensor, Tensor[])',
-    # the C-sized work between the passes, a thread block per image (psa_glue.cuh)
-    'psa_fwd_glue': 'psa_fwd_glue(Tensor logits, Tensor pmax, Tensor psum, Tensor ps, Tensor pm, '
+    # the C-sized work between the passes, a thread block per image (psa_glue.cuh): from the
+    # splits' partial sums, nothing per pixel
+    'psa_fwd_glue': 'psa_fwd_glue(Tensor pmax, Tensor psum, Tensor ps, Tensor pm, int pixels, '
                     'Tensor[] weights, float eps, bool sequential) -> (Tensor, Tensor, Tensor)',
-    'psa_bwd_glue': 'psa_bwd_glue(Tensor d_t, Tensor part_da, Tensor part_dueff, Tensor stats, '
-                    'Tensor[] weights, float eps, bool sequential) '
+    'psa_bwd_glue': 'psa_bwd_glue(Tensor part_dt, Tensor part_da, Tensor part_dueff, '
+                    'Tensor stats, int pixels, Tensor[] weights, float eps, bool sequential) '
                     '-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)',
 }
 
@@ -107,9 +108,11 @@ def compile_flags(with_cuda: bool) -> dict[str, list[str]]:
     """Compiler flags of the extension, shared by ``setup.py`` and the JIT build."""
     cxx = ['-O3'] + (['-DWITH_CUDA'] if with_cuda else [])
     # ptxas warns when a kernel spills registers or uses local memory: in these memory-bound
-    # kernels that is a performance bug (tests/ops/test_build.py fails on the warning)
+    # kernels that is a performance bug (tests/ops/test_build.py fails on the warning).
+    # --threads=0: the architectures (sm_80, sm_90, ...) compiled in parallel, one per core
+    # (psa_cuda.cu for two: 52 s instead of 78 on 2 cores)
     return {'cxx': cxx, 'nvcc': ['-O3', '--use_fast_math', '-DWITH_CUDA', '-lineinfo',
-                                 '-Xptxas=-warn-spills,-warn-lmem-usage']}
+                                 '-Xptxas=-warn-spills,-warn-lmem-usage', '--threads=0']}
 
 
 def cuda_toolkit() -> Optional[str]:
