@@ -162,9 +162,9 @@ def _fwd_apply_torch(x: Tensor, a: Tensor, u: Tensor, bias: Tensor,
 
 
 def _bwd_reduce_torch(grad: Tensor, x: Tensor, a: Tensor, s_mask: Tensor, splits: int,
-                      sequential: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """With g = G (.) x: d_t (N, P) = (sum_c g (a or 1)) S (1 - S), and per split
-    ``sum_p g (S or 1)`` and ``sum_p x d_t`` (N, S, C)."""
+                      sequential: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """With g = G (.) x: d_t (N, P) = (sum_c g (a or 1)) S (1 - S), per split
+    ``sum_p g (S or 1)`` and ``sum_p x d_t`` (N, S, C), and per split ``sum_p d_t`` (N, S)."""
     gx = _ncp(grad * x)
     if sequential:
         d_a, d_s = _sum_p(gx, s_mask), _sum_c(gx, a)
@@ -172,14 +172,17 @@ def _bwd_reduce_torch(grad: Tensor, x: Tensor, a: Tensor, s_mask: Tensor, splits
         d_a, d_s = gx.sum(-1, dtype=a.dtype), gx.sum(1, dtype=a.dtype)
     del gx
     d_t = d_s.to(a.dtype) * s_mask * (1 - s_mask)
-    return d_t, d_a.to(a.dtype).unsqueeze(1), _sum_p(_ncp(x), d_t).to(a.dtype).unsqueeze(1)
+    return (d_t, d_a.to(a.dtype).unsqueeze(1), _sum_p(_ncp(x), d_t).to(a.dtype).unsqueeze(1),
+            d_t.sum(-1, keepdim=True))
 
 
-def _bwd_apply_torch(grad: Tensor, x: Tensor, a: Tensor, s_mask: Tensor, pi: Tensor, d_t: Tensor,
-                     u: Tensor, dm: Tensor, dsv: Tensor, wq: Tensor, beta: Tensor, splits: int,
-                     sequential: bool) -> tuple[Tensor, Tensor]:
-    """d_l = pi (dsv . x_p - beta); dx = G (.) (A (+) S or A S) + u d_t + dm + dsv pi + wq d_l;
-    returns (dx, per split ``sum_p x d_l`` (N, S, C))."""
+def _bwd_apply_torch(grad: Tensor, x: Tensor, a: Tensor, s_mask: Tensor, logits: Tensor,
+                     lnorm: Tensor, d_t: Tensor, u: Tensor, dm: Tensor, dsv: Tensor, wq: Tensor,
+                     beta: Tensor, splits: int, sequential: bool) -> tuple[Tensor, Tensor]:
+    """pi = softmax_p(l) from the logits and their softmax's state lnorm (2, N) = [max, sum of
+    exponentials]; d_l = pi (dsv . x_p - beta); dx = G (.) (A (+) S or A S) + u d_t + dm +
+    dsv pi + wq d_l; returns (dx, per split ``sum_p x d_l`` (N, S, C))."""
+    pi = torch.exp(logits - lnorm[0].unsqueeze(-1)) / lnorm[1].unsqueeze(-1)
     xf = _ncp(x)
     d_l = pi * (_sum_c(xf, dsv).to(pi.dtype) - beta.unsqueeze(-1))
     g_wq = _sum_p(xf, d_l).to(pi.dtype).unsqueeze(1)
@@ -194,27 +197,30 @@ def _bwd_apply_torch(grad: Tensor, x: Tensor, a: Tensor, s_mask: Tensor, pi: Ten
 # C-vectors, forward and backward. One CUDA kernel each (a thread block per image) replaces
 # the 30-90 small PyTorch operations written here, whose launches would otherwise cost more
 # than the passes over x at large shapes. Weights: CHAIN_NAMES, accumulation dtype.
-def _fwd_glue_torch(logits: Tensor, pmax: Tensor, psum: Tensor, ps: Tensor, pm: Tensor,
+def _fwd_glue_torch(pmax: Tensor, psum: Tensor, ps: Tensor, pm: Tensor, pixels: int,
                     weights: list[Tensor], eps: float,
                     sequential: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge the splits' online-softmax states and sums, run the chain. Returns pi (N, P),
-    stats (N, 4, C) = [s, m, A, u_eff] and the spatial logit's bias c (N)."""
+    """Merge the splits' online-softmax states and sums (over ``pixels`` pixels), run the chain.
+    Returns lnorm (2, N), the merged state of pi = softmax_p(l) (the maxima, the sums of
+    exponentials: pi itself is formed by the backward apply pass), stats (N, 4, C) =
+    [s, m, A, u_eff] and the spatial logit's bias c (N)."""
     w = dict(zip(CHAIN_NAMES, weights))
     top = pmax.amax(-1, keepdim=True)                                    # N, 1
     scale = torch.exp(pmax - top)                                        # N, S
     total = (psum * scale).sum(-1, keepdim=True)                         # N, 1
     s = torch.bmm(scale.unsqueeze(1), ps).squeeze(1) / total             # N, C
-    m = pm.sum(1) / logits.shape[1]
-    pi = torch.exp(logits - top) / total                                 # N, P
+    m = pm.sum(1) / pixels
     sm = _small_chain(s, m, w, eps, sequential)
-    return pi, torch.stack([s, m, sm['a'], sm['ueff']], 1), sm['c']
+    return (torch.cat([top, total], 1).t().contiguous(),
+            torch.stack([s, m, sm['a'], sm['ueff']], 1), sm['c'])
 
 
-def _bwd_glue_torch(d_t: Tensor, part_da: Tensor, part_dueff: Tensor, stats: Tensor,
-                    weights: list[Tensor], eps: float,
+def _bwd_glue_torch(part_dt: Tensor, part_da: Tensor, part_dueff: Tensor, stats: Tensor,
+                    pixels: int, weights: list[Tensor], eps: float,
                     sequential: bool) -> tuple[Tensor, ...]:
     """The chain's backward for each image (the derivation follows the forward line by line,
-    in reverse). Returns what the last pass needs, dm = dL/dm / P and dsv = dL/ds (N, C) and
+    in reverse), from the splits' partial sums of d_t (N, S), dA and d u_eff (N, S, C) over
+    ``pixels`` pixels. Returns what the last pass needs, dm = dL/dm / P and dsv = dL/ds (N, C) and
     beta = dsv . s (N), and the parameter gradients' factors: the four weight gradients are
     ``L[k]^T R[k]`` summed over the images (L (4, N, C/2), R (4, N, C): sp_wv, sp_wq, ch_wz
     transposed, ch_wv), the six vector gradients the image sums of ``vecs`` (N, 3 C/2 + 3 C:
@@ -224,7 +230,7 @@ def _bwd_glue_torch(d_t: Tensor, part_da: Tensor, part_dueff: Tensor, stats: Ten
     sm = _small_chain(s, m, w, eps, sequential)
     a, q, u = sm['a'], sm['q'], sm['u']
     d_a, d_ueff = part_da.sum(1), part_dueff.sum(1)                     # N, C
-    d_c = d_t.sum(-1)                                                   # N
+    d_c = part_dt.sum(-1)                                               # N
     if sequential:
         d_u = d_ueff * a
         d_a = d_a + d_ueff * u
@@ -251,7 +257,7 @@ def _bwd_glue_torch(d_t: Tensor, part_da: Tensor, part_dueff: Tensor, stats: Ten
     left = torch.stack([q, d_g, sm['v'], d_v])
     right = torch.stack([d_u, sm['mz'], d_z, s])
     vecs = torch.cat([q * d_c.unsqueeze(-1), d_g, d_v, d_ln * zhat, d_ln, d_z], -1)
-    return d_m / d_t.shape[1], d_sv, beta, left, right, vecs
+    return d_m / pixels, d_sv, beta, left, right, vecs
 
 
 _TORCH_PASSES = (_fwd_reduce_torch, _fwd_glue_torch, _fwd_apply_torch, _bwd_reduce_torch,
@@ -273,20 +279,22 @@ def _dense(x: Tensor) -> Tensor:
 
 
 def _forward_impl(x: Tensor, params: tuple[Tensor, ...], eps: float, sequential: bool,
-                  kernel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, pi, S, stats): stats (N, 4, C) = [s (softmax-weighted mean), m, A, u_eff]."""
+                  kernel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, logits, lnorm, S, stats): the channel logits l (N, P) and the state of
+    their softmax over the pixels (2, N) = [max, sum of exponentials], stats (N, 4, C) =
+    [s (softmax-weighted mean), m, A, u_eff]."""
     fwd_reduce, fwd_glue, fwd_apply, _, _, _ = _passes(kernel)
     w = _weights(params, _acc_dtype(x))
     x = _dense(x)
     logits, pmax, psum, ps, pm = fwd_reduce(x, w['ch_wq'].reshape(-1), 0)
-    pi, stats, c = fwd_glue(logits, pmax, psum, ps, pm, [w[k] for k in CHAIN_NAMES], eps,
-                            sequential)
+    lnorm, stats, c = fwd_glue(pmax, psum, ps, pm, logits.shape[1],
+                               [w[k] for k in CHAIN_NAMES], eps, sequential)
     y, s_mask = fwd_apply(x, stats[:, 2], stats[:, 3], c, sequential)
-    return y, pi, s_mask, stats
+    return y, logits, lnorm, s_mask, stats
 
 
-def _backward_impl(grad: Tensor, x: Tensor, pi: Tensor, s_mask: Tensor, stats: Tensor,
-                   params: tuple[Tensor, ...], eps: float, sequential: bool,
+def _backward_impl(grad: Tensor, x: Tensor, logits: Tensor, lnorm: Tensor, s_mask: Tensor,
+                   stats: Tensor, params: tuple[Tensor, ...], eps: float, sequential: bool,
                    kernel: bool) -> tuple[Tensor, ...]:
     """Gradients w.r.t. x and the 12 parameters, the latter flattened into one vector (in
     PARAM_NAMES order; the backward op may not return views of one buffer). ``ch_bq``'s
@@ -300,12 +308,13 @@ def _backward_impl(grad: Tensor, x: Tensor, pi: Tensor, s_mask: Tensor, stats: T
     grad = grad.contiguous(memory_format=torch.channels_last) \
         if not x.is_contiguous() else grad.contiguous()
     # y[c,p] = x (A_c + S_p)  or  x A_c S_p;  S_p = sigmoid(ueff . x_p + c)
-    d_t, part_da, part_dueff = bwd_reduce(grad, x, a, s_mask, 0, sequential)
-    dm, d_sv, beta, left, right, vecs = bwd_glue(d_t, part_da, part_dueff, stats,
-                                                 [w[k] for k in CHAIN_NAMES], eps, sequential)
+    d_t, part_da, part_dueff, part_dt = bwd_reduce(grad, x, a, s_mask, 0, sequential)
+    dm, d_sv, beta, left, right, vecs = bwd_glue(part_dt, part_da, part_dueff, stats,
+                                                 logits.shape[1], [w[k] for k in CHAIN_NAMES],
+                                                 eps, sequential)
     # s = sum_p pi_p x_p, pi = softmax(l), l_p = ch_wq . x_p (+ ch_bq):
     # dl_p = pi_p (ds . x_p - ds . s);  dx = G (.) (A (+) S or A S) + rank-4 terms
-    dx, part_gwq = bwd_apply(grad, x, a, s_mask, pi, d_t, ueff, dm, d_sv,
+    dx, part_gwq = bwd_apply(grad, x, a, s_mask, logits, lnorm, d_t, ueff, dm, d_sv,
                              w['ch_wq'].reshape(-1), beta, 0, sequential)
     mats = torch.bmm(left.transpose(1, 2), right)                       # 4, C/2, C
     half = left.shape[-1]
@@ -331,7 +340,8 @@ def _grads_dtype(params: tuple[Tensor, ...] | list[Tensor], acc: torch.dtype) ->
 def _psa_folded_op(x: Tensor, ch_wq: Tensor, ch_bq: Tensor, ch_wv: Tensor, ch_bv: Tensor,
                    ch_wz: Tensor, ch_bz: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                    sp_wq: Tensor, sp_bq: Tensor, sp_wv: Tensor, sp_bv: Tensor, eps: float,
-                   sequential: bool, kernel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   sequential: bool,
+                   kernel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     params = (ch_wq, ch_bq, ch_wv, ch_bv, ch_wz, ch_bz, ln_weight, ln_bias,
               sp_wq, sp_bq, sp_wv, sp_bv)
     return _forward_impl(x, params, eps, sequential, kernel)
@@ -343,20 +353,21 @@ def _(x, ch_wq, ch_bq, ch_wv, ch_bv, ch_wz, ch_bz, ln_weight, ln_bias, sp_wq, sp
     n, c, h, w = x.shape
     acc = _acc_dtype(x)
     return (torch.empty_like(x), x.new_empty((n, h * w), dtype=acc),
-            x.new_empty((n, h * w), dtype=acc), x.new_empty((n, 4, c), dtype=acc))
+            x.new_empty((2, n), dtype=acc), x.new_empty((n, h * w), dtype=acc),
+            x.new_empty((n, 4, c), dtype=acc))
 
 
 @torch.library.custom_op('mmattn::psa_paper_folded_backward', mutates_args=())
-def _psa_folded_backward_op(grad: Tensor, x: Tensor, pi: Tensor, s_mask: Tensor, stats: Tensor,
-                            params: list[Tensor], eps: float, sequential: bool,
-                            kernel: bool) -> list[Tensor]:
+def _psa_folded_backward_op(grad: Tensor, x: Tensor, logits: Tensor, lnorm: Tensor,
+                            s_mask: Tensor, stats: Tensor, params: list[Tensor], eps: float,
+                            sequential: bool, kernel: bool) -> list[Tensor]:
     """[dx, the 12 parameter gradients flattened into one vector]."""
-    return list(_backward_impl(grad, x, pi, s_mask, stats, tuple(params), eps, sequential,
-                               kernel))
+    return list(_backward_impl(grad, x, logits, lnorm, s_mask, stats, tuple(params), eps,
+                               sequential, kernel))
 
 
 @_psa_folded_backward_op.register_fake
-def _(grad, x, pi, s_mask, stats, params, eps, sequential, kernel):
+def _(grad, x, logits, lnorm, s_mask, stats, params, eps, sequential, kernel):
     return [torch.empty_like(x), x.new_empty(sum(prm.numel() for prm in params),
                                              dtype=_grads_dtype(params, _acc_dtype(x)))]
 
@@ -364,14 +375,14 @@ def _(grad, x, pi, s_mask, stats, params, eps, sequential, kernel):
 def _setup_context(ctx, inputs, output) -> None:
     x, *params = inputs[:13]
     ctx.eps, ctx.sequential, ctx.kernel = inputs[13], inputs[14], inputs[15]
-    _, pi, s_mask, stats = output
-    ctx.save_for_backward(x, pi, s_mask, stats, *params)
+    _, logits, lnorm, s_mask, stats = output
+    ctx.save_for_backward(x, logits, lnorm, s_mask, stats, *params)
 
 
-def _backward(ctx, grad_y, grad_pi, grad_s, grad_stats):
-    x, pi, s_mask, stats, *params = ctx.saved_tensors
-    dx, flat = _psa_folded_backward_op(grad_y, x, pi, s_mask, stats, params, ctx.eps,
-                                       ctx.sequential, ctx.kernel)
+def _backward(ctx, grad_y, grad_logits, grad_lnorm, grad_s, grad_stats):
+    x, logits, lnorm, s_mask, stats, *params = ctx.saved_tensors
+    dx, flat = _psa_folded_backward_op(grad_y, x, logits, lnorm, s_mask, stats, params,
+                                       ctx.eps, ctx.sequential, ctx.kernel)
     grads = [part.view(prm.shape).to(prm.dtype) for part, prm in
              zip(flat.split([prm.numel() for prm in params]), params)]
     return (dx, *grads, None, None, None)

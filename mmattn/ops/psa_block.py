@@ -92,13 +92,16 @@ def state_shapes(form: int, n: int, c: int, h: int, w: int,
     (``PSA_s``) its ``bottleneck`` channels (``csrc/psa_block_cuda.cuh``; all in float32,
     float64 for float64 x)."""
     p, half = h * w, c // 2
-    if form < 2:   # pi, S, stats [s, m, A, u_eff], c, A, u_eff
-        return [(n, p), (n, p), (n, 4, c), (n,), (n, c), (n, c)]
-    if form == 2:  # pi, t, the spatial softmax's state, stats [s, m, A, u], small [v, q]
-        return [(n, p), (n, p), (2, n), (4, n, c), (2, n, half)]
-    # pi, S, stats [s, m, A, A m], small [v, q], the bottleneck's [zhat, h2, relu(h2)], its
-    # LayerNorm's 1/std, the value softmax's state
-    return [(n, p), (n, p), (4, n, c), (2, n, half), (3, n, bottleneck), (n,), (2, n, half)]
+    # every form: first the channel logits l, last the state of their softmax over the pixels
+    # (max, sum of exponentials), from which the backward forms pi = softmax_p(l)
+    if form < 2:   # l, S, stats [s, m, A, u_eff], c, A, u_eff, l's state
+        return [(n, p), (n, p), (n, 4, c), (n,), (n, c), (n, c), (2, n)]
+    if form == 2:  # l, t, the spatial softmax's state, stats [s, m, A, u], small [v, q], l's
+        return [(n, p), (n, p), (2, n), (4, n, c), (2, n, half), (2, n)]
+    # l, S, stats [s, m, A, A m], small [v, q], the bottleneck's [zhat, h2, relu(h2)], its
+    # LayerNorm's 1/std, the value softmax's state, l's
+    return [(n, p), (n, p), (4, n, c), (2, n, half), (3, n, bottleneck), (n,), (2, n, half),
+            (2, n)]
 
 
 def _fake_fwd(x, weights, form, eps):

@@ -162,19 +162,25 @@ def test_psa_glue_kernels_match_their_pytorch_twins(emulated, mode: str) -> None
     for n, s, c, p in [(1, 1, 2, 1), (3, 5, 6, 7), (2, 41, 96, 50), (2, 3, 600, 9)]:
         w = random_params(c, std=0.3)
         weights = [w[k] for k in psa_op.CHAIN_NAMES]
-        logits, pmax = torch.randn(n, p, dtype=F64), torch.randn(n, s, dtype=F64)
+        pmax = torch.randn(n, s, dtype=F64)
         psum, ps, pm = (torch.rand(n, s, dtype=F64) + 0.5, torch.randn(n, s, c, dtype=F64),
                         torch.randn(n, s, c, dtype=F64))
-        fwd = emulated.psa_fwd_glue(logits, pmax, psum, ps, pm, weights, EPS, sequential)
-        for a, b in zip(fwd, psa_op._fwd_glue_torch(logits, pmax, psum, ps, pm, weights, EPS,
+        fwd = emulated.psa_fwd_glue(pmax, psum, ps, pm, p, weights, EPS, sequential)
+        for a, b in zip(fwd, psa_op._fwd_glue_torch(pmax, psum, ps, pm, p, weights, EPS,
                                                     sequential)):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        # the merged state of the splits': the maximum, the sum rescaled to it
+        top = pmax.amax(1)
+        torch.testing.assert_close(fwd[0], torch.stack([top, (psum * (pmax - top[:, None]).exp())
+                                                        .sum(1)]), rtol=1e-12, atol=1e-12)
         stats = fwd[1]
-        d_t, part_da, part_dueff = (torch.randn(n, p, dtype=F64),
-                                    torch.randn(n, s, c, dtype=F64),
-                                    torch.randn(n, s, c, dtype=F64))
-        bwd = emulated.psa_bwd_glue(d_t, part_da, part_dueff, stats, weights, EPS, sequential)
-        ref = psa_op._bwd_glue_torch(d_t, part_da, part_dueff, stats, weights, EPS, sequential)
+        part_dt, part_da, part_dueff = (torch.randn(n, s, dtype=F64),
+                                        torch.randn(n, s, c, dtype=F64),
+                                        torch.randn(n, s, c, dtype=F64))
+        bwd = emulated.psa_bwd_glue(part_dt, part_da, part_dueff, stats, p, weights, EPS,
+                                    sequential)
+        ref = psa_op._bwd_glue_torch(part_dt, part_da, part_dueff, stats, p, weights, EPS,
+                                     sequential)
         for name, a, b in zip(('dm', 'dsv', 'beta', 'left', 'right', 'vecs'), bwd, ref):
             torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=name)
 
@@ -207,10 +213,10 @@ def test_psa_kernel_path_launches_few_operators(psa_kernel, dtype: torch.dtype) 
     x = torch.randn(2, 32, 4, 6, dtype=dtype)
     params = tuple(w[k] for k in PARAM_NAMES)
     with _CountOps() as fwd:
-        y, pi, s_mask, stats = psa_op._forward_impl(x, params, EPS, True, True)
+        y, logits, lnorm, s_mask, stats = psa_op._forward_impl(x, params, EPS, True, True)
     g = torch.randn_like(y)
     with _CountOps() as bwd:
-        psa_op._backward_impl(g, x, pi, s_mask, stats, params, EPS, True, True)
+        psa_op._backward_impl(g, x, logits, lnorm, s_mask, stats, params, EPS, True, True)
     kernels = {f'{NAMESPACE}.{name}' for name in PSA_KERNEL_OPS}
     assert kernels == {op for op in fwd.ops + bwd.ops if op.startswith('mmattn_emulated')}
     # forward: 3 kernels (bf16: + concatenating and casting the weights); backward: 3 kernels,
@@ -221,15 +227,20 @@ def test_psa_kernel_path_launches_few_operators(psa_kernel, dtype: torch.dtype) 
 
 
 def test_psa_glue_input_errors(emulated) -> None:
-    logits, pmax, psum = torch.randn(2, 9), torch.randn(2, 3), torch.rand(2, 3)
+    pmax, psum = torch.randn(2, 3), torch.rand(2, 3)
     ps, pm = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     weights = [torch.randn(4, 8), torch.randn(4)]
     with pytest.raises(RuntimeError, match='expected the 10 chain weights, got 2'):
-        emulated.psa_fwd_glue(logits, pmax, psum, ps, pm, weights, EPS, False)
-    with pytest.raises(RuntimeError, match='pmax must have shape'):
-        emulated.psa_fwd_glue(logits, pmax[:, :2], psum, ps, pm, weights, EPS, False)
+        emulated.psa_fwd_glue(pmax, psum, ps, pm, 9, weights, EPS, False)
+    with pytest.raises(RuntimeError, match=r'pmax must have shape \[2, 3\], got \[2, 2\]'):
+        emulated.psa_fwd_glue(pmax[:, :2], psum, ps, pm, 9, weights, EPS, False)
     with pytest.raises(RuntimeError, match='float32 or float64'):
-        emulated.psa_fwd_glue(logits.half(), pmax, psum, ps, pm, weights, EPS, False)
+        emulated.psa_fwd_glue(pmax.half(), psum, ps, pm, 9, weights, EPS, False)
+    with pytest.raises(RuntimeError, match=r'pixels must be in \[1, 2\^31\), got 0'):
+        emulated.psa_fwd_glue(pmax, psum, ps, pm, 0, weights, EPS, False)
+    with pytest.raises(RuntimeError, match='part_dt must be \\(N, S\\)'):
+        emulated.psa_bwd_glue(torch.randn(2, 3, 1), ps, pm, torch.randn(2, 4, 8), 9, weights,
+                              EPS, False)
 
 
 def test_psa_kernel_input_errors(emulated) -> None:

@@ -28,17 +28,18 @@
 namespace mmattn {
 namespace psa {
 
-// The paper forms: y, and [pi, S, stats (N, 4, C) = [s, m, A, u_eff], c (N), A, u_eff].
+// The paper forms: y, and [logits l (N, P), S, stats (N, 4, C) = [s, m, A, u_eff], c (N), A,
+// u_eff, lnorm (2, N)] (lnorm: the state of pi = softmax_p(l), its maxima and sums).
 std::tuple<at::Tensor, std::vector<at::Tensor>> paper_forward(const at::Tensor& x,
                                                               const Geometry& g,
                                                               const std::vector<at::Tensor>& W,
                                                               double eps, bool sequential) {
   auto [logits, pmax, psum, ps, pm] = fwd_reduce(x, g, W[0], 0);
   const at::Tensor a = at::empty({x.size(0), g.C}, logits.options()), ueff = at::empty_like(a);
-  auto [pi, stats, c] = fwd_glue(logits, pmax, psum, ps, pm, at::TensorList(W).slice(2), eps,
-                                 sequential, a, ueff);
+  auto [lnorm, stats, c] = fwd_glue(pmax, psum, ps, pm, g.P, at::TensorList(W).slice(2), eps,
+                                    sequential, a, ueff);
   auto [y, s_mask] = fwd_apply(x, a, ueff, c, SoftmaxStates{}, sequential);
-  return {y, {pi, s_mask, stats, c, a, ueff}};
+  return {y, {logits, s_mask, stats, c, a, ueff, lnorm}};
 }
 
 // dL/dx and the 12 weights' gradients in the accumulation dtype, in the op's order. ch_bq's is
@@ -46,21 +47,22 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> paper_forward(const at::Tensor& 
 std::tuple<at::Tensor, std::vector<at::Tensor>> paper_backward(
     const at::Tensor& grad, const at::Tensor& x, const std::vector<at::Tensor>& saved,
     const std::vector<at::Tensor>& W, double eps, bool sequential) {
-  const at::Tensor &pi = saved[0], &s_mask = saved[1], &stats = saved[2], &a = saved[4],
-                   &ueff = saved[5];
+  const at::Tensor &logits = saved[0], &s_mask = saved[1], &stats = saved[2], &a = saved[4],
+                   &ueff = saved[5], &lnorm = saved[6];
   const int64_t C = a.size(1), H = C / 2;
   // The atomic adds' target, cleared by the reduction: W_q's gradient (C, from the apply pass),
   // ch_bq's (exactly 0), the vector gradients (3 C/2 + 3 C, from the glue; sp_bv, sp_bq, ch_bv
   // (C/2 each), ln_weight, ln_bias, ch_bz (C each))
   const at::Tensor flat = at::empty({C + 1 + 3 * H + 3 * C}, a.options());
-  auto [d_t, part_da, part_dueff, unused] =
+  auto [d_t, part_da, part_dueff, unused, part_dt] =
       bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, 0, sequential, flat);
   const at::Tensor vec_grads = flat.narrow(0, C + 1, 3 * H + 3 * C);
-  auto [dm, dsv, beta, left, right, no_vecs] = bwd_glue(
-      d_t, part_da, part_dueff, stats, at::TensorList(W).slice(2), eps, sequential, vec_grads);
+  auto [dm, dsv, beta, left, right, no_vecs] =
+      bwd_glue(part_dt, part_da, part_dueff, stats, logits.size(1), at::TensorList(W).slice(2),
+               eps, sequential, vec_grads);
   const at::Tensor gwq = flat.narrow(0, 0, C);
-  at::Tensor dx = std::get<0>(bwd_apply(grad, x, a, s_mask, pi, d_t, ueff, dm, dsv, W[0], beta,
-                                        0, sequential, gwq));
+  at::Tensor dx = std::get<0>(bwd_apply(grad, x, a, s_mask, logits, lnorm, d_t, ueff, dm, dsv,
+                                        W[0], beta, 0, sequential, gwq));
   const at::Tensor mats = at::bmm(left.transpose(1, 2), right);  // (4, C/2, C)
   const auto v = vec_grads.split_with_sizes({H, H, H, C, C, C});
   return {dx,

@@ -5,11 +5,14 @@
 // passes over x themselves.
 //
 //   forward:  merge the splits' online-softmax states (max M_s, sum Z_s, weighted sums) into
-//             pi = softmax_p(l) and s = sum_p pi_p x_p, m = mean_p x_p; then the chain
+//             the state (M, Z) of pi = softmax_p(l) and s = sum_p pi_p x_p, m = mean_p x_p
+//             (pi itself is formed where it is used, by the backward apply pass); then the chain
 //             v = W_v s + b_v, z = W_z v + b_z, A = sigmoid(LN(z)), mz = A m | m,
 //             q = softmax(W_q mz + b_q), u = W_v'^T q, c = q . b_v', u_eff = u A | u   (Eq. 1-5)
 //   backward: the chain again (from s and m), then its derivative in reverse, giving what the
 //             last pass needs (dm, ds, beta) and the factors of the parameter gradients.
+// Nothing here walks the pixels (one block per image would be latency-bound on them: at N = 2,
+// P = 32768, 128 loads a thread): the reductions' per-split sums carry what they need.
 //
 // All vectors are in the accumulation dtype (float or double); the weights are CHAIN_NAMES of
 // psa.py as contiguous matrices: ch_wv (C/2, C), ch_wz (C, C/2), sp_wq and sp_wv (C/2, C).
@@ -234,24 +237,14 @@ __device__ __forceinline__ SoftmaxNorm<T> merge_splits(const T* pmax, const T* p
   return {top, total};
 }
 
-// pi = softmax_p(logits) of image n, from its normalisation.
-// Four logits loaded before the first store: one block per image runs this over all its
-// pixels, so it is bound by the loads' latency.
+// The merged softmax state of image n, in the (2, N) rows [maxima; sums of exponentials]
+// (a block per image, gridDim.x = N).
 template <typename T>
-__device__ __forceinline__ void write_pi(const T* logits, int n, int P,
-                                         const SoftmaxNorm<T>& norm, T* pi) {
-  const T* ln = logits + static_cast<int64_t>(n) * P;
-  T* pin = pi + static_cast<int64_t>(n) * P;
-  int p = threadIdx.x;
-  for (; p + 3 * kThreads < P; p += 4 * kThreads) {
-    const T l0 = ln[p], l1 = ln[p + kThreads], l2 = ln[p + 2 * kThreads],
-            l3 = ln[p + 3 * kThreads];
-    pin[p] = norm(l0);
-    pin[p + kThreads] = norm(l1);
-    pin[p + 2 * kThreads] = norm(l2);
-    pin[p + 3 * kThreads] = norm(l3);
+__device__ __forceinline__ void write_norm(const SoftmaxNorm<T>& norm, int n, T* out) {
+  if (threadIdx.x == 0) {
+    out[n] = norm.top;
+    out[gridDim.x + n] = norm.total;
   }
-  for (; p < P; p += kThreads) pin[p] = norm(ln[p]);
 }
 
 // Workspace per image (the larger, backward layout): zhat, u, A, u_eff, d_a, d_mz, d_zhat
@@ -262,16 +255,16 @@ __host__ __device__ inline int64_t glue_work(int C) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
-                const T* __restrict__ psum, const T* __restrict__ ps, const T* __restrict__ pm,
-                int S, int C, int P, Chain<T> w, T eps, bool sequential, T* __restrict__ pi,
+fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum,
+                const T* __restrict__ ps, const T* __restrict__ pm, int S, int C, int P,
+                Chain<T> w, T eps, bool sequential, T* __restrict__ lnorm,
                 T* __restrict__ stats, T* __restrict__ cbias, T* __restrict__ work,
                 T* __restrict__ a_out, T* __restrict__ ueff_out) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* scratch = reinterpret_cast<T*>(smem_raw);
   const int n = blockIdx.x, H = C / 2;
   T* st = stats + static_cast<int64_t>(n) * 4 * C;  // rows s, m, A, u_eff
-  const SoftmaxNorm<T> norm = merge_splits(pmax, psum, ps, pm, n, S, C, P, st, st + C, scratch);
+  write_norm(merge_splits(pmax, psum, ps, pm, n, S, C, P, st, st + C, scratch), n, lnorm);
   T* ws = work + static_cast<int64_t>(n) * glue_work(C);
   ChainVecs<T> o;
   o.s = st;
@@ -292,17 +285,18 @@ fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
       ueff_out[static_cast<int64_t>(n) * C + c] = o.ueff[c];
     }
   }
-  write_pi(logits, n, P, norm, pi);
 }
 
-// Outputs per image n: dm = dL/dm / P, dsv = dL/ds (N, C), beta (N); the weight-gradient
+// In: the backward reduction's splits' partial sums of d_t (N, S), dA and d u_eff (N, S, C);
+// the forward's stats. Outputs per image n: dm = dL/dm / P, dsv = dL/ds (N, C), beta (N); the
+// weight-gradient
 // factors left (4, N, C/2) = [q, d_g, v, d_v] and right (4, N, C) = [d_u, mz, d_z, s]; the
 // vector gradients' terms vecs (N, 3 C/2 + 3 C) = [q d_c, d_g, d_v, d_ln zhat, d_ln, d_z], or,
 // with vec_sum given, their sum over the images added into vec_sum (3 C/2 + 3 C, zeroed
 // before; atomic adds) and vecs unused.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-bwd_glue_kernel(const T* __restrict__ d_t, const T* __restrict__ part_da,
+bwd_glue_kernel(const T* __restrict__ part_dt, const T* __restrict__ part_da,
                 const T* __restrict__ part_dueff, const T* __restrict__ stats, int N, int S,
                 int C, int P, Chain<T> w, T eps, bool sequential, T* __restrict__ dm,
                 T* __restrict__ dsv, T* __restrict__ beta, T* __restrict__ left,
@@ -348,7 +342,8 @@ bwd_glue_kernel(const T* __restrict__ d_t, const T* __restrict__ part_da,
     R(3)[c] = o.s[c];
   }
   T part = 0;
-  for (int p = threadIdx.x; p < P; p += kThreads) part += d_t[static_cast<int64_t>(n) * P + p];
+  for (int s = threadIdx.x; s < S; s += kThreads)
+    part += part_dt[static_cast<int64_t>(n) * S + s];
   const T d_c = block_sum(part, scratch);  // (its syncs also publish d_u)
   // u = W_v'^T q, c = q . b_v', q = softmax(g): d_q = W_v' d_u + d_c b_v', d_g = q (d_q - q.d_q)
   rows_dot(w.sp_wv, d_u, static_cast<const T*>(nullptr), H, C, d_q);
@@ -433,46 +428,49 @@ Chain<T> chain_weights(at::TensorList weights, int C, at::ScalarType acc, const 
           k[8].data_ptr<T>(), k[9].data_ptr<T>()};
 }
 
-// The sizes of a glue call, from its (N, P) and (N, S, C) inputs (checked): the images, pixels,
-// splits, channels, and the accumulation dtype and device everything else must have.
+// The sizes of a glue call, from its (N, S) and (N, S, C) inputs (checked) and its pixel count:
+// the images, pixels, splits, channels, and the accumulation dtype and device everything else
+// must have.
 struct GlueSizes {
   int64_t N, P, S, C;
   at::ScalarType acc;
   at::Device dev;
 };
 
-GlueSizes glue_sizes(const at::Tensor& per_pixel, const at::Tensor& partial, const char* pp_name,
-                     const char* partial_name) {
-  TORCH_CHECK(per_pixel.dim() == 2 && partial.dim() == 3, "mmattn psa glue: ", pp_name,
-              " must be (N, P) and ", partial_name, " (N, S, C), got ", per_pixel.sizes(),
+GlueSizes glue_sizes(const at::Tensor& per_split, const at::Tensor& partial, int64_t pixels,
+                     const char* ps_name, const char* partial_name) {
+  TORCH_CHECK(per_split.dim() == 2 && partial.dim() == 3, "mmattn psa glue: ", ps_name,
+              " must be (N, S) and ", partial_name, " (N, S, C), got ", per_split.sizes(),
               " and ", partial.sizes());
-  const GlueSizes z{per_pixel.size(0), per_pixel.size(1), partial.size(1), partial.size(2),
-                    per_pixel.scalar_type(), per_pixel.device()};
+  const GlueSizes z{partial.size(0), pixels, partial.size(1), partial.size(2),
+                    per_split.scalar_type(), per_split.device()};
   TORCH_CHECK(z.C % 2 == 0, "mmattn psa glue: C must be even, got C=", z.C);
+  TORCH_CHECK(z.P > 0 && z.P < (int64_t(1) << 31),
+              "mmattn psa glue: pixels must be in [1, 2^31), got ", z.P);
   TORCH_CHECK(z.acc == at::kFloat || z.acc == at::kDouble,
               "mmattn psa glue: the accumulation dtype must be float32 or float64, got ", z.acc);
   return z;
 }
 
-// pi, stats (N, 4, C) = [s, m, A, u_eff] and c; with a_out and ueff_out given ((N, C), the
-// accumulation dtype, contiguous), A and u_eff also written there.
+// lnorm (2, N) (the merged state of the softmax over the P pixels' logits: the maxima, the sums
+// of exponentials), stats (N, 4, C) = [s, m, A, u_eff] and c; with a_out and ueff_out given
+// ((N, C), the accumulation dtype, contiguous), A and u_eff also written there.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_glue(
-    const at::Tensor& logits_in, const at::Tensor& pmax_in, const at::Tensor& psum_in,
-    const at::Tensor& ps_in, const at::Tensor& pm_in, at::TensorList weights, double eps,
+    const at::Tensor& pmax_in, const at::Tensor& psum_in, const at::Tensor& ps_in,
+    const at::Tensor& pm_in, int64_t pixels, at::TensorList weights, double eps,
     bool sequential, const at::Tensor& a_out = at::Tensor(),
     const at::Tensor& ueff_out = at::Tensor()) {
-  const launch::DeviceGuard guard(logits_in.device());
-  const GlueSizes z = glue_sizes(logits_in, ps_in, "logits", "ps");
+  const launch::DeviceGuard guard(pmax_in.device());
+  const GlueSizes z = glue_sizes(pmax_in, ps_in, pixels, "pmax", "ps");
   const int64_t N = z.N, P = z.P, S = z.S, C = z.C;
   const at::ScalarType acc = z.acc;
   const at::Device dev = z.dev;
-  const at::Tensor logits = logits_in.contiguous();
   const at::Tensor pmax = acc_tensor(pmax_in, {N, S}, acc, dev, "pmax");
   const at::Tensor psum = acc_tensor(psum_in, {N, S}, acc, dev, "psum");
   const at::Tensor ps = acc_tensor(ps_in, {N, S, C}, acc, dev, "ps");
   const at::Tensor pm = acc_tensor(pm_in, {N, S, C}, acc, dev, "pm");
-  const auto opts = logits.options();
-  at::Tensor pi = at::empty({N, P}, opts), stats = at::empty({N, 4, C}, opts);
+  const auto opts = pmax.options();
+  at::Tensor lnorm = at::empty({2, N}, opts), stats = at::empty({N, 4, C}, opts);
   at::Tensor cbias = at::empty({N}, opts);
   const bool rows = a_out.defined();
   if (rows)
@@ -480,49 +478,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_glue(
                     acc_tensor(a_out, {N, C}, acc, dev, "a_out").is_same(a_out) &&
                     acc_tensor(ueff_out, {N, C}, acc, dev, "ueff_out").is_same(ueff_out),
                 "mmattn psa glue: a_out and ueff_out must both be given, contiguous");
-  if (N == 0) return {pi, stats, cbias};
+  if (N == 0) return {lnorm, stats, cbias};
   at::Tensor work = at::empty({N, glue_work(static_cast<int>(C))}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "psa_fwd_glue", [&] {
     std::vector<at::Tensor> keep;
     const Chain<scalar_t> w = chain_weights<scalar_t>(weights, static_cast<int>(C), acc, dev,
                                                       &keep);
     launch::launch(fwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)), kThreads,
-                   kGlueSmem * sizeof(scalar_t), logits.data_ptr<scalar_t>(),
-                   pmax.data_ptr<scalar_t>(), psum.data_ptr<scalar_t>(),
-                   ps.data_ptr<scalar_t>(), pm.data_ptr<scalar_t>(), static_cast<int>(S),
-                   static_cast<int>(C), static_cast<int>(P), w, static_cast<scalar_t>(eps),
-                   sequential, pi.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(),
-                   cbias.data_ptr<scalar_t>(), work.data_ptr<scalar_t>(),
-                   rows ? a_out.data_ptr<scalar_t>() : nullptr,
+                   kGlueSmem * sizeof(scalar_t), pmax.data_ptr<scalar_t>(),
+                   psum.data_ptr<scalar_t>(), ps.data_ptr<scalar_t>(), pm.data_ptr<scalar_t>(),
+                   static_cast<int>(S), static_cast<int>(C), static_cast<int>(P), w,
+                   static_cast<scalar_t>(eps), sequential, lnorm.data_ptr<scalar_t>(),
+                   stats.data_ptr<scalar_t>(), cbias.data_ptr<scalar_t>(),
+                   work.data_ptr<scalar_t>(), rows ? a_out.data_ptr<scalar_t>() : nullptr,
                    rows ? ueff_out.data_ptr<scalar_t>() : nullptr);
   });
-  return {pi, stats, cbias};
+  return {lnorm, stats, cbias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_fwd_glue_cuda(
-    const at::Tensor& logits, const at::Tensor& pmax, const at::Tensor& psum,
-    const at::Tensor& ps, const at::Tensor& pm, at::TensorList weights, double eps,
-    bool sequential) {
-  return fwd_glue(logits, pmax, psum, ps, pm, weights, eps, sequential);
+    const at::Tensor& pmax, const at::Tensor& psum, const at::Tensor& ps, const at::Tensor& pm,
+    int64_t pixels, at::TensorList weights, double eps, bool sequential) {
+  return fwd_glue(pmax, psum, ps, pm, pixels, weights, eps, sequential);
 }
 
 // dm, dsv, beta, left, right and vecs (bwd_glue_kernel); with vec_sum given (3 C/2 + 3 C
 // values, the accumulation dtype, contiguous, zeroed before by the same stream), vecs' sum over
 // the images added into it, and vecs undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-bwd_glue(const at::Tensor& d_t_in, const at::Tensor& part_da_in,
-         const at::Tensor& part_dueff_in, const at::Tensor& stats_in, at::TensorList weights,
-         double eps, bool sequential, const at::Tensor& vec_sum = at::Tensor()) {
-  const launch::DeviceGuard guard(d_t_in.device());
-  const GlueSizes z = glue_sizes(d_t_in, part_da_in, "d_t", "part_da");
+bwd_glue(const at::Tensor& part_dt_in, const at::Tensor& part_da_in,
+         const at::Tensor& part_dueff_in, const at::Tensor& stats_in, int64_t pixels,
+         at::TensorList weights, double eps, bool sequential,
+         const at::Tensor& vec_sum = at::Tensor()) {
+  const launch::DeviceGuard guard(part_dt_in.device());
+  const GlueSizes z = glue_sizes(part_dt_in, part_da_in, pixels, "part_dt", "part_da");
   const int64_t N = z.N, P = z.P, S = z.S, C = z.C, H = C / 2;
   const at::ScalarType acc = z.acc;
   const at::Device dev = z.dev;
-  const at::Tensor d_t = d_t_in.contiguous();
+  const at::Tensor part_dt = acc_tensor(part_dt_in, {N, S}, acc, dev, "part_dt");
   const at::Tensor part_da = acc_tensor(part_da_in, {N, S, C}, acc, dev, "part_da");
   const at::Tensor part_dueff = acc_tensor(part_dueff_in, {N, S, C}, acc, dev, "part_dueff");
   const at::Tensor stats = acc_tensor(stats_in, {N, 4, C}, acc, dev, "stats");
-  const auto opts = d_t.options();
+  const auto opts = part_dt.options();
   at::Tensor dm = at::empty({N, C}, opts), dsv = at::empty({N, C}, opts);
   at::Tensor beta = at::empty({N}, opts);
   at::Tensor left = at::empty({4, N, H}, opts), right = at::empty({4, N, C}, opts);
@@ -537,7 +534,7 @@ bwd_glue(const at::Tensor& d_t_in, const at::Tensor& part_da_in,
     const Chain<scalar_t> w = chain_weights<scalar_t>(weights, static_cast<int>(C), acc, dev,
                                                       &keep);
     launch::launch(bwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)), kThreads,
-                   kGlueSmem * sizeof(scalar_t), d_t.data_ptr<scalar_t>(),
+                   kGlueSmem * sizeof(scalar_t), part_dt.data_ptr<scalar_t>(),
                    part_da.data_ptr<scalar_t>(), part_dueff.data_ptr<scalar_t>(),
                    stats.data_ptr<scalar_t>(), static_cast<int>(N), static_cast<int>(S),
                    static_cast<int>(C), static_cast<int>(P), w, static_cast<scalar_t>(eps),
@@ -550,9 +547,10 @@ bwd_glue(const at::Tensor& d_t_in, const at::Tensor& part_da_in,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-psa_bwd_glue_cuda(const at::Tensor& d_t, const at::Tensor& part_da, const at::Tensor& part_dueff,
-                  const at::Tensor& stats, at::TensorList weights, double eps, bool sequential) {
-  return bwd_glue(d_t, part_da, part_dueff, stats, weights, eps, sequential);
+psa_bwd_glue_cuda(const at::Tensor& part_dt, const at::Tensor& part_da,
+                  const at::Tensor& part_dueff, const at::Tensor& stats, int64_t pixels,
+                  at::TensorList weights, double eps, bool sequential) {
+  return bwd_glue(part_dt, part_da, part_dueff, stats, pixels, weights, eps, sequential);
 }
 
 }  // namespace psa

@@ -5,15 +5,18 @@
 // pure-PyTorch implementation of each with the same contract (the CPU path and the reference
 // these kernels are tested against).
 //
-//   forward   reduce: l_p = w_q . x_p ; online softmax over p: per split, max M, sum Z = sum e^{l-M},
-//                     s_c = sum_p e^{l_p-M} x_cp ; m_c = sum_p x_cp          (1 read of x)
+//   forward   reduce: l_p = w_q . x_p ; online softmax over p: per split, max M,
+//                     sum Z = sum e^{l-M}, s_c = sum_p e^{l_p-M} x_cp ; m_c = sum_p x_cp
+//                                                                             (1 read of x)
 //             apply:  S_p = sigmoid(u . x_p + b) ; y_cp = x_cp (a_c + S_p) or x_cp a_c S_p
 //                                                                             (1 read, 1 write)
 //   backward  reduce: g = G (.) x ; d_s_p = sum_c g_cp (a_c or 1) ; d_t = d_s S (1 - S) ;
-//                     da_c = sum_p g_cp (S_p or 1) ; du_c = sum_p x_cp d_t_p   (2 reads)
-//             apply:  d_l_p = pi_p (dsv . x_p - beta) ; gwq_c = sum_p x_cp d_l_p ;
-//                     dx_cp = G_cp (a_c + S_p | a_c S_p) + u_c d_t_p + dm_c + dsv_c pi_p + wq_c d_l_p
-//                                                                             (2 reads, 1 write)
+//                     da_c = sum_p g_cp (S_p or 1) ; du_c = sum_p x_cp d_t_p ; sum_p d_t_p
+//                                                                             (2 reads)
+//             apply:  pi_p = e^{l_p-M} / Z (the merged state) ;
+//                     d_l_p = pi_p (dsv . x_p - beta) ; gwq_c = sum_p x_cp d_l_p ;
+//                     dx_cp = G_cp (a_c + S_p | a_c S_p) + u_c d_t_p + dm_c + dsv_c pi_p
+//                             + wq_c d_l_p                                    (2 reads, 1 write)
 //
 // Each thread block stages a tile of TP pixels x all C channels of x (and of G) in shared memory
 // as the accumulation type, row p at offset p * (C + 1) (C is even, so the odd row stride makes
@@ -21,7 +24,10 @@
 // loads and stores move 16 bytes a thread where the layout allows (VEC elements consecutive in
 // memory: pixels of a channel for NCHW, channels of a pixel for channels_last), else single
 // elements; either way coalesced. The reductions over the pixels are split over `splits` blocks
-// per image (partials merged by the glue kernels) so that large H*W fill the GPU.
+// per image (partials merged by the glue kernels) so that large H*W fill the GPU. The glue
+// kernels (a block per image) touch nothing per pixel: the forward keeps the logits l and
+// their softmax's merged state (M, Z), from which the backward apply pass forms pi, and the
+// backward reduction gives each split's sum of d_t.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -465,8 +471,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, Geometry g,
                   int tile_p, int log2_tile, int chunk, int splits, const acc_t* __restrict__ a,
                   const acc_t* __restrict__ s_mask, PixelSoftmax<acc_t> psm,
-                  acc_t* __restrict__ d_t, acc_t* __restrict__ pda, acc_t* __restrict__ pdu,
-                  acc_t* __restrict__ pr, bool sequential, acc_t* __restrict__ zero,
+                  acc_t* __restrict__ d_t, acc_t* __restrict__ pdt, acc_t* __restrict__ pda,
+                  acc_t* __restrict__ pdu, acc_t* __restrict__ pr, bool sequential,
+                  acc_t* __restrict__ zero,
                   int64_t zero_count, scalar_t* __restrict__ wa, const acc_t* __restrict__ wv2,
                   int wa_rows) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -482,6 +489,8 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
   acc_t* acc_r = acc_du + g.C;     // the release's PSA_p: sum_p x_p sig_p
   acc_t* s_norm = acc_r + g.C;     // the release's PSA_p: the softmax's state (in shared
                                    // memory: held in registers, bf16 spilled on sm_90)
+  acc_t* s_dtsum = s_norm + g.C;   // each warp's sum of the d_t it wrote (kWarps values, in
+                                   // shared memory: no register live across the loop)
 
   const int n = blockIdx.y, split = blockIdx.x;
   const int64_t base = n * g.sN, np = static_cast<int64_t>(n) * g.P;
@@ -497,6 +506,7 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
     s_a[c] = sequential ? a[static_cast<int64_t>(n) * g.C + c] : acc_t(1);
     acc_da[c] = acc_du[c] = acc_r[c] = acc_t(0);
   }
+  if (threadIdx.x < kWarps) s_dtsum[threadIdx.x] = acc_t(0);
   const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
   for (int pt = p_begin; pt < p_end; pt += tile_p) {
     const int tp = min(tile_p, p_end - pt);
@@ -520,6 +530,7 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
       const acc_t dt = ds * sg * (acc_t(1) - sg) * (release ? s_sig[p] : acc_t(1));
       s_dt[p] = dt;
       d_t[np + pt + p] = dt;
+      s_dtsum[threadIdx.x >> 5] += dt;  // (a warp's lane 0: its own slot)
     });
     __syncthreads();
     for (int c = threadIdx.x; c < g.C; c += kThreads) {
@@ -541,6 +552,12 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
     pdu[o * g.C + c] = acc_du[c];
     if (release) pr[o * g.C + c] = acc_r[c];
   }
+  __syncthreads();  // every warp's s_dtsum is final
+  if (threadIdx.x == 0) {  // in warp order: the same sum every run
+    acc_t total = 0;
+    for (int w = 0; w < kWarps; ++w) total += s_dtsum[w];
+    pdt[o] = total;
+  }
 }
 
 // ---------------------------------------------------------------- backward, pass 2: dx
@@ -549,11 +566,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                  scalar_t* __restrict__ dx, Geometry g, int tile_p, int log2_tile, int chunk,
                  int splits, const acc_t* __restrict__ a, const acc_t* __restrict__ s_mask,
-                 const acc_t* __restrict__ pi, const acc_t* __restrict__ d_t,
-                 const acc_t* __restrict__ u, const acc_t* __restrict__ dm,
-                 const acc_t* __restrict__ dsv, const acc_t* __restrict__ wq,
-                 const acc_t* __restrict__ beta, acc_t* __restrict__ pgwq, bool sequential,
-                 acc_t* __restrict__ gwq, bool accumulate) {
+                 const acc_t* __restrict__ logits, const acc_t* __restrict__ lnorm,
+                 PixelSoftmax<acc_t> psm, const acc_t* __restrict__ beta_t,
+                 const acc_t* __restrict__ d_t, const acc_t* __restrict__ u,
+                 const acc_t* __restrict__ dm, const acc_t* __restrict__ dsv,
+                 const acc_t* __restrict__ wq, const acc_t* __restrict__ beta,
+                 acc_t* __restrict__ pgwq, bool sequential, acc_t* __restrict__ gwq,
+                 bool accumulate) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -567,16 +586,28 @@ bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__
   acc_t* s_dsv = s_dm + g.C;
   acc_t* s_wq = s_dsv + g.C;
   acc_t* acc_g = s_wq + g.C;
+  acc_t* s_norm = acc_g + g.C;  // pi's softmax state; the release's PSA_p: sig's, and beta_t
 
   const int n = blockIdx.y, split = blockIdx.x;
   const int64_t base = n * g.sN, nc = static_cast<int64_t>(n) * g.C;
   const int64_t np = static_cast<int64_t>(n) * g.P;
+  const bool release = psm.t != nullptr;
   load_vec(s_a, a + nc, g.C);
   load_vec(s_u, u + nc, g.C);
   load_vec(s_dm, dm + nc, g.C);
   load_vec(s_dsv, dsv + nc, g.C);
   load_vec(s_wq, wq, g.C);
   for (int c = threadIdx.x; c < g.C; c += kThreads) acc_g[c] = acc_t(0);
+  if (threadIdx.x == 0) {  // visible after the first tile's barrier
+    s_norm[0] = lnorm[n];  // (2, N): the maxima, then the sums of exponentials
+    s_norm[1] = lnorm[gridDim.y + n];
+    if (release) {
+      const SoftmaxNorm<acc_t> sig_norm = merge_softmax(psm, n);
+      s_norm[2] = sig_norm.top;
+      s_norm[3] = sig_norm.total;
+      s_norm[4] = beta_t[n];
+    }
+  }
   const acc_t bn = beta[n];
   const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
   for (int pt = p_begin; pt < p_end; pt += tile_p) {
@@ -584,9 +615,16 @@ bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__
     __syncthreads();
     load_tile<VEC>(g, log2_tile, tp, x + base, pt, tile, ld);
     if (threadIdx.x < tp) {
-      s_s[threadIdx.x] = s_mask[np + pt + threadIdx.x];
-      s_pi[threadIdx.x] = pi[np + pt + threadIdx.x];
-      s_dt[threadIdx.x] = d_t[np + pt + threadIdx.x];
+      const int64_t i = np + pt + threadIdx.x;
+      s_pi[threadIdx.x] = SoftmaxNorm<acc_t>{s_norm[0], s_norm[1]}(logits[i]);
+      if (release) {  // sig = softmax_p(t), S = sigmoid(sig), dL/dt = w_t - beta_t sig
+        const acc_t sig = SoftmaxNorm<acc_t>{s_norm[2], s_norm[3]}(psm.t[i]);
+        s_s[threadIdx.x] = op_sigmoid(sig);
+        s_dt[threadIdx.x] = d_t[i] - s_norm[4] * sig;
+      } else {
+        s_s[threadIdx.x] = s_mask[i];
+        s_dt[threadIdx.x] = d_t[i];
+      }
     }
     __syncthreads();
     pixel_dots(tile, ld, g.C, tp, s_dsv, [&](int p, acc_t r) { s_dl[p] = s_pi[p] * (r - bn); });
@@ -887,10 +925,10 @@ std::tuple<at::Tensor, at::Tensor> psa_fwd_apply_cuda(const at::Tensor& x, const
 // d_t (N, P) and the splits' partial dA, d u sums: `s_in` is the gate S (paper), or undefined
 // with `states` given (the release's PSA_p: S and sig computed from them; d_t then carries the
 // factor sig_p, and the fourth result holds the splits' partial sum_p x_p sig_p; undefined
-// for the paper). `zero`, when defined (the accumulation dtype, contiguous), is cleared on the
-// way (zero_grid); `wa`, when defined ((N, R, C) in x's dtype, contiguous), receives
+// for the paper); the fifth, the splits' partial sums of d_t (N, splits). `zero`, when defined
+// (the accumulation dtype, contiguous), is cleared on the way (zero_grid); `wa`, when defined ((N, R, C) in x's dtype, contiguous), receives
 // wv2 (R, C) diag(a_n) per image on the way (scale_columns_grid).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& a_in,
     const at::Tensor& s_in, const SoftmaxStates& states_in, int64_t splits_req,
     bool sequential, const at::Tensor& zero = at::Tensor(),
@@ -915,14 +953,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
               "mmattn psa kernels: wa must be a contiguous (N, R, C) tensor of x's dtype and wv2 "
               "a contiguous (R, C) one of the accumulation dtype");
   at::Tensor d_t = at::empty({N, g.P}, opts);
-  at::Tensor pda, pdu, pr;
+  at::Tensor pdt, pda, pdu, pr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Launch l = plan(g.C, sizeof(acc_t), 2, 3, 5);  // (C >= 2: room for s_norm)
+    const Launch l = plan(g.C, sizeof(acc_t), 2, 3, 5, kWarps);  // (C >= 2: room for s_norm)
     const bool vectors = vectorizable<scalar_t>(g, l, {x.data_ptr(), grad.data_ptr()});
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
       auto kernel = bwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
       const SplitLaunch s = split(l, splits_req, N, g.P, prepare(kernel, l));
+      pdt = at::empty({N, s.splits}, opts);
       pda = at::empty({N, s.splits, g.C}, opts);
       pdu = at::empty({N, s.splits, g.C}, opts);
       if (release) pr = at::empty({N, s.splits, g.C}, opts);
@@ -934,42 +973,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
           grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile,
           s.chunk, s.splits, a.data_ptr<acc_t>(),
           release ? nullptr : s_mask.data_ptr<acc_t>(), pixel_softmax<acc_t>(states),
-          d_t.data_ptr<acc_t>(), pda.data_ptr<acc_t>(), pdu.data_ptr<acc_t>(),
-          release ? pr.data_ptr<acc_t>() : nullptr, sequential,
+          d_t.data_ptr<acc_t>(), pdt.data_ptr<acc_t>(), pda.data_ptr<acc_t>(),
+          pdu.data_ptr<acc_t>(), release ? pr.data_ptr<acc_t>() : nullptr, sequential,
           zero.defined() ? zero.data_ptr<acc_t>() : nullptr,
           zero.defined() ? zero.numel() : int64_t{0},
           wa.defined() ? wa.data_ptr<scalar_t>() : nullptr,
           wa.defined() ? wv2.data_ptr<acc_t>() : nullptr, wa_rows);
     });
   });
-  return {d_t, pda, pdu, pr};
+  return {d_t, pda, pdu, pr, pdt};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> psa_bwd_reduce_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> psa_bwd_reduce_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& a, const at::Tensor& s_mask,
     int64_t splits_req, bool sequential) {
-  auto [d_t, pda, pdu, pr] = bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, splits_req,
-                                        sequential);
-  return {d_t, pda, pdu};
+  auto [d_t, pda, pdu, pr, pdt] = bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, splits_req,
+                                             sequential);
+  return {d_t, pda, pdu, pdt};
 }
 
 // dx, and the W_q gradient's partial sums per split (N, splits, C); or, with `gwq` given (C
 // values of the accumulation dtype, zeroed before by the same stream), the W_q gradient added
-// into gwq and no partial sums. With `dx_part` given (laid out as x), dx is dx_part plus this
-// pass's terms, written over dx_part.
+// into gwq and no partial sums. pi = softmax_p(logits) from the logits (N, P) and their merged
+// softmax state lnorm (2, N) (the maxima, the sums of exponentials). With `dx_part` given (laid
+// out as x), dx is dx_part plus this pass's terms, written over dx_part. `s_in` is the gate S
+// and `dt_in` dL/dt (paper), or, with `states` given (the release's PSA_p: t and its merged
+// state, one split), s_in is unused and S and dL/dt = dt_in - beta_t sig (beta_t (N)) are
+// formed from sig = softmax_p(t).
 std::tuple<at::Tensor, at::Tensor> bwd_apply(
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& a_in,
-    const at::Tensor& s_in, const at::Tensor& pi_in, const at::Tensor& dt_in,
-    const at::Tensor& u_in, const at::Tensor& dm_in, const at::Tensor& dsv_in,
-    const at::Tensor& wq_in, const at::Tensor& beta_in, int64_t splits_req, bool sequential,
-    const at::Tensor& gwq = at::Tensor(), const at::Tensor& dx_part = at::Tensor()) {
+    const at::Tensor& s_in, const at::Tensor& logits_in, const at::Tensor& lnorm_in,
+    const at::Tensor& dt_in, const at::Tensor& u_in, const at::Tensor& dm_in,
+    const at::Tensor& dsv_in, const at::Tensor& wq_in, const at::Tensor& beta_in,
+    int64_t splits_req, bool sequential, const at::Tensor& gwq = at::Tensor(),
+    const at::Tensor& dx_part = at::Tensor(), const SoftmaxStates& states_in = SoftmaxStates{},
+    const at::Tensor& beta_t_in = at::Tensor()) {
   const launch::DeviceGuard guard(x.device());
   const Geometry g = geometry(x);
   const int N = static_cast<int>(x.size(0));
   const at::Tensor grad = like_x(grad_in, x, g, "grad");
   const at::Tensor a = vec(a_in, x, {N, g.C}, "a");
-  const at::Tensor s_mask = vec(s_in, x, {N, g.P}, "s_mask");
-  const at::Tensor pi = vec(pi_in, x, {N, g.P}, "pi");
+  const SoftmaxStates states = check_states(states_in, x, N, g.P);
+  const bool release = states.t.defined();
+  const at::Tensor s_mask = release ? s_in : vec(s_in, x, {N, g.P}, "s_mask");
+  const at::Tensor beta_t = release ? vec(beta_t_in, x, {N}, "beta_t") : beta_t_in;
+  const at::Tensor logits = vec(logits_in, x, {N, g.P}, "logits");
+  const at::Tensor lnorm = vec(lnorm_in, x, {2, N}, "lnorm");
   const at::Tensor d_t = vec(dt_in, x, {N, g.P}, "d_t");
   const at::Tensor u = vec(u_in, x, {N, g.C}, "u");
   const at::Tensor dm = vec(dm_in, x, {N, g.C}, "dm");
@@ -986,7 +1035,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_apply(
   at::Tensor pgwq;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Launch l = plan(g.C, sizeof(acc_t), 1, 4, 6);
+    const Launch l = plan(g.C, sizeof(acc_t), 1, 4, 6, 5);
     const bool vectors =
         vectorizable<scalar_t>(g, l, {x.data_ptr(), grad.data_ptr(), dx.data_ptr()});
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
@@ -997,7 +1046,9 @@ std::tuple<at::Tensor, at::Tensor> bwd_apply(
       launch::launch(kernel, dim3(s.splits, N), kThreads, l.smem,
           grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g,
           l.tile_p, l.log2_tile, s.chunk, s.splits, a.data_ptr<acc_t>(),
-          s_mask.data_ptr<acc_t>(), pi.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(),
+          release ? nullptr : s_mask.data_ptr<acc_t>(), logits.data_ptr<acc_t>(),
+          lnorm.data_ptr<acc_t>(), pixel_softmax<acc_t>(states),
+          release ? beta_t.data_ptr<acc_t>() : nullptr, d_t.data_ptr<acc_t>(),
           u.data_ptr<acc_t>(), dm.data_ptr<acc_t>(), dsv.data_ptr<acc_t>(),
           wq.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
           gwq.defined() ? nullptr : pgwq.data_ptr<acc_t>(), sequential,
@@ -1009,10 +1060,11 @@ std::tuple<at::Tensor, at::Tensor> bwd_apply(
 
 std::tuple<at::Tensor, at::Tensor> psa_bwd_apply_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& a, const at::Tensor& s_mask,
-    const at::Tensor& pi, const at::Tensor& d_t, const at::Tensor& u, const at::Tensor& dm,
-    const at::Tensor& dsv, const at::Tensor& wq, const at::Tensor& beta, int64_t splits_req,
-    bool sequential) {
-  return bwd_apply(grad, x, a, s_mask, pi, d_t, u, dm, dsv, wq, beta, splits_req, sequential);
+    const at::Tensor& logits, const at::Tensor& lnorm, const at::Tensor& d_t,
+    const at::Tensor& u, const at::Tensor& dm, const at::Tensor& dsv, const at::Tensor& wq,
+    const at::Tensor& beta, int64_t splits_req, bool sequential) {
+  return bwd_apply(grad, x, a, s_mask, logits, lnorm, d_t, u, dm, dsv, wq, beta, splits_req,
+                   sequential);
 }
 
 }  // namespace psa

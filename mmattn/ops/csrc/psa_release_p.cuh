@@ -12,10 +12,12 @@
 // Forward, 4 launches: the reduction of the paper form (l's online softmax, s, m), the glue
 // (A, u), the same reduction with u per image (t's online softmax), the apply pass (S from t,
 // y; it also merges t's softmax state for the backward). Backward, 3 launches: the backward
-// reduction (dA, and with the factor sig_p, d u and sum_p x_p sig_p), the glue (the softmax
-// over pixels' second term, the chain's derivative) and the paper form's backward apply pass,
-// whose dx has exactly PSA_p's terms: G (A + S) + u d_t + dm + ds pi + wq d_l. The weight
-// gradients are one batched product of per-image factors, as for the paper form.
+// reduction (dA, and with the factor sig_p, d u, sum_p x_p sig_p and the splits' sums of
+// w_t = sig_p dL/dsig_p), the glue (the softmax over pixels' second term beta_t = sum_p w_t, the
+// chain's derivative) and the paper form's backward apply pass, which forms S and
+// dL/dt = w_t - beta_t sig_p from t per pixel and whose dx has exactly PSA_p's terms:
+// G (A + S) + u d_t + dm + ds pi + wq d_l. The weight gradients are one batched product of
+// per-image factors, as for the paper form. The glues touch nothing per pixel.
 //
 // Needs psa_kernels.cuh and psa_glue.cuh, and the launch interface (cuda_launch.cuh, or the
 // tests' CPU emulation).
@@ -37,13 +39,14 @@ struct ReleaseP {
                                   // conv_v_left (H, C)
 };
 
-// Image n: stats rows (4, N, C) = [s, m, A, u], small rows (2, N, H) = [v, q]; pi (N, P).
+// Image n: stats rows (4, N, C) = [s, m, A, u], small rows (2, N, H) = [v, q]; lnorm (2, N),
+// the state of pi = softmax_p(l).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-release_p_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
-                          const T* __restrict__ psum, const T* __restrict__ ps,
-                          const T* __restrict__ pm, int N, int S, int C, int P, ReleaseP<T> w,
-                          T* __restrict__ pi, T* __restrict__ stats, T* __restrict__ small) {
+release_p_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum,
+                          const T* __restrict__ ps, const T* __restrict__ pm, int N, int S,
+                          int C, int P, ReleaseP<T> w, T* __restrict__ lnorm,
+                          T* __restrict__ stats, T* __restrict__ small) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* scratch = reinterpret_cast<T*>(smem_raw);
   const int n = blockIdx.x, H = C / 2;
@@ -51,7 +54,7 @@ release_p_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pm
   T *s = row(0), *m = row(1), *a = row(2), *u = row(3);
   T* v = small + static_cast<int64_t>(n) * H;
   T* q = small + (static_cast<int64_t>(N) + n) * H;
-  const SoftmaxNorm<T> norm = merge_splits(pmax, psum, ps, pm, n, S, C, P, s, m, scratch);
+  write_norm(merge_splits(pmax, psum, ps, pm, n, S, C, P, s, m, scratch), n, lnorm);
   rows_dot(w.wv, s, static_cast<const T*>(nullptr), H, C, v);    // v = W_v s
   rows_dot(w.wq2, m, static_cast<const T*>(nullptr), H, C, q);   // q = W_q' m
   __syncthreads();
@@ -59,25 +62,23 @@ release_p_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pm
   cols_dot(w.wv2, q, H, C, u);                                    // u = W_v'^T q
   __syncthreads();
   for (int c = threadIdx.x; c < C; c += kThreads) a[c] = op_sigmoid(a[c]);  // A = sigmoid(z)
-  write_pi(logits, n, P, norm, pi);
 }
 
-// Image n of the backward. In: w_t = sig_p dL/d(sig_p) (N, P) and the splits' partial sums
-// dA = sum_p G x, sum_p x w_t and r = sum_p x sig (bwd_reduce, `S` splits); the spatial
-// logits t and their softmax state norm (2, N) = [max, sum of exponentials]; the forward's
-// stats and small rows. Out: d_t = dL/dt (N, P), the gate S (N, P), dm = dL/dm / P,
+// Image n of the backward. In: the splits' partial sums (bwd_reduce, `S` splits) of
+// w_t = sig_p dL/d(sig_p) (N, S), and (N, S, C) of dA = sum_p G x, sum_p x w_t and
+// r = sum_p x sig; the forward's stats and small rows. Out: beta_t = sum_p w_t (N), with which
+// the backward apply pass forms dL/dt = w_t - beta_t sig per pixel; dm = dL/dm / P,
 // ds = dL/ds (N, C), beta = ds . s (N): what the backward apply pass takes; the weight
 // gradients' factors left (4, N, H) = [q, dq, v, dv] and right (4, N, C) = [du, m, dz, s]
 // (their outer products summed over the images are dW_v', dW_q', dW_up^T, dW_v).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-release_p_bwd_glue_kernel(const T* __restrict__ w_t, const T* __restrict__ part_da,
+release_p_bwd_glue_kernel(const T* __restrict__ part_wt, const T* __restrict__ part_da,
                           const T* __restrict__ part_du, const T* __restrict__ part_r, int S,
-                          const T* __restrict__ t, const T* __restrict__ norm,
                           const T* __restrict__ stats, const T* __restrict__ small, int N, int C,
-                          int P, ReleaseP<T> w, T* __restrict__ d_t, T* __restrict__ s_mask,
-                          T* __restrict__ dm, T* __restrict__ dsv, T* __restrict__ beta,
-                          T* __restrict__ left, T* __restrict__ right) {
+                          int P, ReleaseP<T> w, T* __restrict__ beta_t_out, T* __restrict__ dm,
+                          T* __restrict__ dsv, T* __restrict__ beta, T* __restrict__ left,
+                          T* __restrict__ right) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* scratch = reinterpret_cast<T*>(smem_raw);
   const int n = blockIdx.x, H = C / 2;
@@ -87,14 +88,13 @@ release_p_bwd_glue_kernel(const T* __restrict__ w_t, const T* __restrict__ part_
   const T *s = row(0), *m = row(1), *a = row(2);
   const T* v = small + static_cast<int64_t>(n) * H;
   const T* q = small + (static_cast<int64_t>(N) + n) * H;
-  const int64_t np = static_cast<int64_t>(n) * P;
-  const SoftmaxNorm<T> sig_of{norm[n], norm[N + n]};
 
   // sig = softmax_p(t): dL/dt_p = sig_p (dL/dsig_p - sum sig dL/dsig) = w_t - beta_t sig_p, so
   // du = sum_p x_p dL/dt_p = sum_p x_p w_t - beta_t r
   T part = 0;
-  for (int p = threadIdx.x; p < P; p += kThreads) part += w_t[np + p];
+  for (int i = threadIdx.x; i < S; i += kThreads) part += part_wt[static_cast<int64_t>(n) * S + i];
   const T beta_t = block_sum(part, scratch);
+  if (threadIdx.x == 0) beta_t_out[n] = beta_t;
   // r (in m's row until below), du's first term, dA
   sum_splits<3>(n, S, C, Unweighted{}, scratch + kWarps, part_r, R(1), part_du, R(0), part_da,
                 R(2));
@@ -103,11 +103,6 @@ release_p_bwd_glue_kernel(const T* __restrict__ w_t, const T* __restrict__ part_
     R(1)[c] = m[c];
     R(3)[c] = s[c];
     R(2)[c] = R(2)[c] * a[c] * (T(1) - a[c]);  // A = sigmoid(z): dz = dA A (1 - A)
-  }
-  for (int p = threadIdx.x; p < P; p += kThreads) {
-    const T sig = sig_of(t[np + p]);
-    d_t[np + p] = w_t[np + p] - beta_t * sig;
-    s_mask[np + p] = op_sigmoid(sig);
   }
   for (int j = threadIdx.x; j < H; j += kThreads) {
     L(0)[j] = q[j];
@@ -138,32 +133,33 @@ ReleaseP<T> release_p_chain(const std::vector<at::Tensor>& W) {
   return {W[1].data_ptr<T>(), W[2].data_ptr<T>(), W[3].data_ptr<T>(), W[4].data_ptr<T>()};
 }
 
-// What the forward's two reductions and the glue between them give: pi (N, P), stats (4, N, C)
-// = [s, m, A, u], small (2, N, H) = [v, q], and the spatial logits with their splits' softmax
+// What the forward's two reductions and the glue between them give: the channel logits l
+// (N, P) and lnorm (2, N), the state of their softmax over the pixels; stats (4, N, C) =
+// [s, m, A, u], small (2, N, H) = [v, q], and the spatial logits with their splits' softmax
 // states.
 struct ReleasePPasses {
-  at::Tensor pi, stats, small;
+  at::Tensor logits, lnorm, stats, small;
   SoftmaxStates spatial;
 };
 
 ReleasePPasses release_p_passes(const at::Tensor& x, const Geometry& g,
                                 const std::vector<at::Tensor>& W) {
   const int64_t N = x.size(0), C = g.C, P = g.P;
-  at::Tensor logits, pmax, psum, ps, pm;  // (not structured bindings: a lambda captures them)
-  std::tie(logits, pmax, psum, ps, pm) = fwd_reduce(x, g, W[0], 0);
-  const auto opts = logits.options();
   ReleasePPasses r;
-  r.pi = at::empty({N, P}, opts);
+  at::Tensor pmax, psum, ps, pm;  // (not structured bindings: a lambda captures them)
+  std::tie(r.logits, pmax, psum, ps, pm) = fwd_reduce(x, g, W[0], 0);
+  const auto opts = r.logits.options();
+  r.lnorm = at::empty({2, N}, opts);
   r.stats = at::empty({4, N, C}, opts);
   r.small = at::empty({2, N, C / 2}, opts);
   if (N > 0) AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "psa_release_p_fwd_glue", [&] {
     launch::launch(release_p_fwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)),
-                   kThreads, kGlueSmem * sizeof(scalar_t), logits.data_ptr<scalar_t>(),
-                   pmax.data_ptr<scalar_t>(), psum.data_ptr<scalar_t>(),
-                   ps.data_ptr<scalar_t>(), pm.data_ptr<scalar_t>(), static_cast<int>(N),
-                   static_cast<int>(pmax.size(1)), static_cast<int>(C), static_cast<int>(P),
-                   release_p_chain<scalar_t>(W), r.pi.data_ptr<scalar_t>(),
-                   r.stats.data_ptr<scalar_t>(), r.small.data_ptr<scalar_t>());
+                   kThreads, kGlueSmem * sizeof(scalar_t), pmax.data_ptr<scalar_t>(),
+                   psum.data_ptr<scalar_t>(), ps.data_ptr<scalar_t>(), pm.data_ptr<scalar_t>(),
+                   static_cast<int>(N), static_cast<int>(pmax.size(1)), static_cast<int>(C),
+                   static_cast<int>(P), release_p_chain<scalar_t>(W),
+                   r.lnorm.data_ptr<scalar_t>(), r.stats.data_ptr<scalar_t>(),
+                   r.small.data_ptr<scalar_t>());
   });
   auto [t, tmax, tsum, ps_t, pm_t] = fwd_reduce(x, g, r.stats[3], 0);
   r.spatial = {t, tmax, tsum};
@@ -171,15 +167,16 @@ ReleasePPasses release_p_passes(const at::Tensor& x, const Geometry& g,
 }
 
 // PSA_p's output for x (N, C, H, W, dense in its memory format) and the weights in the
-// accumulation dtype (acc_weights of psa_block.h), with what its backward takes: [pi, t, norm,
-// stats, small] (norm (2, N): the spatial softmax's merged state).
+// accumulation dtype (acc_weights of psa_block.h), with what its backward takes: [logits, t,
+// norm, stats, small, lnorm] (norm (2, N): the spatial softmax's merged state; lnorm the
+// channel softmax's).
 std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_forward(
     const at::Tensor& x, const Geometry& g, const std::vector<at::Tensor>& W) {
   const ReleasePPasses r = release_p_passes(x, g, W);
-  at::Tensor norm = at::empty({2, x.size(0)}, r.pi.options());
+  at::Tensor norm = at::empty({2, x.size(0)}, r.lnorm.options());
   at::Tensor y = std::get<0>(
       fwd_apply(x, r.stats[2], at::Tensor(), at::Tensor(), r.spatial, false, norm));
-  return {y, {r.pi, r.spatial.t, norm, r.stats, r.small}};
+  return {y, {r.logits, r.spatial.t, norm, r.stats, r.small, r.lnorm}};
 }
 
 // dL/dx and the weights' gradients in the accumulation dtype, in the op's order.
@@ -187,35 +184,36 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_backward(
     const at::Tensor& grad, const at::Tensor& x, const Geometry& g,
     const std::vector<at::Tensor>& saved, const std::vector<at::Tensor>& W) {
   const int64_t N = x.size(0), C = g.C, H = C / 2, P = g.P;
-  const at::Tensor &pi = saved[0], &t = saved[1], &norm = saved[2], &stats = saved[3],
-                   &small = saved[4];
+  const at::Tensor &logits = saved[0], &t = saved[1], &norm = saved[2], &stats = saved[3],
+                   &small = saved[4], &lnorm = saved[5];
   const at::Tensor a = stats[2];
   const SoftmaxStates spatial{t, norm[0].view({N, 1}), norm[1].view({N, 1})};
-  at::Tensor w_t, part_da, part_du, part_r;  // (not structured bindings: a lambda captures them)
+  // (not structured bindings: a lambda captures them)
+  at::Tensor w_t, part_da, part_du, part_r, part_wt;
   // W_q's gradient: cleared by the reduction, added into by the apply pass
   const at::Tensor gwq = at::empty({C}, a.options());
-  std::tie(w_t, part_da, part_du, part_r) =
+  std::tie(w_t, part_da, part_du, part_r, part_wt) =
       bwd_reduce(grad, x, a, at::Tensor(), spatial, 0, false, gwq);
   const auto opts = w_t.options();
-  at::Tensor d_t = at::empty({N, P}, opts), s_mask = at::empty({N, P}, opts);
+  at::Tensor beta_t = at::empty({N}, opts);
   at::Tensor dm = at::empty({N, C}, opts), dsv = at::empty({N, C}, opts);
   at::Tensor beta = at::empty({N}, opts);
   at::Tensor left = at::empty({4, N, H}, opts), right = at::empty({4, N, C}, opts);
   if (N > 0) AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "psa_release_p_bwd_glue", [&] {
     launch::launch(release_p_bwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)),
-                   kThreads, kGlueSmem * sizeof(scalar_t), w_t.data_ptr<scalar_t>(),
+                   kThreads, kGlueSmem * sizeof(scalar_t), part_wt.data_ptr<scalar_t>(),
                    part_da.data_ptr<scalar_t>(), part_du.data_ptr<scalar_t>(),
                    part_r.data_ptr<scalar_t>(), static_cast<int>(part_da.size(1)),
-                   t.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(),
                    stats.data_ptr<scalar_t>(), small.data_ptr<scalar_t>(),
                    static_cast<int>(N), static_cast<int>(C), static_cast<int>(P),
-                   release_p_chain<scalar_t>(W), d_t.data_ptr<scalar_t>(),
-                   s_mask.data_ptr<scalar_t>(), dm.data_ptr<scalar_t>(),
-                   dsv.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
+                   release_p_chain<scalar_t>(W), beta_t.data_ptr<scalar_t>(),
+                   dm.data_ptr<scalar_t>(), dsv.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
                    left.data_ptr<scalar_t>(), right.data_ptr<scalar_t>());
   });
-  at::Tensor dx = std::get<0>(
-      bwd_apply(grad, x, a, s_mask, pi, d_t, stats[3], dm, dsv, W[0], beta, 0, false, gwq));
+  // S and dL/dt = w_t - beta_t sig formed per pixel from t by the apply pass
+  at::Tensor dx = std::get<0>(bwd_apply(grad, x, a, at::Tensor(), logits, lnorm, w_t, stats[3],
+                                        dm, dsv, W[0], beta, 0, false, gwq, at::Tensor(),
+                                        spatial, beta_t));
   const at::Tensor mats = at::bmm(left.transpose(1, 2), right);  // (4, H, C)
   return {dx, {gwq, mats[3], mats[2].t(), mats[1], mats[0]}};
 }

@@ -57,16 +57,15 @@ ReleaseS<T> release_s_chain(const std::vector<at::Tensor>& W) {
 
 // ---------------------------------------------------------------- glue, forward
 // Image n: stats (4, N, C) = [s, m, A, mz], small (2, N, H) = [v, q], bott (3, N, Cb) =
-// [zhat, h2, relu(h2)] (the bottleneck), rstd (N) (its LayerNorm's); pi (N, P); wa (N, H, C) =
-// W_v' diag(A), the value GEMM's weight, in x's dtype WT.
+// [zhat, h2, relu(h2)] (the bottleneck), rstd (N) (its LayerNorm's); lnorm (2, N), the state
+// of pi = softmax_p(l); wa (N, H, C) = W_v' diag(A), the value GEMM's weight, in x's dtype WT.
 template <typename T, typename WT>
 __global__ void __launch_bounds__(kThreads, 1)
-release_s_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pmax,
-                          const T* __restrict__ psum, const T* __restrict__ ps,
-                          const T* __restrict__ pm, int N, int S, int C, int P, ReleaseS<T> w,
-                          T eps, T* __restrict__ pi, T* __restrict__ stats,
-                          T* __restrict__ small, T* __restrict__ bott, T* __restrict__ rstd,
-                          WT* __restrict__ wa) {
+release_s_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum,
+                          const T* __restrict__ ps, const T* __restrict__ pm, int N, int S,
+                          int C, int P, ReleaseS<T> w, T eps, T* __restrict__ lnorm,
+                          T* __restrict__ stats, T* __restrict__ small, T* __restrict__ bott,
+                          T* __restrict__ rstd, WT* __restrict__ wa) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* scratch = reinterpret_cast<T*>(smem_raw);
   const int n = blockIdx.x, H = C / 2, Cb = w.Cb;
@@ -76,7 +75,7 @@ release_s_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pm
   T* v = small + static_cast<int64_t>(n) * H;
   T* q = small + (static_cast<int64_t>(N) + n) * H;
   T *zhat = brow(0), *h2 = brow(1), *r = brow(2);
-  const SoftmaxNorm<T> norm = merge_splits(pmax, psum, ps, pm, n, S, C, P, s, m, scratch);
+  write_norm(merge_splits(pmax, psum, ps, pm, n, S, C, P, s, m, scratch), n, lnorm);
   rows_dot(w.wv, s, static_cast<const T*>(nullptr), H, C, v);  // v = W_v s
   __syncthreads();
   rows_dot(w.w1, v, w.b1, Cb, H, zhat);                         // h1 = W_1 v + b_1
@@ -102,7 +101,6 @@ release_s_fwd_glue_kernel(const T* __restrict__ logits, const T* __restrict__ pm
   WT* wan = wa + static_cast<int64_t>(n) * H * C;
   for (int i = threadIdx.x; i < H * C; i += kThreads)
     wan[i] = scaled_weight<WT>(w.wv2[i], a[i % C]);
-  write_pi(logits, n, P, norm, pi);
 }
 
 // ---------------------------------------------------------------- glue, backward
@@ -398,8 +396,9 @@ bool rows_vectorizable(const at::Tensor& vl, int P) {
 }
 
 // PSA_s's output for x (N, C, H, W, dense in its memory format) and the weights in the
-// accumulation dtype (acc_weights of psa_block.h), with what its backward takes: [pi, S, stats,
-// small, bott, rstd, norm] (norm (2, N, H): the value softmax's state, max and sum per row).
+// accumulation dtype (acc_weights of psa_block.h), with what its backward takes: [logits, S,
+// stats, small, bott, rstd, norm, lnorm] (norm (2, N, H): the value softmax's state, max and
+// sum per row; lnorm (2, N): the channel softmax's).
 std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
     const at::Tensor& x, const Geometry& g, const std::vector<at::Tensor>& W, double eps) {
   const int N = static_cast<int>(x.size(0)), C = g.C, H = C / 2, P = g.P;
@@ -407,20 +406,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
   at::Tensor logits, pmax, psum, ps, pm;  // (not structured bindings: a lambda captures them)
   std::tie(logits, pmax, psum, ps, pm) = fwd_reduce(x, g, W[0], 0);
   const auto opts = logits.options();
-  at::Tensor pi = at::empty({N, P}, opts), stats = at::empty({4, N, C}, opts);
+  at::Tensor lnorm = at::empty({2, N}, opts), stats = at::empty({4, N, C}, opts);
   at::Tensor small = at::empty({2, N, H}, opts), bott = at::empty({3, N, Cb}, opts);
   at::Tensor rstd = at::empty({N}, opts), norm = at::empty({2, N, H}, opts);
   at::Tensor s_mask = at::empty({N, P}, opts), wa = at::empty({N, H, C}, x.options());
   const at::Tensor y = like_x(at::empty_like(x), x, g, "y");
-  if (N == 0) return {y, {pi, s_mask, stats, small, bott, rstd, norm}};
+  if (N == 0) return {y, {logits, s_mask, stats, small, bott, rstd, norm, lnorm}};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
     launch::launch(release_s_fwd_glue_kernel<acc_t, scalar_t>, dim3(N), kThreads,
-                   kGlueSmem * sizeof(acc_t), logits.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(),
-                   psum.data_ptr<acc_t>(), ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>(), N,
+                   kGlueSmem * sizeof(acc_t), pmax.data_ptr<acc_t>(), psum.data_ptr<acc_t>(),
+                   ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>(), N,
                    static_cast<int>(pmax.size(1)), C, P, w, static_cast<acc_t>(eps),
-                   pi.data_ptr<acc_t>(), stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(),
+                   lnorm.data_ptr<acc_t>(), stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(),
                    bott.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), wa.data_ptr<scalar_t>());
     const at::Tensor a = stats[2];
     const at::Tensor vl = value_logits(wa, x);
@@ -443,7 +442,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
                      norm.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>());
     });
   });
-  return {y, {pi, s_mask, stats, small, bott, rstd, norm}};
+  return {y, {logits, s_mask, stats, small, bott, rstd, norm, lnorm}};
 }
 
 // dL/dx and the weights' gradients in the accumulation dtype, in the op's order.
@@ -452,9 +451,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
     const std::vector<at::Tensor>& saved, const std::vector<at::Tensor>& W) {
   const int N = static_cast<int>(x.size(0)), C = g.C, H = C / 2, P = g.P;
   const int Cb = static_cast<int>(W[3].size(0));
-  const at::Tensor &pi = saved[0], &s_mask = saved[1], &stats = saved[2], &small = saved[3],
-                   &bott = saved[4], &rstd = saved[5], &norm = saved[6];
-  const auto opts = pi.options();
+  const at::Tensor &logits = saved[0], &s_mask = saved[1], &stats = saved[2],
+                   &small = saved[3], &bott = saved[4], &rstd = saved[5], &norm = saved[6],
+                   &lnorm = saved[7];
+  const auto opts = logits.options();
   const at::Tensor a = stats[2], q = small[1];
   const ReleaseSGrads off = release_s_grads(C, Cb);
   // the atomic adds' target (the weights' gradients, W_q's last), and N x C zeros more: the
@@ -464,7 +464,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   // backward reduction, which also clears `grads` and writes the value GEMM's weight Wa
   const at::Tensor wa = at::empty({N, H, C}, x.options());
   at::Tensor d_t, pda;  // (not structured bindings: a lambda captures them)
-  std::tie(d_t, pda, std::ignore, std::ignore) =
+  std::tie(d_t, pda, std::ignore, std::ignore, std::ignore) =
       bwd_reduce(grad, x, a, s_mask, SoftmaxStates{}, 0, true, grads, W[9], wa);
   const at::Tensor ex = like_x(at::empty_like(x), x, g, "ex");
   at::Tensor dq = at::empty({N, H}, opts), dm = at::empty({N, C}, opts);
@@ -505,8 +505,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   const at::Tensor gwq = grads.narrow(0, off.total, C);
   const at::Tensor no_u =
       grads.narrow(0, off.total + C, static_cast<int64_t>(N) * C).view({N, C});
-  const at::Tensor dx = std::get<0>(
-      bwd_apply(grad, x, a, s_mask, pi, d_t, no_u, dm, dsv, W[0], beta, 0, true, gwq, ex));
+  const at::Tensor dx = std::get<0>(bwd_apply(grad, x, a, s_mask, logits, lnorm, d_t, no_u, dm,
+                                              dsv, W[0], beta, 0, true, gwq, ex));
   std::vector<at::Tensor> out{gwq};
   int64_t start = 0;  // the flat buffer's parts, in the op's order (block_backward shapes them)
   for (const int64_t end : {off.w1, off.b1, off.lnw, off.lnb, off.w2, off.b2, off.wq2, off.wv2,
