@@ -27,6 +27,15 @@
 namespace mmattn {
 namespace psa {
 
+// Threads of a glue block. A glue is one block per image with no occupancy goal (at N = 2, two
+// blocks on the whole GPU), so its loops run at the latency of its loads: Nsight Compute on an
+// H100 ([16, 256, 128, 128]) found 256 threads issuing an instruction every 9 cycles per
+// scheduler, 2 warps each, 68 % of the time waiting on L1TEX. 512 threads give each scheduler
+// 4 warps and halve every loop a thread runs, within the 128 registers a thread that a
+// 512-thread block may use (the glues use 72-96).
+constexpr int kGlueThreads = 512;
+constexpr int kGlueWarps = kGlueThreads / 32;
+
 template <typename T>
 struct Chain {
   const T *ch_wv, *ch_bv, *ch_wz, *ch_bz, *ln_w, *ln_b, *sp_wq, *sp_bq, *sp_wv, *sp_bv;
@@ -44,8 +53,9 @@ struct ChainVecs {
 template <typename T>
 __device__ __forceinline__ T op_rsqrt(T v) { return T(1) / ::sqrt(v); }
 
-// The block-wide reduction of v under op; every thread gets the result. `scratch`: kWarps
-// values of shared memory.
+// The block-wide reduction of v under op (any block of whole warps: the glues' and the
+// 256-thread kernels'); every thread gets the result. `scratch`: a value per warp of shared
+// memory.
 template <typename T, typename Op>
 __device__ __forceinline__ T block_reduce(T v, T* scratch, Op op) {
 #pragma unroll
@@ -54,7 +64,8 @@ __device__ __forceinline__ T block_reduce(T v, T* scratch, Op op) {
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
   __syncthreads();
   T r = scratch[0];
-  for (int w = 1; w < kWarps; ++w) r = op(r, scratch[w]);
+  const int warps = static_cast<int>(blockDim.x >> 5);
+  for (int w = 1; w < warps; ++w) r = op(r, scratch[w]);
   return r;
 }
 
@@ -78,10 +89,10 @@ struct Moments {
 template <typename T>
 __device__ __forceinline__ Moments<T> block_moments(const T* z, int n, T eps, T* scratch) {
   T part = 0;
-  for (int i = threadIdx.x; i < n; i += kThreads) part += z[i];
+  for (int i = threadIdx.x; i < n; i += kGlueThreads) part += z[i];
   const T mean = block_sum(part, scratch) / n;
   part = 0;
-  for (int i = threadIdx.x; i < n; i += kThreads) part += (z[i] - mean) * (z[i] - mean);
+  for (int i = threadIdx.x; i < n; i += kGlueThreads) part += (z[i] - mean) * (z[i] - mean);
   return {mean, op_rsqrt(block_sum(part, scratch) / n + eps)};
 }
 
@@ -90,7 +101,7 @@ template <typename T>
 __device__ __forceinline__ void rows_dot(const T* W, const T* vec, const T* bias, int R, int K,
                                          T* out) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int r = warp; r < R; r += kWarps) {
+  for (int r = warp; r < R; r += kGlueWarps) {
     T acc = 0;
     for (int k = lane; k < K; k += 32) acc += W[static_cast<int64_t>(r) * K + k] * vec[k];
     acc = warp_sum(acc);
@@ -102,7 +113,7 @@ __device__ __forceinline__ void rows_dot(const T* W, const T* vec, const T* bias
 // warp read consecutive columns).
 template <typename T>
 __device__ __forceinline__ void cols_dot(const T* W, const T* vec, int R, int K, T* out) {
-  for (int k = threadIdx.x; k < K; k += kThreads) {
+  for (int k = threadIdx.x; k < K; k += kGlueThreads) {
     T acc = 0;
     for (int r = 0; r < R; ++r) acc += W[static_cast<int64_t>(r) * K + k] * vec[r];
     out[k] = acc;
@@ -119,7 +130,7 @@ __device__ void run_chain(const Chain<T>& w, int C, T eps, bool sequential, cons
   rows_dot(w.ch_wz, o.v, w.ch_bz, C, H, o.zhat);  // z, normalised in place below
   __syncthreads();
   const Moments<T> ln = block_moments(o.zhat, C, eps, scratch);
-  for (int c = threadIdx.x; c < C; c += kThreads) {
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) {
     const T zh = (o.zhat[c] - ln.mean) * ln.rstd;
     o.zhat[c] = zh;
     o.a[c] = op_sigmoid(w.ln_w[c] * zh + w.ln_b[c]);
@@ -130,33 +141,34 @@ __device__ void run_chain(const Chain<T>& w, int C, T eps, bool sequential, cons
   rows_dot(w.sp_wq, o.mz, w.sp_bq, H, C, o.q);  // logits, softmax in place below
   __syncthreads();
   T part = -INFINITY;
-  for (int j = threadIdx.x; j < H; j += kThreads) part = op_max(part, o.q[j]);
+  for (int j = threadIdx.x; j < H; j += kGlueThreads) part = op_max(part, o.q[j]);
   const T qmax = block_max(part, scratch);
   part = 0;
-  for (int j = threadIdx.x; j < H; j += kThreads) part += op_exp(o.q[j] - qmax);
+  for (int j = threadIdx.x; j < H; j += kGlueThreads) part += op_exp(o.q[j] - qmax);
   const T qsum = block_sum(part, scratch);
-  for (int j = threadIdx.x; j < H; j += kThreads) o.q[j] = op_exp(o.q[j] - qmax) / qsum;
+  for (int j = threadIdx.x; j < H; j += kGlueThreads) o.q[j] = op_exp(o.q[j] - qmax) / qsum;
   __syncthreads();
   cols_dot(w.sp_wv, o.q, H, C, o.u);
-  for (int c = threadIdx.x; c < C; c += kThreads) o.ueff[c] = sequential ? o.u[c] * o.a[c] : o.u[c];
+  for (int c = threadIdx.x; c < C; c += kGlueThreads)
+    o.ueff[c] = sequential ? o.u[c] * o.a[c] : o.u[c];
   part = 0;
-  for (int j = threadIdx.x; j < H; j += kThreads) part += o.q[j] * w.sp_bv[j];
+  for (int j = threadIdx.x; j < H; j += kGlueThreads) part += o.q[j] * w.sp_bv[j];
   const T cb = block_sum(part, scratch);
   if (threadIdx.x == 0) *o.c = cb;
   __syncthreads();
 }
 
-// Dynamic shared memory of a glue kernel, in values of its dtype: block_reduce's kWarps, then
-// sum_splits' partial sums (kThreads per source, 3 sources at most).
-constexpr int kGlueSmem = kWarps + 3 * kThreads;
+// Dynamic shared memory of a glue kernel, in values of its dtype: block_reduce's kGlueWarps, then
+// sum_splits' partial sums (kGlueThreads per source, 3 sources at most).
+constexpr int kGlueSmem = kGlueWarps + 3 * kGlueThreads;
 
 // out_j[c] = sum_{s < S} src_j[(n S + s) C + c] for the K (1-3) sources j and the channels
 // c < C of image n (source 0's terms times weight(s)): the splits' partial sums of (N, S, C)
 // tensors added up by the whole block, visible to it on return. One loop over the splits
-// serves the K sources (their loads in flight together). Up to kThreads / 2 channels,
-// G = kThreads / C groups of C threads each take every G-th split and their sums are added in
+// serves the K sources (their loads in flight together). Up to kGlueThreads / 2 channels,
+// G = kGlueThreads / C groups of C threads each take every G-th split and their sums are added in
 // group order (the same order every run); otherwise a thread per channel, as the loops it
-// replaced. `part`: the glue's shared memory past its first kWarps values.
+// replaced. `part`: the glue's shared memory past its first kGlueWarps values.
 // (An H200 run of a first version, its groups' loop kept from unrolling and one call per
 // source, measured the glues 22-57 % slower, 2026-11-26: these loops are a large part of a
 // glue's time.)
@@ -167,9 +179,9 @@ __device__ __forceinline__ void sum_splits(int n, int S, int C, Weight weight, T
                                            T* out2 = nullptr) {
   static_assert(K >= 1 && K <= 3, "sum_splits: 1 to 3 sources");
   const int64_t base = static_cast<int64_t>(n) * S * C;
-  const int G = C > 0 && C <= kThreads / 2 ? kThreads / C : 1;
+  const int G = C > 0 && C <= kGlueThreads / 2 ? kGlueThreads / C : 1;
   const int g = G > 1 ? threadIdx.x / C : 0;
-  for (int c = G > 1 ? threadIdx.x % C : threadIdx.x; c < C && g < G; c += kThreads) {
+  for (int c = G > 1 ? threadIdx.x % C : threadIdx.x; c < C && g < G; c += kGlueThreads) {
     T a0 = 0, a1 = 0, a2 = 0;
     for (int s = g; s < S; s += G) {
       const int64_t i = base + static_cast<int64_t>(s) * C + c;
@@ -179,8 +191,8 @@ __device__ __forceinline__ void sum_splits(int n, int S, int C, Weight weight, T
     }
     if (G > 1) {  // (a single pass of the loop, threadIdx.x = g C + c)
       part[threadIdx.x] = a0;
-      if (K > 1) part[kThreads + threadIdx.x] = a1;
-      if (K > 2) part[2 * kThreads + threadIdx.x] = a2;
+      if (K > 1) part[kGlueThreads + threadIdx.x] = a1;
+      if (K > 2) part[2 * kGlueThreads + threadIdx.x] = a2;
     } else {
       out0[c] = a0;
       if (K > 1) out1[c] = a1;
@@ -194,8 +206,8 @@ __device__ __forceinline__ void sum_splits(int n, int S, int C, Weight weight, T
       T a0 = 0, a1 = 0, a2 = 0;
       for (int gg = 0; gg < G; ++gg) {
         a0 += part[gg * C + c];
-        if (K > 1) a1 += part[kThreads + gg * C + c];
-        if (K > 2) a2 += part[2 * kThreads + gg * C + c];
+        if (K > 1) a1 += part[kGlueThreads + gg * C + c];
+        if (K > 2) a2 += part[2 * kGlueThreads + gg * C + c];
       }
       out0[c] = a0;
       if (K > 1) out1[c] = a1;
@@ -222,14 +234,14 @@ __device__ __forceinline__ SoftmaxNorm<T> merge_splits(const T* pmax, const T* p
   const T* mx = pmax + static_cast<int64_t>(n) * S;
   const T* sm = psum + static_cast<int64_t>(n) * S;
   T part = -INFINITY;
-  for (int s = threadIdx.x; s < S; s += kThreads) part = op_max(part, mx[s]);
+  for (int s = threadIdx.x; s < S; s += kGlueThreads) part = op_max(part, mx[s]);
   const T top = block_max(part, scratch);
   part = 0;
-  for (int s = threadIdx.x; s < S; s += kThreads) part += sm[s] * op_exp(mx[s] - top);
+  for (int s = threadIdx.x; s < S; s += kGlueThreads) part += sm[s] * op_exp(mx[s] - top);
   const T total = block_sum(part, scratch);
-  sum_splits<2>(n, S, C, [=](int s) { return op_exp(mx[s] - top); }, scratch + kWarps, ps,
+  sum_splits<2>(n, S, C, [=](int s) { return op_exp(mx[s] - top); }, scratch + kGlueWarps, ps,
                 s_out, pm, m_out);
-  for (int c = threadIdx.x; c < C; c += kThreads) {
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) {
     s_out[c] /= total;
     m_out[c] /= P;
   }
@@ -254,7 +266,7 @@ __host__ __device__ inline int64_t glue_work(int C) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kGlueThreads, 1)
 fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum,
                 const T* __restrict__ ps, const T* __restrict__ pm, int S, int C, int P,
                 Chain<T> w, T eps, bool sequential, T* __restrict__ lnorm,
@@ -280,7 +292,7 @@ fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum,
   o.c = cbias + n;
   run_chain(w, C, eps, sequential, o, scratch);  // (ends with a barrier: o.a, o.ueff visible)
   if (a_out != nullptr) {  // A and u_eff also as dense (N, C) rows, for the apply pass
-    for (int c = threadIdx.x; c < C; c += kThreads) {
+    for (int c = threadIdx.x; c < C; c += kGlueThreads) {
       a_out[static_cast<int64_t>(n) * C + c] = o.a[c];
       ueff_out[static_cast<int64_t>(n) * C + c] = o.ueff[c];
     }
@@ -295,7 +307,7 @@ fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum,
 // with vec_sum given, their sum over the images added into vec_sum (3 C/2 + 3 C, zeroed
 // before; atomic adds) and vecs unused.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kGlueThreads, 1)
 bwd_glue_kernel(const T* __restrict__ part_dt, const T* __restrict__ part_da,
                 const T* __restrict__ part_dueff, const T* __restrict__ stats, int N, int S,
                 int C, int P, Chain<T> w, T eps, bool sequential, T* __restrict__ dm,
@@ -334,28 +346,28 @@ bwd_glue_kernel(const T* __restrict__ part_dt, const T* __restrict__ part_da,
   // y = x (A (+) S) with S_p = sigmoid(u_eff . x_p + c): the partial sums of the backward
   // reduce pass give dA and d u_eff; d c = sum_p d_t
   T* d_u = R(0);
-  sum_splits<2>(n, S, C, Unweighted{}, scratch + kWarps, part_da, d_a, part_dueff, d_u);
-  for (int c = threadIdx.x; c < C; c += kThreads) {
+  sum_splits<2>(n, S, C, Unweighted{}, scratch + kGlueWarps, part_da, d_a, part_dueff, d_u);
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) {
     const T da = d_a[c], due = d_u[c];
     d_u[c] = sequential ? due * o.a[c] : due;
     d_a[c] = sequential ? da + due * o.u[c] : da;
     R(3)[c] = o.s[c];
   }
   T part = 0;
-  for (int s = threadIdx.x; s < S; s += kThreads)
+  for (int s = threadIdx.x; s < S; s += kGlueThreads)
     part += part_dt[static_cast<int64_t>(n) * S + s];
   const T d_c = block_sum(part, scratch);  // (its syncs also publish d_u)
   // u = W_v'^T q, c = q . b_v', q = softmax(g): d_q = W_v' d_u + d_c b_v', d_g = q (d_q - q.d_q)
   rows_dot(w.sp_wv, d_u, static_cast<const T*>(nullptr), H, C, d_q);
   __syncthreads();
   part = 0;
-  for (int j = threadIdx.x; j < H; j += kThreads) {
+  for (int j = threadIdx.x; j < H; j += kGlueThreads) {
     d_q[j] += d_c * w.sp_bv[j];
     part += o.q[j] * d_q[j];
   }
   const T qdq = block_sum(part, scratch);
   T* d_g = L(1);
-  for (int j = threadIdx.x; j < H; j += kThreads) {
+  for (int j = threadIdx.x; j < H; j += kGlueThreads) {
     d_g[j] = o.q[j] * (d_q[j] - qdq);
     put(j, o.q[j] * d_c);
     put(H + j, d_g[j]);
@@ -364,7 +376,7 @@ bwd_glue_kernel(const T* __restrict__ part_dt, const T* __restrict__ part_da,
   // g = W_q' mz + b_q': d_mz = W_q'^T d_g; mz = A m | m
   cols_dot(w.sp_wq, d_g, H, C, d_mz);
   T part1 = 0, part2 = 0;
-  for (int c = threadIdx.x; c < C; c += kThreads) {  // the columns this thread just wrote
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) {  // the columns this thread just wrote
     const T a = o.a[c];
     const T da = sequential ? d_a[c] + d_mz[c] * o.m[c] : d_a[c];
     dm[static_cast<int64_t>(n) * C + c] = (sequential ? d_mz[c] * a : d_mz[c]) / P;
@@ -380,7 +392,7 @@ bwd_glue_kernel(const T* __restrict__ part_dt, const T* __restrict__ part_da,
   const T mean2 = block_sum(part2, scratch) / C;
   const T rstd = *o.rstd;
   T* d_z = R(2);
-  for (int c = threadIdx.x; c < C; c += kThreads) {
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) {
     d_z[c] = rstd * (d_zhat[c] - mean1 - o.zhat[c] * mean2);
     put(3 * H + 2 * C + c, d_z[c]);
   }
@@ -388,12 +400,12 @@ bwd_glue_kernel(const T* __restrict__ part_dt, const T* __restrict__ part_da,
   // z = W_z v + b_z, v = W_v s + b_v: d_v = W_z^T d_z, ds = W_v^T d_v
   T* d_v = L(3);
   cols_dot(w.ch_wz, d_z, C, H, d_v);
-  for (int j = threadIdx.x; j < H; j += kThreads) put(2 * H + j, d_v[j]);
+  for (int j = threadIdx.x; j < H; j += kGlueThreads) put(2 * H + j, d_v[j]);
   __syncthreads();
   T* dsn = dsv + static_cast<int64_t>(n) * C;
   cols_dot(w.ch_wv, d_v, H, C, dsn);
   part = 0;
-  for (int c = threadIdx.x; c < C; c += kThreads) part += dsn[c] * o.s[c];
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) part += dsn[c] * o.s[c];
   const T b = block_sum(part, scratch);
   if (threadIdx.x == 0) beta[n] = b;
 }
@@ -484,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_glue(
     std::vector<at::Tensor> keep;
     const Chain<scalar_t> w = chain_weights<scalar_t>(weights, static_cast<int>(C), acc, dev,
                                                       &keep);
-    launch::launch(fwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)), kThreads,
+    launch::launch(fwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)), kGlueThreads,
                    kGlueSmem * sizeof(scalar_t), pmax.data_ptr<scalar_t>(),
                    psum.data_ptr<scalar_t>(), ps.data_ptr<scalar_t>(), pm.data_ptr<scalar_t>(),
                    static_cast<int>(S), static_cast<int>(C), static_cast<int>(P), w,
@@ -533,7 +545,7 @@ bwd_glue(const at::Tensor& part_dt_in, const at::Tensor& part_da_in,
     std::vector<at::Tensor> keep;
     const Chain<scalar_t> w = chain_weights<scalar_t>(weights, static_cast<int>(C), acc, dev,
                                                       &keep);
-    launch::launch(bwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)), kThreads,
+    launch::launch(bwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)), kGlueThreads,
                    kGlueSmem * sizeof(scalar_t), part_dt.data_ptr<scalar_t>(),
                    part_da.data_ptr<scalar_t>(), part_dueff.data_ptr<scalar_t>(),
                    stats.data_ptr<scalar_t>(), static_cast<int>(N), static_cast<int>(S),

@@ -42,7 +42,7 @@ struct ReleaseP {
 // Image n: stats rows (4, N, C) = [s, m, A, u], small rows (2, N, H) = [v, q]; lnorm (2, N),
 // the state of pi = softmax_p(l).
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kGlueThreads, 1)
 release_p_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum,
                           const T* __restrict__ ps, const T* __restrict__ pm, int N, int S,
                           int C, int P, ReleaseP<T> w, T* __restrict__ lnorm,
@@ -61,7 +61,7 @@ release_p_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum
   rows_dot(w.wup, v, static_cast<const T*>(nullptr), C, H, a);   // z = W_up v
   cols_dot(w.wv2, q, H, C, u);                                    // u = W_v'^T q
   __syncthreads();
-  for (int c = threadIdx.x; c < C; c += kThreads) a[c] = op_sigmoid(a[c]);  // A = sigmoid(z)
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) a[c] = op_sigmoid(a[c]);  // A = sigmoid(z)
 }
 
 // Image n of the backward. In: the splits' partial sums (bwd_reduce, `S` splits) of
@@ -72,7 +72,7 @@ release_p_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum
 // gradients' factors left (4, N, H) = [q, dq, v, dv] and right (4, N, C) = [du, m, dz, s]
 // (their outer products summed over the images are dW_v', dW_q', dW_up^T, dW_v).
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kGlueThreads, 1)
 release_p_bwd_glue_kernel(const T* __restrict__ part_wt, const T* __restrict__ part_da,
                           const T* __restrict__ part_du, const T* __restrict__ part_r, int S,
                           const T* __restrict__ stats, const T* __restrict__ small, int N, int C,
@@ -92,19 +92,20 @@ release_p_bwd_glue_kernel(const T* __restrict__ part_wt, const T* __restrict__ p
   // sig = softmax_p(t): dL/dt_p = sig_p (dL/dsig_p - sum sig dL/dsig) = w_t - beta_t sig_p, so
   // du = sum_p x_p dL/dt_p = sum_p x_p w_t - beta_t r
   T part = 0;
-  for (int i = threadIdx.x; i < S; i += kThreads) part += part_wt[static_cast<int64_t>(n) * S + i];
+  for (int i = threadIdx.x; i < S; i += kGlueThreads)
+    part += part_wt[static_cast<int64_t>(n) * S + i];
   const T beta_t = block_sum(part, scratch);
   if (threadIdx.x == 0) beta_t_out[n] = beta_t;
   // r (in m's row until below), du's first term, dA
-  sum_splits<3>(n, S, C, Unweighted{}, scratch + kWarps, part_r, R(1), part_du, R(0), part_da,
+  sum_splits<3>(n, S, C, Unweighted{}, scratch + kGlueWarps, part_r, R(1), part_du, R(0), part_da,
                 R(2));
-  for (int c = threadIdx.x; c < C; c += kThreads) {
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) {
     R(0)[c] -= beta_t * R(1)[c];  // du = sum_p x_p w_t - beta_t r
     R(1)[c] = m[c];
     R(3)[c] = s[c];
     R(2)[c] = R(2)[c] * a[c] * (T(1) - a[c]);  // A = sigmoid(z): dz = dA A (1 - A)
   }
-  for (int j = threadIdx.x; j < H; j += kThreads) {
+  for (int j = threadIdx.x; j < H; j += kGlueThreads) {
     L(0)[j] = q[j];
     L(2)[j] = v[j];
   }
@@ -119,7 +120,7 @@ release_p_bwd_glue_kernel(const T* __restrict__ part_wt, const T* __restrict__ p
   cols_dot(w.wq2, L(1), H, C, dmn);
   cols_dot(w.wv, L(3), H, C, dsn);
   part = 0;
-  for (int c = threadIdx.x; c < C; c += kThreads) {  // the columns this thread just wrote
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) {  // the columns this thread just wrote
     dmn[c] /= P;
     part += dsn[c] * s[c];
   }
@@ -154,7 +155,7 @@ ReleasePPasses release_p_passes(const at::Tensor& x, const Geometry& g,
   r.small = at::empty({2, N, C / 2}, opts);
   if (N > 0) AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "psa_release_p_fwd_glue", [&] {
     launch::launch(release_p_fwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)),
-                   kThreads, kGlueSmem * sizeof(scalar_t), pmax.data_ptr<scalar_t>(),
+                   kGlueThreads, kGlueSmem * sizeof(scalar_t), pmax.data_ptr<scalar_t>(),
                    psum.data_ptr<scalar_t>(), ps.data_ptr<scalar_t>(), pm.data_ptr<scalar_t>(),
                    static_cast<int>(N), static_cast<int>(pmax.size(1)), static_cast<int>(C),
                    static_cast<int>(P), release_p_chain<scalar_t>(W),
@@ -201,7 +202,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_backward(
   at::Tensor left = at::empty({4, N, H}, opts), right = at::empty({4, N, C}, opts);
   if (N > 0) AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "psa_release_p_bwd_glue", [&] {
     launch::launch(release_p_bwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)),
-                   kThreads, kGlueSmem * sizeof(scalar_t), part_wt.data_ptr<scalar_t>(),
+                   kGlueThreads, kGlueSmem * sizeof(scalar_t), part_wt.data_ptr<scalar_t>(),
                    part_da.data_ptr<scalar_t>(), part_du.data_ptr<scalar_t>(),
                    part_r.data_ptr<scalar_t>(), static_cast<int>(part_da.size(1)),
                    stats.data_ptr<scalar_t>(), small.data_ptr<scalar_t>(),

@@ -60,7 +60,7 @@ ReleaseS<T> release_s_chain(const std::vector<at::Tensor>& W) {
 // [zhat, h2, relu(h2)] (the bottleneck), rstd (N) (its LayerNorm's); lnorm (2, N), the state
 // of pi = softmax_p(l); wa (N, H, C) = W_v' diag(A), the value GEMM's weight, in x's dtype WT.
 template <typename T, typename WT>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kGlueThreads, 1)
 release_s_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum,
                           const T* __restrict__ ps, const T* __restrict__ pm, int N, int S,
                           int C, int P, ReleaseS<T> w, T eps, T* __restrict__ lnorm,
@@ -82,7 +82,7 @@ release_s_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum
   __syncthreads();
   // the bottleneck's LayerNorm over its Cb channels, then the affine and the ReLU
   const Moments<T> ln = block_moments(zhat, Cb, eps, scratch);
-  for (int j = threadIdx.x; j < Cb; j += kThreads) {
+  for (int j = threadIdx.x; j < Cb; j += kGlueThreads) {
     const T zh = (zhat[j] - ln.mean) * ln.rstd;
     zhat[j] = zh;
     h2[j] = zh * w.lnw[j] + w.lnb[j];
@@ -92,14 +92,14 @@ release_s_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum
   __syncthreads();
   rows_dot(w.w2, r, w.b2, C, Cb, a);                            // z = W_2 r + b_2
   __syncthreads();
-  for (int c = threadIdx.x; c < C; c += kThreads) {
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) {
     a[c] = op_sigmoid(a[c]);                                    // A = sigmoid(z)
     mz[c] = a[c] * m[c];
   }
   __syncthreads();
   rows_dot(w.wq2, mz, static_cast<const T*>(nullptr), H, C, q);  // q = W_q' (A m)
   WT* wan = wa + static_cast<int64_t>(n) * H * C;
-  for (int i = threadIdx.x; i < H * C; i += kThreads)
+  for (int i = threadIdx.x; i < H * C; i += kGlueThreads)
     wan[i] = scaled_weight<WT>(w.wv2[i], a[i % C]);
 }
 
@@ -130,7 +130,7 @@ __host__ __device__ inline ReleaseSGrads release_s_grads(int64_t C, int64_t Cb) 
 // blocks add into the same gradient.
 template <typename T>
 __device__ __forceinline__ void add_outer(T* out, const T* u, const T* v, int rows, int cols) {
-  for (int i = threadIdx.x; i < rows * cols; i += kThreads)
+  for (int i = threadIdx.x; i < rows * cols; i += kGlueThreads)
     atomicAdd(out + i, u[i / cols] * v[i % cols]);
 }
 
@@ -140,7 +140,7 @@ __device__ __forceinline__ void add_outer(T* out, const T* u, const T* v, int ro
 // (but wq's) added into `grads` (release_s_grads' layout, zeroed before). dz (N, C), dh1, dh2
 // (N, Cb), dv (N, H): workspace.
 template <typename T, typename MT>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kGlueThreads, 1)
 release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict__ mvx,
                           const T* __restrict__ dq, const T* __restrict__ stats,
                           const T* __restrict__ small, const T* __restrict__ bott,
@@ -171,9 +171,9 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
   // dA = sum_p G x S (pda's splits) + sum_p x e + dmz m, the two sums first in dz's and ds's
   // rows (ds is written last). With e = W_v'^T dVl and M = dVl x^T: sum_p x e = sum_k
   // W_v'[k][c] M[k][c], and W_v''s gradient sum_n sum_p dVl (A (.) x)^T adds A_c M[k][c].
-  sum_splits<1>(n, S, C, Unweighted{}, scratch + kWarps, pda, dzn);
+  sum_splits<1>(n, S, C, Unweighted{}, scratch + kGlueWarps, pda, dzn);
   const MT* mn = mvx + static_cast<int64_t>(n) * H * C;
-  for (int c = threadIdx.x; c < C; c += kThreads) {
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) {
     T xe = 0;
     for (int k = 0; k < H; ++k) {
       const int64_t i = static_cast<int64_t>(k) * C + c;
@@ -183,7 +183,7 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
     }
     dsn[c] = xe;
   }
-  for (int c = threadIdx.x; c < C; c += kThreads) {
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) {
     const T dmz = dmn[c];
     const T da = dzn[c] + dsn[c] + dmz * m[c];
     dmn[c] = dmz * a[c] / P;
@@ -195,7 +195,7 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
   add_outer(grads + off.w2, dzn, r, C, Cb);
   cols_dot(w.w2, dzn, C, Cb, dh2n);
   T part1 = 0, part2 = 0;
-  for (int j = threadIdx.x; j < Cb; j += kThreads) {
+  for (int j = threadIdx.x; j < Cb; j += kGlueThreads) {
     const T d = h2[j] > T(0) ? dh2n[j] : T(0);
     dh2n[j] = d;
     atomicAdd(grads + off.lnw + j, d * zhat[j]);
@@ -207,7 +207,7 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
   // h2 = LN(h1) w + b: dh1 = rstd (dzhat - mean(dzhat) - zhat mean(dzhat zhat))
   const T mean1 = block_sum(part1, scratch) / Cb;
   const T mean2 = block_sum(part2, scratch) / Cb;
-  for (int j = threadIdx.x; j < Cb; j += kThreads) {
+  for (int j = threadIdx.x; j < Cb; j += kGlueThreads) {
     dh1n[j] = rstd[n] * (dh2n[j] * w.lnw[j] - mean1 - zhat[j] * mean2);
     atomicAdd(grads + off.b1 + j, dh1n[j]);
   }
@@ -220,7 +220,7 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
   add_outer(grads + off.wv, dvn, s, H, C);
   cols_dot(w.wv, dvn, H, C, dsn);
   T part = 0;
-  for (int c = threadIdx.x; c < C; c += kThreads) part += dsn[c] * s[c];
+  for (int c = threadIdx.x; c < C; c += kGlueThreads) part += dsn[c] * s[c];
   const T b = block_sum(part, scratch);
   if (threadIdx.x == 0) beta[n] = b;
 }
@@ -415,7 +415,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
-    launch::launch(release_s_fwd_glue_kernel<acc_t, scalar_t>, dim3(N), kThreads,
+    launch::launch(release_s_fwd_glue_kernel<acc_t, scalar_t>, dim3(N), kGlueThreads,
                    kGlueSmem * sizeof(acc_t), pmax.data_ptr<acc_t>(), psum.data_ptr<acc_t>(),
                    ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>(), N,
                    static_cast<int>(pmax.size(1)), C, P, w, static_cast<acc_t>(eps),
@@ -491,7 +491,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
     at::bmm_out(ex_rows, wa.transpose(1, 2), vl);
     const at::Tensor m = at::bmm(vl, channel_matrices(x).transpose(1, 2));
     if (N > 0)
-      launch::launch(release_s_bwd_glue_kernel<acc_t, scalar_t>, dim3(N), kThreads,
+      launch::launch(release_s_bwd_glue_kernel<acc_t, scalar_t>, dim3(N), kGlueThreads,
                      kGlueSmem * sizeof(acc_t), pda.data_ptr<acc_t>(),
                      static_cast<int>(pda.size(1)), m.data_ptr<scalar_t>(), dq.data_ptr<acc_t>(),
                      stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(), bott.data_ptr<acc_t>(),
