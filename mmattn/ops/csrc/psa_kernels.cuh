@@ -473,9 +473,8 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
                   const acc_t* __restrict__ s_mask, PixelSoftmax<acc_t> psm,
                   acc_t* __restrict__ d_t, acc_t* __restrict__ pdt, acc_t* __restrict__ pda,
                   acc_t* __restrict__ pdu, acc_t* __restrict__ pr, bool sequential,
-                  acc_t* __restrict__ zero,
-                  int64_t zero_count, scalar_t* __restrict__ wa, const acc_t* __restrict__ wv2,
-                  int wa_rows) {
+                  acc_t* __restrict__ zero, int64_t zero_count, scalar_t* __restrict__ wa,
+                  const acc_t* __restrict__ wv2, int wa_rows) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
   acc_t* tile_gx = reinterpret_cast<acc_t*>(smem_raw);  // G (.) x
@@ -926,8 +925,9 @@ std::tuple<at::Tensor, at::Tensor> psa_fwd_apply_cuda(const at::Tensor& x, const
 // with `states` given (the release's PSA_p: S and sig computed from them; d_t then carries the
 // factor sig_p, and the fourth result holds the splits' partial sum_p x_p sig_p; undefined
 // for the paper); the fifth, the splits' partial sums of d_t (N, splits). `zero`, when defined
-// (the accumulation dtype, contiguous), is cleared on the way (zero_grid); `wa`, when defined ((N, R, C) in x's dtype, contiguous), receives
-// wv2 (R, C) diag(a_n) per image on the way (scale_columns_grid).
+// (the accumulation dtype, contiguous), is cleared on the way (zero_grid); `wa`, when defined
+// ((N, R, C) in x's dtype, contiguous), receives wv2 (R, C) diag(a_n) per image on the way
+// (scale_columns_grid).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduce(
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& a_in,
     const at::Tensor& s_in, const SoftmaxStates& states_in, int64_t splits_req,

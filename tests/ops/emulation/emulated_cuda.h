@@ -4,9 +4,10 @@
 // A launch runs the grid's blocks one after another; a block runs each of its CUDA threads on an
 // OS thread of a pool (threads are started once and reused: starting 256 threads took 8.7 ms a
 // block on 2 cores, more than the work of most blocks), with __syncthreads() a barrier of the
-// block and the warp shuffles an exchange through a buffer between two barriers of the warp. Dynamic shared memory is one buffer (the
-// blocks do not overlap in time), filled with 0xFF bytes (NaN for floating point) before each
-// block so that a read of shared memory nobody wrote shows up in the results. Threads really run
+// block and the warp shuffles an exchange through a buffer between two barriers of the warp.
+// Dynamic shared memory is one buffer (the blocks do not overlap in time), filled with 0xFF bytes
+// (NaN for floating point) before each block so that a read of shared memory nobody wrote shows
+// up in the results. Threads really run
 // concurrently, so a missing __syncthreads can show as a wrong (or flaky) result; what cannot be
 // seen here: the GPU's memory model, performance, and errors that only the device's limits
 // produce. This provides the interface of mmattn/ops/csrc/cuda_launch.cuh.
