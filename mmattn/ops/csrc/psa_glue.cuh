@@ -32,7 +32,7 @@ namespace psa {
 // H100 ([16, 256, 128, 128]) found 256 threads issuing an instruction every 9 cycles per
 // scheduler, 2 warps each, 68 % of the time waiting on L1TEX. 512 threads give each scheduler
 // 4 warps and halve every loop a thread runs, within the 128 registers a thread that a
-// 512-thread block may use (the glues use 72-96).
+// 512-thread block may use (the float glues use 64-90).
 constexpr int kGlueThreads = 512;
 constexpr int kGlueWarps = kGlueThreads / 32;
 
@@ -109,14 +109,44 @@ __device__ __forceinline__ void rows_dot(const T* W, const T* vec, const T* bias
   }
 }
 
+// Dynamic shared memory of a glue kernel, in values of its dtype: block_reduce's kGlueWarps,
+// sum_splits' partial sums (kGlueThreads per source, 3 sources at most), then cols_dot's
+// (kGlueThreads).
+constexpr int kGlueColsAt = kGlueWarps + 3 * kGlueThreads;
+constexpr int kGlueSmem = kGlueColsAt + kGlueThreads;
+
 // out[k] = sum_r W[r][k] vec[r] for W (R x K), row-major: a thread per column (the threads of a
-// warp read consecutive columns).
+// warp read consecutive columns). Up to kGlueThreads / 2 columns, G = kGlueThreads / K groups of
+// K threads each take every G-th row and their sums are added in group order (the same every
+// run) through cols_dot's part of the glue's shared memory `scratch` (kGlueSmem values): a
+// thread's walk over the rows, R loads one behind the other, is what a glue block waits on.
+// Every thread of the block calls it; on return a thread sees the columns it wrote (k =
+// threadIdx.x + i kGlueThreads, with or without groups).
 template <typename T>
-__device__ __forceinline__ void cols_dot(const T* W, const T* vec, int R, int K, T* out) {
-  for (int k = threadIdx.x; k < K; k += kGlueThreads) {
+__device__ __forceinline__ void cols_dot(const T* W, const T* vec, int R, int K, T* out,
+                                         T* scratch) {
+  const int G = K > 0 && K <= kGlueThreads / 2 ? kGlueThreads / K : 1;
+  if (G == 1) {
+    for (int k = threadIdx.x; k < K; k += kGlueThreads) {
+      T acc = 0;
+      for (int r = 0; r < R; ++r) acc += W[static_cast<int64_t>(r) * K + k] * vec[r];
+      out[k] = acc;
+    }
+    return;
+  }
+  T* part = scratch + kGlueColsAt;
+  const int g = threadIdx.x / K, k = threadIdx.x % K;
+  __syncthreads();  // an earlier call's groups have been added up
+  if (g < G) {
     T acc = 0;
-    for (int r = 0; r < R; ++r) acc += W[static_cast<int64_t>(r) * K + k] * vec[r];
-    out[k] = acc;
+    for (int r = g; r < R; r += G) acc += W[static_cast<int64_t>(r) * K + k] * vec[r];
+    part[threadIdx.x] = acc;  // (threadIdx.x = g K + k)
+  }
+  __syncthreads();
+  if (threadIdx.x < K) {
+    T acc = 0;
+    for (int gg = 0; gg < G; ++gg) acc += part[gg * K + threadIdx.x];
+    out[threadIdx.x] = acc;
   }
 }
 
@@ -148,7 +178,7 @@ __device__ void run_chain(const Chain<T>& w, int C, T eps, bool sequential, cons
   const T qsum = block_sum(part, scratch);
   for (int j = threadIdx.x; j < H; j += kGlueThreads) o.q[j] = op_exp(o.q[j] - qmax) / qsum;
   __syncthreads();
-  cols_dot(w.sp_wv, o.q, H, C, o.u);
+  cols_dot(w.sp_wv, o.q, H, C, o.u, scratch);
   for (int c = threadIdx.x; c < C; c += kGlueThreads)
     o.ueff[c] = sequential ? o.u[c] * o.a[c] : o.u[c];
   part = 0;
@@ -157,10 +187,6 @@ __device__ void run_chain(const Chain<T>& w, int C, T eps, bool sequential, cons
   if (threadIdx.x == 0) *o.c = cb;
   __syncthreads();
 }
-
-// Dynamic shared memory of a glue kernel, in values of its dtype: block_reduce's kGlueWarps, then
-// sum_splits' partial sums (kGlueThreads per source, 3 sources at most).
-constexpr int kGlueSmem = kGlueWarps + 3 * kGlueThreads;
 
 // out_j[c] = sum_{s < S} src_j[(n S + s) C + c] for the K (1-3) sources j and the channels
 // c < C of image n (source 0's terms times weight(s)): the splits' partial sums of (N, S, C)
@@ -374,7 +400,7 @@ bwd_glue_kernel(const T* __restrict__ part_dt, const T* __restrict__ part_da,
   }
   __syncthreads();
   // g = W_q' mz + b_q': d_mz = W_q'^T d_g; mz = A m | m
-  cols_dot(w.sp_wq, d_g, H, C, d_mz);
+  cols_dot(w.sp_wq, d_g, H, C, d_mz, scratch);
   T part1 = 0, part2 = 0;
   for (int c = threadIdx.x; c < C; c += kGlueThreads) {  // the columns this thread just wrote
     const T a = o.a[c];
@@ -399,11 +425,11 @@ bwd_glue_kernel(const T* __restrict__ part_dt, const T* __restrict__ part_da,
   __syncthreads();
   // z = W_z v + b_z, v = W_v s + b_v: d_v = W_z^T d_z, ds = W_v^T d_v
   T* d_v = L(3);
-  cols_dot(w.ch_wz, d_z, C, H, d_v);
+  cols_dot(w.ch_wz, d_z, C, H, d_v, scratch);
   for (int j = threadIdx.x; j < H; j += kGlueThreads) put(2 * H + j, d_v[j]);
   __syncthreads();
   T* dsn = dsv + static_cast<int64_t>(n) * C;
-  cols_dot(w.ch_wv, d_v, H, C, dsn);
+  cols_dot(w.ch_wv, d_v, H, C, dsn, scratch);
   part = 0;
   for (int c = threadIdx.x; c < C; c += kGlueThreads) part += dsn[c] * o.s[c];
   const T b = block_sum(part, scratch);

@@ -59,7 +59,7 @@ release_p_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum
   rows_dot(w.wq2, m, static_cast<const T*>(nullptr), H, C, q);   // q = W_q' m
   __syncthreads();
   rows_dot(w.wup, v, static_cast<const T*>(nullptr), C, H, a);   // z = W_up v
-  cols_dot(w.wv2, q, H, C, u);                                    // u = W_v'^T q
+  cols_dot(w.wv2, q, H, C, u, scratch);                           // u = W_v'^T q
   __syncthreads();
   for (int c = threadIdx.x; c < C; c += kGlueThreads) a[c] = op_sigmoid(a[c]);  // A = sigmoid(z)
 }
@@ -112,13 +112,13 @@ release_p_bwd_glue_kernel(const T* __restrict__ part_wt, const T* __restrict__ p
   __syncthreads();
   // u = W_v'^T q: dq = W_v' du;  z = W_up v: dv = W_up^T dz
   rows_dot(w.wv2, R(0), static_cast<const T*>(nullptr), H, C, L(1));
-  cols_dot(w.wup, R(2), C, H, L(3));
+  cols_dot(w.wup, R(2), C, H, L(3), scratch);
   __syncthreads();
   // q = W_q' m: dm = W_q'^T dq (over P: the mean);  v = W_v s: ds = W_v^T dv
   T* dmn = dm + static_cast<int64_t>(n) * C;
   T* dsn = dsv + static_cast<int64_t>(n) * C;
-  cols_dot(w.wq2, L(1), H, C, dmn);
-  cols_dot(w.wv, L(3), H, C, dsn);
+  cols_dot(w.wq2, L(1), H, C, dmn, scratch);
+  cols_dot(w.wv, L(3), H, C, dsn, scratch);
   part = 0;
   for (int c = threadIdx.x; c < C; c += kGlueThreads) {  // the columns this thread just wrote
     dmn[c] /= P;

@@ -167,7 +167,7 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
 
   // q = W_q' mz, mz = A (.) m: dW_q' += dq mz^T, dmz = W_q'^T dq, dm = dmz A, dA += dmz m
   add_outer(grads + off.wq2, dqn, mz, H, C);
-  cols_dot(w.wq2, dqn, H, C, dmn);  // dmz, in dm's row until scaled below
+  cols_dot(w.wq2, dqn, H, C, dmn, scratch);  // dmz, in dm's row until scaled below
   // dA = sum_p G x S (pda's splits) + sum_p x e + dmz m, the two sums first in dz's and ds's
   // rows (ds is written last). With e = W_v'^T dVl and M = dVl x^T: sum_p x e = sum_k
   // W_v'[k][c] M[k][c], and W_v''s gradient sum_n sum_p dVl (A (.) x)^T adds A_c M[k][c].
@@ -193,7 +193,7 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
   __syncthreads();
   // z = W_2 relu(h2) + b_2: dW_2 += dz relu(h2)^T, dr = W_2^T dz, dh2 = dr [h2 > 0]
   add_outer(grads + off.w2, dzn, r, C, Cb);
-  cols_dot(w.w2, dzn, C, Cb, dh2n);
+  cols_dot(w.w2, dzn, C, Cb, dh2n, scratch);
   T part1 = 0, part2 = 0;
   for (int j = threadIdx.x; j < Cb; j += kGlueThreads) {
     const T d = h2[j] > T(0) ? dh2n[j] : T(0);
@@ -214,11 +214,11 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
   __syncthreads();
   // h1 = W_1 v + b_1: dW_1 += dh1 v^T, dv = W_1^T dh1
   add_outer(grads + off.w1, dh1n, v, Cb, H);
-  cols_dot(w.w1, dh1n, Cb, H, dvn);
+  cols_dot(w.w1, dh1n, Cb, H, dvn, scratch);
   __syncthreads();
   // v = W_v s: dW_v += dv s^T, ds = W_v^T dv
   add_outer(grads + off.wv, dvn, s, H, C);
-  cols_dot(w.wv, dvn, H, C, dsn);
+  cols_dot(w.wv, dvn, H, C, dsn, scratch);
   T part = 0;
   for (int c = threadIdx.x; c < C; c += kGlueThreads) part += dsn[c] * s[c];
   const T b = block_sum(part, scratch);
