@@ -110,26 +110,26 @@ __device__ __forceinline__ void rows_dot(const T* W, const T* vec, const T* bias
 }
 
 // Dynamic shared memory of a glue kernel, in values of its dtype: block_reduce's kGlueWarps,
-// sum_splits' partial sums (kGlueThreads per source, 3 sources at most), then cols_dot's
+// sum_splits' partial sums (kGlueThreads per source, 3 sources at most), then column_sums'
 // (kGlueThreads).
 constexpr int kGlueColsAt = kGlueWarps + 3 * kGlueThreads;
 constexpr int kGlueSmem = kGlueColsAt + kGlueThreads;
 
-// out[k] = sum_r W[r][k] vec[r] for W (R x K), row-major: a thread per column (the threads of a
-// warp read consecutive columns). Up to kGlueThreads / 2 columns, G = kGlueThreads / K groups of
-// K threads each take every G-th row and their sums are added in group order (the same every
-// run) through cols_dot's part of the glue's shared memory `scratch` (kGlueSmem values): a
+// out[k] = sum_r term(r, k) for k < K, r < R: a thread per column k (the threads of a warp take
+// consecutive columns). Up to kGlueThreads / 2 columns, G = kGlueThreads / K groups of K
+// threads each take every G-th row and their sums are added in group order (the same every
+// run) through column_sums' part of the glue's shared memory `scratch` (kGlueSmem values): a
 // thread's walk over the rows, R loads one behind the other, is what a glue block waits on.
-// Every thread of the block calls it; on return a thread sees the columns it wrote (k =
-// threadIdx.x + i kGlueThreads, with or without groups).
-template <typename T>
-__device__ __forceinline__ void cols_dot(const T* W, const T* vec, int R, int K, T* out,
-                                         T* scratch) {
+// term(r, k) is called once for each (r, k), by one thread. Every thread of the block calls
+// it; on return a thread sees the columns it wrote (k = threadIdx.x + i kGlueThreads, with or
+// without groups).
+template <typename T, typename Term>
+__device__ __forceinline__ void column_sums(int R, int K, T* scratch, Term&& term, T* out) {
   const int G = K > 0 && K <= kGlueThreads / 2 ? kGlueThreads / K : 1;
   if (G == 1) {
     for (int k = threadIdx.x; k < K; k += kGlueThreads) {
       T acc = 0;
-      for (int r = 0; r < R; ++r) acc += W[static_cast<int64_t>(r) * K + k] * vec[r];
+      for (int r = 0; r < R; ++r) acc += term(r, k);
       out[k] = acc;
     }
     return;
@@ -139,7 +139,7 @@ __device__ __forceinline__ void cols_dot(const T* W, const T* vec, int R, int K,
   __syncthreads();  // an earlier call's groups have been added up
   if (g < G) {
     T acc = 0;
-    for (int r = g; r < R; r += G) acc += W[static_cast<int64_t>(r) * K + k] * vec[r];
+    for (int r = g; r < R; r += G) acc += term(r, k);
     part[threadIdx.x] = acc;  // (threadIdx.x = g K + k)
   }
   __syncthreads();
@@ -148,6 +148,14 @@ __device__ __forceinline__ void cols_dot(const T* W, const T* vec, int R, int K,
     for (int gg = 0; gg < G; ++gg) acc += part[gg * K + threadIdx.x];
     out[threadIdx.x] = acc;
   }
+}
+
+// out[k] = sum_r W[r][k] vec[r] for W (R x K), row-major (column_sums: every thread calls it).
+template <typename T>
+__device__ __forceinline__ void cols_dot(const T* W, const T* vec, int R, int K, T* out,
+                                         T* scratch) {
+  column_sums(R, K, scratch,
+              [&](int r, int k) { return W[static_cast<int64_t>(r) * K + k] * vec[r]; }, out);
 }
 
 // The chain of Eq. 1-5 on one image's s and m (see the top of this file).

@@ -173,16 +173,12 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
   // W_v'[k][c] M[k][c], and W_v''s gradient sum_n sum_p dVl (A (.) x)^T adds A_c M[k][c].
   sum_splits<1>(n, S, C, Unweighted{}, scratch + kGlueWarps, pda, dzn);
   const MT* mn = mvx + static_cast<int64_t>(n) * H * C;
-  for (int c = threadIdx.x; c < C; c += kGlueThreads) {
-    T xe = 0;
-    for (int k = 0; k < H; ++k) {
-      const int64_t i = static_cast<int64_t>(k) * C + c;
-      const T mk = static_cast<T>(mn[i]);
-      xe += w.wv2[i] * mk;
-      atomicAdd(grads + off.wv2 + i, a[c] * mk);
-    }
-    dsn[c] = xe;
-  }
+  column_sums(H, C, scratch, [&](int k, int c) {
+    const int64_t i = static_cast<int64_t>(k) * C + c;
+    const T mk = static_cast<T>(mn[i]);
+    atomicAdd(grads + off.wv2 + i, a[c] * mk);
+    return w.wv2[i] * mk;
+  }, dsn);
   for (int c = threadIdx.x; c < C; c += kGlueThreads) {
     const T dmz = dmn[c];
     const T da = dzn[c] + dsn[c] + dmz * m[c];
