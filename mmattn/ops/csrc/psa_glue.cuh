@@ -150,6 +150,26 @@ __device__ __forceinline__ void column_sums(int R, int K, T* scratch, Term&& ter
   }
 }
 
+// body(i, load(i)) for i < count, the block's threads taking consecutive i, kWalkBatch loads
+// issued before the first body runs. A glue's element-wise loops otherwise wait on each load in
+// turn: the compiler keeps a load behind an earlier store or atomic add that it cannot prove
+// apart from it (the SASS of PSA_s's W_v' diag(A) loop: load, convert, store, next load), and
+// one block per image has nothing else to run meanwhile.
+constexpr int kWalkBatch = 8;
+
+template <typename Load, typename Body>
+__device__ __forceinline__ void batched_walk(int count, Load&& load, Body&& body) {
+  for (int i0 = threadIdx.x; i0 < count; i0 += kWalkBatch * kGlueThreads) {
+    decltype(load(0)) v[kWalkBatch];
+#pragma unroll
+    for (int u = 0; u < kWalkBatch; ++u)
+      if (i0 + u * kGlueThreads < count) v[u] = load(i0 + u * kGlueThreads);
+#pragma unroll
+    for (int u = 0; u < kWalkBatch; ++u)
+      if (i0 + u * kGlueThreads < count) body(i0 + u * kGlueThreads, v[u]);
+  }
+}
+
 // out[k] = sum_r W[r][k] vec[r] for W (R x K), row-major (column_sums: every thread calls it).
 template <typename T>
 __device__ __forceinline__ void cols_dot(const T* W, const T* vec, int R, int K, T* out,

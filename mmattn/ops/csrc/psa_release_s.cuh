@@ -56,6 +56,12 @@ ReleaseS<T> release_s_chain(const std::vector<at::Tensor>& W) {
 }
 
 // ---------------------------------------------------------------- glue, forward
+// An element w of a weight and the value v it is scaled by (batched_walk's loads).
+template <typename T>
+struct ScaledPair {
+  T w, v;
+};
+
 // Image n: stats (4, N, C) = [s, m, A, mz], small (2, N, H) = [v, q], bott (3, N, Cb) =
 // [zhat, h2, relu(h2)] (the bottleneck), rstd (N) (its LayerNorm's); lnorm (2, N), the state
 // of pi = softmax_p(l); wa (N, H, C) = W_v' diag(A), the value GEMM's weight, in x's dtype WT.
@@ -99,8 +105,9 @@ release_s_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum
   __syncthreads();
   rows_dot(w.wq2, mz, static_cast<const T*>(nullptr), H, C, q);  // q = W_q' (A m)
   WT* wan = wa + static_cast<int64_t>(n) * H * C;
-  for (int i = threadIdx.x; i < H * C; i += kGlueThreads)
-    wan[i] = scaled_weight<WT>(w.wv2[i], a[i % C]);
+  batched_walk(
+      H * C, [&](int i) { return ScaledPair<T>{w.wv2[i], a[i % C]}; },
+      [&](int i, const ScaledPair<T>& e) { wan[i] = scaled_weight<WT>(e.w, e.v); });
 }
 
 // ---------------------------------------------------------------- glue, backward
@@ -130,8 +137,9 @@ __host__ __device__ inline ReleaseSGrads release_s_grads(int64_t C, int64_t Cb) 
 // blocks add into the same gradient.
 template <typename T>
 __device__ __forceinline__ void add_outer(T* out, const T* u, const T* v, int rows, int cols) {
-  for (int i = threadIdx.x; i < rows * cols; i += kGlueThreads)
-    atomicAdd(out + i, u[i / cols] * v[i % cols]);
+  batched_walk(
+      rows * cols, [&](int i) { return ScaledPair<T>{u[i / cols], v[i % cols]}; },
+      [&](int i, const ScaledPair<T>& e) { atomicAdd(out + i, e.w * e.v); });
 }
 
 // Image n. In: the splits' partial dA sums (pda: sum_p G x S, S splits), the value GEMM's
@@ -175,10 +183,11 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
   const MT* mn = mvx + static_cast<int64_t>(n) * H * C;
   column_sums(H, C, scratch, [&](int k, int c) {
     const int64_t i = static_cast<int64_t>(k) * C + c;
-    const T mk = static_cast<T>(mn[i]);
-    atomicAdd(grads + off.wv2 + i, a[c] * mk);
-    return w.wv2[i] * mk;
+    return w.wv2[i] * static_cast<T>(mn[i]);
   }, dsn);
+  batched_walk(
+      H * C, [&](int i) { return ScaledPair<T>{static_cast<T>(mn[i]), a[i % C]}; },
+      [&](int i, const ScaledPair<T>& e) { atomicAdd(grads + off.wv2 + i, e.w * e.v); });
   for (int c = threadIdx.x; c < C; c += kGlueThreads) {
     const T dmz = dmn[c];
     const T da = dzn[c] + dsn[c] + dmz * m[c];
