@@ -32,7 +32,7 @@ namespace psa {
 // H100 ([16, 256, 128, 128]) found 256 threads issuing an instruction every 9 cycles per
 // scheduler, 2 warps each, 68 % of the time waiting on L1TEX. 512 threads give each scheduler
 // 4 warps and halve every loop a thread runs, within the 128 registers a thread that a
-// 512-thread block may use (the float glues use 64-90).
+// 512-thread block may use (the float glues use 70-118).
 constexpr int kGlueThreads = 512;
 constexpr int kGlueWarps = kGlueThreads / 32;
 
@@ -96,16 +96,31 @@ __device__ __forceinline__ Moments<T> block_moments(const T* z, int n, T eps, T*
   return {mean, op_rsqrt(block_sum(part, scratch) / n + eps)};
 }
 
-// out[r] = sum_k W[r][k] vec[k] (+ bias[r]) for W (R x K), row-major: a warp per row.
+// out[r] = sum_k W[r][k] vec[k] (+ bias[r]) for W (R x K), row-major: a warp per row, each warp
+// taking kDotRows rows at once so that their loads are in flight together (a row's result is
+// stored before the next row's loads, which the compiler then keeps behind the store: one row
+// at a time, each a wait on its loads). Every lane of a warp calls it (the warps' shuffles).
+constexpr int kDotRows = 4;
+
 template <typename T>
 __device__ __forceinline__ void rows_dot(const T* W, const T* vec, const T* bias, int R, int K,
                                          T* out) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int r = warp; r < R; r += kGlueWarps) {
-    T acc = 0;
-    for (int k = lane; k < K; k += 32) acc += W[static_cast<int64_t>(r) * K + k] * vec[k];
-    acc = warp_sum(acc);
-    if (lane == 0) out[r] = bias != nullptr ? acc + bias[r] : acc;
+  for (int r0 = warp * kDotRows; r0 < R; r0 += kGlueWarps * kDotRows) {
+    T acc[kDotRows];
+#pragma unroll
+    for (int j = 0; j < kDotRows; ++j) acc[j] = 0;
+    for (int k = lane; k < K; k += 32) {
+      const T v = vec[k];
+#pragma unroll
+      for (int j = 0; j < kDotRows; ++j)
+        if (r0 + j < R) acc[j] += W[static_cast<int64_t>(r0 + j) * K + k] * v;
+    }
+#pragma unroll
+    for (int j = 0; j < kDotRows; ++j) {
+      const T sum = warp_sum(acc[j]);
+      if (lane == 0 && r0 + j < R) out[r0 + j] = bias != nullptr ? sum + bias[r0 + j] : sum;
+    }
   }
 }
 
