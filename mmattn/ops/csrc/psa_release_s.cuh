@@ -56,10 +56,10 @@ ReleaseS<T> release_s_chain(const std::vector<at::Tensor>& W) {
 }
 
 // ---------------------------------------------------------------- glue, forward
-// An element w of a weight and the value v it is scaled by (batched_walk's loads).
+// The two factors of a product (what batched_walk loads for an element).
 template <typename T>
-struct ScaledPair {
-  T w, v;
+struct Factors {
+  T a, b;
 };
 
 // Image n: stats (4, N, C) = [s, m, A, mz], small (2, N, H) = [v, q], bott (3, N, Cb) =
@@ -106,8 +106,8 @@ release_s_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum
   rows_dot(w.wq2, mz, static_cast<const T*>(nullptr), H, C, q);  // q = W_q' (A m)
   WT* wan = wa + static_cast<int64_t>(n) * H * C;
   batched_walk(
-      H * C, [&](int i) { return ScaledPair<T>{w.wv2[i], a[i % C]}; },
-      [&](int i, const ScaledPair<T>& e) { wan[i] = scaled_weight<WT>(e.w, e.v); });
+      H * C, [&](int i) { return Factors<T>{w.wv2[i], a[i % C]}; },
+      [&](int i, const Factors<T>& e) { wan[i] = scaled_weight<WT>(e.a, e.b); });
 }
 
 // ---------------------------------------------------------------- glue, backward
@@ -138,8 +138,8 @@ __host__ __device__ inline ReleaseSGrads release_s_grads(int64_t C, int64_t Cb) 
 template <typename T>
 __device__ __forceinline__ void add_outer(T* out, const T* u, const T* v, int rows, int cols) {
   batched_walk(
-      rows * cols, [&](int i) { return ScaledPair<T>{u[i / cols], v[i % cols]}; },
-      [&](int i, const ScaledPair<T>& e) { atomicAdd(out + i, e.w * e.v); });
+      rows * cols, [&](int i) { return Factors<T>{u[i / cols], v[i % cols]}; },
+      [&](int i, const Factors<T>& e) { atomicAdd(out + i, e.a * e.b); });
 }
 
 // Image n. In: the splits' partial dA sums (pda: sum_p G x S, S splits), the value GEMM's
@@ -186,8 +186,8 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
     return w.wv2[i] * static_cast<T>(mn[i]);
   }, dsn);
   batched_walk(
-      H * C, [&](int i) { return ScaledPair<T>{static_cast<T>(mn[i]), a[i % C]}; },
-      [&](int i, const ScaledPair<T>& e) { atomicAdd(grads + off.wv2 + i, e.w * e.v); });
+      H * C, [&](int i) { return Factors<T>{static_cast<T>(mn[i]), a[i % C]}; },
+      [&](int i, const Factors<T>& e) { atomicAdd(grads + off.wv2 + i, e.a * e.b); });
   for (int c = threadIdx.x; c < C; c += kGlueThreads) {
     const T dmz = dmn[c];
     const T da = dzn[c] + dsn[c] + dmz * m[c];
