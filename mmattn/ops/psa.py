@@ -211,7 +211,7 @@ def _fwd_glue_torch(pmax: Tensor, psum: Tensor, ps: Tensor, pm: Tensor, pixels: 
     s = torch.bmm(scale.unsqueeze(1), ps).squeeze(1) / total             # N, C
     m = pm.sum(1) / pixels
     sm = _small_chain(s, m, w, eps, sequential)
-    return (torch.cat([top, total], 1).t().contiguous(),
+    return (torch.stack([top.squeeze(1), total.squeeze(1)]),
             torch.stack([s, m, sm['a'], sm['ueff']], 1), sm['c'])
 
 

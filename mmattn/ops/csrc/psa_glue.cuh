@@ -79,6 +79,16 @@ __device__ __forceinline__ T block_max(T v, T* scratch) {
   return block_reduce(v, scratch, [](T x, T y) { return x > y ? x : y; });
 }
 
+// The sum of image n's S per-split values (an (N, S) tensor's row n, a backward reduction's
+// partial sums); every thread gets it.
+template <typename T>
+__device__ __forceinline__ T sum_split_values(const T* per_split, int n, int S, T* scratch) {
+  T part = 0;
+  for (int i = threadIdx.x; i < S; i += kGlueThreads)
+    part += per_split[static_cast<int64_t>(n) * S + i];
+  return block_sum(part, scratch);
+}
+
 // A LayerNorm's statistics of z[0..n): the mean and 1 / sqrt(biased variance + eps); every
 // thread gets them.
 template <typename T>
@@ -422,14 +432,11 @@ bwd_glue_kernel(const T* __restrict__ part_dt, const T* __restrict__ part_da,
     d_a[c] = sequential ? da + due * o.u[c] : da;
     R(3)[c] = o.s[c];
   }
-  T part = 0;
-  for (int s = threadIdx.x; s < S; s += kGlueThreads)
-    part += part_dt[static_cast<int64_t>(n) * S + s];
-  const T d_c = block_sum(part, scratch);  // (its syncs also publish d_u)
+  const T d_c = sum_split_values(part_dt, n, S, scratch);  // (its syncs also publish d_u)
   // u = W_v'^T q, c = q . b_v', q = softmax(g): d_q = W_v' d_u + d_c b_v', d_g = q (d_q - q.d_q)
   rows_dot(w.sp_wv, d_u, static_cast<const T*>(nullptr), H, C, d_q);
   __syncthreads();
-  part = 0;
+  T part = 0;
   for (int j = threadIdx.x; j < H; j += kGlueThreads) {
     d_q[j] += d_c * w.sp_bv[j];
     part += o.q[j] * d_q[j];

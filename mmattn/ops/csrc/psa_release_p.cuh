@@ -91,10 +91,7 @@ release_p_bwd_glue_kernel(const T* __restrict__ part_wt, const T* __restrict__ p
 
   // sig = softmax_p(t): dL/dt_p = sig_p (dL/dsig_p - sum sig dL/dsig) = w_t - beta_t sig_p, so
   // du = sum_p x_p dL/dt_p = sum_p x_p w_t - beta_t r
-  T part = 0;
-  for (int i = threadIdx.x; i < S; i += kGlueThreads)
-    part += part_wt[static_cast<int64_t>(n) * S + i];
-  const T beta_t = block_sum(part, scratch);
+  const T beta_t = sum_split_values(part_wt, n, S, scratch);
   if (threadIdx.x == 0) beta_t_out[n] = beta_t;
   // r (in m's row until below), du's first term, dA
   sum_splits<3>(n, S, C, Unweighted{}, scratch + kGlueWarps, part_r, R(1), part_du, R(0), part_da,
@@ -119,7 +116,7 @@ release_p_bwd_glue_kernel(const T* __restrict__ part_wt, const T* __restrict__ p
   T* dsn = dsv + static_cast<int64_t>(n) * C;
   cols_dot(w.wq2, L(1), H, C, dmn, scratch);
   cols_dot(w.wv, L(3), H, C, dsn, scratch);
-  part = 0;
+  T part = 0;
   for (int c = threadIdx.x; c < C; c += kGlueThreads) {  // the columns this thread just wrote
     dmn[c] /= P;
     part += dsn[c] * s[c];
