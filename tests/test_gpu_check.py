@@ -71,7 +71,8 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
              for key in ('mmcv-2.1.0.tar.gz', 'mmattn.ops.build', 'pytest',
                          'uninstall -q -y mmcv-lite', 'mmcv_ops/mmcv-2.1.0',
                          'benchmark_model.py', 'MAX_SPLITS=64', 'MAX_SPLITS=16',
-                         '--tool memcheck', 'benchmark.py --preset', '--tool racecheck')]
+                         '--tool memcheck', 'benchmark.py --preset', '--preset host-gpu',
+                         '--tool racecheck')]
     assert order == sorted(order), log
     assert 'MMCV_WITH_OPS=0' in log[order[0]]          # mmcv without its ops, first
     assert all(f'PYTHONPATH={ROOT}' in line for line in log[order[1]:]

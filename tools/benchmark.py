@@ -35,6 +35,7 @@ This is a tool, not a test: nothing here asserts a speed. Examples::
     python tools/benchmark.py --preset cpu          # PSA [4,256,64,64] fp32, 2 threads
     python tools/benchmark.py --preset gpu          # the issue's H100/H200 bf16 shapes
     python tools/benchmark.py --preset host         # PSA [1,8,4,4] vs conv3x3+BN+ReLU, 1 thread
+    python tools/benchmark.py --preset host-gpu     # the same on CUDA: host cost per block
     python tools/benchmark.py --op psa --shape 2,64,32,32 --mode sequential --no-compile
 """
 from __future__ import annotations
@@ -341,6 +342,12 @@ PRESETS = {
                  psa=[((1, 8, 4, 4), mode, variant) for variant in ('paper', 'official')
                       for mode in ('parallel', 'sequential')],
                  outlook=[], volo=[], conv=[(1, 8, 4, 4)]),
+    # the same on a GPU: the host-bound cost of a block (Python, dispatch, autograd, launches)
+    # against the conv block's, where the host drives the GPU (HRNet-OCR's step is host-bound)
+    'host-gpu': dict(device='cuda', dtype='float32', threads=None,
+                     psa=[((1, 8, 4, 4), mode, variant) for variant in ('paper', 'official')
+                          for mode in ('parallel', 'sequential')],
+                     outlook=[], volo=[], conv=[(1, 8, 4, 4)]),
     'gpu': dict(device='cuda', dtype='bfloat16', threads=None,
                 psa=[((16, 256, 128, 128), 'parallel', 'paper'),
                      ((16, 256, 128, 128), 'sequential', 'paper'),
@@ -384,7 +391,7 @@ def main() -> None:
         args.threads = args.threads or preset['threads']
         psa_cases, outlook_cases, volo_cases = preset['psa'], preset['outlook'], preset['volo']
         conv_cases = preset.get('conv', [])
-        args.no_compile = args.no_compile or args.preset == 'host'
+        args.no_compile = args.no_compile or args.preset.startswith('host')
     else:
         modes = ['parallel', 'sequential'] if args.mode == 'both' else [args.mode]
         psa_cases = [(args.shape or (4, 256, 64, 64), m, args.variant) for m in modes]
@@ -394,7 +401,8 @@ def main() -> None:
     if args.shape and args.op == 'all' and not args.preset:
         parser.error('--shape needs --op psa (N,C,H,W) or --op outlook (B,H,W,C)')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
-        parser.error(f'--device {args.device} (or --preset gpu) needs a CUDA device; none found')
+        what = f'--preset {args.preset}' if args.preset else f'--device {args.device}'
+        parser.error(f'{what} needs a CUDA device; none found')
     if args.op != 'all':
         psa_cases, outlook_cases, volo_cases = [
             cases if args.op == op else []

@@ -20,9 +20,10 @@ mmengine's ``AmpOptimWrapper`` does; the backward runs outside it).
 Printed per model and dtype: the median step time over ``--iters`` steps (the models take
 turns step by step, so load from other processes hits them alike), its ratio to ``stock`` in
 the same dtype, the peak memory above the model and its optimizer state (CUDA: the caching
-allocator's peak), the host time per step (CPU time of the Python thread from the start of the
-step until it returns, before waiting for the GPU: on CUDA what the step costs the host; on a
-CPU device the main thread's share of the compute), and (CUDA) the kernel launches per step,
+allocator's peak), the host time per step (CPU time of the whole process, every thread, from
+the start of the step until it returns, before waiting for the GPU: on CUDA what the step costs
+the host, the backward's included, which PyTorch's autograd engine runs on a thread of its own
+per GPU while the Python thread waits; on a CPU device the compute of every thread), and (CUDA) the kernel launches per step,
 per PSA block beyond stock and the GPU's kernel time per step (the sum of the kernels'
 durations: a step time well above it is host-bound), counted with ``torch.profiler`` over one
 step. ``--profile N`` prints, from that same profiled step, each PSA model's N kernels with the
@@ -139,18 +140,19 @@ def make_batch(shape: tuple[int, int, int], device: torch.device, seed: int = 0)
 
 def step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.device,
             host: list[float]) -> Callable[[], None]:
-    """One training step; appends the host time (thread CPU time until it returns) to host."""
+    """One training step; appends the host time (the process's CPU time, all threads, until it
+    returns) to host."""
     autocast = dtype != torch.float32
     model = entry.model
 
     def step() -> None:  # mmengine's BaseModel.train_step, with autocast around the forward
-        t0 = time.thread_time()
+        t0 = time.process_time()
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             data = model.data_preprocessor(batch, True)
             losses = model._run_forward(data, mode='loss')
         loss, _ = model.parse_losses(losses)
         entry.optim_wrapper.update_params(loss)
-        host.append(time.thread_time() - t0)
+        host.append(time.process_time() - t0)
 
     return step
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything mmattn checks on a GPU, in one call: the kernels' build, their `cuda` tests (while
 # mmcv builds), the model-level numbers (the HRNet-OCR training step, stock against each PSA
-# form), compute-sanitizer memcheck, the op benchmark and racecheck. See docs/kernels.md.
+# form), compute-sanitizer memcheck, the op benchmark, the host cost of a block (against a
+# conv + BN + ReLU) and racecheck. See docs/kernels.md.
 #
 #   bash tools/gpu_check.sh --prepare   # on the development machine: fill .whl/ (git-ignored)
 #   bash tools/gpu_check.sh             # on the GPU machine, from the repo root, .whl/ carried
@@ -119,6 +120,9 @@ stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
   python3 tools/sanitize_kernels.py $SANITIZE_ARGS
 # shellcheck disable=SC2086
 TAIL=20 stage op_benchmark 120 python3 tools/benchmark.py $OP_ARGS
+# the host cost of a block (Python, dispatch, autograd, launches) against a conv + BN + ReLU's
+TAIL=12 stage host_benchmark 60 python3 tools/benchmark.py --preset host-gpu --iters 200 \
+  --warmup 20
 # shellcheck disable=SC2086
 stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 \
   python3 tools/sanitize_kernels.py $SANITIZE_ARGS
