@@ -341,6 +341,23 @@ def test_psa_s_kernels_wide_channels(block_kernel) -> None:
     check_matches(block_kernel, 'sequential', (2, 1024, 3, 2), torch.contiguous_format)
 
 
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_psa_s_value_products_cut_over_the_pixels(block_kernel,
+                                                  layout: torch.memory_format) -> None:
+    """PSA_s's M = dVl x^T with few output tiles and many pixels is cut into chunks of the
+    pixels (a batched GEMM per image over its chunks, then their sum; the emulation has 2 SMs,
+    so one image of C <= 32 channels and 8192 pixels is cut into 4): the output and every
+    gradient still match the equations in float64, in both memory formats, and the cut shows
+    as the chunks' sum among the backward's ATen calls (none at 256 pixels)."""
+    from torch.profiler import ProfilerActivity, profile
+    for shape, cut in (((1, 8, 64, 128), True), ((1, 8, 16, 16), False)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            check_matches(block_kernel, 'sequential', shape, layout)
+        calls = [evt for evt in prof.events() if evt.name == f'{NAMESPACE}::psa_block_cuda_bwd']
+        sums = sum(child.name == 'aten::sum' for evt in calls for child in evt.cpu_children)
+        assert calls and sums == (len(calls) if cut else 0), (shape, len(calls), sums)
+
+
 #: ATen operators that launch nothing on a GPU (allocations, views, no-op casts)
 NO_LAUNCH = {'aten::empty', 'aten::empty_strided', 'aten::empty_like', 'aten::to',
              'aten::view', 'aten::as_strided', 'aten::select', 'aten::slice', 'aten::narrow',

@@ -394,6 +394,47 @@ inline at::Tensor value_logits(const at::Tensor& wa, const at::Tensor& x) {
   return at::bmm(wa, channel_matrices(x));
 }
 
+// M = dVl x^T (N, H, C), per image a product whose reduction runs over the P pixels into a small
+// H x C output. cuBLAS gives such a product a thread block per output tile, so where the tiles
+// are few a handful of SMs do all the work: at HRNet-OCR's widest map ([2, 48, 128, 256]: 2 x 1
+// x 2 tiles of 32, K = 32768), 0.57 ms in float32 on an H100 (not TF32; 0.10 ms with TF32),
+// against 0.12 ms with the pixels cut into chunks, a batched product per image over its chunks
+// and their sum (2026-11-26, tools/gpu_check.sh's lease; bf16: 0.05 ms whole, 0.11 ms cut). So
+// float32/float64 products with fewer tiles than SMs and at least kSplitMinPixels pixels are
+// cut into S chunks, S the largest power of two that divides P, keeps chunks of at least
+// kSplitMinChunk pixels and N tiles S within two per SM; at least 4 chunks, else none.
+constexpr int64_t kSplitMinPixels = 8192, kSplitMinChunk = 256;
+
+inline int64_t value_product_splits(int64_t N, int64_t H, int64_t C, int64_t P,
+                                    at::ScalarType dtype) {
+  if ((dtype != at::kFloat && dtype != at::kDouble) || P < kSplitMinPixels) return 1;
+  const int64_t tiles = N * ((H + 31) / 32) * ((C + 31) / 32);
+  const int64_t sms = launch::device_attribute(launch::Attr::kMultiProcessors);
+  if (tiles >= sms) return 1;
+  int64_t s = 1;
+  while (tiles * s * 2 <= 2 * sms && P % (2 * s) == 0 && P / (2 * s) >= kSplitMinChunk) s *= 2;
+  return s >= 4 ? s : 1;
+}
+
+// M = dVl x^T for dVl (N, H, P) in x's dtype (dense) and x (N, C, H, W), in x's dtype: one
+// batched GEMM, or (value_product_splits) a batched GEMM per image over the chunks of its
+// pixels (views: dVl_n as (S, H, P/S), x_n^T as (S, P/S, C), in either memory format) and the
+// chunks' sum.
+inline at::Tensor value_products(const at::Tensor& dvl, const at::Tensor& x) {
+  const at::Tensor xm = channel_matrices(x);  // (N, C, P)
+  const int64_t N = dvl.size(0), H = dvl.size(1), P = dvl.size(2), C = xm.size(1);
+  const int64_t S = value_product_splits(N, H, C, P, x.scalar_type());
+  if (S == 1) return at::bmm(dvl, xm.transpose(1, 2));
+  const int64_t chunk = P / S;
+  const at::Tensor parts = at::empty({N, S, H, C}, dvl.options());
+  for (int64_t n = 0; n < N; ++n) {
+    at::Tensor out = parts[n];
+    at::bmm_out(out, dvl[n].view({H, S, chunk}).transpose(0, 1),
+                xm[n].view({C, S, chunk}).permute({1, 2, 0}));
+  }
+  return parts.sum(1);
+}
+
 // Whether the kernels that walk Vl's rows can move 16-byte vectors of them.
 template <typename scalar_t>
 bool rows_vectorizable(const at::Tensor& vl, int P) {
@@ -494,7 +535,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
     // dA's part sum_p x e = sum_k W_v'[k][c] M[k][c]
     at::Tensor ex_rows = channel_matrices(ex);
     at::bmm_out(ex_rows, wa.transpose(1, 2), vl);
-    const at::Tensor m = at::bmm(vl, channel_matrices(x).transpose(1, 2));
+    const at::Tensor m = value_products(vl, x);
     if (N > 0)
       launch::launch(release_s_bwd_glue_kernel<acc_t, scalar_t>, dim3(N), kGlueThreads,
                      kGlueSmem * sizeof(acc_t), pda.data_ptr<acc_t>(),
