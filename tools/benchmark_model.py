@@ -23,11 +23,11 @@ the same dtype, the peak memory above the model and its optimizer state (CUDA: t
 allocator's peak), the host time per step (CPU time of the whole process, every thread, from
 the start of the step until it returns, before waiting for the GPU: on CUDA what the step costs
 the host, the backward's included, which PyTorch's autograd engine runs on a thread of its own
-per GPU while the Python thread waits; on a CPU device the compute of every thread), and (CUDA) the kernel launches per step,
-per PSA block beyond stock and the GPU's kernel time per step (the sum of the kernels'
-durations: a step time well above it is host-bound), counted with ``torch.profiler`` over one
-step. ``--profile N`` prints, from that same profiled step, each PSA model's N kernels with the
-most device time.
+per GPU while the Python thread waits; on a CPU device the compute of every thread), and
+(CUDA) the kernel launches per step, per PSA block beyond stock and the GPU's kernel time per
+step (the sum of the kernels' durations: a step time well above it is host-bound), counted
+with ``torch.profiler`` over one step. ``--profile N`` prints, from that same profiled step,
+each PSA model's N kernels with the most device time.
 
 This is a tool, not a test: nothing here asserts a speed. Examples::
 
