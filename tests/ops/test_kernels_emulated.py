@@ -378,13 +378,13 @@ def aten_launches(events, op: str) -> int:
 
 
 @pytest.mark.parametrize('variant, mode, kernels, total', [
-    ('paper', 'sequential', (3, 3), 7), ('official', 'parallel', (4, 3), 8),
+    ('paper', 'sequential', (3, 4), 7), ('official', 'parallel', (4, 4), 8),
     ('official', 'sequential', (4, 4), 12)])
 def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: str,
                                    kernels: tuple[int, int], total: int) -> None:
     """A training step's launches per block: the paper forms' kernels 3 forward (reduction, glue,
-    apply pass) and 3 backward (reduction, glue, apply pass); PSA_p 4 forward (+ the reduction of
-    its spatial logits); PSA_s 4 forward (reduction, glue, value softmax state, apply pass) and 4
+    apply pass) and 4 backward (reduction, glue, apply pass, the weight matrices' gradients);
+    PSA_p 4 forward (+ the reduction of its spatial logits) and the same 4 backward; PSA_s 4 forward (reduction, glue, value softmax state, apply pass) and 4
     backward (the paper's reduction, dq and dVl, glue, apply pass); and, in ``total``, the ATen
     operators the ops' C++ runs besides (each a launch on a GPU): at most 8 in all (issue 12) but
     for PSA_s, whose value products are GEMMs (tensor cores) between its kernels: the value map
@@ -403,6 +403,22 @@ def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: s
             for op in ('fwd', 'bwd')}
     assert (forward, backward) == kernels
     assert forward + backward + aten['fwd'] + aten['bwd'] == total, aten
+
+
+def test_psa_block_kernel_gradients_leave_in_the_weights_layout(emulated) -> None:
+    """Every weight's gradient leaves the backward dense in its weight's layout (the 1x1
+    convolution from C/2 to C channels too, whose C x C/2 gradient is the transpose of the
+    product the others are), so autograd's accumulation takes it as it is: a gradient in
+    another layout is copied into the weight's, a launch per block and step."""
+    for variant, mode in BLOCK_FORMS:
+        weights, form, eps = psa_block_weights(block(variant, mode, 8, 'reference'))
+        x = torch.randn(2, 8, 5, 3, dtype=F64)
+        y, state = emulated.psa_block_cuda_fwd(x, weights, form, eps)
+        _, grads = emulated.psa_block_cuda_bwd(torch.randn_like(y), x, state, weights, form,
+                                               eps)
+        assert len(grads) == len(weights)
+        for w, g in zip(weights, grads):
+            assert g.shape == w.shape and g.is_contiguous(), (variant, mode, tuple(w.shape))
 
 
 ZERO_FILLS = ('aten::zeros', 'aten::zeros_like', 'aten::new_zeros', 'aten::fill_', 'aten::zero_')

@@ -63,11 +63,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> paper_backward(
   const at::Tensor gwq = flat.narrow(0, 0, C);
   at::Tensor dx = std::get<0>(bwd_apply(grad, x, a, s_mask, logits, lnorm, d_t, ueff, dm, dsv,
                                         W[0], beta, 0, sequential, gwq));
-  const at::Tensor mats = at::bmm(left.transpose(1, 2), right);  // (4, C/2, C)
+  const at::Tensor mats = outer_sums(left, right, 2);  // (4, C/2, C); ch_wz's (2) C x C/2
   const auto v = vec_grads.split_with_sizes({H, H, H, C, C, C});
   return {dx,
-          {gwq, flat.narrow(0, C, 1), mats[3], v[2], mats[2].t(), v[5], v[3], v[4], mats[1],
-           v[1], mats[0], v[0]}};
+          {gwq, flat.narrow(0, C, 1), mats[3], v[2], mats[2].view({C, H}), v[5], v[3], v[4],
+           mats[1], v[1], mats[0], v[0]}};
 }
 
 // x made dense in its own memory format (NCHW or channels_last), as the kernels need.

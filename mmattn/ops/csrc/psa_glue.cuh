@@ -634,6 +634,53 @@ bwd_glue(const at::Tensor& part_dt_in, const at::Tensor& part_da_in,
   return {dm, dsv, beta, left, right, vecs};
 }
 
+// ---------------------------------------------------------------- the weight matrices' gradients
+// The four (C/2 x C) weight matrices' gradients of the paper form and PSA_p, each a sum over the
+// images of an outer product, sum_n l_n r_n^T, from the backward glue's left (4, N, H) and right
+// (4, N, C): a thread per element, a loop over the N images (N is the batch: a few multiply-adds
+// a thread). Matrix `transposed` (the 1x1 convolution from C/2 to C channels, whose weight is
+// C x H) is written as its transpose, so that every gradient leaves in its weight's layout:
+// cuBLAS's batched product (the same for all four) left that one as a transposed view, which
+// autograd's gradient accumulation then copied into the weight's layout, a launch more.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+outer_sums_kernel(const T* __restrict__ left, const T* __restrict__ right, int N, int H, int C,
+                  int transposed, T* __restrict__ out) {
+  const int64_t per = static_cast<int64_t>(H) * C;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < 4 * per;
+       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int m = static_cast<int>(idx / per);
+    const int64_t e = idx - m * per;
+    // consecutive threads: consecutive columns of r (or, transposed, rows of l); the other
+    // factor is one value for the warp
+    const bool t = m == transposed;
+    const int i = static_cast<int>(t ? e % H : e / C), j = static_cast<int>(t ? e / H : e % C);
+    const T* l = left + static_cast<int64_t>(m) * N * H + i;
+    const T* r = right + static_cast<int64_t>(m) * N * C + j;
+    T acc = 0;
+    for (int64_t n = 0; n < N; ++n) acc += l[n * H] * r[n * C];
+    out[idx] = acc;
+  }
+}
+
+// The four sums as (4, H, C), matrix `transposed` in it laid out C x H (view it as such).
+inline at::Tensor outer_sums(const at::Tensor& left, const at::Tensor& right, int transposed) {
+  const int64_t N = left.size(1), H = left.size(2), C = right.size(2);
+  at::Tensor out = at::empty({4, H, C}, left.options());
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(left.scalar_type(), "psa_outer_sums", [&] {
+    auto kernel = outer_sums_kernel<scalar_t>;
+    const int64_t blocks = (total + kThreads - 1) / kThreads;
+    const int wave = one_wave(launch::resident_blocks(kernel, kThreads, 0), 1);
+    launch::launch(kernel, dim3(static_cast<unsigned>(std::min<int64_t>(blocks, wave))),
+                   kThreads, 0, left.data_ptr<scalar_t>(), right.data_ptr<scalar_t>(),
+                   static_cast<int>(N), static_cast<int>(H), static_cast<int>(C), transposed,
+                   out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 psa_bwd_glue_cuda(const at::Tensor& part_dt, const at::Tensor& part_da,
                   const at::Tensor& part_dueff, const at::Tensor& stats, int64_t pixels,

@@ -16,8 +16,8 @@
 // w_t = sig_p dL/dsig_p), the glue (the softmax over pixels' second term beta_t = sum_p w_t, the
 // chain's derivative) and the paper form's backward apply pass, which forms S and
 // dL/dt = w_t - beta_t sig_p from t per pixel and whose dx has exactly PSA_p's terms:
-// G (A + S) + u d_t + dm + ds pi + wq d_l. The weight gradients are one batched product of
-// per-image factors, as for the paper form. The glues touch nothing per pixel.
+// G (A + S) + u d_t + dm + ds pi + wq d_l. The weight matrices' gradients are sums of per-image
+// outer products (outer_sums), as for the paper form. The glues touch nothing per pixel.
 //
 // Needs psa_kernels.cuh and psa_glue.cuh, and the launch interface (cuda_launch.cuh, or the
 // tests' CPU emulation).
@@ -212,8 +212,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_backward(
   at::Tensor dx = std::get<0>(bwd_apply(grad, x, a, at::Tensor(), logits, lnorm, w_t, stats[3],
                                         dm, dsv, W[0], beta, 0, false, gwq, at::Tensor(),
                                         spatial, beta_t));
-  const at::Tensor mats = at::bmm(left.transpose(1, 2), right);  // (4, H, C)
-  return {dx, {gwq, mats[3], mats[2].t(), mats[1], mats[0]}};
+  const at::Tensor mats = outer_sums(left, right, 2);  // (4, H, C); conv_up's (2) C x H
+  return {dx, {gwq, mats[3], mats[2].view({C, H}), mats[1], mats[0]}};
 }
 
 }  // namespace psa
