@@ -35,6 +35,7 @@ echo "python3 $* | MMCV_WITH_OPS=${MMCV_WITH_OPS:-} PYTHONPATH=${PYTHONPATH:-}" 
 case "$*" in
   *"pip wheel"*) mkdir -p "$WHEEL_DIR"; touch "$WHEEL_DIR/mmcv-2.1.0-cp312-cp312-linux_x86_64.whl";;
   *pytest*) exit 3;;
+  *cuda-graph*) ;;
   *benchmark_model*) [ -n "${MMATTN_PSA_MAX_SPLITS:-}" ] || sleep 20;;
 esac
 exit 0
@@ -44,9 +45,9 @@ exit 0
 def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     """The order the GPU machine needs (mmcv before anything imports mmattn, mmcv's ops before
     mmseg's model benchmark, this tree on PYTHONPATH for tools/*.py), a failed stage not
-    stopping the next, a stage cut at the deadline counted as failed, and SPLIT_SWEEP's model
-    benchmarks, one per split cap, after the first; python3, nvidia-smi and compute-sanitizer
-    are stand-ins that log their calls."""
+    stopping the next, a stage cut at the deadline counted as failed, SPLIT_SWEEP's model
+    benchmarks, one per split cap, after the first, and GRAPH_ARGS's (the CUDA-graph mode);
+    python3, nvidia-smi and compute-sanitizer are stand-ins that log their calls."""
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
     (bin_dir / 'python3').write_text(FAKE_PYTHON)
@@ -63,7 +64,8 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     assert '/tmp/mmcv_ops' in script_text   # where the fake pip wheel must put mmcv's wheel
     env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', CALLS=str(calls),
                WHEEL_DIR='/tmp/mmcv_ops', OUT=str(tmp_path / 'out'), DEADLINE='60',
-               LIMIT_model_benchmark='2', MIN_STAGE_S='1', SPLIT_SWEEP='64 16')
+               LIMIT_model_benchmark='2', MIN_STAGE_S='1', SPLIT_SWEEP='64 16',
+               GRAPH_ARGS='--cuda-graph --dtypes float32')
     result = subprocess.run(['bash', script], capture_output=True, text=True, env=env,
                             timeout=120)
     log = calls.read_text().splitlines()
@@ -71,8 +73,8 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
              for key in ('mmcv-2.1.0.tar.gz', 'mmattn.ops.build', 'pytest',
                          'uninstall -q -y mmcv-lite', 'mmcv_ops/mmcv-2.1.0',
                          'benchmark_model.py', 'MAX_SPLITS=64', 'MAX_SPLITS=16',
-                         '--tool memcheck', 'benchmark.py --preset', '--preset host-gpu',
-                         '--tool racecheck')]
+                         '--cuda-graph --dtypes float32', '--tool memcheck',
+                         'benchmark.py --preset', '--preset host-gpu', '--tool racecheck')]
     assert order == sorted(order), log
     assert 'MMCV_WITH_OPS=0' in log[order[0]]          # mmcv without its ops, first
     assert all(f'PYTHONPATH={ROOT}' in line for line in log[order[1]:]
@@ -91,6 +93,7 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     assert '== gpu_check: 3 failed stage(s)' in result.stdout
     for cap in ('64', '16'):
         assert f'== splits_{cap}: rc 0' in result.stdout
+    assert '== model_graph: rc 0' in result.stdout
     sweeps = [line for line in log if 'MAX_SPLITS=' in line
               and not line.endswith('MAX_SPLITS=')]
     assert len(sweeps) == 2 and all('--forms psa_p-official,paper-parallel' in line

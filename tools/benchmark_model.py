@@ -29,11 +29,20 @@ step (the sum of the kernels' durations: a step time well above it is host-bound
 with ``torch.profiler`` over one step. ``--profile N`` prints, from that same profiled step,
 each PSA model's N kernels with the most device time.
 
+``--cuda-graph`` (CUDA) captures each model's training step (forward with the loss, backward,
+the optimizer update; the data preprocessor runs once, outside) in a CUDA graph and times its
+replays: the step without per-operator host work, what a host-bound step would cost if the
+host kept up (stock and PSA alike). mmseg's accuracy metric in the decode heads' losses indexes
+with a boolean mask, a host-device synchronisation that a capture refuses, so it is replaced,
+for this run, by the same value computed without one (:func:`accuracy_without_sync`). The
+peak-memory column is left out (the graphs' memory is allocated at capture).
+
 This is a tool, not a test: nothing here asserts a speed. Examples::
 
     python tools/benchmark_model.py                       # CPU: 2 x 3x64x128, fp32
     python tools/benchmark_model.py --device cuda         # 2 x 3x512x1024, fp32 and bf16
     python tools/benchmark_model.py --forms stock,psa_s-official --backends auto --iters 20
+    python tools/benchmark_model.py --device cuda --cuda-graph --dtypes float32
 
 It needs mmseg (and mmcv), not mmpose, mmdet or mmpretrain.
 """
@@ -157,6 +166,60 @@ def step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.device,
     return step
 
 
+def accuracy_without_sync(pred: torch.Tensor, target: torch.Tensor, topk=1, thresh=None,
+                          ignore_index=None):
+    """mmseg's ``accuracy`` (``mmseg.models.losses.accuracy``) for one ``topk`` without a
+    threshold, computed without boolean-mask indexing (which waits for the GPU): the share of
+    non-ignored pixels whose top class is the target, in percent, with mmseg's epsilons. Other
+    arguments go to mmseg's own."""
+    from mmseg.models.losses import accuracy
+    if topk != 1 or thresh is not None or pred.size(0) == 0:
+        return accuracy(pred, target, topk, thresh, ignore_index)
+    eps = torch.finfo(torch.float32).eps
+    correct = pred.topk(1, dim=1)[1].squeeze(1).eq(target)
+    valid = target != ignore_index if ignore_index is not None else torch.ones_like(correct)
+    hits = (correct & valid).reshape(-1).float().sum(0, keepdim=True) + eps
+    return hits.mul_(100.0 / (valid.sum() + eps))
+
+
+def graph_step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.device,
+                  host: list[float], warmup: int) -> Callable[[], None]:
+    """One training step as the replay of a CUDA graph (PyTorch's whole-network capture: warm-up
+    steps on a side stream, the gradients set to None, then one captured step); appends the
+    host time of each replay to host. Needs :func:`accuracy_without_sync` in mmseg's decode
+    heads."""
+    autocast = dtype != torch.float32
+    model, optim = entry.model, entry.optim_wrapper
+    data = model.data_preprocessor(batch, True)
+
+    def step() -> None:
+        # no autocast cache: a capture must not keep the casts of the eager steps
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast, cache_enabled=False):
+            losses = model._run_forward(data, mode='loss')
+        loss, _ = model.parse_losses(losses)
+        optim.backward(loss)
+        optim.step()
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            optim.zero_grad()
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    optim.zero_grad()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay() -> None:
+        t0 = time.process_time()
+        graph.replay()
+        host.append(time.process_time() - t0)
+
+    return replay
+
+
 @dataclass
 class Kernels:
     """The CUDA kernels of one profiled step."""
@@ -210,6 +273,9 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=None, help='timed steps (10 CUDA, 5 CPU)')
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--cuda-graph', action='store_true',
+                        help='CUDA: time the replays of each training step captured in a CUDA '
+                             'graph (see the description)')
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='CUDA: print each PSA model\'s N operators with the most device '
                              'time in the profiled step')
@@ -219,6 +285,9 @@ def main() -> None:
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error(f'--device {args.device} needs a CUDA device; none found')
     cuda = device.type == 'cuda'
+    if args.cuda_graph and not cuda:
+        parser.error(f'--cuda-graph needs --device cuda (a CUDA graph), got --device '
+                     f'{args.device}')
     try:
         shape = tuple(int(v) for v in (args.shape or ('2,512,1024' if cuda else '2,64,128'))
                       .split(','))
@@ -241,6 +310,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if cuda:
         torch.backends.cudnn.benchmark = True
+    if args.cuda_graph:  # mmseg's decode heads call accuracy by the name they imported
+        from mmseg.models.decode_heads import decode_head
+        decode_head.accuracy = accuracy_without_sync
 
     started = time.perf_counter()
     models: list[Model] = []
@@ -264,7 +336,8 @@ def main() -> None:
 
     print(f'device: {device_name(device)}')
     print(f'torch {torch.__version__}; batch {shape[0]} x 3x{shape[1]}x{shape[2]}; median of '
-          f'{iters} training steps after {args.warmup} warm-up steps')
+          f'{iters} training steps after {args.warmup} warm-up steps'
+          + ('; each step a CUDA graph replay' if args.cuda_graph else ''))
     print(f'mmattn kernels: {kernel_status()}')
     print(f'built {len(models)} models in {time.perf_counter() - started:.0f} s', flush=True)
     rows = []
@@ -272,7 +345,11 @@ def main() -> None:
         started = time.perf_counter()
         dtype = DTYPES[name]
         host = {m.label: [] for m in models}
-        steps = {m.label: step_fn(m, batch, dtype, device, host[m.label]) for m in models}
+        if args.cuda_graph:
+            steps = {m.label: graph_step_fn(m, batch, dtype, device, host[m.label], args.warmup)
+                     for m in models}
+        else:
+            steps = {m.label: step_fn(m, batch, dtype, device, host[m.label]) for m in models}
         for _ in range(args.warmup):
             for step in steps.values():
                 step()
@@ -291,7 +368,8 @@ def main() -> None:
         host_ms = {label: statistics.median(ts) * 1e3 for label, ts in host.items()}
         kernels = {label: profile_kernels(step, device, 0 if label == 'stock' else args.profile)
                    for label, step in steps.items()}
-        peaks = {label: peak_cuda_bytes(step, device) for label, step in steps.items()}
+        peaks = {label: None if args.cuda_graph else peak_cuda_bytes(step, device)
+                 for label, step in steps.items()}
         peaks_mib = {label: None if b is None else b / 2 ** 20 for label, b in peaks.items()}
         print(f'{name}: {timed - started:.0f} s of steps, {time.perf_counter() - timed:.0f} s '
               f'of profiled and peak-memory steps', flush=True)

@@ -25,6 +25,13 @@
 #   SANITIZE_ARGS='--dtypes float32' bash tools/gpu_check.sh   # both sanitizer stages
 #   SPLIT_SWEEP='64 16' bash tools/gpu_check.sh   # + the model benchmark per split cap
 #
+# GRAPH_ARGS (default none: no stage) runs, after those, the model benchmark on these arguments
+# as the stage model_graph, meant for its CUDA-graph mode (each training step captured once and
+# replayed: the step without per-operator host work):
+#
+#   GRAPH_ARGS='--cuda-graph --dtypes float32 --iters 8 --warmup 2 --backends auto' \
+#     bash tools/gpu_check.sh
+#
 # SPLIT_SWEEP (default none) runs, after the model benchmark, one more model benchmark (its
 # arguments SWEEP_ARGS: stock, PSA_p and the paper's parallel form, fp32, 5 steps) per value with
 # MMATTN_PSA_MAX_SPLITS set to it (the cap on the pass kernels' splits per image that the glue
@@ -55,6 +62,7 @@ MODEL_ARGS=${MODEL_ARGS:---iters 8 --warmup 2 --backends auto --profile 8}  # 5 
 OP_ARGS=${OP_ARGS:---preset gpu --op psa --iters 20}
 SANITIZE_ARGS=${SANITIZE_ARGS:-}
 SPLIT_SWEEP=${SPLIT_SWEEP:-}
+GRAPH_ARGS=${GRAPH_ARGS:-}
 SWEEP_FORMS=psa_p-official,paper-parallel   # (stock always runs, as the baseline)
 SWEEP_ARGS=${SWEEP_ARGS:---iters 5 --warmup 2 --backends auto --profile 8 --dtypes float32 \
 --forms $SWEEP_FORMS}
@@ -115,6 +123,10 @@ for cap in $SPLIT_SWEEP; do
   TAIL=30 stage "splits_$cap" 150 env MMATTN_PSA_MAX_SPLITS="$cap" \
     python3 tools/benchmark_model.py $SWEEP_ARGS
 done
+if [ -n "$GRAPH_ARGS" ]; then
+  # shellcheck disable=SC2086
+  TAIL=30 stage model_graph 180 python3 tools/benchmark_model.py $GRAPH_ARGS
+fi
 # shellcheck disable=SC2086
 stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
   python3 tools/sanitize_kernels.py $SANITIZE_ARGS
