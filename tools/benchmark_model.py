@@ -151,19 +151,27 @@ def step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.device,
             host: list[float]) -> Callable[[], None]:
     """One training step; appends the host time (the process's CPU time, all threads, until it
     returns) to host."""
-    autocast = dtype != torch.float32
     model = entry.model
 
     def step() -> None:  # mmengine's BaseModel.train_step, with autocast around the forward
         t0 = time.process_time()
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            data = model.data_preprocessor(batch, True)
-            losses = model._run_forward(data, mode='loss')
-        loss, _ = model.parse_losses(losses)
-        entry.optim_wrapper.update_params(loss)
+        entry.optim_wrapper.update_params(training_loss(model, batch, dtype, device))
         host.append(time.process_time() - t0)
 
     return step
+
+
+def training_loss(model: nn.Module, data: dict, dtype: torch.dtype, device: torch.device,
+                  preprocess: bool = True, cache: bool = True) -> torch.Tensor:
+    """The model's loss on ``data`` (a data batch, run through the model's data preprocessor
+    first unless ``preprocess`` is off), under autocast to ``dtype`` (none for float32;
+    ``cache``: autocast's cache of cast weights) as mmengine's ``AmpOptimWrapper`` runs it."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32,
+                        cache_enabled=cache):
+        if preprocess:
+            data = model.data_preprocessor(data, True)
+        losses = model._run_forward(data, mode='loss')
+    return model.parse_losses(losses)[0]
 
 
 def accuracy_without_sync(pred: torch.Tensor, target: torch.Tensor, topk=1, thresh=None,
@@ -188,16 +196,12 @@ def graph_step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.d
     steps on a side stream, the gradients set to None, then one captured step); appends the
     host time of each replay to host. Needs :func:`accuracy_without_sync` in mmseg's decode
     heads."""
-    autocast = dtype != torch.float32
     model, optim = entry.model, entry.optim_wrapper
     data = model.data_preprocessor(batch, True)
 
     def step() -> None:
         # no autocast cache: a capture must not keep the casts of the eager steps
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast, cache_enabled=False):
-            losses = model._run_forward(data, mode='loss')
-        loss, _ = model.parse_losses(losses)
-        optim.backward(loss)
+        optim.backward(training_loss(model, data, dtype, device, preprocess=False, cache=False))
         optim.step()
 
     side = torch.cuda.Stream(device)

@@ -671,9 +671,7 @@ inline at::Tensor outer_sums(const at::Tensor& left, const at::Tensor& right, in
   if (total == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(left.scalar_type(), "psa_outer_sums", [&] {
     auto kernel = outer_sums_kernel<scalar_t>;
-    const int64_t blocks = (total + kThreads - 1) / kThreads;
-    const int wave = one_wave(launch::resident_blocks(kernel, kThreads, 0), 1);
-    launch::launch(kernel, dim3(static_cast<unsigned>(std::min<int64_t>(blocks, wave))),
+    launch::launch(kernel, dim3(wave_blocks(kernel, (total + kThreads - 1) / kThreads, 0)),
                    kThreads, 0, left.data_ptr<scalar_t>(), right.data_ptr<scalar_t>(),
                    static_cast<int>(N), static_cast<int>(H), static_cast<int>(C), transposed,
                    out.data_ptr<scalar_t>());

@@ -783,6 +783,14 @@ int one_wave(int per_sm, int N) {
   return std::max(1, per_sm * sms / std::max(N, 1));
 }
 
+// Blocks (kThreads each) for a kernel whose blocks loop over `units` units of work (rows, or
+// blocks' worth of elements), a unit a block at a time: one wave at most.
+template <typename... KArgs>
+int wave_blocks(void (*kernel)(KArgs...), int64_t units, size_t smem) {
+  const int wave = one_wave(launch::resident_blocks(kernel, kThreads, smem), 1);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(units, wave)));
+}
+
 // The environment's cap on the splits per image of the reductions whose size the host code
 // chooses: MMATTN_PSA_MAX_SPLITS, a positive integer, or unset / 0 for none. A tuning knob to
 // measure with: at a small batch one wave is hundreds of splits per image (an H200 at N = 2:

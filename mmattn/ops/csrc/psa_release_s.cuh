@@ -381,13 +381,6 @@ value_grad_kernel(scalar_t* __restrict__ vl, int64_t rows, int H, int P,
   }
 }
 
-// Blocks for a kernel that walks `rows` rows a block at a time: one wave at most.
-template <typename... KArgs>
-int row_blocks(void (*kernel)(KArgs...), int64_t rows, size_t smem) {
-  const int wave = one_wave(launch::resident_blocks(kernel, kThreads, smem), 1);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, wave)));
-}
-
 // ---------------------------------------------------------------- host side
 // Vl (N, H, P) in x's dtype for the per-image weight Wa (N, H, C): the value GEMM.
 inline at::Tensor value_logits(const at::Tensor& wa, const at::Tensor& x) {
@@ -473,7 +466,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
       auto kernel = value_stats_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
       const int64_t rows = static_cast<int64_t>(N) * H;
       const size_t smem = 2 * kWarps * sizeof(acc_t);
-      launch::launch(kernel, dim3(row_blocks(kernel, rows, smem)), kThreads, smem,
+      launch::launch(kernel, dim3(wave_blocks(kernel, rows, smem)), kThreads, smem,
                      vl.data_ptr<scalar_t>(), rows, P, norm.data_ptr<acc_t>());
     });
     const Launch la = plan(C, sizeof(acc_t), 0, 1, 2, kThreads);
@@ -526,7 +519,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
         auto kernel = value_grad_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
         const int64_t rows = static_cast<int64_t>(N) * H;
         const size_t smem = kWarps * sizeof(acc_t);
-        launch::launch(kernel, dim3(row_blocks(kernel, rows, smem)), kThreads, smem,
+        launch::launch(kernel, dim3(wave_blocks(kernel, rows, smem)), kThreads, smem,
                        vl.data_ptr<scalar_t>(), rows, H, P, q.data_ptr<acc_t>(),
                        norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), dq.data_ptr<acc_t>());
       });
