@@ -5,13 +5,14 @@
 // so a training step runs no Python per block beyond the module's call.
 //
 //   paper forms (psa_kernels.cuh, psa_glue.cuh; the folding is derived in mmattn/ops/psa.py):
-//     forward 3 launches: reduce, glue, apply; backward 3: reduce, glue, apply;
-//   the release's PSA_p (psa_release_p.cuh): forward 4, backward 3;
+//     forward 3 launches: reduce, glue, apply; backward 4: reduce, glue, apply and the weight
+//     matrices' gradients (outer_sums);
+//   the release's PSA_p (psa_release_p.cuh): forward 4, backward 4;
 //   the release's PSA_s (psa_release_s.cuh): forward 4, backward 4, and its value products as
 //   batched GEMMs (ATen) between them: 1 forward, 3 backward.
 // Each backward's first kernel clears one buffer that its later kernels add the weight
-// gradients into (atomics); the paper forms and PSA_p then form their matrices' gradients in one
-// batched product (ATen): 7-8 launches per block per training step (PSA_s 12).
+// gradients into (atomics); the paper forms and PSA_p then form their matrices' gradients by
+// outer_sums: 7-8 launches per block per training step (PSA_s 12, N + 12 where M is cut).
 //
 // Needs the launch interface (cuda_launch.cuh, or the tests' CPU emulation).
 #pragma once

@@ -11,13 +11,14 @@
 //            S_p = sigmoid(sig_p);   y = x (A + S)
 // Forward, 4 launches: the reduction of the paper form (l's online softmax, s, m), the glue
 // (A, u), the same reduction with u per image (t's online softmax), the apply pass (S from t,
-// y; it also merges t's softmax state for the backward). Backward, 3 launches: the backward
+// y; it also merges t's softmax state for the backward). Backward, 4 launches: the backward
 // reduction (dA, and with the factor sig_p, d u, sum_p x_p sig_p and the splits' sums of
 // w_t = sig_p dL/dsig_p), the glue (the softmax over pixels' second term beta_t = sum_p w_t, the
 // chain's derivative) and the paper form's backward apply pass, which forms S and
 // dL/dt = w_t - beta_t sig_p from t per pixel and whose dx has exactly PSA_p's terms:
-// G (A + S) + u d_t + dm + ds pi + wq d_l. The weight matrices' gradients are sums of per-image
-// outer products (outer_sums), as for the paper form. The glues touch nothing per pixel.
+// G (A + S) + u d_t + dm + ds pi + wq d_l; then the weight matrices' gradients, sums of
+// per-image outer products (outer_sums), as for the paper form. The glues touch nothing per
+// pixel.
 //
 // Needs psa_kernels.cuh and psa_glue.cuh, and the launch interface (cuda_launch.cuh, or the
 // tests' CPU emulation).
