@@ -350,8 +350,14 @@ def main() -> None:
         dtype = DTYPES[name]
         host = {m.label: [] for m in models}
         if args.cuda_graph:
-            steps = {m.label: graph_step_fn(m, batch, dtype, device, host[m.label], args.warmup)
-                     for m in models}
+            steps = {}
+            for m in models:  # a model whose step does not capture is said, and left out
+                try:
+                    steps[m.label] = graph_step_fn(m, batch, dtype, device, host[m.label],
+                                                   args.warmup)
+                except RuntimeError as exc:
+                    print(f'skipped: {m.label}, {name}: its step did not capture in a CUDA '
+                          f'graph: {str(exc).strip()[:2000]}', flush=True)
         else:
             steps = {m.label: step_fn(m, batch, dtype, device, host[m.label]) for m in models}
         for _ in range(args.warmup):
@@ -377,14 +383,17 @@ def main() -> None:
         peaks_mib = {label: None if b is None else b / 2 ** 20 for label, b in peaks.items()}
         print(f'{name}: {timed - started:.0f} s of steps, {time.perf_counter() - timed:.0f} s '
               f'of profiled and peak-memory steps', flush=True)
-        base = median['stock']
+        base = median.get('stock')
         for m in models:
             label = m.label
+            if label not in steps:
+                continue
             k, per_block = kernels[label], None
-            if k is not None and m.blocks:
+            if k is not None and m.blocks and 'stock' in kernels:
                 per_block = (k.launches - kernels['stock'].launches) / m.blocks
             rows.append([m.form, m.backend, name, f'{median[label]:.1f}',
-                         f'{median[label] / base:.2f}x', fmt(peaks_mib[label], '.0f'),
+                         fmt(base and median[label] / base, '.2f') + ('x' if base else ''),
+                         fmt(peaks_mib[label], '.0f'),
                          f'{host_ms[label]:.1f}', fmt(k and k.ms, '.1f'),
                          fmt(k and k.launches, 'd'), fmt(per_block, '.1f')])
             print(' | '.join(rows[-1]), flush=True)
