@@ -8,11 +8,12 @@
 //     forward 3 launches: reduce, glue, apply; backward 4: reduce, glue, apply and the weight
 //     matrices' gradients (outer_sums);
 //   the release's PSA_p (psa_release_p.cuh): forward 4, backward 4;
-//   the release's PSA_s (psa_release_s.cuh): forward 4, backward 4, and its value products as
+//   the release's PSA_s (psa_release_s.cuh): forward 4, backward 5, and its value products as
 //   batched GEMMs (ATen) between them: 1 forward, 3 backward.
 // Each backward's first kernel clears one buffer that its later kernels add the weight
 // gradients into (atomics); the paper forms and PSA_p then form their matrices' gradients by
-// outer_sums: 7-8 launches per block per training step (PSA_s 12, N + 12 where M is cut).
+// outer_sums, PSA_s all but W_q's in a kernel of its own: 7-8 launches per block per training
+// step (PSA_s 13, N + 13 where M is cut).
 //
 // Needs the launch interface (cuda_launch.cuh, or the tests' CPU emulation).
 #pragma once

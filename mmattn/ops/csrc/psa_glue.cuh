@@ -642,6 +642,15 @@ bwd_glue(const at::Tensor& part_dt_in, const at::Tensor& part_da_in,
 // C x H) is written as its transpose, so that every gradient leaves in its weight's layout:
 // cuBLAS's batched product (the same for all four) left that one as a transposed view, which
 // autograd's gradient accumulation then copied into the weight's layout, a launch more.
+// sum_n l[n ls] r[n rs] over the N images, in image order (r null: sum_n l[n ls]): a value of
+// a weight's gradient, a sum over the images.
+template <typename T>
+__device__ __forceinline__ T image_sum(const T* l, int64_t ls, const T* r, int64_t rs, int N) {
+  T acc = 0;
+  for (int64_t n = 0; n < N; ++n) acc += r != nullptr ? l[n * ls] * r[n * rs] : l[n * ls];
+  return acc;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 outer_sums_kernel(const T* __restrict__ left, const T* __restrict__ right, int N, int H, int C,
@@ -655,11 +664,8 @@ outer_sums_kernel(const T* __restrict__ left, const T* __restrict__ right, int N
     // factor is one value for the warp
     const bool t = m == transposed;
     const int i = static_cast<int>(t ? e % H : e / C), j = static_cast<int>(t ? e / H : e % C);
-    const T* l = left + static_cast<int64_t>(m) * N * H + i;
-    const T* r = right + static_cast<int64_t>(m) * N * C + j;
-    T acc = 0;
-    for (int64_t n = 0; n < N; ++n) acc += l[n * H] * r[n * C];
-    out[idx] = acc;
+    out[idx] = image_sum(left + static_cast<int64_t>(m) * N * H + i, H,
+                         right + static_cast<int64_t>(m) * N * C + j, C, N);
   }
 }
 

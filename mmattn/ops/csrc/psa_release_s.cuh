@@ -17,13 +17,14 @@
 // Forward, 4 kernels and 1 GEMM: the reduction (l's online softmax, s, m); the glue (A, q, and
 // Wa in x's dtype); Vl = Wa x (N, H, P) (a batched GEMM); the value
 // softmax's state (max and sum of exponentials per row k); the apply pass (t from Vl, S, y).
-// Backward, 4 kernels and 3 GEMMs, with the forward's small state: the paper form's backward
+// Backward, 5 kernels and 3 GEMMs, with the forward's small state: the paper form's backward
 // reduction (dt = dL/dt, dA's direct part sum_p G x S; on the way it clears the gradients' buffer
 // and writes Wa again); Vl again; per row k, dq_k = sum_p V dt and dVl = V q (dt - dq), over Vl in
 // place; two GEMMs, dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl) and M = dVl x^T (N, H, C); the
-// glue (W_v''s gradient sum_n M_n diag(A_n) and dA's part sum_p x e = sum_k W_v'[k][c] M[k][c] from
-// M, the chain's derivative, the other weights' gradients, with atomic adds); the paper form's
-// backward apply pass (dx's other terms, added into A (.) e).
+// glue (dA's part sum_p x e = sum_k W_v'[k][c] M[k][c] from M, the chain's derivative); the
+// weights' gradients (sums over the images: of outer products of the chain's vectors, and
+// W_v''s sum_n M_n diag(A_n)), a thread per value; the paper form's backward apply pass (dx's
+// other terms, added into A (.) e; W_q's gradient, with atomic adds).
 //
 // The GEMMs run in x's dtype (accumulating in float32 for the half types, as cuBLAS and the
 // reference's 1x1 convolutions do); everything else in the accumulation dtype.
@@ -133,20 +134,16 @@ __host__ __device__ inline ReleaseSGrads release_s_grads(int64_t C, int64_t Cb) 
   return o;
 }
 
-// out[i][j] += u[i] v[j] for i < rows, j < cols (row-major), with atomic adds: the images'
-// blocks add into the same gradient.
-template <typename T>
-__device__ __forceinline__ void add_outer(T* out, const T* u, const T* v, int rows, int cols) {
-  batched_walk(
-      rows * cols, [&](int i) { return Factors<T>{u[i / cols], v[i % cols]}; },
-      [&](int i, const Factors<T>& e) { atomicAdd(out + i, e.a * e.b); });
-}
-
 // Image n. In: the splits' partial dA sums (pda: sum_p G x S, S splits), the value GEMM's
 // M = dVl x^T (N, H, C; x's dtype MT), dq (N, H), the forward's state. Out: dm = dL/dm / P,
-// ds = dL/ds (N, C), beta = ds . s (N), for the backward apply pass; the weights' gradients
-// (but wq's) added into `grads` (release_s_grads' layout, zeroed before). dz (N, C), dh1, dh2
-// (N, Cb), dv (N, H): workspace.
+// ds = dL/ds (N, C), beta = ds . s (N), for the backward apply pass; the chain's vector
+// gradients, from which release_s_weight_grads_kernel then forms the weights' (all but wq's):
+// dz = dL/dz (N, C), dh2 = dL/dh2 (its ReLU's mask applied), dh1 = dL/dh1 (N, Cb), dv = dL/dv
+// (N, H). Only the chain is left here, a chain of matrix-vector products that one block per
+// image walks: the weights' gradients, sums over the images of outer products, are as many
+// values as the weights and spread over the GPU in that kernel (until 2026-11-26 this block
+// added them with atomic adds, 5 matrices' worth a block: 52 us a call in an H100's HRNet-OCR
+// step, fp32, its largest PSA kernel).
 template <typename T, typename MT>
 __global__ void __launch_bounds__(kGlueThreads, 1)
 release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict__ mvx,
@@ -155,16 +152,14 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
                           const T* __restrict__ rstd, int N, int C, int P, ReleaseS<T> w,
                           T* __restrict__ dm, T* __restrict__ dsv, T* __restrict__ beta,
                           T* __restrict__ dz, T* __restrict__ dh1, T* __restrict__ dh2,
-                          T* __restrict__ dv, T* __restrict__ grads) {
+                          T* __restrict__ dv) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* scratch = reinterpret_cast<T*>(smem_raw);
   const int n = blockIdx.x, H = C / 2, Cb = w.Cb;
-  const ReleaseSGrads off = release_s_grads(C, Cb);
   auto row = [&](int k) { return stats + (static_cast<int64_t>(k) * N + n) * C; };
   auto brow = [&](int k) { return bott + (static_cast<int64_t>(k) * N + n) * Cb; };
-  const T *s = row(0), *m = row(1), *a = row(2), *mz = row(3);
-  const T *zhat = brow(0), *h2 = brow(1), *r = brow(2);
-  const T* v = small + static_cast<int64_t>(n) * H;
+  const T *s = row(0), *m = row(1), *a = row(2);
+  const T *zhat = brow(0), *h2 = brow(1);
   const T* dqn = dq + static_cast<int64_t>(n) * H;
   T* dzn = dz + static_cast<int64_t>(n) * C;
   T* dmn = dm + static_cast<int64_t>(n) * C;
@@ -173,38 +168,30 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
   T* dvn = dv + static_cast<int64_t>(n) * H;
   T* dsn = dsv + static_cast<int64_t>(n) * C;
 
-  // q = W_q' mz, mz = A (.) m: dW_q' += dq mz^T, dmz = W_q'^T dq, dm = dmz A, dA += dmz m
-  add_outer(grads + off.wq2, dqn, mz, H, C);
+  // q = W_q' mz, mz = A (.) m: dmz = W_q'^T dq, dm = dmz A, dA += dmz m
   cols_dot(w.wq2, dqn, H, C, dmn, scratch);  // dmz, in dm's row until scaled below
   // dA = sum_p G x S (pda's splits) + sum_p x e + dmz m, the two sums first in dz's and ds's
   // rows (ds is written last). With e = W_v'^T dVl and M = dVl x^T: sum_p x e = sum_k
-  // W_v'[k][c] M[k][c], and W_v''s gradient sum_n sum_p dVl (A (.) x)^T adds A_c M[k][c].
+  // W_v'[k][c] M[k][c].
   sum_splits<1>(n, S, C, Unweighted{}, scratch + kGlueWarps, pda, dzn);
   const MT* mn = mvx + static_cast<int64_t>(n) * H * C;
   column_sums(H, C, scratch, [&](int k, int c) {
     const int64_t i = static_cast<int64_t>(k) * C + c;
     return w.wv2[i] * static_cast<T>(mn[i]);
   }, dsn);
-  batched_walk(
-      H * C, [&](int i) { return Factors<T>{static_cast<T>(mn[i]), a[i % C]}; },
-      [&](int i, const Factors<T>& e) { atomicAdd(grads + off.wv2 + i, e.a * e.b); });
   for (int c = threadIdx.x; c < C; c += kGlueThreads) {
     const T dmz = dmn[c];
     const T da = dzn[c] + dsn[c] + dmz * m[c];
     dmn[c] = dmz * a[c] / P;
     dzn[c] = da * a[c] * (T(1) - a[c]);  // A = sigmoid(z)
-    atomicAdd(grads + off.b2 + c, dzn[c]);
   }
   __syncthreads();
-  // z = W_2 relu(h2) + b_2: dW_2 += dz relu(h2)^T, dr = W_2^T dz, dh2 = dr [h2 > 0]
-  add_outer(grads + off.w2, dzn, r, C, Cb);
+  // z = W_2 relu(h2) + b_2: dr = W_2^T dz, dh2 = dr [h2 > 0]
   cols_dot(w.w2, dzn, C, Cb, dh2n, scratch);
   T part1 = 0, part2 = 0;
   for (int j = threadIdx.x; j < Cb; j += kGlueThreads) {
     const T d = h2[j] > T(0) ? dh2n[j] : T(0);
     dh2n[j] = d;
-    atomicAdd(grads + off.lnw + j, d * zhat[j]);
-    atomicAdd(grads + off.lnb + j, d);
     const T dzh = d * w.lnw[j];
     part1 += dzh;
     part2 += dzh * zhat[j];
@@ -212,22 +199,72 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
   // h2 = LN(h1) w + b: dh1 = rstd (dzhat - mean(dzhat) - zhat mean(dzhat zhat))
   const T mean1 = block_sum(part1, scratch) / Cb;
   const T mean2 = block_sum(part2, scratch) / Cb;
-  for (int j = threadIdx.x; j < Cb; j += kGlueThreads) {
+  for (int j = threadIdx.x; j < Cb; j += kGlueThreads)
     dh1n[j] = rstd[n] * (dh2n[j] * w.lnw[j] - mean1 - zhat[j] * mean2);
-    atomicAdd(grads + off.b1 + j, dh1n[j]);
-  }
   __syncthreads();
-  // h1 = W_1 v + b_1: dW_1 += dh1 v^T, dv = W_1^T dh1
-  add_outer(grads + off.w1, dh1n, v, Cb, H);
+  // h1 = W_1 v + b_1: dv = W_1^T dh1
   cols_dot(w.w1, dh1n, Cb, H, dvn, scratch);
   __syncthreads();
-  // v = W_v s: dW_v += dv s^T, ds = W_v^T dv
-  add_outer(grads + off.wv, dvn, s, H, C);
+  // v = W_v s: ds = W_v^T dv
   cols_dot(w.wv, dvn, H, C, dsn, scratch);
   T part = 0;
   for (int c = threadIdx.x; c < C; c += kGlueThreads) part += dsn[c] * s[c];
   const T b = block_sum(part, scratch);
   if (threadIdx.x == 0) beta[n] = b;
+}
+
+// The weights' gradients but wq's, in release_s_grads' layout, from the chain's vectors (the
+// glue's dz, dh2, dh1, dv; the forward's s, A, A (.) m, v, the bottleneck's zhat and relu(h2);
+// dq; M): each a sum over the images, a thread per value (consecutive threads: consecutive
+// columns), N products each, in image order:
+//   W_v: sum_n dv s^T, W_1: sum_n dh1 v^T, b_1: sum_n dh1, LN w: sum_n dh2 (.) zhat,
+//   LN b: sum_n dh2, W_2: sum_n dz relu(h2)^T, b_2: sum_n dz, W_q': sum_n dq (A (.) m)^T,
+//   W_v': sum_n M_n diag(A_n) (sum_n sum_p dVl (A (.) x)^T).
+template <typename T, typename MT>
+__global__ void __launch_bounds__(kThreads)
+release_s_weight_grads_kernel(const MT* __restrict__ mvx, const T* __restrict__ dq,
+                              const T* __restrict__ stats, const T* __restrict__ small,
+                              const T* __restrict__ bott, const T* __restrict__ dz,
+                              const T* __restrict__ dh1, const T* __restrict__ dh2,
+                              const T* __restrict__ dv, int N, int C, int Cb,
+                              T* __restrict__ grads) {
+  const int64_t H = C / 2, NC = static_cast<int64_t>(N) * C, NCb = static_cast<int64_t>(N) * Cb;
+  const ReleaseSGrads off = release_s_grads(C, Cb);
+  const T *s = stats, *a = stats + 2 * NC, *mz = stats + 3 * NC, *v = small, *zhat = bott;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < off.total;
+       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+    T g = 0;
+    if (idx >= off.wv2) {  // W_v': M in x's dtype
+      const int64_t e = idx - off.wv2, c = e % C;
+      for (int n = 0; n < N; ++n) g += static_cast<T>(mvx[n * H * C + e]) * a[n * C + c];
+    } else {
+      // value e of a segment whose rows have `cols` values: sum_n l_n[i] r_n[j] (i, j: e's
+      // row and column), or sum_n l_n[i] where r is null (a bias); LN w's elementwise product
+      // as a matrix of one column with r offset to the element
+      int64_t e, cols = 1, ls, rs = 0;
+      const T *l, *r = nullptr;
+      if (idx < off.w1) {
+        e = idx - off.wv, cols = C, l = dv, ls = H, r = s, rs = C;
+      } else if (idx < off.b1) {
+        e = idx - off.w1, cols = H, l = dh1, ls = Cb, r = v, rs = H;
+      } else if (idx < off.lnw) {
+        e = idx - off.b1, l = dh1, ls = Cb;
+      } else if (idx < off.lnb) {
+        e = idx - off.lnw, l = dh2, ls = Cb, r = zhat + e, rs = Cb;
+      } else if (idx < off.w2) {
+        e = idx - off.lnb, l = dh2, ls = Cb;
+      } else if (idx < off.b2) {
+        e = idx - off.w2, cols = Cb, l = dz, ls = C, r = bott + 2 * NCb, rs = Cb;
+      } else if (idx < off.wq2) {
+        e = idx - off.b2, l = dz, ls = C;
+      } else {
+        e = idx - off.wq2, cols = C, l = dq, ls = H, r = mz, rs = C;
+      }
+      const int64_t i = e / cols, j = e - i * cols;
+      g = image_sum(l + i, ls, r == nullptr ? r : r + j, rs, N);
+    }
+    grads[idx] = g;
+  }
 }
 
 // ---------------------------------------------------------------- the value map
@@ -496,8 +533,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   const auto opts = logits.options();
   const at::Tensor a = stats[2], q = small[1];
   const ReleaseSGrads off = release_s_grads(C, Cb);
-  // the atomic adds' target (the weights' gradients, W_q's last), and N x C zeros more: the
-  // apply pass's u (PSA_s has no u d_t term); cleared by the first kernel, the reduction
+  // the weights' gradients (W_q's last: the apply pass's atomic adds' target), and N x C zeros
+  // more: the apply pass's u (PSA_s has no u d_t term); cleared by the first kernel, the
+  // reduction
   const at::Tensor grads = at::empty({off.total + C + static_cast<int64_t>(N) * C}, opts);
   // dt = dL/dt (S = sigmoid(t)) and dA's direct part sum_p G x S: the paper form's sequential
   // backward reduction, which also clears `grads` and writes the value GEMM's weight Wa
@@ -529,15 +567,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
     at::Tensor ex_rows = channel_matrices(ex);
     at::bmm_out(ex_rows, wa.transpose(1, 2), vl);
     const at::Tensor m = value_products(vl, x);
-    if (N > 0)
+    if (N > 0) {
       launch::launch(release_s_bwd_glue_kernel<acc_t, scalar_t>, dim3(N), kGlueThreads,
                      kGlueSmem * sizeof(acc_t), pda.data_ptr<acc_t>(),
                      static_cast<int>(pda.size(1)), m.data_ptr<scalar_t>(), dq.data_ptr<acc_t>(),
                      stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(), bott.data_ptr<acc_t>(),
                      rstd.data_ptr<acc_t>(), N, C, P, w, dm.data_ptr<acc_t>(),
                      dsv.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), dz.data_ptr<acc_t>(),
-                     dh1.data_ptr<acc_t>(), dh2.data_ptr<acc_t>(), dv.data_ptr<acc_t>(),
-                     grads.data_ptr<acc_t>());
+                     dh1.data_ptr<acc_t>(), dh2.data_ptr<acc_t>(), dv.data_ptr<acc_t>());
+      auto kernel = release_s_weight_grads_kernel<acc_t, scalar_t>;
+      launch::launch(kernel, dim3(wave_blocks(kernel, (off.total + kThreads - 1) / kThreads, 0)),
+                     kThreads, 0, m.data_ptr<scalar_t>(), dq.data_ptr<acc_t>(),
+                     stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(), bott.data_ptr<acc_t>(),
+                     dz.data_ptr<acc_t>(), dh1.data_ptr<acc_t>(), dh2.data_ptr<acc_t>(),
+                     dv.data_ptr<acc_t>(), N, C, Cb, grads.data_ptr<acc_t>());
+    }
   });
   // dx = G A S + dm + ds pi + wq dl (the paper form's apply pass, with no u dt term) + A e,
   // the apply pass adding into ex
