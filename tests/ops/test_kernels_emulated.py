@@ -388,8 +388,8 @@ def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: s
     forward (reduction, glue, value softmax state, apply pass) and 5 backward (the paper's
     reduction, dq and dVl, glue, the weights' gradients, apply pass); and, in ``total``, the
     ATen operators the ops' C++ runs besides (each a launch on a GPU): at most 8 in all (issue
-    12) but for PSA_s, whose value products are GEMMs (tensor cores) between its kernels: the value map
-    forward (1), the map again, dx's part and M = dVl x^T backward (3)."""
+    12) but for PSA_s, whose value products are GEMMs (tensor cores) between its kernels: the
+    value map forward (1), the map again, dx's part and M = dVl x^T backward (3)."""
     from torch.profiler import ProfilerActivity, profile
     b = block(variant, mode, 32, 'reference', torch.float32)
     x = torch.randn(2, 32, 6, 5, dtype=torch.float32, requires_grad=True)
