@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(ROOT, 'tools', 'benchmark_model.py')
@@ -75,32 +74,3 @@ def test_bad_arguments_name_the_option() -> None:
                                 timeout=300, cwd=ROOT)
         assert result.returncode == 2
         assert expected in result.stderr, result.stderr[-2000:]
-
-
-def test_accuracy_without_sync_equals_mmsegs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--cuda-graph`` replaces mmseg's accuracy metric (boolean-mask indexing: a wait for the
-    GPU, which a capture refuses) by the same value computed with masked sums: equal to mmseg's
-    own, ignored pixels or none, a whole image ignored too; other arguments go to mmseg's."""
-    import importlib.util
-    from mmseg.models.losses import accuracy
-    spec = importlib.util.spec_from_file_location('benchmark_model', TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, 'benchmark_model', tool)  # (its dataclasses look it up)
-    spec.loader.exec_module(tool)
-    gen = torch.Generator().manual_seed(0)
-    pred = torch.randn(2, 19, 8, 12, generator=gen)
-    target = torch.randint(0, 19, (2, 8, 12), generator=gen)
-    target[0, :3] = 255
-    all_ignored = torch.full_like(target, 255)
-    for t, ignore in ((target, 255), (target, None), (all_ignored, 255),
-                      (pred.argmax(1), 255)):
-        got = tool.accuracy_without_sync(pred, t, ignore_index=ignore)
-        want = accuracy(pred, t, ignore_index=ignore)
-        assert got.shape == want.shape == (1,)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    assert tool.accuracy_without_sync(pred, target, ignore_index=255).item() < 20  # random
-    assert tool.accuracy_without_sync(pred, pred.argmax(1), ignore_index=255).item() == \
-        pytest.approx(100.0)
-    both = tool.accuracy_without_sync(pred, target, topk=(1, 2), ignore_index=255)
-    for got, want in zip(both, accuracy(pred, target, topk=(1, 2), ignore_index=255)):
-        torch.testing.assert_close(got, want)

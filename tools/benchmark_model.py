@@ -34,8 +34,9 @@ the optimizer update; the data preprocessor runs once, outside) in a CUDA graph 
 replays: the step without per-operator host work, what a host-bound step would cost if the
 host kept up (stock and PSA alike). mmseg's accuracy metric in the decode heads' losses indexes
 with a boolean mask, a host-device synchronisation that a capture refuses, so it is replaced,
-for this run, by the same value computed without one (:func:`accuracy_without_sync`). The
-peak-memory column is left out (the graphs' memory is allocated at capture).
+for this run, by the same value computed without one
+(:func:`mmattn.engine.sync_free_seg_accuracy`). The peak-memory column is left out (the graphs'
+memory is allocated at capture).
 
 This is a tool, not a test: nothing here asserts a speed. Examples::
 
@@ -49,6 +50,7 @@ It needs mmseg (and mmcv), not mmpose, mmdet or mmpretrain.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os.path as osp
 import statistics
@@ -62,6 +64,7 @@ from torch import nn
 
 import mmattn  # noqa: F401  (registers the blocks and PluginHRNet)
 from mmattn.analysis import load_model
+from mmattn.engine import sync_free_seg_accuracy
 from mmattn.layers import PolarizedSelfAttention
 from mmattn.ops import KernelUnavailableError, backends_for, kernel_status, select_backend
 from mmattn.utils.quiet import filter_tool_warnings, quiet_no_cuda_runtime
@@ -174,28 +177,12 @@ def training_loss(model: nn.Module, data: dict, dtype: torch.dtype, device: torc
     return model.parse_losses(losses)[0]
 
 
-def accuracy_without_sync(pred: torch.Tensor, target: torch.Tensor, topk=1, thresh=None,
-                          ignore_index=None):
-    """mmseg's ``accuracy`` (``mmseg.models.losses.accuracy``) for one ``topk`` without a
-    threshold, computed without boolean-mask indexing (which waits for the GPU): the share of
-    non-ignored pixels whose top class is the target, in percent, with mmseg's epsilons. Other
-    arguments go to mmseg's own."""
-    from mmseg.models.losses import accuracy
-    if topk != 1 or thresh is not None or pred.size(0) == 0:
-        return accuracy(pred, target, topk, thresh, ignore_index)
-    eps = torch.finfo(torch.float32).eps
-    correct = pred.topk(1, dim=1)[1].squeeze(1).eq(target)
-    valid = target != ignore_index if ignore_index is not None else torch.ones_like(correct)
-    hits = (correct & valid).reshape(-1).float().sum(0, keepdim=True) + eps
-    return hits.mul_(100.0 / (valid.sum() + eps))
-
-
 def graph_step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.device,
                   host: list[float], warmup: int) -> Callable[[], None]:
     """One training step as the replay of a CUDA graph (PyTorch's whole-network capture: warm-up
     steps on a side stream, the gradients set to None, then one captured step); appends the
-    host time of each replay to host. Needs :func:`accuracy_without_sync` in mmseg's decode
-    heads."""
+    host time of each replay to host. Needs mmseg's decode heads' accuracy without a
+    synchronisation (:func:`mmattn.engine.sync_free_seg_accuracy`)."""
     model, optim = entry.model, entry.optim_wrapper
     data = model.data_preprocessor(batch, True)
 
@@ -314,9 +301,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    if args.cuda_graph:  # mmseg's decode heads call accuracy by the name they imported
-        from mmseg.models.decode_heads import decode_head
-        decode_head.accuracy = accuracy_without_sync
+    patches = contextlib.ExitStack()  # (undone when main returns)
+    if args.cuda_graph:
+        patches.enter_context(sync_free_seg_accuracy())
 
     started = time.perf_counter()
     models: list[Model] = []
