@@ -635,13 +635,6 @@ bwd_glue(const at::Tensor& part_dt_in, const at::Tensor& part_da_in,
 }
 
 // ---------------------------------------------------------------- the weight matrices' gradients
-// The four (C/2 x C) weight matrices' gradients of the paper form and PSA_p, each a sum over the
-// images of an outer product, sum_n l_n r_n^T, from the backward glue's left (4, N, H) and right
-// (4, N, C): a thread per element, a loop over the N images (N is the batch: a few multiply-adds
-// a thread). Matrix `transposed` (the 1x1 convolution from C/2 to C channels, whose weight is
-// C x H) is written as its transpose, so that every gradient leaves in its weight's layout:
-// cuBLAS's batched product (the same for all four) left that one as a transposed view, which
-// autograd's gradient accumulation then copied into the weight's layout, a launch more.
 // sum_n l[n ls] r[n rs] over the N images, in image order (r null: sum_n l[n ls]): a value of
 // a weight's gradient, a sum over the images.
 template <typename T>
@@ -651,6 +644,13 @@ __device__ __forceinline__ T image_sum(const T* l, int64_t ls, const T* r, int64
   return acc;
 }
 
+// The four (C/2 x C) weight matrices' gradients of the paper form and PSA_p, each a sum over the
+// images of an outer product, sum_n l_n r_n^T, from the backward glue's left (4, N, H) and right
+// (4, N, C): a thread per element, a loop over the N images (N is the batch: a few multiply-adds
+// a thread). Matrix `transposed` (the 1x1 convolution from C/2 to C channels, whose weight is
+// C x H) is written as its transpose, so that every gradient leaves in its weight's layout:
+// cuBLAS's batched product (the same for all four) left that one as a transposed view, which
+// autograd's gradient accumulation then copied into the weight's layout, a launch more.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 outer_sums_kernel(const T* __restrict__ left, const T* __restrict__ right, int N, int H, int C,
