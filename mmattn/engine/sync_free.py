@@ -7,8 +7,10 @@ for the device in every training step, which a CUDA-graph capture refuses and at
 same value computed with masked sums needs neither. :func:`sync_free_seg_accuracy` puts it in
 mmseg's heads for a while (``tools/benchmark_model.py --cuda-graph``),
 :class:`SyncFreeAccuracyHook` for a whole run: with it, the forward of a training step with
-its losses is one graph for ``torch.compile`` (``tests/test_sync_free.py``, HRNet-OCR with 104
-PSA blocks), as mmengine's ``compile=dict(mode='reduce-overhead')`` compiles ``train_step``.
+its losses is one graph for ``torch.compile``, as mmengine's
+``compile=dict(mode='reduce-overhead')`` compiles ``train_step`` (HRNet-OCR's decode heads
+with their losses: ``tests/test_sync_free.py``; its PSA backbone:
+``tests/models/test_hrnet.py``).
 """
 from __future__ import annotations
 
