@@ -46,8 +46,9 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     """The order the GPU machine needs (mmcv before anything imports mmattn, mmcv's ops before
     mmseg's model benchmark, this tree on PYTHONPATH for tools/*.py), a failed stage not
     stopping the next, a stage cut at the deadline counted as failed, SPLIT_SWEEP's model
-    benchmarks, one per split cap, after the first, and GRAPH_ARGS's (the CUDA-graph mode);
-    python3, nvidia-smi and compute-sanitizer are stand-ins that log their calls."""
+    benchmarks, one per split cap, after the first, and GRAPH_ARGS's (the CUDA-graph mode)
+    before the eager one (set to '', none); python3, nvidia-smi and compute-sanitizer are
+    stand-ins that log their calls."""
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
     (bin_dir / 'python3').write_text(FAKE_PYTHON)
@@ -72,8 +73,8 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     order = [next(i for i, line in enumerate(log) if key in line)
              for key in ('mmcv-2.1.0.tar.gz', 'mmattn.ops.build', 'pytest',
                          'uninstall -q -y mmcv-lite', 'mmcv_ops/mmcv-2.1.0',
-                         'benchmark_model.py', 'MAX_SPLITS=64', 'MAX_SPLITS=16',
-                         '--cuda-graph --dtypes float32', '--tool memcheck',
+                         '--cuda-graph --dtypes float32', 'benchmark_model.py --iters',
+                         'MAX_SPLITS=64', 'MAX_SPLITS=16', '--tool memcheck',
                          'benchmark.py --preset', '--preset host-gpu', '--tool racecheck')]
     assert order == sorted(order), log
     assert 'MMCV_WITH_OPS=0' in log[order[0]]          # mmcv without its ops, first
@@ -98,3 +99,9 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
               and not line.endswith('MAX_SPLITS=')]
     assert len(sweeps) == 2 and all('--forms psa_p-official,paper-parallel' in line
                                     for line in sweeps), log
+    calls.unlink()
+    env.update(GRAPH_ARGS='', SPLIT_SWEEP='')
+    result = subprocess.run(['bash', script], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert 'model_graph' not in result.stdout and '--cuda-graph' not in calls.read_text()
+    assert '== model_benchmark:' in result.stdout
