@@ -3,6 +3,7 @@ with timm's ``volo_d*_224``, any input size, token-labelling outputs, features, 
 ``mmattn.VOLO`` backbone and the configs."""
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,72 @@ def test_d1_same_logits_as_timm(timm_d1, ours_d1):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(ours_d1(x), timm_d1(x), rtol=1e-4, atol=1e-5)
+
+
+def test_stem_layout_on_cpu_is_timms(timm_d1, ours_d1):
+    """Off CUDA the stem runs NCHW, exactly timm's (channels-last is a CUDA-only choice, see
+    ``VOLO.embed``; the CUDA test below checks that path), and the weights keep their
+    layout."""
+    ours_d1.load_state_dict(timm_d1.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        tokens = ours_d1.embed(x)
+        torch.testing.assert_close(tokens, timm_d1.patch_embed(x).permute(0, 2, 3, 1),
+                                   rtol=0, atol=0)
+    assert tokens.shape == (2, 8, 12, 192)
+    assert all(p.is_contiguous() for p in ours_d1.state_dict().values())
+
+
+def _relative_errors(model: torch.nn.Module, x: torch.Tensor, y64: torch.Tensor,
+                     grads64: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """``model``'s training forward + backward (loss: mean of squared logits) against a
+    float64 run: ``|a - a64| / |a64|`` for the logits and each parameter's gradient."""
+    model.zero_grad()
+    y = model(x)
+    y.pow(2).mean().backward()
+    rel = (lambda a, ref: ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item())
+    return rel(y.detach(), y64), {n: rel(p.grad, grads64[n]) for n, p in
+                                  model.named_parameters()}
+
+
+@pytest.mark.cuda
+def test_d1_training_step_on_cuda_matches_timm(timm_d1):
+    """On a GPU, a training forward + backward of ``volo_d1`` (the channels-last stem on
+    cuDNN, the outlook kernels where they are built) is as close to a float64 run of timm's
+    model as timm's own float32 run is (TF32 off), logits and every parameter gradient: the
+    stem's BatchNorms make its weight gradients sensitive to summation order, so the bound is
+    10x timm's error or 2e-3, whichever is larger; a wrong layout is off by O(1)."""
+    if not torch.cuda.is_available():
+        pytest.skip('needs a CUDA GPU')
+    ref64 = copy.deepcopy(timm_d1).cuda().double().train()
+    ref = copy.deepcopy(timm_d1).cuda().train()
+    ours = timm.create_model('volo_d1').cuda().train()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(4, 3, 224, 224, device='cuda')
+    convs = [m for m in ours.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    layouts = []
+    hooks = [m.register_forward_hook(
+        lambda m, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last)))
+        for m in convs]
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            y64 = ref64(x.double())
+            y64.pow(2).mean().backward()
+            grads64 = {n: p.grad for n, p in ref64.named_parameters()}
+            y64 = y64.detach()
+            err_ref, grad_err_ref = _relative_errors(ref, x, y64, grads64)
+            err_ours, grad_err_ours = _relative_errors(ours, x, y64, grads64)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        for hook in hooks:
+            hook.remove()
+    assert layouts == [True] * len(convs) == [True] * 4   # every stem layer ran NHWC
+    assert err_ours <= max(10 * err_ref, 1e-5), (err_ours, err_ref)
+    assert grad_err_ours.keys() == grad_err_ref.keys()
+    for name, err in grad_err_ours.items():
+        assert err <= max(10 * grad_err_ref[name], 2e-3), (name, err, grad_err_ref[name])
 
 
 def test_pretrained_cfgs():
