@@ -14,8 +14,10 @@ For each op, three implementations with the same weights and input:
   (``mmattn (folded)`` for PSA, ``mmattn (reference)`` for outlook: strided slices, no unfold).
 
 With ``--op volo`` (part of ``all``) a whole VOLO-D1 training step (forward, backward, SGD
-update, batch of 224 px images) of timm's ``volo_d1_224`` (``eager``) is timed against mmattn's
-``volo_d1`` with the same weights (``mmattn``).
+update, batch of 224 px images) of timm's ``volo_d1_224`` (``eager``; ``eager (channels_last)``
+with its weights channels-last) is timed against mmattn's ``volo_d1`` with the same weights
+(``mmattn``), and on CUDA each through ``torch.compile`` (``compile``, ``mmattn (compile)``):
+training steps only, the forward columns stay empty.
 
 Measured: forward (inference, ``torch.no_grad``) and forward+backward (``y.backward(g)``, input
 and parameters requiring gradients) times, the median of ``--iters`` runs after ``--warmup``,
@@ -82,6 +84,8 @@ class Case:
     make_input: Callable[[], torch.Tensor]
     impls: dict[str, nn.Module] = field(default_factory=dict)
     compile: bool = True                # whether the eager form is also run through torch.compile
+    compiled_too: tuple[str, ...] = ()  # further implementations run through torch.compile
+    train_only: bool = False            # time forward + backward only (no inference forward)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -227,23 +231,37 @@ class _TrainStep(nn.Module):
 
 
 def volo_case(batch: int, dtype: torch.dtype, device: torch.device) -> Case:
+    """A VOLO-D1 training step: timm's ``volo_d1_224`` (``eager``; ``eager (channels_last)``:
+    the same model with its weights channels-last, so that its convolutional stem runs NHWC as
+    mmattn's does) against mmattn's ``volo_d1`` with the same weights. On CUDA both models are
+    also run through ``torch.compile`` (``compile``, ``mmattn (compile)``; about 75 s each on
+    an H100 machine); on CPU, where inductor's compile of the step takes minutes, not."""
     import timm
     eager = timm.create_model('volo_d1_224', pretrained=False).to(device, dtype).train()
     ours = timm.create_model('volo_d1', pretrained=False).to(device, dtype).train()
     ours.load_state_dict(eager.state_dict())
+    eager_cl = copy.deepcopy(eager).to(memory_format=torch.channels_last)
     shape = (batch, 3, 224, 224)
+    on_cuda = device.type == 'cuda'
     return Case('volo_d1 step', shape, 'timm volo_d1_224 vs mmattn volo_d1', 0, 0,
                 lambda: torch.randn(shape, device=device, dtype=dtype),
-                {'eager': _TrainStep(eager), 'mmattn': _TrainStep(ours)}, compile=False)
+                {'eager': _TrainStep(eager), 'eager (channels_last)': _TrainStep(eager_cl),
+                 'mmattn': _TrainStep(ours)},
+                compile=on_cuda, compiled_too=('mmattn',) if on_cuda else (), train_only=True)
 
 
 # ----------------------------------------------------------------------- running
-def compile_eager(case: Case, x: torch.Tensor, g: torch.Tensor) -> nn.Module:
-    """torch.compile of the eager implementation, run once for inference and for training."""
-    compiled = torch.compile(copy.deepcopy(case.impls['eager']))
-    with torch.no_grad():
-        compiled(x)
-    compiled(x.detach().requires_grad_()).backward(g)
+def compile_impl(case: Case, name: str, x: torch.Tensor, g: torch.Tensor) -> nn.Module:
+    """torch.compile of a copy of implementation ``name``, run once for training (and, unless
+    the case is ``train_only``, for inference), so that the timings exclude compilation."""
+    compiled = torch.compile(copy.deepcopy(case.impls[name]))
+    if not case.train_only:
+        with torch.no_grad():
+            compiled(x)
+    out = compiled(x.detach().requires_grad_())
+    out.backward(g if out.shape == g.shape else torch.ones_like(out))
+    for p in compiled.parameters():
+        p.grad = None
     return compiled
 
 
@@ -269,19 +287,33 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
     g = torch.randn_like(x)
     impls = {'eager': case.impls['eager']}
     failure = None
+    graphs = 'the training graph' if case.train_only else 'forward and training graphs'
     if not args.no_compile and case.compile:
-        failure = probe_compile(probe_argv)
+        # inductor's generated code has aborted the process on CPU (see probe_compile)
+        failure = probe_compile(probe_argv) if device.type == 'cpu' else None
         if failure:
             print(f'  [{case.op}] torch.compile of the eager form crashed in a child process '
                   f'({failure})', flush=True)
         else:
             t0 = time.perf_counter()
-            impls['compile'] = compile_eager(case, x, g)
+            impls['compile'] = compile_impl(case, 'eager', x, g)
             print(f'  [{case.op}] torch.compile of the eager form: '
-                  f'{time.perf_counter() - t0:.1f} s (forward and training graphs)', flush=True)
+                  f'{time.perf_counter() - t0:.1f} s ({graphs})', flush=True)
     impls.update((name, m) for name, m in case.impls.items() if name != 'eager')
-    with torch.no_grad():
-        ref = impls['eager'](x).float()
+    if not args.no_compile:
+        for name in case.compiled_too:
+            t0 = time.perf_counter()
+            impls[f'{name} (compile)'] = compile_impl(case, name, x, g)
+            print(f'  [{case.op}] torch.compile of {name}: {time.perf_counter() - t0:.1f} s '
+                  f'({graphs})', flush=True)
+
+    def output(module: nn.Module) -> torch.Tensor:
+        if case.train_only:  # the mode the timed (and compiled) runs use
+            return module(x.detach().requires_grad_()).detach().float()
+        with torch.no_grad():
+            return module(x).float()
+
+    ref = output(impls['eager'])
     fwd, fwdbwd, errs = {}, {}, {}
     for name, module in impls.items():
         def run_fwd(module: nn.Module = module) -> None:
@@ -298,20 +330,25 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
                 p.grad = None
 
         fwd[name], fwdbwd[name] = run_fwd, run_fwdbwd
-        with torch.no_grad():
-            errs[name] = (module(x).float() - ref).abs().max().item()
-    t_fwd = timed(fwd, device, args.warmup, args.iters)
+        errs[name] = (output(module) - ref).abs().max().item()
+        for p in module.parameters():
+            p.grad = None
+    t_fwd = {name: float('nan') for name in impls} if case.train_only else \
+        timed(fwd, device, args.warmup, args.iters)
     t_fwdbwd = timed(fwdbwd, device, args.warmup, args.iters)
     mb = (lambda v: '-' if v is None else f'{v / 2 ** 20:.1f}')
     for name, module in impls.items():
         t_f, t_b = t_fwd[name], t_fwdbwd[name]
-        act = None if name == 'compile' else saved_bytes(module, x.detach().requires_grad_())
+        compiled = name == 'compile' or name.endswith('(compile)')
+        act = None if compiled else saved_bytes(module, x.detach().requires_grad_())
         peak_b = peak_cuda_bytes(fwdbwd[name], device)
         bw_f = case.floor_fwd / (t_f * 1e-3) / 1e9
         bw_b = case.floor_fwdbwd / (t_b * 1e-3) / 1e9
         share = (lambda bw: f'{bw:.0f} ({100 * bw / peak:.0f}%)' if case.floor_fwd else '-')
+        fwd_cells = ['-', '-'] if case.train_only else [f'{t_f:.2f}',
+                                                        f'{t_fwd["eager"] / t_f:.2f}x']
         rows.append([case.op, 'x'.join(map(str, case.shape)), case.detail, name,
-                     f'{t_f:.2f}', f'{t_b:.2f}', f'{t_fwd["eager"] / t_f:.2f}x',
+                     fwd_cells[0], f'{t_b:.2f}', fwd_cells[1],
                      f'{t_fwdbwd["eager"] / t_b:.2f}x', mb(act), mb(peak_b),
                      share(bw_f), share(bw_b), f'{errs[name]:.1e}'])
         if name == 'eager' and failure:
@@ -426,7 +463,7 @@ def main() -> None:
     if args.probe_compile:   # child process of probe_compile: one case, compile and run it
         case, _ = cases[0]
         x = case.make_input()
-        compile_eager(case, x, torch.randn_like(x))
+        compile_impl(case, 'eager', x, torch.randn_like(x))
         return
     print(f'device: {device_name(device)}')
     print(f'torch {torch.__version__}, dtype {args.dtype}, median of {args.iters} runs after '
