@@ -9,6 +9,7 @@ import torch
 
 from mmattn.layers import OutlookAttention
 from mmattn.layers.outlook import outlook_attention
+from mmattn.ops.outlook import outlook_pool
 from mmattn.registry import MODELS
 
 
@@ -123,6 +124,28 @@ def test_gradcheck(s):
     attn = torch.rand(1, h, w, 2, 9, 9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda v_, a_: outlook_attention(v_, a_, kernel_size=3, padding=1, stride=s), (v, attn))
+
+
+def paper_pool(x: torch.Tensor, s: int) -> torch.Tensor:
+    """AvgPool_s of (B, H, W, C) ``x`` as the paper's pooled tokens: cell (i, j) is the mean of
+    the in-image pixels of rows s*i..s*i+s-1 and columns s*j..s*j+s-1."""
+    height, width = x.shape[1], x.shape[2]
+    rows, cols = -(-height // s), -(-width // s)
+    return torch.stack([torch.stack([x[:, s * i:s * i + s, s * j:s * j + s].mean((1, 2))
+                                     for j in range(cols)], 1) for i in range(rows)], 1)
+
+
+@pytest.mark.parametrize('s, height, width', [(2, 6, 4), (3, 9, 6), (2, 5, 4), (2, 7, 7),
+                                              (3, 4, 9), (1, 3, 5)])
+def test_outlook_pool_is_the_papers_average_pooling(s, height, width):
+    """Tiles where s divides H and W, ceil-mode pooling where it does not; the same function
+    and gradient either way, and a traced pool is right at other sizes."""
+    x = torch.randn(2, height, width, 5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(outlook_pool(x, s), paper_pool(x, s), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: outlook_pool(t, s), (x,))
+    traced = torch.jit.trace(lambda t: outlook_pool(t, s), torch.randn(1, 2 * s, 2 * s, 5))
+    other = torch.randn(1, height + 1, width + 1, 5)
+    torch.testing.assert_close(traced(other), paper_pool(other, s))
 
 
 def test_outlook_weights_are_normalised():
