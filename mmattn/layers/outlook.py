@@ -84,7 +84,6 @@ torch.fx.wrap('check_input')
 torch.fx.wrap('check_nhwc')
 torch.fx.wrap('outlook_grid_size')
 torch.fx.wrap('outlook_attention')
-torch.fx.wrap('outlook_pool')
 
 
 @MODELS.register_module()

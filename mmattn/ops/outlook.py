@@ -122,23 +122,9 @@ def outlook_attention(v: Tensor, attn: Tensor, kernel_size: int, padding: int, s
 
 
 def outlook_pool(x: Tensor, stride: int) -> Tensor:
-    """Ceil-mode average pooling with kernel and stride s of a (B, H, W, C) map (VOLO's).
-
-    Where s divides H and W it is the mean of each s x s tile of a view of ``x`` (one
-    reduction; on an H100, PyTorch's NHWC average pooling took 126 us forward and 362 us
-    backward for VOLO-D1's stage-1 map, [128, 28, 28, 192] bf16, whose bytes take about 15
-    us), else (and while a graph is traced) ``F.avg_pool2d`` in ceil mode (partial cells along
-    the last row and column).
-    :class:`~mmattn.layers.OutlookAttention` declares it with ``torch.fx.wrap``: a ``torch.fx``
-    graph makes the choice on the real sizes when it runs."""
+    """Ceil-mode average pooling with kernel and stride s of a (B, H, W, C) map (VOLO's)."""
     if stride == 1:
         return x
-    batch, height, width, channels = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
-    # (not while torch.jit.trace or torch.onnx.export records: a recorded view would fix the
-    # choice for every later size)
-    if not torch.jit.is_tracing() and height % stride == 0 and width % stride == 0:
-        return x.view(batch, height // stride, stride, width // stride, stride,
-                      channels).mean((2, 4))
     return F.avg_pool2d(x.permute(0, 3, 1, 2), stride, stride,
                         ceil_mode=True).permute(0, 2, 3, 1)
 
@@ -210,7 +196,10 @@ class _RecomputingOutlook(torch.autograd.Function):
             if s == 1:
                 dx = dx + dpooled
             elif height % s == 0 and width % s == 0:
-                # outlook_pool's tile means: each pixel gets 1/s^2 of its cell's gradient
+                # every cell averages s x s pixels: each gets 1/s^2 of its cell's gradient, in
+                # the same add (on an H100, PyTorch's NHWC average-pooling backward took 362 us
+                # a call at VOLO-D1's stage 1, [128, 28, 28, 192] bf16; this add moves 87 MB
+                # there, about 26 us at the HBM's rate)
                 spread = (dpooled.to(x.dtype) / (s * s))[:, :, None, :, None, :]
                 dx = dx.view(batch, height // s, s, width // s, s, c) + spread
                 dx = dx.reshape(batch, height, width, c)
