@@ -2,7 +2,7 @@
 timm's model registry: ``volo_d1`` ... ``volo_d5``.
 
 The architecture is timm's ``timm.models.volo.VOLO`` (itself adapted from the official
-sail-sg/volo release) with three changes:
+sail-sg/volo release) with four changes:
 
 * the Outlooker blocks run mmattn's :class:`~mmattn.layers.OutlookAttention` (so the shared
   outlook aggregation, and a fused kernel where one is available, is used);
@@ -17,6 +17,10 @@ sail-sg/volo release) with three changes:
   stages take come out of it without a copy (timm's stem at batch 128 bf16 on an H100:
   forward + backward 25.0 ms NCHW, 10.5 ms channels-last; the whole VOLO-D1 training step
   63.4 ms against timm's 98.7; docs/benchmarks.md).
+
+State-dict keys are those of timm's ``volo_d*_224``/``_384``/``_448``/``_512`` models and of
+the official release (``patch_embed``, ``pos_embed``, ``network``, ``post_network``,
+``cls_token``, ``aux_head``, ``norm``, ``head``); both load strictly.
 """
 from __future__ import annotations
 

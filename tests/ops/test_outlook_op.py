@@ -213,7 +213,8 @@ def block_pair(stride: int, bias: bool, backend: str, device: str = 'cpu',
 def check_block(device: str, backend: str) -> None:
     """The recomputing block (backend chosen, no attention dropout) against the reference
     block: output and the gradients of x and of every parameter, float64. Sizes the stride
-    divides (the block pools by tiles) and sizes it does not (ceil-mode partial cells)."""
+    divides (the backward spreads the pooled gradient by tiles) and sizes it does not
+    (ceil-mode partial cells)."""
     for stride, bias, size in [(1, True, (9, 7)), (2, False, (9, 7)), (2, True, (1, 1)),
                                (3, True, (8, 5)), (2, True, (8, 6)), (3, False, (9, 6))]:
         ref, fast = block_pair(stride, bias, backend, device)
