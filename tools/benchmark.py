@@ -331,8 +331,6 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
 
         fwd[name], fwdbwd[name] = run_fwd, run_fwdbwd
         errs[name] = (output(module) - ref).abs().max().item()
-        for p in module.parameters():
-            p.grad = None
     t_fwd = {name: float('nan') for name in impls} if case.train_only else \
         timed(fwd, device, args.warmup, args.iters)
     t_fwdbwd = timed(fwdbwd, device, args.warmup, args.iters)

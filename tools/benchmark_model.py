@@ -301,7 +301,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    patches = contextlib.ExitStack()  # (undone when main returns)
+    patches = contextlib.ExitStack()  # undone after the table (a failed run ends the process)
     if args.cuda_graph:
         patches.enter_context(sync_free_seg_accuracy())
 
@@ -389,6 +389,7 @@ def main() -> None:
                       flush=True)
     print()
     print(markdown_table(HEADER, rows))
+    patches.close()
 
 
 if __name__ == '__main__':

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything mmattn checks on a GPU, in one call: the kernels' build, their `cuda` tests (while
 # mmcv builds), the model-level numbers (the HRNet-OCR training step, stock against each PSA
-# form, replayed from a CUDA graph, then eager), compute-sanitizer memcheck, the op benchmark, the host cost of a block (against a
-# conv + BN + ReLU) and racecheck. See docs/kernels.md.
+# form, replayed from a CUDA graph, then eager), compute-sanitizer memcheck, the op benchmark,
+# the host cost of a block (against a conv + BN + ReLU) and racecheck. See docs/kernels.md.
 #
 #   bash tools/gpu_check.sh --prepare   # on the development machine: fill .whl/ (git-ignored)
 #   bash tools/gpu_check.sh             # on the GPU machine, from the repo root, .whl/ carried
