@@ -68,19 +68,48 @@ def test_pose_demo_trains_with_coco_ap(demo_data: Path, tmp_path: Path) -> None:
     assert (tmp_path / 'epoch_1.pth').is_file()
 
 
+def _gloo_threads() -> int:
+    """How many of this process's threads are gloo's group workers (Linux)."""
+    names = []
+    for task in Path('/proc/self/task').iterdir():
+        try:
+            names.append((task / 'comm').read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return names.count('pt_gloo_runloop')
+
+
+@pytest.mark.skipif(not Path('/proc/self/task').is_dir(), reason='needs Linux /proc')
 def test_release_process_group_ends_the_group(tmp_path: Path) -> None:
-    """tools/train.py and tools/test.py end the process group after a run (left to the
-    interpreter's exit, a gloo rank can abort): a one-process gloo group, released, then
-    released again with none left."""
+    """tools/train.py and tools/test.py end the process group after a run: its worker threads
+    must be gone before the interpreter's exit (a gloo worker still alive there can abort the
+    rank). A one-process gloo group, held - as mmengine's Runner holds it - by a DDP wrapper
+    in a reference cycle that the caller no longer names; released, then released again with
+    none left."""
+    import torch
     import torch.distributed as dist
 
     from mmattn.engine import release_process_group
+    before = _gloo_threads()
     dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0,
                             world_size=1)
     try:
         assert dist.is_initialized()
+        deadline = time.time() + 10  # a worker names itself once it runs
+        while _gloo_threads() == before and time.time() < deadline:
+            time.sleep(0.01)
+        assert _gloo_threads() > before
+
+        class Holder:  # the Runner's shape: the model, and a reference cycle
+            pass
+        holder = Holder()
+        holder.model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        holder.self = holder
+        holder.model(torch.ones(1, 2)).sum().backward()
+        del holder
         release_process_group()
         assert not dist.is_initialized()
+        assert _gloo_threads() == before  # the group itself is gone, not only unregistered
         release_process_group()
     finally:
         if dist.is_initialized():

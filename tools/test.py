@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             mmengine.dump(metrics, args.out)
             runner.logger.info(f'metrics written to {args.out}')
+    del runner  # what holds the process group, through its reference cycles
     release_process_group()
     return 0
 

@@ -100,6 +100,7 @@ def main() -> int:
     # checkpoints written before WeightsOnlyCheckpointHook hold mmengine's own objects
     with mmengine_checkpoint_globals():
         runner.train()
+    del runner  # what holds the process group, through its reference cycles
     release_process_group()
     return 0
 

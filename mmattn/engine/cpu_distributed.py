@@ -12,6 +12,7 @@ before the interpreter's exit (any launcher, any backend).
 from __future__ import annotations
 
 import datetime
+import gc
 from typing import Any
 
 import torch
@@ -79,10 +80,20 @@ def prepare_cpu_distributed(cfg: Config, launcher: str) -> bool:
 
 
 def release_process_group() -> None:
-    """Destroy the default process group, if one was started, while the interpreter is still
-    whole. Left to the interpreter's exit, gloo's worker threads may still hold work whose
-    release needs the GIL, and a rank aborts ("terminate called without an active exception",
-    pytorch/pytorch#190489; NCCL warns that the group was not destroyed). ``tools/train.py``
-    and ``tools/test.py`` call it after a run that ended normally."""
+    """End the default process group, if one was started, while the interpreter is still whole;
+    call it once the caller holds no Runner (``del runner`` first).
+
+    destroy_process_group() alone only unregisters the group: mmengine's Runner keeps the
+    DistributedDataParallel wrapper through reference cycles, and DDP's reducer keeps the group,
+    so gloo's worker threads lived on into the interpreter's exit. A worker that was still
+    releasing a finished collective's tensors (mmengine's last broadcast of the metrics) then
+    needed the GIL during finalization, where Python 3.11 ends such a thread with pthread_exit,
+    whose unwinding through a noexcept destructor aborts the process ("terminate called without
+    an active exception", CPython gh-87135): a rank of a two-process CPU run failed that way in
+    about one run in four. Collecting those cycles first leaves the group's last owner to
+    destroy_process_group(), and the group's destructor joins its threads (with the GIL released)
+    before the function returns. ``tools/train.py`` and ``tools/test.py`` call it after a run
+    that ended normally."""
+    gc.collect()
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
