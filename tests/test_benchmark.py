@@ -1,5 +1,6 @@
-"""tools/benchmark.py's host-overhead preset: every PSA form at [1, 8, 4, 4] against a 3x3
-conv + BN + ReLU, one thread (the yardstick of issue 12's CPU goal)."""
+"""tools/benchmark.py: the host-overhead preset (every PSA form at [1, 8, 4, 4] against a 3x3
+conv + BN + ReLU, one thread: the yardstick of issue 12's CPU goal), several shapes in one call
+and the per-case profile (``--kernels``)."""
 from __future__ import annotations
 
 import os.path as osp
@@ -26,3 +27,27 @@ def test_host_preset_reports_each_form_against_the_conv_block() -> None:
     assert all(float(ratio) > 0 for *_, ratio in forms)
     assert 'compile' not in {row.split('|')[4].strip() for row in out.splitlines()
                              if row.startswith('| psa |')}
+
+
+def test_kernels_option_profiles_each_shape() -> None:
+    """``--shape`` takes several shapes and ``--kernels N`` prints, per case, the profiler's
+    table of mmattn's N costliest operators (on the CPU: by host time)."""
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
+                             '--op', 'psa', '--mode', 'parallel', '--no-compile',
+                             '--shape', '1,8,4,4', '2,8,4,8', '--iters', '1', '--warmup', '0',
+                             '--threads', '1', '--kernels', '4'],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    titles = re.findall(r'psa (\S+) paper, parallel, mmattn forward \+ backward: top 4 by self '
+                        r'host time over 3 runs', out)
+    assert titles == ['1x8x4x4', '2x8x4x8']
+    for table in out.split('mmattn forward + backward: top 4')[1:]:
+        table = table[:table.index('Self CPU time total')]
+        assert 'Name' in table and '# of Calls' in table
+        ops = re.findall(r'^\s+(\S+::\S+)\s', table, re.M)
+        assert 1 <= len(ops) <= 4, table
+    rows = [row.split('|') for row in out.splitlines() if row.startswith('| psa |')]
+    assert list(dict.fromkeys(r[2].strip() for r in rows)) == ['1x8x4x4', '2x8x4x8']
+    for shape in ('1x8x4x4', '2x8x4x8'):
+        assert {'eager', 'mmattn'} <= {r[4].strip() for r in rows if r[2].strip() == shape}

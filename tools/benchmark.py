@@ -39,6 +39,8 @@ This is a tool, not a test: nothing here asserts a speed. Examples::
     python tools/benchmark.py --preset host         # PSA [1,8,4,4] vs conv3x3+BN+ReLU, 1 thread
     python tools/benchmark.py --preset host-gpu     # the same on CUDA: host cost per block
     python tools/benchmark.py --op psa --shape 2,64,32,32 --mode sequential --no-compile
+    python tools/benchmark.py --op psa --variant official --mode sequential --no-compile \
+        --shape 2,48,128,256 2,384,16,32 --kernels 12   # + each shape's kernels, by time
 """
 from __future__ import annotations
 
@@ -158,6 +160,54 @@ def peak_cuda_bytes(fn: Callable[[], object], device: torch.device) -> Optional[
     fn()
     sync(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+@dataclass
+class Kernels:
+    """The CUDA kernels of one profiled step."""
+
+    launches: int
+    ms: float  # the sum of their durations
+    table: str  # the top ones by device time ('' unless asked for)
+
+
+def top_table(prof: object, device: torch.device, top: int) -> str:
+    """A profile's ``top`` operators and kernels with the most self time on ``device``
+    (CUDA: device time; CPU: host time)."""
+    key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70)
+
+
+def profile_kernels(step: Callable[[], None], device: torch.device,
+                    top: int = 0) -> Optional[Kernels]:
+    """The CUDA kernels one call of ``step`` runs (``torch.profiler``), or None off CUDA;
+    with ``top``, the table of the ``top`` operators and kernels with the most device time."""
+    if device.type != 'cuda':
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    kernels = [evt for evt in prof.events()
+               if evt.device_type == torch.autograd.DeviceType.CUDA
+               and 'Memcpy' not in evt.name and 'Memset' not in evt.name]
+    return Kernels(len(kernels), sum(evt.time_range.elapsed_us() for evt in kernels) / 1e3,
+                   top_table(prof, device, top) if top else '')
+
+
+def profile_runs(step: Callable[[], None], device: torch.device, runs: int, top: int) -> str:
+    """The table of the ``top`` operators and kernels by self time over ``runs`` calls of
+    ``step`` (its calls column counts all ``runs``), on CUDA or the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == 'cuda' else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(runs):
+            step()
+        sync(device)
+    return top_table(prof, device, top)
 
 
 # ----------------------------------------------------------------------- the cases
@@ -352,6 +402,11 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
         if name == 'eager' and failure:
             rows.append([case.op, 'x'.join(map(str, case.shape)), case.detail, 'compile',
                          f'crashed ({failure})'] + ['-'] * (len(HEADER) - 5))
+    if args.kernels and 'mmattn' in impls:
+        what = 'device' if device.type == 'cuda' else 'host'
+        print(f'\n{case.op} {"x".join(map(str, case.shape))} {case.detail}, mmattn forward + '
+              f'backward: top {args.kernels} by self {what} time over 3 runs\n'
+              f'{profile_runs(fwdbwd["mmattn"], device, 3, args.kernels)}', flush=True)
 
 
 HEADER = ['op', 'shape', 'form', 'impl', 'fwd ms', 'fwd+bwd ms', 'fwd speedup',
@@ -398,9 +453,9 @@ def main() -> None:
     parser.add_argument('--preset', choices=sorted(PRESETS),
                         help='the issue\'s shapes for this device kind (overrides the below)')
     parser.add_argument('--op', choices=['psa', 'outlook', 'volo', 'all'], default='all')
-    parser.add_argument('--shape', type=parse_shape,
+    parser.add_argument('--shape', type=parse_shape, nargs='+',
                         help='PSA: N,C,H,W (default 4,256,64,64); outlook: B,H,W,C '
-                             '(default 8,28,28,192)')
+                             '(default 8,28,28,192); several run in turn')
     parser.add_argument('--mode', choices=['parallel', 'sequential', 'both'], default='both')
     parser.add_argument('--variant', choices=['paper', 'official'], default='paper',
                         help="PSA: the paper's equations or the authors' release")
@@ -414,6 +469,10 @@ def main() -> None:
     parser.add_argument('--no-compile', action='store_true', help='skip torch.compile')
     parser.add_argument('--peak-gbs', type=float, default=None,
                         help='device peak bandwidth in GB/s (default: see the docstring)')
+    parser.add_argument('--kernels', type=int, default=0, metavar='N',
+                        help="also print, per case, the N operators and kernels with the most "
+                             "self time over 3 of mmattn's forward + backward runs (torch.profiler;"
+                             " device time on CUDA, host time on the CPU)")
     parser.add_argument('--probe-compile', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -426,8 +485,9 @@ def main() -> None:
         args.no_compile = args.no_compile or args.preset.startswith('host')
     else:
         modes = ['parallel', 'sequential'] if args.mode == 'both' else [args.mode]
-        psa_cases = [(args.shape or (4, 256, 64, 64), m, args.variant) for m in modes]
-        outlook_cases = [(args.shape or (8, 28, 28, 192), args.heads)]
+        psa_cases = [(shape, m, args.variant) for shape in args.shape or [(4, 256, 64, 64)]
+                     for m in modes]
+        outlook_cases = [(shape, args.heads) for shape in args.shape or [(8, 28, 28, 192)]]
         volo_cases = [args.batch]
         conv_cases = []
     if args.shape and args.op == 'all' and not args.preset:

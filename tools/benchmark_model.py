@@ -70,7 +70,8 @@ from mmattn.ops import KernelUnavailableError, backends_for, kernel_status, sele
 from mmattn.utils.quiet import filter_tool_warnings, quiet_no_cuda_runtime
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from benchmark import DTYPES, device_name, markdown_table, peak_cuda_bytes, sync  # noqa: E402
+from benchmark import (DTYPES, device_name, markdown_table, peak_cuda_bytes,  # noqa: E402
+                       profile_kernels, sync)
 
 quiet_no_cuda_runtime()
 filter_tool_warnings()
@@ -209,37 +210,6 @@ def graph_step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.d
         host.append(time.process_time() - t0)
 
     return replay
-
-
-@dataclass
-class Kernels:
-    """The CUDA kernels of one profiled step."""
-
-    launches: int
-    ms: float  # the sum of their durations
-    table: str  # the top ones by device time ('' unless asked for)
-
-
-def profile_kernels(step: Callable[[], None], device: torch.device,
-                    top: int = 0) -> Optional[Kernels]:
-    """The CUDA kernels one call of ``step`` runs (``torch.profiler``), or None off CUDA;
-    with ``top``, the table of the ``top`` operators and kernels with the most device time."""
-    if device.type != 'cuda':
-        return None
-    from torch.profiler import ProfilerActivity, profile
-    sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        sync(device)
-    kernels = [evt for evt in prof.events()
-               if evt.device_type == torch.autograd.DeviceType.CUDA
-               and 'Memcpy' not in evt.name and 'Memset' not in evt.name]
-    table = ''
-    if top:
-        table = prof.key_averages().table(sort_by='self_device_time_total', row_limit=top,
-                                          max_name_column_width=70)
-    return Kernels(len(kernels), sum(evt.time_range.elapsed_us() for evt in kernels) / 1e3,
-                   table)
 
 
 def fmt(value: Optional[float], spec: str) -> str:
