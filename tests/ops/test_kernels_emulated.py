@@ -378,18 +378,18 @@ def aten_launches(events, op: str) -> int:
 
 
 @pytest.mark.parametrize('variant, mode, kernels, total', [
-    ('paper', 'sequential', (3, 4), 7), ('official', 'parallel', (4, 4), 8),
-    ('official', 'sequential', (4, 5), 13)])
+    ('paper', 'sequential', (3, 3), 6), ('official', 'parallel', (4, 3), 7),
+    ('official', 'sequential', (4, 4), 12)])
 def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: str,
                                    kernels: tuple[int, int], total: int) -> None:
     """A training step's launches per block: the paper forms' kernels 3 forward (reduction, glue,
-    apply pass) and 4 backward (reduction, glue, apply pass, the weight matrices' gradients);
-    PSA_p 4 forward (+ the reduction of its spatial logits) and the same 4 backward; PSA_s 4
-    forward (reduction, glue, value softmax state, apply pass) and 5 backward (the paper's
-    reduction, dq and dVl, glue, the weights' gradients, apply pass); and, in ``total``, the
-    ATen operators the ops' C++ runs besides (each a launch on a GPU): at most 8 in all (issue
-    12) but for PSA_s, whose value products are GEMMs (tensor cores) between its kernels: the
-    value map forward (1), the map again, dx's part and M = dVl x^T backward (3)."""
+    apply pass) and 3 backward (reduction, glue, apply pass with the weight matrices' gradients
+    in the same launch); PSA_p 4 forward (+ the reduction of its spatial logits) and the same 3
+    backward; PSA_s 4 forward (reduction, glue, value softmax state, apply pass) and 4 backward
+    (the paper's reduction, dq and dVl, glue, apply pass with the weights' gradients); and, in
+    ``total``, the ATen operators the ops' C++ runs besides (each a launch on a GPU): at most 8
+    in all (issue 12) but for PSA_s, whose value products are GEMMs (tensor cores) between its
+    kernels: the value map forward (1), the map again, dx's part and M = dVl x^T backward (3)."""
     from torch.profiler import ProfilerActivity, profile
     b = block(variant, mode, 32, 'reference', torch.float32)
     x = torch.randn(2, 32, 6, 5, dtype=torch.float32, requires_grad=True)

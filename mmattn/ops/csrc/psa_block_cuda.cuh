@@ -5,15 +5,17 @@
 // so a training step runs no Python per block beyond the module's call.
 //
 //   paper forms (psa_kernels.cuh, psa_glue.cuh; the folding is derived in mmattn/ops/psa.py):
-//     forward 3 launches: reduce, glue, apply; backward 4: reduce, glue, apply and the weight
-//     matrices' gradients (outer_sums);
-//   the release's PSA_p (psa_release_p.cuh): forward 4, backward 4;
-//   the release's PSA_s (psa_release_s.cuh): forward 4, backward 5, and its value products as
+//     forward 3 launches: reduce, glue, apply; backward 3: reduce, glue, and the apply pass
+//     with the weight matrices' gradients (OuterSums) on blocks of its own in the same launch;
+//   the release's PSA_p (psa_release_p.cuh): forward 4, backward 3;
+//   the release's PSA_s (psa_release_s.cuh): forward 4, backward 4, and its value products as
 //   batched GEMMs (ATen) between them: 1 forward, 3 backward.
 // Each backward's first kernel clears one buffer that its later kernels add the weight
-// gradients into (atomics); the paper forms and PSA_p then form their matrices' gradients by
-// outer_sums, PSA_s all but W_q's in a kernel of its own: 7-8 launches per block per training
-// step (PSA_s 13, N + 13 where M is cut).
+// gradients into (atomics); the paper forms and PSA_p form their matrices' gradients as the
+// apply pass's tail (psa_kernels.cuh: blocks ahead of the pass's in its launch), PSA_s all but
+// W_q's the same way (ReleaseSWeightGrads): 6-7 launches per block per training step (PSA_s
+// 12, N + 12 where M is cut; before the tail, the weights' gradients were a launch of their
+// own: 7-8, PSA_s 13).
 //
 // Needs the launch interface (cuda_launch.cuh, or the tests' CPU emulation).
 #pragma once
@@ -63,9 +65,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> paper_backward(
       bwd_glue(part_dt, part_da, part_dueff, stats, logits.size(1), at::TensorList(W).slice(2),
                eps, sequential, vec_grads);
   const at::Tensor gwq = flat.narrow(0, 0, C);
+  // the apply pass, and in the same launch the weight matrices' gradients: (4, C/2, C), ch_wz's
+  // (2) C x C/2
+  const at::Tensor mats = at::empty({4, H, C}, a.options());
   at::Tensor dx = std::get<0>(bwd_apply(grad, x, a, s_mask, logits, lnorm, d_t, ueff, dm, dsv,
-                                        W[0], beta, 0, sequential, gwq));
-  const at::Tensor mats = outer_sums(left, right, 2);  // (4, C/2, C); ch_wz's (2) C x C/2
+                                        W[0], beta, 0, sequential, gwq, at::Tensor(),
+                                        SoftmaxStates{}, at::Tensor(),
+                                        OuterSumsTail{left, right, mats, 2}));
   const auto v = vec_grads.split_with_sizes({H, H, H, C, C, C});
   return {dx,
           {gwq, flat.narrow(0, C, 1), mats[3], v[2], mats[2].view({C, H}), v[5], v[3], v[4],

@@ -647,43 +647,47 @@ __device__ __forceinline__ T image_sum(const T* l, int64_t ls, const T* r, int64
 // The four (C/2 x C) weight matrices' gradients of the paper form and PSA_p, each a sum over the
 // images of an outer product, sum_n l_n r_n^T, from the backward glue's left (4, N, H) and right
 // (4, N, C): a thread per element, a loop over the N images (N is the batch: a few multiply-adds
-// a thread). Matrix `transposed` (the 1x1 convolution from C/2 to C channels, whose weight is
-// C x H) is written as its transpose, so that every gradient leaves in its weight's layout:
-// cuBLAS's batched product (the same for all four) left that one as a transposed view, which
-// autograd's gradient accumulation then copied into the weight's layout, a launch more.
+// a thread), as the backward apply pass's tail (psa_kernels.cuh: the same launch). Matrix
+// `transposed` (the 1x1 convolution from C/2 to C channels, whose weight is C x H) is written
+// as its transpose, so that every gradient leaves in its weight's layout: cuBLAS's batched
+// product (the same for all four) left that one as a transposed view, which autograd's gradient
+// accumulation then copied into the weight's layout, a launch more.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-outer_sums_kernel(const T* __restrict__ left, const T* __restrict__ right, int N, int H, int C,
-                  int transposed, T* __restrict__ out) {
-  const int64_t per = static_cast<int64_t>(H) * C;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < 4 * per;
-       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int m = static_cast<int>(idx / per);
-    const int64_t e = idx - m * per;
-    // consecutive threads: consecutive columns of r (or, transposed, rows of l); the other
-    // factor is one value for the warp
-    const bool t = m == transposed;
-    const int i = static_cast<int>(t ? e % H : e / C), j = static_cast<int>(t ? e / H : e % C);
-    out[idx] = image_sum(left + static_cast<int64_t>(m) * N * H + i, H,
-                         right + static_cast<int64_t>(m) * N * C + j, C, N);
-  }
-}
+struct OuterSums {
+  const T *left, *right;
+  int N, H, C, transposed;
+  T* out;
 
-// The four sums as (4, H, C), matrix `transposed` in it laid out C x H (view it as such).
-inline at::Tensor outer_sums(const at::Tensor& left, const at::Tensor& right, int transposed) {
-  const int64_t N = left.size(1), H = left.size(2), C = right.size(2);
-  at::Tensor out = at::empty({4, H, C}, left.options());
-  const int64_t total = out.numel();
-  if (total == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(left.scalar_type(), "psa_outer_sums", [&] {
-    auto kernel = outer_sums_kernel<scalar_t>;
-    launch::launch(kernel, dim3(wave_blocks(kernel, (total + kThreads - 1) / kThreads, 0)),
-                   kThreads, 0, left.data_ptr<scalar_t>(), right.data_ptr<scalar_t>(),
-                   static_cast<int>(N), static_cast<int>(H), static_cast<int>(C), transposed,
-                   out.data_ptr<scalar_t>());
-  });
-  return out;
-}
+  __device__ void operator()(int block, int blocks) const {
+    const int64_t per = static_cast<int64_t>(H) * C;
+    for (int64_t idx = static_cast<int64_t>(block) * kThreads + threadIdx.x; idx < 4 * per;
+         idx += static_cast<int64_t>(blocks) * kThreads) {
+      const int m = static_cast<int>(idx / per);
+      const int64_t e = idx - m * per;
+      // consecutive threads: consecutive columns of r (or, transposed, rows of l); the other
+      // factor is one value for the warp
+      const bool t = m == transposed;
+      const int i = static_cast<int>(t ? e % H : e / C), j = static_cast<int>(t ? e / H : e % C);
+      out[idx] = image_sum(left + static_cast<int64_t>(m) * N * H + i, H,
+                           right + static_cast<int64_t>(m) * N * C + j, C, N);
+    }
+  }
+};
+
+// bwd_apply's tail maker for the four sums into `out` (4, H, C) (matrix `transposed` laid out
+// C x H in it: view it as such), from left and right in the accumulation dtype.
+struct OuterSumsTail {
+  const at::Tensor &left, &right, &out;
+  int transposed;
+
+  template <typename S>
+  OuterSums<at::opmath_type<S>> operator()(S*) const {
+    using T = at::opmath_type<S>;
+    return {left.data_ptr<T>(), right.data_ptr<T>(), static_cast<int>(left.size(1)),
+            static_cast<int>(left.size(2)), static_cast<int>(right.size(2)), transposed,
+            out.data_ptr<T>()};
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 psa_bwd_glue_cuda(const at::Tensor& part_dt, const at::Tensor& part_da,

@@ -39,6 +39,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <tuple>
+#include <type_traits>
 
 #include "vector.cuh"
 
@@ -560,9 +561,23 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
 }
 
 // ---------------------------------------------------------------- backward, pass 2: dx
-template <typename scalar_t, typename acc_t, int VEC>
+// Work that rides along with the backward apply pass in the same launch, on blocks of its own
+// ahead of the pass's (the grid's first row, which the GPU schedules first): the weights'
+// gradients, which need the glue's output as the pass does but nothing of the pass, so a
+// block's backward saves the launch they had (psa_glue.cuh's OuterSums, psa_release_s.cuh's
+// ReleaseSWeightGrads). A tail is a value type whose `operator()(block, blocks)` writes its
+// values with `blocks` blocks of kThreads threads, a thread per value in a loop over the
+// blocks' stride; it gets a row as wide as the pass's (the splits per image: from one block
+// for the smallest maps to one wave over the images), which at one wave holds up as many of
+// the pass's blocks, waiting for their slots, for the time of a few sums over the images.
+// NoTail: the pass alone, no row.
+struct NoTail {
+  __device__ void operator()(int, int) const {}
+};
+
+template <typename scalar_t, typename acc_t, int VEC, typename Tail>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+bwd_apply_kernel(Tail tail, const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                  scalar_t* __restrict__ dx, Geometry g, int tile_p, int log2_tile, int chunk,
                  int splits, const acc_t* __restrict__ a, const acc_t* __restrict__ s_mask,
                  const acc_t* __restrict__ logits, const acc_t* __restrict__ lnorm,
@@ -587,7 +602,13 @@ bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__
   acc_t* acc_g = s_wq + g.C;
   acc_t* s_norm = acc_g + g.C;  // pi's softmax state; the release's PSA_p: sig's, and beta_t
 
-  const int n = blockIdx.y, split = blockIdx.x;
+  // the grid: the tail's row (if any), then a row of `splits` blocks per image
+  constexpr int kTailRows = std::is_same<Tail, NoTail>::value ? 0 : 1;
+  if (kTailRows == 1 && blockIdx.y == 0) {  // (a whole block returns: no barrier waits for it)
+    tail(blockIdx.x, gridDim.x);
+    return;
+  }
+  const int N = gridDim.y - kTailRows, n = blockIdx.y - kTailRows, split = blockIdx.x;
   const int64_t base = n * g.sN, nc = static_cast<int64_t>(n) * g.C;
   const int64_t np = static_cast<int64_t>(n) * g.P;
   const bool release = psm.t != nullptr;
@@ -599,7 +620,7 @@ bwd_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__
   for (int c = threadIdx.x; c < g.C; c += kThreads) acc_g[c] = acc_t(0);
   if (threadIdx.x == 0) {  // visible after the first tile's barrier
     s_norm[0] = lnorm[n];  // (2, N): the maxima, then the sums of exponentials
-    s_norm[1] = lnorm[gridDim.y + n];
+    s_norm[1] = lnorm[N + n];
     if (release) {
       const SoftmaxNorm<acc_t> sig_norm = merge_softmax(psm, n);
       s_norm[2] = sig_norm.top;
@@ -671,7 +692,8 @@ Geometry geometry(const at::Tensor& x) {
   TORCH_CHECK(C % 2 == 0 && C > 0, "mmattn psa kernels: C must be even, got C=", C);
   TORCH_CHECK(H * W > 0 && H * W < (int64_t(1) << 31),
               "mmattn psa kernels: H*W must be in [1, 2^31), got ", H * W);
-  TORCH_CHECK(x.size(0) <= 65535, "mmattn psa kernels: batch size must be <= 65535, got ",
+  // (a grid row per image, and one more for the backward apply pass's tail)
+  TORCH_CHECK(x.size(0) <= 65534, "mmattn psa kernels: batch size must be <= 65534, got ",
               x.size(0));
   Geometry g;
   g.C = static_cast<int>(C);
@@ -1007,7 +1029,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> psa_bwd_reduce_cuda(
 // out as x), dx is dx_part plus this pass's terms, written over dx_part. `s_in` is the gate S
 // and `dt_in` dL/dt (paper), or, with `states` given (the release's PSA_p: t and its merged
 // state, one split), s_in is unused and S and dL/dt = dt_in - beta_t sig (beta_t (N)) are
-// formed from sig = softmax_p(t).
+// formed from sig = softmax_p(t). `make_tail`, called with a null scalar_t* of x's dtype, gives
+// the tail that the same launch runs (NoTail: none).
+struct NoTails {
+  template <typename S>
+  NoTail operator()(S*) const { return {}; }
+};
+
+template <typename MakeTail = NoTails>
 std::tuple<at::Tensor, at::Tensor> bwd_apply(
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& a_in,
     const at::Tensor& s_in, const at::Tensor& logits_in, const at::Tensor& lnorm_in,
@@ -1015,7 +1044,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_apply(
     const at::Tensor& dsv_in, const at::Tensor& wq_in, const at::Tensor& beta_in,
     int64_t splits_req, bool sequential, const at::Tensor& gwq = at::Tensor(),
     const at::Tensor& dx_part = at::Tensor(), const SoftmaxStates& states_in = SoftmaxStates{},
-    const at::Tensor& beta_t_in = at::Tensor()) {
+    const at::Tensor& beta_t_in = at::Tensor(), MakeTail make_tail = MakeTail{}) {
   const launch::DeviceGuard guard(x.device());
   const Geometry g = geometry(x);
   const int N = static_cast<int>(x.size(0));
@@ -1046,12 +1075,16 @@ std::tuple<at::Tensor, at::Tensor> bwd_apply(
     const Launch l = plan(g.C, sizeof(acc_t), 1, 4, 6, 5);
     const bool vectors =
         vectorizable<scalar_t>(g, l, {x.data_ptr(), grad.data_ptr(), dx.data_ptr()});
+    const auto tail = make_tail(static_cast<scalar_t*>(nullptr));
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
-      auto kernel = bwd_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
+      auto kernel = bwd_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value,
+                                     std::decay_t<decltype(tail)>>;
       const SplitLaunch s = split(l, splits_req, N, g.P, prepare(kernel, l));
       if (!gwq.defined()) pgwq = at::empty({N, s.splits, g.C}, opts);
-      if (N == 0) return;
-      launch::launch(kernel, dim3(s.splits, N), kThreads, l.smem,
+      // (no image: the tail alone, its sums over no image zeros)
+      const int rows = N + (std::is_same<std::decay_t<decltype(tail)>, NoTail>::value ? 0 : 1);
+      if (rows == 0) return;
+      launch::launch(kernel, dim3(s.splits, rows), kThreads, l.smem, tail,
           grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g,
           l.tile_p, l.log2_tile, s.chunk, s.splits, a.data_ptr<acc_t>(),
           release ? nullptr : s_mask.data_ptr<acc_t>(), logits.data_ptr<acc_t>(),

@@ -11,13 +11,14 @@
 //            S_p = sigmoid(sig_p);   y = x (A + S)
 // Forward, 4 launches: the reduction of the paper form (l's online softmax, s, m), the glue
 // (A, u), the same reduction with u per image (t's online softmax), the apply pass (S from t,
-// y; it also merges t's softmax state for the backward). Backward, 4 launches: the backward
+// y; it also merges t's softmax state for the backward). Backward, 3 launches: the backward
 // reduction (dA, and with the factor sig_p, d u, sum_p x_p sig_p and the splits' sums of
 // w_t = sig_p dL/dsig_p), the glue (the softmax over pixels' second term beta_t = sum_p w_t, the
 // chain's derivative) and the paper form's backward apply pass, which forms S and
 // dL/dt = w_t - beta_t sig_p from t per pixel and whose dx has exactly PSA_p's terms:
-// G (A + S) + u d_t + dm + ds pi + wq d_l; then the weight matrices' gradients, sums of
-// per-image outer products (outer_sums), as for the paper form. The glues touch nothing per
+// G (A + S) + u d_t + dm + ds pi + wq d_l; in the same launch, on blocks of their own, the
+// weight matrices' gradients, sums of per-image outer products (OuterSums), as for the paper
+// form. The glues touch nothing per
 // pixel.
 //
 // Needs psa_kernels.cuh and psa_glue.cuh, and the launch interface (cuda_launch.cuh, or the
@@ -209,11 +210,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_backward(
                    dm.data_ptr<scalar_t>(), dsv.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
                    left.data_ptr<scalar_t>(), right.data_ptr<scalar_t>());
   });
-  // S and dL/dt = w_t - beta_t sig formed per pixel from t by the apply pass
+  // S and dL/dt = w_t - beta_t sig formed per pixel from t by the apply pass; in the same
+  // launch the weight matrices' gradients (4, H, C), conv_up's (2) C x H
+  const at::Tensor mats = at::empty({4, H, C}, opts);
   at::Tensor dx = std::get<0>(bwd_apply(grad, x, a, at::Tensor(), logits, lnorm, w_t, stats[3],
                                         dm, dsv, W[0], beta, 0, false, gwq, at::Tensor(),
-                                        spatial, beta_t));
-  const at::Tensor mats = outer_sums(left, right, 2);  // (4, H, C); conv_up's (2) C x H
+                                        spatial, beta_t, OuterSumsTail{left, right, mats, 2}));
   return {dx, {gwq, mats[3], mats[2].view({C, H}), mats[1], mats[0]}};
 }
 

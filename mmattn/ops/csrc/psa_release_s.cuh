@@ -17,14 +17,15 @@
 // Forward, 4 kernels and 1 GEMM: the reduction (l's online softmax, s, m); the glue (A, q, and
 // Wa in x's dtype); Vl = Wa x (N, H, P) (a batched GEMM); the value
 // softmax's state (max and sum of exponentials per row k); the apply pass (t from Vl, S, y).
-// Backward, 5 kernels and 3 GEMMs, with the forward's small state: the paper form's backward
+// Backward, 4 kernels and 3 GEMMs, with the forward's small state: the paper form's backward
 // reduction (dt = dL/dt, dA's direct part sum_p G x S; on the way it clears the gradients' buffer
 // and writes Wa again); Vl again; per row k, dq_k = sum_p V dt and dVl = V q (dt - dq), over Vl in
 // place; two GEMMs, dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl) and M = dVl x^T (N, H, C); the
 // glue (dA's part sum_p x e = sum_k W_v'[k][c] M[k][c] from M, the chain's derivative); the
-// weights' gradients (sums over the images: of outer products of the chain's vectors, and
-// W_v''s sum_n M_n diag(A_n)), a thread per value; the paper form's backward apply pass (dx's
-// other terms, added into A (.) e; W_q's gradient, with atomic adds).
+// paper form's backward apply pass (dx's other terms, added into A (.) e; W_q's gradient, with
+// atomic adds), and in the same launch, on blocks of their own, the other weights' gradients
+// (sums over the images: of outer products of the chain's vectors, and W_v''s
+// sum_n M_n diag(A_n)), a thread per value.
 //
 // The GEMMs run in x's dtype (accumulating in float32 for the half types, as cuBLAS and the
 // reference's 1x1 convolutions do); everything else in the accumulation dtype.
@@ -137,11 +138,11 @@ __host__ __device__ inline ReleaseSGrads release_s_grads(int64_t C, int64_t Cb) 
 // Image n. In: the splits' partial dA sums (pda: sum_p G x S, S splits), the value GEMM's
 // M = dVl x^T (N, H, C; x's dtype MT), dq (N, H), the forward's state. Out: dm = dL/dm / P,
 // ds = dL/ds (N, C), beta = ds . s (N), for the backward apply pass; the chain's vector
-// gradients, from which release_s_weight_grads_kernel then forms the weights' (all but wq's):
+// gradients, from which ReleaseSWeightGrads then forms the weights' (all but wq's):
 // dz = dL/dz (N, C), dh2 = dL/dh2 (its ReLU's mask applied), dh1 = dL/dh1 (N, Cb), dv = dL/dv
 // (N, H). Only the chain is left here, a chain of matrix-vector products that one block per
 // image walks: the weights' gradients, sums over the images of outer products, are as many
-// values as the weights and spread over the GPU in that kernel (until 2026-11-26 this block
+// values as the weights and spread over the GPU in those blocks (until 2026-11-26 this block
 // added them with atomic adds, 5 matrices' worth a block: 52 us a call in an H100's HRNet-OCR
 // step, fp32, its largest PSA kernel).
 template <typename T, typename MT>
@@ -216,56 +217,74 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
 // The weights' gradients but wq's, in release_s_grads' layout, from the chain's vectors (the
 // glue's dz, dh2, dh1, dv; the forward's s, A, A (.) m, v, the bottleneck's zhat and relu(h2);
 // dq; M): each a sum over the images, a thread per value (consecutive threads: consecutive
-// columns), N products each, in image order:
+// columns), N products each, in image order; the backward apply pass's tail (psa_kernels.cuh):
+// blocks of their own in its launch.
 //   W_v: sum_n dv s^T, W_1: sum_n dh1 v^T, b_1: sum_n dh1, LN w: sum_n dh2 (.) zhat,
 //   LN b: sum_n dh2, W_2: sum_n dz relu(h2)^T, b_2: sum_n dz, W_q': sum_n dq (A (.) m)^T,
 //   W_v': sum_n M_n diag(A_n) (sum_n sum_p dVl (A (.) x)^T).
 template <typename T, typename MT>
-__global__ void __launch_bounds__(kThreads)
-release_s_weight_grads_kernel(const MT* __restrict__ mvx, const T* __restrict__ dq,
-                              const T* __restrict__ stats, const T* __restrict__ small,
-                              const T* __restrict__ bott, const T* __restrict__ dz,
-                              const T* __restrict__ dh1, const T* __restrict__ dh2,
-                              const T* __restrict__ dv, int N, int C, int Cb,
-                              T* __restrict__ grads) {
-  const int64_t H = C / 2, NC = static_cast<int64_t>(N) * C, NCb = static_cast<int64_t>(N) * Cb;
-  const ReleaseSGrads off = release_s_grads(C, Cb);
-  const T *s = stats, *a = stats + 2 * NC, *mz = stats + 3 * NC, *v = small, *zhat = bott;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < off.total;
-       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
-    T g = 0;
-    if (idx >= off.wv2) {  // W_v': M in x's dtype
-      const int64_t e = idx - off.wv2, c = e % C;
-      for (int n = 0; n < N; ++n) g += static_cast<T>(mvx[n * H * C + e]) * a[n * C + c];
-    } else {
-      // value e of a segment whose rows have `cols` values: sum_n l_n[i] r_n[j] (i, j: e's
-      // row and column), or sum_n l_n[i] where r is null (a bias); LN w's elementwise product
-      // as a matrix of one column with r offset to the element
-      int64_t e, cols = 1, ls, rs = 0;
-      const T *l, *r = nullptr;
-      if (idx < off.w1) {
-        e = idx - off.wv, cols = C, l = dv, ls = H, r = s, rs = C;
-      } else if (idx < off.b1) {
-        e = idx - off.w1, cols = H, l = dh1, ls = Cb, r = v, rs = H;
-      } else if (idx < off.lnw) {
-        e = idx - off.b1, l = dh1, ls = Cb;
-      } else if (idx < off.lnb) {
-        e = idx - off.lnw, l = dh2, ls = Cb, r = zhat + e, rs = Cb;
-      } else if (idx < off.w2) {
-        e = idx - off.lnb, l = dh2, ls = Cb;
-      } else if (idx < off.b2) {
-        e = idx - off.w2, cols = Cb, l = dz, ls = C, r = bott + 2 * NCb, rs = Cb;
-      } else if (idx < off.wq2) {
-        e = idx - off.b2, l = dz, ls = C;
+struct ReleaseSWeightGrads {
+  const MT* mvx;
+  const T *dq, *stats, *small, *bott, *dz, *dh1, *dh2, *dv;
+  int N, C, Cb;
+  T* grads;
+
+  __device__ void operator()(int block, int blocks) const {
+    const int64_t H = C / 2, NC = static_cast<int64_t>(N) * C;
+    const int64_t NCb = static_cast<int64_t>(N) * Cb;
+    const ReleaseSGrads off = release_s_grads(C, Cb);
+    const T *s = stats, *a = stats + 2 * NC, *mz = stats + 3 * NC, *v = small, *zhat = bott;
+    for (int64_t idx = static_cast<int64_t>(block) * kThreads + threadIdx.x; idx < off.total;
+         idx += static_cast<int64_t>(blocks) * kThreads) {
+      T g = 0;
+      if (idx >= off.wv2) {  // W_v': M in x's dtype
+        const int64_t e = idx - off.wv2, c = e % C;
+        for (int n = 0; n < N; ++n) g += static_cast<T>(mvx[n * H * C + e]) * a[n * C + c];
       } else {
-        e = idx - off.wq2, cols = C, l = dq, ls = H, r = mz, rs = C;
+        // value e of a segment whose rows have `cols` values: sum_n l_n[i] r_n[j] (i, j: e's
+        // row and column), or sum_n l_n[i] where r is null (a bias); LN w's elementwise
+        // product as a matrix of one column with r offset to the element
+        int64_t e, cols = 1, ls, rs = 0;
+        const T *l, *r = nullptr;
+        if (idx < off.w1) {
+          e = idx - off.wv, cols = C, l = dv, ls = H, r = s, rs = C;
+        } else if (idx < off.b1) {
+          e = idx - off.w1, cols = H, l = dh1, ls = Cb, r = v, rs = H;
+        } else if (idx < off.lnw) {
+          e = idx - off.b1, l = dh1, ls = Cb;
+        } else if (idx < off.lnb) {
+          e = idx - off.lnw, l = dh2, ls = Cb, r = zhat + e, rs = Cb;
+        } else if (idx < off.w2) {
+          e = idx - off.lnb, l = dh2, ls = Cb;
+        } else if (idx < off.b2) {
+          e = idx - off.w2, cols = Cb, l = dz, ls = C, r = bott + 2 * NCb, rs = Cb;
+        } else if (idx < off.wq2) {
+          e = idx - off.b2, l = dz, ls = C;
+        } else {
+          e = idx - off.wq2, cols = C, l = dq, ls = H, r = mz, rs = C;
+        }
+        const int64_t i = e / cols, j = e - i * cols;
+        g = image_sum(l + i, ls, r == nullptr ? r : r + j, rs, N);
       }
-      const int64_t i = e / cols, j = e - i * cols;
-      g = image_sum(l + i, ls, r == nullptr ? r : r + j, rs, N);
+      grads[idx] = g;
     }
-    grads[idx] = g;
   }
-}
+};
+
+// bwd_apply's tail maker for ReleaseSWeightGrads (M in x's dtype, the rest in the accumulation
+// dtype), writing the first release_s_grads(C, Cb).total values of `grads`.
+struct ReleaseSWeightGradsTail {
+  const at::Tensor &mvx, &dq, &stats, &small, &bott, &dz, &dh1, &dh2, &dv, &grads;
+  int N, C, Cb;
+
+  template <typename S>
+  ReleaseSWeightGrads<at::opmath_type<S>, S> operator()(S*) const {
+    using T = at::opmath_type<S>;
+    return {mvx.data_ptr<S>(), dq.data_ptr<T>(), stats.data_ptr<T>(), small.data_ptr<T>(),
+            bott.data_ptr<T>(), dz.data_ptr<T>(), dh1.data_ptr<T>(), dh2.data_ptr<T>(),
+            dv.data_ptr<T>(), N, C, Cb, grads.data_ptr<T>()};
+  }
+};
 
 // ---------------------------------------------------------------- the value map
 // Vl = W_v' (A (.) x) is, per image n, the product of Wa_n = W_v' diag(A_n) (H x C; the forward
@@ -548,6 +567,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   at::Tensor dsv = at::empty({N, C}, opts), beta = at::empty({N}, opts);
   at::Tensor dz = at::empty({N, C}, opts), dh1 = at::empty({N, Cb}, opts);
   at::Tensor dh2 = at::empty({N, Cb}, opts), dv = at::empty({N, H}, opts);
+  at::Tensor m;  // M = dVl x^T (N, H, C), in x's dtype
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
@@ -566,8 +586,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
     // dA's part sum_p x e = sum_k W_v'[k][c] M[k][c]
     at::Tensor ex_rows = channel_matrices(ex);
     at::bmm_out(ex_rows, wa.transpose(1, 2), vl);
-    const at::Tensor m = value_products(vl, x);
-    if (N > 0) {
+    m = value_products(vl, x);
+    if (N > 0)
       launch::launch(release_s_bwd_glue_kernel<acc_t, scalar_t>, dim3(N), kGlueThreads,
                      kGlueSmem * sizeof(acc_t), pda.data_ptr<acc_t>(),
                      static_cast<int>(pda.size(1)), m.data_ptr<scalar_t>(), dq.data_ptr<acc_t>(),
@@ -575,21 +595,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
                      rstd.data_ptr<acc_t>(), N, C, P, w, dm.data_ptr<acc_t>(),
                      dsv.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), dz.data_ptr<acc_t>(),
                      dh1.data_ptr<acc_t>(), dh2.data_ptr<acc_t>(), dv.data_ptr<acc_t>());
-      auto kernel = release_s_weight_grads_kernel<acc_t, scalar_t>;
-      launch::launch(kernel, dim3(wave_blocks(kernel, (off.total + kThreads - 1) / kThreads, 0)),
-                     kThreads, 0, m.data_ptr<scalar_t>(), dq.data_ptr<acc_t>(),
-                     stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(), bott.data_ptr<acc_t>(),
-                     dz.data_ptr<acc_t>(), dh1.data_ptr<acc_t>(), dh2.data_ptr<acc_t>(),
-                     dv.data_ptr<acc_t>(), N, C, Cb, grads.data_ptr<acc_t>());
-    }
   });
   // dx = G A S + dm + ds pi + wq dl (the paper form's apply pass, with no u dt term) + A e,
   // the apply pass adding into ex
   const at::Tensor gwq = grads.narrow(0, off.total, C);
   const at::Tensor no_u =
       grads.narrow(0, off.total + C, static_cast<int64_t>(N) * C).view({N, C});
-  const at::Tensor dx = std::get<0>(bwd_apply(grad, x, a, s_mask, logits, lnorm, d_t, no_u, dm,
-                                              dsv, W[0], beta, 0, true, gwq, ex));
+  const at::Tensor dx = std::get<0>(bwd_apply(
+      grad, x, a, s_mask, logits, lnorm, d_t, no_u, dm, dsv, W[0], beta, 0, true, gwq, ex,
+      SoftmaxStates{}, at::Tensor(),
+      ReleaseSWeightGradsTail{m, dq, stats, small, bott, dz, dh1, dh2, dv, grads, N, C, Cb}));
   std::vector<at::Tensor> out{gwq};
   int64_t start = 0;  // the flat buffer's parts, in the op's order (block_backward shapes them)
   for (const int64_t end : {off.w1, off.b1, off.lnw, off.lnb, off.w2, off.b2, off.wq2, off.wv2,
