@@ -1,6 +1,6 @@
 """tools/benchmark.py: the host-overhead preset (every PSA form at [1, 8, 4, 4] against a 3x3
-conv + BN + ReLU, one thread: the yardstick of issue 12's CPU goal), several shapes in one call
-and the per-case profile (``--kernels``)."""
+conv + BN + ReLU, one thread: the yardstick of issue 12's CPU goal), several shapes in one call,
+the per-case profile (``--kernels``) and ``--cudnn-benchmark``."""
 from __future__ import annotations
 
 import os.path as osp
@@ -18,6 +18,7 @@ def test_host_preset_reports_each_form_against_the_conv_block() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert 'CPU, 1 threads' in out
+    assert 'cudnn.benchmark off' in out  # the default
     assert re.search(r'\| conv3x3\+BN\+ReLU \| 1x8x4x4 \| training mode \| eager \|', out)
     summary = out[out.index('against a 3x3 conv + BN + ReLU'):]
     forms = re.findall(r'  PSA (\w+), (\w+), (eager|mmattn): (\d+\.\d)x', summary)
@@ -35,10 +36,11 @@ def test_kernels_option_profiles_each_shape() -> None:
     result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
                              '--op', 'psa', '--mode', 'parallel', '--no-compile',
                              '--shape', '1,8,4,4', '2,8,4,8', '--iters', '1', '--warmup', '0',
-                             '--threads', '1', '--kernels', '4'],
+                             '--threads', '1', '--kernels', '4', '--cudnn-benchmark'],
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
+    assert 'cudnn.benchmark on' in out
     titles = re.findall(r'psa (\S+) paper, parallel, mmattn forward \+ backward: top 4 by self '
                         r'host time over 3 runs', out)
     assert titles == ['1x8x4x4', '2x8x4x8']

@@ -30,7 +30,9 @@ device's peak. Minimal traffic: PSA forward 3|x| (two reads of x for the reducti
 forward+backward 8|x| (+ one read of x and of the output gradient, one write of ``dx``, two more
 reads for the reductions); outlook forward 2|x| (read x, write y), forward+backward 5|x|.
 The device peak: ``--peak-gbs``, else a table of GPU models, else (CPU) the measured bandwidth of
-a large tensor copy (``torch.clone``, read + write), labelled as such.
+a large tensor copy (``torch.clone``, read + write), labelled as such. ``cudnn.benchmark`` stays
+off unless ``--cudnn-benchmark`` (the VOLO-D1 step's stem and convolutions choose their
+algorithms by timing then; ``tools/benchmark_model.py`` always sets it).
 
 This is a tool, not a test: nothing here asserts a speed. Examples::
 
@@ -469,6 +471,10 @@ def main() -> None:
     parser.add_argument('--no-compile', action='store_true', help='skip torch.compile')
     parser.add_argument('--peak-gbs', type=float, default=None,
                         help='device peak bandwidth in GB/s (default: see the docstring)')
+    parser.add_argument('--cudnn-benchmark', action='store_true',
+                        help="torch.backends.cudnn.benchmark on (cuDNN picks each convolution's "
+                             'algorithm by timing; off by default, as in the tables so far; '
+                             'tools/benchmark_model.py always sets it)')
     parser.add_argument('--kernels', type=int, default=0, metavar='N',
                         help="also print, per case, the N operators and kernels with the most "
                              "self time over 3 of mmattn's forward + backward runs (torch.profiler;"
@@ -502,6 +508,7 @@ def main() -> None:
                               ('volo', volo_cases))]
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     peak, peak_src = (float('nan'), '') if args.probe_compile else \
         peak_bandwidth(device, args.peak_gbs)
@@ -525,7 +532,7 @@ def main() -> None:
         return
     print(f'device: {device_name(device)}')
     print(f'torch {torch.__version__}, dtype {args.dtype}, median of {args.iters} runs after '
-          f'{args.warmup} warm-up runs')
+          f'{args.warmup} warm-up runs, cudnn.benchmark {"on" if args.cudnn_benchmark else "off"}')
     print(f'peak bandwidth: {peak:.0f} GB/s ({peak_src})')
     print(f'mmattn kernels: {kernel_status()}', flush=True)
     rows: list[list[str]] = []
