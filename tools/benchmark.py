@@ -180,27 +180,9 @@ def top_table(prof: object, device: torch.device, top: int) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70)
 
 
-def profile_kernels(step: Callable[[], None], device: torch.device,
-                    top: int = 0) -> Optional[Kernels]:
-    """The CUDA kernels one call of ``step`` runs (``torch.profiler``), or None off CUDA;
-    with ``top``, the table of the ``top`` operators and kernels with the most device time."""
-    if device.type != 'cuda':
-        return None
-    from torch.profiler import ProfilerActivity, profile
-    sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        sync(device)
-    kernels = [evt for evt in prof.events()
-               if evt.device_type == torch.autograd.DeviceType.CUDA
-               and 'Memcpy' not in evt.name and 'Memset' not in evt.name]
-    return Kernels(len(kernels), sum(evt.time_range.elapsed_us() for evt in kernels) / 1e3,
-                   top_table(prof, device, top) if top else '')
-
-
-def profile_runs(step: Callable[[], None], device: torch.device, runs: int, top: int) -> str:
-    """The table of the ``top`` operators and kernels by self time over ``runs`` calls of
-    ``step`` (its calls column counts all ``runs``), on CUDA or the CPU."""
+def profiled(step: Callable[[], None], device: torch.device, runs: int = 1) -> object:
+    """``torch.profiler``'s record of ``runs`` calls of ``step`` (host operators, and on CUDA
+    the kernels), the device synchronised before and after."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
                                            if device.type == 'cuda' else [])
@@ -209,7 +191,21 @@ def profile_runs(step: Callable[[], None], device: torch.device, runs: int, top:
         for _ in range(runs):
             step()
         sync(device)
-    return top_table(prof, device, top)
+    return prof
+
+
+def profile_kernels(step: Callable[[], None], device: torch.device,
+                    top: int = 0) -> Optional[Kernels]:
+    """The CUDA kernels one call of ``step`` runs, or None off CUDA; with ``top``, the table of
+    the ``top`` operators and kernels with the most device time."""
+    if device.type != 'cuda':
+        return None
+    prof = profiled(step, device)
+    kernels = [evt for evt in prof.events()
+               if evt.device_type == torch.autograd.DeviceType.CUDA
+               and 'Memcpy' not in evt.name and 'Memset' not in evt.name]
+    return Kernels(len(kernels), sum(evt.time_range.elapsed_us() for evt in kernels) / 1e3,
+                   top_table(prof, device, top) if top else '')
 
 
 # ----------------------------------------------------------------------- the cases
@@ -408,7 +404,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
         what = 'device' if device.type == 'cuda' else 'host'
         print(f'\n{case.op} {"x".join(map(str, case.shape))} {case.detail}, mmattn forward + '
               f'backward: top {args.kernels} by self {what} time over 3 runs\n'
-              f'{profile_runs(fwdbwd["mmattn"], device, 3, args.kernels)}', flush=True)
+              f'{top_table(profiled(fwdbwd["mmattn"], device, 3), device, args.kernels)}',
+              flush=True)
 
 
 HEADER = ['op', 'shape', 'form', 'impl', 'fwd ms', 'fwd+bwd ms', 'fwd speedup',
