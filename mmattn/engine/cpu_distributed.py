@@ -94,6 +94,6 @@ def release_process_group() -> None:
     destroy_process_group(), and the group's destructor joins its threads (with the GIL released)
     before the function returns. ``tools/train.py`` and ``tools/test.py`` call it after a run
     that ended normally."""
-    gc.collect()
     if torch_dist.is_available() and torch_dist.is_initialized():
+        gc.collect()
         torch_dist.destroy_process_group()
