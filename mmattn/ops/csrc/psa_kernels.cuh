@@ -575,6 +575,10 @@ struct NoTail {
   __device__ void operator()(int, int) const {}
 };
 
+// The grid rows a tail takes (the kernel's first; none for NoTail).
+template <typename Tail>
+constexpr int kTailRows = std::is_same<Tail, NoTail>::value ? 0 : 1;
+
 template <typename scalar_t, typename acc_t, int VEC, typename Tail>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 bwd_apply_kernel(Tail tail, const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
@@ -603,12 +607,12 @@ bwd_apply_kernel(Tail tail, const scalar_t* __restrict__ grad, const scalar_t* _
   acc_t* s_norm = acc_g + g.C;  // pi's softmax state; the release's PSA_p: sig's, and beta_t
 
   // the grid: the tail's row (if any), then a row of `splits` blocks per image
-  constexpr int kTailRows = std::is_same<Tail, NoTail>::value ? 0 : 1;
-  if (kTailRows == 1 && blockIdx.y == 0) {  // (a whole block returns: no barrier waits for it)
+  if (kTailRows<Tail> == 1 && blockIdx.y == 0) {  // (a whole block returns: no barrier waits)
     tail(blockIdx.x, gridDim.x);
     return;
   }
-  const int N = gridDim.y - kTailRows, n = blockIdx.y - kTailRows, split = blockIdx.x;
+  const int N = gridDim.y - kTailRows<Tail>, n = blockIdx.y - kTailRows<Tail>;
+  const int split = blockIdx.x;
   const int64_t base = n * g.sN, nc = static_cast<int64_t>(n) * g.C;
   const int64_t np = static_cast<int64_t>(n) * g.P;
   const bool release = psm.t != nullptr;
@@ -1082,7 +1086,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_apply(
       const SplitLaunch s = split(l, splits_req, N, g.P, prepare(kernel, l));
       if (!gwq.defined()) pgwq = at::empty({N, s.splits, g.C}, opts);
       // (no image: the tail alone, its sums over no image zeros)
-      const int rows = N + (std::is_same<std::decay_t<decltype(tail)>, NoTail>::value ? 0 : 1);
+      const int rows = N + kTailRows<std::decay_t<decltype(tail)>>;
       if (rows == 0) return;
       launch::launch(kernel, dim3(s.splits, rows), kThreads, l.smem, tail,
           grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g,
