@@ -62,6 +62,7 @@ constexpr int kMinBlocks = 4;
 // bandwidth x latency (estimated at 700 ns: ~18 KB per SM on an H100, ~25 KB on an H200).
 constexpr int kLoadBatch = 2;
 constexpr int kMaxTile = 32;                  // pixels per tile (a power of two)
+static_assert(kMaxTile <= 32, "fwd_reduce_kernel takes a tile's pixels a lane each");
 constexpr size_t kDefaultSmem = 48 * 1024;    // without the opt-in attribute
 
 struct Geometry {
@@ -80,6 +81,7 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+
 __device__ __forceinline__ float op_exp(float v) { return __expf(v); }
 __device__ __forceinline__ double op_exp(double v) { return ::exp(v); }
 
@@ -88,6 +90,13 @@ __device__ __forceinline__ T op_sigmoid(T v) { return T(1) / (T(1) + op_exp(-v))
 
 template <typename T>
 __device__ __forceinline__ T op_max(T a, T b) { return a > b ? a : b; }
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
 
 // The release's PSA_p gates a pixel with S_p = sigmoid(sig_p), sig = softmax_p(t): its passes
 // get the logits t (N, P) and the online-softmax states of the reduction that computed them
@@ -349,8 +358,9 @@ fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int lo
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* s_w = tile + tile_p * ld;  // the tile's logits, then their exponentials
-  acc_t* s_wq = s_w + tile_p;
+  acc_t* s_w = tile + tile_p * ld;  // the tile's logits
+  acc_t* s_e = s_w + tile_p;        // their exponentials
+  acc_t* s_wq = s_e + tile_p;
   acc_t* acc_s = s_wq + g.C;
   acc_t* acc_m = acc_s + g.C;
 
@@ -371,22 +381,23 @@ fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int lo
       logits[static_cast<int64_t>(n) * g.P + pt + p] = v;
     });
     __syncthreads();
-    acc_t tile_max = -INFINITY;
-    for (int p = 0; p < tp; ++p) tile_max = op_max(tile_max, s_w[p]);
-    const acc_t new_max = op_max(run_max, tile_max);
+    // The tile's softmax state, in every warp at once, a lane a pixel (tp <= kMaxTile = 32):
+    // shuffles, where every thread had walked the tp logits twice (a third of the kernel's
+    // instructions in the SASS, sm_90, bf16)
+    const int lane = threadIdx.x & 31;
+    const acc_t l = lane < tp ? s_w[lane] : acc_t(-INFINITY);
+    const acc_t new_max = op_max(run_max, warp_max(l));
     const acc_t alpha = op_exp(run_max - new_max);  // 0 on the first tile (run_max = -inf)
-    __syncthreads();  // every thread has read the logits
-    if (threadIdx.x < tp) s_w[threadIdx.x] = op_exp(s_w[threadIdx.x] - new_max);
-    __syncthreads();
-    acc_t tile_sum = 0;
-    for (int p = 0; p < tp; ++p) tile_sum += s_w[p];
-    run_sum = run_sum * alpha + tile_sum;
+    const acc_t e = lane < tp ? op_exp(l - new_max) : acc_t(0);
+    run_sum = run_sum * alpha + warp_sum(e);
     run_max = new_max;
+    if (threadIdx.x < tp) s_e[lane] = e;  // (warp 0's; s_w, which the others read, stays)
+    __syncthreads();
     for (int c = threadIdx.x; c < g.C; c += kThreads) {  // a thread owns its channels
       acc_t s = 0, m = 0;
       for (int p = 0; p < tp; ++p) {
         const acc_t v = tile[p * ld + c];
-        s += v * s_w[p];
+        s += v * s_e[p];
         m += v;
       }
       acc_s[c] = acc_s[c] * alpha + s;
@@ -885,7 +896,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_reduc
   at::Tensor pmax, psum, ps, pm;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_fwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Launch l = plan(g.C, sizeof(acc_t), 1, 1, 3);
+    const Launch l = plan(g.C, sizeof(acc_t), 1, 2, 3);
     with_vectors<scalar_t>(vectorizable<scalar_t>(g, l, {x.data_ptr()}), [&](auto vec_tag) {
       auto kernel = fwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
       const SplitLaunch s = split(l, splits_req, N, g.P, prepare(kernel, l));
