@@ -248,16 +248,51 @@ struct NoLoad {
   __device__ __forceinline__ int operator()(int, int) const { return 0; }
 };
 
-// emit(p, sum_c tile[p][c] * vec[c]) for every pixel of the tile: a warp per pixel.
-template <typename T, typename F>
+// emit(p, sum_c tile[p][c] * vec[c]) for every pixel p < tp of the tile. A warp takes ROWS
+// pixels together (warp w: w + j kWarps, j < ROWS, then the next ROWS kWarps pixels): a lane
+// loads vec[c] once for them all, and the ROWS sums are reduced in one butterfly whose first
+// rounds halve the sums a lane carries (6 shuffles for 4 pixels, where a warp a pixel took 20).
+// A warp a pixel, as until 2026-11-27, also paid its loop's set-up for each pixel: in the SASS
+// (sm_90, bf16, C = 256) about 117 instructions a pixel and lane, of which 24 in the loop.
+// Lane j (32 / ROWS) ends with the sum of the group's pixel j and emits it (ROWS lanes of a warp
+// emit at once; a pixel p is always emitted by the same lane). Rows past tp read row tp - 1
+// (nothing outside the tile) and emit nothing.
+template <int ROWS = kMaxTile / kWarps, typename T, typename F>
 __device__ __forceinline__ void pixel_dots(const T* tile, int ld, int C, int tp, const T* vec,
                                            F&& emit) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int p = warp; p < tp; p += kWarps) {
-    T acc = 0;
-    for (int c = lane; c < C; c += 32) acc += tile[p * ld + c] * vec[c];
-    acc = warp_sum(acc);
-    if (lane == 0) emit(p, acc);
+  static_assert(ROWS >= 1 && ROWS <= 32 && (ROWS & (ROWS - 1)) == 0, "ROWS: a power of two");
+  constexpr int kSpan = 32 / ROWS;  // the lanes that end with one pixel's sum
+  const int lane = threadIdx.x & 31;
+  for (int p0 = threadIdx.x >> 5; p0 < tp; p0 += ROWS * kWarps) {  // (warp-uniform)
+    const T* rows[ROWS];
+    T acc[ROWS];
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) {
+      rows[j] = tile + min(p0 + j * kWarps, tp - 1) * ld;
+      acc[j] = T(0);
+    }
+    for (int c = lane; c < C; c += 32) {
+      const T w = vec[c];
+#pragma unroll
+      for (int j = 0; j < ROWS; ++j) acc[j] += rows[j][c] * w;
+    }
+    // while a lane carries n > 1 sums: at offset o, the lanes with bit o set keep the upper
+    // half of theirs and send the lower half, the others the reverse; then a plain butterfly
+#pragma unroll
+    for (int n = ROWS, o = 16; n > 1; n /= 2, o /= 2) {
+      const bool upper = (lane & o) != 0;
+#pragma unroll
+      for (int j = 0; j < n / 2; ++j) {
+        const T keep = upper ? acc[j + n / 2] : acc[j];
+        const T send = upper ? acc[j] : acc[j + n / 2];
+        acc[j] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+      }
+    }
+#pragma unroll
+    for (int o = kSpan / 2; o > 0; o >>= 1) acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], o);
+    const int p = p0 + lane / kSpan * kWarps;
+    if (lane % kSpan == 0 && p < tp) emit(p, acc[0]);
+    if (ROWS * kWarps >= kMaxTile) break;  // (tp <= kMaxTile: no loop to keep registers for)
   }
 }
 
@@ -494,14 +529,15 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
   acc_t* s_s = tile_x + tile_p * ld;
   acc_t* s_dt = s_s + tile_p;
   acc_t* s_sig = s_dt + tile_p;    // the release's PSA_p: sig_p, a factor of d_t
-  acc_t* s_a = s_sig + tile_p;     // a (sequential) or ones (parallel)
+  acc_t* s_dtsum = s_sig + tile_p;  // the sums of the d_t written for each pixel slot of the
+                                    // tiles (pixel_dots' emitting lane for it; in shared
+                                    // memory: no register live across the loop)
+  acc_t* s_a = s_dtsum + tile_p;   // a (sequential) or ones (parallel)
   acc_t* acc_da = s_a + g.C;
   acc_t* acc_du = acc_da + g.C;
   acc_t* acc_r = acc_du + g.C;     // the release's PSA_p: sum_p x_p sig_p
   acc_t* s_norm = acc_r + g.C;     // the release's PSA_p: the softmax's state (in shared
                                    // memory: held in registers, bf16 spilled on sm_90)
-  acc_t* s_dtsum = s_norm + g.C;   // each warp's sum of the d_t it wrote (kWarps values, in
-                                   // shared memory: no register live across the loop)
 
   const int n = blockIdx.y, split = blockIdx.x;
   const int64_t base = n * g.sN, np = static_cast<int64_t>(n) * g.P;
@@ -517,7 +553,7 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
     s_a[c] = sequential ? a[static_cast<int64_t>(n) * g.C + c] : acc_t(1);
     acc_da[c] = acc_du[c] = acc_r[c] = acc_t(0);
   }
-  if (threadIdx.x < kWarps) s_dtsum[threadIdx.x] = acc_t(0);
+  if (threadIdx.x < tile_p) s_dtsum[threadIdx.x] = acc_t(0);
   const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
   for (int pt = p_begin; pt < p_end; pt += tile_p) {
     const int tp = min(tile_p, p_end - pt);
@@ -536,12 +572,13 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
     __syncthreads();
     // d_t = dL/d(the gate's logit): paper u . x_p + b; release sig_p dL/d(sig_p) (the factor
     // sig_p of the softmax's backward, whose other term the glue subtracts)
-    pixel_dots(tile_gx, ld, g.C, tp, s_a, [&](int p, acc_t ds) {
+    // (two pixels a warp at once: four spilled 20 bytes, bf16 on sm_90)
+    pixel_dots<2>(tile_gx, ld, g.C, tp, s_a, [&](int p, acc_t ds) {
       const acc_t sg = s_s[p];
       const acc_t dt = ds * sg * (acc_t(1) - sg) * (release ? s_sig[p] : acc_t(1));
       s_dt[p] = dt;
       d_t[np + pt + p] = dt;
-      s_dtsum[threadIdx.x >> 5] += dt;  // (a warp's lane 0: its own slot)
+      s_dtsum[p] += dt;  // (the same lane for slot p in every tile)
     });
     __syncthreads();
     for (int c = threadIdx.x; c < g.C; c += kThreads) {
@@ -563,10 +600,10 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
     pdu[o * g.C + c] = acc_du[c];
     if (release) pr[o * g.C + c] = acc_r[c];
   }
-  __syncthreads();  // every warp's s_dtsum is final
-  if (threadIdx.x == 0) {  // in warp order: the same sum every run
+  __syncthreads();  // every slot of s_dtsum is final
+  if (threadIdx.x == 0) {  // in slot order: the same sum every run
     acc_t total = 0;
-    for (int w = 0; w < kWarps; ++w) total += s_dtsum[w];
+    for (int p = 0; p < tile_p; ++p) total += s_dtsum[p];
     pdt[o] = total;
   }
 }
@@ -1001,7 +1038,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduc
   at::Tensor pdt, pda, pdu, pr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Launch l = plan(g.C, sizeof(acc_t), 2, 3, 5, kWarps);  // (C >= 2: room for s_norm)
+    const Launch l = plan(g.C, sizeof(acc_t), 2, 4, 5);  // (C >= 2: room for s_norm)
     const bool vectors = vectorizable<scalar_t>(g, l, {x.data_ptr(), grad.data_ptr()});
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
       auto kernel = bwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
