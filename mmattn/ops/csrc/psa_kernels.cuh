@@ -62,7 +62,7 @@ constexpr int kMinBlocks = 4;
 // bandwidth x latency (estimated at 700 ns: ~18 KB per SM on an H100, ~25 KB on an H200).
 constexpr int kLoadBatch = 2;
 constexpr int kMaxTile = 32;                  // pixels per tile (a power of two)
-static_assert(kMaxTile <= 32, "fwd_reduce_kernel takes a tile's pixels a lane each");
+static_assert(kMaxTile <= 32, "fwd_reduce_kernel and value_apply_kernel: a tile in a warp");
 constexpr size_t kDefaultSmem = 48 * 1024;    // without the opt-in attribute
 
 struct Geometry {

@@ -298,14 +298,6 @@ struct ReleaseSWeightGradsTail {
 // pixels; channels_last: its transpose, which the GEMMs take as such).
 inline at::Tensor channel_matrices(const at::Tensor& x) { return x.flatten(2); }
 
-// The tile's (k, p) pairs, k < H value channels, p < tile_p pixels, in rounds of kThreads:
-// pair idx = threadIdx.x + round * kThreads is (idx / tile_p, idx % tile_p), so a thread keeps
-// its pixel in every round (kThreads is a multiple of tile_p) and the tile_p lanes of a k are
-// consecutive lanes of one warp (tile_p divides 32), reading consecutive pixels of Vl's row k.
-__host__ __device__ inline int value_rounds(int rows, int tile_p) {
-  return (rows * tile_p + kThreads - 1) / kThreads;
-}
-
 // ---------------------------------------------------------------- forward, the value softmax
 // norm (2, rows) = [max_p Vl[r][p], sum_p exp(Vl[r][p] - max)] for each of Vl's rows r = n H + k
 // (N, H, P): a block per row (the grid at most one wave, its blocks looping over the rows),
@@ -340,21 +332,30 @@ value_stats_kernel(const scalar_t* __restrict__ vl, int64_t rows, int P,
 
 // ---------------------------------------------------------------- forward, apply
 // y = x A S with S_p = sigmoid(t_p), t_p = sum_k q_k exp(Vl[k][p] - max_k) / sum_k; S (N, P)
-// kept for the backward. A block takes tiles of tile_p pixels: the logits from Vl (a thread per
-// (k, p) pair, partial sums added per pixel through shared memory), then y from x in x's
-// layout (no tile of x is staged: each element is read once, scaled, written).
-template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+// kept for the backward. A block takes tiles of tile_p pixels: the logits from Vl, then y from x
+// in x's layout (no tile of x is staged: each element is read once, scaled, written).
+// The logits: a tile's rows of Vl are read in vectors of VV pixels (16 bytes where the rows
+// allow, rows_vectorizable; else single pixels): thread i takes the vector i % (32 / VV) of the
+// rows i / (32 / VV), i / (32 / VV) + 8 VV, ... and keeps VV partial sums; the VV lanes of a
+// warp with the same vector add theirs in a butterfly whose rounds halve the sums a lane
+// carries (pixel_dots' scheme), each warp writes its sums per pixel to shared memory, and a
+// thread per pixel adds the warps' in order.
+// (Until 2026-11-27 a thread read one element of Vl at a time and divided its pair's index by
+// tile_p: in the SASS (sm_90, bf16) 36 instructions an element of Vl, against 5 with vectors.)
+// (float64 gets 2 blocks an SM: at 64 registers it spilled 4-8 bytes)
+template <typename scalar_t, typename acc_t, int VEC, int VV>
+__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 2 : kMinBlocks)
 value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g,
                    int tile_p, int log2_tile, const acc_t* __restrict__ a,
                    const scalar_t* __restrict__ vl, const acc_t* __restrict__ q,
                    const acc_t* __restrict__ norm, acc_t* __restrict__ s_mask) {
+  static_assert(VV >= 1 && VV <= 32 && (VV & (VV - 1)) == 0, "VV: a power of two");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int H = g.C / 2, N = gridDim.y;
   acc_t* s_a = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* s_qz = s_a + g.C;          // q_k / sum_k
   acc_t* s_vmax = s_qz + H;
-  acc_t* s_part = s_vmax + H;       // kThreads partial logits
+  acc_t* s_part = s_vmax + H;       // the warps' partial logits, kWarps x tile_p
   acc_t* s_s = s_part + kThreads;   // the tile's S
   const int n = blockIdx.y;
   const int64_t np = static_cast<int64_t>(n) * g.P, nh = static_cast<int64_t>(n) * H;
@@ -363,23 +364,45 @@ value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geo
     s_vmax[k] = norm[nh + k];
     s_qz[k] = q[nh + k] / norm[static_cast<int64_t>(N) * H + nh + k];
   }
-  const int rounds = value_rounds(H, tile_p), p = threadIdx.x % tile_p;
+  // a warp's lanes: kSlots vectors of VV pixels (32 pixels; those past the tile idle), and the
+  // lanes of a vector kSlots apart; after the butterfly below, this lane's sum is of the
+  // vector's pixel j, whose bits are the lane's bits 4, 3, ... (one a halving round)
+  constexpr int kSlots = 32 / VV;
+  const int lane = threadIdx.x & 31, slot = lane % kSlots;
+  const int pixel = slot * VV + lane / kSlots;
   const int tiles = (g.P + tile_p - 1) / tile_p;
   for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int pt = t * tile_p, tp = min(tile_p, g.P - pt);
     __syncthreads();  // (s_a, s_qz, s_vmax written; the last tile's s_part, s_s read)
-    acc_t part = 0;
-    for (int rd = 0; rd < rounds; ++rd) {
-      const int k = (threadIdx.x + rd * kThreads) / tile_p;
-      if (k < H && p < tp)
-        part += s_qz[k] *
-                op_exp(static_cast<acc_t>(vl[(nh + k) * g.P + pt + p]) - s_vmax[k]);
+    acc_t part[VV];
+#pragma unroll
+    for (int i = 0; i < VV; ++i) part[i] = acc_t(0);
+    if (slot * VV < tp) {  // (tp: a multiple of VV; the host checks tile_p % VV == 0)
+      constexpr int kRowStep = kThreads / kSlots;
+      const int k0 = threadIdx.x / kSlots;
+      const scalar_t* r = vl + (nh + k0) * g.P + pt + slot * VV;  // row k's vector
+      for (int k = k0; k < H; k += kRowStep, r += static_cast<int64_t>(kRowStep) * g.P) {
+        const Pack<scalar_t, VV> v = load_pack<VV>(r);
+        const acc_t qz = s_qz[k], top = s_vmax[k];
+#pragma unroll
+        for (int i = 0; i < VV; ++i) part[i] += qz * op_exp(static_cast<acc_t>(v.v[i]) - top);
+      }
     }
-    s_part[threadIdx.x] = part;
+#pragma unroll
+    for (int m = VV, o = 16; m > 1; m /= 2, o /= 2) {
+      const bool upper = (lane & o) != 0;
+#pragma unroll
+      for (int i = 0; i < m / 2; ++i) {
+        const acc_t keep = upper ? part[i + m / 2] : part[i];
+        const acc_t send = upper ? part[i] : part[i + m / 2];
+        part[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+      }
+    }
+    if (pixel < tp) s_part[(threadIdx.x >> 5) * tile_p + pixel] = part[0];
     __syncthreads();
-    if (threadIdx.x < tp) {  // the partial logits of this pixel: every tile_p-th thread's
+    if (threadIdx.x < tp) {  // the warps' partial logits of this pixel, in warp order
       acc_t logit = 0;
-      for (int i = threadIdx.x; i < kThreads; i += tile_p) logit += s_part[i];
+      for (int w = 0; w < kWarps; ++w) logit += s_part[w * tile_p + threadIdx.x];
       const acc_t sg = op_sigmoid(logit);
       s_s[threadIdx.x] = sg;
       s_mask[np + pt + threadIdx.x] = sg;
@@ -527,14 +550,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
     });
     const Launch la = plan(C, sizeof(acc_t), 0, 1, 2, kThreads);
     const bool vectors = vectorizable<scalar_t>(g, la, {x.data_ptr(), y.data_ptr()});
+    // Vl's rows in 16-byte vectors: whole vectors in a tile's part of a row
+    const bool vl_vectors =
+        rows_vectorizable<scalar_t>(vl, P) && la.tile_p % kPack16<scalar_t> == 0;
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
-      auto kernel = value_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
-      const int tiles = (P + la.tile_p - 1) / la.tile_p;
-      const int grid_x = std::min(tiles, one_wave(prepare(kernel, la), N));
-      launch::launch(kernel, dim3(grid_x, N), kThreads, la.smem, x.data_ptr<scalar_t>(),
-                     y.data_ptr<scalar_t>(), g, la.tile_p, la.log2_tile, a.data_ptr<acc_t>(),
-                     vl.data_ptr<scalar_t>(), small[1].data_ptr<acc_t>(),
-                     norm.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>());
+      with_vectors<scalar_t>(vl_vectors, [&](auto vl_tag) {
+        auto kernel = value_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value,
+                                         decltype(vl_tag)::value>;
+        const int tiles = (P + la.tile_p - 1) / la.tile_p;
+        const int grid_x = std::min(tiles, one_wave(prepare(kernel, la), N));
+        launch::launch(kernel, dim3(grid_x, N), kThreads, la.smem, x.data_ptr<scalar_t>(),
+                       y.data_ptr<scalar_t>(), g, la.tile_p, la.log2_tile, a.data_ptr<acc_t>(),
+                       vl.data_ptr<scalar_t>(), small[1].data_ptr<acc_t>(),
+                       norm.data_ptr<acc_t>(), s_mask.data_ptr<acc_t>());
+      });
     });
   });
   return {y, {logits, s_mask, stats, small, bott, rstd, norm, lnorm}};
