@@ -248,6 +248,26 @@ struct NoLoad {
   __device__ __forceinline__ int operator()(int, int) const { return 0; }
 };
 
+// R sums per lane (R a power of two up to 32) halved in log2 R butterfly rounds, at lane offsets
+// 16, 8, ..., 32 / R: in each, the lanes with that bit set keep the upper half of their sums
+// and send the lower half, the others the reverse, and each adds what it gets. Then v[0] holds
+// the sum, over the 2^(log2 R) lanes that differ only in those bits, of the sums number j, j's
+// bits being the lane's bits 4, 3, ... (its top bit lane bit 4): j = lane / (32 / R).
+template <int R, typename T>
+__device__ __forceinline__ void halving_butterfly(T (&v)[R], int lane) {
+  static_assert(R >= 1 && R <= 32 && (R & (R - 1)) == 0, "R: a power of two up to 32");
+#pragma unroll
+  for (int m = R, o = 16; m > 1; m /= 2, o /= 2) {
+    const bool upper = (lane & o) != 0;
+#pragma unroll
+    for (int i = 0; i < m / 2; ++i) {
+      const T keep = upper ? v[i + m / 2] : v[i];
+      const T send = upper ? v[i] : v[i + m / 2];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+    }
+  }
+}
+
 // emit(p, sum_c tile[p][c] * vec[c]) for every pixel p < tp of the tile. A warp takes ROWS
 // pixels together (warp w: w + j kWarps, j < ROWS, then the next ROWS kWarps pixels): a lane
 // loads vec[c] once for them all, and the ROWS sums are reduced in one butterfly whose first
@@ -260,7 +280,6 @@ struct NoLoad {
 template <int ROWS = kMaxTile / kWarps, typename T, typename F>
 __device__ __forceinline__ void pixel_dots(const T* tile, int ld, int C, int tp, const T* vec,
                                            F&& emit) {
-  static_assert(ROWS >= 1 && ROWS <= 32 && (ROWS & (ROWS - 1)) == 0, "ROWS: a power of two");
   constexpr int kSpan = 32 / ROWS;  // the lanes that end with one pixel's sum
   const int lane = threadIdx.x & 31;
   for (int p0 = threadIdx.x >> 5; p0 < tp; p0 += ROWS * kWarps) {  // (warp-uniform)
@@ -276,18 +295,7 @@ __device__ __forceinline__ void pixel_dots(const T* tile, int ld, int C, int tp,
 #pragma unroll
       for (int j = 0; j < ROWS; ++j) acc[j] += rows[j][c] * w;
     }
-    // while a lane carries n > 1 sums: at offset o, the lanes with bit o set keep the upper
-    // half of theirs and send the lower half, the others the reverse; then a plain butterfly
-#pragma unroll
-    for (int n = ROWS, o = 16; n > 1; n /= 2, o /= 2) {
-      const bool upper = (lane & o) != 0;
-#pragma unroll
-      for (int j = 0; j < n / 2; ++j) {
-        const T keep = upper ? acc[j + n / 2] : acc[j];
-        const T send = upper ? acc[j] : acc[j + n / 2];
-        acc[j] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-      }
-    }
+    halving_butterfly(acc, lane);  // then a plain butterfly over the lanes of each pixel
 #pragma unroll
     for (int o = kSpan / 2; o > 0; o >>= 1) acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], o);
     const int p = p0 + lane / kSpan * kWarps;

@@ -349,7 +349,6 @@ value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geo
                    int tile_p, int log2_tile, const acc_t* __restrict__ a,
                    const scalar_t* __restrict__ vl, const acc_t* __restrict__ q,
                    const acc_t* __restrict__ norm, acc_t* __restrict__ s_mask) {
-  static_assert(VV >= 1 && VV <= 32 && (VV & (VV - 1)) == 0, "VV: a power of two");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int H = g.C / 2, N = gridDim.y;
   acc_t* s_a = reinterpret_cast<acc_t*>(smem_raw);
@@ -364,9 +363,9 @@ value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geo
     s_vmax[k] = norm[nh + k];
     s_qz[k] = q[nh + k] / norm[static_cast<int64_t>(N) * H + nh + k];
   }
-  // a warp's lanes: kSlots vectors of VV pixels (32 pixels; those past the tile idle), and the
-  // lanes of a vector kSlots apart; after the butterfly below, this lane's sum is of the
-  // vector's pixel j, whose bits are the lane's bits 4, 3, ... (one a halving round)
+  // a warp's lanes: kSlots vectors of VV pixels (32 pixels; those past the tile idle), the
+  // lanes of a vector kSlots apart; after halving_butterfly, this lane's sum is of the
+  // vector's pixel lane / kSlots
   constexpr int kSlots = 32 / VV;
   const int lane = threadIdx.x & 31, slot = lane % kSlots;
   const int pixel = slot * VV + lane / kSlots;
@@ -388,16 +387,7 @@ value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geo
         for (int i = 0; i < VV; ++i) part[i] += qz * op_exp(static_cast<acc_t>(v.v[i]) - top);
       }
     }
-#pragma unroll
-    for (int m = VV, o = 16; m > 1; m /= 2, o /= 2) {
-      const bool upper = (lane & o) != 0;
-#pragma unroll
-      for (int i = 0; i < m / 2; ++i) {
-        const acc_t keep = upper ? part[i + m / 2] : part[i];
-        const acc_t send = upper ? part[i] : part[i + m / 2];
-        part[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-      }
-    }
+    halving_butterfly(part, lane);
     if (pixel < tp) s_part[(threadIdx.x >> 5) * tile_p + pixel] = part[0];
     __syncthreads();
     if (threadIdx.x < tp) {  // the warps' partial logits of this pixel, in warp order
