@@ -400,10 +400,11 @@ fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int lo
                   acc_t* __restrict__ pm) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
-  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* s_e = reinterpret_cast<acc_t*>(smem_raw);  // the logits' exponentials (16-byte
+                                                   // aligned: read in vectors below)
+  acc_t* tile = s_e + tile_p;
   acc_t* s_w = tile + tile_p * ld;  // the tile's logits
-  acc_t* s_e = s_w + tile_p;        // their exponentials
-  acc_t* s_wq = s_e + tile_p;
+  acc_t* s_wq = s_w + tile_p;
   acc_t* acc_s = s_wq + g.C;
   acc_t* acc_m = acc_s + g.C;
 
@@ -436,9 +437,20 @@ fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int lo
     run_max = new_max;
     if (threadIdx.x < tp) s_e[lane] = e;  // (warp 0's; s_w, which the others read, stays)
     __syncthreads();
+    constexpr int kE = kPack16<acc_t>;  // exponentials a 16-byte read of s_e
     for (int c = threadIdx.x; c < g.C; c += kThreads) {  // a thread owns its channels
       acc_t s = 0, m = 0;
-      for (int p = 0; p < tp; ++p) {
+      int p = 0;
+      for (; p + kE <= tp; p += kE) {
+        const Pack<acc_t, kE> e = load_pack<kE>(s_e + p);
+#pragma unroll
+        for (int i = 0; i < kE; ++i) {
+          const acc_t v = tile[(p + i) * ld + c];
+          s += v * e.v[i];
+          m += v;
+        }
+      }
+      for (; p < tp; ++p) {
         const acc_t v = tile[p * ld + c];
         s += v * s_e[p];
         m += v;
