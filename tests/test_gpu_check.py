@@ -57,6 +57,7 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
         '#!/bin/bash\necho "compute-sanitizer $*" >> "$CALLS"\n'
         'case "$*" in *racecheck*) echo "========= Warning: Race reported between Read access'
         ' at void k() and Write access at void k() [16 hazards]";; esac\n')
+    (bin_dir / 'ncu').write_text('#!/bin/bash\necho "ncu $*" >> "$CALLS"\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     calls = tmp_path / 'calls'
@@ -66,7 +67,8 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', CALLS=str(calls),
                WHEEL_DIR='/tmp/mmcv_ops', OUT=str(tmp_path / 'out'), DEADLINE='60',
                LIMIT_model_benchmark='2', MIN_STAGE_S='1', SPLIT_SWEEP='64 16',
-               GRAPH_ARGS='--cuda-graph --dtypes float32')
+               GRAPH_ARGS='--cuda-graph --dtypes float32',
+               NCU_ARGS='--ops paper-parallel --shapes 16,256,128,128')
     result = subprocess.run(['bash', script], capture_output=True, text=True, env=env,
                             timeout=120)
     log = calls.read_text().splitlines()
@@ -75,7 +77,8 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
                          'uninstall -q -y mmcv-lite', 'mmcv_ops/mmcv-2.1.0',
                          '--cuda-graph --dtypes float32', 'benchmark_model.py --iters',
                          'MAX_SPLITS=64', 'MAX_SPLITS=16', '--tool memcheck',
-                         'benchmark.py --preset', '--preset host-gpu', '--tool racecheck')]
+                         'benchmark.py --preset', 'ncu -k', '--preset host-gpu',
+                         '--tool racecheck')]
     assert order == sorted(order), log
     assert 'MMCV_WITH_OPS=0' in log[order[0]]          # mmcv without its ops, first
     assert all(f'PYTHONPATH={ROOT}' in line for line in log[order[1]:]
@@ -92,6 +95,11 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     log_text = (tmp_path / 'out' / 'model_benchmark.log').read_text()
     assert 'stopped at its limit of 2 s' in log_text
     assert '== gpu_check: 3 failed stage(s)' in result.stdout
+    ncu = next(line for line in log if line.startswith('ncu '))
+    assert ncu == ("ncu -k regex:^(fwd|bwd|value|release|outlook)_ --section SpeedOfLight "
+                   "--section Occupancy --section LaunchStats --section SchedulerStats "
+                   "--section WarpStateStats --section MemoryWorkloadAnalysis python3 "
+                   "tools/sanitize_kernels.py --ops paper-parallel --shapes 16,256,128,128"), ncu
     for cap in ('64', '16'):
         assert f'== splits_{cap}: rc 0' in result.stdout
     assert '== model_graph: rc 0' in result.stdout
@@ -100,8 +108,16 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     assert len(sweeps) == 2 and all('--forms psa_p-official,paper-parallel' in line
                                     for line in sweeps), log
     calls.unlink()
-    env.update(GRAPH_ARGS='', SPLIT_SWEEP='')
+    env.update(GRAPH_ARGS='', SPLIT_SWEEP='', NCU_ARGS='')
     result = subprocess.run(['bash', script], capture_output=True, text=True, env=env,
                             timeout=120)
     assert 'model_graph' not in result.stdout and '--cuda-graph' not in calls.read_text()
     assert '== model_benchmark:' in result.stdout
+    assert '== ncu' not in result.stdout and 'ncu ' not in calls.read_text()
+    assert '== mmcv_build' in result.stdout
+    calls.unlink()
+    env.update(MMCV_OPS='0')   # the kernels' stages alone: mmcv's ops not built
+    result = subprocess.run(['bash', script], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert '== mmcv_build' not in result.stdout and 'pip wheel' not in calls.read_text()
+    assert 'mmattn.ops.build' in calls.read_text()

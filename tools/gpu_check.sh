@@ -2,6 +2,12 @@
 # Everything mmattn checks on a GPU, in one call: the kernels' build, their `cuda` tests (while
 # mmcv builds), the model-level numbers (the HRNet-OCR training step, stock against each PSA
 # form, replayed from a CUDA graph, then eager), compute-sanitizer memcheck, the op benchmark,
+if [ -n "$NCU_ARGS" ]; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+  # shellcheck disable=SC2086
+  TAIL=8 stage ncu 150 "${NCU:-ncu}" -k "regex:$NCU_KERNELS" \
+    $(printf -- '--section %s ' $NCU_SECTIONS) python3 tools/sanitize_kernels.py $NCU_ARGS
+fi
 # the host cost of a block (against a conv + BN + ReLU) and racecheck. See docs/kernels.md.
 #
 #   bash tools/gpu_check.sh --prepare   # on the development machine: fill .whl/ (git-ignored)
@@ -39,6 +45,16 @@
 # MMATTN_PSA_MAX_SPLITS set to it (the cap on the pass kernels' splits per image that the glue
 # kernels merge; docs/kernels.md), a stage `splits_<value>` each.
 #
+# NCU_ARGS (default none) runs Nsight Compute, the stage ncu after the op benchmark, over
+# tools/sanitize_kernels.py with these arguments (the kernels once at a benchmark's shape), the
+# kernels matching NCU_KERNELS (a regex of their names), NCU_SECTIONS its sections:
+#
+#   NCU_ARGS='--ops paper-parallel,official-sequential --dtypes bfloat16 --shapes 16,256,128,128
+#   --layouts nchw' bash tools/gpu_check.sh
+#
+# MMCV_OPS=0 skips building mmcv's ops (only the model benchmarks need them): a call of the
+# kernels' stages alone then waits for nothing.
+#
 # Exit status: the number of failed stages (a stage stopped at its limit counts as failed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +81,11 @@ OP_ARGS=${OP_ARGS:---preset gpu --op psa --iters 20 --kernels 12}
 SANITIZE_ARGS=${SANITIZE_ARGS:-}
 SPLIT_SWEEP=${SPLIT_SWEEP:-}
 GRAPH_ARGS=${GRAPH_ARGS---cuda-graph --iters 6 --warmup 2 --backends auto --profile 8}
+NCU_ARGS=${NCU_ARGS:-}
+NCU_KERNELS=${NCU_KERNELS:-'^(fwd|bwd|value|release|outlook)_'}
+NCU_SECTIONS=${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats SchedulerStats WarpStateStats \
+MemoryWorkloadAnalysis}
+MMCV_OPS=${MMCV_OPS:-1}
 SWEEP_FORMS=psa_p-official,paper-parallel   # (stock always runs, as the baseline)
 SWEEP_ARGS=${SWEEP_ARGS:---iters 5 --warmup 2 --backends auto --profile 8 --dtypes float32 \
 --forms $SWEEP_FORMS}
@@ -103,22 +124,26 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # mmattn from this tree, for
 # mmcv's ops, CPU only (its setup.py compiles the CUDA ops whenever torch sees a GPU: hidden
 # from it here), into a wheel: site-packages is not touched while the kernels' stages import mmcv
 rm -rf /tmp/mmcv_ops
-( CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 FORCE_CUDA=0 python3 -m pip wheel -q --no-index \
-    --no-deps --no-cache-dir --no-build-isolation .whl/mmcv-2.1.0.tar.gz -w /tmp/mmcv_ops \
-    > "$OUT/mmcv_build.log" 2>&1; echo $? > /tmp/mmcv_build.rc ) &
-mmcv_pid=$!
+if [ "$MMCV_OPS" != 0 ]; then
+  ( CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 FORCE_CUDA=0 python3 -m pip wheel -q --no-index \
+      --no-deps --no-cache-dir --no-build-isolation .whl/mmcv-2.1.0.tar.gz -w /tmp/mmcv_ops \
+      > "$OUT/mmcv_build.log" 2>&1; echo $? > /tmp/mmcv_build.rc ) &
+  mmcv_pid=$!
+fi
 
 stage kernels_build 240 python3 -m mmattn.ops.build --cuda
 stage cuda_tests 120 python3 -m pytest tests/ops tests/models/test_volo.py -q -m cuda \
   -p no:cacheprovider
-wait "$mmcv_pid"
-rc=$(cat /tmp/mmcv_build.rc)
-if [ "$rc" = 0 ]; then  # mmcv-lite (MMCV_WITH_OPS=0 names it so) makes way for mmcv
-  { python3 -m pip uninstall -q -y mmcv-lite && "${PIP[@]}" /tmp/mmcv_ops/mmcv-*.whl; } \
-    >> "$OUT/mmcv_build.log" 2>&1 || rc=$?
+if [ "$MMCV_OPS" != 0 ]; then
+  wait "$mmcv_pid"
+  rc=$(cat /tmp/mmcv_build.rc)
+  if [ "$rc" = 0 ]; then  # mmcv-lite (MMCV_WITH_OPS=0 names it so) makes way for mmcv
+    { python3 -m pip uninstall -q -y mmcv-lite && "${PIP[@]}" /tmp/mmcv_ops/mmcv-*.whl; } \
+      >> "$OUT/mmcv_build.log" 2>&1 || rc=$?
+  fi
+  echo "== mmcv_build (with its CPU ops): rc $rc, $(( $(date +%s) - T0 )) s into the run"
+  [ "$rc" = 0 ] || { failed=$((failed + 1)); tail -n 25 "$OUT/mmcv_build.log"; }
 fi
-echo "== mmcv_build (with its CPU ops): rc $rc, $(( $(date +%s) - T0 )) s into the run"
-[ "$rc" = 0 ] || { failed=$((failed + 1)); tail -n 25 "$OUT/mmcv_build.log"; }
 if [ -n "$GRAPH_ARGS" ]; then
   # shellcheck disable=SC2086  # the arguments are meant to split
   TAIL=30 stage model_graph 180 python3 tools/benchmark_model.py $GRAPH_ARGS
@@ -135,6 +160,12 @@ stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
   python3 tools/sanitize_kernels.py $SANITIZE_ARGS
 # shellcheck disable=SC2086
 TAIL=20 stage op_benchmark 120 python3 tools/benchmark.py $OP_ARGS
+if [ -n "$NCU_ARGS" ]; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+  # shellcheck disable=SC2086
+  TAIL=8 stage ncu 150 "${NCU:-ncu}" -k "regex:$NCU_KERNELS" \
+    $(printf -- '--section %s ' $NCU_SECTIONS) python3 tools/sanitize_kernels.py $NCU_ARGS
+fi
 # the host cost of a block (Python, dispatch, autograd, launches) against a conv + BN + ReLU's
 TAIL=12 stage host_benchmark 60 python3 tools/benchmark.py --preset host-gpu --iters 200 \
   --warmup 20

@@ -10,7 +10,15 @@ PSA (``backend='cuda'``: the whole block per call, the paper's two forms and the
 attention (``backend='cuda'``): K=3 with stride 1 and 2, float32 and bfloat16. Each result is
 compared with the reference path, so that a kernel the sanitizer passes but that computes
 garbage still fails (float32 against a float32 reference: TF32 is switched off). ``--ops``
-and ``--dtypes`` take a part of it (``--ops official-sequential --dtypes float32``). Exits 0
+and ``--dtypes`` take a part of it (``--ops official-sequential --dtypes float32``);
+``--shapes`` and ``--layouts`` replace PSA's shapes and layouts, so that the same program runs
+the kernels once at a benchmark's shape under Nsight Compute (``NCU_ARGS`` of
+``tools/gpu_check.sh``)::
+
+    ncu -k regex:'^(fwd|bwd|value)_' python tools/sanitize_kernels.py --ops paper-parallel \
+        --dtypes bfloat16 --shapes 16,256,128,128 --layouts nchw
+
+Exits 0
 when all match, 1 otherwise; needs a CUDA GPU and the kernels (``MMATTN_JIT=1`` or a
 ``MMATTN_WITH_CUDA=1`` install).
 """
@@ -29,6 +37,19 @@ PSA_SHAPES = [(2, 64, 17, 13), (3, 96, 33, 40), (1, 8, 1, 1)]
 PSA_FORMS = [('paper', 'parallel'), ('paper', 'sequential'), ('official', 'parallel'),
              ('official', 'sequential')]
 DTYPES = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+LAYOUTS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """'N,C,H,W' as four positive integers (for ``--shapes``)."""
+    try:
+        shape = tuple(int(v) for v in text.split(','))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f'--shapes takes N,C,H,W (four positive integers), got {text!r}')
+    return shape
 
 
 def run_pair(fast: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor) -> float:
@@ -53,13 +74,21 @@ def main() -> int:
                         help=f'comma-separated, of {", ".join(names)} (default: all)')
     parser.add_argument('--dtypes', default=','.join(str(d)[6:] for d in DTYPES),
                         help='comma-separated: float32, bfloat16 (default: both)')
+    parser.add_argument('--shapes', nargs='+', type=parse_shape, default=PSA_SHAPES,
+                        metavar='N,C,H,W', help='PSA shapes (default: '
+                        + ' '.join(','.join(map(str, s)) for s in PSA_SHAPES) + ')')
+    parser.add_argument('--layouts', default=','.join(LAYOUTS),
+                        help='PSA layouts, comma-separated: nchw, channels_last (default: both)')
     args = parser.parse_args()
     ops = [o.strip() for o in args.ops.split(',') if o.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(',') if d.strip()]
+    layouts = [v.strip() for v in args.layouts.split(',') if v.strip()]
     unknown = [o for o in ops if o not in names] + [
-        d for d in dtypes if d not in ('float32', 'bfloat16')]
+        d for d in dtypes if d not in ('float32', 'bfloat16')] + [
+        v for v in layouts if v not in LAYOUTS]
     if unknown:
-        parser.error(f'unknown {unknown}: --ops takes {names}, --dtypes float32, bfloat16')
+        parser.error(f'unknown {unknown}: --ops takes {names}, --dtypes float32, bfloat16, '
+                     f'--layouts {", ".join(LAYOUTS)}')
     if not torch.cuda.is_available():
         print('sanitize_kernels: needs a CUDA GPU; none found', file=sys.stderr)
         return 2
@@ -76,8 +105,8 @@ def main() -> int:
         for variant, mode in PSA_FORMS:
             if f'{variant}-{mode}' not in ops:
                 continue
-            for shape in PSA_SHAPES:
-                for layout in (torch.contiguous_format, torch.channels_last):
+            for shape in args.shapes:
+                for layout in (LAYOUTS[v] for v in layouts):
                     kw = dict(mode=mode, variant=variant)
                     fast = PolarizedSelfAttention(shape[1], backend='cuda', **kw).to(device)
                     ref = PolarizedSelfAttention(shape[1], backend='reference', **kw).to(device)
