@@ -2,12 +2,6 @@
 # Everything mmattn checks on a GPU, in one call: the kernels' build, their `cuda` tests (while
 # mmcv builds), the model-level numbers (the HRNet-OCR training step, stock against each PSA
 # form, replayed from a CUDA graph, then eager), compute-sanitizer memcheck, the op benchmark,
-if [ -n "$NCU_ARGS" ]; then
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
-  # shellcheck disable=SC2086
-  TAIL=8 stage ncu 150 "${NCU:-ncu}" -k "regex:$NCU_KERNELS" \
-    $(printf -- '--section %s ' $NCU_SECTIONS) python3 tools/sanitize_kernels.py $NCU_ARGS
-fi
 # the host cost of a block (against a conv + BN + ReLU) and racecheck. See docs/kernels.md.
 #
 #   bash tools/gpu_check.sh --prepare   # on the development machine: fill .whl/ (git-ignored)
@@ -86,6 +80,7 @@ NCU_KERNELS=${NCU_KERNELS:-'^(fwd|bwd|value|release|outlook)_'}
 NCU_SECTIONS=${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats SchedulerStats WarpStateStats \
 MemoryWorkloadAnalysis}
 MMCV_OPS=${MMCV_OPS:-1}
+SANITIZE_KERNELS=${SANITIZE_KERNELS:-'(fwd|bwd|value|release_[ps]|outlook)_[a-z_]*kernel'}
 SWEEP_FORMS=psa_p-official,paper-parallel   # (stock always runs, as the baseline)
 SWEEP_ARGS=${SWEEP_ARGS:---iters 5 --warmup 2 --backends auto --profile 8 --dtypes float32 \
 --forms $SWEEP_FORMS}
@@ -170,12 +165,19 @@ fi
 TAIL=12 stage host_benchmark 60 python3 tools/benchmark.py --preset host-gpu --iters 200 \
   --warmup 20
 # shellcheck disable=SC2086
-stage racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 \
+stage racecheck 150 compute-sanitizer --tool racecheck \
   python3 tools/sanitize_kernels.py $SANITIZE_ARGS
-# racecheck reports some hazards at warning severity, which leave its exit status 0
-if grep -q "Race reported" "$OUT/racecheck.log" 2>/dev/null; then
-  echo "== racecheck: hazards reported ($OUT/racecheck.log)"
+# A hazard in one of mmattn's kernels (SANITIZE_KERNELS, a regex of their names) fails the
+# stage, whatever its severity (some are warnings, which leave the exit status 0); those in
+# other libraries' kernels are counted, and the exit status is the program's: cuBLAS's bf16
+# kernels (nvjet_sm90_*), which the reference paths run, reported shared-memory hazards of
+# their own on an H100 (2026-11-27)
+hazards=$(grep "Race reported" "$OUT/racecheck.log" 2>/dev/null)
+if grep -qE "$SANITIZE_KERNELS" <<< "$hazards"; then
+  echo "== racecheck: hazards reported in mmattn's kernels ($OUT/racecheck.log)"
   failed=$((failed + 1))
+elif [ -n "$hazards" ]; then
+  echo "== racecheck: $(wc -l <<< "$hazards") hazard report(s), none in mmattn's kernels"
 fi
 echo "== gpu_check: $failed failed stage(s), $(( $(date +%s) - T0 )) s"
 exit "$failed"
