@@ -26,13 +26,21 @@ struct Pair {
 template <typename T>
 constexpr int kPack16 = sizeof(T) >= 16 ? 1 : 16 / static_cast<int>(sizeof(T));
 
+// (the CPU emulation of the tests defines MMATTN_CHECK_ALIGNMENT: a vector access off its
+// alignment, which the GPU refuses, stops the test there)
 template <int VEC, typename T>
 __device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+#ifdef MMATTN_CHECK_ALIGNMENT
+  MMATTN_CHECK_ALIGNMENT(p, sizeof(Pack<T, VEC>));
+#endif
   return *reinterpret_cast<const Pack<T, VEC>*>(p);
 }
 
 template <int VEC, typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& value) {
+#ifdef MMATTN_CHECK_ALIGNMENT
+  MMATTN_CHECK_ALIGNMENT(p, sizeof(Pack<T, VEC>));
+#endif
   *reinterpret_cast<Pack<T, VEC>*>(p) = value;
 }
 

@@ -27,6 +27,8 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -128,6 +130,20 @@ inline T __shfl_xor_sync(unsigned, T value, int lane_mask) {
 }
 
 inline float __expf(float v) { return std::exp(v); }
+
+// A vector access (vector.cuh's load_pack / store_pack) off its alignment: the GPU stops the
+// kernel ("misaligned address"), the CPU would not notice; here it ends the process with the
+// address and width, so that a test cannot pass a kernel that the GPU would refuse.
+#define MMATTN_CHECK_ALIGNMENT(pointer, bytes) mmattn_emulation::check_aligned(pointer, bytes)
+namespace mmattn_emulation {
+inline void check_aligned(const void* pointer, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(pointer) % bytes != 0) {
+    std::fprintf(stderr, "emulated CUDA: misaligned %zu-byte vector access at %p\n", bytes,
+                 pointer);
+    std::abort();
+  }
+}
+}  // namespace mmattn_emulation
 
 namespace mmattn_emulation {
 inline std::mutex atomics;
