@@ -207,7 +207,8 @@ __device__ __forceinline__ bool tile_vector(const Geometry& g, int log2_vpc, int
   return c < g.C && p < tp;
 }
 
-// For every vector of the tile: use(c, p, dc, dp, load(c, p)). The loads of BATCH steps are all
+// For every vector of the tile: use(c, p, dc, dp, load(c, p)), element k of the vector at
+// (c + k dc, p + k dp); dc and dp are Int<0> or Int<1>. The loads of BATCH steps are all
 // issued before their first use, so that several are in flight per thread.
 template <int VEC, bool PIX, int BATCH, typename Load, typename Use>
 __device__ __forceinline__ void tile_walk(const Geometry& g, int log2_tile, int tp, Load& load,
@@ -229,8 +230,8 @@ __device__ __forceinline__ void tile_walk(const Geometry& g, int log2_tile, int 
       if (ok[b]) v[b] = load(cs[b], ps[b]);
     }
 #pragma unroll
-    for (int b = 0; b < BATCH; ++b)
-      if (ok[b]) use(cs[b], ps[b], PIX ? 0 : 1, PIX ? 1 : 0, v[b]);
+    for (int b = 0; b < BATCH; ++b)  // (the steps dc, dp as types: see smem_run)
+      if (ok[b]) use(cs[b], ps[b], Int<PIX ? 0 : 1>{}, Int<PIX ? 1 : 0>{}, v[b]);
   }
 }
 
@@ -247,6 +248,66 @@ __device__ __forceinline__ void tile_loop(const Geometry& g, int log2_tile, int 
 struct NoLoad {
   __device__ __forceinline__ int operator()(int, int) const { return 0; }
 };
+
+// Shared-memory vectors of per-pixel or per-channel values are laid out after the block's tiles
+// (at the start of its shared memory: their accesses need no base register), the tiles and each
+// vector `pad16` values long, so that each vector starts on a 16-byte boundary: a tile vector's
+// values can be read in 16-byte accesses (smem_run).
+template <typename T>
+__host__ __device__ constexpr int pad16(int n) {
+  return (n + kPack16<T> - 1) / kPack16<T> * kPack16<T>;
+}
+
+// The values arr[i + k STEP], k < VEC, of a shared-memory vector laid out as pad16 says, for
+// the elements of a tile vector (tile_walk's dc or dp as STEP): STEP 0, one value read once;
+// STEP 1, VEC consecutive values (i a multiple of VEC) in reads of up to 16 bytes, where the
+// elements one at a time took a read each (in the SASS, sm_90: 8 LDS a vector and factor, bf16).
+template <int VEC, int STEP, typename T>
+__device__ __forceinline__ Pack<T, VEC> smem_run(const T* arr, int i) {
+  static_assert(STEP == 0 || STEP == 1, "smem_run: STEP 0 or 1");
+  Pack<T, VEC> out;
+  if (STEP == 0) {
+    const T v = arr[i];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out.v[k] = v;
+  } else {
+    constexpr int W = VEC < kPack16<T> ? VEC : kPack16<T>;
+#pragma unroll
+    for (int j = 0; j < VEC; j += W) {
+      const Pack<T, W> part = load_pack<W>(arr + i + j);
+#pragma unroll
+      for (int k = 0; k < W; ++k) out.v[j + k] = part.v[k];
+    }
+  }
+  return out;
+}
+
+// body(p, f) for p < tp in order, f[i] = vecs[i][p]: N per-pixel vectors (laid out as pad16
+// says) read in 16-byte runs, the same for every thread (broadcasts), where a thread's loop
+// over its channel's pixels read each value alone.
+template <int N, typename T, typename F>
+__device__ __forceinline__ void pixel_runs(int tp, const T* const (&vecs)[N], F&& body) {
+  constexpr int kE = kPack16<T>;
+  int p = 0;
+  for (; p + kE <= tp; p += kE) {
+    Pack<T, kE> run[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) run[i] = load_pack<kE>(vecs[i] + p);
+#pragma unroll
+    for (int k = 0; k < kE; ++k) {
+      T f[N];
+#pragma unroll
+      for (int i = 0; i < N; ++i) f[i] = run[i].v[k];
+      body(p + k, f);
+    }
+  }
+  for (; p < tp; ++p) {
+    T f[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) f[i] = vecs[i][p];
+    body(p, f);
+  }
+}
 
 // R sums per lane (R a power of two up to 32) halved in log2 R butterfly rounds, at lane offsets
 // 16, 8, ..., 32 / R: in each, the lanes with that bit set keep the upper half of their sums
@@ -437,24 +498,14 @@ fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int lo
     run_max = new_max;
     if (threadIdx.x < tp) s_e[lane] = e;  // (warp 0's; s_w, which the others read, stays)
     __syncthreads();
-    constexpr int kE = kPack16<acc_t>;  // exponentials a 16-byte read of s_e
     for (int c = threadIdx.x; c < g.C; c += kThreads) {  // a thread owns its channels
+      const acc_t* const runs[] = {s_e};
       acc_t s = 0, m = 0;
-      int p = 0;
-      for (; p + kE <= tp; p += kE) {
-        const Pack<acc_t, kE> e = load_pack<kE>(s_e + p);
-#pragma unroll
-        for (int i = 0; i < kE; ++i) {
-          const acc_t v = tile[(p + i) * ld + c];
-          s += v * e.v[i];
-          m += v;
-        }
-      }
-      for (; p < tp; ++p) {
+      pixel_runs(tp, runs, [&](int p, const acc_t (&e)[1]) {
         const acc_t v = tile[p * ld + c];
-        s += v * s_e[p];
+        s += v * e[0];
         m += v;
-      }
+      });
       acc_s[c] = acc_s[c] * alpha + s;
       acc_m[c] += m;
     }
@@ -480,10 +531,10 @@ fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geome
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* s_s = tile + tile_p * ld;
-  acc_t* s_a = s_s + tile_p;
-  acc_t* s_u = s_a + g.C;
-  acc_t* s_merge = s_u + g.C;  // block_merge's 2 kWarps values
+  acc_t* s_s = tile + pad16<acc_t>(tile_p * ld);  // the vectors (pad16)
+  acc_t* s_a = s_s + pad16<acc_t>(tile_p);
+  acc_t* s_u = s_a + pad16<acc_t>(g.C);
+  acc_t* s_merge = s_u + pad16<acc_t>(g.C);  // block_merge's 2 kWarps values
 
   const int n = blockIdx.y;
   const scalar_t* xn = x + n * g.sN;
@@ -519,12 +570,14 @@ fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geome
       });
       __syncthreads();
     }
-    tile_loop<VEC>(g, log2_tile, tp, NoLoad{}, [&](int c, int p, int dc, int dp, int) {
+    tile_loop<VEC>(g, log2_tile, tp, NoLoad{}, [&](int c, int p, auto dc, auto dp, int) {
+      const Pack<acc_t, VEC> sa = smem_run<VEC, decltype(dc)::value>(s_a, c);
+      const Pack<acc_t, VEC> ss = smem_run<VEC, decltype(dp)::value>(s_s, p);
       Pack<scalar_t, VEC> out;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const int ck = c + k * dc, pk = p + k * dp;
-        const acc_t gate = sequential ? s_a[ck] * s_s[pk] : s_a[ck] + s_s[pk];
+        const acc_t gate = sequential ? sa.v[k] * ss.v[k] : sa.v[k] + ss.v[k];
         out.v[k] = static_cast<scalar_t>(tile[pk * ld + ck] * gate);
       }
       store_pack(yn + at_cp(g, c, pt + p), out);
@@ -544,20 +597,21 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
                   const acc_t* __restrict__ wv2, int wa_rows) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
+  const int vp = pad16<acc_t>(tile_p), vc = pad16<acc_t>(g.C);  // the vectors (pad16)
   acc_t* tile_gx = reinterpret_cast<acc_t*>(smem_raw);  // G (.) x
   acc_t* tile_x = tile_gx + tile_p * ld;
-  acc_t* s_s = tile_x + tile_p * ld;
-  acc_t* s_dt = s_s + tile_p;
-  acc_t* s_sig = s_dt + tile_p;    // the release's PSA_p: sig_p, a factor of d_t
-  acc_t* s_dtsum = s_sig + tile_p;  // the sums of the d_t written for each pixel slot of the
-                                    // tiles (pixel_dots' emitting lane for it; in shared
-                                    // memory: no register live across the loop)
-  acc_t* s_a = s_dtsum + tile_p;   // a (sequential) or ones (parallel)
-  acc_t* acc_da = s_a + g.C;
-  acc_t* acc_du = acc_da + g.C;
-  acc_t* acc_r = acc_du + g.C;     // the release's PSA_p: sum_p x_p sig_p
-  acc_t* s_norm = acc_r + g.C;     // the release's PSA_p: the softmax's state (in shared
-                                   // memory: held in registers, bf16 spilled on sm_90)
+  acc_t* s_s = tile_gx + pad16<acc_t>(2 * tile_p * ld);
+  acc_t* s_dt = s_s + vp;
+  acc_t* s_sig = s_dt + vp;    // the release's PSA_p: sig_p, a factor of d_t
+  acc_t* s_dtsum = s_sig + vp;  // the sums of the d_t written for each pixel slot of the
+                                // tiles (pixel_dots' emitting lane for it; in shared
+                                // memory: no register live across the loop)
+  acc_t* s_a = s_dtsum + vp;   // a (sequential) or ones (parallel)
+  acc_t* acc_da = s_a + vc;
+  acc_t* acc_du = acc_da + vc;
+  acc_t* acc_r = acc_du + vc;  // the release's PSA_p: sum_p x_p sig_p
+  acc_t* s_norm = acc_r + vc;  // the release's PSA_p: the softmax's state (in shared
+                               // memory: held in registers, bf16 spilled on sm_90)
 
   const int n = blockIdx.y, split = blockIdx.x;
   const int64_t base = n * g.sN, np = static_cast<int64_t>(n) * g.P;
@@ -602,13 +656,14 @@ bwd_reduce_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict_
     });
     __syncthreads();
     for (int c = threadIdx.x; c < g.C; c += kThreads) {
+      const acc_t* const runs[] = {s_s, s_dt, s_sig};  // (s_sig: read, used by the release)
       acc_t da = 0, du = 0, r = 0;
-      for (int p = 0; p < tp; ++p) {
+      pixel_runs(tp, runs, [&](int p, const acc_t (&f)[3]) {
         const acc_t gx = tile_gx[p * ld + c], xv = tile_x[p * ld + c];
-        da += sequential ? gx * s_s[p] : gx;
-        du += xv * s_dt[p];
-        if (release) r += xv * s_sig[p];
-      }
+        da += sequential ? gx * f[0] : gx;
+        du += xv * f[1];
+        if (release) r += xv * f[2];
+      });
       acc_da[c] += da;
       acc_du[c] += du;
       acc_r[c] += r;
@@ -815,8 +870,8 @@ at::Tensor vec(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
 }
 
 // Tile size (a power of two) and dynamic shared memory for `tiles` (TP x (C+1)) tiles,
-// `per_pixel` TP-vectors, `per_channel` C-vectors and `fixed` more values of the accumulation
-// type.
+// `per_pixel` TP-vectors, `per_channel` C-vectors (each padded as pad16 says) and `fixed` more
+// values of the accumulation type.
 struct Launch {
   int tile_p;
   int log2_tile;
@@ -824,9 +879,11 @@ struct Launch {
 };
 
 Launch plan(int C, size_t elem, int tiles, int per_pixel, int per_channel, int fixed = 0) {
+  const int pad = elem >= 16 ? 1 : static_cast<int>(16 / elem);  // pad16's, for elem
+  auto padded = [&](int n) { return static_cast<size_t>((n + pad - 1) / pad * pad); };
   auto bytes = [&](int tp) {
-    return elem * (static_cast<size_t>(tiles) * tp * (C + 1) + static_cast<size_t>(per_pixel) * tp +
-                   static_cast<size_t>(per_channel) * C + static_cast<size_t>(fixed));
+    return elem * (padded(tiles * tp * (C + 1)) + per_pixel * padded(tp) +
+                   per_channel * padded(C) + static_cast<size_t>(fixed));
   };
   int tp = kMaxTile;
   while (tp > 1 && bytes(tp) > kDefaultSmem) tp /= 2;
@@ -1058,7 +1115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduc
   at::Tensor pdt, pda, pdu, pr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Launch l = plan(g.C, sizeof(acc_t), 2, 4, 5);  // (C >= 2: room for s_norm)
+    const Launch l = plan(g.C, sizeof(acc_t), 2, 4, 4, 2);
     const bool vectors = vectorizable<scalar_t>(g, l, {x.data_ptr(), grad.data_ptr()});
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
       auto kernel = bwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
