@@ -417,9 +417,14 @@ value_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geo
 // For each row r = n H + k of Vl (N, H, P), a block (the grid at most one wave, its blocks
 // looping over the rows): dq_k = sum_p V[k][p] dt_p, V = exp(Vl - max_k) / sum_k (written to
 // dq (N, H) for the glue), then dVl[k][p] = V[k][p] q_k (dt_p - dq_k) over Vl in place; vectors
-// of VEC pixels (P % VEC == 0). dt = dL/dt (N, P), from the backward reduction.
+// of VEC pixels (P % VEC == 0), dt's too (VEC values of the accumulation type in one or two
+// 16-byte loads: where each was a load of its own, a warp's loads of dt took 8 times the
+// accesses; Nsight Compute, H100, 2026-11-27: 101 us a call at [16, 256, 128, 128] bf16, its
+// memory pipes 91 % busy at 33 % of DRAM's rate). dt = dL/dt (N, P), from the backward
+// reduction. (float: 4 blocks an SM, 64 registers, where with 1 block's bound the vectors of
+// dt took it to 120 and 2 blocks; float64: 1 block's bound, without which it spilled 8 bytes)
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads, 1)  // (with no minimum, float64 spilled 8 bytes)
+__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 1 : kMinBlocks)
 value_grad_kernel(scalar_t* __restrict__ vl, int64_t rows, int H, int P,
                   const acc_t* __restrict__ q, const acc_t* __restrict__ norm,
                   const acc_t* __restrict__ d_t, acc_t* __restrict__ dq) {
@@ -432,19 +437,21 @@ value_grad_kernel(scalar_t* __restrict__ vl, int64_t rows, int H, int P,
     acc_t part = 0;
     for (int i = threadIdx.x * VEC; i < P; i += kThreads * VEC) {
       const Pack<scalar_t, VEC> v = load_pack<VEC>(r + i);
+      const Pack<acc_t, VEC> dt = load_pack<VEC>(dtn + i);
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
-        part += op_exp(static_cast<acc_t>(v.v[j]) - top) * dtn[i + j];
+        part += op_exp(static_cast<acc_t>(v.v[j]) - top) * dt.v[j];
     }
     const acc_t dqk = block_sum(part, scratch) / total;  // (its first barrier: scratch free)
     if (threadIdx.x == 0) dq[row] = dqk;
     const acc_t qz = q[row] / total;
     for (int i = threadIdx.x * VEC; i < P; i += kThreads * VEC) {
       Pack<scalar_t, VEC> v = load_pack<VEC>(r + i);
+      const Pack<acc_t, VEC> dt = load_pack<VEC>(dtn + i);
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
         v.v[j] = static_cast<scalar_t>(op_exp(static_cast<acc_t>(v.v[j]) - top) * qz *
-                                       (dtn[i + j] - dqk));
+                                       (dt.v[j] - dqk));
       store_pack(r + i, v);
     }
   }
