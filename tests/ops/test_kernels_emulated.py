@@ -406,6 +406,34 @@ def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: s
     assert forward + backward + aten['fwd'] + aten['bwd'] == total, aten
 
 
+def step_launches(emulated, block_kernel, variant: str, mode: str, dtype: torch.dtype) -> int:
+    """Kernels and computing ATen operators of a block's forward + backward, weights and x in
+    ``dtype``."""
+    from torch.profiler import ProfilerActivity, profile
+    b = block(variant, mode, 32, 'reference', torch.float32).to(dtype)
+    x = torch.randn(2, 32, 6, 5, dtype=dtype, requires_grad=True)
+    start = emulated.emulated_launches()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        block_kernel(b, x).backward(torch.randn(2, 32, 6, 5, dtype=dtype))
+    events = prof.events()
+    return emulated.emulated_launches() - start + sum(
+        aten_launches(events, f'{NAMESPACE}::psa_block_cuda_{op}') for op in ('fwd', 'bwd'))
+
+
+@pytest.mark.parametrize('variant, mode', BLOCK_FORMS[1:])
+def test_psa_block_kernel_low_precision_weights_convert_together(
+        emulated, block_kernel, variant: str, mode: str) -> None:
+    """A block whose weights are bf16 (a model cast to bf16) converts them to float32 for the
+    kernels in one concatenation and one conversion, forward and backward (4 launches more than
+    float32's, whatever the number of weights, where a conversion a weight took 10-24), and
+    each weight's gradient back to bf16 (a launch each: they stay tensors of their own)."""
+    weights = psa_block_weights(block(variant, mode, 32, 'reference'))[0]
+    extra = (step_launches(emulated, block_kernel, variant, mode, torch.bfloat16)
+             - step_launches(emulated, block_kernel, variant, mode, torch.float32))
+    assert extra == 4 + len(weights)
+
+
+
 def test_psa_block_kernel_gradients_leave_in_the_weights_layout(emulated) -> None:
     """Every weight's gradient leaves the backward dense in its weight's layout (the 1x1
     convolution from C/2 to C channels too, whose C x C/2 gradient is the transpose of the

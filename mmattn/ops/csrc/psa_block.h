@@ -62,14 +62,45 @@ inline at::ScalarType acc_type(const at::Tensor& x) {
 
 // The weights of a form as the accumulation dtype's contiguous vectors and matrices, in the
 // op's order (each parameter comes in its own shape: conv weights (rows, cols, 1, 1)).
+// The weights as the kernels read them: matrices and vectors (weight_shapes) in `acc`. Weights
+// already in `acc` are used in place; others (a model cast to bf16 or fp16) are converted all
+// at once, a concatenation and one conversion, 2 launches where a conversion each took 10-12
+// per call (on the lent H100 machines a launch costs the host about 8 us, and at [16, 256,
+// 128, 128] bf16 the block's host time was its wall time, 2026-11-27). Each weight's slice
+// then starts on a 16-byte boundary (the gaps: never read).
 inline std::vector<at::Tensor> acc_weights(at::TensorList weights, int64_t form, int64_t C,
                                            at::ScalarType acc) {
   const int64_t Cb = form == kReleaseS ? weights[3].numel() : 0;
   const auto shapes = weight_shapes(form, C, Cb);
+  const bool in_place = std::all_of(weights.begin(), weights.end(),
+                                    [&](const at::Tensor& w) { return w.scalar_type() == acc; });
   std::vector<at::Tensor> out;
+  if (in_place) {
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      const auto [rows, cols] = shapes[i];
+      const at::Tensor w = weights[i].contiguous();
+      out.push_back(cols == 0 ? w.view({rows}) : w.view({rows, cols}));
+    }
+    return out;
+  }
+  const int64_t align = 16 / static_cast<int64_t>(c10::elementSize(acc));
+  std::vector<at::Tensor> parts;
+  std::vector<int64_t> offsets;
+  int64_t total = 0;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    offsets.push_back(total);
+    parts.push_back(weights[i].reshape({-1}));
+    total += weights[i].numel();
+    const int64_t gap = (align - total % align) % align;
+    if (gap > 0 && i + 1 < shapes.size()) {
+      parts.push_back(at::empty({gap}, weights[i].options()));
+      total += gap;
+    }
+  }
+  const at::Tensor flat = at::cat(parts).to(acc);
   for (size_t i = 0; i < shapes.size(); ++i) {
     const auto [rows, cols] = shapes[i];
-    const at::Tensor w = weights[i].to(acc).contiguous();
+    const at::Tensor w = flat.narrow(0, offsets[i], rows * std::max<int64_t>(cols, 1));
     out.push_back(cols == 0 ? w.view({rows}) : w.view({rows, cols}));
   }
   return out;
