@@ -51,5 +51,8 @@ def test_kernels_option_profiles_each_shape() -> None:
         assert 1 <= len(ops) <= 4, table
     rows = [row.split('|') for row in out.splitlines() if row.startswith('| psa |')]
     assert list(dict.fromkeys(r[2].strip() for r in rows)) == ['1x8x4x4', '2x8x4x8']
+    header = next(row.split('|') for row in out.splitlines() if row.startswith('| op |'))
+    host = header.index(' fwd+bwd host CPU ms ')   # > 0 on the CPU: the host does the work
+    assert all(float(r[host]) > 0 for r in rows), rows
     for shape in ('1x8x4x4', '2x8x4x8'):
         assert {'eager', 'mmattn'} <= {r[4].strip() for r in rows if r[2].strip() == shape}

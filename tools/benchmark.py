@@ -21,7 +21,11 @@ training steps only, the forward columns stay empty.
 
 Measured: forward (inference, ``torch.no_grad``) and forward+backward (``y.backward(g)``, input
 and parameters requiring gradients) times, the median of ``--iters`` runs after ``--warmup``,
-the implementations taking turns call by call (robust to load from other processes);
+the implementations taking turns call by call (robust to load from other processes); the
+forward+backward's host CPU time (the process's, every thread, from the call until it returns,
+before the device is waited for: on CUDA, a host time equal to the wall time says the host,
+not the GPU, sets the pace, as it did for mmattn's ops at the gpu preset's shapes on the lent
+H100 machines, 2026-11-27);
 activation memory (bytes the autograd graph keeps for backward, through
 ``torch.autograd.graph.saved_tensors_hooks``; not available inside a compiled graph, where on
 CUDA the peak column tells); peak memory above the inputs (CUDA only, from the caching
@@ -135,22 +139,28 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
-          iters: int) -> dict[str, float]:
-    """Median wall time in ms of each function. The functions are run round-robin (one call
-    of each per round), so that load from other processes on a shared machine hits them
-    alike and the ratios stay meaningful."""
+          iters: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall time in ms of each function, and the median CPU time of the process (every
+    thread) from the call until it returns, before the device is waited for: where the two
+    are equal on CUDA, the host is what the call waits for, not the GPU. The functions are run
+    round-robin (one call of each per round), so that load from other processes on a shared
+    machine hits them alike and the ratios stay meaningful."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
+    host: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
+            host[name].append(time.process_time() - c0)
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    median_ms = (lambda series: {name: statistics.median(ts) * 1e3
+                                 for name, ts in series.items()})
+    return median_ms(times), median_ms(host)
 
 
 def peak_cuda_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
@@ -380,8 +390,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
         fwd[name], fwdbwd[name] = run_fwd, run_fwdbwd
         errs[name] = (output(module) - ref).abs().max().item()
     t_fwd = {name: float('nan') for name in impls} if case.train_only else \
-        timed(fwd, device, args.warmup, args.iters)
-    t_fwdbwd = timed(fwdbwd, device, args.warmup, args.iters)
+        timed(fwd, device, args.warmup, args.iters)[0]
+    t_fwdbwd, host_fwdbwd = timed(fwdbwd, device, args.warmup, args.iters)
     mb = (lambda v: '-' if v is None else f'{v / 2 ** 20:.1f}')
     for name, module in impls.items():
         t_f, t_b = t_fwd[name], t_fwdbwd[name]
@@ -394,7 +404,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
         fwd_cells = ['-', '-'] if case.train_only else [f'{t_f:.2f}',
                                                         f'{t_fwd["eager"] / t_f:.2f}x']
         rows.append([case.op, 'x'.join(map(str, case.shape)), case.detail, name,
-                     fwd_cells[0], f'{t_b:.2f}', fwd_cells[1],
+                     fwd_cells[0], f'{t_b:.2f}', f'{host_fwdbwd[name]:.2f}', fwd_cells[1],
                      f'{t_fwdbwd["eager"] / t_b:.2f}x', mb(act), mb(peak_b),
                      share(bw_f), share(bw_b), f'{errs[name]:.1e}'])
         if name == 'eager' and failure:
@@ -408,9 +418,9 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
               flush=True)
 
 
-HEADER = ['op', 'shape', 'form', 'impl', 'fwd ms', 'fwd+bwd ms', 'fwd speedup',
-          'fwd+bwd speedup', 'activations MiB', 'peak MiB (CUDA)', 'fwd GB/s (% peak)',
-          'fwd+bwd GB/s (% peak)', 'max |y - eager|']
+HEADER = ['op', 'shape', 'form', 'impl', 'fwd ms', 'fwd+bwd ms', 'fwd+bwd host CPU ms',
+          'fwd speedup', 'fwd+bwd speedup', 'activations MiB', 'peak MiB (CUDA)',
+          'fwd GB/s (% peak)', 'fwd+bwd GB/s (% peak)', 'max |y - eager|']
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
