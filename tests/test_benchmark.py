@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
@@ -56,3 +58,27 @@ def test_kernels_option_profiles_each_shape() -> None:
     assert all(float(r[host]) > 0 for r in rows), rows
     for shape in ('1x8x4x4', '2x8x4x8'):
         assert {'eager', 'mmattn'} <= {r[4].strip() for r in rows if r[2].strip() == shape}
+
+
+@pytest.mark.cuda
+def test_cuda_graph_option_times_replays() -> None:
+    """``--cuda-graph``: each implementation's forward and forward + backward captured once and
+    timed as replays (the kernels without a call's host work), eager and mmattn both."""
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
+                             '--op', 'psa', '--mode', 'parallel', '--no-compile', '--device',
+                             'cuda', '--shape', '2,16,8,8', '--iters', '2', '--warmup', '1',
+                             '--cuda-graph'],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'each call a CUDA graph replay' in result.stdout
+    rows = [row.split('|') for row in result.stdout.splitlines() if row.startswith('| psa |')]
+    assert {'eager', 'mmattn'} <= {r[4].strip() for r in rows}, result.stdout[-3000:]
+    assert all(float(r[6]) > 0 for r in rows)
+
+
+def test_cuda_graph_option_needs_cuda() -> None:
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
+                             '--op', 'psa', '--device', 'cpu', '--cuda-graph'],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2
+    assert '--cuda-graph needs a CUDA device' in result.stderr

@@ -163,6 +163,24 @@ def timed(fns: dict[str, Callable[[], object]], device: torch.device, warmup: in
     return median_ms(times), median_ms(host)
 
 
+def graph_replay(fn: Callable[[], object], device: torch.device,
+                 warmup: int) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (PyTorch's whole-network capture, as
+    ``tools/benchmark_model.py --cuda-graph`` does for a training step: warm-up calls on a side
+    stream, then one captured call) and returned as its replay: the call without its host
+    work, what the kernels alone cost."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def peak_cuda_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     if device.type != 'cuda':
         return None
@@ -389,6 +407,18 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
 
         fwd[name], fwdbwd[name] = run_fwd, run_fwdbwd
         errs[name] = (output(module) - ref).abs().max().item()
+    if args.cuda_graph:   # every implementation's calls replayed from CUDA graphs
+        for name in list(impls):
+            try:
+                if not case.train_only:
+                    fwd[name] = graph_replay(fwd[name], device, args.warmup)
+                fwdbwd[name] = graph_replay(fwdbwd[name], device, args.warmup)
+            except RuntimeError as exc:   # (a host-device synchronisation, say): no row
+                print(f'  [{case.op}] {name}: no CUDA graph ({str(exc).strip()[:300]})',
+                      flush=True)
+                del impls[name]
+        if 'eager' not in impls:   # nothing to compare with
+            return
     t_fwd = {name: float('nan') for name in impls} if case.train_only else \
         timed(fwd, device, args.warmup, args.iters)[0]
     t_fwdbwd, host_fwdbwd = timed(fwdbwd, device, args.warmup, args.iters)
@@ -397,7 +427,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
         t_f, t_b = t_fwd[name], t_fwdbwd[name]
         compiled = name == 'compile' or name.endswith('(compile)')
         act = None if compiled else saved_bytes(module, x.detach().requires_grad_())
-        peak_b = peak_cuda_bytes(fwdbwd[name], device)
+        # (a replay allocates nothing: the graph's memory is its own)
+        peak_b = None if args.cuda_graph else peak_cuda_bytes(fwdbwd[name], device)
         bw_f = case.floor_fwd / (t_f * 1e-3) / 1e9
         bw_b = case.floor_fwdbwd / (t_b * 1e-3) / 1e9
         share = (lambda bw: f'{bw:.0f} ({100 * bw / peak:.0f}%)' if case.floor_fwd else '-')
@@ -486,6 +517,11 @@ def main() -> None:
                         help="also print, per case, the N operators and kernels with the most "
                              "self time over 3 of mmattn's forward + backward runs (torch.profiler;"
                              " device time on CUDA, host time on the CPU)")
+    parser.add_argument('--cuda-graph', action='store_true',
+                        help='time each call as the replay of a CUDA graph captured once '
+                             '(CUDA): the kernels without the host work of a call, which set '
+                             "the pace of mmattn's ops at the gpu preset's shapes on the lent "
+                             'H100 machines')
     parser.add_argument('--probe-compile', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -508,6 +544,9 @@ def main() -> None:
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         what = f'--preset {args.preset}' if args.preset else f'--device {args.device}'
         parser.error(f'{what} needs a CUDA device; none found')
+    if args.cuda_graph and not args.device.startswith('cuda'):
+        parser.error(f'--cuda-graph needs a CUDA device (--device cuda or a CUDA preset), got '
+                     f'--device {args.device}')
     if args.op != 'all':
         psa_cases, outlook_cases, volo_cases = [
             cases if args.op == op else []
@@ -539,7 +578,8 @@ def main() -> None:
         return
     print(f'device: {device_name(device)}')
     print(f'torch {torch.__version__}, dtype {args.dtype}, median of {args.iters} runs after '
-          f'{args.warmup} warm-up runs, cudnn.benchmark {"on" if args.cudnn_benchmark else "off"}')
+          f'{args.warmup} warm-up runs, cudnn.benchmark {"on" if args.cudnn_benchmark else "off"}'
+          + ('; each call a CUDA graph replay' if args.cuda_graph else ''))
     print(f'peak bandwidth: {peak:.0f} GB/s ({peak_src})')
     print(f'mmattn kernels: {kernel_status()}', flush=True)
     rows: list[list[str]] = []

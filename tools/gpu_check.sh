@@ -127,7 +127,8 @@ if [ "$MMCV_OPS" != 0 ]; then
 fi
 
 stage kernels_build 240 python3 -m mmattn.ops.build --cuda
-stage cuda_tests 120 python3 -m pytest tests/ops tests/models/test_volo.py -q -m cuda \
+stage cuda_tests 120 python3 -m pytest tests/ops tests/models/test_volo.py \
+  tests/test_benchmark.py -q -m cuda \
   -p no:cacheprovider
 if [ "$MMCV_OPS" != 0 ]; then
   wait "$mmcv_pid"
