@@ -61,10 +61,9 @@ inline at::ScalarType acc_type(const at::Tensor& x) {
 }
 
 // The weights of a form as the accumulation dtype's contiguous vectors and matrices, in the
-// op's order (each parameter comes in its own shape: conv weights (rows, cols, 1, 1)).
-// The weights as the kernels read them: matrices and vectors (weight_shapes) in `acc`. Weights
+// op's order (each parameter comes in its own shape: conv weights (rows, cols, 1, 1)). Weights
 // already in `acc` are used in place; others (a model cast to bf16 or fp16) are converted all
-// at once, a concatenation and one conversion, 2 launches where a conversion each took 10-12
+// at once, a concatenation and one conversion: 2 launches, where a conversion each took 5-12
 // per call (on the lent H100 machines a launch costs the host about 8 us, and at [16, 256,
 // 128, 128] bf16 the block's host time was its wall time, 2026-11-27). Each weight's slice
 // then starts on a 16-byte boundary (the gaps: never read).

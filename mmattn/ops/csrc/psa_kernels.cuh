@@ -249,10 +249,12 @@ struct NoLoad {
   __device__ __forceinline__ int operator()(int, int) const { return 0; }
 };
 
-// Shared-memory vectors of per-pixel or per-channel values are laid out after the block's tiles
-// (at the start of its shared memory: their accesses need no base register), the tiles and each
-// vector `pad16` values long, so that each vector starts on a 16-byte boundary: a tile vector's
-// values can be read in 16-byte accesses (smem_run).
+// The forward apply pass and the backward reduction lay their shared-memory vectors of
+// per-pixel or per-channel values out after the block's tiles (which stay at the start of the
+// shared memory: their accesses need no base register), the tiles and each vector `pad16` values
+// long, so that each vector starts on a 16-byte boundary and a tile vector's values can be read
+// in 16-byte accesses (smem_run, pixel_runs). (The forward reduction keeps its exponentials
+// first; the backward apply pass reads its vectors a value at a time: see docs/kernels.md.)
 template <typename T>
 __host__ __device__ constexpr int pad16(int n) {
   return (n + kPack16<T> - 1) / kPack16<T> * kPack16<T>;
