@@ -18,8 +18,7 @@ the kernels once at a benchmark's shape under Nsight Compute (``NCU_ARGS`` of
     ncu -k regex:'^(fwd|bwd|value)_' python tools/sanitize_kernels.py --ops paper-parallel \
         --dtypes bfloat16 --shapes 16,256,128,128 --layouts nchw
 
-Exits 0
-when all match, 1 otherwise; needs a CUDA GPU and the kernels (``MMATTN_JIT=1`` or a
+Exits 0 when all match, 1 otherwise; needs a CUDA GPU and the kernels (``MMATTN_JIT=1`` or a
 ``MMATTN_WITH_CUDA=1`` install).
 """
 from __future__ import annotations
