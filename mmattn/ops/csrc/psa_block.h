@@ -73,33 +73,29 @@ inline std::vector<at::Tensor> acc_weights(at::TensorList weights, int64_t form,
   const auto shapes = weight_shapes(form, C, Cb);
   const bool in_place = std::all_of(weights.begin(), weights.end(),
                                     [&](const at::Tensor& w) { return w.scalar_type() == acc; });
-  std::vector<at::Tensor> out;
-  if (in_place) {
-    for (size_t i = 0; i < shapes.size(); ++i) {
-      const auto [rows, cols] = shapes[i];
-      const at::Tensor w = weights[i].contiguous();
-      out.push_back(cols == 0 ? w.view({rows}) : w.view({rows, cols}));
-    }
-    return out;
-  }
-  const int64_t align = 16 / static_cast<int64_t>(c10::elementSize(acc));
-  std::vector<at::Tensor> parts;
+  at::Tensor flat;  // (the converted weights, where they need it)
   std::vector<int64_t> offsets;
-  int64_t total = 0;
-  for (size_t i = 0; i < shapes.size(); ++i) {
-    offsets.push_back(total);
-    parts.push_back(weights[i].reshape({-1}));
-    total += weights[i].numel();
-    const int64_t gap = (align - total % align) % align;
-    if (gap > 0 && i + 1 < shapes.size()) {
-      parts.push_back(at::empty({gap}, weights[i].options()));
-      total += gap;
+  if (!in_place) {
+    const int64_t align = 16 / static_cast<int64_t>(c10::elementSize(acc));
+    std::vector<at::Tensor> parts;
+    int64_t total = 0;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      offsets.push_back(total);
+      parts.push_back(weights[i].reshape({-1}));
+      total += weights[i].numel();
+      const int64_t gap = (align - total % align) % align;
+      if (gap > 0 && i + 1 < shapes.size()) {
+        parts.push_back(at::empty({gap}, weights[i].options()));
+        total += gap;
+      }
     }
+    flat = at::cat(parts).to(acc);
   }
-  const at::Tensor flat = at::cat(parts).to(acc);
+  std::vector<at::Tensor> out;
   for (size_t i = 0; i < shapes.size(); ++i) {
     const auto [rows, cols] = shapes[i];
-    const at::Tensor w = flat.narrow(0, offsets[i], rows * std::max<int64_t>(cols, 1));
+    const at::Tensor w = in_place ? weights[i].contiguous()
+                                  : flat.narrow(0, offsets[i], weights[i].numel());
     out.push_back(cols == 0 ? w.view({rows}) : w.view({rows, cols}));
   }
   return out;
