@@ -163,18 +163,22 @@ def timed(fns: dict[str, Callable[[], object]], device: torch.device, warmup: in
     return median_ms(times), median_ms(host)
 
 
-def graph_replay(fn: Callable[[], object], device: torch.device,
-                 warmup: int) -> Callable[[], None]:
-    """``fn`` captured in a CUDA graph (PyTorch's whole-network capture, as
-    ``tools/benchmark_model.py --cuda-graph`` does for a training step: warm-up calls on a side
-    stream, then one captured call) and returned as its replay: the call without its host
-    work, what the kernels alone cost."""
+def graph_replay(fn: Callable[[], object], device: torch.device, warmup: int,
+                 reset: Optional[Callable[[], object]] = None) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (PyTorch's whole-network capture: warm-up calls on a
+    side stream, then one captured call; ``reset``, if given, before each of them, e.g. a
+    training step's ``zero_grad``) and returned as its replay: the call without its host work,
+    what the kernels alone cost (``tools/benchmark_model.py --cuda-graph`` too)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(max(warmup, 1)):
+            if reset is not None:
+                reset()
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
+    if reset is not None:
+        reset()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()

@@ -70,8 +70,8 @@ from mmattn.ops import KernelUnavailableError, backends_for, kernel_status, sele
 from mmattn.utils.quiet import filter_tool_warnings, quiet_no_cuda_runtime
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from benchmark import (DTYPES, device_name, markdown_table, peak_cuda_bytes,  # noqa: E402
-                       profile_kernels, sync)
+from benchmark import (DTYPES, device_name, graph_replay, markdown_table,  # noqa: E402
+                       peak_cuda_bytes, profile_kernels, sync)
 
 quiet_no_cuda_runtime()
 filter_tool_warnings()
@@ -192,21 +192,11 @@ def graph_step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.d
         optim.backward(training_loss(model, data, dtype, device, preprocess=False, cache=False))
         optim.step()
 
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(max(warmup, 1)):
-            optim.zero_grad()
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    optim.zero_grad()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph_step = graph_replay(step, device, warmup, reset=optim.zero_grad)
 
     def replay() -> None:
         t0 = time.process_time()
-        graph.replay()
+        graph_step()
         host.append(time.process_time() - t0)
 
     return replay
