@@ -82,3 +82,53 @@ def test_cuda_graph_option_needs_cuda() -> None:
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 2
     assert '--cuda-graph needs a CUDA device' in result.stderr
+
+
+def _host_split_rows(out: str, title: str) -> dict[str, list[float]]:
+    table = out[out.index(title):].split('\n\n')[0]
+    rows = [row.split('|')[1:-1] for row in table.splitlines() if row.startswith('| ')]
+    assert rows[0][0].strip() == 'impl', table
+    return {r[0].strip(): [float(v) for v in r[1:]] for r in rows[1:]}
+
+
+def test_host_split_option_times_each_phase() -> None:
+    """``--host-split N``: per implementation, each phase's wall time and CPU time (the calling
+    thread's, every thread's). On the CPU the host does all the work: each phase's CPU time is
+    its wall time, within the clocks' resolution, and the phases fit in the whole."""
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
+                             '--op', 'psa', '--mode', 'parallel', '--no-compile',
+                             '--shape', '2,8,16,16', '--iters', '5', '--warmup', '1',
+                             '--threads', '1', '--host-split', '4'],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _host_split_rows(result.stdout, 'psa 2x8x16x16 paper, parallel: where the host time')
+    assert {'eager', 'mmattn'} <= set(rows)
+    for name, (wall, *phases) in rows.items():
+        fwd, bwd = phases[:3], phases[3:]
+        assert fwd[0] > 0 and bwd[0] > 0 and fwd[0] + bwd[0] <= wall * 1.01 + 0.01, (name, rows)
+        for phase_wall, thread_cpu, process_cpu in (fwd, bwd):
+            # (process_time and thread_time tick in microseconds or coarser)
+            assert thread_cpu <= process_cpu + 0.05, (name, rows)
+            assert 0.5 * phase_wall - 0.05 <= process_cpu <= 1.5 * phase_wall + 0.05, (name, rows)
+    assert 'CUDA runtime/driver calls' not in result.stdout   # (CPU: none to show)
+
+
+@pytest.mark.cuda
+def test_host_split_option_lists_cuda_runtime_calls() -> None:
+    """On CUDA, ``--host-split`` also lists each implementation's costliest runtime/driver
+    calls: the launches at least, as many per step as the profiler sees kernels."""
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
+                             '--op', 'psa', '--mode', 'parallel', '--no-compile', '--device',
+                             'cuda', '--shape', '2,16,8,8', '--iters', '3', '--warmup', '1',
+                             '--host-split', '6'],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert set(_host_split_rows(out, 'psa 2x16x8x8 paper, parallel: where the host time')) >= {
+        'eager', 'mmattn'}
+    table = out[out.index('CUDA runtime/driver calls'):].split('\n\n')[0]
+    rows = [[c.strip() for c in row.split('|')[1:-1]] for row in table.splitlines()
+            if row.startswith('| ') and not row.startswith('| impl')]
+    launches = {r[0]: float(r[2]) for r in rows if 'LaunchKernel' in r[1]}
+    assert {'eager', 'mmattn'} <= set(launches) and all(v >= 1 for v in launches.values()), table
+    assert 'cudaDeviceSynchronize' not in {r[1] for r in rows}   # (the harness's own wait)

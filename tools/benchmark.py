@@ -54,6 +54,7 @@ import argparse
 import copy
 import os.path as osp
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -238,6 +239,99 @@ def profile_kernels(step: Callable[[], None], device: torch.device,
                and 'Memcpy' not in evt.name and 'Memset' not in evt.name]
     return Kernels(len(kernels), sum(evt.time_range.elapsed_us() for evt in kernels) / 1e3,
                    top_table(prof, device, top) if top else '')
+
+
+@dataclass
+class HostSplit:
+    """Where the host time of one implementation's forward + backward goes (medians, ms):
+    each phase's wall time until it returns (before the device is waited for), the calling
+    thread's CPU time and the process's (every thread: the backward of CUDA tensors runs on
+    autograd's device thread); ``wall`` ends when the device is done. ``api``: the CUDA
+    runtime and driver calls of a step, as the profiler records them (name, calls per step, ms
+    per step, the longest call's ms), most time first."""
+
+    wall: float
+    fwd: tuple[float, float, float]   # wall, calling thread's CPU, every thread's CPU
+    bwd: tuple[float, float, float]
+    api: list[tuple[str, float, float, float]]
+
+
+#: names of the CUDA runtime's (cudaLaunchKernel, cudaStreamSynchronize, ...) and driver's
+#: (cuLaunchKernel, ...) calls among the profiler's host events
+CUDA_API = re.compile(r'^cu(da)?[A-Z]')
+
+
+def cuda_api_calls(step: Callable[[], None], device: torch.device,
+                   runs: int = 3) -> list[tuple[str, float, float, float]]:
+    """The CUDA runtime and driver calls of ``runs`` calls of ``step`` (profiled), per call:
+    ``(name, calls, ms, longest ms)``, most time first; the wait for the device after the
+    runs (the harness's own synchronisation) left out. Empty off CUDA."""
+    if device.type != 'cuda':
+        return []
+    from torch.profiler import ProfilerActivity, profile, record_function
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            step()
+        with record_function('benchmark: wait for the device'):
+            sync(device)
+    events = list(prof.events())
+    waits = [evt.time_range for evt in events if evt.name == 'benchmark: wait for the device']
+    calls: dict[str, list[float]] = {}
+    for evt in events:
+        if evt.device_type != torch.autograd.DeviceType.CPU or not CUDA_API.match(evt.name):
+            continue
+        if any(w.start <= evt.time_range.start <= w.end for w in waits):
+            continue
+        calls.setdefault(evt.name, []).append(evt.time_range.elapsed_us() / 1e3)
+    rows = [(name, len(ms) / runs, sum(ms) / runs, max(ms)) for name, ms in calls.items()]
+    return sorted(rows, key=lambda row: -row[2])
+
+
+def host_split(module: nn.Module, x: torch.Tensor, g: torch.Tensor, device: torch.device,
+               warmup: int, iters: int) -> HostSplit:
+    """:class:`HostSplit` of ``module``'s forward + backward on ``x`` (output gradient ``g``)."""
+    def step() -> list[float]:
+        xg = x.detach().requires_grad_()
+        clocks = [(time.perf_counter(), time.thread_time(), time.process_time())]
+        out = module(xg)
+        clocks.append((time.perf_counter(), time.thread_time(), time.process_time()))
+        out.backward(g if out.shape == g.shape else torch.ones_like(out))
+        clocks.append((time.perf_counter(), time.thread_time(), time.process_time()))
+        if hasattr(module, 'after_backward'):
+            module.after_backward()
+        for p in module.parameters():
+            p.grad = None
+        sync(device)
+        phases = [b - a for i in (0, 1) for a, b in zip(clocks[i], clocks[i + 1])]
+        return phases + [time.perf_counter() - clocks[0][0]]
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    samples = [step() for _ in range(iters)]
+    med = [statistics.median(column) * 1e3 for column in zip(*samples)]
+    return HostSplit(med[6], tuple(med[0:3]), tuple(med[3:6]),
+                     cuda_api_calls(step, device))
+
+
+def host_split_report(title: str, splits: dict[str, HostSplit], top: int) -> str:
+    """The tables of ``--host-split``: the phases per implementation, and (CUDA) each one's
+    ``top`` costliest runtime calls."""
+    header = ['impl', 'fwd+bwd wall ms', 'fwd wall', 'fwd CPU, calling thread',
+              'fwd CPU, every thread', 'bwd wall', 'bwd CPU, calling thread',
+              'bwd CPU, every thread']
+    rows = [[name, f'{s.wall:.3f}'] + [f'{v:.3f}' for v in s.fwd + s.bwd]
+            for name, s in splits.items()]
+    text = f'\n{title}: where the host time of a forward + backward goes (ms, medians)\n'
+    text += markdown_table(header, rows)
+    api_rows = [[name, call, f'{n:.1f}', f'{ms:.3f}', f'{longest:.3f}']
+                for name, s in splits.items() for call, n, ms, longest in s.api[:top]]
+    if api_rows:
+        text += ('\n\nCUDA runtime/driver calls per forward + backward (the costliest '
+                 f'{top} of each implementation):\n')
+        text += markdown_table(['impl', 'call', 'calls', 'ms', 'longest call ms'], api_rows)
+    return text
 
 
 # ----------------------------------------------------------------------- the cases
@@ -445,6 +539,11 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
         if name == 'eager' and failure:
             rows.append([case.op, 'x'.join(map(str, case.shape)), case.detail, 'compile',
                          f'crashed ({failure})'] + ['-'] * (len(HEADER) - 5))
+    if args.host_split:
+        splits = {name: host_split(module, x, g, device, args.warmup, args.iters)
+                  for name, module in impls.items()}
+        print(host_split_report(f'{case.op} {"x".join(map(str, case.shape))} {case.detail}',
+                                splits, args.host_split), flush=True)
     if args.kernels and 'mmattn' in impls:
         what = 'device' if device.type == 'cuda' else 'host'
         print(f'\n{case.op} {"x".join(map(str, case.shape))} {case.detail}, mmattn forward + '
@@ -521,6 +620,12 @@ def main() -> None:
                         help="also print, per case, the N operators and kernels with the most "
                              "self time over 3 of mmattn's forward + backward runs (torch.profiler;"
                              " device time on CUDA, host time on the CPU)")
+    parser.add_argument('--host-split', type=int, default=0, metavar='N',
+                        help="also print, per case and implementation, where a forward + "
+                             "backward's host time goes: each phase's wall time and CPU time "
+                             "(the calling thread's, every thread's), and on CUDA the N "
+                             'costliest CUDA runtime/driver calls (torch.profiler): whether '
+                             'the host works, waits on the device, or launches')
     parser.add_argument('--cuda-graph', action='store_true',
                         help='time each call as the replay of a CUDA graph captured once '
                              '(CUDA): the kernels without the host work of a call, which set '
