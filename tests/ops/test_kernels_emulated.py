@@ -424,13 +424,14 @@ def step_launches(emulated, block_kernel, variant: str, mode: str, dtype: torch.
 def test_psa_block_kernel_low_precision_weights_convert_together(
         emulated, block_kernel, variant: str, mode: str) -> None:
     """A block whose weights are bf16 (a model cast to bf16) converts them to float32 for the
-    kernels in one concatenation and one conversion, forward and backward (4 launches more than
-    float32's, whatever the number of weights, where a conversion a weight took 10-24), and
-    each weight's gradient back to bf16 (a launch each: they stay tensors of their own)."""
+    kernels in one concatenation and one conversion, forward and backward, and the weights'
+    gradients back to bf16 the same way: 6 launches more than float32's, whatever the number of
+    weights (5-12), where a conversion for each gradient took 5-12 more."""
     weights = psa_block_weights(block(variant, mode, 32, 'reference'))[0]
+    assert len(weights) >= 5
     extra = (step_launches(emulated, block_kernel, variant, mode, torch.bfloat16)
              - step_launches(emulated, block_kernel, variant, mode, torch.float32))
-    assert extra == 4 + len(weights)
+    assert extra == 6
 
 
 

@@ -115,6 +115,19 @@ def test_low_precision_and_channels_last(cpu_kernels: str, variant: str, mode: s
         assert err <= tol * want.abs().max().item(), err
 
 
+@pytest.mark.parametrize('variant, mode', FORMS)
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_weights_and_gradients(cpu_kernels: str, variant: str, mode: str,
+                                             dtype: torch.dtype) -> None:
+    """A block cast to bf16/fp16, weights included: the output and every gradient (the
+    weights' leave the op converted all at once, psa_block.h's weight_gradients) in that dtype,
+    each within about twice the eager reference's own error against float64."""
+    sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+    from psa_block_checks import check_low_precision
+    check_low_precision(lambda b, x: psa_block(x, *psa_block_weights(b)), mode, (2, 32, 6, 5),
+                        dtype, variant)
+
+
 def test_keeps_only_x_for_backward(cpu_kernels: str) -> None:
     """Nothing the size of x (or of PSA_s's (C/2, H, W) value map) is saved beyond x itself."""
     for variant, mode in FORMS:

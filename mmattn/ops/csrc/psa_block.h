@@ -60,45 +60,77 @@ inline at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// `tensors` in `dtype`, each as a 1-D view of one buffer into which all were converted at once:
+// a concatenation and one conversion, 2 launches on a GPU where a conversion each took one per
+// tensor (on the lent H100 machines a launch costs the host about 8 us, and at [16, 256, 128,
+// 128] bf16 the block's host time was its wall time, 2026-11-27). With `align` > 1 each view
+// starts on a multiple of `align` elements (the gaps: never read).
+inline std::vector<at::Tensor> converted_together(at::TensorList tensors, at::ScalarType dtype,
+                                                  int64_t align = 1) {
+  std::vector<at::Tensor> parts;
+  std::vector<int64_t> offsets;
+  int64_t total = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    offsets.push_back(total);
+    parts.push_back(tensors[i].reshape({-1}));
+    total += tensors[i].numel();
+    const int64_t gap = (align - total % align) % align;
+    if (gap > 0 && i + 1 < tensors.size()) {
+      parts.push_back(at::empty({gap}, tensors[i].options()));
+      total += gap;
+    }
+  }
+  const at::Tensor flat = at::cat(parts).to(dtype);
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < tensors.size(); ++i)
+    out.push_back(flat.narrow(0, offsets[i], tensors[i].numel()));
+  return out;
+}
+
+// Whether every tensor is of `dtype`.
+inline bool all_of_dtype(at::TensorList tensors, at::ScalarType dtype) {
+  return std::all_of(tensors.begin(), tensors.end(),
+                     [&](const at::Tensor& t) { return t.scalar_type() == dtype; });
+}
+
 // The weights of a form as the accumulation dtype's contiguous vectors and matrices, in the
 // op's order (each parameter comes in its own shape: conv weights (rows, cols, 1, 1)). Weights
 // already in `acc` are used in place; others (a model cast to bf16 or fp16) are converted all
-// at once, a concatenation and one conversion: 2 launches, where a conversion each took 5-12
-// per call (on the lent H100 machines a launch costs the host about 8 us, and at [16, 256,
-// 128, 128] bf16 the block's host time was its wall time, 2026-11-27). Each weight's slice
-// then starts on a 16-byte boundary (the gaps: never read).
+// at once (converted_together), each slice on a 16-byte boundary for the kernels' vectors.
 inline std::vector<at::Tensor> acc_weights(at::TensorList weights, int64_t form, int64_t C,
                                            at::ScalarType acc) {
   const int64_t Cb = form == kReleaseS ? weights[3].numel() : 0;
   const auto shapes = weight_shapes(form, C, Cb);
-  const bool in_place = std::all_of(weights.begin(), weights.end(),
-                                    [&](const at::Tensor& w) { return w.scalar_type() == acc; });
-  at::Tensor flat;  // (the converted weights, where they need it)
-  std::vector<int64_t> offsets;
-  if (!in_place) {
-    const int64_t align = 16 / static_cast<int64_t>(c10::elementSize(acc));
-    std::vector<at::Tensor> parts;
-    int64_t total = 0;
-    for (size_t i = 0; i < shapes.size(); ++i) {
-      offsets.push_back(total);
-      parts.push_back(weights[i].reshape({-1}));
-      total += weights[i].numel();
-      const int64_t gap = (align - total % align) % align;
-      if (gap > 0 && i + 1 < shapes.size()) {
-        parts.push_back(at::empty({gap}, weights[i].options()));
-        total += gap;
-      }
-    }
-    flat = at::cat(parts).to(acc);
-  }
+  const bool in_place = all_of_dtype(weights, acc);
+  const std::vector<at::Tensor> flat =
+      in_place ? std::vector<at::Tensor>()
+               : converted_together(weights, acc, 16 / static_cast<int64_t>(c10::elementSize(acc)));
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < shapes.size(); ++i) {
     const auto [rows, cols] = shapes[i];
-    const at::Tensor w = in_place ? weights[i].contiguous()
-                                  : flat.narrow(0, offsets[i], weights[i].numel());
+    const at::Tensor w = in_place ? weights[i].contiguous() : flat[i];
     out.push_back(cols == 0 ? w.view({rows}) : w.view({rows, cols}));
   }
   return out;
+}
+
+// The weights' gradients, computed in the accumulation dtype (`acc_grads`, in the op's order),
+// in the weights' shapes and dtypes: views where the dtypes agree; for weights of another
+// dtype, one that they share (a model cast to bf16), converted all at once
+// (converted_together), else each on its own.
+inline std::vector<at::Tensor> weight_gradients(const std::vector<at::Tensor>& acc_grads,
+                                                at::TensorList weights) {
+  const at::ScalarType dtype = weights[0].scalar_type();
+  const bool together = !acc_grads.empty() && acc_grads[0].scalar_type() != dtype &&
+                        all_of_dtype(weights, dtype);
+  const std::vector<at::Tensor> flat =
+      together ? converted_together(acc_grads, dtype) : std::vector<at::Tensor>();
+  std::vector<at::Tensor> grads;
+  for (size_t i = 0; i < acc_grads.size(); ++i)
+    grads.push_back(together ? flat[i].view(weights[i].sizes())
+                             : acc_grads[i].reshape(weights[i].sizes())
+                                   .to(weights[i].scalar_type()));
+  return grads;
 }
 
 }  // namespace mmattn

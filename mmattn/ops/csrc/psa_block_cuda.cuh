@@ -116,10 +116,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> block_backward(
       form == kReleaseP   ? release_p_backward(grad, x, g, saved, W)
       : form == kReleaseS ? release_s_backward(grad, x, g, saved, W)
                           : paper_backward(grad, x, saved, W, eps, form == kPaperSequential);
-  std::vector<at::Tensor> grads;
-  for (size_t i = 0; i < acc_grads.size(); ++i)
-    grads.push_back(acc_grads[i].reshape(weights[i].sizes()).to(weights[i].scalar_type()));
-  return {dx, grads};
+  return {dx, weight_gradients(acc_grads, weights)};
 }
 
 }  // namespace psa

@@ -525,12 +525,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> psa_block_bwd_cpu(
     });
   });
   const at::Tensor total = N == 1 ? dws[0] : dws.sum(0);
-  std::vector<at::Tensor> grads;
+  std::vector<at::Tensor> acc_grads;
   for (size_t i = 0; i < weights.size(); ++i)
-    grads.push_back(total.slice(0, offsets[i], offsets[i + 1])
-                        .view(weights[i].sizes())
-                        .to(weights[i].scalar_type()));
-  return {dx.to(x.scalar_type()).contiguous(x.suggest_memory_format()), grads};
+    acc_grads.push_back(total.slice(0, offsets[i], offsets[i + 1]));
+  return {dx.to(x.scalar_type()).contiguous(x.suggest_memory_format()),
+          weight_gradients(acc_grads, weights)};
 }
 
 }  // namespace
