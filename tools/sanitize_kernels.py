@@ -117,15 +117,16 @@ def main() -> int:
                     print(f'{name}: max relative difference {err:.1e}', flush=True)
                     if not err <= tol:
                         failures.append(name)
-        for stride in (1, 2) if 'outlook' in ops else ():
-            fast = OutlookAttention(64, num_heads=2, kernel_size=3, stride=stride,
-                                    backend='cuda').to(device, dtype)
-            ref = OutlookAttention(64, num_heads=2, kernel_size=3, stride=stride,
-                                   backend='reference').to(device, dtype)
+        # NCHW input, and channels-last input, whose block pools on mmattn's kernel
+        for stride, fmt in ((1, 'NCHW'), (2, 'NCHW'), (2, 'NHWC')) if 'outlook' in ops else ():
+            kw = dict(num_heads=2, kernel_size=3, stride=stride, data_format=fmt)
+            fast = OutlookAttention(64, backend='cuda', **kw).to(device, dtype)
+            ref = OutlookAttention(64, backend='reference', **kw).to(device, dtype)
             ref.load_state_dict(fast.state_dict())
-            x = torch.randn(2, 64, 13, 11, device=device, dtype=dtype)
+            shape = (2, 64, 13, 11) if fmt == 'NCHW' else (2, 13, 11, 64)
+            x = torch.randn(shape, device=device, dtype=dtype)
             err = run_pair(fast, ref, x)
-            name = f'outlook K=3 stride {stride} {dtype}'
+            name = f'outlook K=3 stride {stride} {fmt} {dtype}'
             print(f'{name}: max relative difference {err:.1e}', flush=True)
             if not err <= tol:
                 failures.append(name)

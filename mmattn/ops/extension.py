@@ -45,6 +45,9 @@ SCHEMAS: dict[str, str] = {
                    'int stride) -> Tensor',
     'outlook_bwd': 'outlook_bwd(Tensor grad_out, Tensor v, Tensor attn, int kernel_size, '
                    'int padding, int stride) -> (Tensor, Tensor)',
+    # the s x s average pooling (ceil mode) of a channels-last map that the block's weights
+    # start from (CUDA: a kernel of its own; CPU: ATen's avg_pool2d)
+    'outlook_pool': 'outlook_pool(Tensor x, int stride) -> Tensor',
     # the four passes over x of the folded paper-form PSA (see mmattn.ops.psa)
     'psa_fwd_reduce': 'psa_fwd_reduce(Tensor x, Tensor wq, int splits) '
                       '-> (Tensor, Tensor, Tensor, Tensor, Tensor)',

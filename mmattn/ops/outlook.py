@@ -66,6 +66,12 @@ def _(grad_out, v, attn, kernel_size, padding, stride):
             torch.empty_like(attn, memory_format=torch.contiguous_format))
 
 
+@torch.library.register_fake('mmattn::outlook_pool')
+def _(x, stride):
+    batch, height, width, channels = x.shape
+    return x.new_empty(batch, -(-height // stride), -(-width // stride), channels)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     v, attn, ctx.kernel_size, ctx.padding, ctx.stride = inputs
     ctx.save_for_backward(v, attn)
@@ -129,6 +135,18 @@ def outlook_pool(x: Tensor, stride: int) -> Tensor:
                         ceil_mode=True).permute(0, 2, 3, 1)
 
 
+def _block_pool(x: Tensor, stride: int) -> Tensor:
+    """:func:`outlook_pool` inside the compiled block (no autograd: its backward spreads the
+    pooled gradient itself): on CUDA the kernel ``mmattn::outlook_pool`` (16-byte vectors along
+    the channels), where PyTorch's channels-last ``avg_pool2d`` ran at 0.3 TB/s on an H100
+    (126 us a call at VOLO-D1's stage 1, twice a block per step); on the CPU, and for an x
+    that is an NCHW map's permuted view (the block called on NCHW input), ``avg_pool2d``
+    (PyTorch's NCHW kernel then, where the op would copy x first)."""
+    if stride == 1 or x.device.type != 'cuda' or not x.is_contiguous():
+        return outlook_pool(x, stride)
+    return torch.ops.mmattn.outlook_pool(x, stride)
+
+
 def outlook_softmax(logits: Tensor, *, num_heads: int, kernel_size: int,
                     scale: float) -> Tensor:
     """``softmax(scale * reshape(logits))``: the projected pooled map (B, h, w, N K^4) as
@@ -140,11 +158,13 @@ def outlook_softmax(logits: Tensor, *, num_heads: int, kernel_size: int,
 
 
 def outlook_weights(x: Tensor, project: Callable[[Tensor], Tensor], *, num_heads: int,
-                    kernel_size: int, stride: int, scale: float) -> Tensor:
+                    kernel_size: int, stride: int, scale: float,
+                    pool: Callable[[Tensor, int], Tensor] = outlook_pool) -> Tensor:
     """The normalised outlook weights of ``x`` (B, H, W, C), Eq. 3:
     ``softmax(scale * reshape(project(AvgPool_s(x))))``, shape (B, h, w, N, K^2, K^2), the
-    softmax over the last axis. ``project`` is ``W_A`` (the block's ``attn`` layer)."""
-    return outlook_softmax(project(outlook_pool(x, stride)), num_heads=num_heads,
+    softmax over the last axis. ``project`` is ``W_A`` (the block's ``attn`` layer), ``pool``
+    the pooling (``pool(x, stride)``; :func:`outlook_pool` by default)."""
+    return outlook_softmax(project(pool(x, stride)), num_heads=num_heads,
                            kernel_size=kernel_size, scale=scale)
 
 
@@ -159,8 +179,8 @@ class _RecomputingOutlook(torch.autograd.Function):
         k, p, s, heads, scale = geometry
         v = F.linear(x, v_weight, v_bias)
         attn = outlook_weights(x, lambda t: F.linear(t, attn_weight, attn_bias),
-                               num_heads=heads, kernel_size=k, stride=s,
-                               scale=scale).to(v.dtype)
+                               num_heads=heads, kernel_size=k, stride=s, scale=scale,
+                               pool=_block_pool).to(v.dtype)
         y = torch.ops.mmattn.outlook_fwd(v.contiguous(), attn, k, p, s)
         device = x.device.type
         ctx.amp = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
@@ -188,7 +208,7 @@ class _RecomputingOutlook(torch.autograd.Function):
             # four multiplications of 36 us a call, 2026-11-27)
             dlogits = torch._softmax_backward_data(dattn.to(attn.dtype), attn, -1, attn.dtype)
             dlogits = dlogits.mul_(scale)
-            pooled = outlook_pool(x, s)
+            pooled = _block_pool(x, s)
             dlogits = dlogits.reshape(*pooled.shape[:3], -1).to(pooled.dtype)
             d2 = dlogits.reshape(-1, dlogits.shape[-1])
             g_attn_w = d2.t() @ pooled.reshape(-1, c).to(d2.dtype)

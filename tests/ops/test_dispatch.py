@@ -49,7 +49,8 @@ def test_kernel_status_lists_loaded_kernels(monkeypatch: pytest.MonkeyPatch) -> 
                                               'error': None})
     monkeypatch.setattr(extension, 'has_kernel',
                         lambda op, device: device == 'cpu' and op.startswith('outlook'))
-    assert 'compiled kernels: JIT (CPU kernels only): CPU outlook_bwd, outlook_fwd;' in \
+    assert ('compiled kernels: JIT (CPU kernels only): CPU outlook_bwd, outlook_fwd, '
+            'outlook_pool;') in \
         kernel_status()
 
 

@@ -586,3 +586,58 @@ def test_outlook_kernels_low_precision(emulated, dtype: torch.dtype, d: int, k: 
             assert err(a, t) <= 1e-5, name
         else:
             assert err(a, t) <= 2 * err(r, t) + 1e-6, name
+
+
+def window_means(x: Tensor, s: int) -> Tensor:
+    """VOLO's pooling written out: cell (i, j) of x (B, H, W, C) is the mean of the pixels
+    (y, x) with s i <= y < s i + s, s j <= x < s j + s inside the image (ceil mode: the last row
+    and column of cells may hold fewer)."""
+    b, height, width, c = x.shape
+    rows, cols = -(-height // s), -(-width // s)
+    out = x.new_empty(b, rows, cols, c)
+    for i in range(rows):
+        for j in range(cols):
+            out[:, i, j] = x[:, s * i:s * i + s, s * j:s * j + s].mean(dim=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize('dtype', [F64, torch.float32, torch.bfloat16, torch.float16])
+def test_outlook_pool_kernel_matches_the_window_means(emulated, dtype: torch.dtype) -> None:
+    """The block's s x s average pooling (mmattn::outlook_pool, CUDA): each cell the mean of
+    its window's pixels inside the image, partial windows at the bottom and right edges too;
+    16-byte channel vectors where C and the pointers allow (C = 24, 192), single channels
+    elsewhere (C = 5, and a map 2 bytes off its vector alignment). Float64 exact to rounding;
+    the other dtypes as PyTorch's own avg_pool2d (ceil mode) in that dtype rounds, within one
+    unit in the last place of the output."""
+    import torch.nn.functional as F
+    cases = [((2, 28, 28, 192), 2), ((2, 7, 9, 24), 2), ((1, 5, 6, 5), 3), ((2, 4, 3, 24), 1),
+             ((1, 1, 1, 8), 2), ((3, 9, 2, 16), 4)]
+    for shape, s in cases:
+        x64 = torch.randn(shape, dtype=F64)
+        truth = window_means(x64, s)
+        x = x64.to(dtype)
+        ours = emulated.outlook_pool(x, s)
+        assert ours.dtype == dtype and ours.shape == truth.shape, (shape, s)
+        if dtype == F64:
+            torch.testing.assert_close(ours, truth, rtol=1e-14, atol=1e-14)
+            continue
+        ref = F.avg_pool2d(x.permute(0, 3, 1, 2), s, s, ceil_mode=True).permute(0, 2, 3, 1)
+        ulp = torch.finfo(dtype).eps * truth.abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((ours.double() - ref.double()).abs() <= ulp + 1e-30).all(), (shape, s)
+    # off the 16-byte alignment: the single-channel path
+    flat = torch.randn(2 * 6 * 6 * 16 + 1, dtype=torch.bfloat16)
+    x = flat[1:].view(2, 6, 6, 16)
+    torch.testing.assert_close(emulated.outlook_pool(x, 2),
+                               window_means(x.double(), 2).to(torch.bfloat16))
+
+
+def test_outlook_pool_kernel_errors_and_fake(emulated) -> None:
+    """Clear errors for bad input; the fake (torch.compile's) shape is ceil(H / s) x ceil(W / s)."""
+    with pytest.raises(RuntimeError, match='x must be 4-D'):
+        emulated.outlook_pool(torch.randn(3, 4, 5), 2)
+    with pytest.raises(RuntimeError, match=r'stride must be in \[1, 64\], got 0'):
+        emulated.outlook_pool(torch.randn(1, 4, 4, 2), 0)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        out = torch.ops.mmattn.outlook_pool(torch.empty(2, 7, 9, 24), 2)
+    assert tuple(out.shape) == (2, 4, 5, 24)

@@ -162,6 +162,16 @@ def test_cpu_kernel_opcheck(cpu_kernels: str) -> None:
                           (v.requires_grad_(), attn.requires_grad_(), 3, 1, 2))
 
 
+def test_cpu_pool_op_opcheck(cpu_kernels: str) -> None:
+    """mmattn::outlook_pool (the block's pooling: a kernel on CUDA, ATen's on the CPU): schema
+    and fake tensor against the CPU implementation, partial cells included (no autograd: the
+    block differentiates around it)."""
+    for shape, s in (((2, 7, 9, 6), 2), ((1, 4, 4, 3), 3), ((1, 2, 2, 4), 1)):
+        torch.library.opcheck(torch.ops.mmattn.outlook_pool.default,
+                              (torch.randn(shape, dtype=F64), s),
+                              test_utils=('test_schema', 'test_faketensor'))
+
+
 def test_cpu_kernel_input_errors(cpu_kernels: str) -> None:
     v, attn = inputs(1, 3, 1, 2, 5, 6, 2, 3)
     with pytest.raises(RuntimeError, match='attn'):
@@ -315,6 +325,32 @@ def test_cuda_kernel_volo_stage1_shape_and_auto(cuda_kernels: str) -> None:
 @pytest.mark.cuda
 def test_cuda_block_matches_reference_block(cuda_kernels: str) -> None:
     check_block('cuda', 'cuda')
+
+
+@pytest.mark.cuda
+def test_cuda_block_pools_channels_last_maps_on_its_kernel(cuda_kernels: str) -> None:
+    """On a channels-last (NHWC) input the CUDA block pools with ``mmattn::outlook_pool`` (the
+    NCHW block's permuted view goes to PyTorch's NCHW kernel): the block against the reference
+    block in float64, partial cells included, and the kernel against avg_pool2d at VOLO-D1's
+    stage 1 in bf16 (within an ulp of the output)."""
+    from torch.profiler import ProfilerActivity, profile
+    for stride, size in [(2, (9, 7)), (3, (8, 5)), (2, (28, 28))]:
+        ref, fast = block_pair(stride, True, 'cuda', 'cuda', data_format='NHWC')
+        x = torch.randn(2, *size, 12, dtype=F64, requires_grad=True)
+        xd = x.detach().cuda().requires_grad_()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = fast(xd)
+            y.backward(torch.ones_like(y))
+        assert sum(e.name == 'mmattn::outlook_pool' for e in prof.events()) == 2  # fwd, bwd
+        ref(x).backward(torch.ones_like(x))
+        torch.testing.assert_close(y.detach().cpu(), ref(x).detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(xd.grad.cpu(), x.grad, rtol=1e-11, atol=1e-11)
+    x = torch.randn(128, 28, 28, 192, device='cuda', dtype=torch.bfloat16)
+    ours = torch.ops.mmattn.outlook_pool(x, 2)
+    theirs = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), 2, 2,
+                                            ceil_mode=True).permute(0, 2, 3, 1)
+    ulp = torch.finfo(torch.bfloat16).eps * theirs.double().abs()
+    assert ((ours.double() - theirs.double()).abs() <= ulp).all()
 
 
 @pytest.mark.cuda

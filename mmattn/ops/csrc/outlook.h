@@ -140,6 +140,23 @@ inline OutlookGeom outlook_check(const char* op, const at::Tensor* grad_out, con
                      static_cast<int>(p), static_cast<int>(s)};
 }
 
+// Host-side validation of mmattn::outlook_pool's arguments, shared by the CPU and CUDA entry
+// points; returns the pooled grid (h, w) = (ceil(H / s), ceil(W / s)).
+inline std::tuple<int64_t, int64_t> outlook_pool_check(const at::Tensor& x, int64_t stride) {
+  TORCH_CHECK(x.dim() == 4, "outlook_pool: x must be 4-D (B, H, W, C), got shape ", x.sizes());
+  TORCH_CHECK(x.is_floating_point(), "outlook_pool: x must be floating point, got ",
+              x.scalar_type());
+  TORCH_CHECK(stride >= 1 && stride <= 64, "outlook_pool: stride must be in [1, 64], got ",
+              stride);
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  TORCH_CHECK(H >= 1 && W >= 1, "outlook_pool: H and W must be >= 1, got shape ", x.sizes());
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(W * C <= kMax && B * H <= kMax, "outlook_pool: x too large for this kernel, ",
+              x.sizes());
+  return {(H + stride - 1) / stride, (W + stride - 1) / stride};
+}
+
+at::Tensor outlook_pool_cpu(const at::Tensor& x, int64_t stride);
 at::Tensor outlook_fwd_cpu(const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size,
                            int64_t padding, int64_t stride);
 std::tuple<at::Tensor, at::Tensor> outlook_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& v,
@@ -147,6 +164,7 @@ std::tuple<at::Tensor, at::Tensor> outlook_bwd_cpu(const at::Tensor& grad_out, c
                                                    int64_t padding, int64_t stride);
 at::Tensor outlook_fwd_cuda(const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size,
                             int64_t padding, int64_t stride);
+at::Tensor outlook_pool_cuda(const at::Tensor& x, int64_t stride);
 std::tuple<at::Tensor, at::Tensor> outlook_bwd_cuda(const at::Tensor& grad_out,
                                                     const at::Tensor& v, const at::Tensor& attn,
                                                     int64_t kernel_size, int64_t padding,

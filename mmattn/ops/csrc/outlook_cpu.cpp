@@ -148,9 +148,20 @@ std::tuple<at::Tensor, at::Tensor> outlook_bwd_cpu(const at::Tensor& grad_out, c
   return {grad_v, grad_attn};
 }
 
+// mmattn::outlook_pool on the CPU: ATen's average pooling (ceil mode) of x's NCHW view, the
+// result channels-last and dense like the CUDA kernel's.
+at::Tensor outlook_pool_cpu(const at::Tensor& x, int64_t stride) {
+  outlook_pool_check(x, stride);
+  return at::avg_pool2d(x.permute({0, 3, 1, 2}), {stride, stride}, {stride, stride}, {0, 0},
+                        /*ceil_mode=*/true)
+      .permute({0, 2, 3, 1})
+      .contiguous();
+}
+
 }  // namespace mmattn
 
 TORCH_LIBRARY_IMPL(mmattn, CPU, m) {
+  m.impl("outlook_pool", &mmattn::outlook_pool_cpu);
   m.impl("outlook_fwd", &mmattn::outlook_fwd_cpu);
   m.impl("outlook_bwd", &mmattn::outlook_bwd_cpu);
 }

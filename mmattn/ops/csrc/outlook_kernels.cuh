@@ -4,6 +4,10 @@
 //   y      = Fold(A_hat V_Delta)               gathered per output pixel (Eq. 4-5)
 //   grad_v = the same gather with m <-> q swapped and grad_out in place of v
 //   grad_A[b,i,j,n,m,q] = <grad_out(pixel m), v(pixel q)> over the channels of head n
+//   pool   = the s x s average pooling (ceil mode) of the block's input, whose projection gives
+//            the weights (Eq. 3): PyTorch's avg_pool2d of a channels-last map ran at 0.3 TB/s
+//            on an H100 (126 us a call at VOLO-D1's stage 1, [128, 28, 28, 192] bf16), twice per
+//            block and step (forward, and the backward's recomputation)
 //
 // Index arithmetic lives in outlook.h, shared with (and tested through) the CPU kernels.
 #pragma once
@@ -143,6 +147,49 @@ outlook_grad_attn_kernel(const scalar_t* __restrict__ gout, const scalar_t* __re
   }
 }
 
+// The s x s average pooling of x (B, H, W, C), ceil mode, no padding: out (B, h, w, C), h =
+// ceil(H / s), each cell the mean of the pixels of its window inside the image (the last row
+// and column of cells may hold fewer), summed in row-major order in the accumulation type and
+// then divided, as PyTorch's avg_pool2d does. One thread per VEC consecutive channels of one
+// cell, threads along the channels (coalesced 16-byte loads where C and the pointers allow);
+// as outlook_gather_kernel, blockIdx.y walks the rows of cells (b, i), blockIdx.x / threadIdx.x
+// cover (j, channel pack) of a row (32-bit index arithmetic: outlook_pool_check bounds it).
+// (The gather's bound, 64 registers: with the thread count's alone ptxas spilled 4-16 bytes in
+// six of the eight variants, sm_80 and sm_90, at 32-48 registers.)
+template <int VEC, typename scalar_t>
+__global__ void __launch_bounds__(kGatherThreads, kGatherMinBlocks)
+outlook_pool_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, const int H,
+                    const int W, const int h, const int w, const int C, const int s,
+                    const int rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using pack_t = Pack<scalar_t, VEC>;
+  const int packs = C / VEC;
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= w * packs) return;
+  const int j = r / packs;
+  const int c0 = (r - j * packs) * VEC;
+  const int x0 = j * s, x1 = x0 + s < W ? x0 + s : W;
+  for (int row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int b = row / h, i = row - b * h;
+    const int y0 = i * s, y1 = y0 + s < H ? y0 + s : H;
+    acc_t acc[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] = acc_t(0);
+    for (int y = y0; y < y1; ++y)
+      for (int xx = x0; xx < x1; ++xx) {
+        const pack_t v =
+            load_pack<VEC>(x + (static_cast<int64_t>(b * H + y) * W + xx) * C + c0);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[k] += static_cast<acc_t>(v.v[k]);
+      }
+    const acc_t count = static_cast<acc_t>((y1 - y0) * (x1 - x0));
+    pack_t o;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o.v[k] = static_cast<scalar_t>(acc[k] / count);
+    store_pack<VEC>(out + (static_cast<int64_t>(row) * w + j) * C + c0, o);
+  }
+}
+
 template <bool TRANSPOSED, typename scalar_t>
 void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tensor& out,
                    const OutlookGeom& g) {
@@ -203,6 +250,44 @@ void launch_grad_attn(const at::Tensor& gout, const at::Tensor& v, const at::Ten
 }
 
 }  // namespace outlook_detail
+
+// mmattn::outlook_pool: x (B, H, W, C) pooled s x s (outlook_pool_kernel).
+at::Tensor outlook_pool_cuda(const at::Tensor& x, int64_t stride) {
+  int64_t h = 0, w = 0;  // (not structured bindings: the lambda below captures them)
+  std::tie(h, w) = outlook_pool_check(x, stride);
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const launch::DeviceGuard device_guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({B, h, w, C}, xc.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "outlook_pool_cuda",
+                                  [&] {
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    auto run = [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      // a row's (j, pack) items over as few blocks as kGatherThreads allows, split evenly
+      const int items = static_cast<int>(w) * static_cast<int>(C / VEC);
+      const int blocks = (items + outlook_detail::kGatherThreads - 1) /
+                         outlook_detail::kGatherThreads;
+      const int threads = ((items + blocks - 1) / blocks + 31) / 32 * 32;
+      const int64_t rows = B * h;
+      launch::launch(outlook_detail::outlook_pool_kernel<VEC, scalar_t>,
+                     dim3(static_cast<unsigned>(blocks),
+                          static_cast<unsigned>(std::min<int64_t>(rows, 65535))),
+                     static_cast<unsigned>(threads), 0, xp, op, static_cast<int>(H),
+                     static_cast<int>(W), static_cast<int>(h), static_cast<int>(w),
+                     static_cast<int>(C), static_cast<int>(stride), static_cast<int>(rows));
+    };
+    constexpr int kWide = kPack16<scalar_t>;
+    const size_t bytes = kWide * sizeof(scalar_t);
+    if (C % kWide == 0 && is_aligned(xp, bytes) && is_aligned(op, bytes))
+      run(Int<kWide>{});
+    else
+      run(Int<1>{});
+  });
+  return out;
+}
 
 at::Tensor outlook_fwd_cuda(const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size,
                             int64_t padding, int64_t stride) {
