@@ -20,7 +20,7 @@ namespace launch {
 
 using DeviceGuard = c10::cuda::CUDAGuard;
 
-enum class Attr { kMultiProcessors, kSharedMemoryOptin };
+enum class Attr { kMultiProcessors, kSharedMemoryOptin, kComputeMajor };
 
 // What the host code asks the runtime before a launch (device attributes, a kernel's
 // occupancy, whether its shared-memory limit was raised), asked once per device and kernel and
@@ -78,8 +78,9 @@ inline int device_attribute(Attr attr) {
         int value = 0;
         C10_CUDA_CHECK(cudaDeviceGetAttribute(
             &value,
-            attr == Attr::kMultiProcessors ? cudaDevAttrMultiProcessorCount
-                                           : cudaDevAttrMaxSharedMemoryPerBlockOptin,
+            attr == Attr::kMultiProcessors    ? cudaDevAttrMultiProcessorCount
+            : attr == Attr::kSharedMemoryOptin ? cudaDevAttrMaxSharedMemoryPerBlockOptin
+                                               : cudaDevAttrComputeCapabilityMajor,
             device));
         return value;
       });

@@ -35,6 +35,7 @@
 #include <mutex>
 #include <semaphore>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -131,6 +132,11 @@ inline T __shfl_xor_sync(unsigned, T value, int lane_mask) {
 
 inline float __expf(float v) { return std::exp(v); }
 
+// __syncwarp(): a barrier of the warp (orders its lanes' shared-memory accesses, as on the GPU)
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  (*mmattn_emulation::block.warps)[threadIdx.x / 32]->arrive_and_wait();
+}
+
 // A vector access (vector.cuh's load_pack / store_pack) off its alignment: the GPU stops the
 // kernel ("misaligned address"), the CPU would not notice; here it ends the process with the
 // address and width, so that a test cannot pass a kernel that the GPU would refuse.
@@ -149,6 +155,80 @@ namespace mmattn_emulation {
 inline std::mutex atomics;
 }  // namespace mmattn_emulation
 
+// The warp matrix operations of <mma.h> (nvcuda::wmma), for the 16-bit types (their CUDA types
+// are c10's here) with float accumulators. The API leaves which lane holds which element of a
+// fragment unspecified, so here every lane holds the whole tile and computes the whole product;
+// a store is written by lane 0 alone, so the other lanes see it only after a __syncwarp (as on
+// the GPU, where each lane stores its own elements). Pointers and leading dimensions are
+// checked as the GPU requires them (a 256-bit aligned pointer, ldm a multiple of 16 bytes).
+using __nv_bfloat16 = c10::BFloat16;
+using __half = c10::Half;
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  T x[rows * cols];  // (row-major)
+};
+
+inline void check_matrix(const void* p, unsigned ldm, size_t elem) {
+  mmattn_emulation::check_aligned(p, 32);
+  if ((ldm * elem) % 16 != 0) {
+    std::fprintf(stderr, "emulated wmma: ldm %u is not a multiple of 16 bytes\n", ldm);
+    std::abort();
+  }
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  check_matrix(p, ldm, sizeof(T));
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c)
+      f.x[r * F::cols + c] =
+          std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+template <int M, int N, int K>
+inline void fill_fragment(fragment<accumulator, M, N, K, float>& f, float value) {
+  for (float& v : f.x) v = value;
+}
+
+template <int M, int N, int K, typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d,
+                     const fragment<matrix_a, M, N, K, T, LA>& a,
+                     const fragment<matrix_b, M, N, K, T, LB>& b,
+                     const fragment<accumulator, M, N, K, float>& c) {
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float sum = c.x[i * N + j];
+      for (int k = 0; k < K; ++k)
+        sum += static_cast<float>(a.x[i * K + k]) * static_cast<float>(b.x[k * N + j]);
+      d.x[i * N + j] = sum;
+    }
+}
+
+template <int M, int N, int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
+                              unsigned ldm, layout_t layout) {
+  check_matrix(p, ldm, sizeof(float));
+  if (threadIdx.x % 32 != 0) return;
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
 // atomicAdd: the old value, the sum stored (one lock for every address: the threads of a block
 // run concurrently)
 template <typename T>
@@ -166,12 +246,14 @@ struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
 };
 
-enum class Attr { kMultiProcessors, kSharedMemoryOptin };
+enum class Attr { kMultiProcessors, kSharedMemoryOptin, kComputeMajor };
 
-// a small device: few blocks per launch keep the emulation quick and still split reductions
+// a small device: few blocks per launch keep the emulation quick and still split reductions;
+// a Hopper otherwise (compute capability 9.x, its shared memory)
 inline int device_attribute(Attr attr) {
-  return attr == Attr::kMultiProcessors ? 2
-                                        : static_cast<int>(mmattn_emulation::kSharedMemoryBytes);
+  return attr == Attr::kMultiProcessors      ? 2
+         : attr == Attr::kSharedMemoryOptin ? static_cast<int>(mmattn_emulation::kSharedMemoryBytes)
+                                            : 9;
 }
 
 template <typename... KArgs>
