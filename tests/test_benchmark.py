@@ -113,6 +113,38 @@ def test_host_split_option_times_each_phase() -> None:
     assert 'CUDA runtime/driver calls' not in result.stdout   # (CPU: none to show)
 
 
+def test_api_call_rows_counts_runtime_calls_outside_the_wait() -> None:
+    """The runtime/driver calls of ``--host-split``'s table, from profiler events: CUDA
+    runtime (``cuda*``) and driver (``cu*``) names only (not ``cudnn*`` or ATen operators), per
+    run, longest call, most time first; a synchronisation inside the harness's wait range is
+    left out."""
+    from types import SimpleNamespace
+
+    import torch
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    try:
+        import benchmark as bench
+    finally:
+        sys.path.pop(0)
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def evt(name: str, start: float, end: float, device=cpu) -> SimpleNamespace:
+        rng = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(name=name, device_type=device, time_range=rng)
+    events = [evt('aten::add', 0, 50), evt('cudaLaunchKernel', 1, 9),
+              evt('cudaLaunchKernel', 10, 14), evt('cuLaunchKernel', 20, 22), evt('cudnnConvolutionForward', 23, 40),
+              evt('cudaStreamSynchronize', 41, 341), evt('void my_kernel<float>', 50, 90, cuda),
+              evt('wait', 400, 900), evt('cudaDeviceSynchronize', 401, 899),
+              evt('cudaLaunchKernel', 901, 907)]
+    rows = bench.api_call_rows(events, 2, 'wait')
+    assert [r[0] for r in rows] == ['cudaStreamSynchronize', 'cudaLaunchKernel',
+                                    'cuLaunchKernel']
+    sync, launch, driver = rows
+    assert sync[1:] == pytest.approx((0.5, 0.15, 0.3))
+    assert launch[1:] == pytest.approx((1.5, 0.009, 0.008))
+    assert driver[1:] == pytest.approx((0.5, 0.001, 0.002))
+
+
 @pytest.mark.cuda
 def test_host_split_option_lists_cuda_runtime_calls() -> None:
     """On CUDA, ``--host-split`` also lists each implementation's costliest runtime/driver

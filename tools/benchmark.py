@@ -275,8 +275,14 @@ def cuda_api_calls(step: Callable[[], None], device: torch.device,
             step()
         with record_function('benchmark: wait for the device'):
             sync(device)
-    events = list(prof.events())
-    waits = [evt.time_range for evt in events if evt.name == 'benchmark: wait for the device']
+    return api_call_rows(prof.events(), runs, 'benchmark: wait for the device')
+
+
+def api_call_rows(events: list, runs: int, wait: str) -> list[tuple[str, float, float, float]]:
+    """The CUDA runtime/driver calls among a profile's host ``events`` (``FunctionEvent``s),
+    less those within the ranges named ``wait``: ``(name, calls, ms, longest ms)`` per run,
+    most time first."""
+    waits = [evt.time_range for evt in events if evt.name == wait]
     calls: dict[str, list[float]] = {}
     for evt in events:
         if evt.device_type != torch.autograd.DeviceType.CPU or not CUDA_API.match(evt.name):
@@ -291,7 +297,10 @@ def cuda_api_calls(step: Callable[[], None], device: torch.device,
 def host_split(module: nn.Module, x: torch.Tensor, g: torch.Tensor, device: torch.device,
                warmup: int, iters: int) -> HostSplit:
     """:class:`HostSplit` of ``module``'s forward + backward on ``x`` (output gradient ``g``)."""
-    def step() -> list[float]:
+    def call() -> list[tuple[float, float, float]]:
+        """One forward + backward (and the gradients' reset); the clocks at its start, after
+        the forward and after the backward. No wait for the device: the profile of the
+        runtime calls must not hold the harness's own synchronisation."""
         xg = x.detach().requires_grad_()
         clocks = [(time.perf_counter(), time.thread_time(), time.process_time())]
         out = module(xg)
@@ -302,6 +311,10 @@ def host_split(module: nn.Module, x: torch.Tensor, g: torch.Tensor, device: torc
             module.after_backward()
         for p in module.parameters():
             p.grad = None
+        return clocks
+
+    def step() -> list[float]:
+        clocks = call()
         sync(device)
         phases = [b - a for i in (0, 1) for a, b in zip(clocks[i], clocks[i + 1])]
         return phases + [time.perf_counter() - clocks[0][0]]
@@ -311,8 +324,7 @@ def host_split(module: nn.Module, x: torch.Tensor, g: torch.Tensor, device: torc
     sync(device)
     samples = [step() for _ in range(iters)]
     med = [statistics.median(column) * 1e3 for column in zip(*samples)]
-    return HostSplit(med[6], tuple(med[0:3]), tuple(med[3:6]),
-                     cuda_api_calls(step, device))
+    return HostSplit(med[6], tuple(med[0:3]), tuple(med[3:6]), cuda_api_calls(call, device))
 
 
 def host_split_report(title: str, splits: dict[str, HostSplit], top: int) -> str:
