@@ -56,23 +56,28 @@ MMATTN_HD inline bool outlook_window_pixel(const OutlookGeom& g, int64_t b, int 
   return true;
 }
 
-// Calls f(attn_offset, src_pixel) for every (window, source position) pair feeding output pixel
-// (b, u, x):
+// Calls f(attn_offset, src_pixel, valid) for every position of every window covering output
+// pixel (b, u, x), K^2 a window:
 //   forward (TRANSPOSED = false): (u,x) is window position m, the sources are the q's:
 //     y(u,x) += attn[.., m, q] * v(pixel q);
 //   grad_v (TRANSPOSED = true): (u,x) is source position q, the sources are the m's:
 //     grad_v(u,x) += attn[.., m, q] * grad_out(pixel m).
 // attn_offset points at head 0 of attn[b,i,j]; add n*K^4 for head n. src_pixel is a flat pixel
-// index (multiply by C). Source pixels in the padding are skipped. KT > 0 fixes K = KT at
-// compile time (the loops over a window's positions unroll); KT = 0 reads g.K.
+// index (multiply by C); valid is false for a source in the padding, which contributes
+// nothing (src_pixel is then (b, u, x) itself, a pixel of the image). KT > 0 fixes K = KT at
+// compile time (the loops over a window's positions unroll); KT = 0 reads g.K. Calling f for
+// the padding too, with a flag, lets a GPU kernel load a window's sources without a branch per
+// position (predicated loads the compiler can issue together); outlook_for_each_source skips
+// them.
 #ifdef __CUDACC__
 #pragma nv_exec_check_disable
 #endif
 template <bool TRANSPOSED, int KT = 0, typename F>
-MMATTN_HD inline void outlook_for_each_source(const OutlookGeom& g, int64_t b, int u, int x,
-                                              F&& f) {
+MMATTN_HD inline void outlook_for_each_position(const OutlookGeom& g, int64_t b, int u, int x,
+                                                F&& f) {
   const int K = KT > 0 ? KT : g.K;
   const int KK = K * K;
+  const int64_t self = (b * g.H + u) * g.W + x;
   int ilo, ihi, jlo, jhi;
   outlook_covering(u, g.h, K, g.p, g.s, ilo, ihi);
   outlook_covering(x, g.w, K, g.p, g.s, jlo, jhi);
@@ -82,18 +87,36 @@ MMATTN_HD inline void outlook_for_each_source(const OutlookGeom& g, int64_t b, i
       const int x0 = g.s * j - g.p;
       const int pos = (u - y0) * K + (x - x0);  // position of (u,x) in window (i,j)
       const int64_t win = ((b * g.h + i) * g.w + j) * g.N * KK * KK;
+#ifdef __CUDACC__
+#pragma unroll 1  // (a row's positions unrolled, the rows not: the gather's registers)
+#endif
       for (int ta = 0; ta < K; ++ta) {
         const int sy = y0 + ta;
-        if (sy < 0 || sy >= g.H) continue;
+        const bool row_in = sy >= 0 && sy < g.H;
         for (int tb = 0; tb < K; ++tb) {
           const int sx = x0 + tb;
-          if (sx < 0 || sx >= g.W) continue;
+          const bool in = row_in && sx >= 0 && sx < g.W;
           const int t = ta * K + tb;
-          f(win + (TRANSPOSED ? t * KK + pos : pos * KK + t), (b * g.H + sy) * g.W + sx);
+          f(win + (TRANSPOSED ? t * KK + pos : pos * KK + t),
+            in ? (b * g.H + sy) * g.W + sx : self, in);
         }
       }
     }
   }
+}
+
+// Calls f(attn_offset, src_pixel) for the pairs of outlook_for_each_position whose source is a
+// pixel of the image (the padding skipped).
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
+template <bool TRANSPOSED, int KT = 0, typename F>
+MMATTN_HD inline void outlook_for_each_source(const OutlookGeom& g, int64_t b, int u, int x,
+                                              F&& f) {
+  outlook_for_each_position<TRANSPOSED, KT>(g, b, u, x,
+                                            [&](int64_t a_off, int64_t src_pix, bool valid) {
+                                              if (valid) f(a_off, src_pix);
+                                            });
 }
 
 // Host-side validation shared by the CPU and CUDA entry points; returns the geometry.
