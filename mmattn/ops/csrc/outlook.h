@@ -67,8 +67,7 @@ MMATTN_HD inline bool outlook_window_pixel(const OutlookGeom& g, int64_t b, int 
 // nothing (src_pixel is then (b, u, x) itself, a pixel of the image). KT > 0 fixes K = KT at
 // compile time (the loops over a window's positions unroll); KT = 0 reads g.K. Calling f for
 // the padding too, with a flag, lets a GPU kernel load a window's sources without a branch per
-// position (predicated loads the compiler can issue together); outlook_for_each_source skips
-// them.
+// position (loads the compiler can issue together); outlook_for_each_source skips them.
 #ifdef __CUDACC__
 #pragma nv_exec_check_disable
 #endif
