@@ -14,6 +14,9 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 def test_host_preset_reports_each_form_against_the_conv_block() -> None:
+    """``--preset host``: each PSA form's implementations and the yardstick (a 3x3 conv + BN +
+    ReLU) timed in one round-robin per form, each implementation's ratio to that form's
+    yardstick."""
     result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
                              '--preset', 'host', '--iters', '2', '--warmup', '0'],
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -21,15 +24,22 @@ def test_host_preset_reports_each_form_against_the_conv_block() -> None:
     out = result.stdout
     assert 'CPU, 1 threads' in out
     assert 'cudnn.benchmark off' in out  # the default
-    assert re.search(r'\| conv3x3\+BN\+ReLU \| 1x8x4x4 \| training mode \| eager \|', out)
+    rows = [[c.strip() for c in row.split('|')[1:-1]] for row in out.splitlines()
+            if row.startswith('| psa |')]
+    yardsticks = {r[2]: float(r[5]) for r in rows if r[3] == 'conv3x3+BN+ReLU (yardstick)'}
+    assert set(yardsticks) == {'paper, parallel', 'paper, sequential', 'official, parallel',
+                               'official, sequential'}
+    assert all(r[7] == r[8] == r[13] == '-' for r in rows if r[3].endswith('(yardstick)'))
     summary = out[out.index('against a 3x3 conv + BN + ReLU'):]
-    forms = re.findall(r'  PSA (\w+), (\w+), (eager|mmattn): (\d+\.\d)x', summary)
-    assert {(v, m, impl) for v, m, impl, _ in forms} == {
+    forms = re.findall(r'  PSA (\w+), (\w+), (eager|mmattn): (\d+\.\d\d)x '
+                       r'\(the yardstick (\d+\.\d+) ms\)', summary)
+    assert {(v, m, impl) for v, m, impl, *_ in forms} == {
         (v, m, impl) for v in ('paper', 'official') for m in ('parallel', 'sequential')
         for impl in ('eager', 'mmattn')}
-    assert all(float(ratio) > 0 for *_, ratio in forms)
-    assert 'compile' not in {row.split('|')[4].strip() for row in out.splitlines()
-                             if row.startswith('| psa |')}
+    for v, m, impl, ratio, base in forms:
+        assert float(ratio) > 0
+        assert abs(float(base) - yardsticks[f'{v}, {m}']) <= 0.005   # the form's own (rounded)
+    assert 'compile' not in {r[3] for r in rows}
 
 
 def test_kernels_option_profiles_each_shape() -> None:
