@@ -213,17 +213,26 @@ def top_table(prof: object, device: torch.device, top: int) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70)
 
 
-def profiled(step: Callable[[], None], device: torch.device, runs: int = 1) -> object:
+#: the profiler range around profiled's wait for the device after the runs
+PROFILE_WAIT = 'benchmark: wait for the device'
+
+
+def profiled(step: Callable[[], None], device: torch.device, runs: int = 1,
+             mark_wait: bool = False) -> object:
     """``torch.profiler``'s record of ``runs`` calls of ``step`` (host operators, and on CUDA
-    the kernels), the device synchronised before and after."""
-    from torch.profiler import ProfilerActivity, profile
+    the kernels), the device synchronised before and after; with ``mark_wait``, that last wait
+    in a range named :data:`PROFILE_WAIT` (which the operator tables would otherwise list)."""
+    from contextlib import nullcontext
+
+    from torch.profiler import ProfilerActivity, profile, record_function
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
                                            if device.type == 'cuda' else [])
     sync(device)
     with profile(activities=activities) as prof:
         for _ in range(runs):
             step()
-        sync(device)
+        with record_function(PROFILE_WAIT) if mark_wait else nullcontext():
+            sync(device)
     return prof
 
 
@@ -268,14 +277,8 @@ def cuda_api_calls(step: Callable[[], None], device: torch.device,
     runs (the harness's own synchronisation) left out. Empty off CUDA."""
     if device.type != 'cuda':
         return []
-    from torch.profiler import ProfilerActivity, profile, record_function
-    sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(runs):
-            step()
-        with record_function('benchmark: wait for the device'):
-            sync(device)
-    return api_call_rows(prof.events(), runs, 'benchmark: wait for the device')
+    return api_call_rows(profiled(step, device, runs, mark_wait=True).events(), runs,
+                         PROFILE_WAIT)
 
 
 def api_call_rows(events: list, runs: int, wait: str) -> list[tuple[str, float, float, float]]:
@@ -294,23 +297,38 @@ def api_call_rows(events: list, runs: int, wait: str) -> list[tuple[str, float, 
     return sorted(rows, key=lambda row: -row[2])
 
 
+def forward_backward(module: nn.Module, x: torch.Tensor, g: torch.Tensor,
+                     mark: Optional[Callable[[], None]] = None) -> None:
+    """One timed forward + backward of ``module``: x as a leaf requiring gradients, ``g`` the
+    output gradient (ones where the output has another shape: a loss, logits), the model's
+    ``after_backward`` (an optimizer step), the parameters' gradients reset. ``mark``, if
+    given, is called before the forward, between it and the backward, and after the
+    backward. No wait for the device."""
+    xg = x.detach().requires_grad_()
+    if mark is not None:
+        mark()
+    out = module(xg)
+    if mark is not None:
+        mark()
+    out.backward(g if out.shape == g.shape else torch.ones_like(out))
+    if mark is not None:
+        mark()
+    if hasattr(module, 'after_backward'):
+        module.after_backward()
+    for p in module.parameters():
+        p.grad = None
+
+
 def host_split(module: nn.Module, x: torch.Tensor, g: torch.Tensor, device: torch.device,
                warmup: int, iters: int) -> HostSplit:
     """:class:`HostSplit` of ``module``'s forward + backward on ``x`` (output gradient ``g``)."""
     def call() -> list[tuple[float, float, float]]:
-        """One forward + backward (and the gradients' reset); the clocks at its start, after
-        the forward and after the backward. No wait for the device: the profile of the
-        runtime calls must not hold the harness's own synchronisation."""
-        xg = x.detach().requires_grad_()
-        clocks = [(time.perf_counter(), time.thread_time(), time.process_time())]
-        out = module(xg)
-        clocks.append((time.perf_counter(), time.thread_time(), time.process_time()))
-        out.backward(g if out.shape == g.shape else torch.ones_like(out))
-        clocks.append((time.perf_counter(), time.thread_time(), time.process_time()))
-        if hasattr(module, 'after_backward'):
-            module.after_backward()
-        for p in module.parameters():
-            p.grad = None
+        """:func:`forward_backward`; the clocks at its start, after the forward and after the
+        backward. No wait for the device: the profile of the runtime calls must not hold the
+        harness's own synchronisation."""
+        clocks: list[tuple[float, float, float]] = []
+        forward_backward(module, x, g, lambda: clocks.append(
+            (time.perf_counter(), time.thread_time(), time.process_time())))
         return clocks
 
     def step() -> list[float]:
@@ -512,13 +530,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
                 module(x)
 
         def run_fwdbwd(module: nn.Module = module) -> None:
-            xg = x.detach().requires_grad_()
-            out = module(xg)
-            out.backward(g if out.shape == g.shape else torch.ones_like(out))
-            if hasattr(module, 'after_backward'):
-                module.after_backward()
-            for p in module.parameters():
-                p.grad = None
+            forward_backward(module, x, g)
 
         fwd[name], fwdbwd[name] = run_fwd, run_fwdbwd
         # (the yardstick computes something else: no error to report)
