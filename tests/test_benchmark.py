@@ -38,7 +38,8 @@ def test_host_preset_reports_each_form_against_the_conv_block() -> None:
         for impl in ('eager', 'mmattn')}
     for v, m, impl, ratio, base in forms:
         assert float(ratio) > 0
-        assert abs(float(base) - yardsticks[f'{v}, {m}']) <= 0.005   # the form's own (rounded)
+        # the form's own yardstick: the table rounds it to 0.01 ms, the summary to 0.001 ms
+        assert abs(float(base) - yardsticks[f'{v}, {m}']) <= 0.005 + 0.0005 + 1e-9
     assert 'compile' not in {r[3] for r in rows}
 
 
