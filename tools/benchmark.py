@@ -213,15 +213,17 @@ def top_table(prof: object, device: torch.device, top: int) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70)
 
 
-#: the profiler range around profiled's wait for the device after the runs
-PROFILE_WAIT = 'benchmark: wait for the device'
+#: the profiler range around each run of a step that profiled records with ``mark_steps``
+PROFILE_STEP = 'benchmark: one step'
 
 
 def profiled(step: Callable[[], None], device: torch.device, runs: int = 1,
-             mark_wait: bool = False) -> object:
+             mark_steps: bool = False) -> object:
     """``torch.profiler``'s record of ``runs`` calls of ``step`` (host operators, and on CUDA
-    the kernels), the device synchronised before and after; with ``mark_wait``, that last wait
-    in a range named :data:`PROFILE_WAIT` (which the operator tables would otherwise list)."""
+    the kernels), the device synchronised before and after; with ``mark_steps``, each call in
+    a range named :data:`PROFILE_STEP`, so that what the harness and the profiler do around
+    the calls (the wait for the device, the profiler's own synchronisation when it stops) can
+    be told from them."""
     from contextlib import nullcontext
 
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -230,9 +232,9 @@ def profiled(step: Callable[[], None], device: torch.device, runs: int = 1,
     sync(device)
     with profile(activities=activities) as prof:
         for _ in range(runs):
-            step()
-        with record_function(PROFILE_WAIT) if mark_wait else nullcontext():
-            sync(device)
+            with record_function(PROFILE_STEP) if mark_steps else nullcontext():
+                step()
+        sync(device)
     return prof
 
 
@@ -273,24 +275,26 @@ CUDA_API = re.compile(r'^cu(da)?[A-Z]')
 def cuda_api_calls(step: Callable[[], None], device: torch.device,
                    runs: int = 3) -> list[tuple[str, float, float, float]]:
     """The CUDA runtime and driver calls of ``runs`` calls of ``step`` (profiled), per call:
-    ``(name, calls, ms, longest ms)``, most time first; the wait for the device after the
-    runs (the harness's own synchronisation) left out. Empty off CUDA."""
+    ``(name, calls, ms, longest ms)``, most time first; only the calls made while a step
+    runs (its backward's on autograd's device thread too), not the harness's wait for the
+    device after the runs or the profiler's own synchronisation when it stops. Empty off
+    CUDA."""
     if device.type != 'cuda':
         return []
-    return api_call_rows(profiled(step, device, runs, mark_wait=True).events(), runs,
-                         PROFILE_WAIT)
+    return api_call_rows(profiled(step, device, runs, mark_steps=True).events(), runs,
+                         PROFILE_STEP)
 
 
-def api_call_rows(events: list, runs: int, wait: str) -> list[tuple[str, float, float, float]]:
-    """The CUDA runtime/driver calls among a profile's host ``events`` (``FunctionEvent``s),
-    less those within the ranges named ``wait``: ``(name, calls, ms, longest ms)`` per run,
-    most time first."""
-    waits = [evt.time_range for evt in events if evt.name == wait]
+def api_call_rows(events: list, runs: int, within: str) -> list[tuple[str, float, float, float]]:
+    """The CUDA runtime/driver calls among a profile's host ``events`` (``FunctionEvent``s,
+    of any thread) that start inside a range named ``within``: ``(name, calls, ms, longest
+    ms)`` per run, most time first."""
+    ranges = [evt.time_range for evt in events if evt.name == within]
     calls: dict[str, list[float]] = {}
     for evt in events:
         if evt.device_type != torch.autograd.DeviceType.CPU or not CUDA_API.match(evt.name):
             continue
-        if any(w.start <= evt.time_range.start <= w.end for w in waits):
+        if not any(r.start <= evt.time_range.start <= r.end for r in ranges):
             continue
         calls.setdefault(evt.name, []).append(evt.time_range.elapsed_us() / 1e3)
     rows = [(name, len(ms) / runs, sum(ms) / runs, max(ms)) for name, ms in calls.items()]
