@@ -43,8 +43,10 @@ SCHEMAS: dict[str, str] = {
     # outlook attention, Eq. 4-5 of arXiv 2106.13112, fused (no unfold, no fold)
     'outlook_fwd': 'outlook_fwd(Tensor v, Tensor attn, int kernel_size, int padding, '
                    'int stride) -> Tensor',
+    # (with softmax_scale, the gradient of the logits L of attn = softmax(scale L) in place of
+    # attn's: the block's backward, whose softmax's backward it takes over)
     'outlook_bwd': 'outlook_bwd(Tensor grad_out, Tensor v, Tensor attn, int kernel_size, '
-                   'int padding, int stride) -> (Tensor, Tensor)',
+                   'int padding, int stride, float? softmax_scale=None) -> (Tensor, Tensor)',
     # the s x s average pooling (ceil mode) of a channels-last map that the block's weights
     # start from (CUDA: a kernel of its own; CPU: ATen's avg_pool2d)
     'outlook_pool': 'outlook_pool(Tensor x, int stride) -> Tensor',

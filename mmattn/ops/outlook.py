@@ -61,7 +61,7 @@ def _(v, attn, kernel_size, padding, stride):
 
 
 @torch.library.register_fake('mmattn::outlook_bwd')
-def _(grad_out, v, attn, kernel_size, padding, stride):
+def _(grad_out, v, attn, kernel_size, padding, stride, softmax_scale=None):
     return (torch.empty_like(v, memory_format=torch.contiguous_format),
             torch.empty_like(attn, memory_format=torch.contiguous_format))
 
@@ -201,13 +201,11 @@ class _RecomputingOutlook(torch.autograd.Function):
             g_proj_w = g2.t() @ y.reshape(-1, c).to(g2.dtype)
             g_proj_b = g2.sum(0)
             dy = (grad_out @ proj_weight.to(grad_out.dtype)).to(v.dtype).contiguous()
-            dv, dattn = torch.ops.mmattn.outlook_bwd(dy, v, attn, k, p, s)
-            # the softmax's backward, attn (dattn - sum(attn dattn)), as PyTorch's autograd of
-            # a softmax runs it: one kernel (accumulating in float32), where upcasts, products
-            # and a sum took 8 (on an H100 at VOLO-D1's stage 1, bf16, the block's backward ran
-            # four multiplications of 36 us a call, 2026-11-27)
-            dlogits = torch._softmax_backward_data(dattn.to(attn.dtype), attn, -1, attn.dtype)
-            dlogits = dlogits.mul_(scale)
+            # the logits' gradient, scale attn (dattn - sum(attn dattn)), in the kernel that
+            # computes dattn, from its float products (on an H200 at VOLO-D1's stage 1, bf16,
+            # PyTorch's softmax backward and the scaling after it were two more passes over
+            # the weights' 24 MB and two more operator calls, 2026-11-27)
+            dv, dlogits = torch.ops.mmattn.outlook_bwd(dy, v, attn, k, p, s, scale)
             pooled = _block_pool(x, s)
             dlogits = dlogits.reshape(*pooled.shape[:3], -1).to(pooled.dtype)
             d2 = dlogits.reshape(-1, dlogits.shape[-1])

@@ -27,7 +27,8 @@ from mmattn.ops.dispatch import PSA_KERNEL_OPS
 from mmattn.ops.psa_block import psa_block_weights, state_shapes
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from test_outlook_op import grid, paper_aggregate  # noqa: E402
+from test_outlook_op import (check_logits_grad, check_logits_grad_half, grid,  # noqa: E402
+                             paper_aggregate)
 from test_psa_block import block  # noqa: E402
 from test_psa_op import (EPS, F64, PARAM_NAMES, check_low_precision, grads,  # noqa: E402
                          paper_psa, random_params)
@@ -551,6 +552,23 @@ def test_outlook_kernels_match_equations(emulated) -> None:
         paper_aggregate(vr, ar, k, p, s).backward(g)
         torch.testing.assert_close(grad_v, vr.grad, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad_attn, ar.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_outlook_kernels_logits_gradient(emulated) -> None:
+    """outlook_bwd with softmax_scale (the block's backward): the logits' gradient in grad_attn's
+    kernels, every emulated geometry (the K=7 one past the shared-memory budget: the global
+    kernel, then PyTorch's softmax backward)."""
+    check_logits_grad(emulated.outlook_bwd, EMULATED_GEOMETRIES)
+
+
+@pytest.mark.parametrize('dtype, heads, d', [(torch.bfloat16, 6, 32), (torch.float16, 10, 16),
+                                             (torch.bfloat16, 2, 48), (torch.bfloat16, 3, 3),
+                                             (torch.float32, 6, 32)])
+def test_outlook_kernels_logits_gradient_low_precision(emulated, dtype: torch.dtype, heads: int,
+                                                       d: int) -> None:
+    """The same in 16-bit types on the tensor-core kernel (heads of 16-48 channels, more heads
+    than its 8 warps) and the scalar one (3 channels a head, float32)."""
+    check_logits_grad_half(emulated.outlook_bwd, dtype, heads, d)
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])

@@ -115,6 +115,58 @@ def check_half(device: str, backend: str, dtype: torch.dtype) -> None:
         assert err(a, t) <= 2 * err(r, t) + 1e-6, name
 
 
+SCALE = 0.37   # softmax_scale in the logits tests (VOLO's is d ** -0.5)
+
+
+def logits_grad_truth(v: Tensor, logits: Tensor, g: Tensor, k: int, p: int, s: int,
+                      scale: float = SCALE) -> tuple[Tensor, Tensor]:
+    """Gradients of sum(g * y) for y = Eq. 4-5 with attn = softmax(scale * logits) (Eq. 3) in
+    float64, by autograd through the equations: (grad v, grad logits)."""
+    vr = v.detach().double().requires_grad_()
+    lr = logits.detach().double().requires_grad_()
+    paper_aggregate(vr, (lr * scale).softmax(-1), k, p, s).backward(g.double())
+    return vr.grad, lr.grad
+
+
+def check_logits_grad(bwd, geometries: list, device: str = 'cpu') -> None:
+    """``outlook_bwd`` (``bwd``) with ``softmax_scale``: its second output is the gradient of
+    the logits L of attn = softmax(scale L), in float64 against autograd through Eq. 3-5,
+    every geometry; the first, v's gradient, as without it."""
+    for k, p, s, height, width, heads, d in geometries:
+        v, attn = inputs(2, k, p, s, height, width, heads, d, device=device)
+        logits = attn.log().mul(3.0)
+        attn = (logits * SCALE).softmax(-1)
+        g = torch.randn_like(v)
+        grad_v, grad_l = bwd(g, v, attn, k, p, s, SCALE)
+        truth_v, truth_l = logits_grad_truth(v, logits, g, k, p, s)
+        torch.testing.assert_close(grad_l, truth_l, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad_v, truth_v, rtol=1e-10, atol=1e-10)
+
+
+def check_logits_grad_half(bwd, dtype: torch.dtype, heads: int, d: int,
+                           device: str = 'cpu') -> None:
+    """The logits' gradient in ``dtype`` (K=3, s=2): error against float64 at most about twice
+    PyTorch's in that dtype (autograd of ``softmax(scale L)`` and the reference aggregation),
+    float32 within 1e-5."""
+    from mmattn.ops import outlook_attention_reference
+    k, p, s = 3, 1, 2
+    v, attn = inputs(2, k, p, s, 9, 10, heads, d, device=device)
+    logits = attn.log().mul(3.0)
+    g = torch.randn_like(v)
+    _, truth = logits_grad_truth(v, logits, g, k, p, s)
+    vh, lh, gh = v.to(dtype), logits.to(dtype), g.to(dtype)
+    lr = lh.clone().requires_grad_()
+    outlook_attention_reference(vh, (lr * SCALE).softmax(-1), kernel_size=k, padding=p,
+                                stride=s).backward(gh)
+    _, ours = bwd(gh, vh, (lh * SCALE).softmax(-1), k, p, s, SCALE)
+    err = (ours.double() - truth).abs().max().item()
+    assert ours.dtype == dtype
+    if dtype == torch.float32:
+        assert err <= 1e-5
+    else:
+        assert err <= 2 * (lr.grad.double() - truth).abs().max().item() + 1e-6
+
+
 def kept(fn, v: Tensor, attn: Tensor) -> int:
     """Bytes autograd keeps for the backward of ``fn(v, attn)`` beyond the inputs."""
     return saved_bytes(fn, v.detach().requires_grad_(), attn.detach().requires_grad_())
@@ -153,6 +205,15 @@ def test_cpu_kernel_gradcheck(cpu_kernels: str, s: int) -> None:
     v, attn = inputs(1, 3, 1, s, 3, 5, 2, 2)
     assert torch.autograd.gradcheck(kernel_fn(3, 1, s, 'cpu'),
                                      (v.requires_grad_(), attn.requires_grad_()))
+
+
+def test_cpu_kernel_logits_gradient(cpu_kernels: str) -> None:
+    check_logits_grad(torch.ops.mmattn.outlook_bwd, GEOMETRIES)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_kernel_logits_gradient_low_precision(cpu_kernels: str, dtype: torch.dtype) -> None:
+    check_logits_grad_half(torch.ops.mmattn.outlook_bwd, dtype, 6, 32)
 
 
 def test_cpu_kernel_opcheck(cpu_kernels: str) -> None:
@@ -308,6 +369,13 @@ def test_cuda_kernel_gradcheck_and_opcheck(cuda_kernels: str) -> None:
     v, attn = inputs(2, 3, 1, 2, 5, 6, 2, 3, device='cuda')
     torch.library.opcheck(torch.ops.mmattn.outlook_fwd.default,
                           (v.requires_grad_(), attn.requires_grad_(), 3, 1, 2))
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_logits_gradient(cuda_kernels: str) -> None:
+    check_logits_grad(torch.ops.mmattn.outlook_bwd, GEOMETRIES, 'cuda')
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # (16-bit: tensor cores)
+        check_logits_grad_half(torch.ops.mmattn.outlook_bwd, dtype, 6, 32, 'cuda')
 
 
 @pytest.mark.cuda

@@ -7,12 +7,17 @@
 // position q for window position m. Window (i,j) covers the pixels (s*i - p + ka, s*j - p + kb),
 // position index ka*K + kb; pixels outside the image are zero padding.
 //
+// With softmax_scale, outlook_bwd returns, in place of grad_attn, the gradient of the logits L of
+// attn = softmax(scale L) over its last axis (Eq. 3): scale attn (grad_attn - sum_q attn
+// grad_attn), computed from grad_attn in the accumulation type.
+//
 // This header holds the index arithmetic shared by the CPU (outlook_cpu.cpp) and CUDA
 // (outlook_cuda.cu) kernels, so that the CPU build tests the very code the GPU runs.
 #pragma once
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -183,13 +188,15 @@ at::Tensor outlook_fwd_cpu(const at::Tensor& v, const at::Tensor& attn, int64_t 
                            int64_t padding, int64_t stride);
 std::tuple<at::Tensor, at::Tensor> outlook_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& v,
                                                    const at::Tensor& attn, int64_t kernel_size,
-                                                   int64_t padding, int64_t stride);
+                                                   int64_t padding, int64_t stride,
+                                                   std::optional<double> softmax_scale);
 at::Tensor outlook_fwd_cuda(const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size,
                             int64_t padding, int64_t stride);
 at::Tensor outlook_pool_cuda(const at::Tensor& x, int64_t stride);
 std::tuple<at::Tensor, at::Tensor> outlook_bwd_cuda(const at::Tensor& grad_out,
                                                     const at::Tensor& v, const at::Tensor& attn,
                                                     int64_t kernel_size, int64_t padding,
-                                                    int64_t stride);
+                                                    int64_t stride,
+                                                    std::optional<double> softmax_scale);
 
 }  // namespace mmattn

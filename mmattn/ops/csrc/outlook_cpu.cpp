@@ -4,6 +4,7 @@
 //   y      = Fold(A_hat V_Delta)               gathered per output pixel (Eq. 4-5)
 //   grad_v = the same gather with m <-> q swapped and grad_out in place of v
 //   grad_A[b,i,j,n,m,q] = <grad_out(pixel m), v(pixel q)> over the channels of head n
+//   grad_L = scale A (grad_A - sum_q A grad_A)  with softmax_scale: the logits' gradient
 //
 // Index arithmetic lives in outlook.h, shared with the CUDA kernels.
 #include <algorithm>
@@ -76,17 +77,19 @@ inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
 }
 
 // grad_attn, one window at a time: stage its K^2 rows of grad_out and v (as acc_t, zero in the
-// padding), then the N*K^2*K^2 dot products of length d.
+// padding), then the N*K^2*K^2 dot products of length d, a row (n, m) at a time; with softmax,
+// the row's logits' gradient from them (scale A (grad_A - sum_q A grad_A), in acc_t).
 template <typename scalar_t>
-void outlook_grad_attn_cpu(const scalar_t* gout, const scalar_t* v, scalar_t* gattn,
-                           const OutlookGeom& g, int64_t B, int64_t C) {
+void outlook_grad_attn_cpu(const scalar_t* gout, const scalar_t* v, const scalar_t* attn,
+                           scalar_t* gattn, const OutlookGeom& g, int64_t B, int64_t C,
+                           const std::optional<double>& softmax_scale) {
   using acc_t = at::opmath_type<scalar_t>;
   const int KK = g.K * g.K;
   const int64_t d = C / g.N;
   const int64_t windows = B * g.h * g.w;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.N * KK * KK * d));
   at::parallel_for(0, windows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gs(KK * C), vs(KK * C);
+    std::vector<acc_t> gs(KK * C), vs(KK * C), row(KK);
     std::vector<char> valid(KK);
     for (int64_t win = begin; win < end; ++win) {
       const int j = static_cast<int>(win % g.w);
@@ -104,11 +107,23 @@ void outlook_grad_attn_cpu(const scalar_t* gout, const scalar_t* v, scalar_t* ga
         }
       }
       scalar_t* out = gattn + win * g.N * KK * KK;
+      const scalar_t* a = attn + win * g.N * KK * KK;
       for (int n = 0; n < g.N; ++n)
-        for (int m = 0; m < KK; ++m)
-          for (int q = 0; q < KK; ++q, ++out)
-            *out = static_cast<scalar_t>(valid[m] && valid[q]
-                ? dot(gs.data() + m * C + n * d, vs.data() + q * C + n * d, d) : acc_t(0));
+        for (int m = 0; m < KK; ++m, out += KK, a += KK) {
+          acc_t sum = 0;
+          for (int q = 0; q < KK; ++q) {
+            row[q] = valid[m] && valid[q]
+                ? dot(gs.data() + m * C + n * d, vs.data() + q * C + n * d, d) : acc_t(0);
+            sum += static_cast<acc_t>(a[q]) * row[q];
+          }
+          if (softmax_scale) {
+            const auto scale = static_cast<acc_t>(*softmax_scale);
+            for (int q = 0; q < KK; ++q)
+              out[q] = static_cast<scalar_t>(scale * static_cast<acc_t>(a[q]) * (row[q] - sum));
+          } else {
+            for (int q = 0; q < KK; ++q) out[q] = static_cast<scalar_t>(row[q]);
+          }
+        }
     }
   });
 }
@@ -131,7 +146,8 @@ at::Tensor outlook_fwd_cpu(const at::Tensor& v, const at::Tensor& attn, int64_t 
 
 std::tuple<at::Tensor, at::Tensor> outlook_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& v,
                                                    const at::Tensor& attn, int64_t kernel_size,
-                                                   int64_t padding, int64_t stride) {
+                                                   int64_t padding, int64_t stride,
+                                                   std::optional<double> softmax_scale) {
   const OutlookGeom g = outlook_check("outlook_bwd", &grad_out, v, attn, kernel_size, padding,
                                       stride);
   const at::Tensor gc = grad_out.contiguous(), vc = v.contiguous(), ac = attn.contiguous();
@@ -142,8 +158,9 @@ std::tuple<at::Tensor, at::Tensor> outlook_bwd_cpu(const at::Tensor& grad_out, c
     outlook_gather_cpu_any_k<true>(gc.const_data_ptr<scalar_t>(), ac.const_data_ptr<scalar_t>(),
                                    grad_v.mutable_data_ptr<scalar_t>(), g, vc.size(0), vc.size(3));
     outlook_grad_attn_cpu<scalar_t>(gc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
+                                    ac.const_data_ptr<scalar_t>(),
                                     grad_attn.mutable_data_ptr<scalar_t>(), g, vc.size(0),
-                                    vc.size(3));
+                                    vc.size(3), softmax_scale);
   });
   return {grad_v, grad_attn};
 }

@@ -4,6 +4,10 @@
 //   y      = Fold(A_hat V_Delta)               gathered per output pixel (Eq. 4-5)
 //   grad_v = the same gather with m <-> q swapped and grad_out in place of v
 //   grad_A[b,i,j,n,m,q] = <grad_out(pixel m), v(pixel q)> over the channels of head n
+//   grad_L = scale A (grad_A - sum_q A grad_A)  with softmax_scale: the gradient of the logits L
+//            of A = softmax(scale L) (Eq. 3), from grad_A in float, in the kernel that computes
+//            grad_A (where PyTorch's softmax backward and a scaling took two more passes over
+//            a map of A's size)
 //   pool   = the s x s average pooling (ceil mode) of the block's input, whose projection gives
 //            the weights (Eq. 3): PyTorch's avg_pool2d of a channels-last map ran at 0.3 TB/s
 //            on an H100 (126 us a call at VOLO-D1's stage 1, [128, 28, 28, 192] bf16), twice per
@@ -90,18 +94,23 @@ outlook_gather_kernel(const scalar_t* __restrict__ src, const scalar_t* __restri
 // channels, as acc_t, zero in the padding) in shared memory, then one thread per output
 // (n, m, q) -- consecutive threads write consecutive q, coalesced -- computes a length-d dot
 // product. Rows are ld = C rounded up to odd apart, so the threads of a warp reading the same
-// channel of different rows hit different banks.
+// channel of different rows hit different banks. With softmax (the logits' gradient, scale
+// applied), the products stay in shared memory (ds), a thread per row (n, m) sums A grad_A
+// over q, and a thread per output writes scale A (grad_A - that sum).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWindowThreads)
 outlook_grad_attn_smem_kernel(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ v,
-                              scalar_t* __restrict__ gattn, const OutlookGeom g, const int C,
-                              const int d, const int ld, const int64_t windows) {
+                              const scalar_t* __restrict__ attn, scalar_t* __restrict__ gattn,
+                              const OutlookGeom g, const int C, const int d, const int ld,
+                              const int64_t windows, const bool softmax, const double scale) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int KK = g.K * g.K;
   const int outs = g.N * KK * KK;
   acc_t* gs = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* vs = gs + KK * ld;
+  acc_t* ds = vs + KK * ld;  // (softmax) the window's grad_attn, outs values
+  acc_t* row_sums = ds + outs;  // (softmax) N K^2 values
   for (int64_t win = blockIdx.x; win < windows; win += gridDim.x) {
     const int j = static_cast<int>(win % g.w);
     const int i = static_cast<int>((win / g.w) % g.h);
@@ -126,7 +135,23 @@ outlook_grad_attn_smem_kernel(const scalar_t* __restrict__ gout, const scalar_t*
         s1 += gr[c + 1] * vr[c + 1];
       }
       if (c < d) s0 += gr[c] * vr[c];
-      out[o] = static_cast<scalar_t>(s0 + s1);
+      if (softmax)
+        ds[o] = s0 + s1;
+      else
+        out[o] = static_cast<scalar_t>(s0 + s1);
+    }
+    if (softmax) {  // (uniform across the block)
+      const scalar_t* a = attn + win * outs;
+      __syncthreads();
+      for (int r = threadIdx.x; r < g.N * KK; r += blockDim.x) {
+        acc_t sum = 0;
+        for (int q = 0; q < KK; ++q) sum += static_cast<acc_t>(a[r * KK + q]) * ds[r * KK + q];
+        row_sums[r] = sum;
+      }
+      __syncthreads();
+      for (int o = threadIdx.x; o < outs; o += blockDim.x)
+        out[o] = static_cast<scalar_t>(static_cast<acc_t>(scale) * static_cast<acc_t>(a[o]) *
+                                       (ds[o] - row_sums[o / KK]));
     }
     __syncthreads();  // before the next window overwrites the rows
   }
@@ -155,7 +180,9 @@ constexpr int kMmaWarps = 8;
 // rows past K^2 padding whose products are never read. A block of kMmaWarps warps takes a
 // window at a time: it stages the K^2 rows of grad_out and v in x's dtype (16-byte copies,
 // zeros in the padding), each warp then takes heads warp, warp + kMmaWarps, ... and writes the
-// K^2 x K^2 corner of its product through a 16 x 16 float tile of shared memory. Rows are ld
+// K^2 x K^2 corner of its product through a 16 x 16 float tile of shared memory (with
+// softmax, the logits' gradient from that float tile: lane m < K^2 sums row m's A grad_A, the
+// lanes writing row m take that sum by a shuffle). Rows are ld
 // elements apart, ld = 8 (mod 16): 32-byte aligned for the fragment loads at any multiple of
 // 16 channels, and the 8 rows that one matrix load reads in a phase fall on distinct banks.
 // Replaces the scalar kernel's 2 shared-memory loads per multiply-add (outlook_grad_attn_smem:
@@ -163,8 +190,9 @@ constexpr int kMmaWarps = 8;
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMmaWarps * 32, kGatherMinBlocks)
 outlook_grad_attn_mma_kernel(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ v,
-                             scalar_t* __restrict__ gattn, const OutlookGeom g, const int C,
-                             const int d, const int ld, const int64_t windows) {
+                             const scalar_t* __restrict__ attn, scalar_t* __restrict__ gattn,
+                             const OutlookGeom g, const int C, const int d, const int ld,
+                             const int64_t windows, const bool softmax, const float scale) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   using T = typename MmaType<scalar_t>::type;
@@ -209,9 +237,25 @@ outlook_grad_attn_mma_kernel(const scalar_t* __restrict__ gout, const scalar_t* 
       }
       wmma::store_matrix_sync(tile, acc, kMmaTile, wmma::mem_row_major);
       __syncwarp();
-      scalar_t* out = gattn + win * outs + static_cast<int64_t>(n) * KK * KK;
-      for (int o = lane; o < KK * KK; o += 32)
-        out[o] = static_cast<scalar_t>(tile[(o / KK) * kMmaTile + o % KK]);
+      const int64_t head = win * outs + static_cast<int64_t>(n) * KK * KK;
+      scalar_t* out = gattn + head;
+      if (softmax) {  // (uniform across the block)
+        const scalar_t* a = attn + head;
+        float row_sum = 0.0f;
+        if (lane < KK)
+          for (int q = 0; q < KK; ++q)
+            row_sum += static_cast<float>(a[lane * KK + q]) * tile[lane * kMmaTile + q];
+        for (int o0 = 0; o0 < KK * KK; o0 += 32) {  // (every lane, for the shuffle)
+          const int o = o0 + lane, m = o / KK;
+          const float sum_m = __shfl_sync(0xffffffffu, row_sum, m < KK ? m : 0);
+          if (o < KK * KK)
+            out[o] = static_cast<scalar_t>(scale * static_cast<float>(a[o]) *
+                                           (tile[m * kMmaTile + o % KK] - sum_m));
+        }
+      } else {
+        for (int o = lane; o < KK * KK; o += 32)
+          out[o] = static_cast<scalar_t>(tile[(o / KK) * kMmaTile + o % KK]);
+      }
       __syncwarp();  // before the next head's product overwrites the tile
     }
     __syncthreads();  // before the next window overwrites the rows
@@ -322,16 +366,23 @@ void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tens
   if constexpr (kNarrow > 1) run(Int<1>{}, Int<0>{});
 }
 
+// grad_attn into gattn; with softmax_scale, the gradient of the logits instead (see the top)
 template <typename scalar_t>
-void launch_grad_attn(const at::Tensor& gout, const at::Tensor& v, const at::Tensor& gattn,
-                      const OutlookGeom& g) {
+void launch_grad_attn(const at::Tensor& gout, const at::Tensor& v, const at::Tensor& attn,
+                      const at::Tensor& gattn, const OutlookGeom& g,
+                      const std::optional<double>& softmax_scale) {
   if (gattn.numel() == 0) return;
   using acc_t = at::opmath_type<scalar_t>;
   const int C = static_cast<int>(v.size(3)), d = C / g.N, KK = g.K * g.K;
   const int ld = C | 1;  // odd row stride: conflict-free column reads
-  const int64_t smem = 2 * static_cast<int64_t>(KK) * ld * sizeof(acc_t);
+  const bool softmax = softmax_scale.has_value();
+  const double scale = softmax_scale.value_or(1.0);
+  const int64_t smem = (2 * static_cast<int64_t>(KK) * ld +
+                        (softmax ? static_cast<int64_t>(g.N) * KK * (KK + 1) : 0)) *
+                       sizeof(acc_t);
   const scalar_t* gp = gout.const_data_ptr<scalar_t>();
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  const scalar_t* ap = attn.const_data_ptr<scalar_t>();
   scalar_t* op = gattn.mutable_data_ptr<scalar_t>();
   const int64_t windows = v.size(0) * static_cast<int64_t>(g.h) * g.w;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
@@ -347,8 +398,8 @@ void launch_grad_attn(const at::Tensor& gout, const at::Tensor& v, const at::Ten
       const auto blocks = static_cast<unsigned>(std::min<int64_t>(windows, 1 << 30));
       auto kernel = outlook_grad_attn_mma_kernel<scalar_t>;
       if (smem_mma > static_cast<size_t>(kSmemBudget)) launch::allow_shared_memory(kernel, smem_mma);
-      launch::launch(kernel, dim3(blocks), kMmaWarps * 32, smem_mma, gp, vp, op, g, C, d, ld_mma,
-                     windows);
+      launch::launch(kernel, dim3(blocks), kMmaWarps * 32, smem_mma, gp, vp, ap, op, g, C, d,
+                     ld_mma, windows, softmax, static_cast<float>(scale));
       return;
     }
   }
@@ -357,14 +408,16 @@ void launch_grad_attn(const at::Tensor& gout, const at::Tensor& v, const at::Ten
     const int threads = std::max(128, std::min(kWindowThreads, (outs + 31) / 32 * 32));
     const auto blocks = static_cast<unsigned>(std::min<int64_t>(windows, 1 << 30));
     launch::launch(outlook_grad_attn_smem_kernel<scalar_t>, dim3(blocks),
-                   static_cast<unsigned>(threads), static_cast<size_t>(smem), gp, vp, op, g, C,
-                   d, ld, windows);
+                   static_cast<unsigned>(threads), static_cast<size_t>(smem), gp, vp, ap, op, g,
+                   C, d, ld, windows, softmax, scale);
   } else {
     const int64_t total = gattn.numel();
     const auto blocks = static_cast<unsigned>(
         std::min<int64_t>((total + kGatherThreads - 1) / kGatherThreads, 1 << 20));
     launch::launch(outlook_grad_attn_kernel<scalar_t>, dim3(blocks),
                    static_cast<unsigned>(kGatherThreads), 0, gp, vp, op, g, C, d, total);
+    if (softmax)  // (rows past the shared-memory budget: PyTorch's softmax backward after it)
+      gattn.copy_(at::_softmax_backward_data(gattn, attn, -1, attn.scalar_type()).mul_(scale));
   }
 }
 
@@ -423,7 +476,8 @@ at::Tensor outlook_fwd_cuda(const at::Tensor& v, const at::Tensor& attn, int64_t
 std::tuple<at::Tensor, at::Tensor> outlook_bwd_cuda(const at::Tensor& grad_out,
                                                     const at::Tensor& v, const at::Tensor& attn,
                                                     int64_t kernel_size, int64_t padding,
-                                                    int64_t stride) {
+                                                    int64_t stride,
+                                                    std::optional<double> softmax_scale) {
   const OutlookGeom g = outlook_check("outlook_bwd", &grad_out, v, attn, kernel_size, padding,
                                       stride);
   const launch::DeviceGuard device_guard(v.device());
@@ -433,7 +487,7 @@ std::tuple<at::Tensor, at::Tensor> outlook_bwd_cuda(const at::Tensor& grad_out,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "outlook_bwd_cuda",
                                   [&] {
     outlook_detail::launch_gather<true, scalar_t>(gc, ac, grad_v, g);
-    outlook_detail::launch_grad_attn<scalar_t>(gc, vc, grad_attn, g);
+    outlook_detail::launch_grad_attn<scalar_t>(gc, vc, ac, grad_attn, g, softmax_scale);
   });
   return {grad_v, grad_attn};
 }

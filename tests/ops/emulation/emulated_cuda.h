@@ -130,6 +130,19 @@ inline T __shfl_xor_sync(unsigned, T value, int lane_mask) {
   return other;
 }
 
+// __shfl_sync: lane src_lane's value, for every lane of the warp
+template <typename T>
+inline T __shfl_sync(unsigned, T value, int src_lane) {
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  double* slots = mmattn_emulation::block.exchange->data() + warp * 32;
+  std::barrier<>& sync = *(*mmattn_emulation::block.warps)[warp];
+  slots[lane] = static_cast<double>(value);
+  sync.arrive_and_wait();
+  const T other = static_cast<T>(slots[static_cast<unsigned>(src_lane) % 32]);
+  sync.arrive_and_wait();
+  return other;
+}
+
 inline float __expf(float v) { return std::exp(v); }
 
 // __syncwarp(): a barrier of the warp (orders its lanes' shared-memory accesses, as on the GPU)
