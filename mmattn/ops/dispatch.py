@@ -245,13 +245,13 @@ def _official_folded(x: torch.Tensor, *, heuristics: bool = False, form: str = '
 def can_use_outlook_cuda(v: torch.Tensor) -> tuple[bool, str]:
     """Whether the fused CUDA outlook kernels (the aggregation, and the block's pooling) can
     serve values ``v``."""
-    reason = _kernel_check(v, ('outlook_fwd', 'outlook_pool'), 'cuda')
+    reason = _kernel_check(v, ('outlook_fwd', 'outlook_pool', 'outlook_softmax'), 'cuda')
     return (False, reason) if reason else (True, 'ok')
 
 
 def can_use_outlook_cpu(v: torch.Tensor) -> tuple[bool, str]:
     """Whether the fused C++ outlook kernel can serve values ``v`` (a CPU tensor)."""
-    reason = _kernel_check(v, 'outlook_fwd', 'cpu')
+    reason = _kernel_check(v, ('outlook_fwd', 'outlook_softmax'), 'cpu')
     return (False, reason) if reason else (True, 'ok')
 
 

@@ -66,6 +66,11 @@ def _(grad_out, v, attn, kernel_size, padding, stride, softmax_scale=None):
             torch.empty_like(attn, memory_format=torch.contiguous_format))
 
 
+@torch.library.register_fake('mmattn::outlook_softmax')
+def _(logits, kernel_size, scale):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake('mmattn::outlook_pool')
 def _(x, stride):
     batch, height, width, channels = x.shape
@@ -178,9 +183,10 @@ class _RecomputingOutlook(torch.autograd.Function):
                 geometry: tuple[int, int, int, int, float]) -> Tensor:
         k, p, s, heads, scale = geometry
         v = F.linear(x, v_weight, v_bias)
-        attn = outlook_weights(x, lambda t: F.linear(t, attn_weight, attn_bias),
-                               num_heads=heads, kernel_size=k, stride=s, scale=scale,
-                               pool=_block_pool).to(v.dtype)
+        # Eq. 3's weights: the scaling and the softmax in one pass (mmattn::outlook_softmax)
+        logits = F.linear(_block_pool(x, s), attn_weight, attn_bias).to(v.dtype)
+        attn = torch.ops.mmattn.outlook_softmax(logits, k, scale).view(
+            *logits.shape[:3], heads, k * k, k * k)
         y = torch.ops.mmattn.outlook_fwd(v.contiguous(), attn, k, p, s)
         device = x.device.type
         ctx.amp = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))

@@ -27,8 +27,8 @@ from mmattn.ops.dispatch import PSA_KERNEL_OPS
 from mmattn.ops.psa_block import psa_block_weights, state_shapes
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from test_outlook_op import (check_logits_grad, check_logits_grad_half, grid,  # noqa: E402
-                             paper_aggregate)
+from test_outlook_op import (check_logits_grad, check_logits_grad_half,  # noqa: E402
+                             check_softmax, grid, paper_aggregate)
 from test_psa_block import block  # noqa: E402
 from test_psa_op import (EPS, F64, PARAM_NAMES, check_low_precision, grads,  # noqa: E402
                          paper_psa, random_params)
@@ -552,6 +552,12 @@ def test_outlook_kernels_match_equations(emulated) -> None:
         paper_aggregate(vr, ar, k, p, s).backward(g)
         torch.testing.assert_close(grad_v, vr.grad, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad_attn, ar.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_outlook_softmax_kernel(emulated) -> None:
+    """The block's weights, softmax(scale L) a group of K^2 at a time (mmattn::outlook_softmax,
+    CUDA): the unrolled K = 3 path and the any-K one."""
+    check_softmax(emulated.outlook_softmax)
 
 
 def test_outlook_kernels_logits_gradient(emulated) -> None:

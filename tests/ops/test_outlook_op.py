@@ -167,6 +167,35 @@ def check_logits_grad_half(bwd, dtype: torch.dtype, heads: int, d: int,
         assert err <= 2 * (lr.grad.double() - truth).abs().max().item() + 1e-6
 
 
+def softmax_truth(logits: Tensor, k: int, scale: float) -> Tensor:
+    """Eq. 3's normalisation in float64: each group of K^2 consecutive logits L as
+    exp(scale L - max) / sum over the group of exp(scale L - max)."""
+    t = logits.double().reshape(-1, k * k) * scale
+    e = (t - t.max(-1, keepdim=True).values).exp()
+    return (e / e.sum(-1, keepdim=True)).view(logits.shape)
+
+
+def check_softmax(op, device: str = 'cpu') -> None:
+    """``mmattn::outlook_softmax`` (``op``) against Eq. 3 in float64 (K = 3, the unrolled path,
+    and 2 and 5; logits up to 400 after scaling, past where exp overflows without its maximum
+    subtracted), and in 16-bit types and float32 within twice PyTorch's error in that dtype
+    (``softmax(scale * L)``); the output has the logits' shape and dtype."""
+    for k, shape in ((3, (2, 3, 4, 2 * 81)), (2, (5, 16)), (5, (1, 2, 2, 75))):
+        logits = torch.randn(shape, dtype=F64, device=device) * 30
+        truth = softmax_truth(logits, k, SCALE * 30)
+        out = op(logits, k, SCALE * 30)
+        assert out.shape == logits.shape and out.dtype == F64
+        torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            low = logits.to(dtype) / 30
+            truth = softmax_truth(low, k, SCALE)
+            ref = (low.reshape(-1, k * k) * SCALE).softmax(-1)
+            out = op(low, k, SCALE)
+            assert out.dtype == dtype
+            bound = 2 * (ref.double() - truth.view(-1, k * k)).abs().max().item() + 1e-7
+            assert (out.double() - truth).abs().max().item() <= bound, (k, dtype)
+
+
 def kept(fn, v: Tensor, attn: Tensor) -> int:
     """Bytes autograd keeps for the backward of ``fn(v, attn)`` beyond the inputs."""
     return saved_bytes(fn, v.detach().requires_grad_(), attn.detach().requires_grad_())
@@ -231,6 +260,22 @@ def test_cpu_pool_op_opcheck(cpu_kernels: str) -> None:
         torch.library.opcheck(torch.ops.mmattn.outlook_pool.default,
                               (torch.randn(shape, dtype=F64), s),
                               test_utils=('test_schema', 'test_faketensor'))
+
+
+def test_cpu_softmax_op(cpu_kernels: str) -> None:
+    check_softmax(torch.ops.mmattn.outlook_softmax)
+
+
+def test_cpu_softmax_op_errors_and_opcheck(cpu_kernels: str) -> None:
+    with pytest.raises(RuntimeError, match=r'multiple of kernel_size\^2 = 9, got shape \[2, 10\]'):
+        torch.ops.mmattn.outlook_softmax(torch.randn(2, 10), 3, 1.0)
+    with pytest.raises(RuntimeError, match='kernel_size must be in'):
+        torch.ops.mmattn.outlook_softmax(torch.randn(2, 9), 0, 1.0)
+    with pytest.raises(RuntimeError, match='floating point'):
+        torch.ops.mmattn.outlook_softmax(torch.ones(2, 9, dtype=torch.long), 3, 1.0)
+    torch.library.opcheck(torch.ops.mmattn.outlook_softmax.default,
+                          (torch.randn(2, 3, 18, dtype=F64), 3, 0.5),
+                          test_utils=('test_schema', 'test_faketensor'))
 
 
 def test_cpu_kernel_input_errors(cpu_kernels: str) -> None:
@@ -376,6 +421,11 @@ def test_cuda_kernel_logits_gradient(cuda_kernels: str) -> None:
     check_logits_grad(torch.ops.mmattn.outlook_bwd, GEOMETRIES, 'cuda')
     for dtype in (torch.float32, torch.bfloat16, torch.float16):  # (16-bit: tensor cores)
         check_logits_grad_half(torch.ops.mmattn.outlook_bwd, dtype, 6, 32, 'cuda')
+
+
+@pytest.mark.cuda
+def test_cuda_softmax_op(cuda_kernels: str) -> None:
+    check_softmax(torch.ops.mmattn.outlook_softmax, 'cuda')
 
 
 @pytest.mark.cuda

@@ -183,7 +183,24 @@ inline std::tuple<int64_t, int64_t> outlook_pool_check(const at::Tensor& x, int6
   return {(H + stride - 1) / stride, (W + stride - 1) / stride};
 }
 
+// Host-side validation of mmattn::outlook_softmax's arguments, shared by the CPU and CUDA entry
+// points; returns the number of groups of K^2 logits.
+inline int64_t outlook_softmax_check(const at::Tensor& logits, int64_t kernel_size) {
+  TORCH_CHECK(kernel_size >= 1 && kernel_size <= 64, "outlook_softmax: kernel_size must be in "
+              "[1, 64], got ", kernel_size);
+  TORCH_CHECK(logits.dim() >= 1, "outlook_softmax: logits must have at least one dimension, "
+              "got a scalar");
+  TORCH_CHECK(logits.is_floating_point(), "outlook_softmax: logits must be floating point, got ",
+              logits.scalar_type());
+  const int64_t n = kernel_size * kernel_size;
+  TORCH_CHECK(logits.size(-1) % n == 0, "outlook_softmax: the last dimension of logits must be "
+              "a multiple of kernel_size^2 = ", n, ", got shape ", logits.sizes());
+  return logits.numel() / n;
+}
+
 at::Tensor outlook_pool_cpu(const at::Tensor& x, int64_t stride);
+at::Tensor outlook_softmax_cpu(const at::Tensor& logits, int64_t kernel_size, double scale);
+at::Tensor outlook_softmax_cuda(const at::Tensor& logits, int64_t kernel_size, double scale);
 at::Tensor outlook_fwd_cpu(const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size,
                            int64_t padding, int64_t stride);
 std::tuple<at::Tensor, at::Tensor> outlook_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& v,

@@ -175,10 +175,21 @@ at::Tensor outlook_pool_cpu(const at::Tensor& x, int64_t stride) {
       .contiguous();
 }
 
+// mmattn::outlook_softmax on the CPU: ATen's softmax of the scaled logits, each group of K^2 a
+// row, in the accumulation type (float for 16-bit logits), the result in the logits' dtype.
+at::Tensor outlook_softmax_cpu(const at::Tensor& logits, int64_t kernel_size, double scale) {
+  outlook_softmax_check(logits, kernel_size);
+  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::softmax(logits.reshape({-1, kernel_size * kernel_size}).to(acc).mul(scale), -1)
+      .to(logits.scalar_type())
+      .view(logits.sizes());
+}
+
 }  // namespace mmattn
 
 TORCH_LIBRARY_IMPL(mmattn, CPU, m) {
   m.impl("outlook_pool", &mmattn::outlook_pool_cpu);
+  m.impl("outlook_softmax", &mmattn::outlook_softmax_cpu);
   m.impl("outlook_fwd", &mmattn::outlook_fwd_cpu);
   m.impl("outlook_bwd", &mmattn::outlook_bwd_cpu);
 }

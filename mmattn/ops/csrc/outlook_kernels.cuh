@@ -12,18 +12,23 @@
 //            the weights (Eq. 3): PyTorch's avg_pool2d of a channels-last map ran at 0.3 TB/s
 //            on an H100 (126 us a call at VOLO-D1's stage 1, [128, 28, 28, 192] bf16), twice per
 //            block and step (forward, and the backward's recomputation)
+//   softmax = the weights A = softmax(scale L) of the projected pooled map L, over groups of K^2
+//            (Eq. 3), a thread a group: PyTorch's softmax took 62 us a call at VOLO-D1's stage
+//            1 on an H200 (24 MB, bf16), after a pass of its own for the scaling
 //
 // Index arithmetic lives in outlook.h, shared with (and tested through) the CPU kernels.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include "device_math.cuh"
 #include "outlook.h"
 #include "vector.cuh"
 
@@ -335,6 +340,49 @@ outlook_pool_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, 
   }
 }
 
+// softmax(scale L) over each group of n consecutive logits (rows of L), a thread a group, in the
+// accumulation type: the group's maximum, the sum of the exponentials past it, each one divided
+// by the sum, as PyTorch's softmax does. NT = n when fixed at compile time (K = 3: 9, the group
+// in registers), 0 for any n (three passes over the group, the exponentials computed twice).
+template <int NT, typename scalar_t>
+__global__ void __launch_bounds__(kGatherThreads)
+outlook_softmax_kernel(const scalar_t* __restrict__ logits, scalar_t* __restrict__ out,
+                       const int64_t groups, const int n, const at::opmath_type<scalar_t> scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int len = NT > 0 ? NT : n;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < groups;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const scalar_t* in = logits + r * len;
+    scalar_t* o = out + r * len;
+    acc_t top = -std::numeric_limits<acc_t>::infinity(), sum = 0;
+    if constexpr (NT > 0) {
+      acc_t t[NT];
+#pragma unroll
+      for (int q = 0; q < NT; ++q) {
+        t[q] = scale * static_cast<acc_t>(in[q]);
+        top = t[q] > top ? t[q] : top;
+      }
+#pragma unroll
+      for (int q = 0; q < NT; ++q) {
+        t[q] = op_exp(t[q] - top);
+        sum += t[q];
+      }
+#pragma unroll
+      for (int q = 0; q < NT; ++q) o[q] = static_cast<scalar_t>(t[q] / sum);
+    } else {  // (loops not unrolled: double's exp unrolled spilled, sm_80 and sm_90)
+      for (int q = 0; q < len; ++q) {
+        const acc_t t = scale * static_cast<acc_t>(in[q]);
+        top = t > top ? t : top;
+      }
+#pragma unroll 1
+      for (int q = 0; q < len; ++q) sum += op_exp(scale * static_cast<acc_t>(in[q]) - top);
+#pragma unroll 1
+      for (int q = 0; q < len; ++q)
+        o[q] = static_cast<scalar_t>(op_exp(scale * static_cast<acc_t>(in[q]) - top) / sum);
+    }
+  }
+}
+
 template <bool TRANSPOSED, typename scalar_t>
 void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tensor& out,
                    const OutlookGeom& g) {
@@ -457,6 +505,33 @@ at::Tensor outlook_pool_cuda(const at::Tensor& x, int64_t stride) {
       run(Int<kWide>{});
     else
       run(Int<1>{});
+  });
+  return out;
+}
+
+// mmattn::outlook_softmax: softmax(scale L) over L's groups of K^2 (outlook_softmax_kernel).
+at::Tensor outlook_softmax_cuda(const at::Tensor& logits, int64_t kernel_size, double scale) {
+  const int64_t groups = outlook_softmax_check(logits, kernel_size);
+  const launch::DeviceGuard device_guard(logits.device());
+  const at::Tensor lc = logits.contiguous();
+  at::Tensor out = at::empty(lc.sizes(), lc.options());
+  if (groups == 0) return out;
+  const int n = static_cast<int>(kernel_size * kernel_size);
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>(
+      (groups + outlook_detail::kGatherThreads - 1) / outlook_detail::kGatherThreads, 1 << 20));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "outlook_softmax_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto n_tag) {
+      launch::launch(outlook_detail::outlook_softmax_kernel<decltype(n_tag)::value, scalar_t>,
+                     dim3(blocks), static_cast<unsigned>(outlook_detail::kGatherThreads), 0,
+                     lc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), groups, n,
+                     static_cast<acc_t>(scale));
+    };
+    if (n == 9)
+      run(Int<9>{});
+    else
+      run(Int<0>{});
   });
   return out;
 }

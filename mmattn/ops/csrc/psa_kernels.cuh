@@ -41,6 +41,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "device_math.cuh"
 #include "vector.cuh"
 
 // needs the launch interface: cuda_launch.cuh (GPU) or the tests' CPU emulation
@@ -81,9 +82,6 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-
-__device__ __forceinline__ float op_exp(float v) { return __expf(v); }
-__device__ __forceinline__ double op_exp(double v) { return ::exp(v); }
 
 template <typename T>
 __device__ __forceinline__ T op_sigmoid(T v) { return T(1) / (T(1) + op_exp(-v)); }
