@@ -245,13 +245,14 @@ def _official_folded(x: torch.Tensor, *, heuristics: bool = False, form: str = '
 def can_use_outlook_cuda(v: torch.Tensor) -> tuple[bool, str]:
     """Whether the fused CUDA outlook kernels (the aggregation, and the block's pooling) can
     serve values ``v``."""
-    reason = _kernel_check(v, ('outlook_fwd', 'outlook_pool', 'outlook_softmax'), 'cuda')
+    reason = _kernel_check(v, ('outlook_fwd', 'outlook_pool', 'outlook_softmax',
+                               'outlook_unpool_add'), 'cuda')
     return (False, reason) if reason else (True, 'ok')
 
 
 def can_use_outlook_cpu(v: torch.Tensor) -> tuple[bool, str]:
     """Whether the fused C++ outlook kernel can serve values ``v`` (a CPU tensor)."""
-    reason = _kernel_check(v, ('outlook_fwd', 'outlook_softmax'), 'cpu')
+    reason = _kernel_check(v, ('outlook_fwd', 'outlook_softmax', 'outlook_unpool_add'), 'cpu')
     return (False, reason) if reason else (True, 'ok')
 
 

@@ -50,6 +50,8 @@ SCHEMAS: dict[str, str] = {
     # the s x s average pooling (ceil mode) of a channels-last map that the block's weights
     # start from (CUDA: a kernel of its own; CPU: ATen's avg_pool2d)
     'outlook_pool': 'outlook_pool(Tensor x, int stride) -> Tensor',
+    # grad plus that pooling's backward of pooled (the block's input gradient, in one pass)
+    'outlook_unpool_add': 'outlook_unpool_add(Tensor grad, Tensor pooled, int stride) -> Tensor',
     # the block's weights softmax(scale L) over each group of K^2 logits (Eq. 3), in one pass
     'outlook_softmax': 'outlook_softmax(Tensor logits, int kernel_size, float scale) -> Tensor',
     # the four passes over x of the folded paper-form PSA (see mmattn.ops.psa)

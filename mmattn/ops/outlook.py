@@ -71,6 +71,11 @@ def _(logits, kernel_size, scale):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake('mmattn::outlook_unpool_add')
+def _(grad, pooled, stride):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake('mmattn::outlook_pool')
 def _(x, stride):
     batch, height, width, channels = x.shape
@@ -219,22 +224,14 @@ class _RecomputingOutlook(torch.autograd.Function):
             g_attn_b = d2.sum(0)
             dpooled = dlogits @ attn_weight.to(dlogits.dtype)
             dx = dv @ v_weight.to(dv.dtype)
-            batch, height, width = x.shape[0], x.shape[1], x.shape[2]
             if s == 1:
                 dx = dx + dpooled
-            elif height % s == 0 and width % s == 0:
-                # every cell averages s x s pixels: each gets 1/s^2 of its cell's gradient, in
-                # the same add, scaled there (on an H100, PyTorch's NHWC average-pooling
-                # backward took 362 us a call at VOLO-D1's stage 1, [128, 28, 28, 192] bf16;
-                # this add moves 87 MB there, about 26 us at the HBM's rate)
-                spread = dpooled.to(x.dtype)[:, :, None, :, None, :]
-                dx = torch.add(dx.view(batch, height // s, s, width // s, s, c), spread,
-                               alpha=1.0 / (s * s))
-                dx = dx.reshape(batch, height, width, c)
             else:
-                dx = dx + torch.ops.aten.avg_pool2d_backward(
-                    dpooled.permute(0, 3, 1, 2).to(x.dtype), x.permute(0, 3, 1, 2), [s, s],
-                    [s, s], [0, 0], True, True, None).permute(0, 2, 3, 1)
+                # the pooling's backward added to dx in one pass (on an H200 at VOLO-D1's stage
+                # 1, bf16, PyTorch's broadcast add of the spread gradient took 70 us for 87 MB;
+                # its NHWC average-pooling backward, 362 us on an H100)
+                dx = torch.ops.mmattn.outlook_unpool_add(dx.contiguous(),
+                                                         dpooled.to(dx.dtype).contiguous(), s)
             dv2 = dv.reshape(-1, c)
             g_v_w = dv2.t() @ x.reshape(-1, c).to(dv2.dtype)
             g_v_b = dv2.sum(0) if ctx.has_v_bias else None

@@ -50,7 +50,7 @@ def test_kernel_status_lists_loaded_kernels(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(extension, 'has_kernel',
                         lambda op, device: device == 'cpu' and op.startswith('outlook'))
     assert ('compiled kernels: JIT (CPU kernels only): CPU outlook_bwd, outlook_fwd, '
-            'outlook_pool, outlook_softmax;') in \
+            'outlook_pool, outlook_softmax, outlook_unpool_add;') in \
         kernel_status()
 
 

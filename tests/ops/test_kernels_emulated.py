@@ -28,7 +28,7 @@ from mmattn.ops.psa_block import psa_block_weights, state_shapes
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from test_outlook_op import (check_logits_grad, check_logits_grad_half,  # noqa: E402
-                             check_softmax, grid, paper_aggregate)
+                             check_softmax, check_unpool_add, grid, paper_aggregate)
 from test_psa_block import block  # noqa: E402
 from test_psa_op import (EPS, F64, PARAM_NAMES, check_low_precision, grads,  # noqa: E402
                          paper_psa, random_params)
@@ -552,6 +552,17 @@ def test_outlook_kernels_match_equations(emulated) -> None:
         paper_aggregate(vr, ar, k, p, s).backward(g)
         torch.testing.assert_close(grad_v, vr.grad, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad_attn, ar.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_outlook_unpool_add_kernel(emulated) -> None:
+    """The block's input gradient plus the pooling's backward (mmattn::outlook_unpool_add,
+    CUDA); a map 2 bytes off its vector alignment takes the single-channel path."""
+    check_unpool_add(emulated.outlook_unpool_add)
+    from test_outlook_op import unpool_truth
+    flat = torch.randn(2 * 6 * 6 * 16 + 1, dtype=torch.bfloat16)
+    grad, pooled = flat[1:].view(2, 6, 6, 16), torch.randn(2, 3, 3, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(emulated.outlook_unpool_add(grad, pooled, 2),
+                               unpool_truth(grad, pooled, 2).to(torch.bfloat16))
 
 
 def test_outlook_softmax_kernel(emulated) -> None:

@@ -196,6 +196,47 @@ def check_softmax(op, device: str = 'cpu') -> None:
             assert (out.double() - truth).abs().max().item() <= bound, (k, dtype)
 
 
+def unpool_truth(grad: Tensor, pooled: Tensor, s: int) -> Tensor:
+    """grad plus the backward of VOLO's s x s pooling (ceil mode) written out, in float64:
+    every pixel of cell (i, j), the pixels (y, x) with s i <= y < s i + s, s j <= x < s j + s
+    inside the image, gets pooled[i, j] over the number of those pixels."""
+    out = grad.double().clone()
+    height, width = grad.shape[1], grad.shape[2]
+    for i in range(pooled.shape[1]):
+        for j in range(pooled.shape[2]):
+            cell = out[:, s * i:s * i + s, s * j:s * j + s]
+            cell += pooled[:, i, j, None, None].double() / (cell.shape[1] * cell.shape[2])
+    return out
+
+
+def check_unpool_add(op, device: str = 'cpu') -> None:
+    """``mmattn::outlook_unpool_add`` (``op``): float64 against :func:`unpool_truth` (cells
+    cut by the bottom and right edges, 16-byte vectors (C = 24, 192) and single channels (C =
+    5), stride 1), and the adjoint of the pooling: <pool(x), p> = <x, unpool(0, p)>; other
+    dtypes within their rounding of the float64 result."""
+    cases = [((2, 28, 28, 192), 2), ((2, 7, 9, 24), 2), ((1, 5, 6, 5), 3), ((2, 4, 3, 24), 1),
+             ((1, 1, 1, 8), 2), ((3, 9, 2, 16), 4)]
+    for shape, s in cases:
+        grad = torch.randn(shape, dtype=F64, device=device)
+        pooled = torch.randn(shape[0], -(-shape[1] // s), -(-shape[2] // s), shape[3],
+                             dtype=F64, device=device)
+        out = op(grad, pooled, s)
+        assert out.shape == grad.shape and out.dtype == F64, (shape, s)
+        torch.testing.assert_close(out, unpool_truth(grad, pooled, s), rtol=1e-14, atol=1e-14)
+        x = torch.randn_like(grad)
+        pooled_x = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), s, s, ceil_mode=True)
+        lhs = (pooled_x.permute(0, 2, 3, 1) * pooled).sum()
+        rhs = (x * op(torch.zeros_like(grad), pooled, s)).sum()
+        torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            g, p = grad.to(dtype), pooled.to(dtype)
+            truth = unpool_truth(g, p, s)
+            out = op(g, p, s)
+            assert out.dtype == dtype
+            bound = torch.finfo(dtype).eps * truth.abs() + 1e-6 * grad.abs().max()
+            assert ((out.double() - truth).abs() <= bound).all(), (shape, s, dtype)
+
+
 def kept(fn, v: Tensor, attn: Tensor) -> int:
     """Bytes autograd keeps for the backward of ``fn(v, attn)`` beyond the inputs."""
     return saved_bytes(fn, v.detach().requires_grad_(), attn.detach().requires_grad_())
@@ -275,6 +316,24 @@ def test_cpu_softmax_op_errors_and_opcheck(cpu_kernels: str) -> None:
         torch.ops.mmattn.outlook_softmax(torch.ones(2, 9, dtype=torch.long), 3, 1.0)
     torch.library.opcheck(torch.ops.mmattn.outlook_softmax.default,
                           (torch.randn(2, 3, 18, dtype=F64), 3, 0.5),
+                          test_utils=('test_schema', 'test_faketensor'))
+
+
+def test_cpu_unpool_add_op(cpu_kernels: str) -> None:
+    check_unpool_add(torch.ops.mmattn.outlook_unpool_add)
+
+
+def test_cpu_unpool_add_errors_and_opcheck(cpu_kernels: str) -> None:
+    op = torch.ops.mmattn.outlook_unpool_add
+    with pytest.raises(RuntimeError, match=r'pooled must be \(B, ceil\(H / s\), ceil\(W / s\), '
+                                           r'C\) = \(2, 4, 5, 3\).*got shape \[2, 3, 5, 3\]'):
+        op(torch.randn(2, 7, 9, 3), torch.randn(2, 3, 5, 3), 2)
+    with pytest.raises(RuntimeError, match='pooled dtype Float must match grad dtype Double'):
+        op(torch.randn(1, 4, 4, 2, dtype=F64), torch.randn(1, 2, 2, 2), 2)
+    with pytest.raises(RuntimeError, match=r'stride must be in \[1, 64\], got 0'):
+        op(torch.randn(1, 4, 4, 2), torch.randn(1, 2, 2, 2), 0)
+    torch.library.opcheck(op.default, (torch.randn(2, 7, 9, 6, dtype=F64),
+                                       torch.randn(2, 4, 5, 6, dtype=F64), 2),
                           test_utils=('test_schema', 'test_faketensor'))
 
 
@@ -421,6 +480,11 @@ def test_cuda_kernel_logits_gradient(cuda_kernels: str) -> None:
     check_logits_grad(torch.ops.mmattn.outlook_bwd, GEOMETRIES, 'cuda')
     for dtype in (torch.float32, torch.bfloat16, torch.float16):  # (16-bit: tensor cores)
         check_logits_grad_half(torch.ops.mmattn.outlook_bwd, dtype, 6, 32, 'cuda')
+
+
+@pytest.mark.cuda
+def test_cuda_unpool_add_op(cuda_kernels: str) -> None:
+    check_unpool_add(torch.ops.mmattn.outlook_unpool_add, 'cuda')
 
 
 @pytest.mark.cuda

@@ -171,6 +171,7 @@ inline OutlookGeom outlook_check(const char* op, const at::Tensor* grad_out, con
 // points; returns the pooled grid (h, w) = (ceil(H / s), ceil(W / s)).
 inline std::tuple<int64_t, int64_t> outlook_pool_check(const at::Tensor& x, int64_t stride) {
   TORCH_CHECK(x.dim() == 4, "outlook_pool: x must be 4-D (B, H, W, C), got shape ", x.sizes());
+  // (also outlook_unpool_add's check of its grad, whose shape is x's)
   TORCH_CHECK(x.is_floating_point(), "outlook_pool: x must be floating point, got ",
               x.scalar_type());
   TORCH_CHECK(stride >= 1 && stride <= 64, "outlook_pool: stride must be in [1, 64], got ",
@@ -198,7 +199,28 @@ inline int64_t outlook_softmax_check(const at::Tensor& logits, int64_t kernel_si
   return logits.numel() / n;
 }
 
+// Host-side validation of mmattn::outlook_unpool_add's arguments (grad (B, H, W, C), pooled
+// (B, ceil(H / s), ceil(W / s), C)), shared by the CPU and CUDA entry points.
+inline void outlook_unpool_add_check(const at::Tensor& grad, const at::Tensor& pooled,
+                                     int64_t stride) {
+  int64_t h = 0, w = 0;
+  std::tie(h, w) = outlook_pool_check(grad, stride);
+  TORCH_CHECK(pooled.dim() == 4 && pooled.size(0) == grad.size(0) && pooled.size(1) == h &&
+              pooled.size(2) == w && pooled.size(3) == grad.size(3), "outlook_unpool_add: "
+              "pooled must be (B, ceil(H / s), ceil(W / s), C) = (", grad.size(0), ", ", h, ", ",
+              w, ", ", grad.size(3), ") for grad of shape ", grad.sizes(), " and stride ", stride,
+              ", got shape ", pooled.sizes());
+  TORCH_CHECK(pooled.scalar_type() == grad.scalar_type(), "outlook_unpool_add: pooled dtype ",
+              pooled.scalar_type(), " must match grad dtype ", grad.scalar_type());
+  TORCH_CHECK(pooled.device() == grad.device(), "outlook_unpool_add: pooled is on ",
+              pooled.device(), " but grad is on ", grad.device());
+}
+
 at::Tensor outlook_pool_cpu(const at::Tensor& x, int64_t stride);
+at::Tensor outlook_unpool_add_cpu(const at::Tensor& grad, const at::Tensor& pooled,
+                                  int64_t stride);
+at::Tensor outlook_unpool_add_cuda(const at::Tensor& grad, const at::Tensor& pooled,
+                                   int64_t stride);
 at::Tensor outlook_softmax_cpu(const at::Tensor& logits, int64_t kernel_size, double scale);
 at::Tensor outlook_softmax_cuda(const at::Tensor& logits, int64_t kernel_size, double scale);
 at::Tensor outlook_fwd_cpu(const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size,

@@ -185,9 +185,24 @@ at::Tensor outlook_softmax_cpu(const at::Tensor& logits, int64_t kernel_size, do
       .view(logits.sizes());
 }
 
+// mmattn::outlook_unpool_add on the CPU: grad plus ATen's backward of the pooling (ceil mode,
+// each cell's gradient shared by the pixels of its window inside the image), in the
+// accumulation type (float for 16-bit tensors: one rounding, as the CUDA kernel's).
+at::Tensor outlook_unpool_add_cpu(const at::Tensor& grad, const at::Tensor& pooled,
+                                  int64_t stride) {
+  outlook_unpool_add_check(grad, pooled, stride);
+  const at::ScalarType acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor spread = at::avg_pool2d_backward(
+      pooled.to(acc).permute({0, 3, 1, 2}), grad.permute({0, 3, 1, 2}).to(acc),
+      {stride, stride}, {stride, stride}, {0, 0}, /*ceil_mode=*/true,
+      /*count_include_pad=*/true, std::nullopt);
+  return spread.permute({0, 2, 3, 1}).add(grad).to(grad.scalar_type()).contiguous();
+}
+
 }  // namespace mmattn
 
 TORCH_LIBRARY_IMPL(mmattn, CPU, m) {
+  m.impl("outlook_unpool_add", &mmattn::outlook_unpool_add_cpu);
   m.impl("outlook_pool", &mmattn::outlook_pool_cpu);
   m.impl("outlook_softmax", &mmattn::outlook_softmax_cpu);
   m.impl("outlook_fwd", &mmattn::outlook_fwd_cpu);

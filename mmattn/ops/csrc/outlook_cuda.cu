@@ -10,4 +10,5 @@ TORCH_LIBRARY_IMPL(mmattn, CUDA, m) {
   m.impl("outlook_bwd", &mmattn::outlook_bwd_cuda);
   m.impl("outlook_pool", &mmattn::outlook_pool_cuda);
   m.impl("outlook_softmax", &mmattn::outlook_softmax_cuda);
+  m.impl("outlook_unpool_add", &mmattn::outlook_unpool_add_cuda);
 }

@@ -12,6 +12,10 @@
 //            the weights (Eq. 3): PyTorch's avg_pool2d of a channels-last map ran at 0.3 TB/s
 //            on an H100 (126 us a call at VOLO-D1's stage 1, [128, 28, 28, 192] bf16), twice per
 //            block and step (forward, and the backward's recomputation)
+//   unpool = the pooling's backward added to a gradient of x: each pixel gets its cell's pooled
+//            gradient over the cell's pixel count (PyTorch's broadcast add of it took 70 us a
+//            call at VOLO-D1's stage 1 on an H200, bf16, for 87 MB; its NHWC avg_pool2d
+//            backward, 362 us on an H100)
 //   softmax = the weights A = softmax(scale L) of the projected pooled map L, over groups of K^2
 //            (Eq. 3), a thread a group: PyTorch's softmax took 62 us a call at VOLO-D1's stage
 //            1 on an H200 (24 MB, bf16), after a pass of its own for the scaling
@@ -383,6 +387,38 @@ outlook_softmax_kernel(const scalar_t* __restrict__ logits, scalar_t* __restrict
   }
 }
 
+// out = grad + the backward of outlook_pool_kernel for pooled: out(b, y, x) = grad(b, y, x) +
+// pooled(b, y / s, x / s) / (the pixel count of that cell). One thread per VEC consecutive
+// channels of one pixel; blockIdx.y walks the image rows (b, y), blockIdx.x / threadIdx.x cover
+// (x, channel pack) of a row, as outlook_pool_kernel's cells.
+template <int VEC, typename scalar_t>
+__global__ void __launch_bounds__(kGatherThreads, kGatherMinBlocks)
+outlook_unpool_add_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ pooled,
+                          scalar_t* __restrict__ out, const int H, const int W, const int h,
+                          const int w, const int C, const int s, const int rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using pack_t = Pack<scalar_t, VEC>;
+  const int packs = C / VEC;
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= W * packs) return;
+  const int x = r / packs;
+  const int c0 = (r - x * packs) * VEC;
+  const int j = x / s, cols = (j + 1) * s < W ? s : W - j * s;
+  for (int row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int b = row / H, y = row - b * H, i = y / s;
+    const acc_t count = static_cast<acc_t>(((i + 1) * s < H ? s : H - i * s) * cols);
+    const int64_t off = (static_cast<int64_t>(row) * W + x) * C + c0;
+    const pack_t g = load_pack<VEC>(grad + off);
+    const pack_t p = load_pack<VEC>(pooled + (static_cast<int64_t>(b * h + i) * w + j) * C + c0);
+    pack_t o;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      o.v[k] = static_cast<scalar_t>(static_cast<acc_t>(g.v[k]) +
+                                     static_cast<acc_t>(p.v[k]) / count);
+    store_pack<VEC>(out + off, o);
+  }
+}
+
 template <bool TRANSPOSED, typename scalar_t>
 void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tensor& out,
                    const OutlookGeom& g) {
@@ -532,6 +568,47 @@ at::Tensor outlook_softmax_cuda(const at::Tensor& logits, int64_t kernel_size, d
       run(Int<9>{});
     else
       run(Int<0>{});
+  });
+  return out;
+}
+
+// mmattn::outlook_unpool_add: grad + the pooling's backward of pooled (outlook_unpool_add_kernel).
+at::Tensor outlook_unpool_add_cuda(const at::Tensor& grad, const at::Tensor& pooled,
+                                   int64_t stride) {
+  outlook_unpool_add_check(grad, pooled, stride);
+  const int64_t B = grad.size(0), H = grad.size(1), W = grad.size(2), C = grad.size(3);
+  const int64_t h = pooled.size(1), w = pooled.size(2);
+  const launch::DeviceGuard device_guard(grad.device());
+  const at::Tensor gc = grad.contiguous(), pc = pooled.contiguous();
+  at::Tensor out = at::empty(gc.sizes(), gc.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "outlook_unpool_add_cuda", [&] {
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    const scalar_t* pp = pc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    auto run = [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      // a row's (x, pack) items over as few blocks as kGatherThreads allows, split evenly
+      const int items = static_cast<int>(W) * static_cast<int>(C / VEC);
+      const int blocks = (items + outlook_detail::kGatherThreads - 1) /
+                         outlook_detail::kGatherThreads;
+      const int threads = ((items + blocks - 1) / blocks + 31) / 32 * 32;
+      const int64_t rows = B * H;
+      launch::launch(outlook_detail::outlook_unpool_add_kernel<VEC, scalar_t>,
+                     dim3(static_cast<unsigned>(blocks),
+                          static_cast<unsigned>(std::min<int64_t>(rows, 65535))),
+                     static_cast<unsigned>(threads), 0, gp, pp, op, static_cast<int>(H),
+                     static_cast<int>(W), static_cast<int>(h), static_cast<int>(w),
+                     static_cast<int>(C), static_cast<int>(stride), static_cast<int>(rows));
+    };
+    constexpr int kWide = kPack16<scalar_t>;
+    const size_t bytes = kWide * sizeof(scalar_t);
+    if (C % kWide == 0 && is_aligned(gp, bytes) && is_aligned(pp, bytes) &&
+        is_aligned(op, bytes))
+      run(Int<kWide>{});
+    else
+      run(Int<1>{});
   });
   return out;
 }
