@@ -41,8 +41,10 @@ BUILD_HINT = ('build the kernels with `MMATTN_WITH_CUDA=1 pip install -v --no-bu
 #: op name -> schema; the compiled sources implement these for CPU and/or CUDA
 SCHEMAS: dict[str, str] = {
     # outlook attention, Eq. 4-5 of arXiv 2106.13112, fused (no unfold, no fold)
+    # (with ones_column, y has 8 more channels, (1, 0, ..., 0) at every pixel: a product of a
+    # gradient with it gives a bias's gradient beside the weight's, in the same product)
     'outlook_fwd': 'outlook_fwd(Tensor v, Tensor attn, int kernel_size, int padding, '
-                   'int stride) -> Tensor',
+                   'int stride, bool ones_column=False) -> Tensor',
     # (with softmax_scale, the gradient of the logits L of attn = softmax(scale L) in place of
     # attn's: the block's backward, whose softmax's backward it takes over)
     'outlook_bwd': 'outlook_bwd(Tensor grad_out, Tensor v, Tensor attn, int kernel_size, '

@@ -55,9 +55,13 @@ def outlook_attention_reference(v: Tensor, attn: Tensor, *, kernel_size: int, pa
     return y[:, padding:padding + height, padding:padding + width]
 
 
+#: outlook_fwd's ones_column: the channels it appends, (1, 0, ..., 0) (outlook.h's kOnesChannels)
+ONES_CHANNELS = 8
+
+
 @torch.library.register_fake('mmattn::outlook_fwd')
-def _(v, attn, kernel_size, padding, stride):
-    return torch.empty_like(v, memory_format=torch.contiguous_format)
+def _(v, attn, kernel_size, padding, stride, ones_column=False):
+    return v.new_empty(*v.shape[:3], v.shape[3] + (ONES_CHANNELS if ones_column else 0))
 
 
 @torch.library.register_fake('mmattn::outlook_bwd')
@@ -83,15 +87,16 @@ def _(x, stride):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    v, attn, ctx.kernel_size, ctx.padding, ctx.stride = inputs
+    v, attn, ctx.kernel_size, ctx.padding, ctx.stride = inputs[:5]
     ctx.save_for_backward(v, attn)
 
 
 def _backward(ctx, grad_out):
     v, attn = ctx.saved_tensors
+    grad_out = grad_out[..., :v.shape[-1]]   # (the ones_column channels are constants)
     grad_v, grad_attn = torch.ops.mmattn.outlook_bwd(grad_out.contiguous(), v, attn,
                                                      ctx.kernel_size, ctx.padding, ctx.stride)
-    return grad_v, grad_attn, None, None, None
+    return grad_v, grad_attn, None, None, None, None
 
 
 torch.library.register_autograd('mmattn::outlook_fwd', _backward, setup_context=_setup_context)
@@ -207,10 +212,15 @@ class _RecomputingOutlook(torch.autograd.Function):
         with torch.autocast(device, dtype=amp_dtype, enabled=amp):
             c = x.shape[-1]
             v = F.linear(x, v_weight, v_bias).contiguous()            # recomputed
-            y = torch.ops.mmattn.outlook_fwd(v, attn, k, p, s)        # recomputed
+            # y recomputed, with a channel of ones after it (and 7 zeros, for alignment): the
+            # projection's bias gradient, the sum of grad_out over the pixels, comes out of the
+            # weight gradient's product as its row c (on an H200 at VOLO-D1's stage 1, bf16,
+            # grad_out.sum(0) took 123 us a call: 192 sums of 100,352 values each); the weight
+            # gradient is then that product's transposed view (copied into the weight's layout)
+            y = torch.ops.mmattn.outlook_fwd(v, attn, k, p, s, True)
             g2 = grad_out.reshape(-1, c)
-            g_proj_w = g2.t() @ y.reshape(-1, c).to(g2.dtype)
-            g_proj_b = g2.sum(0)
+            prod = y.reshape(-1, c + ONES_CHANNELS).to(g2.dtype).t() @ g2   # (c + 8, c)
+            g_proj_w, g_proj_b = prod[:c].t(), prod[c]
             dy = (grad_out @ proj_weight.to(grad_out.dtype)).to(v.dtype).contiguous()
             # the logits' gradient, scale attn (dattn - sum(attn dattn)), in the kernel that
             # computes dattn, from its float products (on an H200 at VOLO-D1's stage 1, bf16,
@@ -237,7 +247,9 @@ class _RecomputingOutlook(torch.autograd.Function):
             g_v_b = dv2.sum(0) if ctx.has_v_bias else None
         params = (v_weight, v_bias, attn_weight, attn_weight, proj_weight, proj_weight)
         grads = (g_v_w, g_v_b, g_attn_w, g_attn_b, g_proj_w, g_proj_b)
-        grads = tuple(None if g is None else g.to(prm.dtype) for g, prm in zip(grads, params))
+        # (each in its parameter's dtype and dense layout, at most one copy each)
+        grads = tuple(None if g is None else g.to(prm.dtype, memory_format=torch.contiguous_format)
+                      for g, prm in zip(grads, params))
         return (dx.to(x.dtype),) + grads + (None,)
 
 

@@ -28,7 +28,8 @@ from mmattn.ops.psa_block import psa_block_weights, state_shapes
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from test_outlook_op import (check_logits_grad, check_logits_grad_half,  # noqa: E402
-                             check_softmax, check_unpool_add, grid, paper_aggregate)
+                             check_ones_column, check_softmax, check_unpool_add, grid,
+                             paper_aggregate)
 from test_psa_block import block  # noqa: E402
 from test_psa_op import (EPS, F64, PARAM_NAMES, check_low_precision, grads,  # noqa: E402
                          paper_psa, random_params)
@@ -552,6 +553,12 @@ def test_outlook_kernels_match_equations(emulated) -> None:
         paper_aggregate(vr, ar, k, p, s).backward(g)
         torch.testing.assert_close(grad_v, vr.grad, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad_attn, ar.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_outlook_kernel_ones_column(emulated) -> None:
+    """outlook_fwd's ones_column (the block's backward): y's pixels C + 8 apart, the thread
+    of a pixel's first pack writing (1, 0, ..., 0) after them."""
+    check_ones_column(emulated.outlook_fwd)
 
 
 def test_outlook_unpool_add_kernel(emulated) -> None:

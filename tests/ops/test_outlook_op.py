@@ -237,6 +237,20 @@ def check_unpool_add(op, device: str = 'cpu') -> None:
             assert ((out.double() - truth).abs() <= bound).all(), (shape, s, dtype)
 
 
+def check_ones_column(op, device: str = 'cpu') -> None:
+    """``outlook_fwd`` (``op``) with ``ones_column``: y as without it, then 8 channels (1, 0,
+    ..., 0) at every pixel; in float64 (every geometry) and bf16 (K = 3: the 16-byte packs)."""
+    for k, p, s, height, width, heads, d in GEOMETRIES + [(3, 1, 2, 6, 5, 2, 16)]:
+        for dtype in (F64, torch.bfloat16):
+            v, attn = inputs(2, k, p, s, height, width, heads, d, dtype, device)
+            y = op(v, attn, k, p, s, True)
+            assert y.shape == (*v.shape[:3], v.shape[3] + 8) and y.dtype == dtype
+            torch.testing.assert_close(y[..., :-8], op(v, attn, k, p, s), rtol=0, atol=0)
+            ones = torch.zeros(8, dtype=dtype, device=device)
+            ones[0] = 1
+            assert torch.equal(y[..., -8:], ones.expand(*v.shape[:3], 8))
+
+
 def kept(fn, v: Tensor, attn: Tensor) -> int:
     """Bytes autograd keeps for the backward of ``fn(v, attn)`` beyond the inputs."""
     return saved_bytes(fn, v.detach().requires_grad_(), attn.detach().requires_grad_())
@@ -316,6 +330,13 @@ def test_cpu_softmax_op_errors_and_opcheck(cpu_kernels: str) -> None:
         torch.ops.mmattn.outlook_softmax(torch.ones(2, 9, dtype=torch.long), 3, 1.0)
     torch.library.opcheck(torch.ops.mmattn.outlook_softmax.default,
                           (torch.randn(2, 3, 18, dtype=F64), 3, 0.5),
+                          test_utils=('test_schema', 'test_faketensor'))
+
+
+def test_cpu_kernel_ones_column(cpu_kernels: str) -> None:
+    check_ones_column(torch.ops.mmattn.outlook_fwd)
+    v, attn = inputs(2, 3, 1, 2, 5, 6, 2, 3)
+    torch.library.opcheck(torch.ops.mmattn.outlook_fwd.default, (v, attn, 3, 1, 2, True),
                           test_utils=('test_schema', 'test_faketensor'))
 
 
@@ -480,6 +501,11 @@ def test_cuda_kernel_logits_gradient(cuda_kernels: str) -> None:
     check_logits_grad(torch.ops.mmattn.outlook_bwd, GEOMETRIES, 'cuda')
     for dtype in (torch.float32, torch.bfloat16, torch.float16):  # (16-bit: tensor cores)
         check_logits_grad_half(torch.ops.mmattn.outlook_bwd, dtype, 6, 32, 'cuda')
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_ones_column(cuda_kernels: str) -> None:
+    check_ones_column(torch.ops.mmattn.outlook_fwd, 'cuda')
 
 
 @pytest.mark.cuda

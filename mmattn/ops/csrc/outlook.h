@@ -7,6 +7,11 @@
 // position q for window position m. Window (i,j) covers the pixels (s*i - p + ka, s*j - p + kb),
 // position index ka*K + kb; pixels outside the image are zero padding.
 //
+// With ones_column, outlook_fwd returns y with kOnesChannels more channels, (1, 0, ..., 0) at
+// every pixel: a matrix product of a gradient with it (over the pixels) gives, beside the
+// projection's weight gradient, its bias gradient (the sum of the gradient over the pixels) in
+// the same product. 8, so that a pixel's channels stay 16-byte aligned in 16-bit types.
+//
 // With softmax_scale, outlook_bwd returns, in place of grad_attn, the gradient of the logits L of
 // attn = softmax(scale L) over its last axis (Eq. 3): scale attn (grad_attn - sum_q attn
 // grad_attn), computed from grad_attn in the accumulation type.
@@ -32,6 +37,8 @@
 #endif
 
 namespace mmattn {
+
+constexpr int kOnesChannels = 8;  // outlook_fwd's ones_column (see the top)
 
 // Geometry of one call (all small: int).
 struct OutlookGeom {
@@ -224,13 +231,13 @@ at::Tensor outlook_unpool_add_cuda(const at::Tensor& grad, const at::Tensor& poo
 at::Tensor outlook_softmax_cpu(const at::Tensor& logits, int64_t kernel_size, double scale);
 at::Tensor outlook_softmax_cuda(const at::Tensor& logits, int64_t kernel_size, double scale);
 at::Tensor outlook_fwd_cpu(const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size,
-                           int64_t padding, int64_t stride);
+                           int64_t padding, int64_t stride, bool ones_column);
 std::tuple<at::Tensor, at::Tensor> outlook_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& v,
                                                    const at::Tensor& attn, int64_t kernel_size,
                                                    int64_t padding, int64_t stride,
                                                    std::optional<double> softmax_scale);
 at::Tensor outlook_fwd_cuda(const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size,
-                            int64_t padding, int64_t stride);
+                            int64_t padding, int64_t stride, bool ones_column);
 at::Tensor outlook_pool_cuda(const at::Tensor& x, int64_t stride);
 std::tuple<at::Tensor, at::Tensor> outlook_bwd_cuda(const at::Tensor& grad_out,
                                                     const at::Tensor& v, const at::Tensor& attn,

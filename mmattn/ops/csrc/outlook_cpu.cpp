@@ -21,10 +21,11 @@
 namespace mmattn {
 namespace {
 
-// out(b,u,x,:) = sum over the sources of (b,u,x) of attn weight (per head) * src(pixel, :).
+// out(b,u,x,:) = sum over the sources of (b,u,x) of attn weight (per head) * src(pixel, :); out's
+// pixels ldo apart, with ones the kOnesChannels after C (1, 0, ..., 0).
 template <bool TRANSPOSED, int KT, typename scalar_t>
 void outlook_gather_cpu(const scalar_t* src, const scalar_t* attn, scalar_t* out,
-                        const OutlookGeom& g, int64_t B, int64_t C) {
+                        const OutlookGeom& g, int64_t B, int64_t C, int64_t ldo, bool ones) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = C / g.N, K4 = static_cast<int64_t>(g.K) * g.K * g.K * g.K;
   const int64_t pixels = B * g.H * g.W;
@@ -46,8 +47,10 @@ void outlook_gather_cpu(const scalar_t* src, const scalar_t* attn, scalar_t* out
           for (int64_t c = 0; c < d; ++c) a[c] += wgt * static_cast<acc_t>(s[c]);
         }
       });
-      scalar_t* __restrict__ op = out + pix * C;
+      scalar_t* __restrict__ op = out + pix * ldo;
       for (int64_t c = 0; c < C; ++c) op[c] = static_cast<scalar_t>(acc[c]);
+      if (ones)
+        for (int k = 0; k < kOnesChannels; ++k) op[C + k] = scalar_t(k == 0 ? 1 : 0);
     }
   });
 }
@@ -55,11 +58,12 @@ void outlook_gather_cpu(const scalar_t* src, const scalar_t* attn, scalar_t* out
 // K = 3 (VOLO's) with the window loops unrolled, like the CUDA fast path; any K otherwise.
 template <bool TRANSPOSED, typename scalar_t>
 void outlook_gather_cpu_any_k(const scalar_t* src, const scalar_t* attn, scalar_t* out,
-                              const OutlookGeom& g, int64_t B, int64_t C) {
+                              const OutlookGeom& g, int64_t B, int64_t C, bool ones = false) {
+  const int64_t ldo = C + (ones ? kOnesChannels : 0);
   if (g.K == 3)
-    outlook_gather_cpu<TRANSPOSED, 3>(src, attn, out, g, B, C);
+    outlook_gather_cpu<TRANSPOSED, 3>(src, attn, out, g, B, C, ldo, ones);
   else
-    outlook_gather_cpu<TRANSPOSED, 0>(src, attn, out, g, B, C);
+    outlook_gather_cpu<TRANSPOSED, 0>(src, attn, out, g, B, C, ldo, ones);
 }
 
 // Dot product with 8 independent partial sums (lets the compiler vectorise without
@@ -131,15 +135,18 @@ void outlook_grad_attn_cpu(const scalar_t* gout, const scalar_t* v, const scalar
 }  // namespace
 
 at::Tensor outlook_fwd_cpu(const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size,
-                           int64_t padding, int64_t stride) {
+                           int64_t padding, int64_t stride, bool ones_column) {
   const OutlookGeom g = outlook_check("outlook_fwd", nullptr, v, attn, kernel_size, padding,
                                       stride);
   const at::Tensor vc = v.contiguous(), ac = attn.contiguous();
-  at::Tensor y = at::empty(vc.sizes(), vc.options());
+  at::Tensor y = at::empty({vc.size(0), vc.size(1), vc.size(2),
+                            vc.size(3) + (ones_column ? kOnesChannels : 0)},
+                           vc.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "outlook_fwd_cpu",
                                   [&] {
     outlook_gather_cpu_any_k<false>(vc.const_data_ptr<scalar_t>(), ac.const_data_ptr<scalar_t>(),
-                                    y.mutable_data_ptr<scalar_t>(), g, vc.size(0), vc.size(3));
+                                    y.mutable_data_ptr<scalar_t>(), g, vc.size(0), vc.size(3),
+                                    ones_column);
   });
   return y;
 }

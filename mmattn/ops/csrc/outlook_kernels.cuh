@@ -57,11 +57,13 @@ constexpr int64_t kSmemBudget = 48 * 1024;  // bytes, no opt-in needed
 // the d channels of a head) is a broadcast load. blockIdx.y walks the image rows (b, u);
 // blockIdx.x / threadIdx.x cover (x, channel pack) of a row. KT = K when fixed at compile time
 // (K = 3: the window loops unroll and the loads overlap), 0 for any K.
+// out's pixels are ldo apart; with ones, the thread of a pixel's first pack also writes its
+// kOnesChannels after C, (1, 0, ..., 0) (outlook_fwd's ones_column).
 template <bool TRANSPOSED, int VEC, int KT, typename scalar_t>
 __global__ void __launch_bounds__(kGatherThreads, kGatherMinBlocks)
 outlook_gather_kernel(const scalar_t* __restrict__ src, const scalar_t* __restrict__ attn,
                       scalar_t* __restrict__ out, const OutlookGeom g, const int C, const int d,
-                      const int64_t rows) {
+                      const int64_t rows, const int ldo, const bool ones) {
   using acc_t = at::opmath_type<scalar_t>;
   using pack_t = Pack<scalar_t, VEC>;
   const int packs = C / VEC;
@@ -95,7 +97,12 @@ outlook_gather_kernel(const scalar_t* __restrict__ src, const scalar_t* __restri
     pack_t ov;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) ov.v[k] = static_cast<scalar_t>(acc[k]);
-    store_pack<VEC>(out + (row * g.W + x) * C + c0, ov);
+    // (grad_v: pixels C apart, no ones; the parameters unused, at no register's cost: with
+    // them used, the any-K grad_v spilled 4 bytes in 16-bit types, sm_80 and sm_90)
+    scalar_t* o = out + (row * g.W + x) * (TRANSPOSED ? C : ldo);
+    store_pack<VEC>(o + c0, ov);
+    if (!TRANSPOSED && ones && c0 == 0)
+      for (int k = 0; k < kOnesChannels; ++k) o[C + k] = scalar_t(k == 0 ? 1 : 0);
   }
 }
 
@@ -419,11 +426,13 @@ outlook_unpool_add_kernel(const scalar_t* __restrict__ grad, const scalar_t* __r
   }
 }
 
+// out: (B, H, W, C), or with ones (B, H, W, C + kOnesChannels) (outlook_gather_kernel)
 template <bool TRANSPOSED, typename scalar_t>
 void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tensor& out,
-                   const OutlookGeom& g) {
+                   const OutlookGeom& g, const bool ones = false) {
   if (out.numel() == 0) return;
   const int C = static_cast<int>(src.size(3)), d = C / g.N;
+  const int ldo = C + (ones ? kOnesChannels : 0);
   const int64_t rows = src.size(0) * g.H;
   const scalar_t* sp = src.const_data_ptr<scalar_t>();
   const scalar_t* ap = attn.const_data_ptr<scalar_t>();
@@ -440,7 +449,7 @@ void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tens
     const dim3 grid((items + threads - 1) / threads,
                     static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
     launch::launch(outlook_gather_kernel<TRANSPOSED, VEC, KT, scalar_t>, grid,
-                   static_cast<unsigned>(threads), 0, sp, ap, op, g, C, d, rows);
+                   static_cast<unsigned>(threads), 0, sp, ap, op, g, C, d, rows, ldo, ones);
   };
   // The unrolled K = 3 path (VOLO's) moves 16-byte packs; any other K 8-byte packs at most (with
   // 16, its window loops need more than the 64 registers of kGatherMinBlocks and spill, sm_80).
@@ -481,7 +490,8 @@ void launch_grad_attn(const at::Tensor& gout, const at::Tensor& v, const at::Ten
                         launch::device_attribute(launch::Attr::kSharedMemoryOptin))) {
       const auto blocks = static_cast<unsigned>(std::min<int64_t>(windows, 1 << 30));
       auto kernel = outlook_grad_attn_mma_kernel<scalar_t>;
-      if (smem_mma > static_cast<size_t>(kSmemBudget)) launch::allow_shared_memory(kernel, smem_mma);
+      if (smem_mma > static_cast<size_t>(kSmemBudget))
+        launch::allow_shared_memory(kernel, smem_mma);
       launch::launch(kernel, dim3(blocks), kMmaWarps * 32, smem_mma, gp, vp, ap, op, g, C, d,
                      ld_mma, windows, softmax, static_cast<float>(scale));
       return;
@@ -614,14 +624,18 @@ at::Tensor outlook_unpool_add_cuda(const at::Tensor& grad, const at::Tensor& poo
 }
 
 at::Tensor outlook_fwd_cuda(const at::Tensor& v, const at::Tensor& attn, int64_t kernel_size,
-                            int64_t padding, int64_t stride) {
+                            int64_t padding, int64_t stride, bool ones_column) {
   const OutlookGeom g = outlook_check("outlook_fwd", nullptr, v, attn, kernel_size, padding,
                                       stride);
   const launch::DeviceGuard device_guard(v.device());
   const at::Tensor vc = v.contiguous(), ac = attn.contiguous();
-  at::Tensor y = at::empty(vc.sizes(), vc.options());
+  at::Tensor y = at::empty({vc.size(0), vc.size(1), vc.size(2),
+                            vc.size(3) + (ones_column ? kOnesChannels : 0)},
+                           vc.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "outlook_fwd_cuda",
-                                  [&] { outlook_detail::launch_gather<false, scalar_t>(vc, ac, y, g); });
+                                  [&] {
+    outlook_detail::launch_gather<false, scalar_t>(vc, ac, y, g, ones_column);
+  });
   return y;
 }
 
