@@ -180,14 +180,22 @@ def check_softmax(op, device: str = 'cpu') -> None:
     and 2 and 5; logits up to 400 after scaling, past where exp overflows without its maximum
     subtracted), and in 16-bit types and float32 within twice PyTorch's error in that dtype
     (``softmax(scale * L)``); the output has the logits' shape and dtype."""
-    for k, shape in ((3, (2, 3, 4, 2 * 81)), (2, (5, 16)), (5, (1, 2, 2, 75))):
+    # (K = 3: 432 groups, a whole tile of 256 and part of one, then 259 groups, a tile's tail
+    # of 27 logits that no vector holds whole, then a view off the vectors' alignment)
+    for k, shape in ((3, (2, 3, 4, 2 * 81)), (3, (259, 9)), (3, (31, 9)), (2, (5, 16)),
+                     (5, (1, 2, 2, 75))):
         logits = torch.randn(shape, dtype=F64, device=device) * 30
+        if shape == (31, 9):
+            logits = torch.randn(31 * 9 + 1, dtype=F64, device=device)[1:].view(shape) * 30
         truth = softmax_truth(logits, k, SCALE * 30)
         out = op(logits, k, SCALE * 30)
         assert out.shape == logits.shape and out.dtype == F64
         torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             low = logits.to(dtype) / 30
+            if shape == (31, 9):   # (off the alignment in this dtype too)
+                low = torch.empty(31 * 9 + 1, dtype=dtype, device=device)[1:].view(shape)
+                low.copy_(logits / 30)
             truth = softmax_truth(low, k, SCALE)
             ref = (low.reshape(-1, k * k) * SCALE).softmax(-1)
             out = op(low, k, SCALE)
