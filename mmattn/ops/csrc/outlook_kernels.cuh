@@ -256,17 +256,24 @@ outlook_grad_attn_mma_kernel(const scalar_t* __restrict__ gout, const scalar_t* 
       const int64_t head = win * outs + static_cast<int64_t>(n) * KK * KK;
       scalar_t* out = gattn + head;
       if (softmax) {  // (uniform across the block)
+        // A grad_A in place of grad_A in the tile, A read by consecutive lanes (the first
+        // version's lane m read row m of A itself, 9 loads 18 bytes apart across the lanes
+        // and one after another: the epilogue took the kernel from 134 to 172 us a call at
+        // VOLO-D1's stage 1 on an H200); lane m < K^2 sums row m from the tile; a lane
+        // writing row m takes that sum by a shuffle: scale (A grad_A - A sum)
         const scalar_t* a = attn + head;
+        for (int o = lane; o < KK * KK; o += 32)
+          tile[(o / KK) * kMmaTile + o % KK] *= static_cast<float>(a[o]);
+        __syncwarp();
         float row_sum = 0.0f;
         if (lane < KK)
-          for (int q = 0; q < KK; ++q)
-            row_sum += static_cast<float>(a[lane * KK + q]) * tile[lane * kMmaTile + q];
+          for (int q = 0; q < KK; ++q) row_sum += tile[lane * kMmaTile + q];
         for (int o0 = 0; o0 < KK * KK; o0 += 32) {  // (every lane, for the shuffle)
           const int o = o0 + lane, m = o / KK;
           const float sum_m = __shfl_sync(0xffffffffu, row_sum, m < KK ? m : 0);
           if (o < KK * KK)
-            out[o] = static_cast<scalar_t>(scale * static_cast<float>(a[o]) *
-                                           (tile[m * kMmaTile + o % KK] - sum_m));
+            out[o] = static_cast<scalar_t>(
+                scale * (tile[m * kMmaTile + o % KK] - static_cast<float>(a[o]) * sum_m));
         }
       } else {
         for (int o = lane; o < KK * KK; o += 32)
