@@ -185,7 +185,11 @@ def outlook_weights(x: Tensor, project: Callable[[Tensor], Tensor], *, num_heads
 
 class _RecomputingOutlook(torch.autograd.Function):
     """The whole outlook-attention block on the compiled kernels, keeping only its input and
-    the normalised weights for the backward (see :func:`outlook_attention_block`)."""
+    the normalised weights for the backward (see :func:`outlook_attention_block`). Returns the
+    output as a (B H W, C) matrix, the projection's own result: a (B, H, W, C) view of it made
+    inside the Function could not be changed in place by the caller (autograd forbids it for a
+    custom Function's view outputs; timm's blocks do change an ``attn_layer``'s output in
+    place); :func:`outlook_attention_block` views it outside."""
 
     @staticmethod
     def forward(ctx, x: Tensor, v_weight: Tensor, v_bias: Tensor | None, attn_weight: Tensor,
@@ -202,7 +206,7 @@ class _RecomputingOutlook(torch.autograd.Function):
         ctx.amp = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.geometry, ctx.has_v_bias = geometry, v_bias is not None
         ctx.save_for_backward(x, attn, v_weight, v_bias, attn_weight, proj_weight)
-        return F.linear(y, proj_weight, proj_bias)
+        return F.linear(y.reshape(-1, y.shape[-1]), proj_weight, proj_bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -211,6 +215,7 @@ class _RecomputingOutlook(torch.autograd.Function):
         device, amp, amp_dtype = ctx.amp
         with torch.autocast(device, dtype=amp_dtype, enabled=amp):
             c = x.shape[-1]
+            grad_out = grad_out.reshape(*x.shape[:3], c)
             v = F.linear(x, v_weight, v_bias).contiguous()            # recomputed
             # y recomputed, with a channel of ones after it (and 7 zeros, for alignment): the
             # projection's bias gradient, the sum of grad_out over the pixels, comes out of the
@@ -268,5 +273,6 @@ def outlook_attention_block(x: Tensor, v_weight: Tensor, v_bias: Tensor | None,
     ``A``, the unfolded values, K^2 / s^2 times ``x``, and the projection's input). No
     attention dropout (the caller uses this only when it is off). Under autocast the backward
     runs with the forward's autocast state."""
-    return _RecomputingOutlook.apply(x, v_weight, v_bias, attn_weight, attn_bias, proj_weight,
-                                     proj_bias, (kernel_size, padding, stride, num_heads, scale))
+    out = _RecomputingOutlook.apply(x, v_weight, v_bias, attn_weight, attn_bias, proj_weight,
+                                    proj_bias, (kernel_size, padding, stride, num_heads, scale))
+    return out.view(*x.shape[:3], out.shape[-1])

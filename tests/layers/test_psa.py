@@ -369,11 +369,12 @@ def test_trace_generalises_to_other_sizes(variant: str, mode: str) -> None:
 @pytest.mark.parametrize('mode', MODES)
 def test_torch_compile_fullgraph_training(variant: str, mode: str) -> None:
     """torch.compile traces the block's default path (the folded op for the paper form, the
-    folded PyTorch form for the release's) as one graph, forward and backward: the backend
-    choice and the input checks break no graph. Output and gradients equal eager."""
+    folded PyTorch form for the release's; the fused C++ block where the compiled kernels are
+    loaded, MMATTN_JIT=1) as one graph, forward and backward: the backend choice and the input
+    checks break no graph. Output and gradients equal eager."""
     torch._dynamo.reset()
     block = PolarizedSelfAttention(8, mode=mode, variant=variant, dtype=F64)
-    assert block.selected_backend(torch.empty(1, 8, 2, 2, dtype=F64))[0] == 'folded'
+    assert block.selected_backend(torch.empty(1, 8, 2, 2, dtype=F64))[0] in ('folded', 'cpu')
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0, 0.5)

@@ -433,8 +433,37 @@ def check_block(device: str, backend: str) -> None:
             torch.testing.assert_close(a.cpu(), b, rtol=1e-11, atol=1e-11, msg=name)
 
 
+def check_block_output_in_place(device: str, backend: str) -> None:
+    """The recomputing block's output may be changed in place, as timm's blocks do with an
+    ``attn_layer``'s (``x *= ...``, ``x += shortcut``), NCHW (a permuted view of it) and NHWC:
+    the gradients stay the reference block's. (Its projection had returned a view made inside
+    the autograd Function, which autograd refuses to let be changed in place.)"""
+    for fmt, shape in (('NCHW', (2, 12, 7, 6)), ('NHWC', (2, 7, 6, 12))):
+        ref, fast = block_pair(2, True, backend, device, data_format=fmt)
+        x = torch.randn(shape, dtype=F64, requires_grad=True)
+        xd = x.detach().to(device).requires_grad_()
+        outs = []
+        for block, inp in ((ref, x), (fast, xd)):
+            y = block(inp)
+            y *= 2.0
+            y += inp
+            outs.append(y)
+        g = torch.randn(shape, dtype=F64)
+        outs[0].backward(g)
+        outs[1].backward(g.to(device))
+        torch.testing.assert_close(outs[1].detach().cpu(), outs[0].detach(), rtol=1e-12,
+                                   atol=1e-12)
+        torch.testing.assert_close(xd.grad.cpu(), x.grad, rtol=1e-11, atol=1e-11)
+        for a, b in zip(fast.parameters(), ref.parameters()):
+            torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-11, atol=1e-11)
+
+
 def test_cpu_block_matches_reference_block(cpu_kernels: str) -> None:
     check_block('cpu', 'cpu')
+
+
+def test_cpu_block_output_changed_in_place(cpu_kernels: str) -> None:
+    check_block_output_in_place('cpu', 'cpu')
 
 
 def test_cpu_block_keeps_only_the_weights(cpu_kernels: str) -> None:
@@ -541,6 +570,11 @@ def test_cuda_kernel_volo_stage1_shape_and_auto(cuda_kernels: str) -> None:
 @pytest.mark.cuda
 def test_cuda_block_matches_reference_block(cuda_kernels: str) -> None:
     check_block('cuda', 'cuda')
+
+
+@pytest.mark.cuda
+def test_cuda_block_output_changed_in_place(cuda_kernels: str) -> None:
+    check_block_output_in_place('cuda', 'cuda')
 
 
 @pytest.mark.cuda
