@@ -480,6 +480,19 @@ outlook_unpool_add_kernel(const scalar_t* __restrict__ grad, const scalar_t* __r
 }
 
 // out: (B, H, W, C), or with ones (B, H, W, C + kOnesChannels) (outlook_gather_kernel)
+// Launches a kernel whose blockIdx.y walks `rows` rows (a grid-stride loop past 65535) and whose
+// blockIdx.x / threadIdx.x cover a row's `items` (outlook_pool_kernel, outlook_unpool_add_kernel):
+// a row's items over as few blocks as kGatherThreads allows, split evenly.
+template <typename Kernel, typename... Args>
+void launch_rows(Kernel kernel, const int items, const int64_t rows, Args... args) {
+  const int blocks = (items + kGatherThreads - 1) / kGatherThreads;
+  const int threads = ((items + blocks - 1) / blocks + 31) / 32 * 32;
+  launch::launch(kernel,
+                 dim3(static_cast<unsigned>(blocks),
+                      static_cast<unsigned>(std::min<int64_t>(rows, 65535))),
+                 static_cast<unsigned>(threads), 0, args...);
+}
+
 template <bool TRANSPOSED, typename scalar_t>
 void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tensor& out,
                    const OutlookGeom& g, const bool ones = false) {
@@ -585,18 +598,12 @@ at::Tensor outlook_pool_cuda(const at::Tensor& x, int64_t stride) {
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     auto run = [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
-      // a row's (j, pack) items over as few blocks as kGatherThreads allows, split evenly
-      const int items = static_cast<int>(w) * static_cast<int>(C / VEC);
-      const int blocks = (items + outlook_detail::kGatherThreads - 1) /
-                         outlook_detail::kGatherThreads;
-      const int threads = ((items + blocks - 1) / blocks + 31) / 32 * 32;
-      const int64_t rows = B * h;
-      launch::launch(outlook_detail::outlook_pool_kernel<VEC, scalar_t>,
-                     dim3(static_cast<unsigned>(blocks),
-                          static_cast<unsigned>(std::min<int64_t>(rows, 65535))),
-                     static_cast<unsigned>(threads), 0, xp, op, static_cast<int>(H),
-                     static_cast<int>(W), static_cast<int>(h), static_cast<int>(w),
-                     static_cast<int>(C), static_cast<int>(stride), static_cast<int>(rows));
+      const int64_t rows = B * h;   // of cells; a row's items: (j, pack)
+      outlook_detail::launch_rows(outlook_detail::outlook_pool_kernel<VEC, scalar_t>,
+                                  static_cast<int>(w * (C / VEC)), rows, xp, op,
+                                  static_cast<int>(H), static_cast<int>(W), static_cast<int>(h),
+                                  static_cast<int>(w), static_cast<int>(C),
+                                  static_cast<int>(stride), static_cast<int>(rows));
     };
     constexpr int kWide = kPack16<scalar_t>;
     const size_t bytes = kWide * sizeof(scalar_t);
@@ -658,18 +665,12 @@ at::Tensor outlook_unpool_add_cuda(const at::Tensor& grad, const at::Tensor& poo
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     auto run = [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
-      // a row's (x, pack) items over as few blocks as kGatherThreads allows, split evenly
-      const int items = static_cast<int>(W) * static_cast<int>(C / VEC);
-      const int blocks = (items + outlook_detail::kGatherThreads - 1) /
-                         outlook_detail::kGatherThreads;
-      const int threads = ((items + blocks - 1) / blocks + 31) / 32 * 32;
-      const int64_t rows = B * H;
-      launch::launch(outlook_detail::outlook_unpool_add_kernel<VEC, scalar_t>,
-                     dim3(static_cast<unsigned>(blocks),
-                          static_cast<unsigned>(std::min<int64_t>(rows, 65535))),
-                     static_cast<unsigned>(threads), 0, gp, pp, op, static_cast<int>(H),
-                     static_cast<int>(W), static_cast<int>(h), static_cast<int>(w),
-                     static_cast<int>(C), static_cast<int>(stride), static_cast<int>(rows));
+      const int64_t rows = B * H;   // of pixels; a row's items: (x, pack)
+      outlook_detail::launch_rows(outlook_detail::outlook_unpool_add_kernel<VEC, scalar_t>,
+                                  static_cast<int>(W * (C / VEC)), rows, gp, pp, op,
+                                  static_cast<int>(H), static_cast<int>(W), static_cast<int>(h),
+                                  static_cast<int>(w), static_cast<int>(C),
+                                  static_cast<int>(stride), static_cast<int>(rows));
     };
     constexpr int kWide = kPack16<scalar_t>;
     const size_t bytes = kWide * sizeof(scalar_t);

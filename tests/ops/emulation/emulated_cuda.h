@@ -118,29 +118,31 @@ class Pool {
 
 inline void __syncthreads() { mmattn_emulation::block.threads->arrive_and_wait(); }
 
+namespace mmattn_emulation {
+// The warp shuffles: every lane of the warp posts its value, then takes lane `source`'s, between
+// two barriers of the warp.
 template <typename T>
-inline T __shfl_xor_sync(unsigned, T value, int lane_mask) {
+inline T shuffle_from(T value, unsigned source) {
   const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  double* slots = mmattn_emulation::block.exchange->data() + warp * 32;
-  std::barrier<>& sync = *(*mmattn_emulation::block.warps)[warp];
+  double* slots = block.exchange->data() + warp * 32;
+  std::barrier<>& sync = *(*block.warps)[warp];
   slots[lane] = static_cast<double>(value);
   sync.arrive_and_wait();
-  const T other = static_cast<T>(slots[lane ^ static_cast<unsigned>(lane_mask)]);
+  const T other = static_cast<T>(slots[source % 32]);
   sync.arrive_and_wait();
   return other;
 }
+}  // namespace mmattn_emulation
 
-// __shfl_sync: lane src_lane's value, for every lane of the warp
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T value, int lane_mask) {
+  const unsigned lane = threadIdx.x % 32;
+  return mmattn_emulation::shuffle_from(value, lane ^ static_cast<unsigned>(lane_mask));
+}
+
 template <typename T>
 inline T __shfl_sync(unsigned, T value, int src_lane) {
-  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  double* slots = mmattn_emulation::block.exchange->data() + warp * 32;
-  std::barrier<>& sync = *(*mmattn_emulation::block.warps)[warp];
-  slots[lane] = static_cast<double>(value);
-  sync.arrive_and_wait();
-  const T other = static_cast<T>(slots[static_cast<unsigned>(src_lane) % 32]);
-  sync.arrive_and_wait();
-  return other;
+  return mmattn_emulation::shuffle_from(value, static_cast<unsigned>(src_lane));
 }
 
 inline float __expf(float v) { return std::exp(v); }
