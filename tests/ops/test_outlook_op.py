@@ -359,8 +359,11 @@ def test_cpu_unpool_add_errors_and_opcheck(cpu_kernels: str) -> None:
         op(torch.randn(2, 7, 9, 3), torch.randn(2, 3, 5, 3), 2)
     with pytest.raises(RuntimeError, match='pooled dtype Float must match grad dtype Double'):
         op(torch.randn(1, 4, 4, 2, dtype=F64), torch.randn(1, 2, 2, 2), 2)
-    with pytest.raises(RuntimeError, match=r'stride must be in \[1, 64\], got 0'):
+    with pytest.raises(RuntimeError, match=r'outlook_unpool_add: stride must be in \[1, 64\], '
+                                           r'got 0'):
         op(torch.randn(1, 4, 4, 2), torch.randn(1, 2, 2, 2), 0)
+    with pytest.raises(RuntimeError, match='outlook_unpool_add: grad must be 4-D'):
+        op(torch.randn(4, 4, 2), torch.randn(1, 2, 2, 2), 2)
     torch.library.opcheck(op.default, (torch.randn(2, 7, 9, 6, dtype=F64),
                                        torch.randn(2, 4, 5, 6, dtype=F64), 2),
                           test_utils=('test_schema', 'test_faketensor'))

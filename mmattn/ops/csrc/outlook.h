@@ -175,18 +175,19 @@ inline OutlookGeom outlook_check(const char* op, const at::Tensor* grad_out, con
 }
 
 // Host-side validation of mmattn::outlook_pool's arguments, shared by the CPU and CUDA entry
-// points; returns the pooled grid (h, w) = (ceil(H / s), ceil(W / s)).
-inline std::tuple<int64_t, int64_t> outlook_pool_check(const at::Tensor& x, int64_t stride) {
-  TORCH_CHECK(x.dim() == 4, "outlook_pool: x must be 4-D (B, H, W, C), got shape ", x.sizes());
-  // (also outlook_unpool_add's check of its grad, whose shape is x's)
-  TORCH_CHECK(x.is_floating_point(), "outlook_pool: x must be floating point, got ",
+// points; returns the pooled grid (h, w) = (ceil(H / s), ceil(W / s)). `op` and `name` name the
+// caller and its map in the messages (outlook_unpool_add checks its grad, of x's shape, here).
+inline std::tuple<int64_t, int64_t> outlook_pool_check(const at::Tensor& x, int64_t stride,
+                                                       const char* op = "outlook_pool",
+                                                       const char* name = "x") {
+  TORCH_CHECK(x.dim() == 4, op, ": ", name, " must be 4-D (B, H, W, C), got shape ", x.sizes());
+  TORCH_CHECK(x.is_floating_point(), op, ": ", name, " must be floating point, got ",
               x.scalar_type());
-  TORCH_CHECK(stride >= 1 && stride <= 64, "outlook_pool: stride must be in [1, 64], got ",
-              stride);
+  TORCH_CHECK(stride >= 1 && stride <= 64, op, ": stride must be in [1, 64], got ", stride);
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
-  TORCH_CHECK(H >= 1 && W >= 1, "outlook_pool: H and W must be >= 1, got shape ", x.sizes());
+  TORCH_CHECK(H >= 1 && W >= 1, op, ": H and W must be >= 1, got shape ", x.sizes());
   constexpr int64_t kMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(W * C <= kMax && B * H <= kMax, "outlook_pool: x too large for this kernel, ",
+  TORCH_CHECK(W * C <= kMax && B * H <= kMax, op, ": ", name, " too large for this kernel, ",
               x.sizes());
   return {(H + stride - 1) / stride, (W + stride - 1) / stride};
 }
@@ -211,7 +212,7 @@ inline int64_t outlook_softmax_check(const at::Tensor& logits, int64_t kernel_si
 inline void outlook_unpool_add_check(const at::Tensor& grad, const at::Tensor& pooled,
                                      int64_t stride) {
   int64_t h = 0, w = 0;
-  std::tie(h, w) = outlook_pool_check(grad, stride);
+  std::tie(h, w) = outlook_pool_check(grad, stride, "outlook_unpool_add", "grad");
   TORCH_CHECK(pooled.dim() == 4 && pooled.size(0) == grad.size(0) && pooled.size(1) == h &&
               pooled.size(2) == w && pooled.size(3) == grad.size(3), "outlook_unpool_add: "
               "pooled must be (B, ceil(H / s), ceil(W / s), C) = (", grad.size(0), ", ", h, ", ",

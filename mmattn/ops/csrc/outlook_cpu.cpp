@@ -118,7 +118,7 @@ void outlook_grad_attn_cpu(const scalar_t* gout, const scalar_t* v, const scalar
           for (int q = 0; q < KK; ++q) {
             row[q] = valid[m] && valid[q]
                 ? dot(gs.data() + m * C + n * d, vs.data() + q * C + n * d, d) : acc_t(0);
-            sum += static_cast<acc_t>(a[q]) * row[q];
+            if (softmax_scale) sum += static_cast<acc_t>(a[q]) * row[q];
           }
           if (softmax_scale) {
             const auto scale = static_cast<acc_t>(*softmax_scale);
