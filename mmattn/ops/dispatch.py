@@ -243,8 +243,8 @@ def _official_folded(x: torch.Tensor, *, heuristics: bool = False, form: str = '
 
 
 def can_use_outlook_cuda(v: torch.Tensor) -> tuple[bool, str]:
-    """Whether the fused CUDA outlook kernels (the aggregation, and the block's pooling) can
-    serve values ``v``."""
+    """Whether the fused CUDA outlook kernels (the aggregation, and the block's pooling,
+    softmax and unpool-add) can serve values ``v``."""
     reason = _kernel_check(v, ('outlook_fwd', 'outlook_pool', 'outlook_softmax',
                                'outlook_unpool_add'), 'cuda')
     return (False, reason) if reason else (True, 'ok')

@@ -202,7 +202,8 @@ constexpr int kMmaWarps = 8;
 // elements apart, ld = 8 (mod 16): 32-byte aligned for the fragment loads at any multiple of
 // 16 channels, and the 8 rows that one matrix load reads in a phase fall on distinct banks.
 // Replaces the scalar kernel's 2 shared-memory loads per multiply-add (outlook_grad_attn_smem:
-// 417 us a call at VOLO-D1's stage 1 on an H100, bf16, SM 82 %, DRAM 7 %; unmeasured here).
+// 417 us a call at VOLO-D1's stage 1 on an H100, bf16, SM 82 %, DRAM 7 %; this kernel 134 us on
+// an H200, 2026-11-27).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMmaWarps * 32, kGatherMinBlocks)
 outlook_grad_attn_mma_kernel(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ v,
@@ -412,6 +413,16 @@ outlook_softmax_kernel(const scalar_t* __restrict__ logits, scalar_t* __restrict
   }
 }
 
+// dst[0, count) = src[0, count), by a block's threads: V-element vectors (both pointers aligned
+// to a vector), the tail past the last whole vector in single elements.
+template <int V, typename T>
+__device__ __forceinline__ void block_copy(T* dst, const T* src, const int count) {
+  const int vecs = count / V;
+  for (int i = threadIdx.x; i < vecs; i += blockDim.x)
+    store_pack<V>(dst + i * V, load_pack<V>(src + i * V));
+  for (int i = vecs * V + threadIdx.x; i < count; i += blockDim.x) dst[i] = src[i];
+}
+
 // The same for groups of NT, a block's kGatherThreads groups at a time through shared memory:
 // the tile's NT * kGatherThreads logits come in and go out in 16-byte vectors (the tail of the
 // last tile in single elements), each thread's group computed in place in between. A thread a
@@ -430,19 +441,12 @@ outlook_softmax_tiled_kernel(const scalar_t* __restrict__ logits, scalar_t* __re
   for (int64_t first = blockIdx.x * static_cast<int64_t>(kGatherThreads); first < groups;
        first += static_cast<int64_t>(gridDim.x) * kGatherThreads) {
     const int rows = static_cast<int>(std::min<int64_t>(kGatherThreads, groups - first));
-    const int count = rows * NT, vecs = count / V;
-    const scalar_t* in = logits + first * NT;
-    scalar_t* o = out + first * NT;
-    for (int i = threadIdx.x; i < vecs; i += blockDim.x)
-      store_pack<V>(tile + i * V, load_pack<V>(in + i * V));
-    for (int i = vecs * V + threadIdx.x; i < count; i += blockDim.x) tile[i] = in[i];
+    block_copy<V>(tile, logits + first * NT, rows * NT);
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < rows)
       softmax_group<NT>(tile + threadIdx.x * NT, tile + threadIdx.x * NT, scale);
     __syncthreads();
-    for (int i = threadIdx.x; i < vecs; i += blockDim.x)
-      store_pack<V>(o + i * V, load_pack<V>(tile + i * V));
-    for (int i = vecs * V + threadIdx.x; i < count; i += blockDim.x) o[i] = tile[i];
+    block_copy<V>(out + first * NT, tile, rows * NT);
     __syncthreads();  // before the next tile overwrites this one
   }
 }
@@ -479,7 +483,6 @@ outlook_unpool_add_kernel(const scalar_t* __restrict__ grad, const scalar_t* __r
   }
 }
 
-// out: (B, H, W, C), or with ones (B, H, W, C + kOnesChannels) (outlook_gather_kernel)
 // Launches a kernel whose blockIdx.y walks `rows` rows (a grid-stride loop past 65535) and whose
 // blockIdx.x / threadIdx.x cover a row's `items` (outlook_pool_kernel, outlook_unpool_add_kernel):
 // a row's items over as few blocks as kGatherThreads allows, split evenly.
@@ -493,6 +496,7 @@ void launch_rows(Kernel kernel, const int items, const int64_t rows, Args... arg
                  static_cast<unsigned>(threads), 0, args...);
 }
 
+// out: (B, H, W, C), or with ones (B, H, W, C + kOnesChannels) (outlook_gather_kernel)
 template <bool TRANSPOSED, typename scalar_t>
 void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tensor& out,
                    const OutlookGeom& g, const bool ones = false) {
@@ -596,7 +600,8 @@ at::Tensor outlook_pool_cuda(const at::Tensor& x, int64_t stride) {
                                   [&] {
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    auto run = [&](auto vec_tag) {
+    const bool vectors = C % kPack16<scalar_t> == 0 && all_aligned({xp, op}, 16);
+    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
       const int64_t rows = B * h;   // of cells; a row's items: (j, pack)
       outlook_detail::launch_rows(outlook_detail::outlook_pool_kernel<VEC, scalar_t>,
@@ -604,13 +609,7 @@ at::Tensor outlook_pool_cuda(const at::Tensor& x, int64_t stride) {
                                   static_cast<int>(H), static_cast<int>(W), static_cast<int>(h),
                                   static_cast<int>(w), static_cast<int>(C),
                                   static_cast<int>(stride), static_cast<int>(rows));
-    };
-    constexpr int kWide = kPack16<scalar_t>;
-    const size_t bytes = kWide * sizeof(scalar_t);
-    if (C % kWide == 0 && is_aligned(xp, bytes) && is_aligned(op, bytes))
-      run(Int<kWide>{});
-    else
-      run(Int<1>{});
+    });
   });
   return out;
 }
@@ -663,7 +662,8 @@ at::Tensor outlook_unpool_add_cuda(const at::Tensor& grad, const at::Tensor& poo
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
     const scalar_t* pp = pc.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    auto run = [&](auto vec_tag) {
+    const bool vectors = C % kPack16<scalar_t> == 0 && all_aligned({gp, pp, op}, 16);
+    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
       const int64_t rows = B * H;   // of pixels; a row's items: (x, pack)
       outlook_detail::launch_rows(outlook_detail::outlook_unpool_add_kernel<VEC, scalar_t>,
@@ -671,14 +671,7 @@ at::Tensor outlook_unpool_add_cuda(const at::Tensor& grad, const at::Tensor& poo
                                   static_cast<int>(H), static_cast<int>(W), static_cast<int>(h),
                                   static_cast<int>(w), static_cast<int>(C),
                                   static_cast<int>(stride), static_cast<int>(rows));
-    };
-    constexpr int kWide = kPack16<scalar_t>;
-    const size_t bytes = kWide * sizeof(scalar_t);
-    if (C % kWide == 0 && is_aligned(gp, bytes) && is_aligned(pp, bytes) &&
-        is_aligned(op, bytes))
-      run(Int<kWide>{});
-    else
-      run(Int<1>{});
+    });
   });
   return out;
 }

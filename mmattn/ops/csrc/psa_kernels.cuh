@@ -913,17 +913,7 @@ bool vectorizable(const Geometry& g, const Launch& l, std::initializer_list<cons
   constexpr int vec = kPack16<scalar_t>;
   if (vec == 1 || (g.pix_contig ? g.P % vec != 0 || l.tile_p < vec : g.C % vec != 0))
     return false;
-  return std::all_of(ptrs.begin(), ptrs.end(),
-                     [](const void* p) { return is_aligned(p, vec * sizeof(scalar_t)); });
-}
-
-// f(Int<VEC>{}): the kernels instantiated for 16-byte vectors or for single elements.
-template <typename scalar_t, typename F>
-void with_vectors(bool vectors, F&& f) {
-  if (vectors)
-    f(Int<kPack16<scalar_t>>{});
-  else
-    f(Int<1>{});
+  return all_aligned(ptrs, vec * sizeof(scalar_t));
 }
 
 // Blocks per image that fill the GPU in one wave: as many blocks as the SMs hold at once

@@ -2,8 +2,10 @@
 // CPU emulation): memory-bound kernels want 16-byte accesses per thread.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 namespace mmattn {
@@ -46,6 +48,21 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& value) {
 
 inline bool is_aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Whether every pointer is a multiple of `bytes`.
+inline bool all_aligned(std::initializer_list<const void*> ptrs, size_t bytes) {
+  return std::all_of(ptrs.begin(), ptrs.end(), [&](const void* p) { return is_aligned(p, bytes); });
+}
+
+// f(Int<VEC>{}): kernels instantiated for 16-byte vectors of T (kPack16<T> elements) where
+// `vectors`, else for single elements.
+template <typename T, typename F>
+void with_vectors(bool vectors, F&& f) {
+  if (vectors)
+    f(Int<kPack16<T>>{});
+  else
+    f(Int<1>{});
 }
 
 }  // namespace mmattn
