@@ -52,6 +52,8 @@ def emulated() -> Iterator[object]:
             lib.define(schema)
         lib.define('psa_vector_width(Tensor x, int tiles) -> int')  # psa_emulated.cpp
         lib.define('emulated_launches() -> int')
+        lib.define('outlook_gather_tensor_cores(Tensor v, Tensor attn, int kernel_size, '
+                   'int padding, int stride) -> bool')  # outlook_emulated.cpp
         _LIBRARY.append(lib)
         load(name='mmattn_emulated_kernels',
              sources=[osp.join(HERE, 'emulation', 'psa_emulated.cpp'),
@@ -653,6 +655,48 @@ def test_outlook_grad_attn_on_tensor_cores(emulated, dtype: torch.dtype, heads: 
     shifted = torch.empty(vh.numel() + 1, dtype=dtype)[1:].view(vh.shape).copy_(vh)
     _, ours = emulated.outlook_bwd(gh, shifted, ah, k, p, s)
     assert (ours.double() - ar.grad).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('heads, d, k, p, s, height, width', [
+    (2, 32, 3, 1, 2, 19, 13),   # 3 x 2 tiles, the last ones cut; padding at every edge
+    (3, 16, 3, 0, 3, 10, 17),   # s = 3: rows and columns past the last window (zero)
+    (10, 48, 3, 1, 2, 9, 8),    # more heads than the block's warps, 3 steps a head
+    (1, 16, 3, 1, 2, 1, 1)])
+def test_outlook_gathers_on_tensor_cores(emulated, dtype: torch.dtype, heads: int, d: int,
+                                         k: int, p: int, s: int, height: int,
+                                         width: int) -> None:
+    """y and grad_v on the tensor-core gather (16-bit types, K = 3, s >= 2, heads of a multiple
+    of 16 channels: a tile's window products, then their fold): error against float64 at most
+    about twice the PyTorch reference's in that dtype; the ones column after y. A map 2 bytes
+    off its alignment, float32 and stride 1 take the scalar gather."""
+    from mmattn.ops import outlook_attention_reference
+    v, attn = outlook_inputs(2, k, p, s, height, width, heads, d)
+    g = torch.randn_like(v)
+    vr = v.clone().requires_grad_()
+    truth = paper_aggregate(vr, attn, k, p, s)
+    truth.backward(g)
+    vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
+    assert emulated.outlook_gather_tensor_cores(vh, ah, k, p, s)
+    vhr = vh.clone().requires_grad_()
+    ref = outlook_attention_reference(vhr, ah, kernel_size=k, padding=p, stride=s)
+    ref.backward(gh)
+    bound_y = 2 * (ref.double() - truth).abs().max().item() + 1e-6
+    bound_v = 2 * (vhr.grad.double() - vr.grad).abs().max().item() + 1e-6
+    shifted = torch.empty(vh.numel() + 1, dtype=dtype)[1:].view(vh.shape).copy_(vh)
+    shifted_g = torch.empty(gh.numel() + 1, dtype=dtype)[1:].view(gh.shape).copy_(gh)
+    assert not emulated.outlook_gather_tensor_cores(shifted, ah, k, p, s)
+    for vi, gi in ((vh, gh), (shifted, shifted_g)):
+        y = emulated.outlook_fwd(vi, ah, k, p, s, True)
+        assert y.dtype == dtype and (y[..., :-8].double() - truth).abs().max().item() <= bound_y
+        ones = torch.zeros(8, dtype=dtype)
+        ones[0] = 1
+        assert torch.equal(y[..., -8:], ones.expand(*v.shape[:3], 8))
+        grad_v, _ = emulated.outlook_bwd(gi, vi, ah, k, p, s)
+        assert (grad_v.double() - vr.grad).abs().max().item() <= bound_v
+    assert not emulated.outlook_gather_tensor_cores(v.float(), attn.float(), k, p, s)
+    one, attn_one = outlook_inputs(1, 3, 1, 1, 5, 4, heads, d, dtype)
+    assert not emulated.outlook_gather_tensor_cores(one, attn_one, 3, 1, 1)
 
 
 def window_means(x: Tensor, s: int) -> Tensor:

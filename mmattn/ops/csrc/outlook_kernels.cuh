@@ -1,7 +1,8 @@
 // Outlook attention aggregation on CUDA: Eq. 4-5 of VOLO (arXiv 2106.13112), forward and
 // backward, fused (the K^2-times larger unfolded tensors are never built).
 //
-//   y      = Fold(A_hat V_Delta)               gathered per output pixel (Eq. 4-5)
+//   y      = Fold(A_hat V_Delta)               gathered per output pixel (Eq. 4-5); in 16-bit
+//            types at K = 3, s >= 2, the window products on tensor cores, then their fold
 //   grad_v = the same gather with m <-> q swapped and grad_out in place of v
 //   grad_A[b,i,j,n,m,q] = <grad_out(pixel m), v(pixel q)> over the channels of head n
 //   grad_L = scale A (grad_A - sum_q A grad_A)  with softmax_scale: the gradient of the logits L
@@ -287,6 +288,194 @@ outlook_grad_attn_mma_kernel(const scalar_t* __restrict__ gout, const scalar_t* 
 #endif
 }
 
+// The gathers (y, and grad_v with A transposed) on tensor cores, for 16-bit types, K = 3, heads
+// of a multiple of 16 channels and strides whose windows over a tile fit kMmaGatherWindows (s >=
+// 2: VOLO's outlookers): per window (b, i, j) and head n, Eq. 4's window product A V_Delta
+// (grad_v: A^T grad_out_Delta) is a 16 x 16 x 16 warp matrix product a 16-channel step (the K^2
+// positions padded to 16 with zeros), and Eq. 5's fold sums, per output pixel, the rows of the
+// products of the windows covering it. A block takes a tile of kMmaGatherTile x kMmaGatherTile
+// output pixels at a time and computes the products of every window covering the tile (at K = 3,
+// s = 2: at most 5 x 5 windows for 64 pixels, 1.56 windows a pixel's 1 in the image), a head's
+// 16 channels a step:
+//   1. stages each window's K^2 x K^2 weights (a head's first step) and its K^2 source rows of
+//      the step's 16 channels (16-byte loads; zeros in the padding) in shared memory, a warp a
+//      window;
+//   2. a warp a window: the product into a 16 x 16 float tile of shared memory;
+//   3. a thread per (pixel, 8 channels): the sum of its row in each covering window's tile, in
+//      float, window by window in (i, j) order, and one 16-byte store (with ones, the pixel's
+//      (1, 0, ..., 0) after C at the head's first step).
+// The scalar gather's 81 multiply-adds an output value on the FP32 pipe (and a conversion per
+// source value) took 167 us a call at VOLO-D1's stage 1 on an H200 (bf16, 2026-11-27), three
+// calls a forward + backward of the block; here they are 25 matrix products a tile and step.
+constexpr int kMmaGatherTile = 8;
+constexpr int kMmaGatherWindows = 25;
+constexpr int kMmaGatherLdA = 16, kMmaGatherLdV = 24, kMmaGatherLdO = 20;  // row strides
+
+// Windows along one axis that a tile's kMmaGatherTile pixels may need at most: window i covers
+// [s i - p, s i - p + K - 1], so those covering [u0, u0 + T - 1] are at most (T - 1 + K - 1) / s
+// + 1 apart.
+inline int mma_gather_windows(int K, int s) { return (kMmaGatherTile + K - 2) / s + 1; }
+
+inline size_t mma_gather_smem(size_t elem) {
+  return kMmaGatherWindows * (kMmaTile * ((kMmaGatherLdA + kMmaGatherLdV) * elem +
+                                         kMmaGatherLdO * sizeof(float)) +
+                              sizeof(int64_t) + 2 * sizeof(int)) +
+         32;  // (the fragments want 32-byte alignment; the kernel aligns its base)
+}
+
+template <bool TRANSPOSED, typename scalar_t>
+__global__ void __launch_bounds__(kMmaWarps * 32, 3)
+outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __restrict__ attn,
+                          scalar_t* __restrict__ out, const OutlookGeom g, const int C,
+                          const int d, const int tiles_h, const int tiles_w, const int64_t tiles,
+                          const int ldo, const bool ones) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using T = typename MmaType<scalar_t>::type;
+  using pack_t = Pack<scalar_t, 8>;
+  using a_layout = std::conditional_t<TRANSPOSED, wmma::col_major, wmma::row_major>;
+  constexpr int K = 3, KK = K * K, kPacks = kMmaTile / 8;  // 8-channel packs of a step
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* base = smem_raw + (32 - reinterpret_cast<uintptr_t>(smem_raw) % 32) % 32;
+  constexpr int kA = kMmaTile * kMmaGatherLdA, kV = kMmaTile * kMmaGatherLdV;
+  constexpr int kO = kMmaTile * kMmaGatherLdO;
+  scalar_t* as = reinterpret_cast<scalar_t*>(base);  // a window's weights: kA apart
+  scalar_t* vs = as + kMmaGatherWindows * kA;        // its source rows: kV apart
+  float* os = reinterpret_cast<float*>(vs + kMmaGatherWindows * kV);  // its product: kO apart
+  int64_t* win_attn = reinterpret_cast<int64_t*>(os + kMmaGatherWindows * kO);
+  int* win_y = reinterpret_cast<int*>(win_attn + kMmaGatherWindows);
+  int* win_x = win_y + kMmaGatherWindows;
+  constexpr int kThreads = kMmaWarps * 32;
+  constexpr int kAItems = (kMmaGatherWindows * KK * KK + kThreads - 1) / kThreads;  // even
+  static_assert(kAItems % 2 == 0, "the weights are staged in two halves");
+  constexpr int kVItems = (kMmaGatherWindows * KK * kPacks + kThreads - 1) / kThreads;
+  const int warp = threadIdx.x / 32;
+  // Zeros once where no step writes: the weights' rows and columns past K^2 and the source rows
+  // past K^2 (and, until the first staging, everywhere: the barrier before it).
+  for (int e = threadIdx.x; e < kMmaGatherWindows * kA; e += blockDim.x) as[e] = scalar_t(0);
+  for (int e = threadIdx.x; e < kMmaGatherWindows * kV; e += blockDim.x) vs[e] = scalar_t(0);
+  __syncthreads();
+  const int steps = d / kMmaTile;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int tx = static_cast<int>(tile % tiles_w);
+    const int ty = static_cast<int>((tile / tiles_w) % tiles_h);
+    const int64_t b = tile / (static_cast<int64_t>(tiles_w) * tiles_h);
+    const int u0 = ty * kMmaGatherTile, x0 = tx * kMmaGatherTile;
+    const int th = min(kMmaGatherTile, g.H - u0), tw = min(kMmaGatherTile, g.W - x0);
+    // the windows covering the tile: rows [ilo, ihi], columns [jlo, jhi] (none where K < s
+    // leaves the tile uncovered; its pixels are then 0)
+    int ilo, ihi, jlo, jhi, unused;
+    outlook_covering(u0, g.h, K, g.p, g.s, ilo, unused);
+    outlook_covering(u0 + th - 1, g.h, K, g.p, g.s, unused, ihi);
+    outlook_covering(x0, g.w, K, g.p, g.s, jlo, unused);
+    outlook_covering(x0 + tw - 1, g.w, K, g.p, g.s, unused, jhi);
+    const int nwj = max(jhi - jlo + 1, 0), nwin = max(ihi - ilo + 1, 0) * nwj;
+    // each window's weights (the offset of its head 0) and the origin of its positions
+    for (int w = threadIdx.x; w < nwin; w += blockDim.x) {
+      const int i = ilo + w / nwj, j = jlo + w % nwj;
+      win_attn[w] = ((b * g.h + i) * g.w + j) * g.N * (KK * KK);
+      win_y[w] = g.s * i - g.p;
+      win_x[w] = g.s * j - g.p;
+    }
+    __syncthreads();
+    for (int step = 0; step < g.N * steps; ++step) {
+      const int n = step / steps, c0 = n * d + (step - n * steps) * kMmaTile;
+      // 1. the step's source rows, and at a head's first step its weights: a thread's loads
+      // issued together before its stores (one wait on memory for the rows and half the
+      // weights, one for the other half: all of them at once spilled at 80 registers, sm_80)
+      pack_t v_val[kVItems];
+#pragma unroll
+      for (int k = 0; k < kVItems; ++k) {
+        const int e = threadIdx.x + k * kThreads, w = e / (KK * kPacks);
+        const int t = (e - w * (KK * kPacks)) / kPacks, c = c0 + (e % kPacks) * 8;
+        const int y = w < nwin ? win_y[w] + t / K : -1, x = w < nwin ? win_x[w] + t % K : -1;
+        if (y >= 0 && y < g.H && x >= 0 && x < g.W) {
+          v_val[k] = load_pack<8>(src + ((b * g.H + y) * g.W + x) * C + c);
+        } else {
+#pragma unroll
+          for (int q = 0; q < 8; ++q) v_val[k].v[q] = scalar_t(0);
+        }
+      }
+      if (c0 == n * d) {
+#pragma unroll 1
+        for (int k0 = 0; k0 < kAItems; k0 += kAItems / 2) {
+          scalar_t a_val[kAItems / 2];
+#pragma unroll
+          for (int k = 0; k < kAItems / 2; ++k) {
+            const int e = threadIdx.x + (k0 + k) * kThreads;
+            a_val[k] = e < nwin * KK * KK
+                           ? attn[win_attn[e / (KK * KK)] + n * (KK * KK) + e % (KK * KK)]
+                           : scalar_t(0);
+          }
+#pragma unroll
+          for (int k = 0; k < kAItems / 2; ++k) {
+            const int e = threadIdx.x + (k0 + k) * kThreads, w = e / (KK * KK);
+            const int r = e - w * (KK * KK);
+            if (e < nwin * KK * KK) as[w * kA + (r / KK) * kMmaGatherLdA + r % KK] = a_val[k];
+          }
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kVItems; ++k) {
+        const int e = threadIdx.x + k * kThreads, w = e / (KK * kPacks);
+        const int t = (e - w * (KK * kPacks)) / kPacks;
+        if (w < nwin)
+          store_pack<8>(vs + w * kV + t * kMmaGatherLdV + (e % kPacks) * 8, v_val[k]);
+      }
+      __syncthreads();
+      // 2. a warp a window: its product, output positions as rows
+      for (int w = warp; w < nwin; w += kMmaWarps) {
+        wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaTile, T, a_layout> fa;
+        wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, T, wmma::row_major> fv;
+        wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaTile, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        wmma::load_matrix_sync(fa, reinterpret_cast<const T*>(as + w * kA), kMmaGatherLdA);
+        wmma::load_matrix_sync(fv, reinterpret_cast<const T*>(vs + w * kV), kMmaGatherLdV);
+        wmma::mma_sync(acc, fa, fv, acc);
+        wmma::store_matrix_sync(os + w * kO, acc, kMmaGatherLdO, wmma::mem_row_major);
+      }
+      __syncthreads();
+      // 3. the fold: a thread per (pixel, 8 channels) of the tile
+      for (int e = threadIdx.x; e < th * tw * kPacks; e += blockDim.x) {
+        const int px = e / kPacks, c = (e - px * kPacks) * 8;
+        const int u = u0 + px / tw, x = x0 + px % tw;
+        float acc[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
+        int lo_i, hi_i, lo_j, hi_j;
+        outlook_covering(u, g.h, K, g.p, g.s, lo_i, hi_i);
+        outlook_covering(x, g.w, K, g.p, g.s, lo_j, hi_j);
+        for (int i = lo_i; i <= hi_i; ++i)
+          for (int j = lo_j; j <= hi_j; ++j) {
+            const int pos = (u - g.s * i + g.p) * K + (x - g.s * j + g.p);
+            const float* o = os + ((i - ilo) * nwj + (j - jlo)) * kO + pos * kMmaGatherLdO + c;
+            const Pack<float, 4> lo = load_pack<4>(o), hi = load_pack<4>(o + 4);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              acc[k] += lo.v[k];
+              acc[k + 4] += hi.v[k];
+            }
+          }
+        pack_t ov;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) ov.v[k] = static_cast<scalar_t>(acc[k]);
+        scalar_t* o = out + ((b * g.H + u) * g.W + x) * (TRANSPOSED ? C : ldo);
+        store_pack<8>(o + c0 + c, ov);
+        if (!TRANSPOSED && ones && c0 == 0 && c == 0) {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) ov.v[k] = scalar_t(k == 0 ? 1 : 0);
+          static_assert(kOnesChannels == 8, "the ones are one pack");
+          store_pack<8>(o + C, ov);
+        }
+      }
+      // (the next step stages over this step's rows after every warp's product read them: the
+      // __syncthreads above; its products overwrite the tiles after the __syncthreads that
+      // follows its staging, which each thread reaches after its share of this fold)
+    }
+  }
+#endif
+}
+
 // grad_attn fallback when the staged rows exceed the shared-memory budget: one thread per output,
 // reading grad_out and v from global memory.
 template <typename scalar_t>
@@ -496,6 +685,20 @@ void launch_rows(Kernel kernel, const int items, const int64_t rows, Args... arg
                  static_cast<unsigned>(threads), 0, args...);
 }
 
+// Whether launch_gather takes the tensor-core kernel (outlook_gather_mma_kernel) for a 16-bit
+// src of the geometry g (d channels a head) into out: K = 3, whole 16-channel steps, a tile's
+// windows within kMmaGatherWindows, 16-byte aligned maps, compute capability 8.0 on and the
+// shared memory the device has.
+inline bool gather_on_tensor_cores(const OutlookGeom& g, const int d, const void* src,
+                                   const void* out, const size_t elem) {
+  const int windows = mma_gather_windows(g.K, g.s);
+  return elem == 2 && g.K == 3 && d % kMmaTile == 0 &&
+         windows * windows <= kMmaGatherWindows && all_aligned({src, out}, 16) &&
+         launch::device_attribute(launch::Attr::kComputeMajor) >= 8 &&
+         mma_gather_smem(elem) <= static_cast<size_t>(
+                                      launch::device_attribute(launch::Attr::kSharedMemoryOptin));
+}
+
 // out: (B, H, W, C), or with ones (B, H, W, C + kOnesChannels) (outlook_gather_kernel)
 template <bool TRANSPOSED, typename scalar_t>
 void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tensor& out,
@@ -507,6 +710,20 @@ void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tens
   const scalar_t* sp = src.const_data_ptr<scalar_t>();
   const scalar_t* ap = attn.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>) {
+    if (gather_on_tensor_cores(g, d, sp, op, sizeof(scalar_t))) {
+      const int tiles_h = (g.H + kMmaGatherTile - 1) / kMmaGatherTile;
+      const int tiles_w = (g.W + kMmaGatherTile - 1) / kMmaGatherTile;
+      const int64_t tiles = src.size(0) * tiles_h * tiles_w;
+      const size_t smem = mma_gather_smem(sizeof(scalar_t));
+      auto kernel = outlook_gather_mma_kernel<TRANSPOSED, scalar_t>;
+      if (smem > static_cast<size_t>(kSmemBudget)) launch::allow_shared_memory(kernel, smem);
+      launch::launch(kernel, dim3(static_cast<unsigned>(std::min<int64_t>(tiles, 1 << 30))),
+                     kMmaWarps * 32, smem, sp, ap, op, g, C, d, tiles_h, tiles_w, tiles, ldo,
+                     ones);
+      return;
+    }
+  }
   // Packs of VEC channels (16 bytes at most) where the head size and the pointers allow.
   auto fits = [&](int vec) {
     const size_t bytes = vec * sizeof(scalar_t);

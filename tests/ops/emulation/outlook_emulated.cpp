@@ -9,10 +9,21 @@
 
 MMATTN_EMULATED_SHARED_MEMORY(mmattn::outlook_detail)
 
+// whether the gathers of v (into a map of its own shape) run on the tensor-core kernel
+bool outlook_gather_tensor_cores(const at::Tensor& v, const at::Tensor& attn, int64_t K,
+                                 int64_t p, int64_t s) {
+  const mmattn::OutlookGeom g = mmattn::outlook_check("outlook_gather_tensor_cores", nullptr, v,
+                                                      attn, K, p, s);
+  return mmattn::outlook_detail::gather_on_tensor_cores(g, static_cast<int>(v.size(3) / g.N),
+                                                        v.data_ptr(), v.data_ptr(),
+                                                        v.element_size());
+}
+
 TORCH_LIBRARY_IMPL(mmattn_emulated, CPU, m) {
   m.impl("outlook_fwd", &mmattn::outlook_fwd_cuda);
   m.impl("outlook_bwd", &mmattn::outlook_bwd_cuda);
   m.impl("outlook_pool", &mmattn::outlook_pool_cuda);
   m.impl("outlook_softmax", &mmattn::outlook_softmax_cuda);
   m.impl("outlook_unpool_add", &mmattn::outlook_unpool_add_cuda);
+  m.impl("outlook_gather_tensor_cores", &outlook_gather_tensor_cores);
 }
