@@ -27,9 +27,9 @@ from mmattn.ops.dispatch import PSA_KERNEL_OPS
 from mmattn.ops.psa_block import psa_block_weights, state_shapes
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from test_outlook_op import (check_logits_grad, check_logits_grad_half,  # noqa: E402
-                             check_ones_column, check_softmax, check_unpool_add, grid,
-                             paper_aggregate)
+from test_outlook_op import (TENSOR_CORE_GATHERS, check_gathers_half,  # noqa: E402
+                             check_logits_grad, check_logits_grad_half, check_ones_column,
+                             check_softmax, check_unpool_add, grid, paper_aggregate)
 from test_psa_block import block  # noqa: E402
 from test_psa_op import (EPS, F64, PARAM_NAMES, check_low_precision, grads,  # noqa: E402
                          paper_psa, random_params)
@@ -658,45 +658,21 @@ def test_outlook_grad_attn_on_tensor_cores(emulated, dtype: torch.dtype, heads: 
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize('heads, d, k, p, s, height, width', [
-    (2, 32, 3, 1, 2, 19, 13),   # 3 x 2 tiles, the last ones cut; padding at every edge
-    (3, 16, 3, 0, 3, 10, 17),   # s = 3: rows and columns past the last window (zero)
-    (10, 48, 3, 1, 2, 9, 8),    # more heads than the block's warps, 3 steps a head
-    (1, 16, 3, 1, 2, 1, 1)])
-def test_outlook_gathers_on_tensor_cores(emulated, dtype: torch.dtype, heads: int, d: int,
-                                         k: int, p: int, s: int, height: int,
-                                         width: int) -> None:
+@pytest.mark.parametrize('case', TENSOR_CORE_GATHERS)
+def test_outlook_gathers_on_tensor_cores(emulated, dtype: torch.dtype,
+                                         case: tuple[int, ...]) -> None:
     """y and grad_v on the tensor-core gather (16-bit types, K = 3, s >= 2, heads of a multiple
-    of 16 channels: a tile's window products, then their fold): error against float64 at most
-    about twice the PyTorch reference's in that dtype; the ones column after y. A map 2 bytes
+    of 16 channels: a tile's window products, then their fold), against float64; a map 2 bytes
     off its alignment, float32 and stride 1 take the scalar gather."""
-    from mmattn.ops import outlook_attention_reference
-    v, attn = outlook_inputs(2, k, p, s, height, width, heads, d)
-    g = torch.randn_like(v)
-    vr = v.clone().requires_grad_()
-    truth = paper_aggregate(vr, attn, k, p, s)
-    truth.backward(g)
-    vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
-    assert emulated.outlook_gather_tensor_cores(vh, ah, k, p, s)
-    vhr = vh.clone().requires_grad_()
-    ref = outlook_attention_reference(vhr, ah, kernel_size=k, padding=p, stride=s)
-    ref.backward(gh)
-    bound_y = 2 * (ref.double() - truth).abs().max().item() + 1e-6
-    bound_v = 2 * (vhr.grad.double() - vr.grad).abs().max().item() + 1e-6
-    shifted = torch.empty(vh.numel() + 1, dtype=dtype)[1:].view(vh.shape).copy_(vh)
-    shifted_g = torch.empty(gh.numel() + 1, dtype=dtype)[1:].view(gh.shape).copy_(gh)
-    assert not emulated.outlook_gather_tensor_cores(shifted, ah, k, p, s)
-    for vi, gi in ((vh, gh), (shifted, shifted_g)):
-        y = emulated.outlook_fwd(vi, ah, k, p, s, True)
-        assert y.dtype == dtype and (y[..., :-8].double() - truth).abs().max().item() <= bound_y
-        ones = torch.zeros(8, dtype=dtype)
-        ones[0] = 1
-        assert torch.equal(y[..., -8:], ones.expand(*v.shape[:3], 8))
-        grad_v, _ = emulated.outlook_bwd(gi, vi, ah, k, p, s)
-        assert (grad_v.double() - vr.grad).abs().max().item() <= bound_v
+    heads, d, k, p, s, height, width = case
+    v, attn = outlook_inputs(2, k, p, s, height, width, heads, d, dtype)
+    assert emulated.outlook_gather_tensor_cores(v, attn, k, p, s)
+    shifted = torch.empty(v.numel() + 1, dtype=dtype)[1:].view(v.shape)
+    assert not emulated.outlook_gather_tensor_cores(shifted, attn, k, p, s)
     assert not emulated.outlook_gather_tensor_cores(v.float(), attn.float(), k, p, s)
     one, attn_one = outlook_inputs(1, 3, 1, 1, 5, 4, heads, d, dtype)
     assert not emulated.outlook_gather_tensor_cores(one, attn_one, 3, 1, 1)
+    check_gathers_half(emulated.outlook_fwd, emulated.outlook_bwd, dtype, case)
 
 
 def window_means(x: Tensor, s: int) -> Tensor:

@@ -115,6 +115,46 @@ def check_half(device: str, backend: str, dtype: torch.dtype) -> None:
         assert err(a, t) <= 2 * err(r, t) + 1e-6, name
 
 
+# The tensor-core gathers' cases (16-bit types, K = 3, s >= 2, heads of a multiple of 16
+# channels): (heads, d, K, p, s, H, W)
+TENSOR_CORE_GATHERS = [
+    (2, 32, 3, 1, 2, 19, 13),   # 3 x 2 tiles of 8 x 8 pixels, the last ones cut; padding
+    (3, 16, 3, 0, 3, 10, 17),   # s = 3: rows and columns past the last window (zero)
+    (10, 48, 3, 1, 2, 9, 8),    # more heads than a block's 8 warps, 3 steps of 16 a head
+    (1, 16, 3, 1, 2, 1, 1)]
+
+
+def check_gathers_half(fwd, bwd, dtype: torch.dtype, case: tuple[int, ...],
+                       device: str = 'cpu') -> None:
+    """y (with the ones column) and grad_v of ``outlook_fwd`` / ``outlook_bwd`` in a 16-bit
+    dtype: error against float64 at most about twice the PyTorch reference's in that dtype,
+    for the maps and for copies 2 bytes off their 16-byte alignment."""
+    heads, d, k, p, s, height, width = case
+    v, attn = inputs(2, k, p, s, height, width, heads, d, device=device)
+    g = torch.randn_like(v)
+    vr = v.clone().requires_grad_()
+    truth = paper_aggregate(vr, attn, k, p, s)
+    truth.backward(g)
+    vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
+    vhr = vh.clone().requires_grad_()
+    ref = outlook_attention_reference(vhr, ah, kernel_size=k, padding=p, stride=s)
+    ref.backward(gh)
+    bound_y = 2 * (ref.double() - truth).abs().max().item() + 1e-6
+    bound_v = 2 * (vhr.grad.double() - vr.grad).abs().max().item() + 1e-6
+
+    def shifted(t: Tensor) -> Tensor:
+        return torch.empty(t.numel() + 1, dtype=dtype, device=device)[1:].view(t.shape).copy_(t)
+
+    ones = torch.zeros(8, dtype=dtype, device=device)
+    ones[0] = 1
+    for vi, gi in ((vh, gh), (shifted(vh), shifted(gh))):
+        y = fwd(vi, ah, k, p, s, True)
+        assert y.dtype == dtype and (y[..., :-8].double() - truth).abs().max().item() <= bound_y
+        assert torch.equal(y[..., -8:], ones.expand(*v.shape[:3], 8))
+        grad_v, _ = bwd(gi, vi, ah, k, p, s)
+        assert (grad_v.double() - vr.grad).abs().max().item() <= bound_v
+
+
 SCALE = 0.37   # softmax_scale in the logits tests (VOLO's is d ** -0.5)
 
 
@@ -541,6 +581,15 @@ def test_cuda_kernel_logits_gradient(cuda_kernels: str) -> None:
     check_logits_grad(torch.ops.mmattn.outlook_bwd, GEOMETRIES, 'cuda')
     for dtype in (torch.float32, torch.bfloat16, torch.float16):  # (16-bit: tensor cores)
         check_logits_grad_half(torch.ops.mmattn.outlook_bwd, dtype, 6, 32, 'cuda')
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('case', TENSOR_CORE_GATHERS)
+def test_cuda_gathers_on_tensor_cores(cuda_kernels: str, dtype: torch.dtype,
+                                      case: tuple[int, ...]) -> None:
+    check_gathers_half(torch.ops.mmattn.outlook_fwd, torch.ops.mmattn.outlook_bwd, dtype, case,
+                       'cuda')
 
 
 @pytest.mark.cuda
