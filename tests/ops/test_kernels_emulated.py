@@ -638,23 +638,26 @@ def test_outlook_grad_attn_on_tensor_cores(emulated, dtype: torch.dtype, heads: 
                                            d: int) -> None:
     """grad_attn's tensor-core kernel (16-bit types, K = 3, heads of a multiple of 16
     channels): more heads than the block's 8 warps, 1-3 steps of 16 channels, windows over the
-    padding at every edge; error against float64 at most about twice the PyTorch reference's in
-    that dtype. A map 2 bytes off its alignment takes the scalar kernel, as accurate."""
+    padding at every edge; 2 x 4 x 3 windows (whole groups of a block's 4) and 2 x 3 x 3 (a
+    group across two images, the last one short); error against float64 at most about twice
+    the PyTorch reference's in that dtype. A map 2 bytes off its alignment takes the scalar
+    kernel, as accurate."""
     from mmattn.ops import outlook_attention_reference
     k, p, s = 3, 1, 2
-    v, attn = outlook_inputs(2, k, p, s, 7, 6, heads, d)
-    g = torch.randn_like(v)
-    ar = attn.clone().requires_grad_()
-    paper_aggregate(v, ar, k, p, s).backward(g)
-    vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
-    ahr = ah.clone().requires_grad_()
-    outlook_attention_reference(vh, ahr, kernel_size=k, padding=p, stride=s).backward(gh)
-    bound = 2 * (ahr.grad.double() - ar.grad).abs().max().item() + 1e-6
-    _, ours = emulated.outlook_bwd(gh, vh, ah, k, p, s)
-    assert ours.dtype == dtype and (ours.double() - ar.grad).abs().max().item() <= bound
-    shifted = torch.empty(vh.numel() + 1, dtype=dtype)[1:].view(vh.shape).copy_(vh)
-    _, ours = emulated.outlook_bwd(gh, shifted, ah, k, p, s)
-    assert (ours.double() - ar.grad).abs().max().item() <= bound
+    for height, width in ((7, 6), (5, 5)):
+        v, attn = outlook_inputs(2, k, p, s, height, width, heads, d)
+        g = torch.randn_like(v)
+        ar = attn.clone().requires_grad_()
+        paper_aggregate(v, ar, k, p, s).backward(g)
+        vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
+        ahr = ah.clone().requires_grad_()
+        outlook_attention_reference(vh, ahr, kernel_size=k, padding=p, stride=s).backward(gh)
+        bound = 2 * (ahr.grad.double() - ar.grad).abs().max().item() + 1e-6
+        _, ours = emulated.outlook_bwd(gh, vh, ah, k, p, s)
+        assert ours.dtype == dtype and (ours.double() - ar.grad).abs().max().item() <= bound
+        shifted = torch.empty(vh.numel() + 1, dtype=dtype)[1:].view(vh.shape).copy_(vh)
+        _, ours = emulated.outlook_bwd(gh, shifted, ah, k, p, s)
+        assert (ours.double() - ar.grad).abs().max().item() <= bound
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

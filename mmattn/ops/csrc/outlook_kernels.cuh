@@ -194,19 +194,35 @@ constexpr int kMmaWarps = 8;
 // channels: per window (b, i, j) and head n the K^2 x K^2 outputs are the product
 // G_n V_n^T of the window's rows of grad_out and v restricted to the head's d channels
 // (K^2 x d each): a 16 x 16 x d warp matrix product (wmma, float accumulators) per head, the
-// rows past K^2 padding whose products are never read. A block of kMmaWarps warps takes a
-// window at a time: it stages the K^2 rows of grad_out and v in x's dtype (16-byte copies,
-// zeros in the padding), each warp then takes heads warp, warp + kMmaWarps, ... and writes the
-// K^2 x K^2 corner of its product through a 16 x 16 float tile of shared memory (with
-// softmax, the logits' gradient from that float tile: lane m < K^2 sums row m's A grad_A, the
-// lanes writing row m take that sum by a shuffle). Rows are ld
-// elements apart, ld = 8 (mod 16): 32-byte aligned for the fragment loads at any multiple of
-// 16 channels, and the 8 rows that one matrix load reads in a phase fall on distinct banks.
-// Replaces the scalar kernel's 2 shared-memory loads per multiply-add (outlook_grad_attn_smem:
-// 417 us a call at VOLO-D1's stage 1 on an H100, bf16, SM 82 %, DRAM 7 %; this kernel 134 us on
-// an H200, 2026-11-27).
+// rows past K^2 padding whose products are never read. A block of kMmaWarps warps takes
+// kMmaWindows consecutive windows at a time: it stages their K^2 rows of grad_out and v in x's
+// dtype (16-byte copies, zeros in the padding) and, with softmax, their weights A, each thread
+// issuing kMmaBatch items' loads before their stores; each warp then takes the (window, head)
+// pairs warp, warp + kMmaWarps, ... and writes the K^2 x K^2 corner of its product through a
+// 16 x 16 float tile of shared memory (with softmax, the logits' gradient from that float
+// tile: A grad_A in place, A read by consecutive lanes; lane m < K^2 sums row m, a lane writing
+// row m takes that sum by a shuffle: scale (A grad_A - A sum)). Rows are ld elements apart,
+// ld = 8 (mod 16): 32-byte aligned for the fragment loads at any multiple of 16 channels, and
+// the 8 rows that one matrix load reads in a phase fall on distinct banks.
+// Replaced the scalar kernel's 2 shared-memory loads per multiply-add (outlook_grad_attn_smem:
+// 417 us a call at VOLO-D1's stage 1 on an H100, bf16, SM 82 %, DRAM 7 %). Its first version
+// took a window at a time and read A for the epilogue from global memory, row by row: 134 us a
+// call on an H200 (2026-11-27), 172 with the epilogue; 25088 windows on 132 SMs x 4 blocks are
+// 48 windows a block, about 2.8 us each: two waits on memory (the rows, then A) and three
+// barriers for 6 heads on 8 warps. Now one wait and two barriers a kMmaWindows windows.
+constexpr int kMmaWindows = 4;
+constexpr int kMmaBatch = 4;
+
+// Shared memory of outlook_grad_attn_mma_kernel: the windows' rows of grad_out and v, the
+// warps' float tiles, the windows' weights (outs = N K^4 a window).
+inline size_t grad_attn_mma_smem(int ld, int outs, size_t elem) {
+  return (2 * kMmaWindows * kMmaTile * static_cast<size_t>(ld) +
+          kMmaWindows * static_cast<size_t>(outs)) * elem +
+         kMmaWarps * kMmaTile * kMmaTile * sizeof(float) + 32;  // (+ the base's alignment)
+}
+
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMmaWarps * 32, kGatherMinBlocks)
+__global__ void __launch_bounds__(kMmaWarps * 32, 3)
 outlook_grad_attn_mma_kernel(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ v,
                              const scalar_t* __restrict__ attn, scalar_t* __restrict__ gattn,
                              const OutlookGeom g, const int C, const int d, const int ld,
@@ -218,52 +234,91 @@ outlook_grad_attn_mma_kernel(const scalar_t* __restrict__ gout, const scalar_t* 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // (the fragment loads and stores want 32-byte alignment; the launch adds 32 bytes for it)
   unsigned char* base = smem_raw + (32 - reinterpret_cast<uintptr_t>(smem_raw) % 32) % 32;
-  scalar_t* gs = reinterpret_cast<scalar_t*>(base);
-  scalar_t* vs = gs + kMmaTile * ld;
-  float* tiles = reinterpret_cast<float*>(vs + kMmaTile * ld);
   const int KK = g.K * g.K, outs = g.N * KK * KK, packs = C / 8;
+  const int rows = kMmaTile * ld;  // a window's staged rows of one map
+  scalar_t* gs = reinterpret_cast<scalar_t*>(base);
+  scalar_t* vs = gs + kMmaWindows * rows;
+  float* tiles = reinterpret_cast<float*>(vs + kMmaWindows * rows);
+  scalar_t* as = reinterpret_cast<scalar_t*>(tiles + kMmaWarps * kMmaTile * kMmaTile);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* tile = tiles + warp * kMmaTile * kMmaTile;
-  for (int64_t win = blockIdx.x; win < windows; win += gridDim.x) {
-    const int j = static_cast<int>(win % g.w);
-    const int i = static_cast<int>((win / g.w) % g.h);
-    const int64_t b = win / (static_cast<int64_t>(g.w) * g.h);
-    for (int e = threadIdx.x; e < KK * packs; e += blockDim.x) {
-      const int t = e / packs, c = (e - t * packs) * 8;
-      int64_t pix;
-      pack_t gp, vp;
-      if (outlook_window_pixel(g, b, i, j, t, pix)) {
-        gp = load_pack<8>(gout + pix * C + c);
-        vp = load_pack<8>(v + pix * C + c);
-      } else {
+  for (int64_t win0 = blockIdx.x * static_cast<int64_t>(kMmaWindows); win0 < windows;
+       win0 += static_cast<int64_t>(gridDim.x) * kMmaWindows) {
+    const int nw = static_cast<int>(min(static_cast<int64_t>(kMmaWindows), windows - win0));
+    const int j0 = static_cast<int>(win0 % g.w);
+    const int i0 = static_cast<int>((win0 / g.w) % g.h);
+    const int64_t b0 = win0 / (static_cast<int64_t>(g.w) * g.h);
+    // 1. the rows: item e is window w's position t, channels c .. c + 7
+    const int items = nw * KK * packs;
+    for (int e0 = threadIdx.x; e0 < items; e0 += kMmaBatch * kMmaWarps * 32) {
+      pack_t gp[kMmaBatch], vp[kMmaBatch];
 #pragma unroll
-        for (int k = 0; k < 8; ++k) gp.v[k] = vp.v[k] = scalar_t(0);
+      for (int u = 0; u < kMmaBatch; ++u) {
+        const int e = e0 + u * kMmaWarps * 32, w = e / (KK * packs);
+        const int t = (e - w * (KK * packs)) / packs, c = (e % packs) * 8;
+        int i = i0, j = j0 + w;  // window win0 + w
+        int64_t b = b0, pix;
+        for (; j >= g.w; j -= g.w) {
+          if (++i == g.h) {
+            i = 0;
+            ++b;
+          }
+        }
+        if (e < items && outlook_window_pixel(g, b, i, j, t, pix)) {
+          gp[u] = load_pack<8>(gout + pix * C + c);
+          vp[u] = load_pack<8>(v + pix * C + c);
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) gp[u].v[k] = vp[u].v[k] = scalar_t(0);
+        }
       }
-      store_pack<8>(gs + t * ld + c, gp);
-      store_pack<8>(vs + t * ld + c, vp);
+#pragma unroll
+      for (int u = 0; u < kMmaBatch; ++u) {
+        const int e = e0 + u * kMmaWarps * 32, w = e / (KK * packs);
+        const int t = (e - w * (KK * packs)) / packs, c = (e % packs) * 8;
+        if (e < items) {
+          store_pack<8>(gs + w * rows + t * ld + c, gp[u]);
+          store_pack<8>(vs + w * rows + t * ld + c, vp[u]);
+        }
+      }
+    }
+    // (with softmax) the windows' weights, consecutive in attn
+    if (softmax) {
+      const scalar_t* a = attn + win0 * outs;
+      const int count = nw * outs;
+      for (int e0 = threadIdx.x; e0 < count; e0 += 2 * kMmaBatch * kMmaWarps * 32) {
+        scalar_t av[2 * kMmaBatch];
+#pragma unroll
+        for (int u = 0; u < 2 * kMmaBatch; ++u) {
+          const int e = e0 + u * kMmaWarps * 32;
+          av[u] = e < count ? a[e] : scalar_t(0);
+        }
+#pragma unroll
+        for (int u = 0; u < 2 * kMmaBatch; ++u) {
+          const int e = e0 + u * kMmaWarps * 32;
+          if (e < count) as[e] = av[u];
+        }
+      }
     }
     __syncthreads();
-    for (int n = warp; n < g.N; n += kMmaWarps) {
+    // 2. a warp a (window, head): the product, then its K^2 x K^2 corner out
+    for (int pair = warp; pair < nw * g.N; pair += kMmaWarps) {
+      const int w = pair / g.N, n = pair - w * g.N;
       wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaTile, float> acc;
       wmma::fill_fragment(acc, 0.0f);
       for (int k0 = 0; k0 < d; k0 += kMmaTile) {
         wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaTile, T, wmma::row_major> ga;
         wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, T, wmma::col_major> vb;
-        wmma::load_matrix_sync(ga, reinterpret_cast<const T*>(gs + n * d + k0), ld);
-        wmma::load_matrix_sync(vb, reinterpret_cast<const T*>(vs + n * d + k0), ld);
+        wmma::load_matrix_sync(ga, reinterpret_cast<const T*>(gs + w * rows + n * d + k0), ld);
+        wmma::load_matrix_sync(vb, reinterpret_cast<const T*>(vs + w * rows + n * d + k0), ld);
         wmma::mma_sync(acc, ga, vb, acc);
       }
       wmma::store_matrix_sync(tile, acc, kMmaTile, wmma::mem_row_major);
       __syncwarp();
-      const int64_t head = win * outs + static_cast<int64_t>(n) * KK * KK;
-      scalar_t* out = gattn + head;
+      const int head = n * KK * KK;
+      scalar_t* out = gattn + (win0 + w) * outs + head;
       if (softmax) {  // (uniform across the block)
-        // A grad_A in place of grad_A in the tile, A read by consecutive lanes (the first
-        // version's lane m read row m of A itself, 9 loads 18 bytes apart across the lanes
-        // and one after another: the epilogue took the kernel from 134 to 172 us a call at
-        // VOLO-D1's stage 1 on an H200); lane m < K^2 sums row m from the tile; a lane
-        // writing row m takes that sum by a shuffle: scale (A grad_A - A sum)
-        const scalar_t* a = attn + head;
+        const scalar_t* a = as + w * outs + head;
         for (int o = lane; o < KK * KK; o += 32)
           tile[(o / KK) * kMmaTile + o % KK] *= static_cast<float>(a[o]);
         __syncwarp();
@@ -281,9 +336,9 @@ outlook_grad_attn_mma_kernel(const scalar_t* __restrict__ gout, const scalar_t* 
         for (int o = lane; o < KK * KK; o += 32)
           out[o] = static_cast<scalar_t>(tile[(o / KK) * kMmaTile + o % KK]);
       }
-      __syncwarp();  // before the next head's product overwrites the tile
+      __syncwarp();  // before the next pair's product overwrites the tile
     }
-    __syncthreads();  // before the next window overwrites the rows
+    __syncthreads();  // before the next windows overwrite the rows
   }
 #endif
 }
@@ -769,13 +824,13 @@ void launch_grad_attn(const at::Tensor& gout, const at::Tensor& v, const at::Ten
     // tensor cores (compute capability 8.0 on: bf16) where the window's rows fit a tile and the
     // heads its steps, with 16-byte copies of the rows
     const int ld_mma = (C + 15) / 16 * 16 + 8;
-    const size_t smem_mma = 2 * kMmaTile * ld_mma * sizeof(scalar_t) +
-                            kMmaWarps * kMmaTile * kMmaTile * sizeof(float) + 32;
+    const size_t smem_mma = grad_attn_mma_smem(ld_mma, g.N * KK * KK, sizeof(scalar_t));
     if (KK <= kMmaTile && d % kMmaTile == 0 && is_aligned(gp, 16) && is_aligned(vp, 16) &&
         launch::device_attribute(launch::Attr::kComputeMajor) >= 8 &&
         smem_mma <= static_cast<size_t>(
                         launch::device_attribute(launch::Attr::kSharedMemoryOptin))) {
-      const auto blocks = static_cast<unsigned>(std::min<int64_t>(windows, 1 << 30));
+      const auto blocks = static_cast<unsigned>(
+          std::min<int64_t>((windows + kMmaWindows - 1) / kMmaWindows, 1 << 30));
       auto kernel = outlook_grad_attn_mma_kernel<scalar_t>;
       if (smem_mma > static_cast<size_t>(kSmemBudget))
         launch::allow_shared_memory(kernel, smem_mma);
