@@ -196,14 +196,14 @@ constexpr int kMmaWarps = 8;
 // (K^2 x d each): a 16 x 16 x d warp matrix product (wmma, float accumulators) per head, the
 // rows past K^2 padding whose products are never read. A block of kMmaWarps warps takes
 // kMmaWindows consecutive windows at a time: it stages their K^2 rows of grad_out and v in x's
-// dtype (16-byte copies, zeros in the padding) and, with softmax, their weights A, each thread
-// issuing kMmaBatch items' loads before their stores; each warp then takes the (window, head)
-// pairs warp, warp + kMmaWarps, ... and writes the K^2 x K^2 corner of its product through a
-// 16 x 16 float tile of shared memory (with softmax, the logits' gradient from that float
-// tile: A grad_A in place, A read by consecutive lanes; lane m < K^2 sums row m, a lane writing
-// row m takes that sum by a shuffle: scale (A grad_A - A sum)). Rows are ld elements apart,
-// ld = 8 (mod 16): 32-byte aligned for the fragment loads at any multiple of 16 channels, and
-// the 8 rows that one matrix load reads in a phase fall on distinct banks.
+// dtype (16-byte asynchronous copies, zeros in the padding) and, with softmax, their weights A
+// (each thread issuing kMmaWeightBatch loads before their stores); each warp then takes the
+// (window, head) pairs warp, warp + kMmaWarps, ... and writes the K^2 x K^2 corner of its
+// product through a 16 x 16 float tile of shared memory (with softmax, the logits' gradient
+// from that float tile: A grad_A in place, A read by consecutive lanes; lane m < K^2 sums row
+// m, a lane writing row m takes that sum by a shuffle: scale (A grad_A - A sum)). Rows are ld
+// elements apart, ld = 8 (mod 16): 32-byte aligned for the fragment loads at any multiple of 16
+// channels, and the 8 rows that one matrix load reads in a phase fall on distinct banks.
 // Replaced the scalar kernel's 2 shared-memory loads per multiply-add (outlook_grad_attn_smem:
 // 417 us a call at VOLO-D1's stage 1 on an H100, bf16, SM 82 %, DRAM 7 %). Its first version
 // took a window at a time and read A for the epilogue from global memory, row by row: 134 us a
@@ -211,7 +211,7 @@ constexpr int kMmaWarps = 8;
 // 48 windows a block, about 2.8 us each: two waits on memory (the rows, then A) and three
 // barriers for 6 heads on 8 warps. Now one wait and two barriers a kMmaWindows windows.
 constexpr int kMmaWindows = 4;
-constexpr int kMmaBatch = 4;
+constexpr int kMmaWeightBatch = 8;
 
 // Shared memory of outlook_grad_attn_mma_kernel: the windows' rows of grad_out and v, the
 // warps' float tiles, the windows' weights (outs = N K^4 a window).
@@ -230,7 +230,6 @@ outlook_grad_attn_mma_kernel(const scalar_t* __restrict__ gout, const scalar_t* 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   using T = typename MmaType<scalar_t>::type;
-  using pack_t = Pack<scalar_t, 8>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // (the fragment loads and stores want 32-byte alignment; the launch adds 32 bytes for it)
   unsigned char* base = smem_raw + (32 - reinterpret_cast<uintptr_t>(smem_raw) % 32) % 32;
@@ -248,58 +247,42 @@ outlook_grad_attn_mma_kernel(const scalar_t* __restrict__ gout, const scalar_t* 
     const int j0 = static_cast<int>(win0 % g.w);
     const int i0 = static_cast<int>((win0 / g.w) % g.h);
     const int64_t b0 = win0 / (static_cast<int64_t>(g.w) * g.h);
-    // 1. the rows: item e is window w's position t, channels c .. c + 7
+    // 1. the rows (copied into shared memory without registers, all in flight at once; zeros
+    // in the padding): item e is window w's position t, channels c .. c + 7
     const int items = nw * KK * packs;
-    for (int e0 = threadIdx.x; e0 < items; e0 += kMmaBatch * kMmaWarps * 32) {
-      pack_t gp[kMmaBatch], vp[kMmaBatch];
-#pragma unroll
-      for (int u = 0; u < kMmaBatch; ++u) {
-        const int e = e0 + u * kMmaWarps * 32, w = e / (KK * packs);
-        const int t = (e - w * (KK * packs)) / packs, c = (e % packs) * 8;
-        int i = i0, j = j0 + w;  // window win0 + w
-        int64_t b = b0, pix;
-        for (; j >= g.w; j -= g.w) {
-          if (++i == g.h) {
-            i = 0;
-            ++b;
-          }
-        }
-        if (e < items && outlook_window_pixel(g, b, i, j, t, pix)) {
-          gp[u] = load_pack<8>(gout + pix * C + c);
-          vp[u] = load_pack<8>(v + pix * C + c);
-        } else {
-#pragma unroll
-          for (int k = 0; k < 8; ++k) gp[u].v[k] = vp[u].v[k] = scalar_t(0);
+    for (int e = threadIdx.x; e < items; e += kMmaWarps * 32) {
+      const int w = e / (KK * packs), t = (e - w * (KK * packs)) / packs, c = (e % packs) * 8;
+      int i = i0, j = j0 + w;  // window win0 + w
+      int64_t b = b0, pix = 0;
+      for (; j >= g.w; j -= g.w) {
+        if (++i == g.h) {
+          i = 0;
+          ++b;
         }
       }
-#pragma unroll
-      for (int u = 0; u < kMmaBatch; ++u) {
-        const int e = e0 + u * kMmaWarps * 32, w = e / (KK * packs);
-        const int t = (e - w * (KK * packs)) / packs, c = (e % packs) * 8;
-        if (e < items) {
-          store_pack<8>(gs + w * rows + t * ld + c, gp[u]);
-          store_pack<8>(vs + w * rows + t * ld + c, vp[u]);
-        }
-      }
+      const bool in = outlook_window_pixel(g, b, i, j, t, pix);
+      copy_16_async(gs + w * rows + t * ld + c, gout + pix * C + c, in);
+      copy_16_async(vs + w * rows + t * ld + c, v + pix * C + c, in);
     }
     // (with softmax) the windows' weights, consecutive in attn
     if (softmax) {
       const scalar_t* a = attn + win0 * outs;
       const int count = nw * outs;
-      for (int e0 = threadIdx.x; e0 < count; e0 += 2 * kMmaBatch * kMmaWarps * 32) {
-        scalar_t av[2 * kMmaBatch];
+      for (int e0 = threadIdx.x; e0 < count; e0 += kMmaWeightBatch * kMmaWarps * 32) {
+        scalar_t av[kMmaWeightBatch];
 #pragma unroll
-        for (int u = 0; u < 2 * kMmaBatch; ++u) {
+        for (int u = 0; u < kMmaWeightBatch; ++u) {
           const int e = e0 + u * kMmaWarps * 32;
           av[u] = e < count ? a[e] : scalar_t(0);
         }
 #pragma unroll
-        for (int u = 0; u < 2 * kMmaBatch; ++u) {
+        for (int u = 0; u < kMmaWeightBatch; ++u) {
           const int e = e0 + u * kMmaWarps * 32;
           if (e < count) as[e] = av[u];
         }
       }
     }
+    wait_copies();
     __syncthreads();
     // 2. a warp a (window, head): the product, then its K^2 x K^2 corner out
     for (int pair = warp; pair < nw * g.N; pair += kMmaWarps) {
@@ -401,8 +384,7 @@ outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __re
   int* win_y = reinterpret_cast<int*>(win_attn + kMmaGatherWindows);
   int* win_x = win_y + kMmaGatherWindows;
   constexpr int kThreads = kMmaWarps * 32;
-  constexpr int kAItems = (kMmaGatherWindows * KK * KK + kThreads - 1) / kThreads;  // even
-  static_assert(kAItems % 2 == 0, "the weights are staged in two halves");
+  constexpr int kAItems = (kMmaGatherWindows * KK * KK + kThreads - 1) / kThreads;
   constexpr int kVItems = (kMmaGatherWindows * KK * kPacks + kThreads - 1) / kThreads;
   const int warp = threadIdx.x / 32;
   // Zeros once where no step writes: the weights' rows and columns past K^2 and the source rows
@@ -435,48 +417,38 @@ outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __re
     __syncthreads();
     for (int step = 0; step < g.N * steps; ++step) {
       const int n = step / steps, c0 = n * d + (step - n * steps) * kMmaTile;
-      // 1. the step's source rows, and at a head's first step its weights: a thread's loads
-      // issued together before its stores (one wait on memory for the rows and half the
-      // weights, one for the other half: all of them at once spilled at 80 registers, sm_80)
-      pack_t v_val[kVItems];
+      // 1. the step's source rows (copied into shared memory without registers: with 16-bit
+      // elements and zeros chosen element by element nvcc had stored a pack in pieces, sm_90),
+      // and at a head's first step its weights: a thread's loads issued before its stores
+      const bool head_start = c0 == n * d;
 #pragma unroll
       for (int k = 0; k < kVItems; ++k) {
         const int e = threadIdx.x + k * kThreads, w = e / (KK * kPacks);
-        const int t = (e - w * (KK * kPacks)) / kPacks, c = c0 + (e % kPacks) * 8;
-        const int y = w < nwin ? win_y[w] + t / K : -1, x = w < nwin ? win_x[w] + t % K : -1;
-        if (y >= 0 && y < g.H && x >= 0 && x < g.W) {
-          v_val[k] = load_pack<8>(src + ((b * g.H + y) * g.W + x) * C + c);
-        } else {
-#pragma unroll
-          for (int q = 0; q < 8; ++q) v_val[k].v[q] = scalar_t(0);
+        const int t = (e - w * (KK * kPacks)) / kPacks, c = (e % kPacks) * 8;
+        if (w < nwin) {
+          const int y = win_y[w] + t / K, x = win_x[w] + t % K;
+          const bool in = y >= 0 && y < g.H && x >= 0 && x < g.W;
+          copy_16_async(vs + w * kV + t * kMmaGatherLdV + c,
+                        in ? src + ((b * g.H + y) * g.W + x) * C + c0 + c : src, in);
         }
       }
-      if (c0 == n * d) {
-#pragma unroll 1
-        for (int k0 = 0; k0 < kAItems; k0 += kAItems / 2) {
-          scalar_t a_val[kAItems / 2];
+      if (head_start) {
+        scalar_t a_val[kAItems];
 #pragma unroll
-          for (int k = 0; k < kAItems / 2; ++k) {
-            const int e = threadIdx.x + (k0 + k) * kThreads;
-            a_val[k] = e < nwin * KK * KK
-                           ? attn[win_attn[e / (KK * KK)] + n * (KK * KK) + e % (KK * KK)]
-                           : scalar_t(0);
-          }
+        for (int k = 0; k < kAItems; ++k) {
+          const int e = threadIdx.x + k * kThreads;
+          a_val[k] = e < nwin * KK * KK
+                         ? attn[win_attn[e / (KK * KK)] + n * (KK * KK) + e % (KK * KK)]
+                         : scalar_t(0);
+        }
 #pragma unroll
-          for (int k = 0; k < kAItems / 2; ++k) {
-            const int e = threadIdx.x + (k0 + k) * kThreads, w = e / (KK * KK);
-            const int r = e - w * (KK * KK);
-            if (e < nwin * KK * KK) as[w * kA + (r / KK) * kMmaGatherLdA + r % KK] = a_val[k];
-          }
+        for (int k = 0; k < kAItems; ++k) {
+          const int e = threadIdx.x + k * kThreads, w = e / (KK * KK);
+          const int r = e - w * (KK * KK);
+          if (e < nwin * KK * KK) as[w * kA + (r / KK) * kMmaGatherLdA + r % KK] = a_val[k];
         }
       }
-#pragma unroll
-      for (int k = 0; k < kVItems; ++k) {
-        const int e = threadIdx.x + k * kThreads, w = e / (KK * kPacks);
-        const int t = (e - w * (KK * kPacks)) / kPacks;
-        if (w < nwin)
-          store_pack<8>(vs + w * kV + t * kMmaGatherLdV + (e % kPacks) * 8, v_val[k]);
-      }
+      wait_copies();
       __syncthreads();
       // 2. a warp a window: its product, output positions as rows
       for (int w = warp; w < nwin; w += kMmaWarps) {

@@ -46,6 +46,36 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& value) {
   *reinterpret_cast<Pack<T, VEC>*>(p) = value;
 }
 
+// 16 bytes from global memory (src) into shared memory (dst), both 16-byte aligned, without
+// passing through registers: cp.async (compute capability 8.0 on), or 16 zero bytes where
+// !valid (src then unread, but a valid address). Complete for the calling thread after
+// wait_copies(); for the block after a __syncthreads() that follows that. Elsewhere (an older
+// device, the tests' CPU emulation) a plain copy.
+__device__ __forceinline__ void copy_16_async(void* dst, const void* src, bool valid) {
+#ifdef MMATTN_CHECK_ALIGNMENT
+  MMATTN_CHECK_ALIGNMENT(dst, 16);
+  MMATTN_CHECK_ALIGNMENT(src, 16);
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+#else
+  struct alignas(16) Bytes16 {
+    unsigned char b[16];
+  };
+  *reinterpret_cast<Bytes16*>(dst) = valid ? *reinterpret_cast<const Bytes16*>(src) : Bytes16{};
+#endif
+}
+
+// Waits for the calling thread's copy_16_async copies.
+__device__ __forceinline__ void wait_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 inline bool is_aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
