@@ -678,6 +678,21 @@ def test_outlook_gathers_on_tensor_cores(emulated, dtype: torch.dtype,
     check_gathers_half(emulated.outlook_fwd, emulated.outlook_bwd, dtype, case)
 
 
+def test_outlook_scalar_gather_switch(emulated, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MMATTN_OUTLOOK_SCALAR_GATHER=1 keeps the gathers on the scalar kernel (as accurate);
+    another value than 0 or 1 is an error that names it."""
+    v, attn = outlook_inputs(1, 3, 1, 2, 9, 8, 2, 16, torch.bfloat16)
+    monkeypatch.setenv('MMATTN_OUTLOOK_SCALAR_GATHER', '0')
+    assert emulated.outlook_gather_tensor_cores(v, attn, 3, 1, 2)
+    monkeypatch.setenv('MMATTN_OUTLOOK_SCALAR_GATHER', '1')
+    assert not emulated.outlook_gather_tensor_cores(v, attn, 3, 1, 2)
+    check_gathers_half(emulated.outlook_fwd, emulated.outlook_bwd, torch.bfloat16,
+                       TENSOR_CORE_GATHERS[0])
+    monkeypatch.setenv('MMATTN_OUTLOOK_SCALAR_GATHER', 'yes')
+    with pytest.raises(RuntimeError, match="MMATTN_OUTLOOK_SCALAR_GATHER must be 0 or 1"):
+        emulated.outlook_fwd(v, attn, 3, 1, 2)
+
+
 def window_means(x: Tensor, s: int) -> Tensor:
     """VOLO's pooling written out: cell (i, j) of x (B, H, W, C) is the mean of the pixels
     (y, x) with s i <= y < s i + s, s j <= x < s j + s inside the image (ceil mode: the last row

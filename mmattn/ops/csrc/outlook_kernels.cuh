@@ -26,6 +26,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -712,14 +714,24 @@ void launch_rows(Kernel kernel, const int items, const int64_t rows, Args... arg
                  static_cast<unsigned>(threads), 0, args...);
 }
 
+// MMATTN_OUTLOOK_SCALAR_GATHER=1 keeps the gathers on the scalar kernel where the tensor-core
+// one would run (unset or 0: the tensor cores): a switch to time the two in one run.
+inline bool scalar_gather_from_env() {
+  const char* text = std::getenv("MMATTN_OUTLOOK_SCALAR_GATHER");
+  if (text == nullptr || *text == '\0' || std::strcmp(text, "0") == 0) return false;
+  TORCH_CHECK(std::strcmp(text, "1") == 0,
+              "MMATTN_OUTLOOK_SCALAR_GATHER must be 0 or 1 (unset: 0), got '", text, "'");
+  return true;
+}
+
 // Whether launch_gather takes the tensor-core kernel (outlook_gather_mma_kernel) for a 16-bit
 // src of the geometry g (d channels a head) into out: K = 3, whole 16-channel steps, a tile's
-// windows within kMmaGatherWindows, 16-byte aligned maps, compute capability 8.0 on and the
-// shared memory the device has.
+// windows within kMmaGatherWindows, 16-byte aligned maps, compute capability 8.0 on, the
+// shared memory the device has, and MMATTN_OUTLOOK_SCALAR_GATHER unset or 0.
 inline bool gather_on_tensor_cores(const OutlookGeom& g, const int d, const void* src,
                                    const void* out, const size_t elem) {
   const int windows = mma_gather_windows(g.K, g.s);
-  return elem == 2 && g.K == 3 && d % kMmaTile == 0 &&
+  return elem == 2 && g.K == 3 && d % kMmaTile == 0 && !scalar_gather_from_env() &&
          windows * windows <= kMmaGatherWindows && all_aligned({src, out}, 16) &&
          launch::device_attribute(launch::Attr::kComputeMajor) >= 8 &&
          mma_gather_smem(elem) <= static_cast<size_t>(
