@@ -360,6 +360,7 @@ inline size_t mma_gather_smem(size_t elem) {
   return kMmaGatherWindows * (kMmaTile * ((kMmaGatherLdA + kMmaGatherLdV) * elem +
                                          kMmaGatherLdO * sizeof(float)) +
                               sizeof(int64_t) + 2 * sizeof(int)) +
+         4 * kMmaGatherTile * sizeof(int) +
          32;  // (the fragments want 32-byte alignment; the kernel aligns its base)
 }
 
@@ -385,15 +386,18 @@ outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __re
   int64_t* win_attn = reinterpret_cast<int64_t*>(os + kMmaGatherWindows * kO);
   int* win_y = reinterpret_cast<int*>(win_attn + kMmaGatherWindows);
   int* win_x = win_y + kMmaGatherWindows;
+  int* cover = win_x + kMmaGatherWindows;  // the tile's rows' and columns' windows: 4 x kTile
   constexpr int kThreads = kMmaWarps * 32;
   constexpr int kAItems = (kMmaGatherWindows * KK * KK + kThreads - 1) / kThreads;
   constexpr int kVItems = (kMmaGatherWindows * KK * kPacks + kThreads - 1) / kThreads;
   const int warp = threadIdx.x / 32;
   // Zeros once where no step writes: the weights' rows and columns past K^2 and the source rows
-  // past K^2 (and, until the first staging, everywhere: the barrier before it).
-  for (int e = threadIdx.x; e < kMmaGatherWindows * kA; e += blockDim.x) as[e] = scalar_t(0);
-  for (int e = threadIdx.x; e < kMmaGatherWindows * kV; e += blockDim.x) vs[e] = scalar_t(0);
-  __syncthreads();
+  // past K^2 (and, until the first staging, everywhere: the first tile's barrier orders them).
+  // (as and vs are adjacent, 32-byte aligned, whole 16-byte vectors: 16-byte stores)
+  constexpr int kZeroVectors = kMmaGatherWindows * (kA + kV) * 2 / 16;
+  static_assert(kMmaGatherWindows * (kA + kV) * 2 % 16 == 0, "whole vectors");
+  for (int e = threadIdx.x; e < kZeroVectors; e += blockDim.x)
+    store_pack<4>(reinterpret_cast<uint32_t*>(as) + 4 * e, Pack<uint32_t, 4>{});
   const int steps = d / kMmaTile;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int tx = static_cast<int>(tile % tiles_w);
@@ -409,12 +413,22 @@ outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __re
     outlook_covering(x0, g.w, K, g.p, g.s, jlo, unused);
     outlook_covering(x0 + tw - 1, g.w, K, g.p, g.s, unused, jhi);
     const int nwj = max(jhi - jlo + 1, 0), nwin = max(ihi - ilo + 1, 0) * nwj;
-    // each window's weights (the offset of its head 0) and the origin of its positions
+    // each window's weights (the offset of its head 0) and the origin of its positions; the
+    // windows covering each row and each column of the tile (the fold's, without a division a
+    // pixel and step), once the previous tile's fold has read them
+    __syncthreads();
     for (int w = threadIdx.x; w < nwin; w += blockDim.x) {
       const int i = ilo + w / nwj, j = jlo + w % nwj;
       win_attn[w] = ((b * g.h + i) * g.w + j) * g.N * (KK * KK);
       win_y[w] = g.s * i - g.p;
       win_x[w] = g.s * j - g.p;
+    }
+    if (threadIdx.x < kMmaGatherTile) {
+      const int r = threadIdx.x;
+      if (r < th) outlook_covering(u0 + r, g.h, K, g.p, g.s, cover[r], cover[kMmaGatherTile + r]);
+      if (r < tw)
+        outlook_covering(x0 + r, g.w, K, g.p, g.s, cover[2 * kMmaGatherTile + r],
+                         cover[3 * kMmaGatherTile + r]);
     }
     __syncthreads();
     for (int step = 0; step < g.N * steps; ++step) {
@@ -465,15 +479,17 @@ outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __re
       }
       __syncthreads();
       // 3. the fold: a thread per (pixel, 8 channels) of the tile
-      for (int e = threadIdx.x; e < th * tw * kPacks; e += blockDim.x) {
-        const int px = e / kPacks, c = (e - px * kPacks) * 8;
-        const int u = u0 + px / tw, x = x0 + px % tw;
+      constexpr int kItems = kMmaGatherTile * kMmaGatherTile * kPacks;
+      for (int e = threadIdx.x; e < kItems; e += blockDim.x) {
+        const int px = e / kPacks, c = (e % kPacks) * 8;
+        const int r = px / kMmaGatherTile, q = px % kMmaGatherTile;
+        if (r >= th || q >= tw) continue;
+        const int u = u0 + r, x = x0 + q;
         float acc[8];
 #pragma unroll
         for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
-        int lo_i, hi_i, lo_j, hi_j;
-        outlook_covering(u, g.h, K, g.p, g.s, lo_i, hi_i);
-        outlook_covering(x, g.w, K, g.p, g.s, lo_j, hi_j);
+        const int lo_i = cover[r], hi_i = cover[kMmaGatherTile + r];
+        const int lo_j = cover[2 * kMmaGatherTile + q], hi_j = cover[3 * kMmaGatherTile + q];
         for (int i = lo_i; i <= hi_i; ++i)
           for (int j = lo_j; j <= hi_j; ++j) {
             const int pos = (u - g.s * i + g.p) * K + (x - g.s * j + g.p);
@@ -724,6 +740,16 @@ inline bool scalar_gather_from_env() {
   return true;
 }
 
+// Blocks for a kernel whose blocks loop over `units` (tiles, groups of windows): one wave of the
+// blocks the SMs hold at once, at most, so that each block's set-up serves several units (and
+// the CPU emulation's few blocks run the loop).
+template <typename... KArgs>
+unsigned wave_grid(void (*kernel)(KArgs...), unsigned threads, size_t smem, int64_t units) {
+  const int64_t wave = static_cast<int64_t>(launch::resident_blocks(kernel, threads, smem)) *
+                       launch::device_attribute(launch::Attr::kMultiProcessors);
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(units, wave)));
+}
+
 // Whether launch_gather takes the tensor-core kernel (outlook_gather_mma_kernel) for a 16-bit
 // src of the geometry g (d channels a head) into out: K = 3, whole 16-channel steps, a tile's
 // windows within kMmaGatherWindows, 16-byte aligned maps, compute capability 8.0 on, the
@@ -757,7 +783,7 @@ void launch_gather(const at::Tensor& src, const at::Tensor& attn, const at::Tens
       const size_t smem = mma_gather_smem(sizeof(scalar_t));
       auto kernel = outlook_gather_mma_kernel<TRANSPOSED, scalar_t>;
       if (smem > static_cast<size_t>(kSmemBudget)) launch::allow_shared_memory(kernel, smem);
-      launch::launch(kernel, dim3(static_cast<unsigned>(std::min<int64_t>(tiles, 1 << 30))),
+      launch::launch(kernel, dim3(wave_grid(kernel, kMmaWarps * 32, smem, tiles)),
                      kMmaWarps * 32, smem, sp, ap, op, g, C, d, tiles_h, tiles_w, tiles, ldo,
                      ones);
       return;
@@ -813,12 +839,12 @@ void launch_grad_attn(const at::Tensor& gout, const at::Tensor& v, const at::Ten
         launch::device_attribute(launch::Attr::kComputeMajor) >= 8 &&
         smem_mma <= static_cast<size_t>(
                         launch::device_attribute(launch::Attr::kSharedMemoryOptin))) {
-      const auto blocks = static_cast<unsigned>(
-          std::min<int64_t>((windows + kMmaWindows - 1) / kMmaWindows, 1 << 30));
       auto kernel = outlook_grad_attn_mma_kernel<scalar_t>;
       if (smem_mma > static_cast<size_t>(kSmemBudget))
         launch::allow_shared_memory(kernel, smem_mma);
-      launch::launch(kernel, dim3(blocks), kMmaWarps * 32, smem_mma, gp, vp, ap, op, g, C, d,
+      const int64_t groups = (windows + kMmaWindows - 1) / kMmaWindows;
+      launch::launch(kernel, dim3(wave_grid(kernel, kMmaWarps * 32, smem_mma, groups)),
+                     kMmaWarps * 32, smem_mma, gp, vp, ap, op, g, C, d,
                      ld_mma, windows, softmax, static_cast<float>(scale));
       return;
     }
