@@ -337,9 +337,9 @@ outlook_grad_attn_mma_kernel(const scalar_t* __restrict__ gout, const scalar_t* 
 // output pixels at a time and computes the products of every window covering the tile (at K = 3,
 // s = 2: at most 5 x 5 windows for 64 pixels, 1.56 windows a pixel's 1 in the image), a head's
 // 16 channels a step:
-//   1. stages each window's K^2 x K^2 weights (a head's first step) and its K^2 source rows of
-//      the step's 16 channels (16-byte loads; zeros in the padding) in shared memory, a warp a
-//      window;
+//   1. stages each window's K^2 x K^2 weights (a head's first step; 8 loads a thread, issued
+//      before their stores) and its K^2 source rows of the step's 16 channels (16-byte
+//      asynchronous copies, zeros in the padding) in shared memory;
 //   2. a warp a window: the product into a 16 x 16 float tile of shared memory;
 //   3. a thread per (pixel, 8 channels): the sum of its row in each covering window's tile, in
 //      float, window by window in (i, j) order, and one 16-byte store (with ones, the pixel's
