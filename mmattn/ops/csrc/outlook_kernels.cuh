@@ -337,13 +337,16 @@ outlook_grad_attn_mma_kernel(const scalar_t* __restrict__ gout, const scalar_t* 
 // output pixels at a time and computes the products of every window covering the tile (at K = 3,
 // s = 2: at most 5 x 5 windows for 64 pixels, 1.56 windows a pixel's 1 in the image), a head's
 // 16 channels a step:
-//   1. stages each window's K^2 x K^2 weights (a head's first step; 8 loads a thread, issued
-//      before their stores) and its K^2 source rows of the step's 16 channels (16-byte
-//      asynchronous copies, zeros in the padding) in shared memory;
+//   1. stages each window's K^2 source rows of the step's 16 channels (16-byte asynchronous
+//      copies, zeros in the padding) and, at a head's first step, its K^2 x K^2 weights (8 loads
+//      a thread, issued before their stores) in shared memory;
 //   2. a warp a window: the product into a 16 x 16 float tile of shared memory;
 //   3. a thread per (pixel, 8 channels): the sum of its row in each covering window's tile, in
 //      float, window by window in (i, j) order, and one 16-byte store (with ones, the pixel's
 //      (1, 0, ..., 0) after C at the head's first step).
+// Pipelined: the rows come in two buffers, and each step's copies of the next step's rows (and
+// loads of the next head's weights) are in flight while the step's products and fold run, so
+// that a tile waits on memory once, not at each of its steps (12 at VOLO-D1's stage 1).
 // The scalar gather's 81 multiply-adds an output value on the FP32 pipe (and a conversion per
 // source value) took 167 us a call at VOLO-D1's stage 1 on an H200 (bf16, 2026-11-27), three
 // calls a forward + backward of the block; here they are 25 matrix products a tile and step.
@@ -356,8 +359,10 @@ constexpr int kMmaGatherLdA = 16, kMmaGatherLdV = 24, kMmaGatherLdO = 20;  // ro
 // + 1 apart.
 inline int mma_gather_windows(int K, int s) { return (kMmaGatherTile + K - 2) / s + 1; }
 
+// Shared memory of outlook_gather_mma_kernel: the windows' weights, two buffers of their rows,
+// their products' float tiles, the windows' and the tile's tables.
 inline size_t mma_gather_smem(size_t elem) {
-  return kMmaGatherWindows * (kMmaTile * ((kMmaGatherLdA + kMmaGatherLdV) * elem +
+  return kMmaGatherWindows * (kMmaTile * ((kMmaGatherLdA + 2 * kMmaGatherLdV) * elem +
                                          kMmaGatherLdO * sizeof(float)) +
                               sizeof(int64_t) + 2 * sizeof(int)) +
          4 * kMmaGatherTile * sizeof(int) +
@@ -365,7 +370,7 @@ inline size_t mma_gather_smem(size_t elem) {
 }
 
 template <bool TRANSPOSED, typename scalar_t>
-__global__ void __launch_bounds__(kMmaWarps * 32, 3)
+__global__ void __launch_bounds__(kMmaWarps * 32, 2)
 outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __restrict__ attn,
                           scalar_t* __restrict__ out, const OutlookGeom g, const int C,
                           const int d, const int tiles_h, const int tiles_w, const int64_t tiles,
@@ -380,9 +385,10 @@ outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __re
   unsigned char* base = smem_raw + (32 - reinterpret_cast<uintptr_t>(smem_raw) % 32) % 32;
   constexpr int kA = kMmaTile * kMmaGatherLdA, kV = kMmaTile * kMmaGatherLdV;
   constexpr int kO = kMmaTile * kMmaGatherLdO;
+  constexpr int kRows = kMmaGatherWindows * kV;  // a buffer of rows
   scalar_t* as = reinterpret_cast<scalar_t*>(base);  // a window's weights: kA apart
-  scalar_t* vs = as + kMmaGatherWindows * kA;        // its source rows: kV apart
-  float* os = reinterpret_cast<float*>(vs + kMmaGatherWindows * kV);  // its product: kO apart
+  scalar_t* vs = as + kMmaGatherWindows * kA;        // its source rows: kV apart, 2 buffers
+  float* os = reinterpret_cast<float*>(vs + 2 * kRows);  // its product: kO apart
   int64_t* win_attn = reinterpret_cast<int64_t*>(os + kMmaGatherWindows * kO);
   int* win_y = reinterpret_cast<int*>(win_attn + kMmaGatherWindows);
   int* win_x = win_y + kMmaGatherWindows;
@@ -394,11 +400,11 @@ outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __re
   // Zeros once where no step writes: the weights' rows and columns past K^2 and the source rows
   // past K^2 (and, until the first staging, everywhere: the first tile's barrier orders them).
   // (as and vs are adjacent, 32-byte aligned, whole 16-byte vectors: 16-byte stores)
-  constexpr int kZeroVectors = kMmaGatherWindows * (kA + kV) * 2 / 16;
-  static_assert(kMmaGatherWindows * (kA + kV) * 2 % 16 == 0, "whole vectors");
+  constexpr int kZeroVectors = (kMmaGatherWindows * kA + 2 * kRows) * 2 / 16;
+  static_assert((kMmaGatherWindows * kA + 2 * kRows) * 2 % 16 == 0, "whole vectors");
   for (int e = threadIdx.x; e < kZeroVectors; e += blockDim.x)
     store_pack<4>(reinterpret_cast<uint32_t*>(as) + 4 * e, Pack<uint32_t, 4>{});
-  const int steps = d / kMmaTile;
+  const int steps = d / kMmaTile, total = g.N * steps;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int tx = static_cast<int>(tile % tiles_w);
     const int ty = static_cast<int>((tile / tiles_w) % tiles_h);
@@ -431,12 +437,12 @@ outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __re
                          cover[3 * kMmaGatherTile + r]);
     }
     __syncthreads();
-    for (int step = 0; step < g.N * steps; ++step) {
-      const int n = step / steps, c0 = n * d + (step - n * steps) * kMmaTile;
-      // 1. the step's source rows (copied into shared memory without registers: with 16-bit
-      // elements and zeros chosen element by element nvcc had stored a pack in pieces, sm_90),
-      // and at a head's first step its weights: a thread's loads issued before its stores
-      const bool head_start = c0 == n * d;
+    // The copies of step `step`'s source rows into buffer `step % 2` (16-byte asynchronous
+    // copies: with 16-bit elements and zeros chosen element by element in registers, nvcc had
+    // stored a pack in pieces, sm_90), and the loads and stores of head n's weights.
+    auto copy_rows = [&](const int step) {
+      const int c0 = step * kMmaTile;  // (heads are d = steps * 16 channels apart)
+      scalar_t* rows = vs + (step % 2) * kRows;
 #pragma unroll
       for (int k = 0; k < kVItems; ++k) {
         const int e = threadIdx.x + k * kThreads, w = e / (KK * kPacks);
@@ -444,40 +450,57 @@ outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __re
         if (w < nwin) {
           const int y = win_y[w] + t / K, x = win_x[w] + t % K;
           const bool in = y >= 0 && y < g.H && x >= 0 && x < g.W;
-          copy_16_async(vs + w * kV + t * kMmaGatherLdV + c,
+          copy_16_async(rows + w * kV + t * kMmaGatherLdV + c,
                         in ? src + ((b * g.H + y) * g.W + x) * C + c0 + c : src, in);
         }
       }
-      if (head_start) {
-        scalar_t a_val[kAItems];
+    };
+    scalar_t a_val[kAItems];
+    auto load_weights = [&](const int n) {
 #pragma unroll
-        for (int k = 0; k < kAItems; ++k) {
-          const int e = threadIdx.x + k * kThreads;
-          a_val[k] = e < nwin * KK * KK
-                         ? attn[win_attn[e / (KK * KK)] + n * (KK * KK) + e % (KK * KK)]
-                         : scalar_t(0);
-        }
-#pragma unroll
-        for (int k = 0; k < kAItems; ++k) {
-          const int e = threadIdx.x + k * kThreads, w = e / (KK * KK);
-          const int r = e - w * (KK * KK);
-          if (e < nwin * KK * KK) as[w * kA + (r / KK) * kMmaGatherLdA + r % KK] = a_val[k];
-        }
+      for (int k = 0; k < kAItems; ++k) {
+        const int e = threadIdx.x + k * kThreads;
+        a_val[k] = e < nwin * KK * KK
+                       ? attn[win_attn[e / (KK * KK)] + n * (KK * KK) + e % (KK * KK)]
+                       : scalar_t(0);
       }
-      wait_copies();
-      __syncthreads();
+    };
+    auto store_weights = [&]() {
+#pragma unroll
+      for (int k = 0; k < kAItems; ++k) {
+        const int e = threadIdx.x + k * kThreads, w = e / (KK * KK);
+        const int r = e - w * (KK * KK);
+        if (e < nwin * KK * KK) as[w * kA + (r / KK) * kMmaGatherLdA + r % KK] = a_val[k];
+      }
+    };
+    // step 0's rows and head 0's weights
+    copy_rows(0);
+    load_weights(0);
+    store_weights();
+    wait_copies();
+    __syncthreads();
+    for (int step = 0; step < total; ++step) {
+      const int n = step / steps, c0 = step * kMmaTile;
+      const bool next_head = step + 1 < total && (step + 1) % steps == 0;
+      // 1. the next step's rows (into the other buffer, which the previous step's products
+      // have read) and the next head's weights (into registers: this step's products read
+      // the current head's), in flight during this step's products and fold
+      if (step + 1 < total) copy_rows(step + 1);
+      if (next_head) load_weights(n + 1);
       // 2. a warp a window: its product, output positions as rows
+      const scalar_t* rows = vs + (step % 2) * kRows;
       for (int w = warp; w < nwin; w += kMmaWarps) {
         wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaTile, T, a_layout> fa;
         wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, T, wmma::row_major> fv;
         wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaTile, float> acc;
         wmma::fill_fragment(acc, 0.0f);
         wmma::load_matrix_sync(fa, reinterpret_cast<const T*>(as + w * kA), kMmaGatherLdA);
-        wmma::load_matrix_sync(fv, reinterpret_cast<const T*>(vs + w * kV), kMmaGatherLdV);
+        wmma::load_matrix_sync(fv, reinterpret_cast<const T*>(rows + w * kV), kMmaGatherLdV);
         wmma::mma_sync(acc, fa, fv, acc);
         wmma::store_matrix_sync(os + w * kO, acc, kMmaGatherLdO, wmma::mem_row_major);
       }
-      __syncthreads();
+      __syncthreads();  // the products are in os; the weights and this buffer are read
+      if (next_head) store_weights();
       // 3. the fold: a thread per (pixel, 8 channels) of the tile
       constexpr int kItems = kMmaGatherTile * kMmaGatherTile * kPacks;
       for (int e = threadIdx.x; e < kItems; e += blockDim.x) {
@@ -513,9 +536,8 @@ outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __re
           store_pack<8>(o + C, ov);
         }
       }
-      // (the next step stages over this step's rows after every warp's product read them: the
-      // __syncthreads above; its products overwrite the tiles after the __syncthreads that
-      // follows its staging, which each thread reaches after its share of this fold)
+      wait_copies();
+      __syncthreads();  // the next step's rows and weights are in; the fold has read os
     }
   }
 #endif
