@@ -87,6 +87,26 @@ def test_cuda_graph_option_times_replays() -> None:
     assert all(float(r[6]) > 0 for r in rows)
 
 
+@pytest.mark.cuda
+def test_outlook_rows_time_the_scalar_gathers_too() -> None:
+    """On CUDA in bf16 with the kernels, the outlook case also times mmattn with its gathers on
+    the scalar kernel (``MMATTN_OUTLOOK_SCALAR_GATHER=1`` around its calls), in the same
+    turns, as exact as the default row."""
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
+                             '--op', 'outlook', '--no-compile', '--device', 'cuda', '--dtype',
+                             'bfloat16', '--shape', '2,14,14,64', '--heads', '2', '--iters', '2',
+                             '--warmup', '1'],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r.split('|')[4].strip(): r.split('|') for r in result.stdout.splitlines()
+            if r.startswith('| outlook |')}
+    if 'mmattn (reference)' not in rows:
+        pytest.skip('the outlook kernels are not built for CUDA here')
+    assert 'mmattn (scalar gathers)' in rows, result.stdout[-3000:]
+    errors = {name: float(rows[name][-2]) for name in ('mmattn', 'mmattn (scalar gathers)')}
+    assert errors['mmattn (scalar gathers)'] <= 2 * errors['mmattn'] + 0.05
+
+
 def test_cuda_graph_option_needs_cuda() -> None:
     result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
                              '--op', 'psa', '--device', 'cpu', '--cuda-graph'],
@@ -157,6 +177,31 @@ def test_api_call_rows_counts_runtime_calls_inside_the_steps() -> None:
     assert sync[1:] == pytest.approx((0.5, 0.15, 0.3))
     assert launch[1:] == pytest.approx((1.5, 0.009, 0.008))
     assert driver[1:] == pytest.approx((0.5, 0.001, 0.002))
+
+
+def test_with_env_sets_and_restores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An implementation's environment (``Case.envs``, e.g. the outlook row with the scalar
+    gathers) is set around each of its calls and the previous state restored: a variable
+    unset before is unset again, one set keeps its value, also when the call raises."""
+    import os
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    try:
+        import benchmark as bench
+    finally:
+        sys.path.pop(0)
+    monkeypatch.delenv('MMATTN_BENCH_A', raising=False)
+    monkeypatch.setenv('MMATTN_BENCH_B', 'before')
+    seen = bench.with_env(lambda: (os.environ.get('MMATTN_BENCH_A'),
+                                   os.environ.get('MMATTN_BENCH_B')),
+                          {'MMATTN_BENCH_A': '1', 'MMATTN_BENCH_B': '2'})()
+    assert seen == ('1', '2')
+    assert 'MMATTN_BENCH_A' not in os.environ and os.environ['MMATTN_BENCH_B'] == 'before'
+
+    def fails() -> None:
+        raise ValueError('inside')
+    with pytest.raises(ValueError, match='inside'):
+        bench.with_env(fails, {'MMATTN_BENCH_B': '3'})()
+    assert os.environ['MMATTN_BENCH_B'] == 'before'
 
 
 @pytest.mark.cuda

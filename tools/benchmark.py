@@ -11,7 +11,9 @@ For each op, three implementations with the same weights and input:
   (``forward_nhwc``, ``backend='auto'``): the compiled kernels where they are loaded for the
   device (``MMATTN_JIT=1`` or a ``MMATTN_WITH_CUDA=1`` install, see ``mmattn.ops.extension``),
   else the pure-PyTorch fast paths; when a kernel is chosen, a second row gives the PyTorch path
-  (``mmattn (folded)`` for PSA, ``mmattn (reference)`` for outlook: strided slices, no unfold).
+  (``mmattn (folded)`` for PSA, ``mmattn (reference)`` for outlook: strided slices, no unfold),
+  and for outlook on CUDA in bf16/fp16 a third the kernels with the gathers on the scalar kernel
+  (``mmattn (scalar gathers)``: ``MMATTN_OUTLOOK_SCALAR_GATHER=1`` around its calls).
 
 With ``--op volo`` (part of ``all``) a whole VOLO-D1 training step (forward, backward, SGD
 update, batch of 224 px images) of timm's ``volo_d1_224`` (``eager``; ``eager (channels_last)``
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import os.path as osp
 import platform
 import re
@@ -61,7 +64,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -78,6 +81,7 @@ quiet_no_cuda_runtime()  # torch.compile imports torch.utils.cpp_extension, whic
 GPU_PEAK_GBS = {'H100 SXM': 3350, 'H100 80GB HBM3': 3350, 'H100 NVL': 3900, 'H100 PCIe': 2000,
                 'H200': 4800, 'A100-SXM4-80GB': 2039, 'A100-SXM4-40GB': 1555,
                 'A100-PCIE-40GB': 1555, 'A100 80GB PCIe': 1935}
+T = TypeVar('T')
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -95,6 +99,9 @@ class Case:
     compile: bool = True                # whether the eager form is also run through torch.compile
     compiled_too: tuple[str, ...] = ()  # further implementations run through torch.compile
     train_only: bool = False            # time forward + backward only (no inference forward)
+    # environment variables set around each call of an implementation (by name): a kernel
+    # choice of mmattn's (MMATTN_OUTLOOK_SCALAR_GATHER) timed in the same turns as the default
+    envs: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -405,11 +412,37 @@ def outlook_case(shape: tuple[int, ...], heads: int, dtype: torch.dtype,
         ours.load_state_dict(eager.state_dict())
         impls[name] = ours
     probe = torch.empty(1, 1, 1, c, device=device, dtype=dtype)
+    envs = {}
     if select_backend('outlook', probe)[0] == 'reference':
         del impls['mmattn (reference)']   # 'mmattn' runs the reference already
+    elif device.type == 'cuda' and dtype in (torch.bfloat16, torch.float16):
+        # the gathers on the scalar kernel, where the tensor-core one runs by default
+        name = 'mmattn (scalar gathers)'
+        impls[name] = copy.deepcopy(impls['mmattn'])
+        envs[name] = {'MMATTN_OUTLOOK_SCALAR_GATHER': '1'}
     nbytes = b * h * w * c * torch.finfo(dtype).bits // 8
     return Case('outlook', shape, f'NHWC, {heads} heads, K=3, s=2', 2 * nbytes, 5 * nbytes,
-                lambda: torch.randn(shape, device=device, dtype=dtype), impls)
+                lambda: torch.randn(shape, device=device, dtype=dtype), impls, envs=envs)
+
+
+def with_env(fn: Callable[[], T], env: dict[str, str]) -> Callable[[], T]:
+    """``fn`` run with the variables of ``env`` set in the process's environment (what mmattn's
+    C++ reads at each call), each restored after it."""
+    if not env:
+        return fn
+
+    def run() -> T:
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return run
 
 
 #: the implementation name of the yardstick of a block's host overhead (``--preset host``)
@@ -536,10 +569,11 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
         def run_fwdbwd(module: nn.Module = module) -> None:
             forward_backward(module, x, g)
 
-        fwd[name], fwdbwd[name] = run_fwd, run_fwdbwd
+        env = case.envs.get(name, {})
+        fwd[name], fwdbwd[name] = with_env(run_fwd, env), with_env(run_fwdbwd, env)
         # (the yardstick computes something else: no error to report)
         errs[name] = float('nan') if name == YARDSTICK else \
-            (output(module) - ref).abs().max().item()
+            (with_env(lambda module=module: output(module), env)() - ref).abs().max().item()
     if args.cuda_graph:   # every implementation's calls replayed from CUDA graphs
         for name in list(impls):
             try:
@@ -578,7 +612,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
             rows.append([case.op, 'x'.join(map(str, case.shape)), case.detail, 'compile',
                          f'crashed ({failure})'] + ['-'] * (len(HEADER) - 5))
     if args.host_split:
-        splits = {name: host_split(module, x, g, device, args.warmup, args.iters)
+        splits = {name: with_env(lambda module=module: host_split(
+                      module, x, g, device, args.warmup, args.iters), case.envs.get(name, {}))()
                   for name, module in impls.items()}
         print(host_split_report(f'{case.op} {"x".join(map(str, case.shape))} {case.detail}',
                                 splits, args.host_split), flush=True)
