@@ -49,8 +49,9 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& value) {
 // 16 bytes from global memory (src) into shared memory (dst), both 16-byte aligned, without
 // passing through registers: cp.async (compute capability 8.0 on), or 16 zero bytes where
 // !valid (src then unread, but a valid address). Complete for the calling thread after
-// wait_copies(); for the block after a __syncthreads() that follows that. Elsewhere (an older
-// device, the tests' CPU emulation) a plain copy.
+// wait_copies(); for the block after a __syncthreads() that follows that. The tests' CPU
+// emulation defers the copy to the wait (MMATTN_EMULATED_ASYNC_COPY); elsewhere (an older
+// device) a plain copy.
 __device__ __forceinline__ void copy_16_async(void* dst, const void* src, bool valid) {
 #ifdef MMATTN_CHECK_ALIGNMENT
   MMATTN_CHECK_ALIGNMENT(dst, 16);
@@ -61,6 +62,8 @@ __device__ __forceinline__ void copy_16_async(void* dst, const void* src, bool v
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(src),
                "r"(valid ? 16 : 0)
                : "memory");
+#elif defined(MMATTN_EMULATED_ASYNC_COPY)
+  MMATTN_EMULATED_ASYNC_COPY(dst, src, valid);
 #else
   struct alignas(16) Bytes16 {
     unsigned char b[16];
@@ -73,6 +76,8 @@ __device__ __forceinline__ void copy_16_async(void* dst, const void* src, bool v
 __device__ __forceinline__ void wait_copies() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#elif defined(MMATTN_EMULATED_ASYNC_WAIT)
+  MMATTN_EMULATED_ASYNC_WAIT();
 #endif
 }
 

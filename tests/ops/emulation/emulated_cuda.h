@@ -170,6 +170,46 @@ namespace mmattn_emulation {
 inline std::mutex atomics;
 }  // namespace mmattn_emulation
 
+// The asynchronous copies of vector.cuh (copy_16_async, cp.async on the GPU): the 16 bytes are
+// written at the thread's wait_copies(), not at the call, and the destination reads 0xFF bytes
+// (NaN) in between, so that a read before the wait, or a copy into a buffer that another thread
+// still reads, shows up in the results; a thread that ends with copies it never waited for
+// stops the test.
+#define MMATTN_EMULATED_ASYNC_COPY(dst, src, valid) \
+  mmattn_emulation::async_copy_16(dst, src, valid)
+#define MMATTN_EMULATED_ASYNC_WAIT() mmattn_emulation::wait_async_copies()
+namespace mmattn_emulation {
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+inline thread_local std::vector<PendingCopy> pending_copies;
+
+inline void async_copy_16(void* dst, const void* src, bool valid) {
+  std::memset(dst, 0xFF, 16);
+  pending_copies.push_back({dst, src, valid});
+}
+
+inline void wait_async_copies() {
+  for (const PendingCopy& c : pending_copies) {
+    if (c.valid)
+      std::memcpy(c.dst, c.src, 16);
+    else
+      std::memset(c.dst, 0, 16);
+  }
+  pending_copies.clear();
+}
+
+inline void check_no_pending_copies() {
+  if (!pending_copies.empty()) {
+    std::fprintf(stderr, "emulated CUDA: a thread ended with %zu asynchronous copies it never "
+                 "waited for\n", pending_copies.size());
+    std::abort();
+  }
+}
+}  // namespace mmattn_emulation
+
 // The warp matrix operations of <mma.h> (nvcuda::wmma), for the 16-bit types (their CUDA types
 // are c10's here) with float accumulators. The API leaves which lane holds which element of a
 // fragment unspecified, so here every lane holds the whole tile and computes the whole product;
@@ -305,6 +345,7 @@ void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem,
         mmattn_emulation::Pool::get().run(threads, [&](unsigned t) {
           threadIdx = dim3(t);
           kernel(args...);
+          mmattn_emulation::check_no_pending_copies();
           warp_sync[t / 32]->arrive_and_drop();  // an exited thread no longer holds others up
           block_sync.arrive_and_drop();
         });
