@@ -13,13 +13,27 @@ import pytest
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
+def run_benchmark(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python tools/benchmark.py *args`` from the repository root, its output captured."""
+    return subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def benchmark_module():
+    """tools/benchmark.py imported as a module (its helpers)."""
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    try:
+        import benchmark
+    finally:
+        sys.path.pop(0)
+    return benchmark
+
+
 def test_host_preset_reports_each_form_against_the_conv_block() -> None:
     """``--preset host``: each PSA form's implementations and the yardstick (a 3x3 conv + BN +
     ReLU) timed in one round-robin per form, each implementation's ratio to that form's
     yardstick."""
-    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
-                             '--preset', 'host', '--iters', '2', '--warmup', '0'],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = run_benchmark('--preset', 'host', '--iters', '2', '--warmup', '0')
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert 'CPU, 1 threads' in out
@@ -46,11 +60,9 @@ def test_host_preset_reports_each_form_against_the_conv_block() -> None:
 def test_kernels_option_profiles_each_shape() -> None:
     """``--shape`` takes several shapes and ``--kernels N`` prints, per case, the profiler's
     table of mmattn's N costliest operators (on the CPU: by host time)."""
-    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
-                             '--op', 'psa', '--mode', 'parallel', '--no-compile',
-                             '--shape', '1,8,4,4', '2,8,4,8', '--iters', '1', '--warmup', '0',
-                             '--threads', '1', '--kernels', '4', '--cudnn-benchmark'],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = run_benchmark('--op', 'psa', '--mode', 'parallel', '--no-compile', '--shape',
+                           '1,8,4,4', '2,8,4,8', '--iters', '1', '--warmup', '0', '--threads', '1',
+                           '--kernels', '4', '--cudnn-benchmark')
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert 'cudnn.benchmark on' in out
@@ -75,11 +87,8 @@ def test_kernels_option_profiles_each_shape() -> None:
 def test_cuda_graph_option_times_replays() -> None:
     """``--cuda-graph``: each implementation's forward and forward + backward captured once and
     timed as replays (the kernels without a call's host work), eager and mmattn both."""
-    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
-                             '--op', 'psa', '--mode', 'parallel', '--no-compile', '--device',
-                             'cuda', '--shape', '2,16,8,8', '--iters', '2', '--warmup', '1',
-                             '--cuda-graph'],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = run_benchmark('--op', 'psa', '--mode', 'parallel', '--no-compile', '--device', 'cuda',
+                           '--shape', '2,16,8,8', '--iters', '2', '--warmup', '1', '--cuda-graph')
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'each call a CUDA graph replay' in result.stdout
     rows = [row.split('|') for row in result.stdout.splitlines() if row.startswith('| psa |')]
@@ -92,11 +101,9 @@ def test_outlook_rows_time_the_scalar_gathers_too() -> None:
     """On CUDA in bf16 with the kernels, the outlook case also times mmattn with its gathers on
     the scalar kernel (``MMATTN_OUTLOOK_SCALAR_GATHER=1`` around its calls), in the same
     turns, as exact as the default row."""
-    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
-                             '--op', 'outlook', '--no-compile', '--device', 'cuda', '--dtype',
-                             'bfloat16', '--shape', '2,14,14,64', '--heads', '2', '--iters', '2',
-                             '--warmup', '1'],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = run_benchmark('--op', 'outlook', '--no-compile', '--device', 'cuda', '--dtype',
+                           'bfloat16', '--shape', '2,14,14,64', '--heads', '2', '--iters', '2',
+                           '--warmup', '1')
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r.split('|')[4].strip(): r.split('|') for r in result.stdout.splitlines()
             if r.startswith('| outlook |')}
@@ -108,9 +115,7 @@ def test_outlook_rows_time_the_scalar_gathers_too() -> None:
 
 
 def test_cuda_graph_option_needs_cuda() -> None:
-    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
-                             '--op', 'psa', '--device', 'cpu', '--cuda-graph'],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = run_benchmark('--op', 'psa', '--device', 'cpu', '--cuda-graph', timeout=300)
     assert result.returncode == 2
     assert '--cuda-graph needs a CUDA device' in result.stderr
 
@@ -126,11 +131,9 @@ def test_host_split_option_times_each_phase() -> None:
     """``--host-split N``: per implementation, each phase's wall time and CPU time (the calling
     thread's, every thread's). On the CPU the host does all the work: each phase's CPU time is
     its wall time, within the clocks' resolution, and the phases fit in the whole."""
-    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
-                             '--op', 'psa', '--mode', 'parallel', '--no-compile',
-                             '--shape', '2,8,16,16', '--iters', '5', '--warmup', '1',
-                             '--threads', '1', '--host-split', '4'],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = run_benchmark('--op', 'psa', '--mode', 'parallel', '--no-compile', '--shape',
+                           '2,8,16,16', '--iters', '5', '--warmup', '1', '--threads', '1',
+                           '--host-split', '4')
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _host_split_rows(result.stdout, 'psa 2x8x16x16 paper, parallel: where the host time')
     assert {'eager', 'mmattn'} <= set(rows)
@@ -153,11 +156,7 @@ def test_api_call_rows_counts_runtime_calls_inside_the_steps() -> None:
     from types import SimpleNamespace
 
     import torch
-    sys.path.insert(0, osp.join(ROOT, 'tools'))
-    try:
-        import benchmark as bench
-    finally:
-        sys.path.pop(0)
+    bench = benchmark_module()
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
 
     def evt(name: str, start: float, end: float, device=cpu) -> SimpleNamespace:
@@ -184,11 +183,7 @@ def test_with_env_sets_and_restores_the_environment(monkeypatch: pytest.MonkeyPa
     gathers) is set around each of its calls and the previous state restored: a variable
     unset before is unset again, one set keeps its value, also when the call raises."""
     import os
-    sys.path.insert(0, osp.join(ROOT, 'tools'))
-    try:
-        import benchmark as bench
-    finally:
-        sys.path.pop(0)
+    bench = benchmark_module()
     monkeypatch.delenv('MMATTN_BENCH_A', raising=False)
     monkeypatch.setenv('MMATTN_BENCH_B', 'before')
     seen = bench.with_env(lambda: (os.environ.get('MMATTN_BENCH_A'),
@@ -208,11 +203,9 @@ def test_with_env_sets_and_restores_the_environment(monkeypatch: pytest.MonkeyPa
 def test_host_split_option_lists_cuda_runtime_calls() -> None:
     """On CUDA, ``--host-split`` also lists each implementation's costliest runtime/driver
     calls: the launches at least, as many per step as the profiler sees kernels."""
-    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'),
-                             '--op', 'psa', '--mode', 'parallel', '--no-compile', '--device',
-                             'cuda', '--shape', '2,16,8,8', '--iters', '3', '--warmup', '1',
-                             '--host-split', '6'],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = run_benchmark('--op', 'psa', '--mode', 'parallel', '--no-compile', '--device', 'cuda',
+                           '--shape', '2,16,8,8', '--iters', '3', '--warmup', '1',
+                           '--host-split', '6')
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert set(_host_split_rows(out, 'psa 2x16x8x8 paper, parallel: where the host time')) >= {
