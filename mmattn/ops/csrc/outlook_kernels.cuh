@@ -55,6 +55,19 @@ constexpr int kGatherMinBlocks = 4;
 constexpr int kWindowThreads = 512;
 constexpr int64_t kSmemBudget = 48 * 1024;  // bytes, no opt-in needed
 
+// This thread's item in a row of the grids of launch_gather and launch_rows (blockIdx.x /
+// threadIdx.x cover a row's cols x (C / VEC) items, a column's channel packs consecutive): its
+// column and first channel; false past the row's items.
+template <int VEC>
+__device__ __forceinline__ bool row_item(const int cols, const int C, int& col, int& c0) {
+  const int packs = C / VEC;
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= cols * packs) return false;
+  col = r / packs;
+  c0 = (r - col * packs) * VEC;
+  return true;
+}
+
 // y (TRANSPOSED = false) or grad_v (true). One thread per VEC consecutive channels of one output
 // pixel, threads along the channel axis: the src loads are coalesced, the attn weight (shared by
 // the d channels of a head) is a broadcast load. blockIdx.y walks the image rows (b, u);
@@ -69,11 +82,8 @@ outlook_gather_kernel(const scalar_t* __restrict__ src, const scalar_t* __restri
                       const int64_t rows, const int ldo, const bool ones) {
   using acc_t = at::opmath_type<scalar_t>;
   using pack_t = Pack<scalar_t, VEC>;
-  const int packs = C / VEC;
-  const int r = blockIdx.x * blockDim.x + threadIdx.x;
-  if (r >= g.W * packs) return;
-  const int x = r / packs;
-  const int c0 = (r - x * packs) * VEC;
+  int x, c0;
+  if (!row_item<VEC>(g.W, C, x, c0)) return;
   const int64_t head = static_cast<int64_t>(c0 / d) * (g.K * g.K * g.K * g.K);  // d % VEC == 0
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     const int64_t b = row / g.H;
@@ -588,11 +598,8 @@ outlook_pool_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, 
                     const int rows) {
   using acc_t = at::opmath_type<scalar_t>;
   using pack_t = Pack<scalar_t, VEC>;
-  const int packs = C / VEC;
-  const int r = blockIdx.x * blockDim.x + threadIdx.x;
-  if (r >= w * packs) return;
-  const int j = r / packs;
-  const int c0 = (r - j * packs) * VEC;
+  int j, c0;
+  if (!row_item<VEC>(w, C, j, c0)) return;
   const int x0 = j * s, x1 = x0 + s < W ? x0 + s : W;
   for (int row = blockIdx.y; row < rows; row += gridDim.y) {
     const int b = row / h, i = row - b * h;
@@ -718,11 +725,8 @@ outlook_unpool_add_kernel(const scalar_t* __restrict__ grad, const scalar_t* __r
                           const int w, const int C, const int s, const int rows) {
   using acc_t = at::opmath_type<scalar_t>;
   using pack_t = Pack<scalar_t, VEC>;
-  const int packs = C / VEC;
-  const int r = blockIdx.x * blockDim.x + threadIdx.x;
-  if (r >= W * packs) return;
-  const int x = r / packs;
-  const int c0 = (r - x * packs) * VEC;
+  int x, c0;
+  if (!row_item<VEC>(W, C, x, c0)) return;
   const int j = x / s, cols = (j + 1) * s < W ? s : W - j * s;
   for (int row = blockIdx.y; row < rows; row += gridDim.y) {
     const int b = row / H, y = row - b * H, i = y / s;
