@@ -776,6 +776,13 @@ unsigned wave_grid(void (*kernel)(KArgs...), unsigned threads, size_t smem, int6
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(units, wave)));
 }
 
+// Whether the device runs a warp-matrix kernel with `smem` bytes of shared memory a block:
+// compute capability 8.0 on (bf16 wmma) and that much shared memory (the opt-in amount).
+inline bool tensor_cores_hold(const size_t smem) {
+  return launch::device_attribute(launch::Attr::kComputeMajor) >= 8 &&
+         smem <= static_cast<size_t>(launch::device_attribute(launch::Attr::kSharedMemoryOptin));
+}
+
 // Whether launch_gather takes the tensor-core kernel (outlook_gather_mma_kernel) for a 16-bit
 // src of the geometry g (d channels a head) into out: K = 3, whole 16-channel steps, a tile's
 // windows within kMmaGatherWindows, 16-byte aligned maps, compute capability 8.0 on, the
@@ -785,9 +792,7 @@ inline bool gather_on_tensor_cores(const OutlookGeom& g, const int d, const void
   const int windows = mma_gather_windows(g.K, g.s);
   return elem == 2 && g.K == 3 && d % kMmaTile == 0 && !scalar_gather_from_env() &&
          windows * windows <= kMmaGatherWindows && all_aligned({src, out}, 16) &&
-         launch::device_attribute(launch::Attr::kComputeMajor) >= 8 &&
-         mma_gather_smem(elem) <= static_cast<size_t>(
-                                      launch::device_attribute(launch::Attr::kSharedMemoryOptin));
+         tensor_cores_hold(mma_gather_smem(elem));
 }
 
 // out: (B, H, W, C), or with ones (B, H, W, C + kOnesChannels) (outlook_gather_kernel)
@@ -861,10 +866,8 @@ void launch_grad_attn(const at::Tensor& gout, const at::Tensor& v, const at::Ten
     // heads its steps, with 16-byte copies of the rows
     const int ld_mma = (C + 15) / 16 * 16 + 8;
     const size_t smem_mma = grad_attn_mma_smem(ld_mma, g.N * KK * KK, sizeof(scalar_t));
-    if (KK <= kMmaTile && d % kMmaTile == 0 && is_aligned(gp, 16) && is_aligned(vp, 16) &&
-        launch::device_attribute(launch::Attr::kComputeMajor) >= 8 &&
-        smem_mma <= static_cast<size_t>(
-                        launch::device_attribute(launch::Attr::kSharedMemoryOptin))) {
+    if (KK <= kMmaTile && d % kMmaTile == 0 && all_aligned({gp, vp}, 16) &&
+        tensor_cores_hold(smem_mma)) {
       auto kernel = outlook_grad_attn_mma_kernel<scalar_t>;
       if (smem_mma > static_cast<size_t>(kSmemBudget))
         launch::allow_shared_memory(kernel, smem_mma);
