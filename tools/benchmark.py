@@ -18,8 +18,10 @@ For each op, three implementations with the same weights and input:
 With ``--op volo`` (part of ``all``) a whole VOLO-D1 training step (forward, backward, SGD
 update, batch of 224 px images) of timm's ``volo_d1_224`` (``eager``; ``eager (channels_last)``
 with its weights channels-last) is timed against mmattn's ``volo_d1`` with the same weights
-(``mmattn``), and on CUDA each through ``torch.compile`` (``compile``, ``mmattn (compile)``):
-training steps only, the forward columns stay empty.
+(``mmattn``), and on CUDA each through ``torch.compile`` (``compile``, ``mmattn (compile)``),
+and mmattn's with its parameter gradients' column sums on PyTorch's kernels (``mmattn (PyTorch
+column sums)``: ``MMATTN_COLUMN_SUMS=0`` around its calls): training steps only, the forward
+columns stay empty.
 
 Measured: forward (inference, ``torch.no_grad``) and forward+backward (``y.backward(g)``, input
 and parameters requiring gradients) times, the median of ``--iters`` runs after ``--warmup``,
@@ -73,6 +75,7 @@ import mmattn  # noqa: F401  (registers the blocks, checks the stack)
 from mmattn.analysis import saved_bytes
 from mmattn.layers import OutlookAttention, PolarizedSelfAttention
 from mmattn.ops import kernel_status, select_backend
+from mmattn.ops.param_grads import ENV_COLUMN_SUMS
 from mmattn.utils.quiet import quiet_no_cuda_runtime
 
 quiet_no_cuda_runtime()  # torch.compile imports torch.utils.cpp_extension, which says it on CPU
@@ -487,10 +490,17 @@ def volo_case(batch: int, dtype: torch.dtype, device: torch.device) -> Case:
     eager_cl = copy.deepcopy(eager).to(memory_format=torch.channels_last)
     shape = (batch, 3, 224, 224)
     on_cuda = device.type == 'cuda'
+    impls = {'eager': _TrainStep(eager), 'eager (channels_last)': _TrainStep(eager_cl),
+             'mmattn': _TrainStep(ours)}
+    envs = {}
+    if on_cuda:
+        # the linear layers' and LayerNorms' parameter gradients on PyTorch's kernels, where
+        # mmattn's column sums run by default (mmattn.ops.param_grads)
+        name = 'mmattn (PyTorch column sums)'
+        impls[name] = _TrainStep(copy.deepcopy(ours))
+        envs[name] = {ENV_COLUMN_SUMS: '0'}
     return Case('volo_d1 step', shape, 'timm volo_d1_224 vs mmattn volo_d1', 0, 0,
-                lambda: torch.randn(shape, device=device, dtype=dtype),
-                {'eager': _TrainStep(eager), 'eager (channels_last)': _TrainStep(eager_cl),
-                 'mmattn': _TrainStep(ours)},
+                lambda: torch.randn(shape, device=device, dtype=dtype), impls, envs=envs,
                 compile=on_cuda, compiled_too=('mmattn',) if on_cuda else (), train_only=True)
 
 

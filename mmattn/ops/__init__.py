@@ -9,11 +9,12 @@ from .dispatch import (BACKENDS, ENV_VAR, OPS, KernelUnavailableError, backends_
                        can_use_outlook_cpu, can_use_outlook_cuda, can_use_psa_cuda,
                        can_use_psa_folded, kernel_status, select_backend)
 from .outlook import outlook_attention, outlook_attention_reference
+from .param_grads import column_sum_kernels
 from .psa import (polarized_self_attention, psa_paper_folded, psa_paper_params,
                   psa_paper_reference)
 
 __all__ = ['BACKENDS', 'ENV_VAR', 'OPS', 'KernelUnavailableError', 'backends_for',
            'can_use_outlook_cpu', 'can_use_outlook_cuda', 'can_use_psa_cuda',
-           'can_use_psa_folded', 'kernel_status', 'outlook_attention',
+           'can_use_psa_folded', 'column_sum_kernels', 'kernel_status', 'outlook_attention',
            'outlook_attention_reference', 'polarized_self_attention', 'psa_paper_folded',
            'psa_paper_params', 'psa_paper_reference', 'select_backend']

@@ -78,6 +78,15 @@ SCHEMAS: dict[str, str] = {
                           '-> (Tensor, Tensor[])',
     'psa_block_cuda_bwd': 'psa_block_cuda_bwd(Tensor grad, Tensor x, Tensor[] state, '
                           'Tensor[] weights, int form, float eps) -> (Tensor, Tensor[])',
+    # a linear layer and a LayerNorm over the last dimension whose parameters' gradients are
+    # sums over the gradient's rows on mmattn's kernels (param_grads.cpp, column_sums.cuh)
+    'linear': 'linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor',
+    'layer_norm': 'layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps) -> Tensor',
+    # their parameters' gradients: sum_rows grad; (sum_rows grad xhat, sum_rows grad), xhat =
+    # (x - mean) rstd per row
+    'bias_grad': 'bias_grad(Tensor grad) -> Tensor',
+    'layer_norm_param_grads': 'layer_norm_param_grads(Tensor grad, Tensor x, Tensor mean, '
+                              'Tensor rstd) -> (Tensor, Tensor)',
     # the C-sized work between the passes, a thread block per image (psa_glue.cuh): from the
     # splits' partial sums, nothing per pixel
     'psa_fwd_glue': 'psa_fwd_glue(Tensor pmax, Tensor psum, Tensor ps, Tensor pm, int pixels, '

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import extension  # noqa: F401  (defines the op schemas)
 from .dispatch import select_backend
+from .param_grads import bias_grad
 
 __all__ = ['outlook_attention', 'outlook_attention_block', 'outlook_attention_reference',
            'outlook_pool', 'outlook_softmax', 'outlook_weights']
@@ -236,7 +237,7 @@ class _RecomputingOutlook(torch.autograd.Function):
             dlogits = dlogits.reshape(*pooled.shape[:3], -1).to(pooled.dtype)
             d2 = dlogits.reshape(-1, dlogits.shape[-1])
             g_attn_w = d2.t() @ pooled.reshape(-1, c).to(d2.dtype)
-            g_attn_b = d2.sum(0)
+            g_attn_b = bias_grad(d2)
             dpooled = dlogits @ attn_weight.to(dlogits.dtype)
             dx = dv @ v_weight.to(dv.dtype)
             if s == 1:
@@ -249,7 +250,7 @@ class _RecomputingOutlook(torch.autograd.Function):
                                                          dpooled.to(dx.dtype).contiguous(), s)
             dv2 = dv.reshape(-1, c)
             g_v_w = dv2.t() @ x.reshape(-1, c).to(dv2.dtype)
-            g_v_b = dv2.sum(0) if ctx.has_v_bias else None
+            g_v_b = bias_grad(dv2) if ctx.has_v_bias else None
         params = (v_weight, v_bias, attn_weight, attn_weight, proj_weight, proj_weight)
         grads = (g_v_w, g_v_b, g_attn_w, g_attn_b, g_proj_w, g_proj_b)
         # (each in its parameter's dtype and dense layout, at most one copy each)

@@ -39,7 +39,12 @@ torch.ops.load_library({library!r})
 extension.reset_state('setup.py build')
 ops = sorted(extension.SCHEMAS)
 cpu_only = ('psa_block_fwd', 'psa_block_bwd')   # the fused CPU PSA block
-assert all(extension.has_kernel(op, 'cuda') for op in ops if op not in cpu_only), ops
+composite = ('linear', 'layer_norm')   # ATen's ops and mmattn's, every device
+assert all(extension.has_kernel(op, 'cuda') for op in ops
+           if op not in cpu_only + composite), ops
+assert all(torch._C._dispatch_has_kernel_for_dispatch_key(f'mmattn::{op}',
+                                                          'CompositeExplicitAutograd')
+           for op in composite)
 assert all(extension.has_kernel(op, 'cpu') for op in ops
            if op.startswith('outlook') or op in cpu_only)
 assert not extension.has_kernel('psa_block_cuda_fwd', 'cpu')
@@ -59,7 +64,7 @@ print(extension.load_error() is None)
 def test_sources_and_flags() -> None:
     cpu, cuda = extension.sources(False), extension.sources(True)
     assert {osp.basename(s) for s in cuda} - {osp.basename(s) for s in cpu} == \
-        {'outlook_cuda.cu', 'psa_cuda.cu'}
+        {'column_sums_cuda.cu', 'outlook_cuda.cu', 'psa_cuda.cu'}
     assert 'module.cpp' in {osp.basename(s) for s in cpu}
     assert '-DWITH_CUDA' in extension.compile_flags(True)['cxx']
     assert '-DWITH_CUDA' not in extension.compile_flags(False)['cxx']

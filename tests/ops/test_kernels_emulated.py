@@ -30,6 +30,8 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from test_outlook_op import (TENSOR_CORE_GATHERS, check_gathers_half,  # noqa: E402
                              check_logits_grad, check_logits_grad_half, check_ones_column,
                              check_softmax, check_unpool_add, grid, paper_aggregate)
+from test_param_grads import (COLUMN_SHAPES, check_column_sums,  # noqa: E402
+                              check_column_sums_edges, layer_norm_inputs)
 from test_psa_block import block  # noqa: E402
 from test_psa_op import (EPS, F64, PARAM_NAMES, check_low_precision, grads,  # noqa: E402
                          paper_psa, random_params)
@@ -57,7 +59,8 @@ def emulated() -> Iterator[object]:
         _LIBRARY.append(lib)
         load(name='mmattn_emulated_kernels',
              sources=[osp.join(HERE, 'emulation', 'psa_emulated.cpp'),
-                      osp.join(HERE, 'emulation', 'outlook_emulated.cpp')],
+                      osp.join(HERE, 'emulation', 'outlook_emulated.cpp'),
+                      osp.join(HERE, 'emulation', 'column_sums_emulated.cpp')],
              extra_include_paths=[extension.CSRC, osp.join(HERE, 'emulation')],
              extra_cflags=['-O2', '-pthread'], extra_ldflags=['-pthread'],
              is_python_module=False)
@@ -746,3 +749,25 @@ def test_outlook_pool_kernel_errors_and_fake(emulated) -> None:
     with FakeTensorMode():
         out = torch.ops.mmattn.outlook_pool(torch.empty(2, 7, 9, 24), 2)
     assert tuple(out.shape) == (2, 4, 5, 24)
+
+
+# ---------------------------------------------------------------- column sums
+@pytest.mark.parametrize('shape, covers', COLUMN_SHAPES)
+@pytest.mark.parametrize('dtype', [F64, torch.float32, torch.bfloat16, torch.float16])
+def test_column_sum_kernels_match_definitions(emulated, shape: tuple[int, ...], covers: str,
+                                              dtype: torch.dtype) -> None:
+    check_column_sums(emulated.bias_grad, emulated.layer_norm_param_grads, shape, dtype)
+
+
+def test_column_sum_kernels_edges_and_launches(emulated) -> None:
+    check_column_sums_edges(emulated.bias_grad, emulated.layer_norm_param_grads)
+    grad, x, mean, rstd = layer_norm_inputs((300, 64), torch.bfloat16)
+    with pytest.raises(RuntimeError, match='mean and rstd must hold one Float value per row '
+                                           r'\(300\), got 300 values of BFloat16'):
+        emulated.layer_norm_param_grads(grad, x, mean.to(torch.bfloat16), rstd)
+    # a pass over the rows and the sum of its blocks' partial sums: two launches a call
+    for call in (lambda: emulated.bias_grad(grad),
+                 lambda: emulated.layer_norm_param_grads(grad, x, mean, rstd)):
+        start = emulated.emulated_launches()
+        call()
+        assert emulated.emulated_launches() - start == 2

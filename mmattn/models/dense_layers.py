@@ -1,0 +1,54 @@
+"""``nn.Linear`` and ``nn.LayerNorm`` whose parameters' gradients come from mmattn's column-sum
+kernels on CUDA (:mod:`mmattn.ops.param_grads`), and :func:`use_column_sum_layers`, which puts
+them in a model in place of the torch classes.
+
+Same parameters, state dict, initialisation and outputs as the torch classes they subclass;
+only the backward's sums over the rows differ (PyTorch's kernels for them took 6.5 ms of
+mmattn's VOLO-D1 training step on an H100, batch 128, bf16; see the ops module). Elsewhere (the
+CPU, ``torch.compile``, ``torch.jit.script``, tracing) they are the torch layers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmattn.ops.param_grads import layer_norm, linear
+
+__all__ = ['LayerNorm', 'Linear', 'use_column_sum_layers']
+
+# torch.fx records each as one call (decided when the graph runs) instead of tracing the
+# device test
+torch.fx.wrap('linear')
+torch.fx.wrap('layer_norm')
+
+
+class Linear(nn.Linear):
+    """``nn.Linear``; on CUDA its bias gradient is a column sum on mmattn's kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm``; on CUDA, over the last dimension with affine parameters, their
+    gradients are column sums on mmattn's kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # (TorchScript: the tuple as torch's own forward passes it)
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+_SWAPS: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: Linear, nn.LayerNorm: LayerNorm}
+
+
+def use_column_sum_layers(model: nn.Module) -> nn.Module:
+    """Make every ``nn.Linear`` and ``nn.LayerNorm`` of ``model`` (exactly those classes, not
+    subclasses) a :class:`Linear` / :class:`LayerNorm`, in place: the same module objects, their
+    class changed (parameters, buffers and hooks kept). Returns ``model``."""
+    for module in model.modules():
+        swap = _SWAPS.get(type(module))
+        if swap is not None:
+            module.__class__ = swap
+    return model
