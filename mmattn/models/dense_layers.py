@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from mmattn.ops.param_grads import layer_norm, linear
@@ -23,6 +24,9 @@ torch.fx.wrap('linear')
 torch.fx.wrap('layer_norm')
 
 
+# timm's FX tracer (feature extraction, its model tests) keeps them as the leaf modules that
+# torch's classes are
+@register_notrace_module
 class Linear(nn.Linear):
     """``nn.Linear``; on CUDA its bias gradient is a column sum on mmattn's kernel."""
 
@@ -30,6 +34,7 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+@register_notrace_module
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm``; on CUDA, over the last dimension with affine parameters, their
     gradients are column sums on mmattn's kernel."""

@@ -42,7 +42,7 @@ cpu_only = ('psa_block_fwd', 'psa_block_bwd')   # the fused CPU PSA block
 composite = ('linear', 'layer_norm')   # ATen's ops and mmattn's, every device
 assert all(extension.has_kernel(op, 'cuda') for op in ops
            if op not in cpu_only + composite), ops
-assert all(torch._C._dispatch_has_kernel_for_dispatch_key(f'mmattn::{op}',
+assert all(torch._C._dispatch_has_kernel_for_dispatch_key(f'mmattn::{{op}}',
                                                           'CompositeExplicitAutograd')
            for op in composite)
 assert all(extension.has_kernel(op, 'cpu') for op in ops

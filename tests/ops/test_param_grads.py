@@ -31,6 +31,7 @@ COLUMN_SHAPES = [
     ((2, 3, 5, 6), '4-byte vectors, 4-d'),
     ((40, 5), 'single elements'),
     ((33, 2050), 'several column tiles'),
+    ((10, 1160), 'bf16: 3 tiles of 49 groups, the last cut short'),
     ((1, 24), 'one row'),
 ]
 
@@ -155,6 +156,19 @@ def test_cpu_layer_norm_op_matches_torch(cpu_kernels: str, bias: bool,
     check_op_against_torch(lambda x, w, b: torch.ops.mmattn.layer_norm(x, w, b, EPS),
                            lambda x, w, b: F.layer_norm(x, (24,), w, b, EPS),
                            ln_inputs(F64, bias), needs)
+
+
+def test_cpu_ops_outputs_take_in_place_changes(cpu_kernels: str) -> None:
+    """As torch's: the outputs are not views made inside a custom Function (which autograd
+    would refuse to change in place; timm's blocks change layers' outputs in place)."""
+    def scaled_in_place(fn):
+        return lambda *args: fn(*args).mul_(2)
+    check_op_against_torch(scaled_in_place(torch.ops.mmattn.linear), scaled_in_place(F.linear),
+                           linear_inputs(F64, True), (True, True, True))
+    check_op_against_torch(scaled_in_place(lambda x, w, b: torch.ops.mmattn.layer_norm(x, w, b,
+                                                                                       EPS)),
+                           scaled_in_place(lambda x, w, b: F.layer_norm(x, (24,), w, b, EPS)),
+                           ln_inputs(F64, True), (True, True, True))
 
 
 def test_cpu_ops_gradcheck(cpu_kernels: str) -> None:
