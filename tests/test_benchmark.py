@@ -114,6 +114,30 @@ def test_outlook_rows_time_the_scalar_gathers_too() -> None:
     assert errors['mmattn (scalar gathers)'] <= 2 * errors['mmattn'] + 0.05
 
 
+def test_mlp_case_times_torchs_and_mmattns_layers() -> None:
+    """``--op mlp``: VOLO's MLP half-block with torch's layers and with mmattn's
+    (``dense_layers``), same weights: on the CPU both run torch's functions, equal outputs."""
+    result = run_benchmark('--op', 'mlp', '--no-compile', '--shape', '2,3,4,16', '--iters', '1',
+                           '--warmup', '0', '--threads', '1')
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r.split('|')[4].strip(): r.split('|') for r in result.stdout.splitlines()
+            if r.startswith('| mlp |')}
+    assert set(rows) == {'eager', 'mmattn'}, result.stdout[-3000:]
+    assert float(rows['mmattn'][-2]) == 0
+    assert rows['mmattn'][2].strip() == '2x3x4x16'
+
+
+@pytest.mark.cuda
+def test_mlp_rows_time_pytorchs_column_sums_too() -> None:
+    """On CUDA the mlp case also times mmattn's layers with ``MMATTN_COLUMN_SUMS=0``."""
+    result = run_benchmark('--op', 'mlp', '--no-compile', '--device', 'cuda', '--dtype',
+                           'bfloat16', '--shape', '2,14,14,64', '--iters', '2', '--warmup', '1')
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r.split('|')[4].strip() for r in result.stdout.splitlines()
+            if r.startswith('| mlp |')}
+    assert rows == {'eager', 'mmattn', 'mmattn (PyTorch column sums)'}, result.stdout[-3000:]
+
+
 def test_cuda_graph_option_needs_cuda() -> None:
     result = run_benchmark('--op', 'psa', '--device', 'cpu', '--cuda-graph', timeout=300)
     assert result.returncode == 2

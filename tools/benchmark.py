@@ -15,6 +15,11 @@ For each op, three implementations with the same weights and input:
   and for outlook on CUDA in bf16/fp16 a third the kernels with the gathers on the scalar kernel
   (``mmattn (scalar gathers)``: ``MMATTN_OUTLOOK_SCALAR_GATHER=1`` around its calls).
 
+With ``--op mlp`` (part of ``all``) VOLO's MLP half-block ``x + MLP(LN(x))`` on (B, H, W, C)
+tokens is timed with torch's layers (``eager``, ``compile``) against mmattn's
+``dense_layers`` (``mmattn``: on CUDA the parameters' gradients as column sums on mmattn's
+kernels; ``mmattn (PyTorch column sums)``: the same with ``MMATTN_COLUMN_SUMS=0``).
+
 With ``--op volo`` (part of ``all``) a whole VOLO-D1 training step (forward, backward, SGD
 update, batch of 224 px images) of timm's ``volo_d1_224`` (``eager``; ``eager (channels_last)``
 with its weights channels-last) is timed against mmattn's ``volo_d1`` with the same weights
@@ -74,6 +79,7 @@ from torch import nn
 import mmattn  # noqa: F401  (registers the blocks, checks the stack)
 from mmattn.analysis import saved_bytes
 from mmattn.layers import OutlookAttention, PolarizedSelfAttention
+from mmattn.models.dense_layers import use_column_sum_layers
 from mmattn.ops import kernel_status, select_backend
 from mmattn.ops.param_grads import ENV_COLUMN_SUMS
 from mmattn.utils.quiet import quiet_no_cuda_runtime
@@ -448,6 +454,36 @@ def with_env(fn: Callable[[], T], env: dict[str, str]) -> Callable[[], T]:
     return run
 
 
+class _MlpHalf(nn.Module):
+    """A transformer block's second half, ``x + MLP(LN(x))`` (timm's ``Mlp``, ratio 3: VOLO's)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        from timm.layers import Mlp
+        self.norm = nn.LayerNorm(channels)
+        self.mlp = Mlp(channels, 3 * channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+def mlp_case(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Case:
+    """VOLO's MLP half-block on (B, H, W, C) tokens: torch's layers (``eager``, and compiled)
+    against mmattn's ``dense_layers`` (``mmattn``: on CUDA the parameters' gradients as column
+    sums on mmattn's kernels; ``mmattn (PyTorch column sums)``: the same with
+    ``MMATTN_COLUMN_SUMS=0``). No traffic floor (the products dominate)."""
+    eager = _MlpHalf(shape[-1]).to(device, dtype)
+    impls: dict[str, nn.Module] = {'eager': eager,
+                                   'mmattn': use_column_sum_layers(copy.deepcopy(eager))}
+    envs = {}
+    if device.type == 'cuda':
+        name = 'mmattn (PyTorch column sums)'
+        impls[name] = copy.deepcopy(impls['mmattn'])
+        envs[name] = {ENV_COLUMN_SUMS: '0'}
+    return Case('mlp', shape, 'LN + Linear(C, 3C) + GELU + Linear(3C, C)', 0, 0,
+                lambda: torch.randn(shape, device=device, dtype=dtype), impls, envs=envs)
+
+
 #: the implementation name of the yardstick of a block's host overhead (``--preset host``)
 YARDSTICK = 'conv3x3+BN+ReLU (yardstick)'
 
@@ -652,13 +688,13 @@ PRESETS = {
                 psa=[((4, 256, 64, 64), 'parallel', 'paper'),
                      ((4, 256, 64, 64), 'sequential', 'paper'),
                      ((4, 256, 64, 64), 'sequential', 'official')],
-                outlook=[((8, 28, 28, 192), 6)], volo=[4]),
+                outlook=[((8, 28, 28, 192), 6)], volo=[4], mlp=[(8, 28, 28, 192)]),
     # issue 12's host-overhead goal: every PSA form's forward + backward at most 1.5x a 3x3
     # conv + BN + ReLU at [1, 8, 4, 4], one thread (what a small map costs beyond its FLOPs)
     'host': dict(device='cpu', dtype='float32', threads=1,
                  psa=[((1, 8, 4, 4), mode, variant) for variant in ('paper', 'official')
                       for mode in ('parallel', 'sequential')],
-                 outlook=[], volo=[], yardstick=True),
+                 outlook=[], volo=[], mlp=[], yardstick=True),
     'gpu': dict(device='cuda', dtype='bfloat16', threads=None,
                 psa=[((16, 256, 128, 128), 'parallel', 'paper'),
                      ((16, 256, 128, 128), 'sequential', 'paper'),
@@ -668,7 +704,9 @@ PRESETS = {
                      ((2, 48, 128, 256), 'sequential', 'official'),
                      ((2, 384, 16, 32), 'sequential', 'official')],
                 outlook=[((128, 28, 28, 192), 6)],    # VOLO-D1 stage 1 at 224 px, batch 128
-                volo=[128]),
+                volo=[128],
+                # VOLO-D1's MLP half-blocks at batch 128: the outlooker and transformer stages
+                mlp=[(128, 28, 28, 192), (128, 14, 14, 384)]),
 }
 # the host preset on a GPU: the host-bound cost of a block (Python, dispatch, autograd, launches)
 # against the conv block's, where the host drives the GPU (HRNet-OCR's step is host-bound)
@@ -679,9 +717,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--preset', choices=sorted(PRESETS),
                         help='the issue\'s shapes for this device kind (overrides the below)')
-    parser.add_argument('--op', choices=['psa', 'outlook', 'volo', 'all'], default='all')
+    parser.add_argument('--op', choices=['psa', 'outlook', 'volo', 'mlp', 'all'],
+                        default='all')
     parser.add_argument('--shape', type=parse_shape, nargs='+',
-                        help='PSA: N,C,H,W (default 4,256,64,64); outlook: B,H,W,C '
+                        help='PSA: N,C,H,W (default 4,256,64,64); outlook, mlp: B,H,W,C '
                              '(default 8,28,28,192); several run in turn')
     parser.add_argument('--mode', choices=['parallel', 'sequential', 'both'], default='both')
     parser.add_argument('--variant', choices=['paper', 'official'], default='paper',
@@ -727,6 +766,7 @@ def main() -> None:
         args.device, args.dtype = preset['device'], preset['dtype']
         args.threads = args.threads or preset['threads']
         psa_cases, outlook_cases, volo_cases = preset['psa'], preset['outlook'], preset['volo']
+        mlp_cases = preset['mlp']
         yardstick = preset.get('yardstick', False)
         args.no_compile = args.no_compile or args.preset.startswith('host')
     else:
@@ -735,9 +775,10 @@ def main() -> None:
                      for m in modes]
         outlook_cases = [(shape, args.heads) for shape in args.shape or [(8, 28, 28, 192)]]
         volo_cases = [args.batch]
+        mlp_cases = list(args.shape or [(8, 28, 28, 192)])
         yardstick = False
     if args.shape and args.op == 'all' and not args.preset:
-        parser.error('--shape needs --op psa (N,C,H,W) or --op outlook (B,H,W,C)')
+        parser.error('--shape needs --op psa (N,C,H,W), --op outlook or --op mlp (B,H,W,C)')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         what = f'--preset {args.preset}' if args.preset else f'--device {args.device}'
         parser.error(f'{what} needs a CUDA device; none found')
@@ -745,10 +786,10 @@ def main() -> None:
         parser.error(f'--cuda-graph needs a CUDA device (--device cuda or a CUDA preset), got '
                      f'--device {args.device}')
     if args.op != 'all':
-        psa_cases, outlook_cases, volo_cases = [
+        psa_cases, outlook_cases, volo_cases, mlp_cases = [
             cases if args.op == op else []
             for op, cases in (('psa', psa_cases), ('outlook', outlook_cases),
-                              ('volo', volo_cases))]
+                              ('volo', volo_cases), ('mlp', mlp_cases))]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -767,6 +808,8 @@ def main() -> None:
               for shape, heads in outlook_cases]
     cases += [(volo_case(batch, dtype, device), ['--op', 'volo', '--batch', str(batch)])
               for batch in volo_cases]
+    cases += [(mlp_case(shape, dtype, device),
+               ['--op', 'mlp', '--shape', ','.join(map(str, shape))]) for shape in mlp_cases]
     if yardstick:   # one more implementation of each PSA case, in the same round-robin
         for case, _ in cases:
             if case.op == 'psa':

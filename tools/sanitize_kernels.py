@@ -7,8 +7,11 @@ memcheck`` and ``--tool racecheck``)::
 PSA (``backend='cuda'``: the whole block per call, the paper's two forms and the release's
 ``PSA_p`` and ``PSA_s``): float32 and bfloat16, NCHW and channels_last, on [2, 64, 17, 13],
 [3, 96, 33, 40] and [1, 8, 1, 1] (odd sizes, a single pixel). Outlook
-attention (``backend='cuda'``): K=3 with stride 1 and 2, float32 and bfloat16. Each result is
-compared with the reference path, so that a kernel the sanitizer passes but that computes
+attention (``backend='cuda'``): K=3 with stride 1 and 2, float32 and bfloat16. The column sums
+of the parameters' gradients (``mmattn::bias_grad``, ``mmattn::layer_norm_param_grads``) on
+four widths (16-byte vectors with a last column tile cut short, 4-byte vectors, single
+elements, one row). Each result is compared with the reference path (the sums: with their
+definitions in float64), so that a kernel the sanitizer passes but that computes
 garbage still fails (float32 against a float32 reference: TF32 is switched off). ``--ops``
 and ``--dtypes`` take a part of it (``--ops official-sequential --dtypes float32``);
 ``--shapes`` and ``--layouts`` replace PSA's shapes and layouts, so that the same program runs
@@ -66,9 +69,32 @@ def run_pair(fast: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor) -> fl
     return worst
 
 
+#: (shape, what it covers) of the column sums
+COLUMN_SHAPES = [((3, 5, 7, 1160), 'bf16: 16-byte vectors, 3 column tiles, the last cut short'),
+                 ((2, 9, 486), '4-byte vectors (bf16)'), ((4, 33, 5), 'single elements'),
+                 ((1, 1, 192), 'one row')]
+
+
+def column_sums_difference(shape: tuple[int, ...], dtype: torch.dtype,
+                           device: torch.device) -> float:
+    """The column-sum ops on random g and x against the sums' definitions in float64 (a bias's
+    Σ_r g; LayerNorm's Σ_r g x̂ and Σ_r g), relative to the largest magnitude."""
+    c = shape[-1]
+    g = torch.randn(shape, device=device, dtype=dtype)
+    x = torch.randn(shape, device=device, dtype=dtype) * 2 + 1
+    _, mean, rstd = torch.native_layer_norm(x, [c], None, None, 1e-5)
+    g2 = g.double().reshape(-1, c)
+    xhat = (x.double().reshape(-1, c) - mean.double().reshape(-1, 1)) * rstd.double().reshape(-1, 1)
+    want = [g2.sum(0), (g2 * xhat).sum(0), g2.sum(0)]
+    dw, db = torch.ops.mmattn.layer_norm_param_grads(g, x, mean, rstd)
+    got = [torch.ops.mmattn.bias_grad(g), dw, db]
+    return max(((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+               for a, b in zip(got, want))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    names = [f'{variant}-{mode}' for variant, mode in PSA_FORMS] + ['outlook']
+    names = [f'{variant}-{mode}' for variant, mode in PSA_FORMS] + ['outlook', 'column-sums']
     parser.add_argument('--ops', default=','.join(names),
                         help=f'comma-separated, of {", ".join(names)} (default: all)')
     parser.add_argument('--dtypes', default=','.join(str(d)[6:] for d in DTYPES),
@@ -127,6 +153,12 @@ def main() -> int:
             x = torch.randn(shape, device=device, dtype=dtype)
             err = run_pair(fast, ref, x)
             name = f'outlook K=3 stride {stride} {fmt} {dtype}'
+            print(f'{name}: max relative difference {err:.1e}', flush=True)
+            if not err <= tol:
+                failures.append(name)
+        for shape, covers in COLUMN_SHAPES if 'column-sums' in ops else ():
+            err = column_sums_difference(shape, dtype, device)
+            name = f'column sums {list(shape)} {dtype} ({covers})'
             print(f'{name}: max relative difference {err:.1e}', flush=True)
             if not err <= tol:
                 failures.append(name)
