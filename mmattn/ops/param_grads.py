@@ -117,7 +117,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 def layer_norm(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """``F.layer_norm(x, normalized_shape, weight, bias, eps)``; on CUDA over the last
-    dimension with a weight, the parameters' gradients on mmattn's kernel."""
+    dimension with a weight in x's dtype, the parameters' gradients on mmattn's kernel."""
     if torch.jit.is_scripting():
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     return _layer_norm(x, normalized_shape, weight, bias, eps)
@@ -131,6 +131,10 @@ def _layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Ten
     if torch.is_autocast_enabled('cuda'):  # autocast runs layer_norm in float32
         x, weight = _cast(x, torch.float32), _cast(weight, torch.float32)
         bias = None if bias is None else _cast(bias, torch.float32)
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        # (parameters kept in another dtype than x's, float32 LayerNorms in a bf16 model: the
+        # sums would be rounded to x's dtype)
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
     return torch.ops.mmattn.layer_norm(x, weight, bias, eps)
 
 

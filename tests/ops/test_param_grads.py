@@ -310,6 +310,11 @@ def test_cuda_layers_match_torch(cuda_kernels: str, dtype: torch.dtype) -> None:
                                lambda x, w, b: F.layer_norm(x, (24,), w, b, EPS),
                                ln_inputs(dtype, True, 'cuda'), needs, **tol)
     assert param_grads.column_sum_kernels(torch.empty(1, device='cuda'))
+    # float32 parameters for a bf16 input: torch's own (its sums in float32)
+    x, w, b = ln_inputs(torch.bfloat16, True, 'cuda')
+    check_op_against_torch(lambda x, w, b: param_grads.layer_norm(x, [24], w, b, EPS),
+                           lambda x, w, b: F.layer_norm(x, (24,), w, b, EPS),
+                           (x, w.float(), b.float()), (True,) * 3, rtol=0, atol=0)
     with torch.autocast('cuda', dtype=torch.bfloat16):
         check_op_against_torch(param_grads.linear, F.linear,
                                linear_inputs(torch.float32, True, 'cuda'), (True,) * 3,
@@ -330,3 +335,35 @@ def test_cpu_ops_opcheck(cpu_kernels: str) -> None:
     grad, x, mean, rstd = layer_norm_inputs((5, 8), torch.float32)
     torch.library.opcheck(torch.ops.mmattn.bias_grad.default, (grad,))
     torch.library.opcheck(torch.ops.mmattn.layer_norm_param_grads.default, (grad, x, mean, rstd))
+
+
+def test_cpu_volo_on_the_ops_matches_timm(cpu_kernels: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole (small) VOLO training step with every linear layer and LayerNorm on mmattn's ops
+    (the CUDA path's composition, with the CPU sums: the predicate forced on) against timm's
+    model with the same weights, every parameter's gradient in float64."""
+    from timm.models.volo import VOLO as TimmVOLO
+
+    from mmattn.models.volo import VOLO
+    calls = {'linear': 0, 'layer_norm': 0, 'bias_grad': 0}
+    for name in calls:
+        op = getattr(torch.ops.mmattn, name)
+
+        def counted(*args, _op=op, _name=name):
+            calls[_name] += 1
+            return _op(*args)
+        monkeypatch.setattr(torch.ops.mmattn, name, counted)
+    monkeypatch.setattr(param_grads, 'column_sum_kernels', lambda x: True)
+    kw = dict(img_size=64, num_classes=7, embed_dims=(32, 64, 64, 64), num_heads=(2, 4, 4, 4),
+              stem_hidden_dim=16)
+    torch.manual_seed(0)
+    ref = TimmVOLO((1, 1, 1, 1), **kw).double()
+    ours = VOLO((1, 1, 1, 1), **kw).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 64, 64, dtype=F64)
+    g = torch.randn(2, 7, dtype=F64)
+    for model in (ref, ours):
+        (model(x) * g).sum().backward()
+    assert all(n > 0 for n in calls.values()), calls
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=name)
