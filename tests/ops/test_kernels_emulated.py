@@ -771,3 +771,15 @@ def test_column_sum_kernels_edges_and_launches(emulated) -> None:
         start = emulated.emulated_launches()
         call()
         assert emulated.emulated_launches() - start == 2
+
+
+def test_column_sums_past_a_grids_tiles(emulated) -> None:
+    """More columns than 65535 tiles of 256 threads take (an odd width: single elements):
+    ATen's sums (one row: each sum is the row's value, and Σ g x̂ with x = g, mean 0, rstd 1
+    its square, exact in bf16)."""
+    c = 65535 * 256 + 1
+    g = (torch.arange(c, dtype=torch.float32) % 251 - 125).to(torch.bfloat16).view(1, c)
+    assert torch.equal(emulated.bias_grad(g), g[0])
+    ones, zeros = torch.ones(1, 1), torch.zeros(1, 1)
+    dw, db = emulated.layer_norm_param_grads(g, g, zeros, ones)
+    assert torch.equal(db, g[0]) and torch.equal(dw, (g[0].float() ** 2).to(torch.bfloat16))

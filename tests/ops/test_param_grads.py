@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmattn.models.dense_layers import LayerNorm, Linear, use_column_sum_layers
+from mmattn.models.dense_layers import (LayerNorm, Linear, restore_torch_layers,
+                                        use_column_sum_layers)
 from mmattn.ops import extension, param_grads
 
 F64 = torch.float64
@@ -219,6 +220,11 @@ def test_use_column_sum_layers_keeps_the_modules() -> None:
     traced = torch.fx.symbolic_trace(model)
     assert 'linear' in traced.code and 'layer_norm' in traced.code
     torch.testing.assert_close(traced(x), before)
+    assert restore_torch_layers(model) is model
+    assert type(model[0].fc) is nn.Linear and type(model[0].norm) is nn.LayerNorm
+    assert type(model[1]) is OwnLinear and [id(p) for p in model.parameters()] == params
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear})
+    assert type(quantized[0].fc).__name__ == 'Linear' and type(quantized[0].fc) is not nn.Linear
 
 
 def test_layers_take_torchs_ops_off_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

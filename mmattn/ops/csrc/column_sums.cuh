@@ -33,6 +33,7 @@ constexpr int kThreads = 256;
 constexpr int kUnroll = 4;       // rows a thread loads before it adds
 constexpr int kBlocksPerSM = 4;  // the pass's grid: enough loads in flight for the HBM's rate
 constexpr int kFinishColumns = 32, kFinishLanes = kThreads / kFinishColumns;
+constexpr int64_t kMaxTiles = 65535;  // a grid's y
 
 extern __shared__ __align__(16) unsigned char smem_raw[];
 
@@ -144,8 +145,9 @@ __global__ void __launch_bounds__(kThreads)
 // 144 keeps 144 busy; 24 groups, C = 192 bf16: one tile, 10 lanes, 240 busy).
 inline int column_tile(const int groups) {
   const int fewest = (groups + kThreads - 1) / kThreads;
-  int best = 0, best_busy = -kThreads;
-  for (int tiles = fewest; tiles <= fewest + 3 && tiles <= groups; ++tiles) {
+  int best = (groups + fewest - 1) / fewest, best_busy = -kThreads;
+  for (int tiles = fewest; tiles <= fewest + 3 && tiles <= groups && tiles <= kMaxTiles;
+       ++tiles) {
     const int tile = (groups + tiles - 1) / tiles;
     const int busy = kThreads / tile * tile;
     if (busy > best_busy + kThreads / 16) best = tile, best_busy = busy;
@@ -203,6 +205,14 @@ inline std::vector<at::Tensor> column_sums(const char* op, const at::Tensor& gra
   at::Tensor out = at::empty({parts, C}, g.options());
   if (rows == 0 || C == 0) {
     out.zero_();
+  } else if (C > kMaxTiles * static_cast<int64_t>(kThreads)) {
+    // more column tiles than a grid's y holds: ATen's sums (a bias of over 16.7 M values)
+    const auto acc = at::toOpMathType(g.scalar_type());
+    const at::Tensor g2 = g.view({rows, C}).to(acc);
+    out[0].copy_(g2.sum(0));
+    if (x != nullptr)
+      out[1].copy_((g2 * ((xc.view({rows, C}).to(acc) - mc.view({rows, 1})) * rc.view({rows, 1})))
+                       .sum(0));
   } else {
     launch::DeviceGuard guard(g.device());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "column_sums", [&] {

@@ -324,6 +324,8 @@ template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem,
             Args&&... args) {
   TORCH_CHECK(threads >= 1 && threads <= 1024, "emulated launch: ", threads, " threads");
+  TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "emulated launch: a grid of ", grid.y,
+              " x ", grid.z, " blocks in y and z, the device takes 65535 at most");
   TORCH_CHECK(smem <= mmattn_emulation::kSharedMemoryBytes, "emulated launch: ", smem,
               " bytes of shared memory, the device has ", mmattn_emulation::kSharedMemoryBytes);
   ++mmattn_emulation::launches;
