@@ -266,6 +266,26 @@ def test_kernel_check_asks_for_what_a_cuda_build_registers(
     assert not param_grads._kernels_ready()
 
 
+def test_kernel_predicate_on_cuda_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a CUDA tensor (a fake one: no GPU needed) with the kernels ready: taken, except
+    with MMATTN_COLUMN_SUMS=0 or MMATTN_BACKEND=reference."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(param_grads, '_kernels_ready', lambda: True)
+    monkeypatch.delenv(param_grads.ENV_COLUMN_SUMS, raising=False)
+    monkeypatch.delenv('MMATTN_BACKEND', raising=False)
+    with FakeTensorMode():
+        x = torch.empty(2, 3, device='cuda')
+    assert param_grads.column_sum_kernels(x)
+    monkeypatch.setenv(param_grads.ENV_COLUMN_SUMS, '0')
+    assert not param_grads.column_sum_kernels(x)
+    monkeypatch.setenv(param_grads.ENV_COLUMN_SUMS, '1')
+    monkeypatch.setenv('MMATTN_BACKEND', 'reference')
+    assert not param_grads.column_sum_kernels(x)
+    monkeypatch.setattr(param_grads, '_kernels_ready', lambda: False)
+    monkeypatch.setenv('MMATTN_BACKEND', 'auto')
+    assert not param_grads.column_sum_kernels(x)
+
+
 def test_column_sums_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(param_grads.ENV_COLUMN_SUMS, 'yes')
     with pytest.raises(ValueError, match='MMATTN_COLUMN_SUMS must be 0 or 1.*got .yes.'):
