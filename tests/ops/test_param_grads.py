@@ -321,6 +321,10 @@ def test_cuda_column_sums_match_definitions(cuda_kernels: str, shape: tuple[int,
 def test_cuda_column_sums_edges(cuda_kernels: str) -> None:
     ops = torch.ops.mmattn
     check_column_sums_edges(ops.bias_grad, ops.layer_norm_param_grads, 'cuda')
+    grad, x, mean, rstd = layer_norm_inputs((6, 8), torch.float32, 'cuda')
+    with pytest.raises(RuntimeError, match="mean and rstd must be on grad's device cuda:0, "
+                                           'got cpu'):
+        ops.layer_norm_param_grads(grad, x, mean.cpu(), rstd)
 
 
 @pytest.mark.cuda

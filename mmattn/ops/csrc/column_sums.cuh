@@ -197,6 +197,9 @@ inline std::vector<at::Tensor> column_sums(const char* op, const at::Tensor& gra
                 ", got ", x->sizes());
     TORCH_CHECK(x->scalar_type() == grad.scalar_type(), op, ": x must have grad's dtype ",
                 grad.scalar_type(), ", got ", x->scalar_type());
+    for (const at::Tensor* t : {x, mean, rstd})
+      TORCH_CHECK(t->device() == grad.device(), op, ": x, mean and rstd must be on grad's device ",
+                  grad.device(), ", got ", t->device());
     const auto acc = at::toOpMathType(grad.scalar_type());
     for (const at::Tensor* stat : {mean, rstd})
       TORCH_CHECK(stat->numel() == rows && stat->scalar_type() == acc, op,
@@ -215,11 +218,12 @@ inline std::vector<at::Tensor> column_sums(const char* op, const at::Tensor& gra
     const at::Tensor g2 = g.view({rows, C}).to(acc);
     out[0].copy_(g2.sum(0));
     if (x != nullptr)
-      out[1].copy_((g2 * ((xc.view({rows, C}).to(acc) - mc.view({rows, 1})) * rc.view({rows, 1})))
-                       .sum(0));
+      out[1].copy_(
+          (g2 * ((xc.view({rows, C}).to(acc) - mc.view({rows, 1})) * rc.view({rows, 1}))).sum(0));
   } else {
     launch::DeviceGuard guard(g.device());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "column_sums", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "column_sums",
+                                    [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* gp = g.data_ptr<scalar_t>();
       const scalar_t* xp = x != nullptr ? xc.data_ptr<scalar_t>() : nullptr;
@@ -252,7 +256,8 @@ inline std::vector<at::Tensor> column_sums(const char* op, const at::Tensor& gra
         if (x != nullptr)
           run(&column_partials_kernel<scalar_t, acc_t, VEC, true>, pass_smem<acc_t, VEC, true>());
         else
-          run(&column_partials_kernel<scalar_t, acc_t, VEC, false>, pass_smem<acc_t, VEC, false>());
+          run(&column_partials_kernel<scalar_t, acc_t, VEC, false>,
+              pass_smem<acc_t, VEC, false>());
       });
     });
   }
