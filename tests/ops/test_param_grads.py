@@ -25,7 +25,7 @@ F64 = torch.float64
 EPS = 1e-5
 # (shape, what it covers): the last dimension picks the vector width (16 bytes for 192, 8 / 4
 # bytes for 12 / 6 in bf16, single elements for 5) and the column tiles (2050 float32: 5 tiles
-# of 256 two-element groups); the rows, the unrolled loop's remainder and a grid of one block
+# of 205 two-element groups); the rows, the unrolled loop's remainder and a grid of one block
 COLUMN_SHAPES = [
     ((7, 9, 192), 'bf16: 16-byte vectors, 63 rows'),
     ((301, 12), '8-byte vectors, rows past the unrolled loop'),
