@@ -24,6 +24,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include "column_sums_aten.h"
 #include "vector.cuh"
 
 namespace mmattn {
@@ -214,12 +215,7 @@ inline std::vector<at::Tensor> column_sums(const char* op, const at::Tensor& gra
     out.zero_();
   } else if (C > kMaxTiles * static_cast<int64_t>(kThreads)) {
     // more column tiles than a grid's y holds: ATen's sums (a bias of over 16.7 M values)
-    const auto acc = at::toOpMathType(g.scalar_type());
-    const at::Tensor g2 = g.view({rows, C}).to(acc);
-    out[0].copy_(g2.sum(0));
-    if (x != nullptr)
-      out[1].copy_(
-          (g2 * ((xc.view({rows, C}).to(acc) - mc.view({rows, 1})) * rc.view({rows, 1}))).sum(0));
+    return aten_column_sums(g, x != nullptr ? &xc : nullptr, &mc, &rc);
   } else {
     launch::DeviceGuard guard(g.device());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "column_sums",

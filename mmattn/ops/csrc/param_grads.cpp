@@ -10,10 +10,11 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include "column_sums_aten.h"
 
 namespace mmattn {
 namespace {
@@ -21,12 +22,11 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The CPU implementations: ATen's sums in the accumulation type, rounded to grad's dtype.
 at::Tensor rows_of(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
 
 at::Tensor bias_grad_cpu(const at::Tensor& grad) {
   TORCH_CHECK(grad.dim() >= 1, "bias_grad: grad must have at least 1 dimension, got a 0-d tensor");
-  return rows_of(grad).sum(0, false, at::toOpMathType(grad.scalar_type())).to(grad.scalar_type());
+  return aten_column_sums(grad, nullptr, nullptr, nullptr)[0];
 }
 
 std::tuple<at::Tensor, at::Tensor> layer_norm_param_grads_cpu(const at::Tensor& grad,
@@ -36,11 +36,8 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_param_grads_cpu(const at::Tensor& 
   TORCH_CHECK(grad.dim() >= 1 && x.sizes() == grad.sizes(),
               "layer_norm_param_grads: x must have grad's shape ", grad.sizes(), ", got ",
               x.sizes());
-  const auto acc = at::toOpMathType(grad.scalar_type());
-  const at::Tensor g = rows_of(grad).to(acc);
-  const at::Tensor xhat =
-      (rows_of(x).to(acc) - mean.reshape({-1, 1}).to(acc)) * rstd.reshape({-1, 1}).to(acc);
-  return {(g * xhat).sum(0).to(grad.scalar_type()), g.sum(0).to(grad.scalar_type())};
+  const std::vector<at::Tensor> sums = aten_column_sums(grad, &x, &mean, &rstd);
+  return {sums[1], sums[0]};
 }
 
 at::Tensor bias_grad(const at::Tensor& grad) {
