@@ -108,9 +108,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if not column_sum_kernels(x):
         return F.linear(x, weight, bias)
     if torch.is_autocast_enabled('cuda'):
-        dtype = torch.get_autocast_dtype('cuda')
-        x, weight = _cast(x, dtype), _cast(weight, dtype)
-        bias = None if bias is None else _cast(bias, dtype)
+        x, weight, bias = _cast(torch.get_autocast_dtype('cuda'), x, weight, bias)
     return torch.ops.mmattn.linear(x, weight, bias)
 
 
@@ -129,8 +127,7 @@ def _layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Ten
     if weight is None or len(normalized_shape) != 1 or not column_sum_kernels(x):
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     if torch.is_autocast_enabled('cuda'):  # autocast runs layer_norm in float32
-        x, weight = _cast(x, torch.float32), _cast(weight, torch.float32)
-        bias = None if bias is None else _cast(bias, torch.float32)
+        x, weight, bias = _cast(torch.float32, x, weight, bias)
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         # (parameters kept in another dtype than x's, float32 LayerNorms in a bf16 model: the
         # sums would be rounded to x's dtype)
@@ -138,6 +135,6 @@ def _layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Ten
     return torch.ops.mmattn.layer_norm(x, weight, bias, eps)
 
 
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype`` if it is floating point (autocast's rule)."""
-    return t.to(dtype) if t.is_floating_point() else t
+def _cast(dtype: torch.dtype, *tensors: Optional[Tensor]) -> tuple:
+    """Each of ``tensors`` in ``dtype`` if it is floating point (autocast's rule); None stays."""
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
