@@ -60,7 +60,8 @@ def emulated() -> Iterator[object]:
         load(name='mmattn_emulated_kernels',
              sources=[osp.join(HERE, 'emulation', 'psa_emulated.cpp'),
                       osp.join(HERE, 'emulation', 'outlook_emulated.cpp'),
-                      osp.join(HERE, 'emulation', 'column_sums_emulated.cpp')],
+                      osp.join(HERE, 'emulation', 'column_sums_emulated.cpp'),
+                      osp.join(extension.CSRC, 'column_sums_args.cpp')],
              extra_include_paths=[extension.CSRC, osp.join(HERE, 'emulation')],
              extra_cflags=['-O2', '-pthread'], extra_ldflags=['-pthread'],
              is_python_module=False)
@@ -762,9 +763,14 @@ def test_column_sum_kernels_match_definitions(emulated, shape: tuple[int, ...], 
 def test_column_sum_kernels_edges_and_launches(emulated) -> None:
     check_column_sums_edges(emulated.bias_grad, emulated.layer_norm_param_grads)
     grad, x, mean, rstd = layer_norm_inputs((300, 64), torch.bfloat16)
-    with pytest.raises(RuntimeError, match='mean and rstd must hold one Float value per row '
-                                           r'\(300\), got 300 values of BFloat16'):
-        emulated.layer_norm_param_grads(grad, x, mean.to(torch.bfloat16), rstd)
+    with pytest.raises(RuntimeError, match='mean and rstd must hold one floating-point value '
+                                           r'per row \(300\), got 299 values of Float'):
+        emulated.layer_norm_param_grads(grad, x, mean[:299], rstd)
+    # statistics in grad's dtype (CPU's LayerNorm keeps bf16 ones): read in the accumulation type
+    bf16 = (mean.to(torch.bfloat16), rstd.to(torch.bfloat16))
+    got = emulated.layer_norm_param_grads(grad, x, *bf16)
+    want = emulated.layer_norm_param_grads(grad, x, *(t.float() for t in bf16))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
     # a pass over the rows and the sum of its blocks' partial sums: two launches a call
     for call in (lambda: emulated.bias_grad(grad),
                  lambda: emulated.layer_norm_param_grads(grad, x, mean, rstd)):

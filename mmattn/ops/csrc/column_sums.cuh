@@ -24,6 +24,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include "column_sums_args.h"
 #include "column_sums_aten.h"
 #include "vector.cuh"
 
@@ -183,32 +184,23 @@ void with_width(const int vec, F&& f) {
 }
 
 // (Σ_r g, Σ_r g x̂) per column of g viewed as (rows, C), C its last dimension, in g's dtype; the
-// second only where x (and mean, rstd: a value per row, in the accumulation type) is given.
+// second only where x (and mean, rstd: a value per row, any floating dtype) is given.
 inline std::vector<at::Tensor> column_sums(const char* op, const at::Tensor& grad,
                                            const at::Tensor* x, const at::Tensor* mean,
                                            const at::Tensor* rstd) {
-  TORCH_CHECK(grad.dim() >= 1, op, ": grad must have at least 1 dimension, got a 0-d tensor");
+  check_column_sums_args(op, grad, x, mean, rstd);
   const int64_t C = grad.size(-1), rows = C == 0 ? 0 : grad.numel() / C;
   TORCH_CHECK(C <= std::numeric_limits<int>::max(), op, ": at most 2^31 - 1 columns, got ", C);
   const int parts = x != nullptr ? 2 : 1;
   const at::Tensor g = grad.contiguous();
   at::Tensor xc, mc, rc;
   if (x != nullptr) {
-    TORCH_CHECK(x->sizes() == grad.sizes(), op, ": x must have grad's shape ", grad.sizes(),
-                ", got ", x->sizes());
-    TORCH_CHECK(x->scalar_type() == grad.scalar_type(), op, ": x must have grad's dtype ",
-                grad.scalar_type(), ", got ", x->scalar_type());
-    for (const at::Tensor* t : {x, mean, rstd})
-      TORCH_CHECK(t->device() == grad.device(), op, ": x, mean and rstd must be on grad's device ",
-                  grad.device(), ", got ", t->device());
+    // the kernel reads the row statistics in the accumulation type (CUDA's LayerNorm keeps
+    // them so; CPU's in the input's dtype)
     const auto acc = at::toOpMathType(grad.scalar_type());
-    for (const at::Tensor* stat : {mean, rstd})
-      TORCH_CHECK(stat->numel() == rows && stat->scalar_type() == acc, op,
-                  ": mean and rstd must hold one ", acc, " value per row (", rows,
-                  "), got ", stat->numel(), " values of ", stat->scalar_type());
     xc = x->contiguous();
-    mc = mean->contiguous();
-    rc = rstd->contiguous();
+    mc = mean->to(acc).contiguous();
+    rc = rstd->to(acc).contiguous();
   }
   at::Tensor out = at::empty({parts, C}, g.options());
   if (rows == 0 || C == 0) {

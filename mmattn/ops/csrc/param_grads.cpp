@@ -14,6 +14,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "column_sums_args.h"
 #include "column_sums_aten.h"
 
 namespace mmattn {
@@ -25,7 +26,7 @@ using torch::autograd::variable_list;
 at::Tensor rows_of(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
 
 at::Tensor bias_grad_cpu(const at::Tensor& grad) {
-  TORCH_CHECK(grad.dim() >= 1, "bias_grad: grad must have at least 1 dimension, got a 0-d tensor");
+  check_column_sums_args("bias_grad", grad, nullptr, nullptr, nullptr);
   return aten_column_sums(grad, nullptr, nullptr, nullptr)[0];
 }
 
@@ -33,9 +34,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_param_grads_cpu(const at::Tensor& 
                                                               const at::Tensor& x,
                                                               const at::Tensor& mean,
                                                               const at::Tensor& rstd) {
-  TORCH_CHECK(grad.dim() >= 1 && x.sizes() == grad.sizes(),
-              "layer_norm_param_grads: x must have grad's shape ", grad.sizes(), ", got ",
-              x.sizes());
+  check_column_sums_args("layer_norm_param_grads", grad, &x, &mean, &rstd);
   const std::vector<at::Tensor> sums = aten_column_sums(grad, &x, &mean, &rstd);
   return {sums[1], sums[0]};
 }
