@@ -392,18 +392,26 @@ def test_cpu_unpool_add_op(cpu_kernels: str) -> None:
     check_unpool_add(torch.ops.mmattn.outlook_unpool_add)
 
 
-def test_cpu_unpool_add_errors_and_opcheck(cpu_kernels: str) -> None:
-    op = torch.ops.mmattn.outlook_unpool_add
+def check_unpool_add_errors(op, device: str = 'cpu') -> None:
+    """Bad arguments raise errors naming them (on CUDA the messages, shapes included, are built
+    in the nvcc-compiled host code)."""
+    def randn(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.randn(shape, dtype=dtype, device=device)
     with pytest.raises(RuntimeError, match=r'pooled must be \(B, ceil\(H / s\), ceil\(W / s\), '
                                            r'C\) = \(2, 4, 5, 3\).*got shape \[2, 3, 5, 3\]'):
-        op(torch.randn(2, 7, 9, 3), torch.randn(2, 3, 5, 3), 2)
+        op(randn(2, 7, 9, 3), randn(2, 3, 5, 3), 2)
     with pytest.raises(RuntimeError, match='pooled dtype Float must match grad dtype Double'):
-        op(torch.randn(1, 4, 4, 2, dtype=F64), torch.randn(1, 2, 2, 2), 2)
+        op(randn(1, 4, 4, 2, dtype=F64), randn(1, 2, 2, 2), 2)
     with pytest.raises(RuntimeError, match=r'outlook_unpool_add: stride must be in \[1, 64\], '
                                            r'got 0'):
-        op(torch.randn(1, 4, 4, 2), torch.randn(1, 2, 2, 2), 0)
+        op(randn(1, 4, 4, 2), randn(1, 2, 2, 2), 0)
     with pytest.raises(RuntimeError, match='outlook_unpool_add: grad must be 4-D'):
-        op(torch.randn(4, 4, 2), torch.randn(1, 2, 2, 2), 2)
+        op(randn(4, 4, 2), randn(1, 2, 2, 2), 2)
+
+
+def test_cpu_unpool_add_errors_and_opcheck(cpu_kernels: str) -> None:
+    op = torch.ops.mmattn.outlook_unpool_add
+    check_unpool_add_errors(op)
     torch.library.opcheck(op.default, (torch.randn(2, 7, 9, 6, dtype=F64),
                                        torch.randn(2, 4, 5, 6, dtype=F64), 2),
                           test_utils=('test_schema', 'test_faketensor'))
@@ -600,6 +608,7 @@ def test_cuda_kernel_ones_column(cuda_kernels: str) -> None:
 @pytest.mark.cuda
 def test_cuda_unpool_add_op(cuda_kernels: str) -> None:
     check_unpool_add(torch.ops.mmattn.outlook_unpool_add, 'cuda')
+    check_unpool_add_errors(torch.ops.mmattn.outlook_unpool_add, 'cuda')
 
 
 @pytest.mark.cuda

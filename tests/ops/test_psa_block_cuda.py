@@ -128,3 +128,17 @@ def test_opcheck(cuda_kernels: str) -> None:
         x = torch.randn(2, 8, 3, 5, dtype=F64, device='cuda', requires_grad=True)
         torch.library.opcheck(torch.ops.mmattn.psa_block_cuda_fwd.default,
                               (x, weights, form, eps))
+
+
+def test_argument_errors_raise(cuda_kernels: str) -> None:
+    """A gradient of the wrong shape raises, its message naming both shapes (built in the
+    nvcc-compiled host code: the column sums' check of the same kind crashed the process on an
+    H200 with torch 2.11, 2026-11-27, where it should have raised)."""
+    from mmattn.ops.psa_block import psa_block_weights
+    weights, form, eps = psa_block_weights(block('paper', 'parallel', 8, 'reference'))
+    weights = [w.detach().cuda() for w in weights]
+    x = torch.randn(2, 8, 3, 5, dtype=F64, device='cuda')
+    _, state = torch.ops.mmattn.psa_block_cuda_fwd(x, weights, form, eps)
+    with pytest.raises(RuntimeError, match=r"grad must have x's shape \[2, 8, 3, 5\], "
+                                           r'got \[2, 8, 3, 4\]'):
+        torch.ops.mmattn.psa_block_cuda_bwd(x[..., :4], x, state, weights, form, eps)
