@@ -40,10 +40,16 @@ def test_host_preset_reports_each_form_against_the_conv_block() -> None:
     assert 'cudnn.benchmark off' in out  # the default
     rows = [[c.strip() for c in row.split('|')[1:-1]] for row in out.splitlines()
             if row.startswith('| psa |')]
+    header = next([c.strip() for c in row.split('|')[1:-1]] for row in out.splitlines()
+                  if row.startswith('| op |'))
+    # (the speedups and the last column, the error)
+    blank = [header.index('fwd speedup'), header.index('fwd+bwd speedup'), -1]
+    kernels = header.index('fwd+bwd kernels ms (launches)')
+    assert all(r[kernels] == '-' for r in rows)   # CUDA's kernels only
     yardsticks = {r[2]: float(r[5]) for r in rows if r[3] == 'conv3x3+BN+ReLU (yardstick)'}
     assert set(yardsticks) == {'paper, parallel', 'paper, sequential', 'official, parallel',
                                'official, sequential'}
-    assert all(r[7] == r[8] == r[13] == '-' for r in rows if r[3].endswith('(yardstick)'))
+    assert all(r[i] == '-' for r in rows if r[3].endswith('(yardstick)') for i in blank)
     summary = out[out.index('against a 3x3 conv + BN + ReLU'):]
     forms = re.findall(r'  PSA (\w+), (\w+), (eager|mmattn): (\d+\.\d\d)x '
                        r'\(the yardstick (\d+\.\d+) ms\)', summary)
@@ -94,6 +100,10 @@ def test_cuda_graph_option_times_replays() -> None:
     rows = [row.split('|') for row in result.stdout.splitlines() if row.startswith('| psa |')]
     assert {'eager', 'mmattn'} <= {r[4].strip() for r in rows}, result.stdout[-3000:]
     assert all(float(r[6]) > 0 for r in rows)
+    # the kernels of a replayed forward + backward: their summed durations (launches)
+    for r in rows:
+        ms, launches = re.fullmatch(r' (\d+\.\d\d) \((\d+)\) ', r[8]).groups()
+        assert float(ms) > 0 and int(launches) > 0, r
 
 
 @pytest.mark.cuda

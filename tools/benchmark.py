@@ -34,7 +34,9 @@ the implementations taking turns call by call (robust to load from other process
 forward+backward's host CPU time (the process's, every thread, from the call until it returns,
 before the device is waited for: on CUDA, a host time equal to the wall time says the host,
 not the GPU, sets the pace, as it did for mmattn's ops at the gpu preset's shapes on the lent
-H100 machines, 2026-11-27);
+H100 machines, 2026-11-27); on CUDA, the kernels of one profiled forward+backward: their summed
+durations and how many (the device's work whatever the host's pace: on the H200 of 2026-11-27
+mmattn's VOLO-D1 step took 61.0 ms wall and 59.0 ms of host CPU for about 40 ms of kernels);
 activation memory (bytes the autograd graph keeps for backward, through
 ``torch.autograd.graph.saved_tensors_hooks``; not available inside a compiled graph, where on
 CUDA the peak column tells); peak memory above the inputs (CUDA only, from the caching
@@ -636,6 +638,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
         timed(fwd, device, args.warmup, args.iters)[0]
     t_fwdbwd, host_fwdbwd = timed(fwdbwd, device, args.warmup, args.iters)
     mb = (lambda v: '-' if v is None else f'{v / 2 ** 20:.1f}')
+    # the device's work apart from the host's pace: one profiled forward + backward each (CUDA)
+    kernels = {name: profile_kernels(fwdbwd[name], device) for name in impls}
     for name, module in impls.items():
         t_f, t_b = t_fwd[name], t_fwdbwd[name]
         compiled = name == 'compile' or name.endswith('(compile)')
@@ -651,7 +655,9 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
         if name == YARDSTICK:   # not the op: its times only
             fwd_cells[1] = speedup_b = '-'
         rows.append([case.op, 'x'.join(map(str, case.shape)), case.detail, name,
-                     fwd_cells[0], f'{t_b:.2f}', f'{host_fwdbwd[name]:.2f}', fwd_cells[1],
+                     fwd_cells[0], f'{t_b:.2f}', f'{host_fwdbwd[name]:.2f}',
+                     '-' if kernels[name] is None else
+                     f'{kernels[name].ms:.2f} ({kernels[name].launches})', fwd_cells[1],
                      speedup_b, mb(act), mb(peak_b), share(bw_f), share(bw_b),
                      '-' if name == YARDSTICK else f'{errs[name]:.1e}'])
         if name == 'eager' and failure:
@@ -673,7 +679,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
 
 
 HEADER = ['op', 'shape', 'form', 'impl', 'fwd ms', 'fwd+bwd ms', 'fwd+bwd host CPU ms',
-          'fwd speedup', 'fwd+bwd speedup', 'activations MiB', 'peak MiB (CUDA)',
+          'fwd+bwd kernels ms (launches)', 'fwd speedup', 'fwd+bwd speedup', 'activations MiB', 'peak MiB (CUDA)',
           'fwd GB/s (% peak)', 'fwd+bwd GB/s (% peak)', 'max |y - eager|']
 
 
