@@ -107,10 +107,10 @@ def test_cuda_graph_option_times_replays() -> None:
 
 
 @pytest.mark.cuda
-def test_outlook_rows_time_the_scalar_gathers_too() -> None:
+def test_outlook_rows_time_the_tensor_core_gathers_too() -> None:
     """On CUDA in bf16 with the kernels, the outlook case also times mmattn with its gathers on
-    the scalar kernel (``MMATTN_OUTLOOK_SCALAR_GATHER=1`` around its calls), in the same
-    turns, as exact as the default row."""
+    the tensor-core kernel (``MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1`` around its calls), in the
+    same turns, as exact as the default row."""
     result = run_benchmark('--op', 'outlook', '--no-compile', '--device', 'cuda', '--dtype',
                            'bfloat16', '--shape', '2,14,14,64', '--heads', '2', '--iters', '2',
                            '--warmup', '1')
@@ -119,9 +119,9 @@ def test_outlook_rows_time_the_scalar_gathers_too() -> None:
             if r.startswith('| outlook |')}
     if 'mmattn (reference)' not in rows:
         pytest.skip('the outlook kernels are not built for CUDA here')
-    assert 'mmattn (scalar gathers)' in rows, result.stdout[-3000:]
-    errors = {name: float(rows[name][-2]) for name in ('mmattn', 'mmattn (scalar gathers)')}
-    assert errors['mmattn (scalar gathers)'] <= 2 * errors['mmattn'] + 0.05
+    assert 'mmattn (tensor-core gathers)' in rows, result.stdout[-3000:]
+    errors = {name: float(rows[name][-2]) for name in ('mmattn', 'mmattn (tensor-core gathers)')}
+    assert errors['mmattn (tensor-core gathers)'] <= 2 * errors['mmattn'] + 0.05
 
 
 def test_mlp_case_times_torchs_and_mmattns_layers() -> None:

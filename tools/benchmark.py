@@ -12,8 +12,9 @@ For each op, three implementations with the same weights and input:
   device (``MMATTN_JIT=1`` or a ``MMATTN_WITH_CUDA=1`` install, see ``mmattn.ops.extension``),
   else the pure-PyTorch fast paths; when a kernel is chosen, a second row gives the PyTorch path
   (``mmattn (folded)`` for PSA, ``mmattn (reference)`` for outlook: strided slices, no unfold),
-  and for outlook on CUDA in bf16/fp16 a third the kernels with the gathers on the scalar kernel
-  (``mmattn (scalar gathers)``: ``MMATTN_OUTLOOK_SCALAR_GATHER=1`` around its calls).
+  and for outlook on CUDA in bf16/fp16 a third the kernels with the gathers on the tensor-core
+  kernel (``mmattn (tensor-core gathers)``: ``MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1`` around its
+  calls).
 
 With ``--op mlp`` (part of ``all``) VOLO's MLP half-block ``x + MLP(LN(x))`` on (B, H, W, C)
 tokens is timed with torch's layers (``eager``, ``compile``) against mmattn's
@@ -111,7 +112,7 @@ class Case:
     compiled_too: tuple[str, ...] = ()  # further implementations run through torch.compile
     train_only: bool = False            # time forward + backward only (no inference forward)
     # environment variables set around each call of an implementation (by name): a kernel
-    # choice of mmattn's (MMATTN_OUTLOOK_SCALAR_GATHER) timed in the same turns as the default
+    # choice of mmattn's (MMATTN_OUTLOOK_TENSOR_CORE_GATHER) timed in the same turns as the default
     envs: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
@@ -427,10 +428,10 @@ def outlook_case(shape: tuple[int, ...], heads: int, dtype: torch.dtype,
     if select_backend('outlook', probe)[0] == 'reference':
         del impls['mmattn (reference)']   # 'mmattn' runs the reference already
     elif device.type == 'cuda' and dtype in (torch.bfloat16, torch.float16):
-        # the gathers on the scalar kernel, where the tensor-core one runs by default
-        name = 'mmattn (scalar gathers)'
+        # the gathers on the tensor-core kernel, where the scalar one runs by default
+        name = 'mmattn (tensor-core gathers)'
         impls[name] = copy.deepcopy(impls['mmattn'])
-        envs[name] = {'MMATTN_OUTLOOK_SCALAR_GATHER': '1'}
+        envs[name] = {'MMATTN_OUTLOOK_TENSOR_CORE_GATHER': '1'}
     nbytes = b * h * w * c * torch.finfo(dtype).bits // 8
     return Case('outlook', shape, f'NHWC, {heads} heads, K=3, s=2', 2 * nbytes, 5 * nbytes,
                 lambda: torch.randn(shape, device=device, dtype=dtype), impls, envs=envs)
@@ -679,8 +680,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
 
 
 HEADER = ['op', 'shape', 'form', 'impl', 'fwd ms', 'fwd+bwd ms', 'fwd+bwd host CPU ms',
-          'fwd+bwd kernels ms (launches)', 'fwd speedup', 'fwd+bwd speedup', 'activations MiB', 'peak MiB (CUDA)',
-          'fwd GB/s (% peak)', 'fwd+bwd GB/s (% peak)', 'max |y - eager|']
+          'fwd+bwd kernels ms (launches)', 'fwd speedup', 'fwd+bwd speedup', 'activations MiB',
+          'peak MiB (CUDA)', 'fwd GB/s (% peak)', 'fwd+bwd GB/s (% peak)', 'max |y - eager|']
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -7,7 +7,9 @@ memcheck`` and ``--tool racecheck``)::
 PSA (``backend='cuda'``: the whole block per call, the paper's two forms and the release's
 ``PSA_p`` and ``PSA_s``): float32 and bfloat16, NCHW and channels_last, on [2, 64, 17, 13],
 [3, 96, 33, 40] and [1, 8, 1, 1] (odd sizes, a single pixel). Outlook
-attention (``backend='cuda'``): K=3 with stride 1 and 2, float32 and bfloat16. The column sums
+attention (``backend='cuda'``): K=3 with stride 1 and 2, float32 and bfloat16, bfloat16's
+gathers on the scalar kernel and (``MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1``) the tensor-core
+one. The column sums
 of the parameters' gradients (``mmattn::bias_grad``, ``mmattn::layer_norm_param_grads``) on
 four widths (16-byte vectors with a last column tile cut short, 4-byte vectors, single
 elements, one row). Each result is compared with the reference path (the sums: with their
@@ -27,6 +29,7 @@ Exits 0 when all match, 1 otherwise; needs a CUDA GPU and the kernels (``MMATTN_
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -144,7 +147,11 @@ def main() -> int:
                     if not err <= tol:
                         failures.append(name)
         # NCHW input, and channels-last input, whose block pools on mmattn's kernel
-        for stride, fmt in ((1, 'NCHW'), (2, 'NCHW'), (2, 'NHWC')) if 'outlook' in ops else ():
+        # (16-bit, stride 2: the gathers on the scalar kernel, the default, and on the
+        # tensor-core one, MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1)
+        cases = [(1, 'NCHW', '0'), (2, 'NCHW', '0'), (2, 'NHWC', '0'), (2, 'NHWC', '1')]
+        for stride, fmt, tensor_cores in cases if 'outlook' in ops else ():
+            os.environ['MMATTN_OUTLOOK_TENSOR_CORE_GATHER'] = tensor_cores
             kw = dict(num_heads=2, kernel_size=3, stride=stride, data_format=fmt)
             fast = OutlookAttention(64, backend='cuda', **kw).to(device, dtype)
             ref = OutlookAttention(64, backend='reference', **kw).to(device, dtype)
@@ -152,10 +159,12 @@ def main() -> int:
             shape = (2, 64, 13, 11) if fmt == 'NCHW' else (2, 13, 11, 64)
             x = torch.randn(shape, device=device, dtype=dtype)
             err = run_pair(fast, ref, x)
-            name = f'outlook K=3 stride {stride} {fmt} {dtype}'
+            name = (f'outlook K=3 stride {stride} {fmt} {dtype}'
+                    + (' (tensor-core gathers)' if tensor_cores == '1' else ''))
             print(f'{name}: max relative difference {err:.1e}', flush=True)
             if not err <= tol:
                 failures.append(name)
+        os.environ.pop('MMATTN_OUTLOOK_TENSOR_CORE_GATHER', None)
         for shape, covers in COLUMN_SHAPES if 'column-sums' in ops else ():
             err = column_sums_difference(shape, dtype, device)
             name = f'column sums {list(shape)} {dtype} ({covers})'

@@ -666,11 +666,13 @@ def test_outlook_grad_attn_on_tensor_cores(emulated, dtype: torch.dtype, heads: 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('case', TENSOR_CORE_GATHERS)
-def test_outlook_gathers_on_tensor_cores(emulated, dtype: torch.dtype,
-                                         case: tuple[int, ...]) -> None:
-    """y and grad_v on the tensor-core gather (16-bit types, K = 3, s >= 2, heads of a multiple
-    of 16 channels: a tile's window products, then their fold), against float64; a map 2 bytes
-    off its alignment, float32 and stride 1 take the scalar gather."""
+def test_outlook_gathers_on_tensor_cores(emulated, dtype: torch.dtype, case: tuple[int, ...],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """y and grad_v on the tensor-core gather (MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1; 16-bit
+    types, K = 3, s >= 2, heads of a multiple of 16 channels: a tile's window products, then
+    their fold), against float64; a map 2 bytes off its alignment, float32 and stride 1 take
+    the scalar gather."""
+    monkeypatch.setenv('MMATTN_OUTLOOK_TENSOR_CORE_GATHER', '1')
     heads, d, k, p, s, height, width = case
     v, attn = outlook_inputs(2, k, p, s, height, width, heads, d, dtype)
     assert emulated.outlook_gather_tensor_cores(v, attn, k, p, s)
@@ -682,18 +684,20 @@ def test_outlook_gathers_on_tensor_cores(emulated, dtype: torch.dtype,
     check_gathers_half(emulated.outlook_fwd, emulated.outlook_bwd, dtype, case)
 
 
-def test_outlook_scalar_gather_switch(emulated, monkeypatch: pytest.MonkeyPatch) -> None:
-    """MMATTN_OUTLOOK_SCALAR_GATHER=1 keeps the gathers on the scalar kernel (as accurate);
-    another value than 0 or 1 is an error that names it."""
+def test_outlook_tensor_core_gather_switch(emulated, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gathers take the scalar kernel unless MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1 (both as
+    accurate); another value than 0 or 1 is an error that names it."""
     v, attn = outlook_inputs(1, 3, 1, 2, 9, 8, 2, 16, torch.bfloat16)
-    monkeypatch.setenv('MMATTN_OUTLOOK_SCALAR_GATHER', '0')
-    assert emulated.outlook_gather_tensor_cores(v, attn, 3, 1, 2)
-    monkeypatch.setenv('MMATTN_OUTLOOK_SCALAR_GATHER', '1')
+    monkeypatch.delenv('MMATTN_OUTLOOK_TENSOR_CORE_GATHER', raising=False)
     assert not emulated.outlook_gather_tensor_cores(v, attn, 3, 1, 2)
     check_gathers_half(emulated.outlook_fwd, emulated.outlook_bwd, torch.bfloat16,
                        TENSOR_CORE_GATHERS[0])
-    monkeypatch.setenv('MMATTN_OUTLOOK_SCALAR_GATHER', 'yes')
-    with pytest.raises(RuntimeError, match="MMATTN_OUTLOOK_SCALAR_GATHER must be 0 or 1"):
+    monkeypatch.setenv('MMATTN_OUTLOOK_TENSOR_CORE_GATHER', '0')
+    assert not emulated.outlook_gather_tensor_cores(v, attn, 3, 1, 2)
+    monkeypatch.setenv('MMATTN_OUTLOOK_TENSOR_CORE_GATHER', '1')
+    assert emulated.outlook_gather_tensor_cores(v, attn, 3, 1, 2)
+    monkeypatch.setenv('MMATTN_OUTLOOK_TENSOR_CORE_GATHER', 'yes')
+    with pytest.raises(RuntimeError, match="MMATTN_OUTLOOK_TENSOR_CORE_GATHER must be 0 or 1"):
         emulated.outlook_fwd(v, attn, 3, 1, 2)
 
 

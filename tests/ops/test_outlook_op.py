@@ -595,9 +595,13 @@ def test_cuda_kernel_logits_gradient(cuda_kernels: str) -> None:
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('case', TENSOR_CORE_GATHERS)
 def test_cuda_gathers_on_tensor_cores(cuda_kernels: str, dtype: torch.dtype,
-                                      case: tuple[int, ...]) -> None:
-    check_gathers_half(torch.ops.mmattn.outlook_fwd, torch.ops.mmattn.outlook_bwd, dtype, case,
-                       'cuda')
+                                      case: tuple[int, ...],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gathers' cases on the scalar kernel (the default) and on the tensor-core one."""
+    for value in ('0', '1'):
+        monkeypatch.setenv('MMATTN_OUTLOOK_TENSOR_CORE_GATHER', value)
+        check_gathers_half(torch.ops.mmattn.outlook_fwd, torch.ops.mmattn.outlook_bwd, dtype,
+                           case, 'cuda')
 
 
 @pytest.mark.cuda
