@@ -25,9 +25,9 @@ With ``--op volo`` (part of ``all``) a whole VOLO-D1 training step (forward, bac
 update, batch of 224 px images) of timm's ``volo_d1_224`` (``eager``; ``eager (channels_last)``
 with its weights channels-last) is timed against mmattn's ``volo_d1`` with the same weights
 (``mmattn``), and on CUDA each through ``torch.compile`` (``compile``, ``mmattn (compile)``),
-and mmattn's with its parameter gradients' column sums on PyTorch's kernels (``mmattn (PyTorch
-column sums)``: ``MMATTN_COLUMN_SUMS=0`` around its calls): training steps only, the forward
-columns stay empty.
+and mmattn's with its parameter gradients' column sums on mmattn's kernels (``mmattn (column
+sums)``: ``volo_d1(column_sum_grads=True)``'s layers): training steps only, the forward columns
+stay empty.
 
 Measured: forward (inference, ``torch.no_grad``) and forward+backward (``y.backward(g)``, input
 and parameters requiring gradients) times, the median of ``--iters`` runs after ``--warmup``,
@@ -531,15 +531,12 @@ def volo_case(batch: int, dtype: torch.dtype, device: torch.device) -> Case:
     on_cuda = device.type == 'cuda'
     impls = {'eager': _TrainStep(eager), 'eager (channels_last)': _TrainStep(eager_cl),
              'mmattn': _TrainStep(ours)}
-    envs = {}
     if on_cuda:
-        # the linear layers' and LayerNorms' parameter gradients on PyTorch's kernels, where
-        # mmattn's column sums run by default (mmattn.ops.param_grads)
-        name = 'mmattn (PyTorch column sums)'
-        impls[name] = _TrainStep(copy.deepcopy(ours))
-        envs[name] = {ENV_COLUMN_SUMS: '0'}
+        # the linear layers' and LayerNorms' parameter gradients on mmattn's column-sum kernels
+        # (volo_d1(column_sum_grads=True); off by default, mmattn.models.volo.VOLO)
+        impls['mmattn (column sums)'] = _TrainStep(use_column_sum_layers(copy.deepcopy(ours)))
     return Case('volo_d1 step', shape, 'timm volo_d1_224 vs mmattn volo_d1', 0, 0,
-                lambda: torch.randn(shape, device=device, dtype=dtype), impls, envs=envs,
+                lambda: torch.randn(shape, device=device, dtype=dtype), impls,
                 compile=on_cuda, compiled_too=('mmattn',) if on_cuda else (), train_only=True)
 
 

@@ -119,12 +119,20 @@ class VOLO(timm_volo.VOLO):
             training and evaluation, as timm's VOLO does.
         pos_embed_interp: Interpolation mode used to resample the position embedding for
             another token grid.
+        column_sum_grads: Make the linear layers and LayerNorms
+            :mod:`mmattn.models.dense_layers`' (same parameters and state dict): on CUDA, with
+            the kernels built, their parameters' gradients are column sums on mmattn's kernels
+            instead of PyTorch's. Off by default: on an H200 (2026-11-27, batch 128, bf16) the
+            eager training step, host-bound, took 61.0 ms with them against 59.1 ms without
+            (their custom ops cost host time per layer); where the device sets the pace
+            (replays of a CUDA graph) they take less device time than PyTorch's sums.
 
     ``use_mix_token=True`` (MixToken, CutMix on the patch tokens) needs ``return_dense``.
     """
 
     def __init__(self, layers: tuple[int, ...], *, return_dense: bool = False,
-                 pos_embed_interp: str = 'bicubic', **kwargs: Any) -> None:
+                 pos_embed_interp: str = 'bicubic', column_sum_grads: bool = False,
+                 **kwargs: Any) -> None:
         name = type(self).__name__
         if kwargs.get('use_mix_token', False) and not return_dense:
             raise ValueError(f'{name}: use_mix_token=True needs return_dense=True (the mixed '
@@ -152,9 +160,8 @@ class VOLO(timm_volo.VOLO):
                     device=kwargs.get('device'), dtype=kwargs.get('dtype'))
                 blocks.apply(self._init_weights)
                 self.network[net_idx] = blocks
-        # the linear layers' and LayerNorms' parameter gradients on mmattn's column-sum kernels
-        # on CUDA (PyTorch's took 6.5 ms of a VOLO-D1 training step, batch 128 bf16, H100)
-        use_column_sum_layers(self)
+        if column_sum_grads:
+            use_column_sum_layers(self)
 
     def __prepare_scriptable__(self) -> VOLO:
         """``torch.jit.script`` compiles the logits path: refuse ``return_dense``, whose

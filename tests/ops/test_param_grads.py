@@ -396,8 +396,13 @@ def test_cpu_volo_on_the_ops_matches_timm(cpu_kernels: str,
               stem_hidden_dim=16)
     torch.manual_seed(0)
     ref = TimmVOLO((1, 1, 1, 1), **kw).double()
-    ours = VOLO((1, 1, 1, 1), **kw).double()
+    ours = VOLO((1, 1, 1, 1), column_sum_grads=True, **kw).double()
     ours.load_state_dict(ref.state_dict())
+    # off by default: torch's own classes
+    assert {type(m) for m in VOLO((1, 1, 1, 1), **kw).modules()} >= {nn.Linear, nn.LayerNorm}
+    assert not any(isinstance(m, (Linear, LayerNorm)) for m in VOLO((1, 1, 1, 1), **kw).modules())
+    assert any(type(m) is Linear for m in ours.modules())
+    assert any(type(m) is LayerNorm for m in ours.modules())
     x = torch.randn(2, 3, 64, 64, dtype=F64)
     g = torch.randn(2, 7, dtype=F64)
     for model in (ref, ours):
