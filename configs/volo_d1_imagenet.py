@@ -65,3 +65,6 @@ param_scheduler = [
 train_cfg = dict(by_epoch=True, max_epochs=310, val_interval=1)
 # 8 GPUs x 128; with another total batch the lr is scaled linearly (--auto-scale-lr)
 auto_scale_lr = dict(base_batch_size=1024)
+# cuDNN's algorithm search for the fixed-size crops, as the release's main.py sets
+# torch.backends.cudnn.benchmark (mmpretrain's default runtime leaves it off)
+env_cfg = dict(cudnn_benchmark=True)

@@ -273,6 +273,8 @@ def test_configs_build(path):
     if 'demo' not in path.name:
         assert abs(count / PAPER_PARAMS[arch] - 1) < 0.005
         assert cfg.train_dataloader.batch_size == 128 and cfg.auto_scale_lr.base_batch_size == 1024
+        # the release's cudnn.benchmark, the default runtime's other settings kept
+        assert cfg.env_cfg.cudnn_benchmark and cfg.env_cfg.dist_cfg.backend == 'nccl'
     if 'demo' in path.name:
         size = cfg.model.img_size
         model.eval()
