@@ -2,7 +2,8 @@
 // implementations (param_grads.cpp) and the CUDA host code (column_sums.cuh). Defined in
 // column_sums_args.cpp so that the host compiler, not nvcc, builds the error messages: on an
 // H200 (torch 2.11, 2026-11-27) the nvcc-compiled check of x's shape, which streamed both
-// shapes into its message, crashed the process (SIGSEGV) where it should have raised.
+// shapes into its message, crashed the process (SIGSEGV) where it should have raised (the
+// same code built on a machine without a GPU raised, called on CPU tensors: cause unknown).
 #pragma once
 
 #include <ATen/ATen.h>
