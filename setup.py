@@ -41,7 +41,8 @@ def kernel_extensions() -> tuple[list, dict]:
     ext = CUDAExtension(
         'mmattn._C',
         sources=[osp.relpath(src, HERE) for src in extension.sources(with_cuda=True)],
-        extra_compile_args=extension.compile_flags(with_cuda=True))
+        extra_compile_args=extension.compile_flags(with_cuda=True),
+        extra_link_args=extension.link_flags())
     return [ext], {'build_ext': BuildExtension}
 
 

@@ -3,15 +3,49 @@
 The build is cached by :func:`torch.utils.cpp_extension.load` (under ``TORCH_EXTENSIONS_DIR``);
 set ``MMATTN_JIT=1`` when running so that mmattn loads it. ``--cuda``/``--cpu-only`` override
 the choice of :mod:`mmattn.ops.extension` (CUDA sources when nvcc is found and torch sees a GPU
-or ``MMATTN_WITH_CUDA=1``).
+or ``MMATTN_WITH_CUDA=1``). After building, a child process checks that an op's argument error
+raises with its numbers in the message (:func:`check_error_messages`).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from typing import Optional, Sequence
 
 from mmattn.ops import extension
+
+# a child process: the (cached) build loaded, an op given arguments it must refuse, the first
+# line of its error printed
+_CHECK = """
+import torch
+from mmattn.ops import extension
+extension.build_jit(with_cuda={with_cuda})
+try:
+    torch.ops.mmattn.outlook_unpool_add(torch.randn(2, 7, 9, 3), torch.randn(2, 3, 5, 3), 2)
+except RuntimeError as e:
+    print(str(e).splitlines()[0])
+"""
+#: what that error must say: the expected and the actual shape, with their numbers
+CHECK_EXPECTS = ('(2, 4, 5, 3)', '[2, 3, 5, 3]')
+
+
+def check_error_messages(with_cuda: Optional[bool] = None) -> Optional[str]:
+    """None if the built kernels raise an argument error whose message holds its numbers, else
+    what went wrong. A compiler that links libstdc++ statically, without
+    :func:`extension.link_flags`, gives the extension a C++ runtime of its own beside torch's:
+    then such an error crashed the process (the lent GPU machines) or lost its numbers."""
+    run = subprocess.run([sys.executable, '-c', _CHECK.format(with_cuda=with_cuda)],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    message = run.stdout.strip()
+    if run.returncode == 0 and all(part in message for part in CHECK_EXPECTS):
+        return None
+    return (f'an argument error of the built kernels came out wrong (exit status '
+            f'{run.returncode}, message {message!r}, expected one naming the shapes '
+            f'{CHECK_EXPECTS[0]} and {CHECK_EXPECTS[1]}; stderr: {run.stderr.strip()[-1500:]!r}): '
+            f"the extension's C++ runtime is not torch's. Build with a compiler that links "
+            f"libstdc++ dynamically (CXX={os.environ.get('CXX', 'c++')} now)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -26,6 +60,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         built = extension.build_jit(verbose=args.verbose, with_cuda=with_cuda)
     except Exception as exc:  # the compiler's message is in exc
         print(f'mmattn.ops.build: the build failed: {exc}', file=sys.stderr)
+        return 1
+    problem = check_error_messages(with_cuda)
+    if problem is not None:
+        print(f'mmattn.ops.build: built {built}, but {problem}', file=sys.stderr)
         return 1
     print(f'mmattn.ops.build: built {built}; run with {extension.JIT_ENV}=1 to use it')
     return 0

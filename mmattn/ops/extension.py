@@ -23,14 +23,15 @@ from __future__ import annotations
 import importlib
 import os
 import os.path as osp
+import sys
 import threading
 from typing import Optional
 
 import torch
 
 __all__ = ['BUILD_HINT', 'JIT_ENV', 'SCHEMAS', 'build_jit', 'compile_flags', 'cuda_toolkit',
-           'default_cuda_arch_list', 'has_kernel', 'load_error', 'load_extension', 'loaded_from',
-           'reset_state', 'sources', 'want_cuda']
+           'default_cuda_arch_list', 'has_kernel', 'link_flags', 'load_error', 'load_extension',
+           'loaded_from', 'reset_state', 'sources', 'want_cuda']
 
 JIT_ENV = 'MMATTN_JIT'
 CSRC = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
@@ -135,6 +136,32 @@ def compile_flags(with_cuda: bool) -> dict[str, list[str]]:
                                  '-Xptxas=-warn-spills,-warn-lmem-usage', '--threads=0']}
 
 
+def link_flags() -> list[str]:
+    """Linker inputs of the extension, shared by ``setup.py`` and the JIT build: the C++ runtime
+    torch runs on (the ``libstdc++.so.6`` this process has loaded, Linux), so that the extension
+    shares it with torch.
+
+    A compiler that links libstdc++ statically (the lent GPU machines' ``$CXX``,
+    ``/opt/gcc/bin/g++``, 2026-11-27: the libraries it built needed no ``libstdc++.so``) puts a
+    second copy of the C++ library's streams and locales into the extension, beside torch's;
+    then every error message that formats a number (``TORCH_CHECK(..., x.sizes())``) crashed the
+    process there (SIGSEGV in ``std::ostream::_M_insert<long>``) and loses its numbers with
+    Debian's g++ 12 and ``-static-libstdc++``. Given the shared library itself, the linker takes
+    the C++ runtime from it and nothing from a static archive."""
+    if not sys.platform.startswith('linux'):
+        return []
+    try:
+        with open('/proc/self/maps') as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and osp.basename(fields[5].strip()).startswith(
+                        'libstdc++.so'):
+                    return [fields[5].strip()]
+    except OSError:
+        pass
+    return []
+
+
 def cuda_toolkit() -> Optional[str]:
     """The CUDA toolkit to build with, or None: torch's ``CUDA_HOME`` when it holds ``bin/nvcc``
     and the runtime to link (``lib64/`` or ``lib/libcudart.so``), else the first of
@@ -177,7 +204,7 @@ def build_jit(verbose: bool = False, with_cuda: Optional[bool] = None) -> str:
     load(name='mmattn_jit_cuda' if with_cuda else 'mmattn_jit_cpu',
          sources=sources(with_cuda), extra_cflags=compile_flags(with_cuda)['cxx'],
          extra_cuda_cflags=compile_flags(with_cuda)['nvcc'] if with_cuda else None,
-         is_python_module=False, verbose=verbose)
+         extra_ldflags=link_flags(), is_python_module=False, verbose=verbose)
     built = 'JIT (CPU + CUDA kernels)' if with_cuda else 'JIT (CPU kernels only)'
     _state.update(loaded_from=built, error=None)
     return built

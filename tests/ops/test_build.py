@@ -7,8 +7,11 @@ from __future__ import annotations
 import glob
 import os
 import os.path as osp
+import shutil
+import stat
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -17,12 +20,30 @@ from mmattn.ops import build, extension
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
+def static_libstdcxx_compiler(directory) -> str:
+    """A C++ compiler that links libstdc++ statically, as the lent GPU machines' ``$CXX`` does
+    (``/opt/gcc/bin/g++``, 2026-11-27): the system ``g++`` with ``-static-libstdc++``."""
+    path = osp.join(str(directory), 'g++-static-libstdcxx')
+    with open(path, 'w') as f:
+        f.write(f'#!/bin/sh\nexec {shutil.which("g++")} -static-libstdc++ "$@"\n')
+    os.chmod(path, os.stat(path).st_mode | stat.S_IEXEC)
+    return path
+
+
+needs_gxx = pytest.mark.skipif(not sys.platform.startswith('linux') or shutil.which('g++') is None,
+                               reason='needs Linux and g++')
+
+
 @pytest.mark.slow
+@needs_gxx
 @pytest.mark.skipif(extension.cuda_toolkit() is None,
                     reason='needs a CUDA toolkit (nvcc and libcudart)')
 def test_setup_py_builds_cuda_kernels_without_a_gpu(tmp_path) -> None:
+    # built by a compiler that links libstdc++ statically, as on the lent GPU machines: the
+    # extension must still share torch's C++ runtime (extension.link_flags), or its error
+    # messages lose their numbers (or crash the process)
     env = dict(os.environ, MMATTN_WITH_CUDA='1', TORCH_CUDA_ARCH_LIST='8.0;9.0',
-               MAX_JOBS=str(os.cpu_count() or 2))
+               MAX_JOBS=str(os.cpu_count() or 2), CXX=static_libstdcxx_compiler(tmp_path))
     out = subprocess.run(
         [sys.executable, 'setup.py', 'build_ext', '--build-lib', str(tmp_path / 'lib'),
          '--build-temp', str(tmp_path / 'tmp')],
@@ -53,12 +74,53 @@ a = torch.randn(2, 3, 3, 2, 9, 9, dtype=torch.float64).softmax(-1)
 kw = dict(kernel_size=3, padding=1, stride=2)
 torch.testing.assert_close(outlook_attention(v, a, backend='cpu', **kw),
                            outlook_attention_reference(v, a, **kw), rtol=1e-12, atol=1e-12)
+try:
+    torch.ops.mmattn.outlook_unpool_add(torch.randn(2, 7, 9, 3), torch.randn(2, 3, 5, 3), 2)
+except RuntimeError as e:
+    assert '(2, 4, 5, 3)' in str(e) and '[2, 3, 5, 3]' in str(e), str(e)
+else:
+    raise AssertionError('outlook_unpool_add accepted a pooled map of the wrong shape')
 print(extension.load_error() is None)
 '''
     run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == 'True'
+
+
+@needs_gxx
+def test_extension_shares_torchs_cpp_runtime(tmp_path) -> None:
+    """An op built with :func:`extension.link_flags` by a compiler that links libstdc++
+    statically formats the numbers of its error messages (without the flags: Debian's g++ 12
+    drops them, the GPU machines' g++ crashed the process)."""
+    source = tmp_path / 'ints.cpp'
+    source.write_text(textwrap.dedent('''
+        #include <ATen/ATen.h>
+        #include <torch/library.h>
+        at::Tensor shape_error(const at::Tensor& x) {
+          TORCH_CHECK(false, "x has shape ", x.sizes(), " and ", x.dim(), " dimensions");
+          return x;
+        }
+        TORCH_LIBRARY(mmattn_link_test, m) { m.def("shape_error(Tensor x) -> Tensor"); }
+        TORCH_LIBRARY_IMPL(mmattn_link_test, CPU, m) { m.impl("shape_error", &shape_error); }
+    '''))
+    code = f'''
+import torch
+from torch.utils.cpp_extension import load
+from mmattn.ops import extension
+assert extension.link_flags(), 'no libstdc++ found in this process'
+load('mmattn_link_test', [{str(source)!r}], build_directory={str(tmp_path)!r},
+     extra_ldflags=extension.link_flags(), is_python_module=False)
+try:
+    torch.ops.mmattn_link_test.shape_error(torch.zeros(2, 3))
+except RuntimeError as e:
+    print(str(e).splitlines()[0])
+'''
+    env = dict(os.environ, CXX=static_libstdcxx_compiler(tmp_path))
+    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.stdout.strip().endswith('x has shape [2, 3] and 2 dimensions'), run.stdout
 
 
 def test_sources_and_flags() -> None:
@@ -75,6 +137,25 @@ def test_want_cuda_follows_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     assert extension.want_cuda() is False
     monkeypatch.setenv('MMATTN_WITH_CUDA', '1')
     assert extension.want_cuda() is (extension.cuda_toolkit() is not None)
+
+
+def test_built_kernels_raise_errors_with_their_numbers(cpu_kernels: str) -> None:
+    assert build.check_error_messages(with_cuda=False) is None
+
+
+def test_build_command_reports_mangled_error_messages(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys) -> None:
+    """The build command fails, naming the compiler, where the check's child process crashed
+    or printed a message without its numbers (as the C++ runtime mix of the GPU machines did)."""
+    monkeypatch.setattr(extension, 'build_jit', lambda **kwargs: 'JIT (CPU kernels only)')
+    monkeypatch.setenv('CXX', '/opt/gcc/bin/g++')
+    for rc, stdout in ((-11, ''), (0, 'outlook_unpool_add: pooled must be (B, ...) = (, , , )')):
+        monkeypatch.setattr(build.subprocess, 'run', lambda *a, _rc=rc, _out=stdout, **k:
+                            subprocess.CompletedProcess(a, _rc, _out, 'Segmentation fault'))
+        assert build.main(['--cpu-only']) == 1
+        err = capsys.readouterr().err
+        assert f'exit status {rc}' in err and 'CXX=/opt/gcc/bin/g++' in err, err
+        assert "the extension's C++ runtime is not torch's" in err
 
 
 def test_build_command_reports_failure(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -393,8 +393,9 @@ def test_cpu_unpool_add_op(cpu_kernels: str) -> None:
 
 
 def check_unpool_add_errors(op, device: str = 'cpu') -> None:
-    """Bad arguments raise errors naming them (on CUDA the messages, shapes included, are built
-    in the nvcc-compiled host code)."""
+    """Bad arguments raise errors naming them, shapes included (the numbers in a message are
+    what a C++ runtime of the extension's own, linked statically, lost or crashed on:
+    ``extension.link_flags``)."""
     def randn(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.randn(shape, dtype=dtype, device=device)
     with pytest.raises(RuntimeError, match=r'pooled must be \(B, ceil\(H / s\), ceil\(W / s\), '

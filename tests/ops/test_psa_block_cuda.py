@@ -131,9 +131,9 @@ def test_opcheck(cuda_kernels: str) -> None:
 
 
 def test_argument_errors_raise(cuda_kernels: str) -> None:
-    """A gradient of the wrong shape raises, its message naming both shapes (built in the
-    nvcc-compiled host code: the column sums' check of the same kind crashed the process on an
-    H200 with torch 2.11, 2026-11-27, where it should have raised)."""
+    """A gradient of the wrong shape raises, its message naming both shapes (checks of this
+    kind crashed the process on the lent H200s, 2026-11-27, where the extension was linked
+    with a C++ runtime of its own: ``extension.link_flags``)."""
     from mmattn.ops.psa_block import psa_block_weights
     weights, form, eps = psa_block_weights(block('paper', 'parallel', 8, 'reference'))
     weights = [w.detach().cuda() for w in weights]

@@ -1,9 +1,6 @@
 // The argument checks of mmattn::bias_grad / layer_norm_param_grads, one function for the CPU
-// implementations (param_grads.cpp) and the CUDA host code (column_sums.cuh). Defined in
-// column_sums_args.cpp so that the host compiler, not nvcc, builds the error messages: on an
-// H200 (torch 2.11, 2026-11-27) the nvcc-compiled check of x's shape, which streamed both
-// shapes into its message, crashed the process (SIGSEGV) where it should have raised (the
-// same code built on a machine without a GPU raised, called on CPU tensors: cause unknown).
+// implementations (param_grads.cpp) and the CUDA host code (column_sums.cuh), defined in
+// column_sums_args.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
