@@ -25,9 +25,9 @@ With ``--op volo`` (part of ``all``) a whole VOLO-D1 training step (forward, bac
 update, batch of 224 px images) of timm's ``volo_d1_224`` (``eager``; ``eager (channels_last)``
 with its weights channels-last) is timed against mmattn's ``volo_d1`` with the same weights
 (``mmattn``), and on CUDA each through ``torch.compile`` (``compile``, ``mmattn (compile)``),
-and mmattn's with its parameter gradients' column sums on mmattn's kernels (``mmattn (column
-sums)``: ``volo_d1(column_sum_grads=True)``'s layers): training steps only, the forward columns
-stay empty.
+and mmattn's with torch's linear layers and LayerNorms, whose parameter gradients' column sums
+then run on PyTorch's kernels (``mmattn (PyTorch sums)``: ``volo_d1(column_sum_grads=False)``'s
+layers): training steps only, the forward columns stay empty.
 
 Measured: forward (inference, ``torch.no_grad``) and forward+backward (``y.backward(g)``, input
 and parameters requiring gradients) times, the median of ``--iters`` runs after ``--warmup``,
@@ -82,7 +82,7 @@ from torch import nn
 import mmattn  # noqa: F401  (registers the blocks, checks the stack)
 from mmattn.analysis import saved_bytes
 from mmattn.layers import OutlookAttention, PolarizedSelfAttention
-from mmattn.models.dense_layers import use_column_sum_layers
+from mmattn.models.dense_layers import restore_torch_layers, use_column_sum_layers
 from mmattn.ops import kernel_status, select_backend
 from mmattn.ops.param_grads import ENV_COLUMN_SUMS
 from mmattn.utils.quiet import quiet_no_cuda_runtime
@@ -532,9 +532,9 @@ def volo_case(batch: int, dtype: torch.dtype, device: torch.device) -> Case:
     impls = {'eager': _TrainStep(eager), 'eager (channels_last)': _TrainStep(eager_cl),
              'mmattn': _TrainStep(ours)}
     if on_cuda:
-        # the linear layers' and LayerNorms' parameter gradients on mmattn's column-sum kernels
-        # (volo_d1(column_sum_grads=True); off by default, mmattn.models.volo.VOLO)
-        impls['mmattn (column sums)'] = _TrainStep(use_column_sum_layers(copy.deepcopy(ours)))
+        # torch's linear layers and LayerNorms: their parameter gradients on PyTorch's kernels,
+        # not mmattn's column sums (volo_d1(column_sum_grads=False), mmattn.models.volo.VOLO)
+        impls['mmattn (PyTorch sums)'] = _TrainStep(restore_torch_layers(copy.deepcopy(ours)))
     return Case('volo_d1 step', shape, 'timm volo_d1_224 vs mmattn volo_d1', 0, 0,
                 lambda: torch.randn(shape, device=device, dtype=dtype), impls,
                 compile=on_cuda, compiled_too=('mmattn',) if on_cuda else (), train_only=True)

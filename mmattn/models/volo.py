@@ -122,16 +122,18 @@ class VOLO(timm_volo.VOLO):
         column_sum_grads: Make the linear layers and LayerNorms
             :mod:`mmattn.models.dense_layers`' (same parameters and state dict): on CUDA, with
             the kernels built, their parameters' gradients are column sums on mmattn's kernels
-            instead of PyTorch's. Off by default: on an H200 (2026-11-27, batch 128, bf16) the
-            eager training step, host-bound, took 61.0 ms with them against 59.1 ms without
-            (their custom ops cost host time per layer); where the device sets the pace
-            (replays of a CUDA graph) they take less device time than PyTorch's sums.
+            instead of PyTorch's. On an H200 (2026-11-27, VOLO-D1, batch 128, bf16) they took
+            4.2 ms of kernels off a training step (39.3 against 43.5 ms) and the step from
+            45.9 to 44.2 ms with ``torch.backends.cudnn.benchmark`` (as mmattn's configs and
+            timm's training script set it), 44.0 to 39.7 ms replayed from a CUDA graph; where
+            the host paces the step and cuDNN picks its algorithms per call, their custom ops'
+            host cost shows (53.9 against 55.6 ms). ``False`` keeps torch's layers.
 
     ``use_mix_token=True`` (MixToken, CutMix on the patch tokens) needs ``return_dense``.
     """
 
     def __init__(self, layers: tuple[int, ...], *, return_dense: bool = False,
-                 pos_embed_interp: str = 'bicubic', column_sum_grads: bool = False,
+                 pos_embed_interp: str = 'bicubic', column_sum_grads: bool = True,
                  **kwargs: Any) -> None:
         name = type(self).__name__
         if kwargs.get('use_mix_token', False) and not return_dense:
