@@ -44,8 +44,8 @@ def check_error_messages(with_cuda: Optional[bool] = None) -> Optional[str]:
     return (f'an argument error of the built kernels came out wrong (exit status '
             f'{run.returncode}, message {message!r}, expected one naming the shapes '
             f'{CHECK_EXPECTS[0]} and {CHECK_EXPECTS[1]}; stderr: {run.stderr.strip()[-1500:]!r}): '
-            f"the extension's C++ runtime is not torch's. Build with a compiler that links "
-            f"libstdc++ dynamically (CXX={os.environ.get('CXX', 'c++')} now)")
+            f"as when the extension carries a C++ runtime of its own beside torch's (a compiler "
+            f"that links libstdc++ statically; CXX={os.environ.get('CXX', 'c++')} now)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
