@@ -117,10 +117,14 @@ export MMATTN_SKIP_STACK_CHECK=1 MMATTN_JIT=1 MAX_JOBS=$JOBS
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}   # mmattn from this tree, for tools/*.py too
 
 # mmcv's ops, CPU only (its setup.py compiles the CUDA ops whenever torch sees a GPU: hidden
-# from it here), into a wheel: site-packages is not touched while the kernels' stages import mmcv
+# from it here), into a wheel: site-packages is not touched while the kernels' stages import mmcv.
+# Linked against torch's libstdc++.so.6 as mmattn's kernels are (extension.link_flags): the
+# machine's $CXX links libstdc++ statically, and an error message with a number crashed there.
 rm -rf /tmp/mmcv_ops
 if [ "$MMCV_OPS" != 0 ]; then
-  ( CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 FORCE_CUDA=0 python3 -m pip wheel -q --no-index \
+  CXX_RUNTIME=$(python3 -c 'from mmattn.ops.extension import link_flags; print(*link_flags())')
+  ( CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 FORCE_CUDA=0 LDFLAGS="${LDFLAGS:-} $CXX_RUNTIME" \
+      python3 -m pip wheel -q --no-index \
       --no-deps --no-cache-dir --no-build-isolation .whl/mmcv-2.1.0.tar.gz -w /tmp/mmcv_ops \
       > "$OUT/mmcv_build.log" 2>&1; echo $? > /tmp/mmcv_build.rc ) &
   mmcv_pid=$!
