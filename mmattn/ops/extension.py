@@ -147,7 +147,9 @@ def link_flags() -> list[str]:
     then every error message that formats a number (``TORCH_CHECK(..., x.sizes())``) crashed the
     process there (SIGSEGV in ``std::ostream::_M_insert<long>``) and loses its numbers with
     Debian's g++ 12 and ``-static-libstdc++``. Given the shared library itself, the linker takes
-    the C++ runtime from it and nothing from a static archive."""
+    the C++ runtime from it and nothing from a static archive; ``--no-as-needed`` around it
+    keeps it where the flags come before the objects (``LDFLAGS`` in a setuptools build), which
+    ``--as-needed`` would otherwise drop, the objects' references not seen yet."""
     if not sys.platform.startswith('linux'):
         return []
     try:
@@ -156,7 +158,8 @@ def link_flags() -> list[str]:
                 fields = line.split(maxsplit=5)
                 if len(fields) == 6 and osp.basename(fields[5].strip()).startswith(
                         'libstdc++.so'):
-                    return [fields[5].strip()]
+                    return ['-Wl,--push-state,--no-as-needed', fields[5].strip(),
+                            '-Wl,--pop-state']
     except OSError:
         pass
     return []

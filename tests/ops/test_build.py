@@ -97,29 +97,53 @@ print(extension.load_error() is None)
     assert run.stdout.strip() == 'True'
 
 
+INTS_CPP = textwrap.dedent('''
+    #include <ATen/ATen.h>
+    #include <torch/library.h>
+    at::Tensor shape_error(const at::Tensor& x) {
+      TORCH_CHECK(false, "x has shape ", x.sizes(), " and ", x.dim(), " dimensions");
+      return x;
+    }
+    TORCH_LIBRARY(mmattn_link_test, m) { m.def("shape_error(Tensor x) -> Tensor"); }
+    TORCH_LIBRARY_IMPL(mmattn_link_test, CPU, m) { m.impl("shape_error", &shape_error); }
+''')
+
+# the JIT build (the flags after the objects), and a setuptools build given the flags in
+# LDFLAGS (before the objects: tools/gpu_check.sh's build of mmcv's ops)
+LINK_TEST_BUILDS = {
+    'jit': '''
+from torch.utils.cpp_extension import load
+load('mmattn_link_test', [{source!r}], build_directory={directory!r},
+     extra_ldflags=extension.link_flags(), is_python_module=False)
+''',
+    'setuptools_ldflags': '''
+import glob, os, subprocess, sys
+os.environ['LDFLAGS'] = ' '.join(extension.link_flags())
+with open(os.path.join({directory!r}, 'setup.py'), 'w') as f:
+    f.write("from setuptools import setup\\n"
+            "from torch.utils.cpp_extension import BuildExtension, CppExtension\\n"
+            "setup(name='link_test', cmdclass={{'build_ext': BuildExtension}}, ext_modules=["
+            "CppExtension('link_test', [{source!r}])])\\n")
+subprocess.run([sys.executable, 'setup.py', '-q', 'build_ext', '--build-lib', 'lib',
+                '--build-temp', 'tmp'], cwd={directory!r}, check=True, capture_output=True)
+torch.ops.load_library(glob.glob(os.path.join({directory!r}, 'lib', 'link_test*.so'))[0])
+''',
+}
+
+
 @pytest.mark.skipif(not STATIC_LIBSTDCXX, reason='needs Linux, g++ and its libstdc++.a')
-def test_extension_shares_torchs_cpp_runtime(tmp_path) -> None:
+@pytest.mark.parametrize('how', sorted(LINK_TEST_BUILDS))
+def test_extension_shares_torchs_cpp_runtime(tmp_path, how: str) -> None:
     """An op built with :func:`extension.link_flags` by a compiler that links libstdc++
     statically formats the numbers of its error messages (without the flags: Debian's g++ 12
     drops them, the GPU machines' g++ crashed the process)."""
     source = tmp_path / 'ints.cpp'
-    source.write_text(textwrap.dedent('''
-        #include <ATen/ATen.h>
-        #include <torch/library.h>
-        at::Tensor shape_error(const at::Tensor& x) {
-          TORCH_CHECK(false, "x has shape ", x.sizes(), " and ", x.dim(), " dimensions");
-          return x;
-        }
-        TORCH_LIBRARY(mmattn_link_test, m) { m.def("shape_error(Tensor x) -> Tensor"); }
-        TORCH_LIBRARY_IMPL(mmattn_link_test, CPU, m) { m.impl("shape_error", &shape_error); }
-    '''))
-    code = f'''
+    source.write_text(INTS_CPP)
+    code = '''
 import torch
-from torch.utils.cpp_extension import load
 from mmattn.ops import extension
 assert extension.link_flags(), 'no libstdc++ found in this process'
-load('mmattn_link_test', [{str(source)!r}], build_directory={str(tmp_path)!r},
-     extra_ldflags=extension.link_flags(), is_python_module=False)
+''' + LINK_TEST_BUILDS[how].format(source=str(source), directory=str(tmp_path)) + '''
 try:
     torch.ops.mmattn_link_test.shape_error(torch.zeros(2, 3))
 except RuntimeError as e:
