@@ -76,7 +76,7 @@ class Linear : public torch::autograd::Function<Linear> {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x, weight});
     ctx->saved_data["bias"] = bias.has_value() && bias->defined();
-    return at::linear(x, weight, bias);
+    return linear_forward(x, weight, bias);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
