@@ -161,28 +161,6 @@ inline int column_tile(const int groups) {
   return best;
 }
 
-// The widest vector (elements of T, 16 bytes at most) that divides C and that every pointer is
-// aligned to.
-template <typename T>
-int vector_width(const int64_t C, std::initializer_list<const void*> ptrs) {
-  for (int vec = kPack16<T>; vec > 1; vec /= 2)
-    if (C % vec == 0 && all_aligned(ptrs, vec * sizeof(T))) return vec;
-  return 1;
-}
-
-// f(Int<vec>{}) for the vector widths vector_width can choose.
-template <typename T, typename F>
-void with_width(const int vec, F&& f) {
-  switch (vec) {
-    case 16: if constexpr (kPack16<T> >= 16) { f(Int<16>{}); return; } break;
-    case 8: if constexpr (kPack16<T> >= 8) { f(Int<8>{}); return; } break;
-    case 4: if constexpr (kPack16<T> >= 4) { f(Int<4>{}); return; } break;
-    case 2: if constexpr (kPack16<T> >= 2) { f(Int<2>{}); return; } break;
-    default: break;
-  }
-  f(Int<1>{});
-}
-
 // (Σ_r g, Σ_r g x̂) per column of g viewed as (rows, C), C its last dimension, in g's dtype; the
 // second only where x (and mean, rstd: a value per row, any floating dtype) is given.
 inline std::vector<at::Tensor> column_sums(const char* op, const at::Tensor& grad,
