@@ -37,7 +37,7 @@ def check_error_messages(with_cuda: Optional[bool] = None) -> Optional[str]:
     :func:`extension.link_flags`, gives the extension a C++ runtime of its own beside torch's:
     then such an error crashed the process (the lent GPU machines) or lost its numbers."""
     run = subprocess.run([sys.executable, '-c', _CHECK.format(with_cuda=with_cuda)],
-                         capture_output=True, text=True, timeout=600, env=dict(os.environ))
+                         capture_output=True, text=True, timeout=600)
     message = run.stdout.strip()
     if run.returncode == 0 and all(part in message for part in CHECK_EXPECTS):
         return None

@@ -156,10 +156,9 @@ def link_flags() -> list[str]:
         with open('/proc/self/maps') as maps:
             for line in maps:
                 fields = line.split(maxsplit=5)
-                if len(fields) == 6 and osp.basename(fields[5].strip()).startswith(
-                        'libstdc++.so'):
-                    return ['-Wl,--push-state,--no-as-needed', fields[5].strip(),
-                            '-Wl,--pop-state']
+                path = fields[5].strip() if len(fields) == 6 else ''
+                if osp.basename(path).startswith('libstdc++.so'):
+                    return ['-Wl,--push-state,--no-as-needed', path, '-Wl,--pop-state']
     except OSError:
         pass
     return []
