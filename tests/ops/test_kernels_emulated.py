@@ -53,6 +53,7 @@ def emulated() -> Iterator[object]:
         for schema in extension.SCHEMAS.values():
             lib.define(schema)
         lib.define('psa_vector_width(Tensor x, int tiles) -> int')  # psa_emulated.cpp
+        lib.define('psa_register_tiles(Tensor x) -> bool')
         lib.define('emulated_launches() -> int')
         lib.define('outlook_gather_tensor_cores(Tensor v, Tensor attn, int kernel_size, '
                    'int padding, int stride) -> bool')  # outlook_emulated.cpp
@@ -104,13 +105,16 @@ def test_psa_kernels_match_equations(psa_kernel, mode: str,
                                        msg=name)
 
 
-@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('layout, register_tiles', [
+    (torch.contiguous_format, '1'), (torch.contiguous_format, '0'), (torch.channels_last, '1')])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
-def test_psa_kernels_low_precision(psa_kernel, dtype: torch.dtype,
-                                   layout: torch.memory_format) -> None:
+def test_psa_kernels_low_precision(psa_kernel, dtype: torch.dtype, layout: torch.memory_format,
+                                   register_tiles: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """C=256 (smaller tiles in the backward's two-tile pass for float32), 16-byte vectors in
-    both layouts: error against float64 at most about twice the eager reference's in the same
-    dtype."""
+    both layouts, NCHW's forward on the register tiles and on the shared-memory tiles: error
+    against float64 at most about twice the eager reference's in the same dtype."""
+    monkeypatch.setenv('MMATTN_PSA_REGISTER_TILES', register_tiles)
+
     def in_layout(x: Tensor, w: dict[str, Tensor], mode: str) -> Tensor:
         return psa_kernel(x.contiguous(memory_format=layout), w, mode)
     check_low_precision(in_layout, (2, 256, 10, 12), 0.05, 'sequential', dtype)
@@ -128,6 +132,90 @@ def test_psa_kernels_use_16_byte_vectors_where_the_layout_allows(emulated) -> No
     shifted = torch.randn(x.numel() + 1, dtype=torch.bfloat16)[1:].view(x.shape)
     assert width(shifted, 1) == 1
     assert width(torch.randn(1, 4096, 4, 4, dtype=torch.bfloat16), 2) == 1  # 1-pixel tiles
+
+
+# NCHW shapes of the register tiles (psa_register_tiles.cuh) in float64 (2-pixel vectors, 4
+# pixels a thread): channel groups of 1, 2, 4 and 8 warps (C = 2, 40, 96, 200, 256), the
+# image's last tile partial (some groups past its end), several tiles per split
+REGISTER_TILE_SHAPES = [(2, 2, 6, 6), (1, 40, 5, 14), (2, 96, 3, 10), (1, 200, 4, 9),
+                        (3, 256, 2, 2)]
+
+
+def test_psa_register_tiles_where_they_apply(emulated,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCHW, H*W a multiple of the 16-byte vector, aligned data, up to 256 channels; the
+    shared-memory tile otherwise, or with MMATTN_PSA_REGISTER_TILES=0."""
+    taken = emulated.psa_register_tiles
+    x = torch.randn(2, 256, 10, 12, dtype=torch.bfloat16)
+    assert taken(x) and taken(x.float()) and taken(x.double()) and taken(x[:, :2].contiguous())
+    assert not taken(x.contiguous(memory_format=torch.channels_last))
+    assert not taken(torch.randn(2, 258, 10, 12, dtype=torch.bfloat16))   # C > 256
+    assert not taken(torch.randn(2, 256, 9, 7, dtype=torch.bfloat16))     # H*W = 63
+    assert not taken(torch.randn(x.numel() + 1, dtype=torch.bfloat16)[1:].view(x.shape))
+    monkeypatch.setenv('MMATTN_PSA_REGISTER_TILES', '0')
+    assert not taken(x)
+    monkeypatch.setenv('MMATTN_PSA_REGISTER_TILES', '1')
+    assert taken(x)
+    monkeypatch.setenv('MMATTN_PSA_REGISTER_TILES', 'yes')
+    with pytest.raises(RuntimeError, match="MMATTN_PSA_REGISTER_TILES must be 0 or 1, got 'yes'"):
+        taken(x)
+
+
+@pytest.mark.parametrize('mode', ['parallel', 'sequential'])
+def test_psa_register_tiles_match_equations(psa_kernel, emulated, mode: str) -> None:
+    """Every channel-group width, partial last tiles: float64, output and all 13 gradients."""
+    for shape in REGISTER_TILE_SHAPES:
+        x, g = torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)
+        assert emulated.psa_register_tiles(x), shape
+        w = random_params(shape[1], std=0.3)
+        torch.testing.assert_close(psa_kernel(x, w, mode), paper_psa(x, w, mode), rtol=1e-12,
+                                   atol=1e-12)
+        ref_g = grads(paper_psa, x, w, mode, g)
+        for name, a, b in zip(('x',) + PARAM_NAMES, grads(psa_kernel, x, w, mode, g), ref_g):
+            scale = ref_g[1] if name == 'ch_bq' else b
+            torch.testing.assert_close(a, b, rtol=1e-10,
+                                       atol=1e-10 * max(1.0, scale.abs().max().item()),
+                                       msg=f'{shape} {name}')
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32, torch.bfloat16])
+def test_psa_register_tiles_reduction_splits(emulated, dtype: torch.dtype) -> None:
+    """The forward reduction's splits (1, 3 or 7 per image, partial tiles among them) against
+    the definitions: logits l = w . x_p, and, merged over the splits, the softmax over the
+    pixels' normaliser and s = sum_p softmax(l)_p x_p, m = sum_p x_p."""
+    counts = set()
+    for shape in [(2, 2, 6, 12), (1, 40, 5, 24), (2, 96, 4, 10), (1, 200, 4, 18)]:  # P % 8 = 0
+        x = (torch.randn(shape, dtype=F64) * 2).to(dtype)
+        assert emulated.psa_register_tiles(x), shape
+        wq = torch.randn(shape[1], dtype=F64)
+        xd = x.double().flatten(2)                                # (N, C, P)
+        logits = torch.einsum('c,ncp->np', wq, xd)
+        pi = logits.softmax(-1)
+        for splits in (1, 3, 7):
+            acc = torch.float64 if dtype == F64 else torch.float32
+            lg, pmax, psum, ps, pm = emulated.psa_fwd_reduce(x, wq.to(acc), splits)
+            assert pmax.shape[0] == shape[0] and 1 <= pmax.shape[1] <= splits
+            counts.add(pmax.shape[1])   # (at most a split per tile of the pixels)
+            tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(lg.double(), logits, **tol)
+            top = pmax.double().amax(-1, keepdim=True)
+            scale = (pmax.double() - top).exp()                 # (N, S)
+            total = (psum.double() * scale).sum(-1)
+            torch.testing.assert_close(total, (logits - top).exp().sum(-1), **tol)
+            s = (ps.double() * scale[..., None]).sum(1) / total[:, None]
+            torch.testing.assert_close(s, torch.einsum('np,ncp->nc', pi, xd), **tol)
+            torch.testing.assert_close(pm.double().sum(1), xd.sum(-1), **tol)
+    assert 1 in counts and max(counts) >= 4, counts
+
+
+@pytest.mark.parametrize('variant, mode', [('official', 'parallel'), ('official', 'sequential')])
+def test_psa_release_forms_on_register_tiles(block_kernel, emulated, variant: str,
+                                             mode: str) -> None:
+    """PSA_p's spatial logits (a per-image weight) and its gate from given logits, PSA_s's
+    reduction, on the register tiles: float64 against the equations, every gradient."""
+    for shape in REGISTER_TILE_SHAPES[1:4]:
+        assert emulated.psa_register_tiles(torch.empty(shape, dtype=F64))
+        check_matches(block_kernel, mode, shape, torch.contiguous_format, variant)
 
 
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])

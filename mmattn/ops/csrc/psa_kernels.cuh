@@ -309,6 +309,24 @@ __device__ __forceinline__ void pixel_runs(int tp, const T* const (&vecs)[N], F&
   }
 }
 
+// One round of halving_butterfly: M sums a lane, exchanged at lane offset O; then the next
+// round (the rounds as templates, so that each round's loop has a constant count and unrolls:
+// nvcc left the runtime form of the loops of a 16-sum butterfly as a loop over the array, read
+// and written through chains of predicated moves, sm_90).
+template <int M, int O, int R, typename T>
+__device__ __forceinline__ void halving_round(T (&v)[R], int lane) {
+  if constexpr (M > 1) {
+    const bool upper = (lane & O) != 0;
+#pragma unroll
+    for (int i = 0; i < M / 2; ++i) {
+      const T keep = upper ? v[i + M / 2] : v[i];
+      const T send = upper ? v[i] : v[i + M / 2];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+    halving_round<M / 2, O / 2>(v, lane);
+  }
+}
+
 // R sums per lane (R a power of two up to 32) halved in log2 R butterfly rounds, at lane offsets
 // 16, 8, ..., 32 / R: in each, the lanes with that bit set keep the upper half of their sums
 // and send the lower half, the others the reverse, and each adds what it gets. Then v[0] holds
@@ -317,16 +335,7 @@ __device__ __forceinline__ void pixel_runs(int tp, const T* const (&vecs)[N], F&
 template <int R, typename T>
 __device__ __forceinline__ void halving_butterfly(T (&v)[R], int lane) {
   static_assert(R >= 1 && R <= 32 && (R & (R - 1)) == 0, "R: a power of two up to 32");
-#pragma unroll
-  for (int m = R, o = 16; m > 1; m /= 2, o /= 2) {
-    const bool upper = (lane & o) != 0;
-#pragma unroll
-    for (int i = 0; i < m / 2; ++i) {
-      const T keep = upper ? v[i + m / 2] : v[i];
-      const T send = upper ? v[i] : v[i + m / 2];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-    }
-  }
+  halving_round<R, 16>(v, lane);
 }
 
 // emit(p, sum_c tile[p][c] * vec[c]) for every pixel p < tp of the tile. A warp takes ROWS
@@ -988,6 +997,14 @@ SoftmaxStates check_states(const SoftmaxStates& st, const at::Tensor& x, int N, 
           vec(st.sum, x, {N, splits}, "tsum")};
 }
 
+}  // namespace psa
+}  // namespace mmattn
+
+#include "psa_register_tiles.cuh"  // (its host code needs Launch, above)
+
+namespace mmattn {
+namespace psa {
+
 // The forward reduction with the logit weights `wq`: (C) shared by the images, or (N, C) one
 // per image (the release's PSA_p computes its spatial logits u . x_p so); checked by the caller.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_reduce(
@@ -1000,20 +1017,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_reduc
   at::Tensor pmax, psum, ps, pm;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_fwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Launch l = plan(g.C, sizeof(acc_t), 1, 2, 3);
-    with_vectors<scalar_t>(vectorizable<scalar_t>(g, l, {x.data_ptr()}), [&](auto vec_tag) {
-      auto kernel = fwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
+    // the splits' outputs, then the kernel with its tile arguments (the shared-memory tile's
+    // width and its log2, or the register tiles' log2 warps per channel group)
+    auto run = [&](auto kernel, const Launch& l, auto... tile_args) {
       const SplitLaunch s = split(l, splits_req, N, g.P, prepare(kernel, l));
       pmax = at::empty({N, s.splits}, opts);
       psum = at::empty({N, s.splits}, opts);
       ps = at::empty({N, s.splits, g.C}, opts);
       pm = at::empty({N, s.splits, g.C}, opts);
       if (N == 0) return;
-      launch::launch(kernel, dim3(s.splits, N), kThreads, l.smem,
-          x.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile, s.chunk, s.splits,
-          wq.data_ptr<acc_t>(), wq_stride,
-          logits.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(), psum.data_ptr<acc_t>(),
-          ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>());
+      launch::launch(kernel, dim3(s.splits, N), kThreads, l.smem, x.data_ptr<scalar_t>(), g,
+                     tile_args..., s.chunk, s.splits, wq.data_ptr<acc_t>(), wq_stride,
+                     logits.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(),
+                     psum.data_ptr<acc_t>(), ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>());
+    };
+    if (register_tiles<scalar_t>(g, {x.data_ptr()})) {
+      run(fwd_reduce_registers_kernel<scalar_t, acc_t, kPack16<scalar_t>>,
+          register_plan<scalar_t>(g.C), register_log2_cw(g.C));
+      return;
+    }
+    const Launch l = plan(g.C, sizeof(acc_t), 1, 2, 3);
+    with_vectors<scalar_t>(vectorizable<scalar_t>(g, l, {x.data_ptr()}), [&](auto vec_tag) {
+      run(fwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>, l, l.tile_p,
+          l.log2_tile);
     });
   });
   return {logits, pmax, psum, ps, pm};
@@ -1046,18 +1072,27 @@ std::tuple<at::Tensor, at::Tensor> fwd_apply(const at::Tensor& x, const at::Tens
   if (N == 0 || g.P == 0) return {y, s_mask};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_fwd_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Launch l = plan(g.C, sizeof(acc_t), 1, 1, 2, 2 * kWarps);
-    const bool vectors = vectorizable<scalar_t>(g, l, {x.data_ptr(), y.data_ptr()});
-    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
-      auto kernel = fwd_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
+    // the kernel on one wave of blocks at most, with its tile arguments (fwd_reduce's)
+    auto run = [&](auto kernel, const Launch& l, auto... tile_args) {
       const int tiles = (g.P + l.tile_p - 1) / l.tile_p;
       const int grid_x = std::min(tiles, one_wave(prepare(kernel, l), N));
       launch::launch(kernel, dim3(grid_x, N), kThreads, l.smem,
-          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile,
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g, tile_args...,
           a.data_ptr<acc_t>(), release ? nullptr : u.data_ptr<acc_t>(),
           release ? nullptr : bias.data_ptr<acc_t>(), pixel_softmax<acc_t>(states),
           s_mask.data_ptr<acc_t>(), norm_out.defined() ? norm_out.data_ptr<acc_t>() : nullptr,
           sequential);
+    };
+    if (register_tiles<scalar_t>(g, {x.data_ptr(), y.data_ptr()})) {
+      run(fwd_apply_registers_kernel<scalar_t, acc_t, kPack16<scalar_t>>,
+          register_plan<scalar_t>(g.C), register_log2_cw(g.C));
+      return;
+    }
+    const Launch l = plan(g.C, sizeof(acc_t), 1, 1, 2, 2 * kWarps);
+    const bool vectors = vectorizable<scalar_t>(g, l, {x.data_ptr(), y.data_ptr()});
+    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
+      run(fwd_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>, l, l.tile_p,
+          l.log2_tile);
     });
   });
   return {y, s_mask};

@@ -27,6 +27,18 @@ int64_t psa_vector_width(const at::Tensor& x, int64_t tiles) {
   return width;
 }
 
+// Whether the forward passes take x on the register tiles (psa_register_tiles.cuh): the host
+// code's decision, for the tests.
+bool psa_register_tiles(const at::Tensor& x) {
+  const mmattn::psa::Geometry g = mmattn::psa::geometry(x);
+  bool taken = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "psa_register_tiles", [&] {
+    taken = mmattn::psa::register_tiles<scalar_t>(g, {x.data_ptr()});
+  });
+  return taken;
+}
+
 // psa_block_cuda_fwd/_bwd on the emulated kernels
 void check_form(int64_t form) {
   TORCH_CHECK(form >= 0 && form <= 3, "emulated psa_block_cuda: forms 0-3, got ", form);
@@ -55,6 +67,7 @@ TORCH_LIBRARY_IMPL(mmattn_emulated, CPU, m) {
   m.impl("psa_block_cuda_fwd", &block_fwd);
   m.impl("psa_block_cuda_bwd", &block_bwd);
   m.impl("psa_vector_width", &psa_vector_width);
+  m.impl("psa_register_tiles", &psa_register_tiles);
   m.impl("psa_fwd_reduce", &mmattn::psa::psa_fwd_reduce_cuda);
   m.impl("psa_fwd_apply", &mmattn::psa::psa_fwd_apply_cuda);
   m.impl("psa_bwd_reduce", &mmattn::psa::psa_bwd_reduce_cuda);

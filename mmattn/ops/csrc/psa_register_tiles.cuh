@@ -1,0 +1,323 @@
+// The forward passes of psa_kernels.cuh (the reduction and the gating) for NCHW x of up to 256
+// channels moved in 16-byte vectors, with the tile in registers instead of shared memory.
+//
+// The shared-memory tile (psa_kernels.cuh) stages TP pixels x C channels as the accumulation
+// type and then walks it twice: the per-pixel dot products over the channels (a warp per
+// pixel group, a load from shared memory per multiply-add) and the per-channel sums over the
+// pixels (a thread per channel, again a load per multiply-add); four barriers a tile. Nsight
+// Compute found the forward reduction issue-bound (H100, 2026-11-27: 0.64 warp instructions a
+// cycle per scheduler, 2.3x its DRAM floor), so its instructions set its time. Here a thread
+// owns one channel of the tile and 2 VEC consecutive pixels of it (two 16-byte loads, kept in
+// registers as loaded):
+//   - the per-channel sums over the pixels are the thread's own (no shared memory);
+//   - the dot products over the channels are each warp's butterfly (halving_butterfly: 2 VEC
+//     sums a lane halved to one) and, where a channel group spans several warps, a sum of
+//     their partial sums through shared memory;
+//   - two barriers a tile: the warps' partial sums, then the pixels' values (the
+//     exponentials, or the gate) from the lanes that finish them.
+// A channel group is the 32 cw threads of cw consecutive warps (cw = 1, 2, 4, 8: the smallest
+// with 32 cw >= C; channels past C load nothing and weigh 0), so a block holds kWarps / cw
+// groups, each on its own 2 VEC pixels of the tile: a tile is kWarps / cw x 2 VEC pixels
+// (bf16 at C = 256: 16; at C = 48, cw = 2: 64).
+//
+// Taken by fwd_reduce and fwd_apply (psa_kernels.cuh) where register_tiles() allows, unless
+// MMATTN_PSA_REGISTER_TILES=0 (the shared-memory tile, for comparison).
+#pragma once
+
+// (included by psa_kernels.cuh after its device helpers: Geometry, Pack, halving_butterfly,
+// smem_run, SoftmaxNorm, block_merge_softmax)
+
+namespace mmattn {
+namespace psa {
+
+constexpr int kRegVectors = 2;  // 16-byte vectors a thread loads per tile
+constexpr int kRegMaxChannels = 32 * kWarps;
+
+// Where a thread's channel and pixels lie: channel c = (warp % cw) 32 + lane of channel group
+// warp / cw; the group's pixels [group PT, group PT + PT) of the tile, PT = kRegVectors VEC.
+struct RegLayout {
+  int lane, warp, c, group, groups, log2_cw;
+  bool c_ok;
+  bool lead_warp;  // the group's first warp, whose lanes j < PT finish pixel j
+
+  __device__ __forceinline__ RegLayout(int C, int log2_cw_) : log2_cw(log2_cw_) {
+    lane = threadIdx.x & 31;
+    warp = threadIdx.x >> 5;
+    const int cw = 1 << log2_cw;
+    c = (warp & (cw - 1)) * 32 + lane;
+    group = warp >> log2_cw;
+    groups = kWarps >> log2_cw;
+    c_ok = c < C;
+    lead_warp = (warp & (cw - 1)) == 0;
+  }
+};
+
+// A thread's part of a tile: x[c, p0 + j] for j < PT = kRegVectors VEC, as loaded (converted
+// to the accumulation type where used: keeping the 16-bit values halves the registers they
+// take, which the passes' products and sums need). A vector past the tile (ok[v] false) holds
+// the tile's last vector instead, so that every load is made and none is replaced by zeros (a
+// byte permute an element in the SASS, sm_90: as many instructions as the tile's arithmetic):
+// its pixels' values go unused (their exponentials are 0, their gates not stored, their
+// per-channel sums masked).
+template <int VEC, typename scalar_t>
+struct RegisterTile {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t xv[kRegVectors * VEC];
+  bool ok[kRegVectors];
+
+  // xc: a channel's row at the tile's first pixel; tp, the tile's pixels, a multiple of VEC
+  // (whole vectors). The loads are all issued before any is used.
+  __device__ __forceinline__ RegisterTile(const scalar_t* xc, int p0, int tp) {
+    Pack<scalar_t, VEC> raw[kRegVectors];
+#pragma unroll
+    for (int v = 0; v < kRegVectors; ++v) {
+      ok[v] = p0 + v * VEC < tp;
+      raw[v] = load_pack<VEC>(xc + min(p0 + v * VEC, tp - VEC));
+    }
+#pragma unroll
+    for (int v = 0; v < kRegVectors; ++v)
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) xv[v * VEC + k] = static_cast<acc_t>(raw[v].v[k]);
+  }
+
+  template <typename T>
+  __device__ __forceinline__ T get(int j) const {
+    return xv[j];
+  }
+};
+
+// Each warp's partial dot products sum_c w_c x[c, p] over its 32 channels, for the group's PT
+// pixels, into part[warp PT + j] (kWarps x PT values of shared memory). Then, after a
+// barrier, group_dot gives pixel j's whole sum to lane j of the group's first warp.
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void warp_partial_dots(const RegisterTile<VEC, scalar_t>& xt, acc_t w,
+                                                  const RegLayout& r, acc_t* part) {
+  constexpr int PT = kRegVectors * VEC;
+  constexpr int kSpan = 32 / PT;  // the lanes that end with one pixel's sum
+  acc_t prod[PT];
+#pragma unroll
+  for (int j = 0; j < PT; ++j) prod[j] = xt.template get<acc_t>(j) * w;
+  halving_butterfly(prod, r.lane);  // lane l: pixel l / kSpan's sum over its kSpan lanes' set
+#pragma unroll
+  for (int o = kSpan / 2; o > 0; o >>= 1) prod[0] += __shfl_xor_sync(0xffffffffu, prod[0], o);
+  if (r.lane % kSpan == 0) part[r.warp * PT + r.lane / kSpan] = prod[0];
+}
+
+// Pixel j's sum over its group's cw warps, `mine` = part + (first warp of the group) PT + j
+// (the lead lanes' pointer, set once: the loop's loads then take constant offsets).
+template <int PT, typename acc_t>
+__device__ __forceinline__ acc_t group_dot(const acc_t* mine, int log2_cw) {
+  acc_t sum = 0;
+#pragma unroll
+  for (int k = 0; k < kWarps; ++k)  // (unrolled: cw <= kWarps, a predicate each)
+    if (k < (1 << log2_cw)) sum += mine[k * PT];
+  return sum;
+}
+
+// Dynamic shared memory of the two kernels, in values of acc_t: the warps' partial sums and the
+// pixels' values (kWarps x PT each), then per-group or per-thread scratch.
+template <typename acc_t, int VEC>
+constexpr size_t register_tiles_smem() {
+  return sizeof(acc_t) * (2 * kWarps * kRegVectors * VEC + 3 * kWarps + 2 * kThreads);
+}
+
+// ---------------------------------------------------------------- forward, pass 1: reductions
+// fwd_reduce_kernel's contract (its outputs the same, the splits `chunk` pixels each, a
+// multiple of the tile's kWarps / cw x PT pixels).
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+fwd_reduce_registers_kernel(const scalar_t* __restrict__ x, Geometry g, int log2_cw, int chunk,
+                            int splits, const acc_t* __restrict__ wq, int64_t wq_stride,
+                            acc_t* __restrict__ logits, acc_t* __restrict__ pmax,
+                            acc_t* __restrict__ psum, acc_t* __restrict__ ps,
+                            acc_t* __restrict__ pm) {
+  constexpr int PT = kRegVectors * VEC;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* part = reinterpret_cast<acc_t*>(smem_raw);  // kWarps x PT
+  acc_t* s_e = part + kWarps * PT;                   // the groups' exponentials, PT each
+  acc_t* s_alpha = s_e + kWarps * PT;                // a rescaling factor per group
+  acc_t* s_state = s_alpha + kWarps;                 // the groups' (max, sum): 2 kWarps
+  acc_t* s_sums = s_state + 2 * kWarps;              // 2 kThreads, for the merge at the end
+
+  const RegLayout r(g.C, log2_cw);
+  const int n = blockIdx.y, split = blockIdx.x;
+  // (a channel past C reads channel C - 1, weighs 0 and writes nothing)
+  const scalar_t* xc = x + n * g.sN + min(r.c, g.C - 1) * g.sC;
+  const acc_t w = r.c_ok ? wq[n * wq_stride + r.c] : acc_t(0);
+  const int TP = r.groups * PT, p0 = r.group * PT;
+  const acc_t* mine = part + (r.group << log2_cw) * PT + r.lane % PT;  // (group_dot's)
+  const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
+  acc_t run_max = -INFINITY, run_sum = 0;  // the group's online-softmax state (its lead warp)
+  acc_t acc_s = 0, acc_m = 0;              // channel c's sums over the group's pixels
+  for (int pt = p_begin; pt < p_end; pt += TP) {
+    const int tp = min(TP, p_end - pt);
+    const RegisterTile<VEC, scalar_t> xt(xc + pt, p0, tp);
+    warp_partial_dots(xt, w, r, part);
+    __syncthreads();  // the partial sums are visible (and the last tile's s_e, s_alpha read)
+    if (r.lead_warp) {  // (warp-uniform) lane j finishes pixel p0 + j
+      const bool ok = r.lane < PT && p0 + r.lane < tp;
+      const acc_t l = ok ? group_dot<PT>(mine, log2_cw) : acc_t(-INFINITY);
+      if (ok) logits[static_cast<int64_t>(n) * g.P + pt + p0 + r.lane] = l;
+      const acc_t new_max = op_max(run_max, warp_max(l));
+      // (a group past the tile's end has seen no pixel yet: nothing to rescale)
+      const acc_t alpha = new_max == -INFINITY ? acc_t(1) : op_exp(run_max - new_max);
+      const acc_t e = ok ? op_exp(l - new_max) : acc_t(0);
+      run_sum = run_sum * alpha + warp_sum(e);
+      run_max = new_max;
+      if (r.lane < PT) s_e[p0 + r.lane] = e;
+      if (r.lane == 0) s_alpha[r.group] = alpha;
+    }
+    __syncthreads();
+    const Pack<acc_t, PT> e = smem_run<PT, 1>(s_e, p0);
+    const acc_t alpha = s_alpha[r.group];
+    acc_t s = 0;
+#pragma unroll
+    for (int v = 0; v < kRegVectors; ++v) {
+      acc_t m = 0;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t xj = xt.template get<acc_t>(v * VEC + k);
+        s += e.v[v * VEC + k] * xj;
+        m += xj;
+      }
+      acc_m += xt.ok[v] ? m : acc_t(0);
+    }
+    acc_s = acc_s * alpha + s;
+  }
+  // The groups' states merged (group 0 has seen a pixel: no split is empty), then each
+  // channel's sums over the groups, rescaled to the merged maximum, by group 0's threads.
+  if (r.lead_warp && r.lane == 0) {
+    s_state[r.group] = run_max;
+    s_state[kWarps + r.group] = run_sum;
+  }
+  __syncthreads();
+  acc_t top = -INFINITY;
+  for (int k = 0; k < r.groups; ++k) top = op_max(top, s_state[k]);
+  const acc_t group_max = s_state[r.group];
+  s_sums[threadIdx.x] = group_max == -INFINITY ? acc_t(0) : acc_s * op_exp(group_max - top);
+  s_sums[kThreads + threadIdx.x] = acc_m;
+  __syncthreads();
+  const int64_t o = static_cast<int64_t>(n) * splits + split;
+  if (r.group == 0 && r.c_ok) {  // (threadIdx.x = c; group k's thread of channel c: k 32 cw + c)
+    acc_t s = 0, m = 0;
+    for (int k = 0; k < r.groups; ++k) {
+      s += s_sums[(k << (5 + log2_cw)) + r.c];
+      m += s_sums[kThreads + (k << (5 + log2_cw)) + r.c];
+    }
+    ps[o * g.C + r.c] = s;
+    pm[o * g.C + r.c] = m;
+  }
+  if (threadIdx.x == 0) {
+    acc_t total = 0;
+    for (int k = 0; k < r.groups; ++k)
+      if (s_state[k] != -INFINITY) total += s_state[kWarps + k] * op_exp(s_state[k] - top);
+    pmax[o] = top;
+    psum[o] = total;
+  }
+}
+
+// ---------------------------------------------------------------- forward, pass 2: gating
+// fwd_apply_kernel's contract; its grid's blocks loop over the image's tiles of
+// kWarps / cw x PT pixels.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+fwd_apply_registers_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g,
+                           int log2_cw, const acc_t* __restrict__ a, const acc_t* __restrict__ u,
+                           const acc_t* __restrict__ bias, PixelSoftmax<acc_t> psm,
+                           acc_t* __restrict__ s_mask, acc_t* __restrict__ norm_out,
+                           bool sequential) {
+  constexpr int PT = kRegVectors * VEC;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* part = reinterpret_cast<acc_t*>(smem_raw);  // kWarps x PT
+  acc_t* s_s = part + kWarps * PT;                   // the groups' gates, PT each
+  acc_t* s_merge = s_s + kWarps * PT;                // block_merge's 2 kWarps values
+
+  const RegLayout r(g.C, log2_cw);
+  const int n = blockIdx.y;
+  const int64_t row = n * g.sN + min(r.c, g.C - 1) * g.sC;  // channel c's row (as reduce's)
+  const int64_t np = static_cast<int64_t>(n) * g.P;
+  const bool release = psm.t != nullptr;  // the gate from given logits: no dot products
+  const acc_t ac = r.c_ok ? a[static_cast<int64_t>(n) * g.C + r.c] : acc_t(0);
+  const acc_t uc = !release && r.c_ok ? u[static_cast<int64_t>(n) * g.C + r.c] : acc_t(0);
+  const acc_t b = release ? acc_t(0) : bias[n];
+  const SoftmaxNorm<acc_t> norm =
+      release ? block_merge_softmax(psm, n, s_merge) : SoftmaxNorm<acc_t>{0, 1};
+  if (release && norm_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    norm_out[n] = norm.top;  // the merged state (2, N), for the backward: one split
+    norm_out[gridDim.y + n] = norm.total;
+  }
+  const int TP = r.groups * PT, p0 = r.group * PT;
+  const acc_t* mine = part + (r.group << log2_cw) * PT + r.lane % PT;  // (group_dot's)
+  const int tiles = (g.P + TP - 1) / TP;
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int pt = t * TP, tp = min(TP, g.P - pt);
+    const RegisterTile<VEC, scalar_t> xt(x + row + pt, p0, tp);
+    if (!release) warp_partial_dots(xt, uc, r, part);
+    __syncthreads();  // the partial sums are visible (and the last tile's gates read)
+    if (r.lead_warp && r.lane < PT && p0 + r.lane < tp) {
+      const int p = p0 + r.lane;
+      const acc_t sg = release ? op_sigmoid(norm(psm.t[np + pt + p]))
+                               : op_sigmoid(group_dot<PT>(mine, log2_cw) + b);
+      s_s[p] = sg;
+      s_mask[np + pt + p] = sg;
+    }
+    __syncthreads();
+    if (r.c_ok) {
+      const Pack<acc_t, PT> sv = smem_run<PT, 1>(s_s, p0);  // (past tp: unused)
+#pragma unroll
+      for (int v = 0; v < kRegVectors; ++v) {
+        if (!xt.ok[v]) continue;
+        Pack<scalar_t, VEC> out;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const int j = v * VEC + k;
+          const acc_t gate = sequential ? ac * sv.v[j] : ac + sv.v[j];
+          out.v[k] = static_cast<scalar_t>(xt.template get<acc_t>(j) * gate);
+        }
+        store_pack(y + row + pt + p0 + v * VEC, out);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- host side
+// MMATTN_PSA_REGISTER_TILES: unset, empty or 1, the register tiles where they apply; 0, never.
+inline bool register_tiles_from_env() {
+  const char* text = std::getenv("MMATTN_PSA_REGISTER_TILES");
+  if (text == nullptr || *text == '\0') return true;
+  TORCH_CHECK((text[0] == '0' || text[0] == '1') && text[1] == '\0',
+              "MMATTN_PSA_REGISTER_TILES must be 0 or 1, got '", text, "'");
+  return text[0] == '1';
+}
+
+// Whether the register-tile kernels take x (laid out as g says; `ptrs`: x and the tensors laid
+// out like it that the pass moves): NCHW, H*W a multiple of the 16-byte vector, aligned data,
+// at most kRegMaxChannels channels, and the environment does not say no.
+template <typename scalar_t>
+bool register_tiles(const Geometry& g, std::initializer_list<const void*> ptrs) {
+  constexpr int vec = kPack16<scalar_t>;
+  return vec > 1 && g.pix_contig && g.C <= kRegMaxChannels && g.P % vec == 0 &&
+         all_aligned(ptrs, vec * sizeof(scalar_t)) && register_tiles_from_env();
+}
+
+// log2 of the warps of a channel group: the smallest cw (a power of two) with 32 cw >= C.
+inline int register_log2_cw(int C) {
+  int l = 0;
+  while ((32 << l) < C) ++l;
+  return l;
+}
+
+// The launch plan of the register tiles: a tile of kWarps / cw x PT pixels (Launch's tile_p;
+// log2_tile unused) and the kernels' shared memory.
+template <typename scalar_t>
+Launch register_plan(int C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int vec = kPack16<scalar_t>;
+  const int tile = (kWarps >> register_log2_cw(C)) * kRegVectors * vec;
+  int log2 = 0;
+  while ((1 << log2) < tile) ++log2;
+  return {tile, log2, register_tiles_smem<acc_t, vec>()};
+}
+
+}  // namespace psa
+}  // namespace mmattn
