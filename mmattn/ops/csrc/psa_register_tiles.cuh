@@ -52,51 +52,60 @@ struct RegLayout {
   }
 };
 
-// A thread's part of a tile: x[c, p0 + j] for j < PT = kRegVectors VEC, as loaded (converted
-// to the accumulation type where used: keeping the 16-bit values halves the registers they
-// take, which the passes' products and sums need). A vector past the tile (ok[v] false) holds
-// the tile's last vector instead, so that every load is made and none is replaced by zeros (a
-// byte permute an element in the SASS, sm_90: as many instructions as the tile's arithmetic):
-// its pixels' values go unused (their exponentials are 0, their gates not stored, their
-// per-channel sums masked).
-template <int VEC, typename scalar_t>
+// A thread's part of a tile: x[c, p0 + j] for j < PT = kRegVectors VEC, converted to the
+// accumulation type when loaded (CONVERT) or where used (the 16-bit values then take half the
+// registers: room for a second tile in flight, fwd_apply_registers_kernel). A vector past the
+// tile (ok[v] false) holds the tile's last vector instead, so that every load is made and none
+// is replaced by zeros (a byte permute an element in the SASS, sm_90: about as many
+// instructions as the tile's arithmetic): its pixels' values go unused (their exponentials are
+// 0, their gates not stored, their per-channel sums masked).
+template <int VEC, typename scalar_t, bool CONVERT>
 struct RegisterTile {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t xv[kRegVectors * VEC];
+  static constexpr int kValues = CONVERT ? kRegVectors * VEC : 1;
+  acc_t xv[kValues];                                   // CONVERT
+  Pack<scalar_t, VEC> raw[CONVERT ? 1 : kRegVectors];  // !CONVERT
   bool ok[kRegVectors];
 
   // xc: a channel's row at the tile's first pixel; tp, the tile's pixels, a multiple of VEC
   // (whole vectors). The loads are all issued before any is used.
-  __device__ __forceinline__ RegisterTile(const scalar_t* xc, int p0, int tp) {
-    Pack<scalar_t, VEC> raw[kRegVectors];
+  __device__ __forceinline__ void load(const scalar_t* xc, int p0, int tp) {
+    Pack<scalar_t, VEC> in[kRegVectors];
 #pragma unroll
     for (int v = 0; v < kRegVectors; ++v) {
       ok[v] = p0 + v * VEC < tp;
-      raw[v] = load_pack<VEC>(xc + min(p0 + v * VEC, tp - VEC));
+      in[v] = load_pack<VEC>(xc + min(p0 + v * VEC, tp - VEC));
     }
 #pragma unroll
-    for (int v = 0; v < kRegVectors; ++v)
+    for (int v = 0; v < kRegVectors; ++v) {
+      if constexpr (CONVERT) {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) xv[v * VEC + k] = static_cast<acc_t>(raw[v].v[k]);
+        for (int k = 0; k < VEC; ++k) xv[v * VEC + k] = static_cast<acc_t>(in[v].v[k]);
+      } else {
+        raw[v] = in[v];
+      }
+    }
   }
 
-  template <typename T>
-  __device__ __forceinline__ T get(int j) const {
-    return xv[j];
+  __device__ __forceinline__ acc_t get(int j) const {
+    if constexpr (CONVERT)
+      return xv[j];
+    else
+      return static_cast<acc_t>(raw[j / VEC].v[j % VEC]);
   }
 };
 
 // Each warp's partial dot products sum_c w_c x[c, p] over its 32 channels, for the group's PT
 // pixels, into part[warp PT + j] (kWarps x PT values of shared memory). Then, after a
 // barrier, group_dot gives pixel j's whole sum to lane j of the group's first warp.
-template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void warp_partial_dots(const RegisterTile<VEC, scalar_t>& xt, acc_t w,
-                                                  const RegLayout& r, acc_t* part) {
+template <int VEC, typename scalar_t, bool CONVERT, typename acc_t>
+__device__ __forceinline__ void warp_partial_dots(const RegisterTile<VEC, scalar_t, CONVERT>& xt,
+                                                  acc_t w, const RegLayout& r, acc_t* part) {
   constexpr int PT = kRegVectors * VEC;
   constexpr int kSpan = 32 / PT;  // the lanes that end with one pixel's sum
   acc_t prod[PT];
 #pragma unroll
-  for (int j = 0; j < PT; ++j) prod[j] = xt.template get<acc_t>(j) * w;
+  for (int j = 0; j < PT; ++j) prod[j] = xt.get(j) * w;
   halving_butterfly(prod, r.lane);  // lane l: pixel l / kSpan's sum over its kSpan lanes' set
 #pragma unroll
   for (int o = kSpan / 2; o > 0; o >>= 1) prod[0] += __shfl_xor_sync(0xffffffffu, prod[0], o);
@@ -151,7 +160,8 @@ fwd_reduce_registers_kernel(const scalar_t* __restrict__ x, Geometry g, int log2
   acc_t acc_s = 0, acc_m = 0;              // channel c's sums over the group's pixels
   for (int pt = p_begin; pt < p_end; pt += TP) {
     const int tp = min(TP, p_end - pt);
-    const RegisterTile<VEC, scalar_t> xt(xc + pt, p0, tp);
+    RegisterTile<VEC, scalar_t, true> xt;
+    xt.load(xc + pt, p0, tp);
     warp_partial_dots(xt, w, r, part);
     __syncthreads();  // the partial sums are visible (and the last tile's s_e, s_alpha read)
     if (r.lead_warp) {  // (warp-uniform) lane j finishes pixel p0 + j
@@ -176,7 +186,7 @@ fwd_reduce_registers_kernel(const scalar_t* __restrict__ x, Geometry g, int log2
       acc_t m = 0;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const acc_t xj = xt.template get<acc_t>(v * VEC + k);
+        const acc_t xj = xt.get(v * VEC + k);
         s += e.v[v * VEC + k] * xj;
         m += xj;
       }
@@ -249,9 +259,14 @@ fwd_apply_registers_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict_
   const int TP = r.groups * PT, p0 = r.group * PT;
   const acc_t* mine = part + (r.group << log2_cw) * PT + r.lane % PT;  // (group_dot's)
   const int tiles = (g.P + TP - 1) / TP;
-  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-    const int pt = t * TP, tp = min(TP, g.P - pt);
-    const RegisterTile<VEC, scalar_t> xt(x + row + pt, p0, tp);
+  // the block's next tile is loaded while it works on this one (its loads in flight across
+  // the barriers; the passes that read x once wait on memory rather than on issue)
+  RegisterTile<VEC, scalar_t, false> xt, next;
+  const int t0 = blockIdx.x;
+  if (t0 < tiles) xt.load(x + row + t0 * TP, p0, min(TP, g.P - t0 * TP));
+  for (int t = t0; t < tiles; t += gridDim.x) {
+    const int pt = t * TP, tp = min(TP, g.P - pt), tn = t + gridDim.x;
+    if (tn < tiles) next.load(x + row + tn * TP, p0, min(TP, g.P - tn * TP));
     if (!release) warp_partial_dots(xt, uc, r, part);
     __syncthreads();  // the partial sums are visible (and the last tile's gates read)
     if (r.lead_warp && r.lane < PT && p0 + r.lane < tp) {
@@ -272,11 +287,12 @@ fwd_apply_registers_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict_
         for (int k = 0; k < VEC; ++k) {
           const int j = v * VEC + k;
           const acc_t gate = sequential ? ac * sv.v[j] : ac + sv.v[j];
-          out.v[k] = static_cast<scalar_t>(xt.template get<acc_t>(j) * gate);
+          out.v[k] = static_cast<scalar_t>(xt.get(j) * gate);
         }
         store_pack(y + row + pt + p0 + v * VEC, out);
       }
     }
+    xt = next;
   }
 }
 
