@@ -126,6 +126,24 @@ def test_outlook_rows_time_the_tensor_core_gathers_too() -> None:
     assert errors['mmattn (tensor-core gathers)'] <= 2 * errors['mmattn'] + 0.05
 
 
+@pytest.mark.cuda
+def test_psa_rows_time_the_shared_memory_tiles_too() -> None:
+    """On the CUDA kernels at up to 256 channels, the PSA case also times mmattn with its
+    forward passes on the shared-memory tiles (``MMATTN_PSA_REGISTER_TILES=0`` around its
+    calls), in the same turns, as exact as the default row (the register tiles)."""
+    result = run_benchmark('--op', 'psa', '--mode', 'parallel', '--no-compile', '--device', 'cuda',
+                           '--dtype', 'bfloat16', '--shape', '2,64,16,16', '--iters', '2',
+                           '--warmup', '1')
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r.split('|')[4].strip(): r.split('|') for r in result.stdout.splitlines()
+            if r.startswith('| psa |')}
+    if 'mmattn (folded)' not in rows:
+        pytest.skip('the PSA kernels are not built for CUDA here')
+    assert 'mmattn (shared-memory tiles)' in rows, result.stdout[-3000:]
+    errors = {name: float(rows[name][-2]) for name in ('mmattn', 'mmattn (shared-memory tiles)')}
+    assert max(errors.values()) <= 2 * min(errors.values()) + 0.05, errors
+
+
 def test_mlp_case_times_torchs_and_mmattns_layers() -> None:
     """``--op mlp``: VOLO's MLP half-block with torch's layers and with mmattn's
     (``dense_layers``), same weights: on the CPU both run torch's functions, equal outputs."""

@@ -14,7 +14,9 @@ For each op, three implementations with the same weights and input:
   (``mmattn (folded)`` for PSA, ``mmattn (reference)`` for outlook: strided slices, no unfold),
   and for outlook on CUDA in bf16/fp16 a third the kernels with the gathers on the tensor-core
   kernel (``mmattn (tensor-core gathers)``: ``MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1`` around its
-  calls).
+  calls), and for PSA on the CUDA kernels at up to 256 channels the forward passes on their
+  shared-memory tiles (``mmattn (shared-memory tiles)``: ``MMATTN_PSA_REGISTER_TILES=0``; NCHW
+  takes the register tiles by default, ``mmattn/ops/csrc/psa_register_tiles.cuh``).
 
 With ``--op mlp`` (part of ``all``) VOLO's MLP half-block ``x + MLP(LN(x))`` on (B, H, W, C)
 tokens is timed with torch's layers (``eager``, ``compile``) against mmattn's
@@ -402,13 +404,19 @@ def psa_case(shape: tuple[int, ...], mode: str, dtype: torch.dtype, device: torc
             p.normal_(0, 0.05)
     impls = {'eager': eager, 'mmattn': block('auto')}
     probe = torch.empty(1, c, 1, 1, device=device, dtype=dtype)
-    if impls['mmattn'].selected_backend(probe)[0] != 'folded':  # kernels, or (CUDA) the reference
+    backend = impls['mmattn'].selected_backend(probe)[0]
+    if backend != 'folded':  # kernels, or (CUDA) the reference
         impls['mmattn (folded)'] = block('folded')
+    envs = {}
+    if backend == 'cuda' and c <= 256:   # the forward passes on the shared-memory tiles
+        name = 'mmattn (shared-memory tiles)'
+        impls[name] = block('auto')
+        envs[name] = {'MMATTN_PSA_REGISTER_TILES': '0'}
     for module in impls.values():
         module.load_state_dict(eager.state_dict())
     nbytes = n * c * h * w * torch.finfo(dtype).bits // 8
     return Case('psa', shape, f'{variant}, {mode}', 3 * nbytes, 8 * nbytes,
-                lambda: torch.randn(shape, device=device, dtype=dtype), impls)
+                lambda: torch.randn(shape, device=device, dtype=dtype), impls, envs=envs)
 
 
 def outlook_case(shape: tuple[int, ...], heads: int, dtype: torch.dtype,
