@@ -1033,7 +1033,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_reduc
     };
     if (register_tiles<scalar_t>(g, {x.data_ptr()})) {
       run(fwd_reduce_registers_kernel<scalar_t, acc_t, kPack16<scalar_t>>,
-          register_plan<scalar_t>(g.C), register_log2_cw(g.C));
+          register_plan<scalar_t>(g.C, 2, 2), register_log2_cw(g.C));
       return;
     }
     const Launch l = plan(g.C, sizeof(acc_t), 1, 2, 3);
@@ -1085,7 +1085,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_apply(const at::Tensor& x, const at::Tens
     };
     if (register_tiles<scalar_t>(g, {x.data_ptr(), y.data_ptr()})) {
       run(fwd_apply_registers_kernel<scalar_t, acc_t, kPack16<scalar_t>>,
-          register_plan<scalar_t>(g.C), register_log2_cw(g.C));
+          register_plan<scalar_t>(g.C, 2, 0), register_log2_cw(g.C));
       return;
     }
     const Launch l = plan(g.C, sizeof(acc_t), 1, 1, 2, 2 * kWarps);
@@ -1140,10 +1140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduc
   at::Tensor pdt, pda, pdu, pr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Launch l = plan(g.C, sizeof(acc_t), 2, 4, 4, 2);
-    const bool vectors = vectorizable<scalar_t>(g, l, {x.data_ptr(), grad.data_ptr()});
-    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
-      auto kernel = bwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
+    // the splits' outputs, then the kernel with its tile arguments (fwd_reduce's)
+    auto run = [&](auto kernel, const Launch& l, auto... tile_args) {
       const SplitLaunch s = split(l, splits_req, N, g.P, prepare(kernel, l));
       pdt = at::empty({N, s.splits}, opts);
       pda = at::empty({N, s.splits, g.C}, opts);
@@ -1154,7 +1152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduc
         return;
       }
       launch::launch(kernel, dim3(s.splits, N), kThreads, l.smem,
-          grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g, l.tile_p, l.log2_tile,
+          grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g, tile_args...,
           s.chunk, s.splits, a.data_ptr<acc_t>(),
           release ? nullptr : s_mask.data_ptr<acc_t>(), pixel_softmax<acc_t>(states),
           d_t.data_ptr<acc_t>(), pdt.data_ptr<acc_t>(), pda.data_ptr<acc_t>(),
@@ -1163,6 +1161,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduc
           zero.defined() ? zero.numel() : int64_t{0},
           wa.defined() ? wa.data_ptr<scalar_t>() : nullptr,
           wa.defined() ? wv2.data_ptr<acc_t>() : nullptr, wa_rows);
+    };
+    if (register_tiles<scalar_t>(g, {x.data_ptr(), grad.data_ptr()})) {
+      run(bwd_reduce_registers_kernel<scalar_t, acc_t, kPack16<scalar_t>>,
+          register_plan<scalar_t>(g.C, 5, 3), register_log2_cw(g.C));
+      return;
+    }
+    const Launch l = plan(g.C, sizeof(acc_t), 2, 4, 4, 2);
+    const bool vectors = vectorizable<scalar_t>(g, l, {x.data_ptr(), grad.data_ptr()});
+    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
+      run(bwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>, l, l.tile_p,
+          l.log2_tile);
     });
   });
   return {d_t, pda, pdu, pr, pdt};

@@ -80,7 +80,7 @@ struct RegisterTile {
     for (int v = 0; v < kRegVectors; ++v) {
       if constexpr (CONVERT) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) xv[v * VEC + k] = static_cast<acc_t>(in[v].v[k]);
+        for (int k = 0; k < VEC; ++k) xv[v * VEC + k] = pack_value<acc_t>(in[v], k);
       } else {
         raw[v] = in[v];
       }
@@ -91,25 +91,38 @@ struct RegisterTile {
     if constexpr (CONVERT)
       return xv[j];
     else
-      return static_cast<acc_t>(raw[j / VEC].v[j % VEC]);
+      return pack_value<acc_t>(raw[j / VEC], j % VEC);
+  }
+
+  // get(j) by the 16-bit type's own conversion (!CONVERT): two instructions a bf16, but in
+  // bwd_reduce_registers_kernel, which holds two tiles, the one-instruction form (a 32-bit
+  // register a value until used) spilled 24-64 bytes (sm_80, sm_90), this one none
+  __device__ __forceinline__ acc_t get_narrow(int j) const {
+    return static_cast<acc_t>(raw[j / VEC].v[j % VEC]);
   }
 };
 
-// Each warp's partial dot products sum_c w_c x[c, p] over its 32 channels, for the group's PT
-// pixels, into part[warp PT + j] (kWarps x PT values of shared memory). Then, after a
-// barrier, group_dot gives pixel j's whole sum to lane j of the group's first warp.
-template <int VEC, typename scalar_t, bool CONVERT, typename acc_t>
-__device__ __forceinline__ void warp_partial_dots(const RegisterTile<VEC, scalar_t, CONVERT>& xt,
-                                                  acc_t w, const RegLayout& r, acc_t* part) {
-  constexpr int PT = kRegVectors * VEC;
+// Each warp's partial sums over its 32 channels of prod[j] (a lane's channel's term of pixel
+// j's dot product, j < PT) into part[warp PT + j] (kWarps x PT values of shared memory). Then,
+// after a barrier, group_dot gives pixel j's whole sum to lane j of the group's first warp.
+template <int PT, typename acc_t>
+__device__ __forceinline__ void warp_partial_sums(acc_t (&prod)[PT], const RegLayout& r,
+                                                  acc_t* part) {
   constexpr int kSpan = 32 / PT;  // the lanes that end with one pixel's sum
-  acc_t prod[PT];
-#pragma unroll
-  for (int j = 0; j < PT; ++j) prod[j] = xt.get(j) * w;
   halving_butterfly(prod, r.lane);  // lane l: pixel l / kSpan's sum over its kSpan lanes' set
 #pragma unroll
   for (int o = kSpan / 2; o > 0; o >>= 1) prod[0] += __shfl_xor_sync(0xffffffffu, prod[0], o);
   if (r.lane % kSpan == 0) part[r.warp * PT + r.lane / kSpan] = prod[0];
+}
+
+// warp_partial_sums of w x[c, p] (w: the thread's channel's weight, 0 past C).
+template <int VEC, typename scalar_t, bool CONVERT, typename acc_t>
+__device__ __forceinline__ void warp_partial_dots(const RegisterTile<VEC, scalar_t, CONVERT>& xt,
+                                                  acc_t w, const RegLayout& r, acc_t* part) {
+  acc_t prod[kRegVectors * VEC];
+#pragma unroll
+  for (int j = 0; j < kRegVectors * VEC; ++j) prod[j] = xt.get(j) * w;
+  warp_partial_sums(prod, r, part);
 }
 
 // Pixel j's sum over its group's cw warps, `mine` = part + (first warp of the group) PT + j
@@ -123,11 +136,13 @@ __device__ __forceinline__ acc_t group_dot(const acc_t* mine, int log2_cw) {
   return sum;
 }
 
-// Dynamic shared memory of the two kernels, in values of acc_t: the warps' partial sums and the
-// pixels' values (kWarps x PT each), then per-group or per-thread scratch.
+// Dynamic shared memory of a register-tile kernel, in bytes: `pixel_vectors` vectors of
+// kWarps x PT values of acc_t (the warps' partial sums, the pixels' values), `thread_vectors`
+// of a value per thread (the merge at the end), and 3 kWarps values of per-group scratch.
 template <typename acc_t, int VEC>
-constexpr size_t register_tiles_smem() {
-  return sizeof(acc_t) * (2 * kWarps * kRegVectors * VEC + 3 * kWarps + 2 * kThreads);
+constexpr size_t register_tiles_smem(int pixel_vectors, int thread_vectors) {
+  return sizeof(acc_t) * (pixel_vectors * kWarps * kRegVectors * VEC +
+                          thread_vectors * kThreads + 3 * kWarps);
 }
 
 // ---------------------------------------------------------------- forward, pass 1: reductions
@@ -144,9 +159,9 @@ fwd_reduce_registers_kernel(const scalar_t* __restrict__ x, Geometry g, int log2
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* part = reinterpret_cast<acc_t*>(smem_raw);  // kWarps x PT
   acc_t* s_e = part + kWarps * PT;                   // the groups' exponentials, PT each
-  acc_t* s_alpha = s_e + kWarps * PT;                // a rescaling factor per group
+  acc_t* s_sums = s_e + kWarps * PT;                 // 2 kThreads, for the merge at the end
+  acc_t* s_alpha = s_sums + 2 * kThreads;            // a rescaling factor per group
   acc_t* s_state = s_alpha + kWarps;                 // the groups' (max, sum): 2 kWarps
-  acc_t* s_sums = s_state + 2 * kWarps;              // 2 kThreads, for the merge at the end
 
   const RegLayout r(g.C, log2_cw);
   const int n = blockIdx.y, split = blockIdx.x;
@@ -296,6 +311,125 @@ fwd_apply_registers_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict_
   }
 }
 
+// ---------------------------------------------------------------- backward, pass 1: reductions
+// bwd_reduce_kernel's contract (its outputs the same; the splits `chunk` pixels each, a multiple
+// of the tile). Per tile: G (.) x's dot products with a (or ones) give dL/dS; the lead lanes
+// form d_t from it and the gate; then each thread's sums over its pixels of G x (S or 1),
+// x d_t and (the release's PSA_p) x sig.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+bwd_reduce_registers_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                            Geometry g, int log2_cw, int chunk, int splits,
+                            const acc_t* __restrict__ a, const acc_t* __restrict__ s_mask,
+                            PixelSoftmax<acc_t> psm, acc_t* __restrict__ d_t,
+                            acc_t* __restrict__ pdt, acc_t* __restrict__ pda,
+                            acc_t* __restrict__ pdu, acc_t* __restrict__ pr, bool sequential,
+                            acc_t* __restrict__ zero, int64_t zero_count,
+                            scalar_t* __restrict__ wa, const acc_t* __restrict__ wv2,
+                            int wa_rows) {
+  constexpr int PT = kRegVectors * VEC;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* part = reinterpret_cast<acc_t*>(smem_raw);  // kWarps x PT
+  acc_t* s_s = part + kWarps * PT;                   // the groups' gates S, PT each
+  acc_t* s_dt = s_s + kWarps * PT;                   // d_t
+  acc_t* s_sig = s_dt + kWarps * PT;                 // the release's PSA_p: sig
+  acc_t* s_dtsum = s_sig + kWarps * PT;              // the lead lanes' sums of d_t
+  acc_t* s_sums = s_dtsum + kWarps * PT;             // 3 kThreads, for the merge at the end
+
+  const RegLayout r(g.C, log2_cw);
+  const int n = blockIdx.y, split = blockIdx.x;
+  const int64_t row = n * g.sN + min(r.c, g.C - 1) * g.sC;  // channel c's row (as forward)
+  const int64_t np = static_cast<int64_t>(n) * g.P;
+  const bool release = psm.t != nullptr;
+  zero_grid(zero, zero_count);
+  scale_columns_grid(wa, wv2, a, gridDim.y, wa_rows, g.C);  // (PSA_s: W_v' diag(A))
+  // the dot products' weight: A (sequential) or ones (parallel), 0 past C
+  const acc_t wc = !r.c_ok ? acc_t(0) : sequential ? a[static_cast<int64_t>(n) * g.C + r.c]
+                                                   : acc_t(1);
+  const int TP = r.groups * PT, p0 = r.group * PT;
+  const acc_t* mine = part + (r.group << log2_cw) * PT + r.lane % PT;  // (group_dot's)
+  const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
+  acc_t dtsum = 0;  // a lead lane's sum of its pixel slot's d_t
+  acc_t acc_da = 0, acc_du = 0, acc_r = 0;
+  for (int pt = p_begin; pt < p_end; pt += TP) {
+    const int tp = min(TP, p_end - pt);
+    RegisterTile<VEC, scalar_t, false> xt, gt;
+    xt.load(x + row + pt, p0, tp);
+    gt.load(grad + row + pt, p0, tp);
+    acc_t prod[PT];
+#pragma unroll
+    for (int j = 0; j < PT; ++j) prod[j] = gt.get_narrow(j) * xt.get_narrow(j) * wc;
+    warp_partial_sums(prod, r, part);
+    __syncthreads();  // the partial sums are visible (and the last tile's values read)
+    if (r.lead_warp && r.lane < PT) {
+      const int p = p0 + r.lane;
+      acc_t sg = 0, sig = 0, dt = 0;  // (past the tile: zeros)
+      if (p < tp) {
+        const int64_t i = np + pt + p;
+        if (release) {  // (the backward gets t's softmax state merged: one split)
+          sig = merge_softmax(psm, n)(psm.t[i]);
+          sg = op_sigmoid(sig);
+        } else {
+          sg = s_mask[i];
+        }
+        // d_t = dL/d(the gate's logit): paper u . x_p + b; release sig_p dL/d(sig_p) (the
+        // factor sig_p of the softmax's backward, whose other term the glue subtracts)
+        dt = group_dot<PT>(mine, log2_cw) * sg * (acc_t(1) - sg) * (release ? sig : acc_t(1));
+        d_t[i] = dt;
+        dtsum += dt;
+      }
+      s_s[p] = sg;
+      s_dt[p] = dt;
+      s_sig[p] = sig;
+    }
+    __syncthreads();
+    const Pack<acc_t, PT> sv = smem_run<PT, 1>(s_s, p0);
+    const Pack<acc_t, PT> dtv = smem_run<PT, 1>(s_dt, p0);
+#pragma unroll
+    for (int v = 0; v < kRegVectors; ++v) {
+      acc_t da = 0, du = 0, rr = 0;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const int j = v * VEC + k;
+        const acc_t xj = xt.get_narrow(j), gx = gt.get_narrow(j) * xj;
+        da += sequential ? gx * sv.v[j] : gx;
+        du += xj * dtv.v[j];
+        if (release) rr += xj * s_sig[p0 + j];
+      }
+      if (xt.ok[v]) {
+        acc_da += da;
+        acc_du += du;
+        acc_r += rr;
+      }
+    }
+  }
+  // each channel's sums over the groups, by group 0's threads; d_t's sum over the lead lanes'
+  // slots in slot order (the same sum every run)
+  if (r.lead_warp && r.lane < PT) s_dtsum[p0 + r.lane] = dtsum;
+  s_sums[threadIdx.x] = acc_da;
+  s_sums[kThreads + threadIdx.x] = acc_du;
+  s_sums[2 * kThreads + threadIdx.x] = acc_r;
+  __syncthreads();
+  const int64_t o = static_cast<int64_t>(n) * splits + split;
+  if (r.group == 0 && r.c_ok) {  // (threadIdx.x = c; group k's thread of channel c: k 32 cw + c)
+    acc_t da = 0, du = 0, rr = 0;
+    for (int k = 0; k < r.groups; ++k) {
+      const int t = (k << (5 + log2_cw)) + r.c;
+      da += s_sums[t];
+      du += s_sums[kThreads + t];
+      rr += s_sums[2 * kThreads + t];
+    }
+    pda[o * g.C + r.c] = da;
+    pdu[o * g.C + r.c] = du;
+    if (release) pr[o * g.C + r.c] = rr;
+  }
+  if (threadIdx.x == 0) {
+    acc_t total = 0;
+    for (int p = 0; p < TP; ++p) total += s_dtsum[p];
+    pdt[o] = total;
+  }
+}
+
 // ---------------------------------------------------------------- host side
 // MMATTN_PSA_REGISTER_TILES: unset, empty or 1, the register tiles where they apply; 0, never.
 inline bool register_tiles_from_env() {
@@ -324,15 +458,15 @@ inline int register_log2_cw(int C) {
 }
 
 // The launch plan of the register tiles: a tile of kWarps / cw x PT pixels (Launch's tile_p;
-// log2_tile unused) and the kernels' shared memory.
+// log2_tile unused) and the kernel's shared memory (register_tiles_smem's arguments).
 template <typename scalar_t>
-Launch register_plan(int C) {
+Launch register_plan(int C, int pixel_vectors, int thread_vectors) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int vec = kPack16<scalar_t>;
   const int tile = (kWarps >> register_log2_cw(C)) * kRegVectors * vec;
   int log2 = 0;
   while ((1 << log2) < tile) ++log2;
-  return {tile, log2, register_tiles_smem<acc_t, vec>()};
+  return {tile, log2, register_tiles_smem<acc_t, vec>(pixel_vectors, thread_vectors)};
 }
 
 }  // namespace psa
