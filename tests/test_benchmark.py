@@ -129,7 +129,7 @@ def test_outlook_rows_time_the_tensor_core_gathers_too() -> None:
 @pytest.mark.cuda
 def test_psa_rows_time_the_shared_memory_tiles_too() -> None:
     """On the CUDA kernels at up to 256 channels, the PSA case also times mmattn with its
-    forward passes on the shared-memory tiles (``MMATTN_PSA_REGISTER_TILES=0`` around its
+    passes on the shared-memory tiles (``MMATTN_PSA_REGISTER_TILES=0`` around its
     calls), in the same turns, as exact as the default row (the register tiles)."""
     result = run_benchmark('--op', 'psa', '--mode', 'parallel', '--no-compile', '--device', 'cuda',
                            '--dtype', 'bfloat16', '--shape', '2,64,16,16', '--iters', '2',

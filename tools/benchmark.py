@@ -14,7 +14,7 @@ For each op, three implementations with the same weights and input:
   (``mmattn (folded)`` for PSA, ``mmattn (reference)`` for outlook: strided slices, no unfold),
   and for outlook on CUDA in bf16/fp16 a third the kernels with the gathers on the tensor-core
   kernel (``mmattn (tensor-core gathers)``: ``MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1`` around its
-  calls), and for PSA on the CUDA kernels at up to 256 channels the forward passes on their
+  calls), and for PSA on the CUDA kernels at up to 256 channels the passes on their
   shared-memory tiles (``mmattn (shared-memory tiles)``: ``MMATTN_PSA_REGISTER_TILES=0``; NCHW
   takes the register tiles by default, ``mmattn/ops/csrc/psa_register_tiles.cuh``).
 
@@ -408,7 +408,7 @@ def psa_case(shape: tuple[int, ...], mode: str, dtype: torch.dtype, device: torc
     if backend != 'folded':  # kernels, or (CUDA) the reference
         impls['mmattn (folded)'] = block('folded')
     envs = {}
-    if backend == 'cuda' and c <= 256:   # the forward passes on the shared-memory tiles
+    if backend == 'cuda' and c <= 256:   # the passes on the shared-memory tiles
         name = 'mmattn (shared-memory tiles)'
         impls[name] = block('auto')
         envs[name] = {'MMATTN_PSA_REGISTER_TILES': '0'}

@@ -1,27 +1,31 @@
-// The forward passes of psa_kernels.cuh (the reduction and the gating) for NCHW x of up to 256
-// channels moved in 16-byte vectors, with the tile in registers instead of shared memory.
+// Three of the pass kernels of psa_kernels.cuh (the forward reduction and gating, the
+// backward reduction) for NCHW x of up to 256 channels moved in 16-byte vectors, with the
+// tile in registers instead of shared memory.
 //
 // The shared-memory tile (psa_kernels.cuh) stages TP pixels x C channels as the accumulation
 // type and then walks it twice: the per-pixel dot products over the channels (a warp per
 // pixel group, a load from shared memory per multiply-add) and the per-channel sums over the
-// pixels (a thread per channel, again a load per multiply-add); four barriers a tile. Nsight
-// Compute found the forward reduction issue-bound (H100, 2026-11-27: 0.64 warp instructions a
-// cycle per scheduler, 2.3x its DRAM floor), so its instructions set its time. Here a thread
-// owns one channel of the tile and 2 VEC consecutive pixels of it (two 16-byte loads, kept in
-// registers as loaded):
+// pixels (a thread per channel, again a load per multiply-add); three or four barriers a tile.
+// Nsight Compute found the forward reduction issue-bound (H100, 2026-11-27: 0.64 warp
+// instructions a cycle per scheduler, 2.3x its DRAM floor), so its instructions set its time;
+// the other passes waited on memory and barriers at 50 % occupancy. Here a thread owns one
+// channel of the tile and 2 VEC consecutive pixels of it (two 16-byte loads a tensor, kept in
+// registers):
 //   - the per-channel sums over the pixels are the thread's own (no shared memory);
 //   - the dot products over the channels are each warp's butterfly (halving_butterfly: 2 VEC
 //     sums a lane halved to one) and, where a channel group spans several warps, a sum of
 //     their partial sums through shared memory;
 //   - two barriers a tile: the warps' partial sums, then the pixels' values (the
-//     exponentials, or the gate) from the lanes that finish them.
+//     exponentials, the gate, d_t) from the lanes that finish them;
+//   - a few KB of shared memory, the tile's loads issued together, the gating pass's next
+//     tile in flight while it works on this one.
 // A channel group is the 32 cw threads of cw consecutive warps (cw = 1, 2, 4, 8: the smallest
-// with 32 cw >= C; channels past C load nothing and weigh 0), so a block holds kWarps / cw
-// groups, each on its own 2 VEC pixels of the tile: a tile is kWarps / cw x 2 VEC pixels
-// (bf16 at C = 256: 16; at C = 48, cw = 2: 64).
+// with 32 cw >= C; channels past C read channel C - 1, weigh 0 and write nothing), so a block
+// holds kWarps / cw groups, each on its own 2 VEC pixels of the tile: a tile is kWarps / cw x
+// 2 VEC pixels (bf16 at C = 256: 16; at C = 48, cw = 2: 64).
 //
-// Taken by fwd_reduce and fwd_apply (psa_kernels.cuh) where register_tiles() allows, unless
-// MMATTN_PSA_REGISTER_TILES=0 (the shared-memory tile, for comparison).
+// Taken by fwd_reduce, fwd_apply and bwd_reduce (psa_kernels.cuh) where register_tiles()
+// allows, unless MMATTN_PSA_REGISTER_TILES=0 (the shared-memory tiles, for comparison).
 #pragma once
 
 // (included by psa_kernels.cuh after its device helpers: Geometry, Pack, halving_butterfly,
