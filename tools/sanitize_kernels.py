@@ -6,7 +6,8 @@ memcheck`` and ``--tool racecheck``)::
 
 PSA (``backend='cuda'``: the whole block per call, the paper's two forms and the release's
 ``PSA_p`` and ``PSA_s``): float32 and bfloat16, NCHW and channels_last, on [2, 64, 17, 13],
-[3, 96, 33, 40] and [1, 8, 1, 1] (odd sizes, a single pixel). Outlook
+[3, 96, 33, 40] and [1, 8, 1, 1] (odd sizes, a single pixel); NCHW [3, 96, 33, 40] on the
+register tiles and (``MMATTN_PSA_REGISTER_TILES=0``) on the shared-memory tiles. Outlook
 attention (``backend='cuda'``): K=3 with stride 1 and 2, float32 and bfloat16, bfloat16's
 gathers on the scalar kernel and (``MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1``) the tensor-core
 one. The column sums
@@ -136,17 +137,27 @@ def main() -> int:
                 continue
             for shape in args.shapes:
                 for layout in (LAYOUTS[v] for v in layouts):
-                    kw = dict(mode=mode, variant=variant)
-                    fast = PolarizedSelfAttention(shape[1], backend='cuda', **kw).to(device)
-                    ref = PolarizedSelfAttention(shape[1], backend='reference', **kw).to(device)
-                    ref.load_state_dict(fast.state_dict())
-                    x = torch.randn(shape, device=device).to(dtype=dtype, memory_format=layout)
-                    fast, ref = fast.to(dtype), ref.to(dtype)
-                    err = run_pair(fast, ref, x)
-                    name = f'psa {variant} {mode} {list(shape)} {dtype} {layout}'
-                    print(f'{name}: max relative difference {err:.1e}', flush=True)
-                    if not err <= tol:
-                        failures.append(name)
+                    # NCHW where the register tiles take it (C <= 256, H*W whole 16-byte
+                    # vectors): on them, and on the shared-memory tiles
+                    # (MMATTN_PSA_REGISTER_TILES=0)
+                    both = layout == torch.contiguous_format and shape[1] <= 256 and \
+                        shape[2] * shape[3] % 8 == 0
+                    for tiles in ('1', '0') if both else ('1',):
+                        kw = dict(mode=mode, variant=variant)
+                        fast = PolarizedSelfAttention(shape[1], backend='cuda', **kw).to(device)
+                        ref = PolarizedSelfAttention(shape[1], backend='reference',
+                                                     **kw).to(device)
+                        ref.load_state_dict(fast.state_dict())
+                        x = torch.randn(shape, device=device).to(dtype=dtype,
+                                                                 memory_format=layout)
+                        fast, ref = fast.to(dtype), ref.to(dtype)
+                        with mock.patch.dict(os.environ, {'MMATTN_PSA_REGISTER_TILES': tiles}):
+                            err = run_pair(fast, ref, x)
+                        name = (f'psa {variant} {mode} {list(shape)} {dtype} {layout}'
+                                + (' (shared-memory tiles)' if tiles == '0' else ''))
+                        print(f'{name}: max relative difference {err:.1e}', flush=True)
+                        if not err <= tol:
+                            failures.append(name)
         # NCHW input, and channels-last input, whose block pools on mmattn's kernel
         # (16-bit, stride 2: the gathers on the scalar kernel, the default, and on the
         # tensor-core one, MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1)
