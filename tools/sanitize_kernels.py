@@ -74,6 +74,17 @@ def run_pair(fast: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor) -> fl
     return worst
 
 
+def check_pair(name: str, fast: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor,
+               env: dict[str, str], tol: float, failures: list[str]) -> None:
+    """run_pair with ``env`` set around it (a kernel choice mmattn's C++ reads at each call);
+    prints the difference, and adds ``name`` to ``failures`` where it exceeds ``tol``."""
+    with mock.patch.dict(os.environ, env):
+        err = run_pair(fast, ref, x)
+    print(f'{name}: max relative difference {err:.1e}', flush=True)
+    if not err <= tol:
+        failures.append(name)
+
+
 #: (shape, what it covers) of the column sums
 COLUMN_SHAPES = [((3, 5, 7, 1160), 'bf16: 16-byte vectors, 3 column tiles, the last cut short'),
                  ((2, 9, 486), '4-byte vectors (bf16)'), ((4, 33, 5), 'single elements'),
@@ -151,13 +162,10 @@ def main() -> int:
                         x = torch.randn(shape, device=device).to(dtype=dtype,
                                                                  memory_format=layout)
                         fast, ref = fast.to(dtype), ref.to(dtype)
-                        with mock.patch.dict(os.environ, {'MMATTN_PSA_REGISTER_TILES': tiles}):
-                            err = run_pair(fast, ref, x)
                         name = (f'psa {variant} {mode} {list(shape)} {dtype} {layout}'
                                 + (' (shared-memory tiles)' if tiles == '0' else ''))
-                        print(f'{name}: max relative difference {err:.1e}', flush=True)
-                        if not err <= tol:
-                            failures.append(name)
+                        check_pair(name, fast, ref, x, {'MMATTN_PSA_REGISTER_TILES': tiles},
+                                   tol, failures)
         # NCHW input, and channels-last input, whose block pools on mmattn's kernel
         # (16-bit, stride 2: the gathers on the scalar kernel, the default, and on the
         # tensor-core one, MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1)
@@ -169,13 +177,10 @@ def main() -> int:
             ref.load_state_dict(fast.state_dict())
             shape = (2, 64, 13, 11) if fmt == 'NCHW' else (2, 13, 11, 64)
             x = torch.randn(shape, device=device, dtype=dtype)
-            with mock.patch.dict(os.environ, {'MMATTN_OUTLOOK_TENSOR_CORE_GATHER': tensor_cores}):
-                err = run_pair(fast, ref, x)
             name = (f'outlook K=3 stride {stride} {fmt} {dtype}'
                     + (' (tensor-core gathers)' if tensor_cores == '1' else ''))
-            print(f'{name}: max relative difference {err:.1e}', flush=True)
-            if not err <= tol:
-                failures.append(name)
+            check_pair(name, fast, ref, x, {'MMATTN_OUTLOOK_TENSOR_CORE_GATHER': tensor_cores},
+                       tol, failures)
         for shape, covers in COLUMN_SHAPES if 'column-sums' in ops else ():
             err = column_sums_difference(shape, dtype, device)
             name = f'column sums {list(shape)} {dtype} ({covers})'

@@ -180,6 +180,21 @@ __device__ __forceinline__ SoftmaxNorm<acc_t> block_merge_softmax(const PixelSof
   return block_merge(top, total, scratch);
 }
 
+// The forward apply pass's softmax state of the gate logits: the release's PSA_p, image n's
+// splits merged by the whole block (block_merge_softmax), also written to norm_out (2, N), if
+// given, by the image's first block (the backward's one split); the paper's gate: none.
+template <typename acc_t>
+__device__ __forceinline__ SoftmaxNorm<acc_t> gate_softmax(const PixelSoftmax<acc_t>& psm, int n,
+                                                          acc_t* scratch, acc_t* norm_out) {
+  if (psm.t == nullptr) return {0, 1};
+  const SoftmaxNorm<acc_t> norm = block_merge_softmax(psm, n, scratch);
+  if (norm_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    norm_out[n] = norm.top;
+    norm_out[gridDim.y + n] = norm.total;
+  }
+  return norm;
+}
+
 // A tile of `tp` (<= tile_p) pixels x C channels is moved in vectors of VEC elements that lie
 // consecutively in memory: (c + k dc, p + k dp), k < VEC, with (dc, dp) = (0, 1) for NCHW (pixels
 // of a channel) and (1, 0) for channels_last (channels of a pixel), so one access moves each. A
@@ -554,12 +569,7 @@ fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geome
   if (!release) load_vec(s_u, u + static_cast<int64_t>(n) * g.C, g.C);
   const acc_t b = release ? acc_t(0) : bias[n];
   // (S splits' states: by the whole block, not a 2 S-long chain of loads in every thread)
-  const SoftmaxNorm<acc_t> norm =
-      release ? block_merge_softmax(psm, n, s_merge) : SoftmaxNorm<acc_t>{0, 1};
-  if (release && norm_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
-    norm_out[n] = norm.top;  // the merged state (2, N), for the backward: one split
-    norm_out[gridDim.y + n] = norm.total;
-  }
+  const SoftmaxNorm<acc_t> norm = gate_softmax(psm, n, s_merge, norm_out);
   const int tiles = (g.P + tile_p - 1) / tile_p;
   for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int pt = t * tile_p, tp = min(tile_p, g.P - pt);

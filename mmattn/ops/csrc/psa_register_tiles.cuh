@@ -29,7 +29,7 @@
 #pragma once
 
 // (included by psa_kernels.cuh after its device helpers: Geometry, Pack, halving_butterfly,
-// smem_run, SoftmaxNorm, block_merge_softmax)
+// smem_run, SoftmaxNorm, gate_softmax)
 
 namespace mmattn {
 namespace psa {
@@ -269,12 +269,7 @@ fwd_apply_registers_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict_
   const acc_t ac = r.c_ok ? a[static_cast<int64_t>(n) * g.C + r.c] : acc_t(0);
   const acc_t uc = !release && r.c_ok ? u[static_cast<int64_t>(n) * g.C + r.c] : acc_t(0);
   const acc_t b = release ? acc_t(0) : bias[n];
-  const SoftmaxNorm<acc_t> norm =
-      release ? block_merge_softmax(psm, n, s_merge) : SoftmaxNorm<acc_t>{0, 1};
-  if (release && norm_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
-    norm_out[n] = norm.top;  // the merged state (2, N), for the backward: one split
-    norm_out[gridDim.y + n] = norm.total;
-  }
+  const SoftmaxNorm<acc_t> norm = gate_softmax(psm, n, s_merge, norm_out);
   const int TP = r.groups * PT, p0 = r.group * PT;
   const acc_t* mine = part + (r.group << log2_cw) * PT + r.lane % PT;  // (group_dot's)
   const int tiles = (g.P + TP - 1) / TP;
