@@ -35,13 +35,22 @@ def call(b, t: Tensor) -> Tensor:
     return b(t)
 
 
+# (layout, MMATTN_PSA_REGISTER_TILES): NCHW's passes on the register tiles where they apply
+# (psa_register_tiles.cuh: H*W whole 16-byte vectors, C <= 256) and on the shared-memory tiles
+TILES = [(torch.contiguous_format, '1'), (torch.contiguous_format, '0'),
+         (torch.channels_last, '1')]
+
+
 @pytest.mark.parametrize('variant, mode', FORMS)
-@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('layout, register_tiles', TILES)
 def test_module_matches_reference(cuda_kernels: str, variant: str, mode: str,
-                                  layout: torch.memory_format) -> None:
+                                  layout: torch.memory_format, register_tiles: str,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv('MMATTN_PSA_REGISTER_TILES', register_tiles)
     fast, ref = cuda_pair(variant, mode, 48)
     auto = block(variant, mode, 48, 'auto').cuda()
     assert auto.selected_backend(torch.randn(1, 48, 2, 2, device='cuda'))[0] == 'cuda'
+    # (float64: the register tiles take NCHW's even H*W, the shared-memory tiles the others)
     for shape in [(2, 48, 12, 10), (1, 48, 1, 1), (3, 48, 33, 17), (1, 48, 130, 96)]:
         x = torch.randn(shape, dtype=F64, device='cuda').contiguous(memory_format=layout)
         g = torch.randn(shape, dtype=F64, device='cuda').contiguous(memory_format=layout)
@@ -54,9 +63,14 @@ def test_module_matches_reference(cuda_kernels: str, variant: str, mode: str,
 
 @pytest.mark.parametrize('variant, mode', FORMS)
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision(cuda_kernels: str, variant: str, mode: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize('register_tiles', ['1', '0'])
+def test_low_precision(cuda_kernels: str, variant: str, mode: str, dtype: torch.dtype,
+                       register_tiles: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Error against float64 at most about twice the eager reference's in the same dtype
-    (C=256: 16-byte vectors; the check of psa_block_checks.py, on CUDA tensors)."""
+    (C=256, NCHW: 16-byte vectors, the register tiles and the shared-memory tiles; the check
+    of psa_block_checks.py, on CUDA tensors)."""
+    monkeypatch.setenv('MMATTN_PSA_REGISTER_TILES', register_tiles)
+
     def on_cuda(b, x: Tensor) -> Tensor:
         b.to('cuda').backend = 'cuda'
         return b(x.cuda()).cpu()
