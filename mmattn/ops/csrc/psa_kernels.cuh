@@ -1245,21 +1245,18 @@ std::tuple<at::Tensor, at::Tensor> bwd_apply(
   at::Tensor pgwq;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Launch l = plan(g.C, sizeof(acc_t), 1, 4, 6, 5);
-    const bool vectors =
-        vectorizable<scalar_t>(g, l, {x.data_ptr(), grad.data_ptr(), dx.data_ptr()});
     const auto tail = make_tail(static_cast<scalar_t*>(nullptr));
-    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
-      auto kernel = bwd_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value,
-                                     std::decay_t<decltype(tail)>>;
+    using TailT = std::decay_t<decltype(tail)>;
+    // the kernel with its tile arguments (fwd_reduce's), the tail's row first
+    auto run = [&](auto kernel, const Launch& l, auto... tile_args) {
       const SplitLaunch s = split(l, splits_req, N, g.P, prepare(kernel, l));
       if (!gwq.defined()) pgwq = at::empty({N, s.splits, g.C}, opts);
       // (no image: the tail alone, its sums over no image zeros)
-      const int rows = N + kTailRows<std::decay_t<decltype(tail)>>;
+      const int rows = N + kTailRows<TailT>;
       if (rows == 0) return;
       launch::launch(kernel, dim3(s.splits, rows), kThreads, l.smem, tail,
           grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g,
-          l.tile_p, l.log2_tile, s.chunk, s.splits, a.data_ptr<acc_t>(),
+          tile_args..., s.chunk, s.splits, a.data_ptr<acc_t>(),
           release ? nullptr : s_mask.data_ptr<acc_t>(), logits.data_ptr<acc_t>(),
           lnorm.data_ptr<acc_t>(), pixel_softmax<acc_t>(states),
           release ? beta_t.data_ptr<acc_t>() : nullptr, d_t.data_ptr<acc_t>(),
@@ -1267,6 +1264,18 @@ std::tuple<at::Tensor, at::Tensor> bwd_apply(
           wq.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
           gwq.defined() ? nullptr : pgwq.data_ptr<acc_t>(), sequential,
           gwq.defined() ? gwq.data_ptr<acc_t>() : nullptr, accumulate);
+    };
+    if (register_tiles<scalar_t>(g, {x.data_ptr(), grad.data_ptr(), dx.data_ptr()})) {
+      run(bwd_apply_registers_kernel<scalar_t, acc_t, kPack16<scalar_t>, TailT>,
+          register_plan<scalar_t>(g.C, 5, 5, kBwdApplyVectors), register_log2_cw(g.C));
+      return;
+    }
+    const Launch l = plan(g.C, sizeof(acc_t), 1, 4, 6, 5);
+    const bool vectors =
+        vectorizable<scalar_t>(g, l, {x.data_ptr(), grad.data_ptr(), dx.data_ptr()});
+    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
+      run(bwd_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value, TailT>, l, l.tile_p,
+          l.log2_tile);
     });
   });
   return {dx, pgwq};

@@ -1,6 +1,6 @@
-// Three of the pass kernels of psa_kernels.cuh (the forward reduction and gating, the
-// backward reduction) for NCHW x of up to 256 channels moved in 16-byte vectors, with the
-// tile in registers instead of shared memory.
+// The four pass kernels of psa_kernels.cuh (the forward reduction and gating, the backward
+// reduction and apply pass) for NCHW x of up to 256 channels moved in 16-byte vectors, with
+// the tile in registers instead of shared memory.
 //
 // The shared-memory tile (psa_kernels.cuh) stages TP pixels x C channels as the accumulation
 // type and then walks it twice: the per-pixel dot products over the channels (a warp per
@@ -10,13 +10,13 @@
 // instructions a cycle per scheduler, 2.3x its DRAM floor), so its instructions set its time;
 // the other passes waited on memory and barriers at 50 % occupancy. Here a thread owns one
 // channel of the tile and 2 VEC consecutive pixels of it (two 16-byte loads a tensor, kept in
-// registers):
+// registers; the backward apply pass, which reads three tensors, one):
 //   - the per-channel sums over the pixels are the thread's own (no shared memory);
 //   - the dot products over the channels are each warp's butterfly (halving_butterfly: 2 VEC
 //     sums a lane halved to one) and, where a channel group spans several warps, a sum of
 //     their partial sums through shared memory;
 //   - two barriers a tile: the warps' partial sums, then the pixels' values (the
-//     exponentials, the gate, d_t) from the lanes that finish them;
+//     exponentials, the gate, d_t, pi and d_l) from the lanes that finish them;
 //   - a few KB of shared memory, the tile's loads issued together, the gating pass's next
 //     tile in flight while it works on this one.
 // A channel group is the 32 cw threads of cw consecutive warps (cw = 1, 2, 4, 8: the smallest
@@ -24,8 +24,9 @@
 // holds kWarps / cw groups, each on its own 2 VEC pixels of the tile: a tile is kWarps / cw x
 // 2 VEC pixels (bf16 at C = 256: 16; at C = 48, cw = 2: 64).
 //
-// Taken by fwd_reduce, fwd_apply and bwd_reduce (psa_kernels.cuh) where register_tiles()
-// allows, unless MMATTN_PSA_REGISTER_TILES=0 (the shared-memory tiles, for comparison).
+// Taken by fwd_reduce, fwd_apply, bwd_reduce and bwd_apply (psa_kernels.cuh) where
+// register_tiles() allows, unless MMATTN_PSA_REGISTER_TILES=0 (the shared-memory tiles, for
+// comparison).
 #pragma once
 
 // (included by psa_kernels.cuh after its device helpers: Geometry, Pack, halving_butterfly,
@@ -63,25 +64,25 @@ struct RegLayout {
 // is replaced by zeros (a byte permute an element in the SASS, sm_90: about as many
 // instructions as the tile's arithmetic): its pixels' values go unused (their exponentials are
 // 0, their gates not stored, their per-channel sums masked).
-template <int VEC, typename scalar_t, bool CONVERT>
+template <int VEC, typename scalar_t, bool CONVERT, int NV = kRegVectors>
 struct RegisterTile {
   using acc_t = at::opmath_type<scalar_t>;
-  static constexpr int kValues = CONVERT ? kRegVectors * VEC : 1;
-  acc_t xv[kValues];                                   // CONVERT
-  Pack<scalar_t, VEC> raw[CONVERT ? 1 : kRegVectors];  // !CONVERT
-  bool ok[kRegVectors];
+  static constexpr int kValues = CONVERT ? NV * VEC : 1;
+  acc_t xv[kValues];                           // CONVERT
+  Pack<scalar_t, VEC> raw[CONVERT ? 1 : NV];  // !CONVERT
+  bool ok[NV];
 
   // xc: a channel's row at the tile's first pixel; tp, the tile's pixels, a multiple of VEC
   // (whole vectors). The loads are all issued before any is used.
   __device__ __forceinline__ void load(const scalar_t* xc, int p0, int tp) {
-    Pack<scalar_t, VEC> in[kRegVectors];
+    Pack<scalar_t, VEC> in[NV];
 #pragma unroll
-    for (int v = 0; v < kRegVectors; ++v) {
+    for (int v = 0; v < NV; ++v) {
       ok[v] = p0 + v * VEC < tp;
       in[v] = load_pack<VEC>(xc + min(p0 + v * VEC, tp - VEC));
     }
 #pragma unroll
-    for (int v = 0; v < kRegVectors; ++v) {
+    for (int v = 0; v < NV; ++v) {
       if constexpr (CONVERT) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) xv[v * VEC + k] = pack_value<acc_t>(in[v], k);
@@ -120,12 +121,13 @@ __device__ __forceinline__ void warp_partial_sums(acc_t (&prod)[PT], const RegLa
 }
 
 // warp_partial_sums of w x[c, p] (w: the thread's channel's weight, 0 past C).
-template <int VEC, typename scalar_t, bool CONVERT, typename acc_t>
-__device__ __forceinline__ void warp_partial_dots(const RegisterTile<VEC, scalar_t, CONVERT>& xt,
-                                                  acc_t w, const RegLayout& r, acc_t* part) {
-  acc_t prod[kRegVectors * VEC];
+template <int VEC, typename scalar_t, bool CONVERT, int NV, typename acc_t>
+__device__ __forceinline__ void warp_partial_dots(
+    const RegisterTile<VEC, scalar_t, CONVERT, NV>& xt, acc_t w, const RegLayout& r,
+    acc_t* part) {
+  acc_t prod[NV * VEC];
 #pragma unroll
-  for (int j = 0; j < kRegVectors * VEC; ++j) prod[j] = xt.get(j) * w;
+  for (int j = 0; j < NV * VEC; ++j) prod[j] = xt.get(j) * w;
   warp_partial_sums(prod, r, part);
 }
 
@@ -144,9 +146,10 @@ __device__ __forceinline__ acc_t group_dot(const acc_t* mine, int log2_cw) {
 // kWarps x PT values of acc_t (the warps' partial sums, the pixels' values), `thread_vectors`
 // of a value per thread (the merge at the end), and 3 kWarps values of per-group scratch.
 template <typename acc_t, int VEC>
-constexpr size_t register_tiles_smem(int pixel_vectors, int thread_vectors) {
-  return sizeof(acc_t) * (pixel_vectors * kWarps * kRegVectors * VEC +
-                          thread_vectors * kThreads + 3 * kWarps);
+constexpr size_t register_tiles_smem(int pixel_vectors, int thread_vectors,
+                                     int nv = kRegVectors) {
+  return sizeof(acc_t) * (pixel_vectors * kWarps * nv * VEC + thread_vectors * kThreads +
+                          3 * kWarps);
 }
 
 // ---------------------------------------------------------------- forward, pass 1: reductions
@@ -429,6 +432,140 @@ bwd_reduce_registers_kernel(const scalar_t* __restrict__ grad, const scalar_t* _
   }
 }
 
+// ---------------------------------------------------------------- backward, pass 2: dx
+// One 16-byte vector a tensor a thread per tile (tiles of half the other kernels' pixels): with
+// two (x's, G's and dx's part), the products and the pixels' four factors spilled 12-44 bytes
+// (nvcc 13.0, sm_80 and sm_90), even with the channel's constants in shared memory.
+constexpr int kBwdApplyVectors = 1;
+
+// bwd_apply_kernel's contract (its tail in the grid's first row, its splits `chunk` pixels
+// each, a multiple of the tile). Per tile: x's dot products with dsv; the lead lanes form pi,
+// S, dL/dt and d_l = pi (dsv . x_p - beta); then each thread's dx over its pixels and its sum
+// of x d_l (the W_q gradient). A channel's constants (A, u, dm, dsv, w_q) are the thread's.
+template <typename scalar_t, typename acc_t, int VEC, typename Tail>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+bwd_apply_registers_kernel(Tail tail, const scalar_t* __restrict__ grad,
+                           const scalar_t* __restrict__ x, scalar_t* __restrict__ dx, Geometry g,
+                           int log2_cw, int chunk, int splits, const acc_t* __restrict__ a,
+                           const acc_t* __restrict__ s_mask, const acc_t* __restrict__ logits,
+                           const acc_t* __restrict__ lnorm, PixelSoftmax<acc_t> psm,
+                           const acc_t* __restrict__ beta_t, const acc_t* __restrict__ d_t,
+                           const acc_t* __restrict__ u, const acc_t* __restrict__ dm,
+                           const acc_t* __restrict__ dsv, const acc_t* __restrict__ wq,
+                           const acc_t* __restrict__ beta, acc_t* __restrict__ pgwq,
+                           bool sequential, acc_t* __restrict__ gwq, bool accumulate) {
+  constexpr int PT = kBwdApplyVectors * VEC;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* part = reinterpret_cast<acc_t*>(smem_raw);  // kWarps x PT
+  acc_t* s_s = part + kWarps * PT;                   // the groups' S, PT each
+  acc_t* s_pi = s_s + kWarps * PT;                   // pi
+  acc_t* s_dt = s_pi + kWarps * PT;                  // dL/dt
+  acc_t* s_dl = s_dt + kWarps * PT;                  // d_l
+  acc_t* s_sums = s_dl + kWarps * PT;                // kThreads, for the merge at the end
+  acc_t* s_const = s_sums + kThreads;  // A, u, dm, w_q of the thread's channel (kThreads each:
+                                       // read where used, which held registers spilled)
+
+  if (kTailRows<Tail> == 1 && blockIdx.y == 0) {  // (a whole block returns: no barrier waits)
+    tail(blockIdx.x, gridDim.x);
+    return;
+  }
+  const int N = gridDim.y - kTailRows<Tail>, n = blockIdx.y - kTailRows<Tail>;
+  const int split = blockIdx.x;
+  const RegLayout r(g.C, log2_cw);
+  const int64_t row = n * g.sN + min(r.c, g.C - 1) * g.sC;  // channel c's row (as forward)
+  const int64_t np = static_cast<int64_t>(n) * g.P, nc = static_cast<int64_t>(n) * g.C;
+  const bool release = psm.t != nullptr;
+  const int cc = min(r.c, g.C - 1);  // (a channel past C: C - 1's constants, nothing written)
+  s_const[threadIdx.x] = a[nc + cc];
+  s_const[kThreads + threadIdx.x] = u[nc + cc];
+  s_const[2 * kThreads + threadIdx.x] = dm[nc + cc];
+  s_const[3 * kThreads + threadIdx.x] = wq[cc];
+  const acc_t dsvc = r.c_ok ? dsv[nc + cc] : acc_t(0);  // (the dot products' weight)
+  const acc_t bn = beta[n];
+  const int TP = r.groups * PT, p0 = r.group * PT;
+  const acc_t* mine = part + (r.group << log2_cw) * PT + r.lane % PT;  // (group_dot's)
+  const int p_begin = split * chunk, p_end = min(g.P, p_begin + chunk);
+  acc_t acc_g = 0;  // channel c's sum over its pixels of x d_l
+  for (int pt = p_begin; pt < p_end; pt += TP) {
+    const int tp = min(TP, p_end - pt);
+    RegisterTile<VEC, scalar_t, false, kBwdApplyVectors> xt, gt;
+    xt.load(x + row + pt, p0, tp);
+    gt.load(grad + row + pt, p0, tp);
+    warp_partial_dots(xt, dsvc, r, part);
+    __syncthreads();  // the partial sums are visible (and the last tile's values read)
+    if (r.lead_warp && r.lane < PT) {
+      const int p = p0 + r.lane;
+      acc_t sg = 0, pi = 0, dt = 0, dl = 0;  // (past the tile: zeros)
+      if (p < tp) {
+        const int64_t i = np + pt + p;
+        pi = SoftmaxNorm<acc_t>{lnorm[n], lnorm[N + n]}(logits[i]);
+        if (release) {  // sig = softmax_p(t), S = sigmoid(sig), dL/dt = w_t - beta_t sig
+          const acc_t sig = merge_softmax(psm, n)(psm.t[i]);
+          sg = op_sigmoid(sig);
+          dt = d_t[i] - beta_t[n] * sig;
+        } else {
+          sg = s_mask[i];
+          dt = d_t[i];
+        }
+        dl = pi * (group_dot<PT>(mine, log2_cw) - bn);
+      }
+      s_s[p] = sg;
+      s_pi[p] = pi;
+      s_dt[p] = dt;
+      s_dl[p] = dl;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int v = 0; v < kBwdApplyVectors; ++v) {
+      const int q = p0 + v * VEC;
+      Pack<scalar_t, VEC> out;
+      if (accumulate && r.c_ok && xt.ok[v])  // dx holds a part already (PSA_s: its value map's)
+        out = load_pack<VEC>(dx + row + pt + q);
+      const acc_t ac = s_const[threadIdx.x], uc = s_const[kThreads + threadIdx.x];
+      const acc_t dmc = s_const[2 * kThreads + threadIdx.x];
+      const acc_t wqc = s_const[3 * kThreads + threadIdx.x];
+      acc_t gsum = 0;
+      // the pixels' four factors a 16-byte run at a time (all of a vector's at once spilled)
+      constexpr int W = VEC < kPack16<acc_t> ? VEC : kPack16<acc_t>;
+#pragma unroll
+      for (int k0 = 0; k0 < VEC; k0 += W) {
+        const Pack<acc_t, W> sv = smem_run<W, 1>(s_s, q + k0);
+        const Pack<acc_t, W> piv = smem_run<W, 1>(s_pi, q + k0);
+        const Pack<acc_t, W> dtv = smem_run<W, 1>(s_dt, q + k0);
+        const Pack<acc_t, W> dlv = smem_run<W, 1>(s_dl, q + k0);
+#pragma unroll
+        for (int i = 0; i < W; ++i) {
+          const int k = k0 + i, j = v * VEC + k;
+          const acc_t xj = xt.get_narrow(j);
+          gsum += xj * dlv.v[i];
+          const acc_t gate = sequential ? ac * sv.v[i] : ac + sv.v[i];
+          acc_t d = gt.get_narrow(j) * gate + uc * dtv.v[i] + dmc + dsvc * piv.v[i] +
+                    wqc * dlv.v[i];
+          if (accumulate) d += static_cast<acc_t>(out.v[k]);
+          out.v[k] = static_cast<scalar_t>(d);
+        }
+      }
+      if (xt.ok[v]) {
+        acc_g += gsum;
+        if (r.c_ok) store_pack(dx + row + pt + q, out);
+      }
+    }
+  }
+  // the W_q gradient: each channel's sum over the groups (group 0's threads), added into gwq
+  // (zeroed by the backward's first kernel) when given, else written to its (n, split) row of
+  // pgwq
+  s_sums[threadIdx.x] = acc_g;
+  __syncthreads();
+  if (r.group == 0 && r.c_ok) {  // (threadIdx.x = c; group k's thread of channel c: k 32 cw + c)
+    acc_t sum = 0;
+    for (int k = 0; k < r.groups; ++k) sum += s_sums[(k << (5 + log2_cw)) + r.c];
+    if (gwq != nullptr)
+      atomicAdd(gwq + r.c, sum);
+    else
+      pgwq[(static_cast<int64_t>(n) * splits + split) * g.C + r.c] = sum;
+  }
+}
+
 // ---------------------------------------------------------------- host side
 // MMATTN_PSA_REGISTER_TILES: unset, empty or 1, the register tiles where they apply; 0, never.
 inline bool register_tiles_from_env() {
@@ -456,16 +593,17 @@ inline int register_log2_cw(int C) {
   return l;
 }
 
-// The launch plan of the register tiles: a tile of kWarps / cw x PT pixels (Launch's tile_p;
-// log2_tile unused) and the kernel's shared memory (register_tiles_smem's arguments).
+// The launch plan of the register tiles: a tile of kWarps / cw x PT pixels, PT = nv VEC
+// (Launch's tile_p; log2_tile unused) and the kernel's shared memory (register_tiles_smem's
+// arguments).
 template <typename scalar_t>
-Launch register_plan(int C, int pixel_vectors, int thread_vectors) {
+Launch register_plan(int C, int pixel_vectors, int thread_vectors, int nv = kRegVectors) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int vec = kPack16<scalar_t>;
-  const int tile = (kWarps >> register_log2_cw(C)) * kRegVectors * vec;
+  const int tile = (kWarps >> register_log2_cw(C)) * nv * vec;
   int log2 = 0;
   while ((1 << log2) < tile) ++log2;
-  return {tile, log2, register_tiles_smem<acc_t, vec>(pixel_vectors, thread_vectors)};
+  return {tile, log2, register_tiles_smem<acc_t, vec>(pixel_vectors, thread_vectors, nv)};
 }
 
 }  // namespace psa
