@@ -111,7 +111,7 @@ def test_psa_kernels_match_equations(psa_kernel, mode: str,
 def test_psa_kernels_low_precision(psa_kernel, dtype: torch.dtype, layout: torch.memory_format,
                                    register_tiles: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """C=256 (smaller tiles in the backward's two-tile pass for float32), 16-byte vectors in
-    both layouts, NCHW's reductions and gating on the register tiles and on the shared-memory
+    both layouts, NCHW's four passes on the register tiles and on the shared-memory
     tiles: error against float64 at most about twice the eager reference's in the same dtype."""
     monkeypatch.setenv('MMATTN_PSA_REGISTER_TILES', register_tiles)
 
