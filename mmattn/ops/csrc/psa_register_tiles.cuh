@@ -100,8 +100,8 @@ struct RegisterTile {
   }
 
   // get(j) by the 16-bit type's own conversion (!CONVERT): two instructions a bf16, but in
-  // bwd_reduce_registers_kernel, which holds two tiles, the one-instruction form (a 32-bit
-  // register a value until used) spilled 24-64 bytes (sm_80, sm_90), this one none
+  // the backward kernels, which hold two tiles, the one-instruction form (a 32-bit register a
+  // value until used) spilled 24-64 bytes (bwd_reduce_registers_kernel, sm_80 and sm_90)
   __device__ __forceinline__ acc_t get_narrow(int j) const {
     return static_cast<acc_t>(raw[j / VEC].v[j % VEC]);
   }
