@@ -180,8 +180,8 @@ def test_psa_register_tiles_match_equations(psa_kernel, emulated, mode: str) -> 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32, torch.bfloat16])
 def test_psa_register_tiles_reduction_splits(emulated, dtype: torch.dtype) -> None:
-    """The forward reduction's splits (1, 3 or 7 per image, partial tiles among them) against
-    the definitions: logits l = w . x_p, and, merged over the splits, the softmax over the
+    """The forward reduction's splits (1, 3 or 7 asked per image, at most one a tile; partial
+    tiles among them) against the definitions: logits l = w . x_p, and, merged over the splits, the softmax over the
     pixels' normaliser and s = sum_p softmax(l)_p x_p, m = sum_p x_p."""
     counts = set()
     for shape in [(2, 2, 6, 12), (1, 40, 5, 24), (2, 96, 4, 10), (1, 200, 4, 18)]:  # P % 8 = 0
@@ -212,7 +212,8 @@ def test_psa_register_tiles_reduction_splits(emulated, dtype: torch.dtype) -> No
 def test_psa_release_forms_on_register_tiles(block_kernel, emulated, variant: str,
                                              mode: str) -> None:
     """PSA_p's spatial logits (a per-image weight) and its gate from given logits, PSA_s's
-    reduction, on the register tiles: float64 against the equations, every gradient."""
+    passes (its dx part added by the backward apply pass, whose launch runs the weight
+    gradients' tail), on the register tiles: float64 against the equations, every gradient."""
     for shape in REGISTER_TILE_SHAPES[1:4]:
         assert emulated.psa_register_tiles(torch.empty(shape, dtype=F64))
         check_matches(block_kernel, mode, shape, torch.contiguous_format, variant)
