@@ -55,7 +55,24 @@ struct RegLayout {
     c_ok = c < C;
     lead_warp = (warp & (cw - 1)) == 0;
   }
+
+  // Where image n's row of the thread's channel starts in x (or a tensor laid out as x); a
+  // channel past C reads channel C - 1's (it weighs 0 and writes nothing).
+  __device__ __forceinline__ int64_t row(const Geometry& g, int n) const {
+    return n * g.sN + min(c, g.C - 1) * g.sC;
+  }
 };
+
+// The thread's channel's sum over the block's groups of a per-thread value (`vec`: kThreads of
+// shared memory, group k's thread of channel c at k 32 cw + c), for group 0's threads
+// (threadIdx.x = c), after a barrier that follows the writes; in group order, the same every
+// run.
+template <typename acc_t>
+__device__ __forceinline__ acc_t groups_sum(const acc_t* vec, const RegLayout& r) {
+  acc_t sum = 0;
+  for (int k = 0; k < r.groups; ++k) sum += vec[(k << (5 + r.log2_cw)) + r.c];
+  return sum;
+}
 
 // A thread's part of a tile: x[c, p0 + j] for j < PT = kRegVectors VEC, converted to the
 // accumulation type when loaded (CONVERT) or where used (the 16-bit values then take half the
@@ -172,8 +189,7 @@ fwd_reduce_registers_kernel(const scalar_t* __restrict__ x, Geometry g, int log2
 
   const RegLayout r(g.C, log2_cw);
   const int n = blockIdx.y, split = blockIdx.x;
-  // (a channel past C reads channel C - 1, weighs 0 and writes nothing)
-  const scalar_t* xc = x + n * g.sN + min(r.c, g.C - 1) * g.sC;
+  const scalar_t* xc = x + r.row(g, n);
   const acc_t w = r.c_ok ? wq[n * wq_stride + r.c] : acc_t(0);
   const int TP = r.groups * PT, p0 = r.group * PT;
   const acc_t* mine = part + (r.group << log2_cw) * PT + r.lane % PT;  // (group_dot's)
@@ -230,14 +246,9 @@ fwd_reduce_registers_kernel(const scalar_t* __restrict__ x, Geometry g, int log2
   s_sums[kThreads + threadIdx.x] = acc_m;
   __syncthreads();
   const int64_t o = static_cast<int64_t>(n) * splits + split;
-  if (r.group == 0 && r.c_ok) {  // (threadIdx.x = c; group k's thread of channel c: k 32 cw + c)
-    acc_t s = 0, m = 0;
-    for (int k = 0; k < r.groups; ++k) {
-      s += s_sums[(k << (5 + log2_cw)) + r.c];
-      m += s_sums[kThreads + (k << (5 + log2_cw)) + r.c];
-    }
-    ps[o * g.C + r.c] = s;
-    pm[o * g.C + r.c] = m;
+  if (r.group == 0 && r.c_ok) {
+    ps[o * g.C + r.c] = groups_sum(s_sums, r);
+    pm[o * g.C + r.c] = groups_sum(s_sums + kThreads, r);
   }
   if (threadIdx.x == 0) {
     acc_t total = 0;
@@ -266,7 +277,7 @@ fwd_apply_registers_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict_
 
   const RegLayout r(g.C, log2_cw);
   const int n = blockIdx.y;
-  const int64_t row = n * g.sN + min(r.c, g.C - 1) * g.sC;  // channel c's row (as reduce's)
+  const int64_t row = r.row(g, n);
   const int64_t np = static_cast<int64_t>(n) * g.P;
   const bool release = psm.t != nullptr;  // the gate from given logits: no dot products
   const acc_t ac = r.c_ok ? a[static_cast<int64_t>(n) * g.C + r.c] : acc_t(0);
@@ -340,7 +351,7 @@ bwd_reduce_registers_kernel(const scalar_t* __restrict__ grad, const scalar_t* _
 
   const RegLayout r(g.C, log2_cw);
   const int n = blockIdx.y, split = blockIdx.x;
-  const int64_t row = n * g.sN + min(r.c, g.C - 1) * g.sC;  // channel c's row (as forward)
+  const int64_t row = r.row(g, n);
   const int64_t np = static_cast<int64_t>(n) * g.P;
   const bool release = psm.t != nullptr;
   zero_grid(zero, zero_count);
@@ -413,17 +424,10 @@ bwd_reduce_registers_kernel(const scalar_t* __restrict__ grad, const scalar_t* _
   s_sums[2 * kThreads + threadIdx.x] = acc_r;
   __syncthreads();
   const int64_t o = static_cast<int64_t>(n) * splits + split;
-  if (r.group == 0 && r.c_ok) {  // (threadIdx.x = c; group k's thread of channel c: k 32 cw + c)
-    acc_t da = 0, du = 0, rr = 0;
-    for (int k = 0; k < r.groups; ++k) {
-      const int t = (k << (5 + log2_cw)) + r.c;
-      da += s_sums[t];
-      du += s_sums[kThreads + t];
-      rr += s_sums[2 * kThreads + t];
-    }
-    pda[o * g.C + r.c] = da;
-    pdu[o * g.C + r.c] = du;
-    if (release) pr[o * g.C + r.c] = rr;
+  if (r.group == 0 && r.c_ok) {
+    pda[o * g.C + r.c] = groups_sum(s_sums, r);
+    pdu[o * g.C + r.c] = groups_sum(s_sums + kThreads, r);
+    if (release) pr[o * g.C + r.c] = groups_sum(s_sums + 2 * kThreads, r);
   }
   if (threadIdx.x == 0) {
     acc_t total = 0;
@@ -472,7 +476,7 @@ bwd_apply_registers_kernel(Tail tail, const scalar_t* __restrict__ grad,
   const int N = gridDim.y - kTailRows<Tail>, n = blockIdx.y - kTailRows<Tail>;
   const int split = blockIdx.x;
   const RegLayout r(g.C, log2_cw);
-  const int64_t row = n * g.sN + min(r.c, g.C - 1) * g.sC;  // channel c's row (as forward)
+  const int64_t row = r.row(g, n);
   const int64_t np = static_cast<int64_t>(n) * g.P, nc = static_cast<int64_t>(n) * g.C;
   const bool release = psm.t != nullptr;
   const int cc = min(r.c, g.C - 1);  // (a channel past C: C - 1's constants, nothing written)
@@ -556,9 +560,8 @@ bwd_apply_registers_kernel(Tail tail, const scalar_t* __restrict__ grad,
   // pgwq
   s_sums[threadIdx.x] = acc_g;
   __syncthreads();
-  if (r.group == 0 && r.c_ok) {  // (threadIdx.x = c; group k's thread of channel c: k 32 cw + c)
-    acc_t sum = 0;
-    for (int k = 0; k < r.groups; ++k) sum += s_sums[(k << (5 + log2_cw)) + r.c];
+  if (r.group == 0 && r.c_ok) {
+    const acc_t sum = groups_sum(s_sums, r);
     if (gwq != nullptr)
       atomicAdd(gwq + r.c, sum);
     else
