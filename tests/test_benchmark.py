@@ -29,6 +29,13 @@ def benchmark_module():
     return benchmark
 
 
+def impl_rows(stdout: str, op: str) -> dict[str, list[str]]:
+    """The op's rows of the benchmark's table by implementation: each row's cells (split on
+    '|', as printed)."""
+    return {r.split('|')[4].strip(): r.split('|') for r in stdout.splitlines()
+            if r.startswith(f'| {op} |')}
+
+
 def test_host_preset_reports_each_form_against_the_conv_block() -> None:
     """``--preset host``: each PSA form's implementations and the yardstick (a 3x3 conv + BN +
     ReLU) timed in one round-robin per form, each implementation's ratio to that form's
@@ -113,8 +120,7 @@ def test_outlook_rows_time_the_tensor_core_gathers_too() -> None:
                            'bfloat16', '--shape', '2,14,14,64', '--heads', '2', '--iters', '2',
                            '--warmup', '1')
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {r.split('|')[4].strip(): r.split('|') for r in result.stdout.splitlines()
-            if r.startswith('| outlook |')}
+    rows = impl_rows(result.stdout, 'outlook')
     if 'mmattn (reference)' not in rows:
         pytest.skip('the outlook kernels are not built for CUDA here')
     assert 'mmattn (tensor-core gathers)' in rows, result.stdout[-3000:]
@@ -135,8 +141,7 @@ def test_psa_rows_time_the_shared_memory_tiles_too() -> None:
                            '--dtype', 'bfloat16', '--shape', '2,64,16,16', '--iters', '2',
                            '--warmup', '1')
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {r.split('|')[4].strip(): r.split('|') for r in result.stdout.splitlines()
-            if r.startswith('| psa |')}
+    rows = impl_rows(result.stdout, 'psa')
     if 'mmattn (folded)' not in rows:
         pytest.skip('the PSA kernels are not built for CUDA here')
     assert 'mmattn (shared-memory tiles)' in rows, result.stdout[-3000:]
@@ -150,8 +155,7 @@ def test_mlp_case_times_torchs_and_mmattns_layers() -> None:
     result = run_benchmark('--op', 'mlp', '--no-compile', '--shape', '2,3,4,16', '--iters', '1',
                            '--warmup', '0', '--threads', '1')
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {r.split('|')[4].strip(): r.split('|') for r in result.stdout.splitlines()
-            if r.startswith('| mlp |')}
+    rows = impl_rows(result.stdout, 'mlp')
     assert set(rows) == {'eager', 'mmattn'}, result.stdout[-3000:]
     assert float(rows['mmattn'][-2]) == 0
     assert rows['mmattn'][2].strip() == '2x3x4x16'
