@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cusparse.h
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -120,6 +121,76 @@ void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem, 
   kernel<<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// Thread-block clusters (compute capability 9.0): the blocks of a cluster run at the same time on
+// one GPU processing cluster and can wait for each other (cluster_sync).
+constexpr int kMaxClusterBlocks = 8;  // the portable cluster size
+
+// A launch of `grid` blocks in clusters of `cluster` blocks along x on the current stream
+// (`attr`: the storage of its one attribute).
+inline cudaLaunchConfig_t cluster_config(dim3 grid, unsigned cluster, unsigned threads,
+                                         size_t smem, cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = cluster;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
+// The largest cluster size up to `wanted` (at most kMaxClusterBlocks) in which `kernel`'s
+// blocks (`threads`, `smem` bytes of dynamic shared memory) can be resident together on this
+// device: 1 below compute capability 9.0 (no clusters), or where none of 2 or more fits.
+template <typename... KArgs>
+int cluster_blocks(void (*kernel)(KArgs...), int wanted, unsigned threads, size_t smem) {
+  wanted = wanted < kMaxClusterBlocks ? wanted : kMaxClusterBlocks;
+  if (wanted <= 1 || device_attribute(Attr::kComputeMajor) < 9) return 1;
+  return RuntimeCache::get().lookup(
+      std::make_tuple(current_device(), reinterpret_cast<const void*>(kernel),
+                      int64_t{-3} - wanted, static_cast<int64_t>(threads) << 32 | smem),
+      [&] {
+        for (int size = wanted; size > 1; --size) {
+          cudaLaunchAttribute attr;
+          const cudaLaunchConfig_t config = cluster_config(dim3(size), size, threads, smem, &attr);
+          int clusters = 0;
+          C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+          if (clusters > 0) return size;
+        }
+        return 1;
+      });
+}
+
+// `kernel` on `grid` blocks in clusters of `cluster` consecutive blocks along x (grid.x a
+// multiple of it; a plain launch for 1), on the current stream, checked.
+template <typename... KArgs, typename... Args>
+void launch_clusters(void (*kernel)(KArgs...), dim3 grid, unsigned cluster, unsigned threads,
+                     size_t smem, Args&&... args) {
+  if (cluster <= 1) return launch(kernel, grid, threads, smem, std::forward<Args>(args)...);
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t config = cluster_config(grid, cluster, threads, smem, &attr);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+// A barrier of the cluster's threads (all of them call it) that orders their memory accesses,
+// global and shared (release at arrival, acquire at the wait, at cluster scope); a block's
+// __syncthreads where there are no clusters.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#else
+  __syncthreads();
+#endif
+}
+
+// The dynamic shared memory of the running block (identity here; the CPU emulation, which runs
+// a cluster's blocks at once, gives each its own).
+__device__ __forceinline__ unsigned char* block_shared(unsigned char* memory) { return memory; }
 
 }  // namespace launch
 }  // namespace mmattn

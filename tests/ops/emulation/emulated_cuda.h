@@ -1,13 +1,15 @@
 // CUDA's execution model on the CPU, so that mmattn's kernel sources (mmattn/ops/csrc/*.cuh) can
 // be compiled by the host compiler and run in the tests on a machine without a GPU.
 //
-// A launch runs the grid's blocks one after another; a block runs each of its CUDA threads on an
-// OS thread of a pool (threads are started once and reused: starting 256 threads took 8.7 ms a
-// block on 2 cores, more than the work of most blocks), with __syncthreads() a barrier of the
+// A launch runs the grid's blocks one after another (a thread-block cluster's blocks at the same
+// time, cluster_sync() a barrier of all their threads); a block runs each of its CUDA threads on
+// an OS thread of a pool (threads are started once and reused: starting 256 threads took 8.7 ms
+// a block on 2 cores, more than the work of most blocks), with __syncthreads() a barrier of the
 // block and the warp shuffles an exchange through a buffer between two barriers of the warp.
-// Dynamic shared memory is one buffer (the blocks do not overlap in time), filled with 0xFF bytes
-// (NaN for floating point) before each block so that a read of shared memory nobody wrote shows
-// up in the results. Threads really run
+// Dynamic shared memory is one buffer per block that runs at once (launch::block_shared picks the
+// block's: a kernel launched in clusters must take its shared memory through it), filled with
+// 0xFF bytes (NaN for floating point) before each block so that a read of shared memory nobody
+// wrote shows up in the results. Threads really run
 // concurrently, so a missing __syncthreads can show as a wrong (or flaky) result; what cannot be
 // seen here: the GPU's memory model, performance, and errors that only the device's limits
 // produce. This provides the interface of mmattn/ops/csrc/cuda_launch.cuh.
@@ -25,6 +27,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <array>
 #include <barrier>
 #include <cmath>
 #include <cstdio>
@@ -52,23 +55,58 @@ struct dim3 {
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
-inline dim3 gridDim, blockDim, blockIdx;  // shared by the threads of the running block
-inline thread_local dim3 threadIdx;
+inline dim3 gridDim, blockDim;  // shared by the threads of the running launch
+inline thread_local dim3 blockIdx, threadIdx;
 
 using std::max;
 using std::min;
 
 namespace mmattn_emulation {
 
+struct ClusterOrder;
+
 struct Block {
   std::barrier<>* threads = nullptr;
   std::vector<std::unique_ptr<std::barrier<>>>* warps = nullptr;
   std::vector<double>* exchange = nullptr;
+  std::barrier<>* cluster = nullptr;  // all threads of the block's cluster
+  unsigned slot = 0;                  // the block's place in its cluster (its shared memory)
+  unsigned cluster_blocks = 1;
+  ClusterOrder* order = nullptr;
 };
-inline Block block;
+inline thread_local Block block;  // the calling thread's block
 constexpr size_t kSharedMemoryBytes = 227 * 1024;  // an H100's opt-in limit per block
-inline std::vector<unsigned char*> shared_memories;  // one per kernel family
+constexpr unsigned kMaxClusterBlocks = 8;          // the portable cluster size
+// one per kernel family, kMaxClusterBlocks blocks' worth
+inline std::vector<unsigned char*> shared_memories;
 inline int64_t launches = 0;                         // kernel launches so far (for the tests)
+
+// The last block of a cluster runs each step between cluster barriers only once the other
+// blocks have run theirs (reached the next barrier, or exited), so that a step missing a cluster
+// barrier shows: the others write what the last block has yet to read, or read what it has yet
+// to write. Per barrier, the count of the other blocks' threads that have reached it.
+constexpr unsigned kMaxClusterBarriers = 64;  // a kernel's cluster barriers, at most
+
+struct ClusterOrder {
+  unsigned others = 0;  // the other blocks' threads
+  std::array<std::atomic<unsigned>, kMaxClusterBarriers + 2> reached{};
+};
+inline thread_local unsigned cluster_barriers = 0;  // the calling thread's so far
+
+inline bool last_of_cluster() {
+  return block.cluster_blocks > 1 && block.slot + 1 == block.cluster_blocks;
+}
+
+inline void reach(unsigned barrier) {
+  std::atomic<unsigned>& r = block.order->reached[barrier];
+  if (r.fetch_add(1) + 1 == block.order->others) r.notify_all();
+}
+
+// (the last block's threads) until the other blocks' threads have reached `barrier`
+inline void wait_for_others(unsigned barrier) {
+  std::atomic<unsigned>& r = block.order->reached[barrier];
+  for (unsigned v = r.load(); v < block.order->others; v = r.load()) r.wait(v);
+}
 
 inline bool register_shared_memory(unsigned char* memory) {
   shared_memories.push_back(memory);
@@ -320,38 +358,91 @@ int resident_blocks(void (*)(KArgs...), unsigned, size_t) {
   return 4;
 }
 
+using mmattn_emulation::kMaxClusterBlocks;
+
+// every cluster size up to kMaxClusterBlocks "fits" (launch_clusters runs it)
+template <typename... KArgs>
+int cluster_blocks(void (*)(KArgs...), int wanted, unsigned, size_t) {
+  return std::max(1, std::min(wanted, static_cast<int>(kMaxClusterBlocks)));
+}
+
 template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem,
-            Args&&... args) {
+void launch_clusters(void (*kernel)(KArgs...), dim3 grid, unsigned cluster, unsigned threads,
+                     size_t smem, Args&&... args) {
   TORCH_CHECK(threads >= 1 && threads <= 1024, "emulated launch: ", threads, " threads");
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "emulated launch: a grid of ", grid.y,
               " x ", grid.z, " blocks in y and z, the device takes 65535 at most");
   TORCH_CHECK(smem <= mmattn_emulation::kSharedMemoryBytes, "emulated launch: ", smem,
               " bytes of shared memory, the device has ", mmattn_emulation::kSharedMemoryBytes);
+  TORCH_CHECK(cluster >= 1 && cluster <= kMaxClusterBlocks && grid.x % cluster == 0,
+              "emulated launch: clusters of ", cluster, " blocks on a grid of ", grid.x,
+              " in x (at most ", kMaxClusterBlocks, ", dividing the grid)");
   ++mmattn_emulation::launches;
   gridDim = grid;
   blockDim = dim3(threads);
   const unsigned warps = (threads + 31) / 32;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = dim3(x, y, z);
-        std::barrier<> block_sync(threads);
-        std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
-        for (unsigned w = 0; w < warps; ++w)
-          warp_sync.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
-        std::vector<double> exchange(32 * warps);
-        mmattn_emulation::block = {&block_sync, &warp_sync, &exchange};
+      for (unsigned x0 = 0; x0 < grid.x; x0 += cluster) {
+        std::barrier<> cluster_sync(cluster * threads);
+        mmattn_emulation::ClusterOrder order;
+        order.others = (cluster - 1) * threads;
+        std::vector<std::unique_ptr<std::barrier<>>> block_sync;
+        std::vector<std::vector<std::unique_ptr<std::barrier<>>>> warp_sync(cluster);
+        std::vector<std::vector<double>> exchange(cluster, std::vector<double>(32 * warps));
+        for (unsigned b = 0; b < cluster; ++b) {
+          block_sync.push_back(std::make_unique<std::barrier<>>(threads));
+          for (unsigned w = 0; w < warps; ++w)
+            warp_sync[b].push_back(
+                std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+        }
         for (unsigned char* memory : mmattn_emulation::shared_memories)
-          std::memset(memory, 0xFF, mmattn_emulation::kSharedMemoryBytes);
-        mmattn_emulation::Pool::get().run(threads, [&](unsigned t) {
-          threadIdx = dim3(t);
+          std::memset(memory, 0xFF, cluster * mmattn_emulation::kSharedMemoryBytes);
+        mmattn_emulation::Pool::get().run(cluster * threads, [&](unsigned t) {
+          const unsigned b = t / threads, local = t % threads;
+          blockIdx = dim3(x0 + b, y, z);
+          threadIdx = dim3(local);
+          mmattn_emulation::block = {block_sync[b].get(), &warp_sync[b], &exchange[b],
+                                     &cluster_sync, b, cluster, &order};
+          mmattn_emulation::cluster_barriers = 0;
+          const bool last = mmattn_emulation::last_of_cluster();
+          if (last) mmattn_emulation::wait_for_others(1);
           kernel(args...);
           mmattn_emulation::check_no_pending_copies();
-          warp_sync[t / 32]->arrive_and_drop();  // an exited thread no longer holds others up
-          block_sync.arrive_and_drop();
+          if (cluster > 1 && !last)  // (an exited thread has reached every later barrier)
+            for (unsigned k = mmattn_emulation::cluster_barriers + 1;
+                 k <= mmattn_emulation::kMaxClusterBarriers + 1; ++k)
+              mmattn_emulation::reach(k);
+          // an exited thread no longer holds others up
+          warp_sync[b][local / 32]->arrive_and_drop();
+          block_sync[b]->arrive_and_drop();
+          cluster_sync.arrive_and_drop();
         });
       }
+}
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem,
+            Args&&... args) {
+  launch_clusters(kernel, grid, 1, threads, smem, std::forward<Args>(args)...);
+}
+
+inline void cluster_sync() {
+  namespace emu = mmattn_emulation;
+  const unsigned barrier = ++emu::cluster_barriers;
+  if (barrier > emu::kMaxClusterBarriers) {
+    std::fprintf(stderr, "emulated CUDA: more than %u cluster barriers in a kernel\n",
+                 emu::kMaxClusterBarriers);
+    std::abort();
+  }
+  const bool last = emu::last_of_cluster();
+  if (!last && emu::block.cluster_blocks > 1) emu::reach(barrier);
+  emu::block.cluster->arrive_and_wait();
+  if (last) emu::wait_for_others(barrier + 1);
+}
+
+inline unsigned char* block_shared(unsigned char* memory) {
+  return memory + mmattn_emulation::block.slot * mmattn_emulation::kSharedMemoryBytes;
 }
 
 }  // namespace launch
@@ -360,6 +451,7 @@ void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem,
 // Defines the dynamic shared memory of the kernels in namespace NS and registers it.
 #define MMATTN_EMULATED_SHARED_MEMORY(NS)                                              \
   namespace NS {                                                                       \
-  alignas(16) unsigned char smem_raw[mmattn_emulation::kSharedMemoryBytes];            \
+  alignas(16) unsigned char                                                            \
+      smem_raw[mmattn_emulation::kMaxClusterBlocks * mmattn_emulation::kSharedMemoryBytes]; \
   const bool smem_registered = mmattn_emulation::register_shared_memory(smem_raw);     \
   }
