@@ -88,7 +88,7 @@ SCHEMAS: dict[str, str] = {
     'bias_grad': 'bias_grad(Tensor grad) -> Tensor',
     'layer_norm_param_grads': 'layer_norm_param_grads(Tensor grad, Tensor x, Tensor mean, '
                               'Tensor rstd) -> (Tensor, Tensor)',
-    # the C-sized work between the passes, a thread block per image (psa_glue.cuh): from the
+    # the C-sized work between the passes, a team of blocks per image (psa_glue.cuh): from the
     # splits' partial sums, nothing per pixel
     'psa_fwd_glue': 'psa_fwd_glue(Tensor pmax, Tensor psum, Tensor ps, Tensor pm, int pixels, '
                     'Tensor[] weights, float eps, bool sequential) -> (Tensor, Tensor, Tensor)',

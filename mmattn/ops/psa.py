@@ -194,7 +194,7 @@ def _bwd_apply_torch(grad: Tensor, x: Tensor, a: Tensor, s_mask: Tensor, logits:
 
 
 # The C-sized work between the passes ("glue"): merging the splits and the chain of Eq. 1-5 on
-# C-vectors, forward and backward. One CUDA kernel each (a thread block per image) replaces
+# C-vectors, forward and backward. One CUDA kernel each (a team of blocks per image) replaces
 # the 30-90 small PyTorch operations written here, whose launches would otherwise cost more
 # than the passes over x at large shapes. Weights: CHAIN_NAMES, accumulation dtype.
 def _fwd_glue_torch(pmax: Tensor, psum: Tensor, ps: Tensor, pm: Tensor, pixels: int,

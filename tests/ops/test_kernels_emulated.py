@@ -55,6 +55,7 @@ def emulated() -> Iterator[object]:
         lib.define('psa_vector_width(Tensor x, int tiles) -> int')  # psa_emulated.cpp
         lib.define('psa_register_tiles(Tensor x) -> bool')
         lib.define('emulated_launches() -> int')
+        lib.define('psa_glue_blocks(int n, int c) -> int')
         lib.define('outlook_gather_tensor_cores(Tensor v, Tensor attn, int kernel_size, '
                    'int padding, int stride) -> bool')  # outlook_emulated.cpp
         _LIBRARY.append(lib)
@@ -250,13 +251,10 @@ def test_psa_kernels_wide_channels_use_the_opt_in_shared_memory(psa_kernel) -> N
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize('mode', ['parallel', 'sequential'])
-def test_psa_glue_kernels_match_their_pytorch_twins(emulated, mode: str) -> None:
-    """The C-sized work between the passes (a thread block per image), against
-    ``_fwd_glue_torch`` / ``_bwd_glue_torch`` on random inputs, float64: one split and many,
-    C/2 below and above the block's 512 threads (kGlueThreads), C not a multiple of 32."""
-    sequential = mode == 'sequential'
-    for n, s, c, p in [(1, 1, 2, 1), (3, 5, 6, 7), (2, 41, 96, 50), (2, 3, 1040, 9)]:
+def check_glues(emulated, sequential: bool, cases: list[tuple[int, ...]]) -> None:
+    """The paper form's glue kernels against ``_fwd_glue_torch`` / ``_bwd_glue_torch`` on random
+    (N, S splits, C, pixels) inputs, float64."""
+    for n, s, c, p in cases:
         w = random_params(c, std=0.3)
         weights = [w[k] for k in psa_op.CHAIN_NAMES]
         pmax = torch.randn(n, s, dtype=F64)
@@ -280,6 +278,53 @@ def test_psa_glue_kernels_match_their_pytorch_twins(emulated, mode: str) -> None
                                      sequential)
         for name, a, b in zip(('dm', 'dsv', 'beta', 'left', 'right', 'vecs'), bwd, ref):
             torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize('mode', ['parallel', 'sequential'])
+def test_psa_glue_kernels_match_their_pytorch_twins(emulated, mode: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C-sized work between the passes (a thread block per image), against its PyTorch
+    twins: one split and many, C/2 below and above the block's 512 threads (kGlueThreads), C
+    not a multiple of 32."""
+    monkeypatch.setenv('MMATTN_PSA_GLUE_BLOCKS', '1')
+    check_glues(emulated, mode == 'sequential',
+                [(1, 1, 2, 1), (3, 5, 6, 7), (2, 41, 96, 50), (2, 3, 1040, 9)])
+
+
+def test_psa_glues_on_teams_of_blocks(emulated, block_kernel,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """MMATTN_PSA_GLUE_BLOCKS spreads an image's glue over a team of blocks (a thread-block
+    cluster on the GPU; here run at once, each block its own shared memory, the last one running
+    each step between cluster barriers after the others, so that a missing barrier shows): the
+    paper glues against their twins on teams of 3 (uneven shares, a block with no share at
+    C/2 = 1, more channels a block than its threads at C = 1100; the parallel mode, whose
+    steps are the same, on one case), and the blocks of the sequential paper form, PSA_p and
+    PSA_s against the equations on teams of 2; float64, output and gradients."""
+    monkeypatch.setenv('MMATTN_PSA_GLUE_BLOCKS', '3')
+    assert emulated.psa_glue_blocks(1, 2) == 3
+    check_glues(emulated, True, [(1, 1, 2, 1), (2, 5, 14, 7), (1, 3, 1100, 9)])
+    check_glues(emulated, False, [(2, 5, 14, 7)])
+    monkeypatch.setenv('MMATTN_PSA_GLUE_BLOCKS', '2')
+    for variant, mode in BLOCK_FORMS[1:]:
+        check_matches(block_kernel, mode, (2, 24, 5, 6), torch.contiguous_format, variant)
+
+
+def test_psa_glue_blocks_by_default_and_errors(emulated,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, as many blocks an image as keep the images' teams within the multiprocessors (the
+    emulation's 2), at least 32 channels each; MMATTN_PSA_GLUE_BLOCKS sets 1 to 8 (a portable
+    cluster), anything else is an error naming it."""
+    monkeypatch.delenv('MMATTN_PSA_GLUE_BLOCKS', raising=False)
+    blocks = emulated.psa_glue_blocks
+    assert blocks(1, 64) == 2 and blocks(1, 256) == 2
+    assert blocks(2, 256) == 1 and blocks(1, 63) == 1 and blocks(1, 2) == 1
+    monkeypatch.setenv('MMATTN_PSA_GLUE_BLOCKS', '8')
+    assert blocks(16, 2) == 8
+    for bad in ('0', '9', 'two', '2x'):
+        monkeypatch.setenv('MMATTN_PSA_GLUE_BLOCKS', bad)
+        with pytest.raises(RuntimeError, match=f"MMATTN_PSA_GLUE_BLOCKS must be an integer "
+                                               f"from 1 to 8 .*, got '{bad}'"):
+            blocks(1, 64)
 
 
 class _CountOps(TorchDispatchMode):
@@ -420,13 +465,16 @@ def test_psa_block_kernels_empty_batch(block_kernel, variant: str, mode: str) ->
 
 
 @pytest.mark.parametrize('mode', ['parallel', 'sequential'])
-@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('layout, dtype', [
+    (torch.contiguous_format, torch.float32), (torch.contiguous_format, torch.bfloat16),
+    (torch.contiguous_format, torch.float16), (torch.channels_last, torch.float32),
+    (torch.channels_last, torch.bfloat16)])
 def test_psa_release_kernels_low_precision(block_kernel, mode: str, dtype: torch.dtype,
                                            layout: torch.memory_format) -> None:
     """The release's forms at C=256, 16-byte vectors in both layouts: error against float64 at
     most about twice the eager reference's in the same dtype (the paper forms' passes: the
-    folded op's tests above)."""
+    folded op's tests above). float16 in NCHW only: channels_last moves it as it moves
+    bfloat16 (8 values a vector), the conversions are the NCHW case's."""
     def in_layout(b, x: Tensor) -> Tensor:
         return block_kernel(b, x.contiguous(memory_format=layout))
     check_release_low_precision(in_layout, mode, (2, 256, 10, 12), dtype)

@@ -25,7 +25,7 @@
 // memory: pixels of a channel for NCHW, channels of a pixel for channels_last), else single
 // elements; either way coalesced. The reductions over the pixels are split over `splits` blocks
 // per image (partials merged by the glue kernels) so that large H*W fill the GPU. The glue
-// kernels (a block per image) touch nothing per pixel: the forward keeps the logits l and
+// kernels (a team of blocks per image) touch nothing per pixel: the forward keeps the logits l and
 // their softmax's merged state (M, Z), from which the backward apply pass forms pi, and the
 // backward reduction gives each split's sum of d_t.
 #pragma once

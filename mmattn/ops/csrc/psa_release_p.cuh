@@ -1,6 +1,6 @@
 // The authors' PSA_p (DeLightCMU/PSA; mmattn.layers.PolarizedSelfAttention, variant='official',
 // mode='parallel') on the CUDA pass kernels of psa_kernels.cuh: the C-sized work between the
-// passes as two glue kernels (a thread block per image, like psa_glue.cuh), and a block's forward
+// passes as two glue kernels (a team of blocks per image, like psa_glue.cuh), and a block's forward
 // and backward composed of them (psa_block_cuda.cuh; psa_cuda.cu registers it, the CPU
 // emulation runs it in the tests).
 //
@@ -45,25 +45,27 @@ struct ReleaseP {
 // the state of pi = softmax_p(l).
 template <typename T>
 __global__ void __launch_bounds__(kGlueThreads, 1)
-release_p_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum,
+release_p_fwd_glue_kernel(int blocks, const T* __restrict__ pmax, const T* __restrict__ psum,
                           const T* __restrict__ ps, const T* __restrict__ pm, int N, int S,
                           int C, int P, ReleaseP<T> w, T* __restrict__ lnorm,
                           T* __restrict__ stats, T* __restrict__ small) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* scratch = reinterpret_cast<T*>(smem_raw);
-  const int n = blockIdx.x, H = C / 2;
+  T* scratch = glue_scratch<T>(smem_raw);
+  const Team team(blocks);
+  const int n = team.n, H = C / 2;
   auto row = [&](int k) { return stats + (static_cast<int64_t>(k) * N + n) * C; };
   T *s = row(0), *m = row(1), *a = row(2), *u = row(3);
   T* v = small + static_cast<int64_t>(n) * H;
   T* q = small + (static_cast<int64_t>(N) + n) * H;
-  write_norm(merge_splits(pmax, psum, ps, pm, n, S, C, P, s, m, scratch), n, lnorm);
-  rows_dot(w.wv, s, static_cast<const T*>(nullptr), H, C, v);    // v = W_v s
-  rows_dot(w.wq2, m, static_cast<const T*>(nullptr), H, C, q);   // q = W_q' m
-  __syncthreads();
-  rows_dot(w.wup, v, static_cast<const T*>(nullptr), C, H, a);   // z = W_up v
-  cols_dot(w.wv2, q, H, C, u, scratch);                           // u = W_v'^T q
-  __syncthreads();
-  for (int c = threadIdx.x; c < C; c += kGlueThreads) a[c] = op_sigmoid(a[c]);  // A = sigmoid(z)
+  write_norm(merge_splits(team, pmax, psum, ps, pm, S, C, P, s, m, scratch), team, lnorm);
+  const T* none = nullptr;
+  rows_dot(team, w.wv, s, none, H, C, v);    // v = W_v s
+  rows_dot(team, w.wq2, m, none, H, C, q);   // q = W_q' m
+  team.sync();
+  rows_dot(team, w.wup, v, none, C, H, a);   // z = W_up v
+  cols_dot(team, w.wv2, q, H, C, u, scratch);  // u = W_v'^T q
+  __syncthreads();  // (the block's rows of z)
+  team.each(C, [&](int c) { a[c] = op_sigmoid(a[c]); });  // A = sigmoid(z)
 }
 
 // Image n of the backward. In: the splits' partial sums (bwd_reduce, `S` splits) of
@@ -75,15 +77,16 @@ release_p_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum
 // (their outer products summed over the images are dW_v', dW_q', dW_up^T, dW_v).
 template <typename T>
 __global__ void __launch_bounds__(kGlueThreads, 1)
-release_p_bwd_glue_kernel(const T* __restrict__ part_wt, const T* __restrict__ part_da,
+release_p_bwd_glue_kernel(int blocks, const T* __restrict__ part_wt, const T* __restrict__ part_da,
                           const T* __restrict__ part_du, const T* __restrict__ part_r, int S,
                           const T* __restrict__ stats, const T* __restrict__ small, int N, int C,
                           int P, ReleaseP<T> w, T* __restrict__ beta_t_out, T* __restrict__ dm,
                           T* __restrict__ dsv, T* __restrict__ beta, T* __restrict__ left,
                           T* __restrict__ right) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* scratch = reinterpret_cast<T*>(smem_raw);
-  const int n = blockIdx.x, H = C / 2;
+  T* scratch = glue_scratch<T>(smem_raw);
+  const Team team(blocks);
+  const int n = team.n, H = C / 2;
   auto row = [&](int k) { return stats + (static_cast<int64_t>(k) * N + n) * C; };
   auto L = [&](int k) { return left + (static_cast<int64_t>(k) * N + n) * H; };
   auto R = [&](int k) { return right + (static_cast<int64_t>(k) * N + n) * C; };
@@ -94,37 +97,33 @@ release_p_bwd_glue_kernel(const T* __restrict__ part_wt, const T* __restrict__ p
   // sig = softmax_p(t): dL/dt_p = sig_p (dL/dsig_p - sum sig dL/dsig) = w_t - beta_t sig_p, so
   // du = sum_p x_p dL/dt_p = sum_p x_p w_t - beta_t r
   const T beta_t = sum_split_values(part_wt, n, S, scratch);
-  if (threadIdx.x == 0) beta_t_out[n] = beta_t;
+  if (team.lead()) beta_t_out[n] = beta_t;
   // r (in m's row until below), du's first term, dA
-  sum_splits<3>(n, S, C, Unweighted{}, scratch + kGlueWarps, part_r, R(1), part_du, R(0), part_da,
-                R(2));
-  for (int c = threadIdx.x; c < C; c += kGlueThreads) {
+  sum_splits<3>(team, S, C, Unweighted{}, scratch + kGlueWarps, part_r, R(1), part_du, R(0),
+                part_da, R(2));
+  team.each(C, [&](int c) {
     R(0)[c] -= beta_t * R(1)[c];  // du = sum_p x_p w_t - beta_t r
     R(1)[c] = m[c];
     R(3)[c] = s[c];
     R(2)[c] = R(2)[c] * a[c] * (T(1) - a[c]);  // A = sigmoid(z): dz = dA A (1 - A)
-  }
-  for (int j = threadIdx.x; j < H; j += kGlueThreads) {
+  });
+  team.each(H, [&](int j) {
     L(0)[j] = q[j];
     L(2)[j] = v[j];
-  }
-  __syncthreads();
+  });
+  team.sync();
   // u = W_v'^T q: dq = W_v' du;  z = W_up v: dv = W_up^T dz
-  rows_dot(w.wv2, R(0), static_cast<const T*>(nullptr), H, C, L(1));
-  cols_dot(w.wup, R(2), C, H, L(3), scratch);
-  __syncthreads();
+  rows_dot(team, w.wv2, R(0), static_cast<const T*>(nullptr), H, C, L(1));
+  cols_dot(team, w.wup, R(2), C, H, L(3), scratch);
+  team.sync();
   // q = W_q' m: dm = W_q'^T dq (over P: the mean);  v = W_v s: ds = W_v^T dv
   T* dmn = dm + static_cast<int64_t>(n) * C;
   T* dsn = dsv + static_cast<int64_t>(n) * C;
-  cols_dot(w.wq2, L(1), H, C, dmn, scratch);
-  cols_dot(w.wv, L(3), H, C, dsn, scratch);
-  T part = 0;
-  for (int c = threadIdx.x; c < C; c += kGlueThreads) {  // the columns this thread just wrote
-    dmn[c] /= P;
-    part += dsn[c] * s[c];
-  }
-  const T b = block_sum(part, scratch);
-  if (threadIdx.x == 0) beta[n] = b;
+  cols_dot(team, w.wq2, L(1), H, C, dmn, scratch);
+  cols_dot(team, w.wv, L(3), H, C, dsn, scratch);
+  team.each(C, [&](int c) { dmn[c] /= P; });  // (the columns this thread just wrote)
+  team.sync();
+  lead_dot(team, dsn, s, C, scratch, beta + n);
 }
 
 // ---------------------------------------------------------------- host side
@@ -153,13 +152,12 @@ ReleasePPasses release_p_passes(const at::Tensor& x, const Geometry& g,
   r.stats = at::empty({4, N, C}, opts);
   r.small = at::empty({2, N, C / 2}, opts);
   if (N > 0) AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "psa_release_p_fwd_glue", [&] {
-    launch::launch(release_p_fwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)),
-                   kGlueThreads, kGlueSmem * sizeof(scalar_t), pmax.data_ptr<scalar_t>(),
-                   psum.data_ptr<scalar_t>(), ps.data_ptr<scalar_t>(), pm.data_ptr<scalar_t>(),
-                   static_cast<int>(N), static_cast<int>(pmax.size(1)), static_cast<int>(C),
-                   static_cast<int>(P), release_p_chain<scalar_t>(W),
-                   r.lnorm.data_ptr<scalar_t>(), r.stats.data_ptr<scalar_t>(),
-                   r.small.data_ptr<scalar_t>());
+    glue_launch(release_p_fwd_glue_kernel<scalar_t>, N, C, sizeof(scalar_t),
+                pmax.data_ptr<scalar_t>(), psum.data_ptr<scalar_t>(), ps.data_ptr<scalar_t>(),
+                pm.data_ptr<scalar_t>(), static_cast<int>(N), static_cast<int>(pmax.size(1)),
+                static_cast<int>(C), static_cast<int>(P), release_p_chain<scalar_t>(W),
+                r.lnorm.data_ptr<scalar_t>(), r.stats.data_ptr<scalar_t>(),
+                r.small.data_ptr<scalar_t>());
   });
   auto [t, tmax, tsum, ps_t, pm_t] = fwd_reduce(x, g, r.stats[3], 0);
   r.spatial = {t, tmax, tsum};
@@ -200,15 +198,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_backward(
   at::Tensor beta = at::empty({N}, opts);
   at::Tensor left = at::empty({4, N, H}, opts), right = at::empty({4, N, C}, opts);
   if (N > 0) AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "psa_release_p_bwd_glue", [&] {
-    launch::launch(release_p_bwd_glue_kernel<scalar_t>, dim3(static_cast<unsigned>(N)),
-                   kGlueThreads, kGlueSmem * sizeof(scalar_t), part_wt.data_ptr<scalar_t>(),
-                   part_da.data_ptr<scalar_t>(), part_du.data_ptr<scalar_t>(),
-                   part_r.data_ptr<scalar_t>(), static_cast<int>(part_da.size(1)),
-                   stats.data_ptr<scalar_t>(), small.data_ptr<scalar_t>(),
-                   static_cast<int>(N), static_cast<int>(C), static_cast<int>(P),
-                   release_p_chain<scalar_t>(W), beta_t.data_ptr<scalar_t>(),
-                   dm.data_ptr<scalar_t>(), dsv.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
-                   left.data_ptr<scalar_t>(), right.data_ptr<scalar_t>());
+    glue_launch(release_p_bwd_glue_kernel<scalar_t>, N, C, sizeof(scalar_t),
+                part_wt.data_ptr<scalar_t>(), part_da.data_ptr<scalar_t>(),
+                part_du.data_ptr<scalar_t>(), part_r.data_ptr<scalar_t>(),
+                static_cast<int>(part_da.size(1)), stats.data_ptr<scalar_t>(),
+                small.data_ptr<scalar_t>(), static_cast<int>(N), static_cast<int>(C),
+                static_cast<int>(P), release_p_chain<scalar_t>(W), beta_t.data_ptr<scalar_t>(),
+                dm.data_ptr<scalar_t>(), dsv.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
+                left.data_ptr<scalar_t>(), right.data_ptr<scalar_t>());
   });
   // S and dL/dt = w_t - beta_t sig formed per pixel from t by the apply pass; in the same
   // launch the weight matrices' gradients (4, H, C), conv_up's (2) C x H

@@ -1,7 +1,7 @@
 // The authors' PSA_s (DeLightCMU/PSA; mmattn.layers.PolarizedSelfAttention, variant='official',
 // mode='sequential', the form of the released HRNet-OCR weights) as CUDA kernels: the channel
 // branch on the paper form's reduction (psa_kernels.cuh), the C-sized chain in two glue kernels
-// (a thread block per image), and the spatial branch's per-pixel (C/2 x C) product as one
+// (a team of blocks per image), and the spatial branch's per-pixel (C/2 x C) product as one
 // batched GEMM per direction of use (ATen, so tensor cores) into a transient value map that
 // the forward drops and the backward recomputes: nothing of size (N, C/2, H, W) is kept.
 // Composed into a block's forward and backward in psa_block_cuda.cuh.
@@ -69,47 +69,51 @@ struct Factors {
 // of pi = softmax_p(l); wa (N, H, C) = W_v' diag(A), the value GEMM's weight, in x's dtype WT.
 template <typename T, typename WT>
 __global__ void __launch_bounds__(kGlueThreads, 1)
-release_s_fwd_glue_kernel(const T* __restrict__ pmax, const T* __restrict__ psum,
+release_s_fwd_glue_kernel(int blocks, const T* __restrict__ pmax, const T* __restrict__ psum,
                           const T* __restrict__ ps, const T* __restrict__ pm, int N, int S,
                           int C, int P, ReleaseS<T> w, T eps, T* __restrict__ lnorm,
                           T* __restrict__ stats, T* __restrict__ small, T* __restrict__ bott,
                           T* __restrict__ rstd, WT* __restrict__ wa) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* scratch = reinterpret_cast<T*>(smem_raw);
-  const int n = blockIdx.x, H = C / 2, Cb = w.Cb;
+  T* scratch = glue_scratch<T>(smem_raw);
+  const Team team(blocks);
+  const int n = team.n, H = C / 2, Cb = w.Cb;
   auto row = [&](int k) { return stats + (static_cast<int64_t>(k) * N + n) * C; };
   auto brow = [&](int k) { return bott + (static_cast<int64_t>(k) * N + n) * Cb; };
   T *s = row(0), *m = row(1), *a = row(2), *mz = row(3);
   T* v = small + static_cast<int64_t>(n) * H;
   T* q = small + (static_cast<int64_t>(N) + n) * H;
   T *zhat = brow(0), *h2 = brow(1), *r = brow(2);
-  write_norm(merge_splits(pmax, psum, ps, pm, n, S, C, P, s, m, scratch), n, lnorm);
-  rows_dot(w.wv, s, static_cast<const T*>(nullptr), H, C, v);  // v = W_v s
-  __syncthreads();
-  rows_dot(w.w1, v, w.b1, Cb, H, zhat);                         // h1 = W_1 v + b_1
-  __syncthreads();
+  write_norm(merge_splits(team, pmax, psum, ps, pm, S, C, P, s, m, scratch), team, lnorm);
+  rows_dot(team, w.wv, s, static_cast<const T*>(nullptr), H, C, v);  // v = W_v s
+  team.sync();
+  rows_dot(team, w.w1, v, w.b1, Cb, H, zhat);                         // h1 = W_1 v + b_1
+  team.sync();
   // the bottleneck's LayerNorm over its Cb channels, then the affine and the ReLU
   const Moments<T> ln = block_moments(zhat, Cb, eps, scratch);
-  for (int j = threadIdx.x; j < Cb; j += kGlueThreads) {
+  team.sync_blocks();  // (every block has read h1)
+  team.each(Cb, [&](int j) {
     const T zh = (zhat[j] - ln.mean) * ln.rstd;
     zhat[j] = zh;
     h2[j] = zh * w.lnw[j] + w.lnb[j];
     r[j] = op_max(h2[j], T(0));
-  }
-  if (threadIdx.x == 0) rstd[n] = ln.rstd;
-  __syncthreads();
-  rows_dot(w.w2, r, w.b2, C, Cb, a);                            // z = W_2 r + b_2
-  __syncthreads();
-  for (int c = threadIdx.x; c < C; c += kGlueThreads) {
-    a[c] = op_sigmoid(a[c]);                                    // A = sigmoid(z)
+  });
+  if (team.lead()) rstd[n] = ln.rstd;
+  team.sync();
+  rows_dot(team, w.w2, r, w.b2, C, Cb, a);                            // z = W_2 r + b_2
+  __syncthreads();  // (the block's rows of z)
+  team.each(C, [&](int c) {
+    a[c] = op_sigmoid(a[c]);                                          // A = sigmoid(z)
     mz[c] = a[c] * m[c];
-  }
-  __syncthreads();
-  rows_dot(w.wq2, mz, static_cast<const T*>(nullptr), H, C, q);  // q = W_q' (A m)
+  });
+  team.sync();
+  rows_dot(team, w.wq2, mz, static_cast<const T*>(nullptr), H, C, q);  // q = W_q' (A m)
   WT* wan = wa + static_cast<int64_t>(n) * H * C;
+  const Span rows = team.share(H);  // the block's rows of W_v' diag(A)
   batched_walk(
-      H * C, [&](int i) { return Factors<T>{w.wv2[i], a[i % C]}; },
-      [&](int i, const Factors<T>& e) { wan[i] = scaled_weight<WT>(e.a, e.b); });
+      static_cast<int64_t>(rows.begin) * C, static_cast<int64_t>(rows.end) * C,
+      [&](int64_t i) { return Factors<T>{w.wv2[i], a[i % C]}; },
+      [&](int64_t i, const Factors<T>& e) { wan[i] = scaled_weight<WT>(e.a, e.b); });
 }
 
 // ---------------------------------------------------------------- glue, backward
@@ -147,7 +151,7 @@ __host__ __device__ inline ReleaseSGrads release_s_grads(int64_t C, int64_t Cb) 
 // step, fp32, its largest PSA kernel).
 template <typename T, typename MT>
 __global__ void __launch_bounds__(kGlueThreads, 1)
-release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict__ mvx,
+release_s_bwd_glue_kernel(int blocks, const T* __restrict__ pda, int S, const MT* __restrict__ mvx,
                           const T* __restrict__ dq, const T* __restrict__ stats,
                           const T* __restrict__ small, const T* __restrict__ bott,
                           const T* __restrict__ rstd, int N, int C, int P, ReleaseS<T> w,
@@ -155,8 +159,9 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
                           T* __restrict__ dz, T* __restrict__ dh1, T* __restrict__ dh2,
                           T* __restrict__ dv) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* scratch = reinterpret_cast<T*>(smem_raw);
-  const int n = blockIdx.x, H = C / 2, Cb = w.Cb;
+  T* scratch = glue_scratch<T>(smem_raw);
+  const Team team(blocks);
+  const int n = team.n, H = C / 2, Cb = w.Cb;
   auto row = [&](int k) { return stats + (static_cast<int64_t>(k) * N + n) * C; };
   auto brow = [&](int k) { return bott + (static_cast<int64_t>(k) * N + n) * Cb; };
   const T *s = row(0), *m = row(1), *a = row(2);
@@ -170,48 +175,49 @@ release_s_bwd_glue_kernel(const T* __restrict__ pda, int S, const MT* __restrict
   T* dsn = dsv + static_cast<int64_t>(n) * C;
 
   // q = W_q' mz, mz = A (.) m: dmz = W_q'^T dq, dm = dmz A, dA += dmz m
-  cols_dot(w.wq2, dqn, H, C, dmn, scratch);  // dmz, in dm's row until scaled below
+  cols_dot(team, w.wq2, dqn, H, C, dmn, scratch);  // dmz, in dm's row until scaled below
   // dA = sum_p G x S (pda's splits) + sum_p x e + dmz m, the two sums first in dz's and ds's
   // rows (ds is written last). With e = W_v'^T dVl and M = dVl x^T: sum_p x e = sum_k
   // W_v'[k][c] M[k][c].
-  sum_splits<1>(n, S, C, Unweighted{}, scratch + kGlueWarps, pda, dzn);
+  sum_splits<1>(team, S, C, Unweighted{}, scratch + kGlueWarps, pda, dzn);
   const MT* mn = mvx + static_cast<int64_t>(n) * H * C;
-  column_sums(H, C, scratch, [&](int k, int c) {
+  column_sums(team, H, C, scratch, [&](int k, int c) {
     const int64_t i = static_cast<int64_t>(k) * C + c;
     return w.wv2[i] * static_cast<T>(mn[i]);
   }, dsn);
-  for (int c = threadIdx.x; c < C; c += kGlueThreads) {
+  team.each(C, [&](int c) {  // (the columns this thread just wrote)
     const T dmz = dmn[c];
     const T da = dzn[c] + dsn[c] + dmz * m[c];
     dmn[c] = dmz * a[c] / P;
     dzn[c] = da * a[c] * (T(1) - a[c]);  // A = sigmoid(z)
-  }
-  __syncthreads();
+  });
+  team.sync();
   // z = W_2 relu(h2) + b_2: dr = W_2^T dz, dh2 = dr [h2 > 0]
-  cols_dot(w.w2, dzn, C, Cb, dh2n, scratch);
+  cols_dot(team, w.w2, dzn, C, Cb, dh2n, scratch);
+  team.each(Cb, [&](int j) {
+    if (!(h2[j] > T(0))) dh2n[j] = T(0);
+  });
+  team.sync();
+  // h2 = LN(h1) w + b: dh1 = rstd (dzhat - mean(dzhat) - zhat mean(dzhat zhat))
   T part1 = 0, part2 = 0;
   for (int j = threadIdx.x; j < Cb; j += kGlueThreads) {
-    const T d = h2[j] > T(0) ? dh2n[j] : T(0);
-    dh2n[j] = d;
-    const T dzh = d * w.lnw[j];
+    const T dzh = dh2n[j] * w.lnw[j];
     part1 += dzh;
     part2 += dzh * zhat[j];
   }
-  // h2 = LN(h1) w + b: dh1 = rstd (dzhat - mean(dzhat) - zhat mean(dzhat zhat))
   const T mean1 = block_sum(part1, scratch) / Cb;
   const T mean2 = block_sum(part2, scratch) / Cb;
-  for (int j = threadIdx.x; j < Cb; j += kGlueThreads)
+  team.each(Cb, [&](int j) {
     dh1n[j] = rstd[n] * (dh2n[j] * w.lnw[j] - mean1 - zhat[j] * mean2);
-  __syncthreads();
+  });
+  team.sync();
   // h1 = W_1 v + b_1: dv = W_1^T dh1
-  cols_dot(w.w1, dh1n, Cb, H, dvn, scratch);
-  __syncthreads();
+  cols_dot(team, w.w1, dh1n, Cb, H, dvn, scratch);
+  team.sync();
   // v = W_v s: ds = W_v^T dv
-  cols_dot(w.wv, dvn, H, C, dsn, scratch);
-  T part = 0;
-  for (int c = threadIdx.x; c < C; c += kGlueThreads) part += dsn[c] * s[c];
-  const T b = block_sum(part, scratch);
-  if (threadIdx.x == 0) beta[n] = b;
+  cols_dot(team, w.wv, dvn, H, C, dsn, scratch);
+  team.sync();
+  lead_dot(team, dsn, s, C, scratch, beta + n);
 }
 
 // The weights' gradients but wq's, in release_s_grads' layout, from the chain's vectors (the
@@ -530,12 +536,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
-    launch::launch(release_s_fwd_glue_kernel<acc_t, scalar_t>, dim3(N), kGlueThreads,
-                   kGlueSmem * sizeof(acc_t), pmax.data_ptr<acc_t>(), psum.data_ptr<acc_t>(),
-                   ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>(), N,
-                   static_cast<int>(pmax.size(1)), C, P, w, static_cast<acc_t>(eps),
-                   lnorm.data_ptr<acc_t>(), stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(),
-                   bott.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), wa.data_ptr<scalar_t>());
+    glue_launch(release_s_fwd_glue_kernel<acc_t, scalar_t>, N, C, sizeof(acc_t),
+                pmax.data_ptr<acc_t>(), psum.data_ptr<acc_t>(), ps.data_ptr<acc_t>(),
+                pm.data_ptr<acc_t>(), N, static_cast<int>(pmax.size(1)), C, P, w,
+                static_cast<acc_t>(eps), lnorm.data_ptr<acc_t>(), stats.data_ptr<acc_t>(),
+                small.data_ptr<acc_t>(), bott.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
+                wa.data_ptr<scalar_t>());
     const at::Tensor a = stats[2];
     const at::Tensor vl = value_logits(wa, x);
     with_vectors<scalar_t>(rows_vectorizable<scalar_t>(vl, P), [&](auto vec_tag) {
@@ -614,13 +620,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
     at::bmm_out(ex_rows, wa.transpose(1, 2), vl);
     m = value_products(vl, x);
     if (N > 0)
-      launch::launch(release_s_bwd_glue_kernel<acc_t, scalar_t>, dim3(N), kGlueThreads,
-                     kGlueSmem * sizeof(acc_t), pda.data_ptr<acc_t>(),
-                     static_cast<int>(pda.size(1)), m.data_ptr<scalar_t>(), dq.data_ptr<acc_t>(),
-                     stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(), bott.data_ptr<acc_t>(),
-                     rstd.data_ptr<acc_t>(), N, C, P, w, dm.data_ptr<acc_t>(),
-                     dsv.data_ptr<acc_t>(), beta.data_ptr<acc_t>(), dz.data_ptr<acc_t>(),
-                     dh1.data_ptr<acc_t>(), dh2.data_ptr<acc_t>(), dv.data_ptr<acc_t>());
+      glue_launch(release_s_bwd_glue_kernel<acc_t, scalar_t>, N, C, sizeof(acc_t),
+                  pda.data_ptr<acc_t>(), static_cast<int>(pda.size(1)), m.data_ptr<scalar_t>(),
+                  dq.data_ptr<acc_t>(), stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(),
+                  bott.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), N, C, P, w,
+                  dm.data_ptr<acc_t>(), dsv.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
+                  dz.data_ptr<acc_t>(), dh1.data_ptr<acc_t>(), dh2.data_ptr<acc_t>(),
+                  dv.data_ptr<acc_t>());
   });
   // dx = G A S + dm + ds pi + wq dl (the paper form's apply pass, with no u dt term) + A e,
   // the apply pass adding into ex

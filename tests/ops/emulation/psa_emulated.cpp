@@ -39,6 +39,13 @@ bool psa_register_tiles(const at::Tensor& x) {
   return taken;
 }
 
+// The blocks per image of the glue kernels for N images of C channels (glue_blocks: the
+// environment, the device's multiprocessors, clusters): the host code's decision, for the tests.
+int64_t psa_glue_blocks(int64_t N, int64_t C) {
+  return mmattn::psa::glue_blocks(mmattn::psa::fwd_glue_kernel<double>, N, C,
+                                  mmattn::psa::kGlueSmem * sizeof(double));
+}
+
 // psa_block_cuda_fwd/_bwd on the emulated kernels
 void check_form(int64_t form) {
   TORCH_CHECK(form >= 0 && form <= 3, "emulated psa_block_cuda: forms 0-3, got ", form);
@@ -79,4 +86,5 @@ TORCH_LIBRARY_IMPL(mmattn_emulated, CPU, m) {
 // no tensor argument to dispatch on: one kernel for every key
 TORCH_LIBRARY_IMPL(mmattn_emulated, CompositeImplicitAutograd, m) {
   m.impl("emulated_launches", &emulated_launches);
+  m.impl("psa_glue_blocks", &psa_glue_blocks);
 }
