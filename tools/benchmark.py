@@ -16,7 +16,10 @@ For each op, three implementations with the same weights and input:
   kernel (``mmattn (tensor-core gathers)``: ``MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1`` around its
   calls), and for PSA on the CUDA kernels at up to 256 channels the passes on their
   shared-memory tiles (``mmattn (shared-memory tiles)``: ``MMATTN_PSA_REGISTER_TILES=0``; NCHW
-  takes the register tiles by default, ``mmattn/ops/csrc/psa_register_tiles.cuh``).
+  takes the register tiles by default, ``mmattn/ops/csrc/psa_register_tiles.cuh``), and on
+  GPUs with thread-block clusters (compute capability 9.0) the glue kernels on one block per
+  image (``mmattn (one glue block an image)``: ``MMATTN_PSA_GLUE_BLOCKS=1``; by default a
+  cluster of blocks spreads each image's, ``mmattn/ops/csrc/psa_glue.cuh``).
 
 With ``--op mlp`` (part of ``all``) VOLO's MLP half-block ``x + MLP(LN(x))`` on (B, H, W, C)
 tokens is timed with torch's layers (``eager``, ``compile``) against mmattn's
@@ -412,6 +415,10 @@ def psa_case(shape: tuple[int, ...], mode: str, dtype: torch.dtype, device: torc
         name = 'mmattn (shared-memory tiles)'
         impls[name] = block('auto')
         envs[name] = {'MMATTN_PSA_REGISTER_TILES': '0'}
+    if backend == 'cuda' and torch.cuda.get_device_capability(device)[0] >= 9:
+        name = 'mmattn (one glue block an image)'   # not a cluster of blocks
+        impls[name] = block('auto')
+        envs[name] = {'MMATTN_PSA_GLUE_BLOCKS': '1'}
     for module in impls.values():
         module.load_state_dict(eager.state_dict())
     nbytes = n * c * h * w * torch.finfo(dtype).bits // 8
