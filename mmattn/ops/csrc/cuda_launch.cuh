@@ -146,7 +146,8 @@ inline cudaLaunchConfig_t cluster_config(dim3 grid, unsigned cluster, unsigned t
 
 // The largest cluster size up to `wanted` (at most kMaxClusterBlocks) in which `kernel`'s
 // blocks (`threads`, `smem` bytes of dynamic shared memory) can be resident together on this
-// device: 1 below compute capability 9.0 (no clusters), or where none of 2 or more fits.
+// device: 1 below compute capability 9.0 (no clusters), where none of 2 or more fits, or where
+// the runtime cannot tell.
 template <typename... KArgs>
 int cluster_blocks(void (*kernel)(KArgs...), int wanted, unsigned threads, size_t smem) {
   wanted = wanted < kMaxClusterBlocks ? wanted : kMaxClusterBlocks;
@@ -159,7 +160,10 @@ int cluster_blocks(void (*kernel)(KArgs...), int wanted, unsigned threads, size_
           cudaLaunchAttribute attr;
           const cudaLaunchConfig_t config = cluster_config(dim3(size), size, threads, smem, &attr);
           int clusters = 0;
-          C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+          if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+            (void)cudaGetLastError();  // (a device that cannot say: no clusters)
+            return 1;
+          }
           if (clusters > 0) return size;
         }
         return 1;
