@@ -52,6 +52,7 @@ struct ChainVecs {
   T *a, *ueff, *zhat, *mz, *u;
   T *v, *q;      // C/2
   T *rstd, *c;   // one value each
+  T *z, *g;      // scratch: z before its LayerNorm (C), q's logits (C/2)
 };
 
 template <typename T>
@@ -290,28 +291,27 @@ __device__ void run_chain(const Team& team, const Chain<T>& w, int C, T eps, boo
   const int H = C / 2;
   rows_dot(team, w.ch_wv, o.s, w.ch_bv, H, C, o.v);
   team.sync();
-  rows_dot(team, w.ch_wz, o.v, w.ch_bz, C, H, o.zhat);  // z, normalised in place below
+  rows_dot(team, w.ch_wz, o.v, w.ch_bz, C, H, o.z);
   team.sync();
-  const Moments<T> ln = block_moments(o.zhat, C, eps, scratch);
-  team.sync_blocks();  // (every block has read z)
+  // (normalised into zhat, not in place: other blocks may still be reading z for its moments)
+  const Moments<T> ln = block_moments(o.z, C, eps, scratch);
   team.each(C, [&](int c) {
-    const T zh = (o.zhat[c] - ln.mean) * ln.rstd;
+    const T zh = (o.z[c] - ln.mean) * ln.rstd;
     o.zhat[c] = zh;
     o.a[c] = op_sigmoid(w.ln_w[c] * zh + w.ln_b[c]);
     o.mz[c] = sequential ? o.a[c] * o.m[c] : o.m[c];
   });
   if (team.lead()) *o.rstd = ln.rstd;
   team.sync();
-  rows_dot(team, w.sp_wq, o.mz, w.sp_bq, H, C, o.q);  // logits, softmax in place below
+  rows_dot(team, w.sp_wq, o.mz, w.sp_bq, H, C, o.g);  // q's logits (likewise not in place)
   team.sync();
   T part = -INFINITY;
-  for (int j = threadIdx.x; j < H; j += kGlueThreads) part = op_max(part, o.q[j]);
+  for (int j = threadIdx.x; j < H; j += kGlueThreads) part = op_max(part, o.g[j]);
   const T qmax = block_max(part, scratch);
   part = 0;
-  for (int j = threadIdx.x; j < H; j += kGlueThreads) part += op_exp(o.q[j] - qmax);
+  for (int j = threadIdx.x; j < H; j += kGlueThreads) part += op_exp(o.g[j] - qmax);
   const T qsum = block_sum(part, scratch);
-  team.sync_blocks();  // (every block has read the logits)
-  team.each(H, [&](int j) { o.q[j] = op_exp(o.q[j] - qmax) / qsum; });
+  team.each(H, [&](int j) { o.q[j] = op_exp(o.g[j] - qmax) / qsum; });
   team.sync();
   cols_dot(team, w.sp_wv, o.q, H, C, o.u, scratch);
   team.each(C, [&](int c) { o.ueff[c] = sequential ? o.u[c] * o.a[c] : o.u[c]; });
@@ -450,6 +450,8 @@ fwd_glue_kernel(int blocks, const T* __restrict__ pmax, const T* __restrict__ ps
   o.v = ws + 3 * C;
   o.q = ws + 3 * C + H;
   o.rstd = ws + 4 * C;
+  o.z = ws + 5 * C;
+  o.g = ws + 6 * C;
   o.c = cbias + n;
   run_chain(team, w, C, eps, sequential, o, scratch);  // (ends with a sync: o.a, o.ueff written)
   if (a_out != nullptr) {  // A and u_eff also as dense (N, C) rows, for the apply pass
@@ -503,6 +505,8 @@ bwd_glue_kernel(int blocks, const T* __restrict__ part_dt, const T* __restrict__
   o.q = L(0);
   o.rstd = ws + 7 * C + H;
   o.c = o.rstd + 1;
+  o.z = d_zhat;  // (d_zhat and d_a are written after the chain)
+  o.g = d_a;
   run_chain(team, w, C, eps, sequential, o, scratch);
 
   // y = x (A (+) S) with S_p = sigmoid(u_eff . x_p + c): the partial sums of the backward
