@@ -62,6 +62,24 @@ def test_module_matches_reference(cuda_kernels: str, variant: str, mode: str,
 
 
 @pytest.mark.parametrize('variant, mode', FORMS)
+@pytest.mark.parametrize('glue_blocks', ['', '1', '8'])
+def test_glues_on_clusters_match_reference(cuda_kernels: str, variant: str, mode: str,
+                                           glue_blocks: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """float64, output and every gradient, with the glues' blocks per image as chosen (on
+    compute capability 9.0 a cluster of 3 at C = 96, 8 at C = 256), one (as below sm_90) and
+    8 (``MMATTN_PSA_GLUE_BLOCKS``; a cluster where the device has them)."""
+    monkeypatch.setenv('MMATTN_PSA_GLUE_BLOCKS', glue_blocks)
+    for c, shape in [(96, (2, 96, 12, 10)), (256, (1, 256, 8, 6))]:
+        fast, ref = cuda_pair(variant, mode, c)
+        x = torch.randn(shape, dtype=F64, device='cuda')
+        g = torch.randn(shape, dtype=F64, device='cuda')
+        torch.testing.assert_close(fast(x), ref(x), **TOL)
+        for got, want in zip(all_grads(call, fast, x, g), all_grads(call, ref, x, g)):
+            torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize('variant, mode', FORMS)
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('register_tiles', ['1', '0'])
 def test_low_precision(cuda_kernels: str, variant: str, mode: str, dtype: torch.dtype,
