@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import os.path as osp
+import re
 import subprocess
 import sys
 
@@ -31,12 +32,13 @@ def test_sanitizer_program_refuses_without_a_gpu() -> None:
 FAKE_PYTHON = r'''#!/bin/bash
 # stands in for the GPU machine's python3: logs each call with what the script exported
 echo "python3 $* | MMCV_WITH_OPS=${MMCV_WITH_OPS:-} PYTHONPATH=${PYTHONPATH:-}" \
-  "MMATTN_PSA_MAX_SPLITS=${MMATTN_PSA_MAX_SPLITS:-}" >> "$CALLS"
+  "MMATTN_PSA_MAX_SPLITS=${MMATTN_PSA_MAX_SPLITS:-}" \
+  "MMATTN_PSA_GLUE_BLOCKS=${MMATTN_PSA_GLUE_BLOCKS:-}" >> "$CALLS"
 case "$*" in
   *"pip wheel"*) mkdir -p "$WHEEL_DIR"; touch "$WHEEL_DIR/mmcv-2.1.0-cp312-cp312-linux_x86_64.whl";;
   *pytest*) exit 3;;
   *cuda-graph*) ;;
-  *benchmark_model*) [ -n "${MMATTN_PSA_MAX_SPLITS:-}" ] || sleep 20;;
+  *benchmark_model*) [ -n "${MMATTN_PSA_MAX_SPLITS:-}${MMATTN_PSA_GLUE_BLOCKS:-}" ] || sleep 20;;
 esac
 exit 0
 '''
@@ -45,10 +47,10 @@ exit 0
 def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     """The order the GPU machine needs (mmcv before anything imports mmattn, mmcv's ops before
     mmseg's model benchmark, this tree on PYTHONPATH for tools/*.py), a failed stage not
-    stopping the next, a stage cut at the deadline counted as failed, SPLIT_SWEEP's model
-    benchmarks, one per split cap, after the first, and GRAPH_ARGS's (the CUDA-graph mode)
-    before the eager one (set to '', none); python3, nvidia-smi and compute-sanitizer are
-    stand-ins that log their calls."""
+    stopping the next, a stage cut at the deadline counted as failed, SPLIT_SWEEP's and
+    GLUE_SWEEP's model benchmarks, one per value, after the first, and GRAPH_ARGS's (the
+    CUDA-graph mode) before the eager one (set to '', none); python3, nvidia-smi and
+    compute-sanitizer are stand-ins that log their calls."""
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
     (bin_dir / 'python3').write_text(FAKE_PYTHON)
@@ -70,6 +72,7 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
                MMATTN_RACE='1',
                WHEEL_DIR='/tmp/mmcv_ops', OUT=str(tmp_path / 'out'), DEADLINE='60',
                LIMIT_model_benchmark='2', MIN_STAGE_S='1', SPLIT_SWEEP='64 16',
+               GLUE_SWEEP='1 8',
                GRAPH_ARGS='--cuda-graph --dtypes float32',
                NCU_ARGS='--ops paper-parallel --shapes 16,256,128,128')
     result = subprocess.run(['bash', script], capture_output=True, text=True, env=env,
@@ -79,7 +82,8 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
              for key in ('mmcv-2.1.0.tar.gz', 'mmattn.ops.build', 'pytest',
                          'uninstall -q -y mmcv-lite', 'mmcv_ops/mmcv-2.1.0',
                          '--cuda-graph --dtypes float32', 'benchmark_model.py --iters',
-                         'MAX_SPLITS=64', 'MAX_SPLITS=16', '--tool memcheck',
+                         'MAX_SPLITS=64', 'MAX_SPLITS=16', 'GLUE_BLOCKS=1',
+                         'GLUE_BLOCKS=8', '--tool memcheck',
                          'benchmark.py --preset', 'ncu -k', '--preset host-gpu',
                          '--tool racecheck')]
     assert order == sorted(order), log
@@ -103,13 +107,13 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
                    "--section Occupancy --section LaunchStats --section SchedulerStats "
                    "--section WarpStateStats --section MemoryWorkloadAnalysis python3 "
                    "tools/sanitize_kernels.py --ops paper-parallel --shapes 16,256,128,128"), ncu
-    for cap in ('64', '16'):
-        assert f'== splits_{cap}: rc 0' in result.stdout
+    for stage in ('splits_64', 'splits_16', 'glue_1', 'glue_8'):
+        assert f'== {stage}: rc 0' in result.stdout
     assert '== model_graph: rc 0' in result.stdout
-    sweeps = [line for line in log if 'MAX_SPLITS=' in line
-              and not line.endswith('MAX_SPLITS=')]
-    assert len(sweeps) == 2 and all('--forms psa_p-official,paper-parallel' in line
-                                    for line in sweeps), log
+    for variable in ('MAX_SPLITS', 'GLUE_BLOCKS'):   # the sweeps' calls, 2 each
+        sweeps = [line for line in log if re.search(variable + r'=\d', line)]
+        assert len(sweeps) == 2 and all('--forms psa_p-official,paper-parallel' in line
+                                        for line in sweeps), log
     calls.unlink()
     env.update(GRAPH_ARGS='', SPLIT_SWEEP='', NCU_ARGS='')
     result = subprocess.run(['bash', script], capture_output=True, text=True, env=env,

@@ -24,6 +24,7 @@
 #   LIMIT_model_benchmark=300 OP_ARGS='--preset gpu --op psa' bash tools/gpu_check.sh
 #   SANITIZE_ARGS='--dtypes float32' bash tools/gpu_check.sh   # both sanitizer stages
 #   SPLIT_SWEEP='64 16' bash tools/gpu_check.sh   # + the model benchmark per split cap
+#   GLUE_SWEEP='1 4 8' bash tools/gpu_check.sh     # + the model benchmark per glue team size
 #
 # GRAPH_ARGS runs the model benchmark on these arguments as the stage model_graph, before the
 # eager one: its CUDA-graph mode (each training step captured once and replayed, the step
@@ -37,7 +38,9 @@
 # SPLIT_SWEEP (default none) runs, after the model benchmark, one more model benchmark (its
 # arguments SWEEP_ARGS: stock, PSA_p and the paper's parallel form, fp32, 5 steps) per value with
 # MMATTN_PSA_MAX_SPLITS set to it (the cap on the pass kernels' splits per image that the glue
-# kernels merge; docs/kernels.md), a stage `splits_<value>` each.
+# kernels merge; docs/kernels.md), a stage `splits_<value>` each. GLUE_SWEEP (default none)
+# likewise with MMATTN_PSA_GLUE_BLOCKS (the glue kernels' blocks per image, a cluster's size
+# on compute capability 9.0), a stage `glue_<value>` each.
 #
 # NCU_ARGS (default none) runs Nsight Compute, the stage ncu after the op benchmark, over
 # tools/sanitize_kernels.py with these arguments (the kernels once at a benchmark's shape), the
@@ -74,6 +77,7 @@ MODEL_ARGS=${MODEL_ARGS:---iters 5 --warmup 2 --backends auto --profile 8}  # H1
 OP_ARGS=${OP_ARGS:---preset gpu --op psa --iters 20 --kernels 12 --host-split 8}
 SANITIZE_ARGS=${SANITIZE_ARGS:-}
 SPLIT_SWEEP=${SPLIT_SWEEP:-}
+GLUE_SWEEP=${GLUE_SWEEP:-}
 GRAPH_ARGS=${GRAPH_ARGS---cuda-graph --iters 6 --warmup 2 --backends auto --profile 8}
 NCU_ARGS=${NCU_ARGS:-}
 NCU_KERNELS=${NCU_KERNELS:-'^(fwd|bwd|value|release|outlook)_'}
@@ -150,11 +154,19 @@ if [ -n "$GRAPH_ARGS" ]; then
 fi
 # shellcheck disable=SC2086
 TAIL=30 stage model_benchmark 300 python3 tools/benchmark_model.py $MODEL_ARGS
-for cap in $SPLIT_SWEEP; do
-  # shellcheck disable=SC2086
-  TAIL=30 stage "splits_$cap" 150 env MMATTN_PSA_MAX_SPLITS="$cap" \
-    python3 tools/benchmark_model.py $SWEEP_ARGS
-done
+sweep() {  # sweep PREFIX VARIABLE VALUES...: the model benchmark once per value of VARIABLE
+  local prefix=$1 variable=$2 value
+  shift 2
+  for value in "$@"; do
+    # shellcheck disable=SC2086
+    TAIL=30 stage "${prefix}_$value" 150 env "$variable=$value" \
+      python3 tools/benchmark_model.py $SWEEP_ARGS
+  done
+}
+# shellcheck disable=SC2086
+sweep splits MMATTN_PSA_MAX_SPLITS $SPLIT_SWEEP
+# shellcheck disable=SC2086
+sweep glue MMATTN_PSA_GLUE_BLOCKS $GLUE_SWEEP
 # shellcheck disable=SC2086
 stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
   python3 tools/sanitize_kernels.py $SANITIZE_ARGS
