@@ -22,7 +22,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cstdlib>
 #include <vector>
 
 #include "psa_kernels.cuh"
@@ -578,14 +577,12 @@ bwd_glue_kernel(int blocks, const T* __restrict__ part_dt, const T* __restrict__
 // kMaxClusterBlocks), or unset / empty for glue_blocks' choice. A knob to measure with (1: one
 // block per image, the glues before clusters).
 inline int glue_blocks_from_env() {
-  const char* text = std::getenv("MMATTN_PSA_GLUE_BLOCKS");
-  if (text == nullptr || *text == '\0') return 0;
-  char* end = nullptr;
-  const long value = std::strtol(text, &end, 10);
-  TORCH_CHECK(*end == '\0' && value >= 1 && value <= launch::kMaxClusterBlocks,
-              "MMATTN_PSA_GLUE_BLOCKS must be an integer from 1 to ", launch::kMaxClusterBlocks,
-              " (the glue kernels' blocks per image), got '", text, "'");
-  return static_cast<int>(value);
+  const auto describe = [] {
+    return c10::str("an integer from 1 to ", launch::kMaxClusterBlocks,
+                    " (the glue kernels' blocks per image)");
+  };
+  return static_cast<int>(
+      env_integer("MMATTN_PSA_GLUE_BLOCKS", 1, launch::kMaxClusterBlocks, 0, describe));
 }
 
 // How many blocks run one image's glue (Team): the environment's count, or as many as keep the

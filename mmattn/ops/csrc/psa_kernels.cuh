@@ -951,20 +951,28 @@ int wave_blocks(void (*kernel)(KArgs...), int64_t units, size_t smem) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(units, wave)));
 }
 
+// The integer in the environment variable `name`, in [lo, hi], or `unset` where the variable is
+// unset or empty; anything else is an error naming it, what it must be (describe(): called only
+// then) and its text.
+template <typename Describe>
+long env_integer(const char* name, long lo, long hi, long unset, Describe&& describe) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return unset;
+  char* end = nullptr;
+  const long value = std::strtol(text, &end, 10);
+  TORCH_CHECK(*end == '\0' && value >= lo && value <= hi, name, " must be ", describe(),
+              ", got '", text, "'");
+  return value;
+}
+
 // The environment's cap on the splits per image of the reductions whose size the host code
 // chooses: MMATTN_PSA_MAX_SPLITS, a positive integer, or unset / 0 for none. A tuning knob to
 // measure with: at a small batch one wave is hundreds of splits per image (an H200 at N = 2:
 // 264), each a partial sum that a glue kernel's single block then merges, so fewer, longer
 // splits trade the reduction's parallelism for the glue's latency (docs/kernels.md).
 inline int max_splits_from_env() {
-  const char* text = std::getenv("MMATTN_PSA_MAX_SPLITS");
-  if (text == nullptr || *text == '\0') return 0;
-  char* end = nullptr;
-  const long value = std::strtol(text, &end, 10);
-  TORCH_CHECK(*end == '\0' && value >= 0 && value <= (1L << 30),
-              "MMATTN_PSA_MAX_SPLITS must be a non-negative integer (0: no cap), got '", text,
-              "'");
-  return static_cast<int>(value);
+  return static_cast<int>(env_integer("MMATTN_PSA_MAX_SPLITS", 0, 1L << 30, 0,
+                                      [] { return "a non-negative integer (0: no cap)"; }));
 }
 
 // The launch of a split reduction: tile plan, blocks per image and pixels per block (one wave
