@@ -2,17 +2,24 @@
 // be compiled by the host compiler and run in the tests on a machine without a GPU.
 //
 // A launch runs the grid's blocks one after another (a thread-block cluster's blocks at the same
-// time, cluster_sync() a barrier of all their threads); a block runs each of its CUDA threads on
-// an OS thread of a pool (threads are started once and reused: starting 256 threads took 8.7 ms
-// a block on 2 cores, more than the work of most blocks), with __syncthreads() a barrier of the
-// block and the warp shuffles an exchange through a buffer between two barriers of the warp.
+// time, cluster_sync() a barrier of all their threads). Each CUDA thread is a fiber (its own
+// stack, switched to and from on the calling OS thread): a thread runs until it waits at a
+// barrier (__syncthreads(), a barrier of the block; the warp shuffles and __syncwarp(), of the
+// warp; cluster_sync()) or ends, then the next runs. The scheduler sweeps over the threads in
+// index order and in reverse by turns, so that the threads of a block run the steps between
+// two barriers in one order, the next steps in the other: a step that reads what another
+// thread writes in the same step (a missing barrier) reads it unwritten in one of the two
+// orders, deterministically. Threads that wait at barriers not all of them reach stop the test
+// (a deadlock, reported) rather than hang it. (Until 2026-11-27 each CUDA thread ran on an OS
+// thread with real barriers: 4.6 minutes of the suite on 2 cores, most of it in the kernel's
+// futex calls; 13 seconds with fibers.)
 // Dynamic shared memory is one buffer per block that runs at once (launch::block_shared picks the
 // block's: a kernel launched in clusters must take its shared memory through it), filled with
 // 0xFF bytes (NaN for floating point) before each block so that a read of shared memory nobody
-// wrote shows up in the results. Threads really run
-// concurrently, so a missing __syncthreads can show as a wrong (or flaky) result; what cannot be
-// seen here: the GPU's memory model, performance, and errors that only the device's limits
-// produce. This provides the interface of mmattn/ops/csrc/cuda_launch.cuh.
+// wrote shows up in the results. What cannot be seen here: the GPU's memory model (the threads
+// of a step run one after another, each to its next barrier), performance, and errors that
+// only the device's limits produce. This provides the interface of
+// mmattn/ops/csrc/cuda_launch.cuh.
 //
 // Each kernel family declares its dynamic shared memory (`extern __shared__ ... smem_raw[]`) in
 // its own namespace; the translation unit that includes a family defines that array with
@@ -25,19 +32,21 @@
 #include <ATen/OpMathType.h>
 #include <c10/core/Device.h>
 
+#include <sys/mman.h>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <array>
-#include <barrier>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <mutex>
-#include <semaphore>
-#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -56,7 +65,6 @@ struct dim3 {
 };
 
 inline dim3 gridDim, blockDim;  // shared by the threads of the running launch
-inline thread_local dim3 blockIdx, threadIdx;
 
 using std::max;
 using std::min;
@@ -64,17 +72,70 @@ using std::min;
 namespace mmattn_emulation {
 
 struct ClusterOrder;
+struct Fiber;
+inline Fiber* current = nullptr;  // the CUDA thread that runs now
+
+// A barrier of `expected` threads: an arriving thread waits (its fiber yields) until the last
+// one arrives; that one opens the next generation.
+struct Barrier {
+  unsigned expected = 0, arrived = 0;
+  uint64_t generation = 0;
+  explicit Barrier(unsigned n) : expected(n) {}
+  void arrive_and_wait();
+  void arrive_and_drop() {  // an exited thread no longer holds the others up
+    --expected;
+    if (arrived > 0 && arrived == expected) release();
+  }
+  void release() {
+    arrived = 0;
+    ++generation;
+  }
+};
 
 struct Block {
-  std::barrier<>* threads = nullptr;
-  std::vector<std::unique_ptr<std::barrier<>>>* warps = nullptr;
-  std::vector<double>* exchange = nullptr;
-  std::barrier<>* cluster = nullptr;  // all threads of the block's cluster
-  unsigned slot = 0;                  // the block's place in its cluster (its shared memory)
+  Barrier* threads = nullptr;
+  std::vector<Barrier>* warps = nullptr;
+  std::vector<double>* exchange = nullptr;  // the warp shuffles' slots, two sets a warp
+  Barrier* cluster = nullptr;               // all threads of the block's cluster
+  unsigned slot = 0;                        // the block's place in its cluster (its shared memory)
   unsigned cluster_blocks = 1;
   ClusterOrder* order = nullptr;
 };
-inline thread_local Block block;  // the calling thread's block
+
+struct PendingCopy {  // an asynchronous copy (below) not yet waited for
+  void* dst;
+  const void* src;
+  bool valid;
+};
+
+// A CUDA thread: its stack, the registers saved while it is switched out, its indices and
+// block, and what it waits for.
+struct Fiber {
+#if defined(__x86_64__)
+  void* sp = nullptr;
+#else
+  ucontext_t context;
+#endif
+  unsigned char* stack = nullptr;  // kStackBytes, above a guard page
+  dim3 block_idx, thread_idx;
+  Block block;
+  unsigned cluster_barriers = 0;  // reached so far
+  unsigned shuffles = 0;          // warp shuffles so far (which set of slots the next one uses)
+  std::vector<PendingCopy> pending_copies;
+  const std::function<void()>* body = nullptr;
+  const Barrier* barrier = nullptr;  // waits for this barrier's generation to pass `generation`
+  uint64_t generation = 0;
+  unsigned others_at = 0;  // waits for the other blocks at this cluster barrier (0: none)
+  bool done = false;
+};
+
+}  // namespace mmattn_emulation
+
+#define threadIdx (::mmattn_emulation::current->thread_idx)
+#define blockIdx (::mmattn_emulation::current->block_idx)
+
+namespace mmattn_emulation {
+
 constexpr size_t kSharedMemoryBytes = 227 * 1024;  // an H100's opt-in limit per block
 constexpr unsigned kMaxClusterBlocks = 8;          // the portable cluster size
 // one per kernel family, kMaxClusterBlocks blocks' worth
@@ -89,86 +150,191 @@ constexpr unsigned kMaxClusterBarriers = 64;  // a kernel's cluster barriers, at
 
 struct ClusterOrder {
   unsigned others = 0;  // the other blocks' threads
-  std::array<std::atomic<unsigned>, kMaxClusterBarriers + 2> reached{};
+  std::array<unsigned, kMaxClusterBarriers + 2> reached{};
 };
-inline thread_local unsigned cluster_barriers = 0;  // the calling thread's so far
 
 inline bool last_of_cluster() {
-  return block.cluster_blocks > 1 && block.slot + 1 == block.cluster_blocks;
+  const Block& b = current->block;
+  return b.cluster_blocks > 1 && b.slot + 1 == b.cluster_blocks;
 }
 
-inline void reach(unsigned barrier) {
-  std::atomic<unsigned>& r = block.order->reached[barrier];
-  if (r.fetch_add(1) + 1 == block.order->others) r.notify_all();
-}
-
-// (the last block's threads) until the other blocks' threads have reached `barrier`
-inline void wait_for_others(unsigned barrier) {
-  std::atomic<unsigned>& r = block.order->reached[barrier];
-  for (unsigned v = r.load(); v < block.order->others; v = r.load()) r.wait(v);
-}
+inline void reach(unsigned barrier) { ++current->block.order->reached[barrier]; }
 
 inline bool register_shared_memory(unsigned char* memory) {
   shared_memories.push_back(memory);
   return true;
 }
 
-// The OS threads that run a block's CUDA threads, started on first need and kept (never
-// destroyed: the process's exit ends them). run(n, body) calls body(t) on worker t for t < n,
-// all concurrently, and returns when every call has returned; one run at a time.
-class Pool {
- public:
-  static Pool& get() {
-    static Pool* pool = new Pool;
-    return *pool;
-  }
+// ---- switching between fibers: x86-64 saves the callee-saved registers and the floating-point
+// control words on the stack it leaves (no system call, unlike swapcontext's signal mask);
+// other machines use <ucontext.h>.
+constexpr size_t kStackBytes = 256 * 1024, kGuardBytes = 4096;
 
-  void run(unsigned count, const std::function<void(unsigned)>& body) {
-    while (workers_.size() < count) {
-      workers_.push_back(std::make_unique<Worker>());
-      Worker* w = workers_.back().get();
-      const unsigned id = static_cast<unsigned>(workers_.size() - 1);
-      std::thread([this, w, id] {
-        for (;;) {
-          w->start.acquire();
-          (*body_)(id);
-          if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) done_.release();
-        }
-      }).detach();
+#if defined(__x86_64__)
+extern "C" void mmattn_emulation_switch(void** save_sp, void* to_sp);
+asm(R"(
+  .pushsection .text
+  .weak mmattn_emulation_switch
+  .type mmattn_emulation_switch, @function
+mmattn_emulation_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size mmattn_emulation_switch, .-mmattn_emulation_switch
+  .popsection
+)");
+
+inline void* scheduler_sp = nullptr;
+
+// A stack that "returns" into entry (as if called: rsp = 8 mod 16) with the scheduler's
+// floating-point control words.
+inline void prepare(Fiber& f, void (*entry)()) {
+  uint32_t mxcsr;
+  uint16_t fpcw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpcw));
+  auto* sp = reinterpret_cast<uint64_t*>(f.stack + kStackBytes);
+  *--sp = 0;                                   // entry's return address: it never returns
+  *--sp = reinterpret_cast<uint64_t>(entry);  // where the switch's `ret` goes
+  for (int r = 0; r < 6; ++r) *--sp = 0;      // rbp, rbx, r12-r15
+  *--sp = (static_cast<uint64_t>(fpcw) << 32) | mxcsr;
+  f.sp = sp;
+}
+inline void switch_in(Fiber& f) { mmattn_emulation_switch(&scheduler_sp, f.sp); }
+inline void switch_out(Fiber& f) { mmattn_emulation_switch(&f.sp, scheduler_sp); }
+#else
+inline ucontext_t scheduler_context;
+inline void prepare(Fiber& f, void (*entry)()) {
+  getcontext(&f.context);
+  f.context.uc_stack.ss_sp = f.stack;
+  f.context.uc_stack.ss_size = kStackBytes;
+  f.context.uc_link = nullptr;
+  makecontext(&f.context, entry, 0);
+}
+inline void switch_in(Fiber& f) { swapcontext(&scheduler_context, &f.context); }
+inline void switch_out(Fiber& f) { swapcontext(&f.context, &scheduler_context); }
+#endif
+
+inline void fail(const char* message) {
+  std::fprintf(stderr, "emulated CUDA: %s\n", message);
+  std::abort();
+}
+
+// the calling fiber waits: back to the scheduler, which switches to it again once it can run
+inline void yield() { switch_out(*current); }
+
+inline void Barrier::arrive_and_wait() {
+  Fiber& f = *current;
+  f.barrier = this;
+  f.generation = generation;
+  if (++arrived == expected) release();
+  yield();
+  f.barrier = nullptr;
+}
+
+// (the last block's threads) until the other blocks' threads have reached `barrier`
+inline void wait_for_others(unsigned barrier) {
+  current->others_at = barrier;
+  yield();
+  current->others_at = 0;
+}
+
+inline bool runnable(const Fiber& f) {
+  return !f.done && !(f.barrier && f.barrier->generation == f.generation) &&
+         !(f.others_at && f.block.order->reached[f.others_at] < f.block.order->others);
+}
+
+inline void fiber_entry() {
+  Fiber& f = *current;
+  (*f.body)();
+  f.done = true;
+  switch_out(f);
+  fail("a finished thread was resumed");
+}
+
+// The fibers, with their stacks, kept from launch to launch (never freed: the process's exit
+// frees them); the first `count`, ready to run `body`.
+inline std::vector<Fiber*> fibers(unsigned count, const std::function<void()>& body) {
+  static std::vector<std::unique_ptr<Fiber>> pool;
+  while (pool.size() < count) {
+    void* memory = mmap(nullptr, kGuardBytes + kStackBytes, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (memory == MAP_FAILED || mprotect(memory, kGuardBytes, PROT_NONE) != 0)
+      fail("no memory for a thread's stack");
+    pool.push_back(std::make_unique<Fiber>());
+    pool.back()->stack = static_cast<unsigned char*>(memory) + kGuardBytes;
+  }
+  std::vector<Fiber*> ready;
+  for (unsigned t = 0; t < count; ++t) {
+    Fiber& f = *pool[t];
+    f.cluster_barriers = f.shuffles = f.others_at = 0;
+    f.pending_copies.clear();
+    f.body = &body;
+    f.barrier = nullptr;
+    f.done = false;
+    prepare(f, fiber_entry);
+    ready.push_back(&f);
+  }
+  return ready;
+}
+
+// Runs the fibers to their ends: sweeps over them, forwards and backwards by turns, switching to
+// each that can run until it waits or ends. A sweep that runs none while some wait is a
+// deadlock (threads waiting at different barriers): an error of the launch.
+inline void run(const std::vector<Fiber*>& fs) {
+  const size_t n = fs.size();
+  size_t done = 0;
+  for (bool forward = true; done < n; forward = !forward) {
+    bool ran = false;
+    for (size_t k = 0; k < n; ++k) {
+      Fiber& f = *fs[forward ? k : n - 1 - k];
+      if (!runnable(f)) continue;
+      current = &f;
+      switch_in(f);
+      ran = true;
+      done += f.done;
     }
-    body_ = &body;
-    pending_.store(static_cast<int>(count), std::memory_order_release);
-    for (unsigned t = 0; t < count; ++t) workers_[t]->start.release();
-    done_.acquire();
+    current = nullptr;
+    // (the waiting fibers are left as they are: their stacks are taken again by the next launch)
+    TORCH_CHECK(ran, "emulated CUDA: deadlock: threads wait at barriers that not all of them "
+                "reach (a __syncthreads, warp operation or cluster barrier under a condition)");
   }
-
- private:
-  struct Worker {
-    std::binary_semaphore start{0};
-  };
-  std::vector<std::unique_ptr<Worker>> workers_;
-  const std::function<void(unsigned)>* body_ = nullptr;
-  std::atomic<int> pending_{0};
-  std::binary_semaphore done_{0};
-};
+}
 
 }  // namespace mmattn_emulation
 
-inline void __syncthreads() { mmattn_emulation::block.threads->arrive_and_wait(); }
+inline void __syncthreads() { mmattn_emulation::current->block.threads->arrive_and_wait(); }
 
 namespace mmattn_emulation {
-// The warp shuffles: every lane of the warp posts its value, then takes lane `source`'s, between
-// two barriers of the warp.
+// The warp shuffles: every lane of the warp posts its value, then, after a barrier of the warp,
+// takes lane `source`'s. Consecutive shuffles use the warp's two sets of slots by turns, so
+// that a lane writes a set only once every lane has read it (passed the next barrier).
 template <typename T>
 inline T shuffle_from(T value, unsigned source) {
-  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  double* slots = block.exchange->data() + warp * 32;
-  std::barrier<>& sync = *(*block.warps)[warp];
+  Fiber& f = *current;
+  const unsigned warp = f.thread_idx.x / 32, lane = f.thread_idx.x % 32;
+  double* slots = f.block.exchange->data() + (2 * warp + f.shuffles++ % 2) * 32;
   slots[lane] = static_cast<double>(value);
-  sync.arrive_and_wait();
-  const T other = static_cast<T>(slots[source % 32]);
-  sync.arrive_and_wait();
-  return other;
+  (*f.block.warps)[warp].arrive_and_wait();
+  return static_cast<T>(slots[source % 32]);
 }
 }  // namespace mmattn_emulation
 
@@ -187,7 +353,7 @@ inline float __expf(float v) { return std::exp(v); }
 
 // __syncwarp(): a barrier of the warp (orders its lanes' shared-memory accesses, as on the GPU)
 inline void __syncwarp(unsigned = 0xffffffffu) {
-  (*mmattn_emulation::block.warps)[threadIdx.x / 32]->arrive_and_wait();
+  (*mmattn_emulation::current->block.warps)[threadIdx.x / 32].arrive_and_wait();
 }
 
 // A vector access (vector.cuh's load_pack / store_pack) off its alignment: the GPU stops the
@@ -204,10 +370,6 @@ inline void check_aligned(const void* pointer, size_t bytes) {
 }
 }  // namespace mmattn_emulation
 
-namespace mmattn_emulation {
-inline std::mutex atomics;
-}  // namespace mmattn_emulation
-
 // The asynchronous copies of vector.cuh (copy_16_async, cp.async on the GPU): the 16 bytes are
 // written at the thread's wait_copies(), not at the call, and the destination reads 0xFF bytes
 // (NaN) in between, so that a read before the wait, or a copy into a buffer that another thread
@@ -217,19 +379,13 @@ inline std::mutex atomics;
   mmattn_emulation::async_copy_16(dst, src, valid)
 #define MMATTN_EMULATED_ASYNC_WAIT() mmattn_emulation::wait_async_copies()
 namespace mmattn_emulation {
-struct PendingCopy {
-  void* dst;
-  const void* src;
-  bool valid;
-};
-inline thread_local std::vector<PendingCopy> pending_copies;
-
 inline void async_copy_16(void* dst, const void* src, bool valid) {
   std::memset(dst, 0xFF, 16);
-  pending_copies.push_back({dst, src, valid});
+  current->pending_copies.push_back({dst, src, valid});
 }
 
 inline void wait_async_copies() {
+  std::vector<PendingCopy>& pending_copies = current->pending_copies;
   for (const PendingCopy& c : pending_copies) {
     if (c.valid)
       std::memcpy(c.dst, c.src, 16);
@@ -240,6 +396,7 @@ inline void wait_async_copies() {
 }
 
 inline void check_no_pending_copies() {
+  const std::vector<PendingCopy>& pending_copies = current->pending_copies;
   if (!pending_copies.empty()) {
     std::fprintf(stderr, "emulated CUDA: a thread ended with %zu asynchronous copies it never "
                  "waited for\n", pending_copies.size());
@@ -322,11 +479,9 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, flo
 }  // namespace wmma
 }  // namespace nvcuda
 
-// atomicAdd: the old value, the sum stored (one lock for every address: the threads of a block
-// run concurrently)
+// atomicAdd: the old value, the sum stored (the threads run one at a time)
 template <typename T>
 inline T atomicAdd(T* address, T value) {
-  const std::lock_guard<std::mutex> lock(mmattn_emulation::atomics);
   const T old = *address;
   *address = old + value;
   return old;
@@ -380,44 +535,46 @@ void launch_clusters(void (*kernel)(KArgs...), dim3 grid, unsigned cluster, unsi
   ++mmattn_emulation::launches;
   gridDim = grid;
   blockDim = dim3(threads);
+  namespace emu = mmattn_emulation;
   const unsigned warps = (threads + 31) / 32;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x0 = 0; x0 < grid.x; x0 += cluster) {
-        std::barrier<> cluster_sync(cluster * threads);
-        mmattn_emulation::ClusterOrder order;
+        emu::Barrier cluster_sync(cluster * threads);
+        emu::ClusterOrder order;
         order.others = (cluster - 1) * threads;
-        std::vector<std::unique_ptr<std::barrier<>>> block_sync;
-        std::vector<std::vector<std::unique_ptr<std::barrier<>>>> warp_sync(cluster);
-        std::vector<std::vector<double>> exchange(cluster, std::vector<double>(32 * warps));
-        for (unsigned b = 0; b < cluster; ++b) {
-          block_sync.push_back(std::make_unique<std::barrier<>>(threads));
+        std::vector<emu::Barrier> block_sync(cluster, emu::Barrier(threads));
+        std::vector<std::vector<emu::Barrier>> warp_sync(cluster);
+        std::vector<std::vector<double>> exchange(cluster, std::vector<double>(64 * warps));
+        for (unsigned b = 0; b < cluster; ++b)
           for (unsigned w = 0; w < warps; ++w)
-            warp_sync[b].push_back(
-                std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
-        }
-        for (unsigned char* memory : mmattn_emulation::shared_memories)
-          std::memset(memory, 0xFF, cluster * mmattn_emulation::kSharedMemoryBytes);
-        mmattn_emulation::Pool::get().run(cluster * threads, [&](unsigned t) {
-          const unsigned b = t / threads, local = t % threads;
-          blockIdx = dim3(x0 + b, y, z);
-          threadIdx = dim3(local);
-          mmattn_emulation::block = {block_sync[b].get(), &warp_sync[b], &exchange[b],
-                                     &cluster_sync, b, cluster, &order};
-          mmattn_emulation::cluster_barriers = 0;
-          const bool last = mmattn_emulation::last_of_cluster();
-          if (last) mmattn_emulation::wait_for_others(1);
+            warp_sync[b].emplace_back(std::min(32u, threads - 32 * w));
+        for (unsigned char* memory : emu::shared_memories)
+          std::memset(memory, 0xFF, cluster * emu::kSharedMemoryBytes);
+        const std::function<void()> body = [&] {
+          emu::Block& block = emu::current->block;
+          const bool last = emu::last_of_cluster();
+          if (last) emu::wait_for_others(1);
           kernel(args...);
-          mmattn_emulation::check_no_pending_copies();
+          emu::check_no_pending_copies();
           if (cluster > 1 && !last)  // (an exited thread has reached every later barrier)
-            for (unsigned k = mmattn_emulation::cluster_barriers + 1;
-                 k <= mmattn_emulation::kMaxClusterBarriers + 1; ++k)
-              mmattn_emulation::reach(k);
+            for (unsigned k = emu::current->cluster_barriers + 1;
+                 k <= emu::kMaxClusterBarriers + 1; ++k)
+              emu::reach(k);
           // an exited thread no longer holds others up
-          warp_sync[b][local / 32]->arrive_and_drop();
-          block_sync[b]->arrive_and_drop();
-          cluster_sync.arrive_and_drop();
-        });
+          (*block.warps)[threadIdx.x / 32].arrive_and_drop();
+          block.threads->arrive_and_drop();
+          block.cluster->arrive_and_drop();
+        };
+        const std::vector<emu::Fiber*> fibers = emu::fibers(cluster * threads, body);
+        for (unsigned t = 0; t < cluster * threads; ++t) {
+          const unsigned b = t / threads;
+          fibers[t]->block_idx = dim3(x0 + b, y, z);
+          fibers[t]->thread_idx = dim3(t % threads);
+          fibers[t]->block = {&block_sync[b], &warp_sync[b], &exchange[b], &cluster_sync, b,
+                              cluster, &order};
+        }
+        emu::run(fibers);
       }
 }
 
@@ -429,20 +586,20 @@ void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem,
 
 inline void cluster_sync() {
   namespace emu = mmattn_emulation;
-  const unsigned barrier = ++emu::cluster_barriers;
+  const unsigned barrier = ++emu::current->cluster_barriers;
   if (barrier > emu::kMaxClusterBarriers) {
     std::fprintf(stderr, "emulated CUDA: more than %u cluster barriers in a kernel\n",
                  emu::kMaxClusterBarriers);
     std::abort();
   }
   const bool last = emu::last_of_cluster();
-  if (!last && emu::block.cluster_blocks > 1) emu::reach(barrier);
-  emu::block.cluster->arrive_and_wait();
+  if (!last && emu::current->block.cluster_blocks > 1) emu::reach(barrier);
+  emu::current->block.cluster->arrive_and_wait();
   if (last) emu::wait_for_others(barrier + 1);
 }
 
 inline unsigned char* block_shared(unsigned char* memory) {
-  return memory + mmattn_emulation::block.slot * mmattn_emulation::kSharedMemoryBytes;
+  return memory + mmattn_emulation::current->block.slot * mmattn_emulation::kSharedMemoryBytes;
 }
 
 }  // namespace launch
