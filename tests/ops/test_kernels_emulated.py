@@ -3,8 +3,9 @@
 ``tests/ops/emulation`` compiles ``mmattn/ops/csrc/psa_kernels.cuh`` and ``outlook_kernels.cuh``
 (the kernels and the host code that launches them, exactly as ``psa_cuda.cu`` /
 ``outlook_cuda.cu`` include them) with the host compiler against a CPU emulation of CUDA's
-execution model (``emulated_cuda.h``: one OS thread per CUDA thread, real barriers for
-``__syncthreads`` and the warp shuffles, shared memory filled with NaN before each block). The
+execution model (``emulated_cuda.h``: each CUDA thread a fiber that runs to its next barrier,
+the threads in index order and in reverse by turns, barriers for ``__syncthreads``, the warp
+shuffles and the clusters, shared memory filled with NaN before each block). The
 emulated ops are compared with the paper's equations (the references of ``test_psa_op.py`` and
 ``test_outlook_op.py``), in float64 and, with the per-dtype rule, in float32/bfloat16/float16.
 This checks the kernels' indexing, tiling, split reductions, layouts and synchronisation on any
@@ -58,16 +59,46 @@ def emulated() -> Iterator[object]:
         lib.define('psa_glue_blocks(int n, int c) -> int')
         lib.define('outlook_gather_tensor_cores(Tensor v, Tensor attn, int kernel_size, '
                    'int padding, int stride) -> bool')  # outlook_emulated.cpp
+        lib.define('emulated_previous_thread(int threads, int rounds, bool barrier) -> Tensor')
+        lib.define('emulated_divergent_barriers(int threads) -> ()')  # emulator_checks.cpp
         _LIBRARY.append(lib)
         load(name='mmattn_emulated_kernels',
              sources=[osp.join(HERE, 'emulation', 'psa_emulated.cpp'),
                       osp.join(HERE, 'emulation', 'outlook_emulated.cpp'),
                       osp.join(HERE, 'emulation', 'column_sums_emulated.cpp'),
+                      osp.join(HERE, 'emulation', 'emulator_checks.cpp'),
                       osp.join(extension.CSRC, 'column_sums_args.cpp')],
              extra_include_paths=[extension.CSRC, osp.join(HERE, 'emulation')],
              extra_cflags=['-O2', '-pthread'], extra_ldflags=['-pthread'],
              is_python_module=False)
     yield getattr(torch.ops, NAMESPACE)
+
+
+# ---------------------------------------------------------------- the emulation itself
+@pytest.mark.parametrize('threads', [1, 37, 256])
+def test_emulation_shows_a_missing_barrier_in_either_order(emulated, threads: int) -> None:
+    """Each thread reads the previous thread's write of the same round: right with a barrier
+    between write and read; without one, the threads of the first round run in index order
+    (the reads right) and those of the second in reverse (every thread but 0 reads the first
+    round's value), so that the missing barrier shows whichever way the read goes."""
+    rounds = 4
+    written = torch.arange(rounds)[:, None] * threads + torch.arange(threads)
+    previous = torch.cat([written[:, :1], written[:, :-1]], dim=1)
+    assert torch.equal(emulated.emulated_previous_thread(threads, rounds, True), previous)
+    racy = emulated.emulated_previous_thread(threads, rounds, False)
+    assert torch.equal(racy[0::2], previous[0::2])
+    stale = torch.cat([previous[1::2, :1], previous[1::2, 1:] - threads], dim=1)
+    assert torch.equal(racy[1::2], stale)
+
+
+def test_emulation_reports_a_deadlock(emulated) -> None:
+    """Threads waiting at barriers that not all of them reach (odd threads at the block's,
+    even ones at their warp's) end the launch with an error instead of hanging the suite; the
+    next launch runs."""
+    with pytest.raises(RuntimeError, match='deadlock: threads wait at barriers'):
+        emulated.emulated_divergent_barriers(64)
+    assert torch.equal(emulated.emulated_previous_thread(8, 1, True)[0],
+                       torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]))
 
 
 # ---------------------------------------------------------------- PSA
@@ -299,7 +330,8 @@ def test_psa_glues_on_teams_of_blocks(emulated, block_kernel,
     paper glues against their twins on teams of 3 (uneven shares, a block with no share at
     C/2 = 1, more channels a block than its threads at C = 1100; the parallel mode, whose
     steps are the same, on one case), and the blocks of the sequential paper form, PSA_p and
-    PSA_s against the equations on teams of 2; float64, output and gradients."""
+    PSA_s against the equations on teams of 2; then every glue on teams of 8, an H100's at
+    C=256 (32 channels a block); float64, output and gradients."""
     monkeypatch.setenv('MMATTN_PSA_GLUE_BLOCKS', '3')
     assert emulated.psa_glue_blocks(1, 2) == 3
     check_glues(emulated, True, [(1, 1, 2, 1), (2, 5, 14, 7), (1, 3, 1100, 9)])
@@ -307,6 +339,10 @@ def test_psa_glues_on_teams_of_blocks(emulated, block_kernel,
     monkeypatch.setenv('MMATTN_PSA_GLUE_BLOCKS', '2')
     for variant, mode in BLOCK_FORMS[1:]:
         check_matches(block_kernel, mode, (2, 24, 5, 6), torch.contiguous_format, variant)
+    monkeypatch.setenv('MMATTN_PSA_GLUE_BLOCKS', '8')
+    check_glues(emulated, True, [(2, 3, 256, 5)])
+    for variant, mode in BLOCK_FORMS:
+        check_matches(block_kernel, mode, (2, 256, 3, 4), torch.contiguous_format, variant)
 
 
 def test_psa_glue_blocks_by_default_and_errors(emulated,
@@ -468,13 +504,12 @@ def test_psa_block_kernels_empty_batch(block_kernel, variant: str, mode: str) ->
 @pytest.mark.parametrize('layout, dtype', [
     (torch.contiguous_format, torch.float32), (torch.contiguous_format, torch.bfloat16),
     (torch.contiguous_format, torch.float16), (torch.channels_last, torch.float32),
-    (torch.channels_last, torch.bfloat16)])
+    (torch.channels_last, torch.bfloat16), (torch.channels_last, torch.float16)])
 def test_psa_release_kernels_low_precision(block_kernel, mode: str, dtype: torch.dtype,
                                            layout: torch.memory_format) -> None:
     """The release's forms at C=256, 16-byte vectors in both layouts: error against float64 at
     most about twice the eager reference's in the same dtype (the paper forms' passes: the
-    folded op's tests above). float16 in NCHW only: channels_last moves it as it moves
-    bfloat16 (8 values a vector), the conversions are the NCHW case's."""
+    folded op's tests above)."""
     def in_layout(b, x: Tensor) -> Tensor:
         return block_kernel(b, x.contiguous(memory_format=layout))
     check_release_low_precision(in_layout, mode, (2, 256, 10, 12), dtype)

@@ -1,0 +1,56 @@
+// Kernels that check the emulation itself (emulated_cuda.h): that a missing __syncthreads shows
+// in the results, in either order of the threads, and that threads waiting at barriers not all
+// of them reach stop the launch with an error. Registered as mmattn_emulated::emulated_* (the
+// test defines their schemas).
+#include "emulated_cuda.h"
+
+#include <torch/library.h>
+
+namespace emulator_checks {
+
+extern __shared__ __align__(16) unsigned char smem_raw[];
+
+// Each round, every thread writes round * blockDim.x + its index to shared memory and reads the
+// previous thread's (thread 0 its own) into out[round][thread]; a barrier between the write and
+// the read where `barrier`, one at the end of every round.
+__global__ void previous_thread_kernel(int64_t* out, int rounds, bool barrier) {
+  auto* slots = reinterpret_cast<int64_t*>(smem_raw);
+  const unsigned t = threadIdx.x;
+  for (int r = 0; r < rounds; ++r) {
+    slots[t] = r * static_cast<int64_t>(blockDim.x) + t;
+    if (barrier) __syncthreads();
+    out[r * blockDim.x + t] = slots[t == 0 ? 0 : t - 1];
+    __syncthreads();
+  }
+}
+
+// The odd threads wait at the block's barrier, the even ones at their warp's.
+__global__ void divergent_barriers_kernel() {
+  if (threadIdx.x % 2)
+    __syncthreads();
+  else
+    __syncwarp();
+}
+
+}  // namespace emulator_checks
+
+MMATTN_EMULATED_SHARED_MEMORY(emulator_checks)
+
+at::Tensor emulated_previous_thread(int64_t threads, int64_t rounds, bool barrier) {
+  at::Tensor out = at::empty({rounds, threads}, at::kLong);
+  mmattn::launch::launch(emulator_checks::previous_thread_kernel, dim3(1),
+                         static_cast<unsigned>(threads), threads * sizeof(int64_t),
+                         out.data_ptr<int64_t>(), static_cast<int>(rounds), barrier);
+  return out;
+}
+
+void emulated_divergent_barriers(int64_t threads) {
+  mmattn::launch::launch(emulator_checks::divergent_barriers_kernel, dim3(1),
+                         static_cast<unsigned>(threads), 0);
+}
+
+// no tensor argument to dispatch on: one kernel for every key
+TORCH_LIBRARY_IMPL(mmattn_emulated, CompositeImplicitAutograd, m) {
+  m.impl("emulated_previous_thread", &emulated_previous_thread);
+  m.impl("emulated_divergent_barriers", &emulated_divergent_barriers);
+}
