@@ -5,20 +5,21 @@
 // time, cluster_sync() a barrier of all their threads). Each CUDA thread is a fiber (its own
 // stack, switched to and from on the calling OS thread): a thread runs until it waits at a
 // barrier (__syncthreads(), a barrier of the block; the warp shuffles and __syncwarp(), of the
-// warp; cluster_sync()) or ends, then the next runs. The scheduler sweeps over the threads in
-// index order and in reverse by turns, so that the threads of a block run the steps between
-// two barriers in one order, the next steps in the other: a step that reads what another
-// thread writes in the same step (a missing barrier) reads it unwritten in one of the two
-// orders, deterministically. Threads that wait at barriers not all of them reach stop the test
-// (a deadlock, reported) rather than hang it. (Until 2026-11-27 each CUDA thread ran on an OS
-// thread with real barriers: 4.6 minutes of the suite on 2 cores, most of it in the kernel's
-// futex calls; 13 seconds with fibers.)
-// Dynamic shared memory is one buffer per block that runs at once (launch::block_shared picks the
-// block's: a kernel launched in clusters must take its shared memory through it), filled with
-// 0xFF bytes (NaN for floating point) before each block so that a read of shared memory nobody
-// wrote shows up in the results. What cannot be seen here: the GPU's memory model (the threads
-// of a step run one after another, each to its next barrier), performance, and errors that
-// only the device's limits produce. This provides the interface of
+// warp; cluster_sync()) or ends, then the next runs. The scheduler takes a warp at a time and
+// runs it up to its next barrier of the block (its lanes passing their warp barriers among
+// themselves), the warps in index order and in reverse by turns, and the lanes likewise, so
+// that a step that reads what another thread (or warp) writes in the same step (a missing
+// barrier) runs before the write in one of the orders, and a warp that runs ahead overwrites
+// what a later warp has yet to read: deterministically. Threads that wait at barriers not all
+// of them reach end the launch with an error (a deadlock) rather than hang the test. (Until
+// 2026-11-27 each CUDA thread ran on an OS thread with real barriers: 4.6 minutes of the suite
+// on 2 cores, most of it in the kernel's futex calls; 13 seconds with fibers.)
+// Dynamic shared memory is one buffer per block that runs at once (MMATTN_BLOCK_SHARED picks the
+// block's: a kernel launched in clusters or cooperatively takes its shared memory through it),
+// filled with 0xFF bytes (NaN for floating point) before each block so that a read of shared
+// memory nobody wrote shows up in the results. What cannot be seen here: the GPU's memory
+// model (the threads of a step run one after another, each to its next barrier), performance,
+// and errors that only the device's limits produce. This provides the interface of
 // mmattn/ops/csrc/cuda_launch.cuh.
 //
 // Each kernel family declares its dynamic shared memory (`extern __shared__ ... smem_raw[]`) in
@@ -97,7 +98,9 @@ struct Block {
   std::vector<Barrier>* warps = nullptr;
   std::vector<double>* exchange = nullptr;  // the warp shuffles' slots, two sets a warp
   Barrier* cluster = nullptr;               // all threads of the block's cluster
-  unsigned slot = 0;                        // the block's place in its cluster (its shared memory)
+  Barrier* grid = nullptr;                  // all threads of a cooperative launch (else none)
+  unsigned slot = 0;                        // the block's shared memory among those running
+  unsigned rank = 0;                        // its place in its cluster
   unsigned cluster_blocks = 1;
   ClusterOrder* order = nullptr;
 };
@@ -155,7 +158,7 @@ struct ClusterOrder {
 
 inline bool last_of_cluster() {
   const Block& b = current->block;
-  return b.cluster_blocks > 1 && b.slot + 1 == b.cluster_blocks;
+  return b.cluster_blocks > 1 && b.rank + 1 == b.cluster_blocks;
 }
 
 inline void reach(unsigned barrier) { ++current->block.order->reached[barrier]; }
@@ -296,21 +299,36 @@ inline std::vector<Fiber*> fibers(unsigned count, const std::function<void()>& b
   return ready;
 }
 
-// Runs the fibers to their ends: sweeps over them, forwards and backwards by turns, switching to
-// each that can run until it waits or ends. A sweep that runs none while some wait is a
-// deadlock (threads waiting at different barriers): an error of the launch.
-inline void run(const std::vector<Fiber*>& fs) {
+// Runs the fibers (blocks of `threads`) to their ends, a warp at a time: sweeps over the warps,
+// forwards and backwards by turns, and in a warp's turn runs its lanes (switching to each that
+// can run until it waits or ends; the lanes in the sweep's order, then the other way and back)
+// until none of them can run. A warp's own barriers (shuffles, __syncwarp) pass within its
+// turn, so that it runs ahead to its next barrier of the block or cluster before the next warp
+// starts: warps as far apart as they can get on the GPU. A sweep that runs none while some
+// wait is a deadlock (threads waiting at different barriers): an error of the launch.
+inline void run(const std::vector<Fiber*>& fs, unsigned threads) {
   const size_t n = fs.size();
+  std::vector<std::pair<size_t, size_t>> warps;  // [begin, end) of each warp's lanes in fs
+  for (size_t b = 0; b < n; b += threads)
+    for (size_t w = b; w < b + threads; w += 32)
+      warps.emplace_back(w, std::min<size_t>(w + 32, b + threads));
   size_t done = 0;
   for (bool forward = true; done < n; forward = !forward) {
     bool ran = false;
-    for (size_t k = 0; k < n; ++k) {
-      Fiber& f = *fs[forward ? k : n - 1 - k];
-      if (!runnable(f)) continue;
-      current = &f;
-      switch_in(f);
-      ran = true;
-      done += f.done;
+    for (size_t k = 0; k < warps.size(); ++k) {
+      const auto [begin, end] = warps[forward ? k : warps.size() - 1 - k];
+      bool lanes_forward = forward;
+      for (bool warp_ran = true; warp_ran; lanes_forward = !lanes_forward) {
+        warp_ran = false;
+        for (size_t i = 0; i < end - begin; ++i) {
+          Fiber& f = *fs[lanes_forward ? begin + i : end - 1 - i];
+          if (!runnable(f)) continue;
+          current = &f;
+          switch_in(f);
+          warp_ran = ran = true;
+          done += f.done;
+        }
+      }
     }
     current = nullptr;
     // (the waiting fibers are left as they are: their stacks are taken again by the next launch)
@@ -521,61 +539,96 @@ int cluster_blocks(void (*)(KArgs...), int wanted, unsigned, size_t) {
   return std::max(1, std::min(wanted, static_cast<int>(kMaxClusterBlocks)));
 }
 
+// Runs `blocks` of a launch at once (consecutive clusters of `cluster` blocks; a cooperative
+// launch's whole grid), each block with its own shared memory.
 template <typename... KArgs, typename... Args>
-void launch_clusters(void (*kernel)(KArgs...), dim3 grid, unsigned cluster, unsigned threads,
-                     size_t smem, Args&&... args) {
+void run_together(void (*kernel)(KArgs...), const std::vector<dim3>& blocks, unsigned cluster,
+                  bool cooperative, unsigned threads, Args&... args) {
+  namespace emu = mmattn_emulation;
+  const unsigned count = static_cast<unsigned>(blocks.size()), warps = (threads + 31) / 32;
+  TORCH_CHECK(count <= kMaxClusterBlocks, "emulated launch: ", count, " blocks at once, the "
+              "emulation's shared memory holds ", kMaxClusterBlocks);
+  std::vector<emu::Barrier> cluster_sync(count / cluster, emu::Barrier(cluster * threads));
+  std::vector<emu::ClusterOrder> orders(count / cluster);
+  for (emu::ClusterOrder& order : orders) order.others = (cluster - 1) * threads;
+  emu::Barrier grid_sync(count * threads);
+  std::vector<emu::Barrier> block_sync(count, emu::Barrier(threads));
+  std::vector<std::vector<emu::Barrier>> warp_sync(count);
+  std::vector<std::vector<double>> exchange(count, std::vector<double>(64 * warps));
+  for (unsigned b = 0; b < count; ++b)
+    for (unsigned w = 0; w < warps; ++w) warp_sync[b].emplace_back(std::min(32u, threads - 32 * w));
+  for (unsigned char* memory : emu::shared_memories)
+    std::memset(memory, 0xFF, count * emu::kSharedMemoryBytes);
+  const std::function<void()> body = [&] {
+    emu::Block& block = emu::current->block;
+    const bool last = emu::last_of_cluster();
+    if (last) emu::wait_for_others(1);
+    kernel(args...);
+    emu::check_no_pending_copies();
+    if (cluster > 1 && !last)  // (an exited thread has reached every later barrier)
+      for (unsigned k = emu::current->cluster_barriers + 1; k <= emu::kMaxClusterBarriers + 1;
+           ++k)
+        emu::reach(k);
+    // an exited thread no longer holds others up
+    (*block.warps)[threadIdx.x / 32].arrive_and_drop();
+    block.threads->arrive_and_drop();
+    block.cluster->arrive_and_drop();
+    if (block.grid) block.grid->arrive_and_drop();
+  };
+  const std::vector<emu::Fiber*> fibers = emu::fibers(count * threads, body);
+  for (unsigned i = 0; i < count * threads; ++i) {
+    const unsigned b = i / threads;
+    fibers[i]->block_idx = blocks[b];
+    fibers[i]->thread_idx = dim3(i % threads);
+    fibers[i]->block = {&block_sync[b], &warp_sync[b], &exchange[b], &cluster_sync[b / cluster],
+                        cooperative ? &grid_sync : nullptr, b, b % cluster, cluster,
+                        &orders[b / cluster]};
+  }
+  emu::run(fibers, threads);
+}
+
+inline void check_launch(dim3 grid, unsigned threads, size_t smem) {
   TORCH_CHECK(threads >= 1 && threads <= 1024, "emulated launch: ", threads, " threads");
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "emulated launch: a grid of ", grid.y,
               " x ", grid.z, " blocks in y and z, the device takes 65535 at most");
   TORCH_CHECK(smem <= mmattn_emulation::kSharedMemoryBytes, "emulated launch: ", smem,
               " bytes of shared memory, the device has ", mmattn_emulation::kSharedMemoryBytes);
-  TORCH_CHECK(cluster >= 1 && cluster <= kMaxClusterBlocks && grid.x % cluster == 0,
-              "emulated launch: clusters of ", cluster, " blocks on a grid of ", grid.x,
-              " in x (at most ", kMaxClusterBlocks, ", dividing the grid)");
   ++mmattn_emulation::launches;
   gridDim = grid;
   blockDim = dim3(threads);
-  namespace emu = mmattn_emulation;
-  const unsigned warps = (threads + 31) / 32;
+}
+
+template <typename... KArgs, typename... Args>
+void launch_clusters(void (*kernel)(KArgs...), dim3 grid, unsigned cluster, unsigned threads,
+                     size_t smem, Args&&... args) {
+  TORCH_CHECK(cluster >= 1 && cluster <= kMaxClusterBlocks && grid.x % cluster == 0,
+              "emulated launch: clusters of ", cluster, " blocks on a grid of ", grid.x,
+              " in x (at most ", kMaxClusterBlocks, ", dividing the grid)");
+  check_launch(grid, threads, smem);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x0 = 0; x0 < grid.x; x0 += cluster) {
-        emu::Barrier cluster_sync(cluster * threads);
-        emu::ClusterOrder order;
-        order.others = (cluster - 1) * threads;
-        std::vector<emu::Barrier> block_sync(cluster, emu::Barrier(threads));
-        std::vector<std::vector<emu::Barrier>> warp_sync(cluster);
-        std::vector<std::vector<double>> exchange(cluster, std::vector<double>(64 * warps));
-        for (unsigned b = 0; b < cluster; ++b)
-          for (unsigned w = 0; w < warps; ++w)
-            warp_sync[b].emplace_back(std::min(32u, threads - 32 * w));
-        for (unsigned char* memory : emu::shared_memories)
-          std::memset(memory, 0xFF, cluster * emu::kSharedMemoryBytes);
-        const std::function<void()> body = [&] {
-          emu::Block& block = emu::current->block;
-          const bool last = emu::last_of_cluster();
-          if (last) emu::wait_for_others(1);
-          kernel(args...);
-          emu::check_no_pending_copies();
-          if (cluster > 1 && !last)  // (an exited thread has reached every later barrier)
-            for (unsigned k = emu::current->cluster_barriers + 1;
-                 k <= emu::kMaxClusterBarriers + 1; ++k)
-              emu::reach(k);
-          // an exited thread no longer holds others up
-          (*block.warps)[threadIdx.x / 32].arrive_and_drop();
-          block.threads->arrive_and_drop();
-          block.cluster->arrive_and_drop();
-        };
-        const std::vector<emu::Fiber*> fibers = emu::fibers(cluster * threads, body);
-        for (unsigned t = 0; t < cluster * threads; ++t) {
-          const unsigned b = t / threads;
-          fibers[t]->block_idx = dim3(x0 + b, y, z);
-          fibers[t]->thread_idx = dim3(t % threads);
-          fibers[t]->block = {&block_sync[b], &warp_sync[b], &exchange[b], &cluster_sync, b,
-                              cluster, &order};
-        }
-        emu::run(fibers);
+        std::vector<dim3> blocks;
+        for (unsigned b = 0; b < cluster; ++b) blocks.emplace_back(x0 + b, y, z);
+        run_together(kernel, blocks, cluster, false, threads, args...);
       }
+}
+
+// a cooperative launch: every block of the grid at once (at most the emulated device's
+// resident blocks), grid_sync() a barrier of all their threads
+template <typename... KArgs, typename... Args>
+void launch_cooperative(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem,
+                        Args&&... args) {
+  check_launch(grid, threads, smem);
+  std::vector<dim3> blocks;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
+  const size_t resident = static_cast<size_t>(resident_blocks(kernel, threads, smem)) *
+                          device_attribute(Attr::kMultiProcessors);
+  TORCH_CHECK(blocks.size() <= resident, "emulated cooperative launch: ", blocks.size(),
+              " blocks, more than the device holds at once (", resident, ")");
+  run_together(kernel, blocks, 1, true, threads, args...);
 }
 
 template <typename... KArgs, typename... Args>
@@ -598,9 +651,16 @@ inline void cluster_sync() {
   if (last) emu::wait_for_others(barrier + 1);
 }
 
+inline void grid_sync() {
+  mmattn_emulation::Barrier* grid = mmattn_emulation::current->block.grid;
+  if (grid == nullptr) mmattn_emulation::fail("grid_sync() in a launch that is not cooperative");
+  grid->arrive_and_wait();
+}
+
 inline unsigned char* block_shared(unsigned char* memory) {
   return memory + mmattn_emulation::current->block.slot * mmattn_emulation::kSharedMemoryBytes;
 }
+#define MMATTN_BLOCK_SHARED(memory) ::mmattn::launch::block_shared(memory)
 
 }  // namespace launch
 }  // namespace mmattn
