@@ -558,14 +558,14 @@ def aten_launches(events, op: str) -> int:
 
 
 @pytest.mark.parametrize('variant, mode, kernels, total', [
-    ('paper', 'sequential', (3, 3), 6), ('official', 'parallel', (4, 3), 7),
+    ('paper', 'sequential', (3, 3), 6), ('official', 'parallel', (3, 3), 6),
     ('official', 'sequential', (4, 4), 12)])
 def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: str,
                                    kernels: tuple[int, int], total: int) -> None:
     """A training step's launches per block: the paper forms' kernels 3 forward (reduction, glue,
     apply pass) and 3 backward (reduction, glue, apply pass with the weight matrices' gradients
-    in the same launch); PSA_p 4 forward (+ the reduction of its spatial logits) and the same 3
-    backward; PSA_s 4 forward (reduction, glue, value softmax state, apply pass) and 4 backward
+    in the same launch); PSA_p 3 forward (its spatial logits' reduction in the apply pass's
+    cooperative launch) and the same 3 backward; PSA_s 4 forward (reduction, glue, value softmax state, apply pass) and 4 backward
     (the paper's reduction, dq and dVl, glue, apply pass with the weights' gradients); and, in
     ``total``, the ATen operators the ops' C++ runs besides (each a launch on a GPU): at most 8
     in all (issue 12) but for PSA_s, whose value products are GEMMs (tensor cores) between its
@@ -584,6 +584,38 @@ def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: s
             for op in ('fwd', 'bwd')}
     assert (forward, backward) == kernels
     assert forward + backward + aten['fwd'] + aten['bwd'] == total, aten
+
+
+def test_psa_p_forward_in_one_cooperative_launch(emulated, block_kernel,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """PSA_p's spatial reduction and apply pass run in one cooperative launch, a grid-wide
+    barrier between them (the emulation runs the grid's blocks at once): 3 forward launches.
+    MMATTN_PSA_COOPERATIVE=0, or a batch whose grid would not be resident at once (9 images:
+    the emulated device holds 8 blocks), takes two launches for them, with the same output
+    (bitwise here: the same splits); float64, against the equations either way; another
+    value is an error naming the variable."""
+    def forward(b, x: Tensor) -> tuple[int, Tensor]:
+        start = emulated.emulated_launches()
+        y = block_kernel(b, x)
+        return emulated.emulated_launches() - start, y
+
+    monkeypatch.delenv('MMATTN_PSA_COOPERATIVE', raising=False)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        b = block('official', 'parallel', 24, 'reference')
+        x = torch.randn(2, 24, 7, 8, dtype=F64).contiguous(memory_format=layout)
+        launches, y = forward(b, x)
+        assert launches == 3
+        monkeypatch.setenv('MMATTN_PSA_COOPERATIVE', '0')
+        launches, y2 = forward(b, x)
+        assert launches == 4 and torch.equal(y, y2)
+        monkeypatch.delenv('MMATTN_PSA_COOPERATIVE')
+    b = block('official', 'parallel', 8, 'reference')
+    x = torch.randn(9, 8, 3, 4, dtype=F64)
+    assert forward(b, x)[0] == 4
+    check_matches(block_kernel, 'parallel', (9, 8, 3, 4), torch.contiguous_format)
+    monkeypatch.setenv('MMATTN_PSA_COOPERATIVE', 'yes')
+    with pytest.raises(RuntimeError, match="MMATTN_PSA_COOPERATIVE must be 0 or 1, got 'yes'"):
+        forward(b, x)
 
 
 def step_launches(emulated, block_kernel, variant: str, mode: str, dtype: torch.dtype) -> int:

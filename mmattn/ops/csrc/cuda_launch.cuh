@@ -1,7 +1,7 @@
 // How mmattn's CUDA kernels are launched and how the host code queries the device, in one
 // place: this header for the real GPU; tests/ops/emulation/emulated_cuda.h provides the same
-// names to run the very same kernel sources on the CPU (one OS thread per CUDA thread), which is
-// how the kernels' logic is tested on machines without a GPU.
+// names to run the very same kernel sources on the CPU (each CUDA thread a fiber), which is how
+// the kernels' logic is tested on machines without a GPU.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -126,22 +126,28 @@ void launch(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem, 
 // one GPU processing cluster and can wait for each other (cluster_sync).
 constexpr int kMaxClusterBlocks = 8;  // the portable cluster size
 
-// A launch of `grid` blocks in clusters of `cluster` blocks along x on the current stream
-// (`attr`: the storage of its one attribute).
-inline cudaLaunchConfig_t cluster_config(dim3 grid, unsigned cluster, unsigned threads,
-                                         size_t smem, cudaLaunchAttribute* attr) {
+// A launch of `grid` blocks on the current stream with one attribute (`attr`, its storage,
+// filled in by the caller).
+inline cudaLaunchConfig_t launch_config(dim3 grid, unsigned threads, size_t smem,
+                                        cudaLaunchAttribute* attr) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = dim3(threads);
   config.dynamicSmemBytes = smem;
   config.stream = c10::cuda::getCurrentCUDAStream();
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
+// ... in clusters of `cluster` blocks along x
+inline cudaLaunchConfig_t cluster_config(dim3 grid, unsigned cluster, unsigned threads,
+                                         size_t smem, cudaLaunchAttribute* attr) {
   attr->id = cudaLaunchAttributeClusterDimension;
   attr->val.clusterDim.x = cluster;
   attr->val.clusterDim.y = 1;
   attr->val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return config;
+  return launch_config(grid, threads, smem, attr);
 }
 
 // The largest cluster size up to `wanted` (at most kMaxClusterBlocks) in which `kernel`'s
@@ -192,9 +198,29 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
-// The dynamic shared memory of the running block (identity here; the CPU emulation, which runs
-// a cluster's blocks at once, gives each its own).
-__device__ __forceinline__ unsigned char* block_shared(unsigned char* memory) { return memory; }
+// `kernel` on `grid` blocks that are all resident at once (a cooperative launch: the blocks
+// may wait for each other, grid_sync), on the current stream, checked. The caller keeps the
+// grid within what the device holds at once (resident_blocks x multiprocessors); the runtime
+// refuses a larger one (cudaErrorCooperativeLaunchTooLarge).
+template <typename... KArgs, typename... Args>
+void launch_cooperative(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem,
+                        Args&&... args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeCooperative;
+  attr.val.cooperative = 1;
+  const cudaLaunchConfig_t config = launch_config(grid, threads, smem, &attr);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+// A barrier of all the threads of a cooperative launch's grid that orders their memory
+// accesses (cooperative_groups' grid sync: a fence and an arrival counter in global memory).
+__device__ __forceinline__ void grid_sync() { cooperative_groups::this_grid().sync(); }
+
+// The dynamic shared memory of the running block: `memory` itself here; the CPU emulation,
+// which runs a cluster's or a cooperative launch's blocks at once, gives each its own. (A macro:
+// through an inline identity function, ptxas spilled a float64 pass kernel on sm_90, where the
+// array itself left it none.)
+#define MMATTN_BLOCK_SHARED(memory) (memory)
 
 }  // namespace launch
 }  // namespace mmattn

@@ -198,7 +198,7 @@ constexpr int kGlueSmem = kGlueColsAt + kGlueThreads;
 // A glue kernel's dynamic shared memory (kGlueSmem values of T).
 template <typename T>
 __device__ __forceinline__ T* glue_scratch(unsigned char* smem) {
-  return reinterpret_cast<T*>(launch::block_shared(smem));
+  return reinterpret_cast<T*>(MMATTN_BLOCK_SHARED(smem));
 }
 
 // out[k] = sum_r term(r, k) for r < R and the columns k < K of the block's share: a thread per

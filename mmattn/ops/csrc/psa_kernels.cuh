@@ -476,17 +476,18 @@ __device__ __forceinline__ void load_tiles_gx(const Geometry& g, int log2_tile, 
 }
 
 // ---------------------------------------------------------------- forward, pass 1: reductions
+// (the kernel's body: fwd_reduce_kernel below, and the first phase of fwd_reduce_apply_kernel)
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int log2_tile,
-                  int chunk, int splits, const acc_t* __restrict__ wq, int64_t wq_stride,
-                  acc_t* __restrict__ logits,
-                  acc_t* __restrict__ pmax, acc_t* __restrict__ psum, acc_t* __restrict__ ps,
-                  acc_t* __restrict__ pm) {
+__device__ __forceinline__ void fwd_reduce_body(
+    const scalar_t* __restrict__ x, Geometry g, int tile_p, int log2_tile, int chunk, int splits,
+    const acc_t* __restrict__ wq, int64_t wq_stride, acc_t* __restrict__ logits,
+    acc_t* __restrict__ pmax, acc_t* __restrict__ psum, acc_t* __restrict__ ps,
+    acc_t* __restrict__ pm) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
-  acc_t* s_e = reinterpret_cast<acc_t*>(smem_raw);  // the logits' exponentials (16-byte
-                                                   // aligned: read in vectors below)
+  // the logits' exponentials (16-byte aligned: read in vectors below); the block's own shared
+  // memory (MMATTN_BLOCK_SHARED: the emulation runs a cooperative launch's blocks at once)
+  acc_t* s_e = reinterpret_cast<acc_t*>(MMATTN_BLOCK_SHARED(smem_raw));
   acc_t* tile = s_e + tile_p;
   acc_t* s_w = tile + tile_p * ld;  // the tile's logits
   acc_t* s_wq = s_w + tile_p;
@@ -545,16 +546,29 @@ fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int lo
   }
 }
 
-// ---------------------------------------------------------------- forward, pass 2: gating
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g, int tile_p,
-                 int log2_tile, const acc_t* __restrict__ a, const acc_t* __restrict__ u,
-                 const acc_t* __restrict__ bias, PixelSoftmax<acc_t> psm,
-                 acc_t* __restrict__ s_mask, acc_t* __restrict__ norm_out, bool sequential) {
+fwd_reduce_kernel(const scalar_t* __restrict__ x, Geometry g, int tile_p, int log2_tile,
+                  int chunk, int splits, const acc_t* __restrict__ wq, int64_t wq_stride,
+                  acc_t* __restrict__ logits,
+                  acc_t* __restrict__ pmax, acc_t* __restrict__ psum, acc_t* __restrict__ ps,
+                  acc_t* __restrict__ pm) {
+  fwd_reduce_body<scalar_t, acc_t, VEC>(x, g, tile_p, log2_tile, chunk, splits, wq, wq_stride,
+                                        logits, pmax, psum, ps, pm);
+}
+
+// ---------------------------------------------------------------- forward, pass 2: gating
+// (the kernel's body: fwd_apply_kernel below, and the second phase of fwd_reduce_apply_kernel;
+// the blocks loop over the image's tiles, gridDim.x apart)
+template <typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void fwd_apply_body(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g, int tile_p,
+    int log2_tile, const acc_t* __restrict__ a, const acc_t* __restrict__ u,
+    const acc_t* __restrict__ bias, PixelSoftmax<acc_t> psm, acc_t* __restrict__ s_mask,
+    acc_t* __restrict__ norm_out, bool sequential) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ld = g.C + 1;
-  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* tile = reinterpret_cast<acc_t*>(MMATTN_BLOCK_SHARED(smem_raw));
   acc_t* s_s = tile + pad16<acc_t>(tile_p * ld);  // the vectors (pad16)
   acc_t* s_a = s_s + pad16<acc_t>(tile_p);
   acc_t* s_u = s_a + pad16<acc_t>(g.C);
@@ -602,6 +616,39 @@ fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geome
       store_pack(yn + at_cp(g, c, pt + p), out);
     });
   }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+fwd_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g, int tile_p,
+                 int log2_tile, const acc_t* __restrict__ a, const acc_t* __restrict__ u,
+                 const acc_t* __restrict__ bias, PixelSoftmax<acc_t> psm,
+                 acc_t* __restrict__ s_mask, acc_t* __restrict__ norm_out, bool sequential) {
+  fwd_apply_body<scalar_t, acc_t, VEC>(x, y, g, tile_p, log2_tile, a, u, bias, psm, s_mask,
+                                       norm_out, sequential);
+}
+
+// The release's PSA_p forward after its glue, in one cooperative launch (all blocks resident;
+// grid (splits, N)): the reduction with the spatial logit weights u (N, C) per image (the
+// logits t and their splits' softmax states), a grid-wide barrier, the apply pass gating with
+// S = sigmoid(softmax_p(t)) (each block merges its image's states; norm_out their merge).
+// Shared-memory tiles: the two passes' tile widths and their log2 (each its own plan).
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+fwd_reduce_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g,
+                        int reduce_tile_p, int reduce_log2_tile, int apply_tile_p,
+                        int apply_log2_tile, int chunk, const acc_t* __restrict__ u,
+                        const acc_t* __restrict__ a, acc_t* __restrict__ t,
+                        acc_t* __restrict__ pmax, acc_t* __restrict__ psum,
+                        acc_t* __restrict__ ps, acc_t* __restrict__ pm,
+                        acc_t* __restrict__ s_mask, acc_t* __restrict__ norm_out) {
+  const int splits = static_cast<int>(gridDim.x);
+  fwd_reduce_body<scalar_t, acc_t, VEC>(x, g, reduce_tile_p, reduce_log2_tile, chunk, splits, u,
+                                        g.C, t, pmax, psum, ps, pm);
+  launch::grid_sync();
+  fwd_apply_body<scalar_t, acc_t, VEC>(x, y, g, apply_tile_p, apply_log2_tile, a, nullptr,
+                                       nullptr, PixelSoftmax<acc_t>{t, pmax, psum, splits},
+                                       s_mask, norm_out, false);
 }
 
 // ---------------------------------------------------------------- backward, pass 1: reductions
@@ -1114,6 +1161,67 @@ std::tuple<at::Tensor, at::Tensor> fwd_apply(const at::Tensor& x, const at::Tens
     });
   });
   return {y, s_mask};
+}
+
+// MMATTN_PSA_COOPERATIVE: unset or 1, PSA_p's spatial reduction and apply pass in one
+// cooperative launch where they can (fwd_reduce_apply); 0, in two launches.
+inline bool cooperative_from_env() {
+  return env_integer("MMATTN_PSA_COOPERATIVE", 0, 1, 1, [] { return "0 or 1"; }) == 1;
+}
+
+// The release's PSA_p forward after its glue (u, a: (N, C) in the accumulation dtype) in one
+// cooperative launch (fwd_reduce_apply_kernel): y and the spatial logits t (N, P); `norm_out`
+// (2, N) receives their softmax's merged state. Nothing (undefined tensors) where the
+// environment says no, where the grid of (splits, N) blocks that one wave allows would not be
+// resident at once (N beyond one wave) or the two passes would move x differently (a
+// different vector width): the caller then runs fwd_reduce and fwd_apply, the same results.
+std::tuple<at::Tensor, at::Tensor> fwd_reduce_apply(const at::Tensor& x, const Geometry& g,
+                                                    const at::Tensor& u, const at::Tensor& a,
+                                                    const at::Tensor& norm_out) {
+  const int N = static_cast<int>(x.size(0));
+  if (N == 0 || g.P == 0 || !cooperative_from_env()) return {};
+  const auto opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  const at::Tensor y = like_x(at::empty_like(x), x, g, "y");
+  const at::Tensor t = at::empty({N, g.P}, opts), s_mask = at::empty({N, g.P}, opts);
+  bool taken = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "psa_fwd_reduce_apply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // (the kernel, the plan whose tile the splits are cut in, with the larger shared memory of
+    // the two passes, and the kernel's tile arguments)
+    auto run = [&](auto kernel, const Launch& l, auto... tile_args) {
+      const int per_sm = prepare(kernel, l);
+      const SplitLaunch s = split(l, 0, N, g.P, per_sm);
+      const int sms = launch::device_attribute(launch::Attr::kMultiProcessors);
+      if (static_cast<int64_t>(s.splits) * N > static_cast<int64_t>(per_sm) * sms) return;
+      const at::Tensor pmax = at::empty({N, s.splits}, opts), psum = at::empty_like(pmax);
+      const at::Tensor ps = at::empty({N, s.splits, g.C}, opts), pm = at::empty_like(ps);
+      launch::launch_cooperative(
+          kernel, dim3(s.splits, N), kThreads, l.smem, x.data_ptr<scalar_t>(),
+          y.data_ptr<scalar_t>(), g, tile_args..., s.chunk, u.data_ptr<acc_t>(),
+          a.data_ptr<acc_t>(), t.data_ptr<acc_t>(), pmax.data_ptr<acc_t>(),
+          psum.data_ptr<acc_t>(), ps.data_ptr<acc_t>(), pm.data_ptr<acc_t>(),
+          s_mask.data_ptr<acc_t>(), norm_out.data_ptr<acc_t>());
+      taken = true;
+    };
+    if (register_tiles<scalar_t>(g, {x.data_ptr(), y.data_ptr()})) {
+      run(fwd_reduce_apply_registers_kernel<scalar_t, acc_t, kPack16<scalar_t>>,
+          register_plan<scalar_t>(g.C, 2, 2), register_log2_cw(g.C));
+      return;
+    }
+    // fwd_reduce's and fwd_apply's plans
+    const Launch lr = plan(g.C, sizeof(acc_t), 1, 2, 3);
+    const Launch la = plan(g.C, sizeof(acc_t), 1, 1, 2, 2 * kWarps);
+    const bool vectors = vectorizable<scalar_t>(g, lr, {x.data_ptr()});
+    if (vectors != vectorizable<scalar_t>(g, la, {x.data_ptr(), y.data_ptr()})) return;
+    const Launch l{lr.tile_p, lr.log2_tile, std::max(lr.smem, la.smem)};
+    with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
+      run(fwd_reduce_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>, l, lr.tile_p,
+          lr.log2_tile, la.tile_p, la.log2_tile);
+    });
+  });
+  if (!taken) return {};
+  return {y, t};
 }
 
 std::tuple<at::Tensor, at::Tensor> psa_fwd_apply_cuda(const at::Tensor& x, const at::Tensor& a,

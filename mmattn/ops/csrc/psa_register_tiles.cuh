@@ -173,15 +173,15 @@ constexpr size_t register_tiles_smem(int pixel_vectors, int thread_vectors,
 // fwd_reduce_kernel's contract (its outputs the same, the splits `chunk` pixels each, a
 // multiple of the tile's kWarps / cw x PT pixels).
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-fwd_reduce_registers_kernel(const scalar_t* __restrict__ x, Geometry g, int log2_cw, int chunk,
-                            int splits, const acc_t* __restrict__ wq, int64_t wq_stride,
-                            acc_t* __restrict__ logits, acc_t* __restrict__ pmax,
-                            acc_t* __restrict__ psum, acc_t* __restrict__ ps,
-                            acc_t* __restrict__ pm) {
+__device__ __forceinline__ void fwd_reduce_registers_body(
+    const scalar_t* __restrict__ x, Geometry g, int log2_cw, int chunk, int splits,
+    const acc_t* __restrict__ wq, int64_t wq_stride, acc_t* __restrict__ logits,
+    acc_t* __restrict__ pmax, acc_t* __restrict__ psum, acc_t* __restrict__ ps,
+    acc_t* __restrict__ pm) {
   constexpr int PT = kRegVectors * VEC;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* part = reinterpret_cast<acc_t*>(smem_raw);  // kWarps x PT
+  // kWarps x PT (MMATTN_BLOCK_SHARED: the emulation runs a cooperative launch's blocks at once)
+  acc_t* part = reinterpret_cast<acc_t*>(MMATTN_BLOCK_SHARED(smem_raw));
   acc_t* s_e = part + kWarps * PT;                   // the groups' exponentials, PT each
   acc_t* s_sums = s_e + kWarps * PT;                 // 2 kThreads, for the merge at the end
   acc_t* s_alpha = s_sums + 2 * kThreads;            // a rescaling factor per group
@@ -259,19 +259,29 @@ fwd_reduce_registers_kernel(const scalar_t* __restrict__ x, Geometry g, int log2
   }
 }
 
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+fwd_reduce_registers_kernel(const scalar_t* __restrict__ x, Geometry g, int log2_cw, int chunk,
+                            int splits, const acc_t* __restrict__ wq, int64_t wq_stride,
+                            acc_t* __restrict__ logits, acc_t* __restrict__ pmax,
+                            acc_t* __restrict__ psum, acc_t* __restrict__ ps,
+                            acc_t* __restrict__ pm) {
+  fwd_reduce_registers_body<scalar_t, acc_t, VEC>(x, g, log2_cw, chunk, splits, wq, wq_stride,
+                                                  logits, pmax, psum, ps, pm);
+}
+
 // ---------------------------------------------------------------- forward, pass 2: gating
 // fwd_apply_kernel's contract; its grid's blocks loop over the image's tiles of
 // kWarps / cw x PT pixels.
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-fwd_apply_registers_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g,
-                           int log2_cw, const acc_t* __restrict__ a, const acc_t* __restrict__ u,
-                           const acc_t* __restrict__ bias, PixelSoftmax<acc_t> psm,
-                           acc_t* __restrict__ s_mask, acc_t* __restrict__ norm_out,
-                           bool sequential) {
+__device__ __forceinline__ void fwd_apply_registers_body(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g, int log2_cw,
+    const acc_t* __restrict__ a, const acc_t* __restrict__ u, const acc_t* __restrict__ bias,
+    PixelSoftmax<acc_t> psm, acc_t* __restrict__ s_mask, acc_t* __restrict__ norm_out,
+    bool sequential) {
   constexpr int PT = kRegVectors * VEC;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* part = reinterpret_cast<acc_t*>(smem_raw);  // kWarps x PT
+  acc_t* part = reinterpret_cast<acc_t*>(MMATTN_BLOCK_SHARED(smem_raw));  // kWarps x PT
   acc_t* s_s = part + kWarps * PT;                   // the groups' gates, PT each
   acc_t* s_merge = s_s + kWarps * PT;                // block_merge's 2 kWarps values
 
@@ -322,6 +332,37 @@ fwd_apply_registers_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict_
     }
     xt = next;
   }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+fwd_apply_registers_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g,
+                           int log2_cw, const acc_t* __restrict__ a, const acc_t* __restrict__ u,
+                           const acc_t* __restrict__ bias, PixelSoftmax<acc_t> psm,
+                           acc_t* __restrict__ s_mask, acc_t* __restrict__ norm_out,
+                           bool sequential) {
+  fwd_apply_registers_body<scalar_t, acc_t, VEC>(x, y, g, log2_cw, a, u, bias, psm, s_mask,
+                                                 norm_out, sequential);
+}
+
+// fwd_reduce_apply_kernel (psa_kernels.cuh) on the register tiles: both passes' tiles of the
+// same channel groups (log2_cw).
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+fwd_reduce_apply_registers_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                  Geometry g, int log2_cw, int chunk,
+                                  const acc_t* __restrict__ u, const acc_t* __restrict__ a,
+                                  acc_t* __restrict__ t, acc_t* __restrict__ pmax,
+                                  acc_t* __restrict__ psum, acc_t* __restrict__ ps,
+                                  acc_t* __restrict__ pm, acc_t* __restrict__ s_mask,
+                                  acc_t* __restrict__ norm_out) {
+  const int splits = static_cast<int>(gridDim.x);
+  fwd_reduce_registers_body<scalar_t, acc_t, VEC>(x, g, log2_cw, chunk, splits, u, g.C, t, pmax,
+                                                  psum, ps, pm);
+  launch::grid_sync();
+  fwd_apply_registers_body<scalar_t, acc_t, VEC>(x, y, g, log2_cw, a, nullptr, nullptr,
+                                                 PixelSoftmax<acc_t>{t, pmax, psum, splits},
+                                                 s_mask, norm_out, false);
 }
 
 // ---------------------------------------------------------------- backward, pass 1: reductions

@@ -9,9 +9,11 @@
 //   channel: l_p = wq . x_p, pi = softmax_p(l), s = sum_p pi_p x_p, v = W_v s, A = sigmoid(W_up v)
 //   spatial: m = mean_p x_p, q = W_q' m, u = W_v'^T q, t_p = u . x_p, sig = softmax_p(t),
 //            S_p = sigmoid(sig_p);   y = x (A + S)
-// Forward, 4 launches: the reduction of the paper form (l's online softmax, s, m), the glue
-// (A, u), the same reduction with u per image (t's online softmax), the apply pass (S from t,
-// y; it also merges t's softmax state for the backward). Backward, 3 launches: the backward
+// Forward, 3 launches: the reduction of the paper form (l's online softmax, s, m), the glue
+// (A, u), then in one cooperative launch (fwd_reduce_apply) the same reduction with u per image
+// (t's online softmax), a grid-wide barrier and the apply pass (S from t, y; it also merges t's
+// softmax state for the backward); those two as 2 launches where the grid would not be
+// resident at once or MMATTN_PSA_COOPERATIVE=0. Backward, 3 launches: the backward
 // reduction (dA, and with the factor sig_p, d u, sum_p x_p sig_p and the splits' sums of
 // w_t = sig_p dL/dsig_p), the glue (the softmax over pixels' second term beta_t = sum_p w_t, the
 // chain's derivative) and the paper form's backward apply pass, which forms S and
@@ -132,19 +134,17 @@ ReleaseP<T> release_p_chain(const std::vector<at::Tensor>& W) {
   return {W[1].data_ptr<T>(), W[2].data_ptr<T>(), W[3].data_ptr<T>(), W[4].data_ptr<T>()};
 }
 
-// What the forward's two reductions and the glue between them give: the channel logits l
-// (N, P) and lnorm (2, N), the state of their softmax over the pixels; stats (4, N, C) =
-// [s, m, A, u], small (2, N, H) = [v, q], and the spatial logits with their splits' softmax
-// states.
-struct ReleasePPasses {
+// What the forward's first reduction and the glue give: the channel logits l (N, P) and lnorm
+// (2, N), the state of their softmax over the pixels; stats (4, N, C) = [s, m, A, u], small
+// (2, N, H) = [v, q].
+struct ReleasePChannel {
   at::Tensor logits, lnorm, stats, small;
-  SoftmaxStates spatial;
 };
 
-ReleasePPasses release_p_passes(const at::Tensor& x, const Geometry& g,
-                                const std::vector<at::Tensor>& W) {
+ReleasePChannel release_p_channel(const at::Tensor& x, const Geometry& g,
+                                  const std::vector<at::Tensor>& W) {
   const int64_t N = x.size(0), C = g.C, P = g.P;
-  ReleasePPasses r;
+  ReleasePChannel r;
   at::Tensor pmax, psum, ps, pm;  // (not structured bindings: a lambda captures them)
   std::tie(r.logits, pmax, psum, ps, pm) = fwd_reduce(x, g, W[0], 0);
   const auto opts = r.logits.options();
@@ -159,22 +159,26 @@ ReleasePPasses release_p_passes(const at::Tensor& x, const Geometry& g,
                 r.lnorm.data_ptr<scalar_t>(), r.stats.data_ptr<scalar_t>(),
                 r.small.data_ptr<scalar_t>());
   });
-  auto [t, tmax, tsum, ps_t, pm_t] = fwd_reduce(x, g, r.stats[3], 0);
-  r.spatial = {t, tmax, tsum};
   return r;
 }
 
 // PSA_p's output for x (N, C, H, W, dense in its memory format) and the weights in the
 // accumulation dtype (acc_weights of psa_block.h), with what its backward takes: [logits, t,
-// norm, stats, small, lnorm] (norm (2, N): the spatial softmax's merged state; lnorm the
-// channel softmax's).
+// norm, stats, small, lnorm] (t (N, P): the spatial logits; norm (2, N): their softmax's merged
+// state; lnorm the channel softmax's). After the glue, the spatial reduction (u per image) and
+// the apply pass run in one cooperative launch where fwd_reduce_apply can, else in two.
 std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_forward(
     const at::Tensor& x, const Geometry& g, const std::vector<at::Tensor>& W) {
-  const ReleasePPasses r = release_p_passes(x, g, W);
+  const ReleasePChannel r = release_p_channel(x, g, W);
+  const at::Tensor u = r.stats[3], a = r.stats[2];
   at::Tensor norm = at::empty({2, x.size(0)}, r.lnorm.options());
-  at::Tensor y = std::get<0>(
-      fwd_apply(x, r.stats[2], at::Tensor(), at::Tensor(), r.spatial, false, norm));
-  return {y, {r.logits, r.spatial.t, norm, r.stats, r.small, r.lnorm}};
+  auto [y, t] = fwd_reduce_apply(x, g, u, a, norm);
+  if (!y.defined()) {
+    auto [logits, tmax, tsum, ps_t, pm_t] = fwd_reduce(x, g, u, 0);
+    t = logits;
+    y = std::get<0>(fwd_apply(x, a, at::Tensor(), at::Tensor(), {t, tmax, tsum}, false, norm));
+  }
+  return {y, {r.logits, t, norm, r.stats, r.small, r.lnorm}};
 }
 
 // dL/dx and the weights' gradients in the accumulation dtype, in the op's order.
