@@ -155,6 +155,24 @@ def test_psa_rows_time_the_shared_memory_tiles_too() -> None:
     assert max(errors.values()) <= 2 * min(errors.values()) + 0.05, errors
 
 
+@pytest.mark.cuda
+def test_psa_p_rows_time_two_launches_too() -> None:
+    """For the release's PSA_p on the CUDA kernels the PSA case also times its spatial
+    reduction and apply pass in two launches (``MMATTN_PSA_COOPERATIVE=0``) beside the
+    default cooperative launch, as exact as the default row."""
+    result = run_benchmark('--op', 'psa', '--variant', 'official', '--mode', 'parallel',
+                           '--no-compile', '--device', 'cuda', '--dtype', 'bfloat16',
+                           '--shape', '2,64,16,16', '--iters', '2', '--warmup', '1')
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = impl_rows(result.stdout, 'psa')
+    if 'mmattn (folded)' not in rows:
+        pytest.skip('the PSA kernels are not built for CUDA here')
+    names = ['mmattn', 'mmattn (two launches after the glue)']
+    assert set(names) <= set(rows), result.stdout[-3000:]
+    errors = {name: float(rows[name][-2]) for name in names}
+    assert max(errors.values()) <= 2 * min(errors.values()) + 0.05, errors
+
+
 def test_mlp_case_times_torchs_and_mmattns_layers() -> None:
     """``--op mlp``: VOLO's MLP half-block with torch's layers and with mmattn's
     (``dense_layers``), same weights: on the CPU both run torch's functions, equal outputs."""

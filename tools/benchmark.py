@@ -19,7 +19,10 @@ For each op, three implementations with the same weights and input:
   takes the register tiles by default, ``mmattn/ops/csrc/psa_register_tiles.cuh``), and on
   GPUs with thread-block clusters (compute capability 9.0) the glue kernels on one block per
   image (``mmattn (one glue block an image)``: ``MMATTN_PSA_GLUE_BLOCKS=1``; by default a
-  cluster of blocks spreads each image's, ``mmattn/ops/csrc/psa_glue.cuh``).
+  cluster of blocks spreads each image's, ``mmattn/ops/csrc/psa_glue.cuh``), and for the
+  release's PSA_p on the CUDA kernels its spatial reduction and apply pass in two launches
+  (``mmattn (two launches after the glue)``: ``MMATTN_PSA_COOPERATIVE=0``; by default one
+  cooperative launch, ``mmattn/ops/csrc/psa_release_p.cuh``).
 
 With ``--op mlp`` (part of ``all``) VOLO's MLP half-block ``x + MLP(LN(x))`` on (B, H, W, C)
 tokens is timed with torch's layers (``eager``, ``compile``) against mmattn's
@@ -419,6 +422,10 @@ def psa_case(shape: tuple[int, ...], mode: str, dtype: torch.dtype, device: torc
         name = 'mmattn (one glue block an image)'   # not a cluster of blocks
         impls[name] = block('auto')
         envs[name] = {'MMATTN_PSA_GLUE_BLOCKS': '1'}
+    if backend == 'cuda' and (variant, mode) == ('official', 'parallel'):
+        name = 'mmattn (two launches after the glue)'   # not one cooperative launch
+        impls[name] = block('auto')
+        envs[name] = {'MMATTN_PSA_COOPERATIVE': '0'}
     for module in impls.values():
         module.load_state_dict(eager.state_dict())
     nbytes = n * c * h * w * torch.finfo(dtype).bits // 8

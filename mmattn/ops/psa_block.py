@@ -19,9 +19,9 @@ maps, the PyTorch paths are as fast, so ``auto`` takes it for maps of up to
 :data:`mmattn.ops.dispatch.PSA_CPU_MAX_WORK` elements per image
 (:func:`mmattn.ops.dispatch.can_use_psa_cpu`).
 
-CUDA: every form runs on the pass kernels (3-4 launches forward, 3 backward, for the paper
-forms and PSA_p the weight matrices' gradients included, on blocks of their own in the apply
-pass's launch: 6-7 per training step; PSA_s 4 backward, its weights' gradients included, and
+CUDA: every form runs on the pass kernels (3 launches forward, PSA_s 4; 3 backward, for the
+paper forms and PSA_p the weight matrices' gradients included, on blocks of their own in the
+apply pass's launch: 6 per training step; PSA_s 4 backward, its weights' gradients included, and
 its value products as batched GEMMs: 12, N + 12 where M = dVl x^T is cut over the pixels;
 ``csrc/psa_block_cuda.cuh``); the
 forward also returns the few (N, P), (N, C) and (N, C/2) tensors its backward takes
