@@ -78,17 +78,25 @@ def emulated() -> Iterator[object]:
 @pytest.mark.parametrize('threads', [1, 37, 256])
 def test_emulation_shows_a_missing_barrier_in_either_order(emulated, threads: int) -> None:
     """Each thread reads the previous thread's write of the same round: right with a barrier
-    between write and read; without one, the threads of the first round run in index order
-    (the reads right) and those of the second in reverse (every thread but 0 reads the first
-    round's value), so that the missing barrier shows whichever way the read goes."""
+    between write and read; without one, the rounds run in index order (the reads right) and
+    in reverse (every thread but 0 reads the previous round's value, or, in round 0, shared
+    memory's poison) by turns, starting one way in a launch and the other in the next, so that
+    the missing barrier shows whichever way the read goes."""
     rounds = 4
     written = torch.arange(rounds)[:, None] * threads + torch.arange(threads)
     previous = torch.cat([written[:, :1], written[:, :-1]], dim=1)
     assert torch.equal(emulated.emulated_previous_thread(threads, rounds, True), previous)
-    racy = emulated.emulated_previous_thread(threads, rounds, False)
-    assert torch.equal(racy[0::2], previous[0::2])
-    stale = torch.cat([previous[1::2, :1], previous[1::2, 1:] - threads], dim=1)
-    assert torch.equal(racy[1::2], stale)
+    poison = -1   # 0xFF bytes
+    stale = torch.cat([previous[:, :1], previous[:, 1:] - threads], dim=1)
+    stale[0, 1:] = poison
+    starts = set()
+    for _ in range(2):
+        racy = emulated.emulated_previous_thread(threads, rounds, False)
+        first = 0 if torch.equal(racy[0], previous[0]) else 1   # round 0 ran in index order
+        starts.add(first)
+        for r in range(rounds):
+            assert torch.equal(racy[r], previous[r] if (r + first) % 2 == 0 else stale[r]), r
+    assert starts == {0, 1} or threads == 1
 
 
 def test_emulation_reports_a_deadlock(emulated) -> None:

@@ -300,7 +300,9 @@ inline std::vector<Fiber*> fibers(unsigned count, const std::function<void()>& b
 }
 
 // Runs the fibers (blocks of `threads`) to their ends, a warp at a time: sweeps over the warps,
-// forwards and backwards by turns, and in a warp's turn runs its lanes (switching to each that
+// forwards and backwards by turns (the first sweep forwards in one run, backwards in the next,
+// so that a step a kernel takes once, such as a block's final merge, runs in both orders over
+// a launch's blocks), and in a warp's turn runs its lanes (switching to each that
 // can run until it waits or ends; the lanes in the sweep's order, then the other way and back)
 // until none of them can run. A warp's own barriers (shuffles, __syncwarp) pass within its
 // turn, so that it runs ahead to its next barrier of the block or cluster before the next warp
@@ -313,7 +315,8 @@ inline void run(const std::vector<Fiber*>& fs, unsigned threads) {
     for (size_t w = b; w < b + threads; w += 32)
       warps.emplace_back(w, std::min<size_t>(w + 32, b + threads));
   size_t done = 0;
-  for (bool forward = true; done < n; forward = !forward) {
+  static unsigned runs = 0;  // (the first sweep's direction alternates from run to run)
+  for (bool forward = runs++ % 2 == 0; done < n; forward = !forward) {
     bool ran = false;
     for (size_t k = 0; k < warps.size(); ++k) {
       const auto [begin, end] = warps[forward ? k : warps.size() - 1 - k];
