@@ -1070,6 +1070,16 @@ SoftmaxStates check_states(const SoftmaxStates& st, const at::Tensor& x, int N, 
 namespace mmattn {
 namespace psa {
 
+// The forward passes' launch plans (their kernels' shared memory): the reduction's and the
+// apply pass's, on the shared-memory tiles (acc_t values of `elem` bytes) and on the register
+// tiles; fwd_reduce and fwd_apply take one each, fwd_reduce_apply both.
+inline Launch fwd_reduce_plan(int C, size_t elem) { return plan(C, elem, 1, 2, 3); }
+inline Launch fwd_apply_plan(int C, size_t elem) { return plan(C, elem, 1, 1, 2, 2 * kWarps); }
+template <typename scalar_t>
+Launch fwd_reduce_register_plan(int C) { return register_plan<scalar_t>(C, 2, 2); }
+template <typename scalar_t>
+Launch fwd_apply_register_plan(int C) { return register_plan<scalar_t>(C, 2, 0); }
+
 // The forward reduction with the logit weights `wq`: (C) shared by the images, or (N, C) one
 // per image (the release's PSA_p computes its spatial logits u . x_p so); checked by the caller.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_reduce(
@@ -1098,10 +1108,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_reduc
     };
     if (register_tiles<scalar_t>(g, {x.data_ptr()})) {
       run(fwd_reduce_registers_kernel<scalar_t, acc_t, kPack16<scalar_t>>,
-          register_plan<scalar_t>(g.C, 2, 2), register_log2_cw(g.C));
+          fwd_reduce_register_plan<scalar_t>(g.C), register_log2_cw(g.C));
       return;
     }
-    const Launch l = plan(g.C, sizeof(acc_t), 1, 2, 3);
+    const Launch l = fwd_reduce_plan(g.C, sizeof(acc_t));
     with_vectors<scalar_t>(vectorizable<scalar_t>(g, l, {x.data_ptr()}), [&](auto vec_tag) {
       run(fwd_reduce_kernel<scalar_t, acc_t, decltype(vec_tag)::value>, l, l.tile_p,
           l.log2_tile);
@@ -1150,10 +1160,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_apply(const at::Tensor& x, const at::Tens
     };
     if (register_tiles<scalar_t>(g, {x.data_ptr(), y.data_ptr()})) {
       run(fwd_apply_registers_kernel<scalar_t, acc_t, kPack16<scalar_t>>,
-          register_plan<scalar_t>(g.C, 2, 0), register_log2_cw(g.C));
+          fwd_apply_register_plan<scalar_t>(g.C), register_log2_cw(g.C));
       return;
     }
-    const Launch l = plan(g.C, sizeof(acc_t), 1, 1, 2, 2 * kWarps);
+    const Launch l = fwd_apply_plan(g.C, sizeof(acc_t));
     const bool vectors = vectorizable<scalar_t>(g, l, {x.data_ptr(), y.data_ptr()});
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
       run(fwd_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>, l, l.tile_p,
@@ -1187,9 +1197,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_reduce_apply(const at::Tensor& x, const G
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "psa_fwd_reduce_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // (the kernel, the plan whose tile the splits are cut in, with the larger shared memory of
-    // the two passes, and the kernel's tile arguments)
-    auto run = [&](auto kernel, const Launch& l, auto... tile_args) {
+    // (the kernel, the reduction's plan (the splits are cut in its tiles) with the larger
+    // shared memory of the two passes, and the kernel's tile arguments)
+    auto run = [&](auto kernel, const Launch& lr, const Launch& la, auto... tile_args) {
+      const Launch l{lr.tile_p, lr.log2_tile, std::max(lr.smem, la.smem)};
       const int per_sm = prepare(kernel, l);
       const SplitLaunch s = split(l, 0, N, g.P, per_sm);
       const int sms = launch::device_attribute(launch::Attr::kMultiProcessors);
@@ -1206,18 +1217,17 @@ std::tuple<at::Tensor, at::Tensor> fwd_reduce_apply(const at::Tensor& x, const G
     };
     if (register_tiles<scalar_t>(g, {x.data_ptr(), y.data_ptr()})) {
       run(fwd_reduce_apply_registers_kernel<scalar_t, acc_t, kPack16<scalar_t>>,
-          register_plan<scalar_t>(g.C, 2, 2), register_log2_cw(g.C));
+          fwd_reduce_register_plan<scalar_t>(g.C), fwd_apply_register_plan<scalar_t>(g.C),
+          register_log2_cw(g.C));
       return;
     }
-    // fwd_reduce's and fwd_apply's plans
-    const Launch lr = plan(g.C, sizeof(acc_t), 1, 2, 3);
-    const Launch la = plan(g.C, sizeof(acc_t), 1, 1, 2, 2 * kWarps);
+    const Launch lr = fwd_reduce_plan(g.C, sizeof(acc_t));
+    const Launch la = fwd_apply_plan(g.C, sizeof(acc_t));
     const bool vectors = vectorizable<scalar_t>(g, lr, {x.data_ptr()});
     if (vectors != vectorizable<scalar_t>(g, la, {x.data_ptr(), y.data_ptr()})) return;
-    const Launch l{lr.tile_p, lr.log2_tile, std::max(lr.smem, la.smem)};
     with_vectors<scalar_t>(vectors, [&](auto vec_tag) {
-      run(fwd_reduce_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>, l, lr.tile_p,
-          lr.log2_tile, la.tile_p, la.log2_tile);
+      run(fwd_reduce_apply_kernel<scalar_t, acc_t, decltype(vec_tag)::value>, lr, la,
+          lr.tile_p, lr.log2_tile, la.tile_p, la.log2_tile);
     });
   });
   if (!taken) return {};
