@@ -413,19 +413,19 @@ def psa_case(shape: tuple[int, ...], mode: str, dtype: torch.dtype, device: torc
     backend = impls['mmattn'].selected_backend(probe)[0]
     if backend != 'folded':  # kernels, or (CUDA) the reference
         impls['mmattn (folded)'] = block('folded')
+    # the kernels with a default switched off by its variable, where the default applies
+    cuda = backend == 'cuda'
+    switched = [
+        (cuda and c <= 256, 'mmattn (shared-memory tiles)', 'MMATTN_PSA_REGISTER_TILES', '0'),
+        (cuda and torch.cuda.get_device_capability(device)[0] >= 9,   # not a cluster of blocks
+         'mmattn (one glue block an image)', 'MMATTN_PSA_GLUE_BLOCKS', '1'),
+        (cuda and (variant, mode) == ('official', 'parallel'),   # not one cooperative launch
+         'mmattn (two launches after the glue)', 'MMATTN_PSA_COOPERATIVE', '0')]
     envs = {}
-    if backend == 'cuda' and c <= 256:   # the passes on the shared-memory tiles
-        name = 'mmattn (shared-memory tiles)'
-        impls[name] = block('auto')
-        envs[name] = {'MMATTN_PSA_REGISTER_TILES': '0'}
-    if backend == 'cuda' and torch.cuda.get_device_capability(device)[0] >= 9:
-        name = 'mmattn (one glue block an image)'   # not a cluster of blocks
-        impls[name] = block('auto')
-        envs[name] = {'MMATTN_PSA_GLUE_BLOCKS': '1'}
-    if backend == 'cuda' and (variant, mode) == ('official', 'parallel'):
-        name = 'mmattn (two launches after the glue)'   # not one cooperative launch
-        impls[name] = block('auto')
-        envs[name] = {'MMATTN_PSA_COOPERATIVE': '0'}
+    for applies, name, variable, value in switched:
+        if applies:
+            impls[name] = block('auto')
+            envs[name] = {variable: value}
     for module in impls.values():
         module.load_state_dict(eager.state_dict())
     nbytes = n * c * h * w * torch.finfo(dtype).bits // 8
