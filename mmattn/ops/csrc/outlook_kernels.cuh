@@ -38,10 +38,7 @@
 #include "device_math.cuh"
 #include "outlook.h"
 #include "vector.cuh"
-
-#ifdef __CUDACC__
-#include <mma.h>  // (the tests' CPU emulation provides nvcuda::wmma itself)
-#endif
+#include "warp_matrix.cuh"
 
 // needs the launch interface: cuda_launch.cuh (GPU) or the tests' CPU emulation
 
@@ -185,18 +182,6 @@ outlook_grad_attn_smem_kernel(const scalar_t* __restrict__ gout, const scalar_t*
     __syncthreads();  // before the next window overwrites the rows
   }
 }
-
-// The CUDA type of a 16-bit scalar, for the warp matrix operations.
-template <typename T>
-struct MmaType;
-template <>
-struct MmaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct MmaType<c10::Half> {
-  using type = __half;
-};
 
 // Rows of a window and tile size of the tensor-core grad_attn (K^2 <= 16: K = 3, VOLO's).
 constexpr int kMmaTile = 16;

@@ -427,7 +427,8 @@ inline void check_no_pending_copies() {
 }  // namespace mmattn_emulation
 
 // The warp matrix operations of <mma.h> (nvcuda::wmma), for the 16-bit types (their CUDA types
-// are c10's here) with float accumulators. The API leaves which lane holds which element of a
+// are c10's here) and TF32 (precision::tf32: floats, rounded by __float_to_tf32 as on the GPU)
+// with float accumulators. The API leaves which lane holds which element of a
 // fragment unspecified, so here every lane holds the whole tile and computes the whole product;
 // a store is written by lane 0 alone, so the other lanes see it only after a __syncwarp (as on
 // the GPU, where each lane stores its own elements). Pointers and leading dimensions are
@@ -442,14 +443,32 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+
+// What a fragment of element type T holds and loads from: T, floats for TF32.
+template <typename T>
+using storage_t = std::conditional_t<std::is_same_v<T, precision::tf32>, float, T>;
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
   static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
   static constexpr int num_elements = rows * cols;
-  T x[rows * cols];  // (row-major)
+  storage_t<T> x[rows * cols];  // (row-major)
 };
+
+// A float rounded to TF32's 10 mantissa bits, to nearest with ties away from zero
+// (cvt.rna.tf32.f32, as on the GPU); infinities and NaN unchanged.
+inline float __float_to_tf32(float v) {
+  if (!std::isfinite(v)) return v;
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits = (bits + 0x1000u) & 0xFFFFE000u;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
 
 inline void check_matrix(const void* p, unsigned ldm, size_t elem) {
   mmattn_emulation::check_aligned(p, 32);
@@ -460,9 +479,10 @@ inline void check_matrix(const void* p, unsigned ldm, size_t elem) {
 }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned ldm) {
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const storage_t<T>* p,
+                             unsigned ldm) {
   using F = fragment<Use, M, N, K, T, Layout>;
-  check_matrix(p, ldm, sizeof(T));
+  check_matrix(p, ldm, sizeof(storage_t<T>));
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c)
       f.x[r * F::cols + c] =
