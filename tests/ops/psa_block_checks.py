@@ -7,6 +7,7 @@ bfloat16 and float16, an error against float64 at most about twice the eager ref
 """
 from __future__ import annotations
 
+import copy
 import os.path as osp
 import sys
 from typing import Any
@@ -86,18 +87,21 @@ def check_matches(fn, mode: str, shape: tuple[int, ...], layout: torch.memory_fo
 
 
 def check_low_precision(fn, mode: str, shape: tuple[int, ...], dtype: torch.dtype,
-                        variant: str = 'official') -> None:
+                        variant: str = 'official', bound: torch.dtype | None = None) -> None:
     """``fn``'s output and every gradient in ``dtype``: error against float64 at most about
-    twice the eager reference's own in that dtype (the reference on the CPU)."""
+    twice the eager reference's own in ``bound`` (default: ``dtype``; the reference on the
+    CPU)."""
     b = block(variant, mode, shape[1], 'reference')
     with torch.no_grad():
         for p in b.parameters():
             p.mul_(0.3)
     x, g = torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)
     truth, truth_g = reference(b, x), all_grads(reference, b, x, g)
+    bound = bound or dtype
+    rb = copy.deepcopy(b).to(bound)
+    ref, ref_g = reference(rb, x.to(bound)), all_grads(reference, rb, x.to(bound), g.to(bound))
     b = b.to(dtype)
     xh, gh = x.to(dtype), g.to(dtype)
-    ref, ref_g = reference(b, xh), all_grads(reference, b, xh, gh)
     ours, ours_g = fn(b, xh), all_grads(fn, b, xh, gh)
     assert ours.dtype == dtype
 

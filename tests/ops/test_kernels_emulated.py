@@ -13,6 +13,7 @@ machine; the ``cuda``-marked tests run the same comparisons on a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os.path as osp
 import sys
 from typing import Iterator
@@ -110,6 +111,27 @@ def test_emulation_reports_a_deadlock(emulated) -> None:
 
 
 # ---------------------------------------------------------------- PSA
+@contextlib.contextmanager
+def cudnn_tf32(allowed: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.allow_tf32`` (PSA_s's value products on tensor cores follow it,
+    as the reference's 1x1 convolutions do on a GPU) set to ``allowed`` inside, restored
+    after."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.fixture(autouse=True)
+def exact_float32() -> Iterator[None]:
+    """float32 without TF32 (PyTorch's default allows it in cuDNN's convolutions), so that the
+    float32 checks hold float32's bounds; a test of TF32 allows it itself (cudnn_tf32)."""
+    with cudnn_tf32(False):
+        yield
+
+
 @pytest.fixture
 def psa_kernel(emulated, monkeypatch: pytest.MonkeyPatch):
     """``psa_paper_folded(..., kernel=True)`` running its four passes on the emulated kernels
@@ -565,33 +587,46 @@ def aten_launches(events, op: str) -> int:
                for child in evt.cpu_children)
 
 
-@pytest.mark.parametrize('variant, mode, kernels, total', [
-    ('paper', 'sequential', (3, 3), 6), ('official', 'parallel', (3, 3), 6),
-    ('official', 'sequential', (4, 4), 12)])
-def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: str,
+@pytest.mark.parametrize('variant, mode, tf32, kernels, total', [
+    ('paper', 'sequential', False, (3, 3), 6), ('official', 'parallel', False, (3, 3), 6),
+    ('official', 'sequential', True, (3, 4), 8), ('official', 'sequential', False, (4, 4), 12)])
+def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: str, tf32: bool,
                                    kernels: tuple[int, int], total: int) -> None:
     """A training step's launches per block: the paper forms' kernels 3 forward (reduction, glue,
     apply pass) and 3 backward (reduction, glue, apply pass with the weight matrices' gradients
     in the same launch); PSA_p 3 forward (its spatial logits' reduction in the apply pass's
-    cooperative launch) and the same 3 backward; PSA_s 4 forward (reduction, glue, value softmax state, apply pass) and 4 backward
-    (the paper's reduction, dq and dVl, glue, apply pass with the weights' gradients); and, in
-    ``total``, the ATen operators the ops' C++ runs besides (each a launch on a GPU): at most 8
-    in all (issue 12) but for PSA_s, whose value products are GEMMs (tensor cores) between its
-    kernels: the value map forward (1), the map again, dx's part and M = dVl x^T backward (3)."""
+    cooperative launch) and the same 3 backward; PSA_s, where tensor cores take its value
+    products (float32 with TF32 allowed), 3 forward (reduction, glue, then the value map's
+    tiles, its softmax and the apply pass in one cooperative launch) and 4 backward (the
+    paper's reduction; the map's tiles again, dq, dVl and dx's part Wa^T dVl in one
+    cooperative launch; glue; apply pass with the weights' gradients) and one GEMM
+    (M = dVl x^T); else 4 forward (reduction, glue, value softmax state, apply pass) and 4
+    backward (the paper's reduction, dq and dVl, glue, apply pass) with GEMMs between them (the
+    value map forward, the map again, dx's part and M backward); and, in ``total``, the ATen
+    operators the ops' C++ runs besides (each a launch on a GPU): at most 8 in all (issue 12)
+    but for PSA_s on the GEMM path."""
     from torch.profiler import ProfilerActivity, profile
     b = block(variant, mode, 32, 'reference', torch.float32)
     x = torch.randn(2, 32, 6, 5, dtype=torch.float32, requires_grad=True)
-    start = emulated.emulated_launches()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        y = block_kernel(b, x)
-        forward = emulated.emulated_launches() - start
-        y.backward(torch.randn_like(y))
-    backward = emulated.emulated_launches() - start - forward
+    with cudnn_tf32(tf32):
+        start = emulated.emulated_launches()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = block_kernel(b, x)
+            forward = emulated.emulated_launches() - start
+            y.backward(torch.randn_like(y))
+        backward = emulated.emulated_launches() - start - forward
     events = prof.events()
     aten = {op: aten_launches(events, f'{NAMESPACE}::psa_block_cuda_{op}')
             for op in ('fwd', 'bwd')}
     assert (forward, backward) == kernels
     assert forward + backward + aten['fwd'] + aten['bwd'] == total, aten
+
+
+def forward_launches(emulated, block_kernel, b, x: Tensor) -> tuple[int, Tensor]:
+    """The kernels a block's forward launches, and its output."""
+    start = emulated.emulated_launches()
+    y = block_kernel(b, x)
+    return emulated.emulated_launches() - start, y
 
 
 def test_psa_p_forward_in_one_cooperative_launch(emulated, block_kernel,
@@ -603,9 +638,7 @@ def test_psa_p_forward_in_one_cooperative_launch(emulated, block_kernel,
     (bitwise here: the same splits); float64, against the equations either way; another
     value is an error naming the variable."""
     def forward(b, x: Tensor) -> tuple[int, Tensor]:
-        start = emulated.emulated_launches()
-        y = block_kernel(b, x)
-        return emulated.emulated_launches() - start, y
+        return forward_launches(emulated, block_kernel, b, x)
 
     monkeypatch.delenv('MMATTN_PSA_COOPERATIVE', raising=False)
     for layout in (torch.contiguous_format, torch.channels_last):
@@ -624,6 +657,72 @@ def test_psa_p_forward_in_one_cooperative_launch(emulated, block_kernel,
     monkeypatch.setenv('MMATTN_PSA_COOPERATIVE', 'yes')
     with pytest.raises(RuntimeError, match="MMATTN_PSA_COOPERATIVE must be 0 or 1, got 'yes'"):
         forward(b, x)
+
+
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_psa_s_value_map_in_the_forwards_tiles(emulated, block_kernel, layout: torch.memory_format,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """PSA_s's forward after its glue in one cooperative launch that computes the value map's
+    tiles itself (psa_value_tiles.cuh), here on scalar products in float64
+    (MMATTN_PSA_VALUE_TILES=1): output and every gradient against the equations with one row
+    (C = 2) and a 1x1 map, channels past a 32-channel step (C = 24, 40), rows past a 64-row
+    tile (C = 160: 80 rows), pixels past a 64-pixel tile and splits of several tiles (20 x 20
+    at N = 2: 7 tiles, 4 splits); 3 forward launches, and the backward's map again, dq, dVl
+    and dx's part Wa^T dVl in one more cooperative launch (4 backward). MMATTN_PSA_VALUE_TILES=0
+    or MMATTN_PSA_COOPERATIVE=0: the GEMM path (4 kernels each way), the same output and
+    gradients up to rounding; another value is an error naming the variable."""
+    monkeypatch.setenv('MMATTN_PSA_VALUE_TILES', '1')
+    for shape in [(1, 2, 1, 1), (2, 24, 7, 5), (2, 40, 9, 10), (3, 64, 3, 1), (2, 160, 20, 20)]:
+        check_matches(block_kernel, 'sequential', shape, layout)
+    b = block('official', 'sequential', 40, 'reference')
+    x = torch.randn(2, 40, 9, 10, dtype=F64).contiguous(memory_format=layout)
+    g = torch.randn_like(x)
+
+    def step() -> tuple[tuple[int, int], list[Tensor]]:
+        start = emulated.emulated_launches()
+        xg = x.detach().requires_grad_()
+        y = block_kernel(b, xg)
+        forward = emulated.emulated_launches() - start
+        b.zero_grad()
+        y.backward(g)
+        backward = emulated.emulated_launches() - start - forward
+        return (forward, backward), [y, xg.grad] + [p.grad for p in b.parameters()]
+
+    launches, outs = step()
+    assert launches == (3, 4)
+    for name in ('MMATTN_PSA_VALUE_TILES', 'MMATTN_PSA_COOPERATIVE'):
+        with monkeypatch.context() as m:
+            m.setenv(name, '0')
+            launches, outs0 = step()
+            assert launches == (4, 4), name
+            for got, want in zip(outs, outs0):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    monkeypatch.delenv('MMATTN_PSA_VALUE_TILES')
+    assert forward_launches(emulated, block_kernel, b, x)[0] == 4  # float64: the GEMM's
+    monkeypatch.setenv('MMATTN_PSA_VALUE_TILES', '2')
+    with pytest.raises(RuntimeError, match="MMATTN_PSA_VALUE_TILES must be 0 or 1, got '2'"):
+        forward_launches(emulated, block_kernel, b, x)
+
+
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_psa_s_value_tiles_tf32(emulated, block_kernel, layout: torch.memory_format) -> None:
+    """float32 where PyTorch allows TF32 in cuDNN's convolutions (torch.backends.cudnn.allow_tf32,
+    its default): the value map's tiles on TF32 warp products (3 forward launches; without
+    TF32, 4: the GEMM path). TF32 rounds the products' inputs to
+    float16's 10 mantissa bits, so the output and every gradient stay within twice the error
+    of the eager reference in float16 (at C = 256: 2 tiles of 64 rows, 2 of 64 pixels,
+    channels in 8 steps; the bf16/fp16 warp products: test_psa_release_kernels_low_precision,
+    which takes them by default)."""
+    b = block('official', 'sequential', 256, 'reference')
+    x = torch.randn(2, 256, 10, 12).contiguous(memory_format=layout)
+    assert forward_launches(emulated, block_kernel, b.float(), x)[0] == 4
+
+    def in_layout(b, x: Tensor) -> Tensor:
+        return block_kernel(b, x.contiguous(memory_format=layout))
+    with cudnn_tf32(True):
+        assert forward_launches(emulated, block_kernel, b.float(), x)[0] == 3
+        check_release_low_precision(in_layout, 'sequential', (2, 256, 10, 12), torch.float32,
+                                    bound=torch.float16)
 
 
 def step_launches(emulated, block_kernel, variant: str, mode: str, dtype: torch.dtype) -> int:
@@ -646,11 +745,13 @@ def test_psa_block_kernel_low_precision_weights_convert_together(
     """A block whose weights are bf16 (a model cast to bf16) converts them to float32 for the
     kernels in one concatenation and one conversion, forward and backward, and the weights'
     gradients back to bf16 the same way: 6 launches more than float32's, whatever the number of
-    weights (5-12), where a conversion for each gradient took 5-12 more."""
+    weights (5-12), where a conversion for each gradient took 5-12 more. (float32 with TF32
+    allowed: PSA_s's value products on tensor cores, as bf16's.)"""
     weights = psa_block_weights(block(variant, mode, 32, 'reference'))[0]
     assert len(weights) >= 5
-    extra = (step_launches(emulated, block_kernel, variant, mode, torch.bfloat16)
-             - step_launches(emulated, block_kernel, variant, mode, torch.float32))
+    with cudnn_tf32(True):
+        extra = (step_launches(emulated, block_kernel, variant, mode, torch.bfloat16)
+                 - step_launches(emulated, block_kernel, variant, mode, torch.float32))
     assert extra == 6
 
 

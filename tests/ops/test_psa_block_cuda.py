@@ -86,13 +86,33 @@ def test_low_precision(cuda_kernels: str, variant: str, mode: str, dtype: torch.
                        register_tiles: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Error against float64 at most about twice the eager reference's in the same dtype
     (C=256, NCHW: 16-byte vectors, the register tiles and the shared-memory tiles; the check
-    of psa_block_checks.py, on CUDA tensors)."""
+    of psa_block_checks.py, on CUDA tensors). float32 without TF32 (PSA_s's value products
+    follow ``torch.backends.cudnn.allow_tf32``; TF32: the test below)."""
     monkeypatch.setenv('MMATTN_PSA_REGISTER_TILES', register_tiles)
-
-    def on_cuda(b, x: Tensor) -> Tensor:
-        b.to('cuda').backend = 'cuda'
-        return b(x.cuda()).cpu()
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     check_low_precision(on_cuda, mode, (2, 256, 24, 20), dtype, variant)
+
+
+def on_cuda(b, x: Tensor) -> Tensor:
+    b.to('cuda').backend = 'cuda'
+    return b(x.cuda()).cpu()
+
+
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('value_tiles', ['', '0'])
+def test_psa_s_value_products_tf32(cuda_kernels: str, layout: torch.memory_format,
+                                   value_tiles: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PSA_s in float32 with TF32 allowed in cuDNN's convolutions (PyTorch's default): its
+    value map's tiles on TF32 warp products (psa_value_tiles.cuh; '0': the GEMM path), within
+    twice the error of the eager reference in float16 (TF32 rounds the products' inputs to
+    float16's 10 mantissa bits)."""
+    monkeypatch.setenv('MMATTN_PSA_VALUE_TILES', value_tiles)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
+
+    def in_layout(b, x: Tensor) -> Tensor:
+        return on_cuda(b, x.contiguous(memory_format=layout))
+    check_low_precision(in_layout, 'sequential', (2, 256, 24, 20), torch.float32,
+                        bound=torch.float16)
 
 
 @pytest.mark.parametrize('variant, mode', FORMS)

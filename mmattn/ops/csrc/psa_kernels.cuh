@@ -145,16 +145,22 @@ __device__ __forceinline__ void merge_state(T& top, T& total, T other_top, T oth
   top = m;
 }
 
-// The block-wide merge of one state per thread (warps by shuffles, then the warps' states in
-// warp order); every thread gets the result. `scratch`: 2 kWarps values of shared memory.
+// The warp-wide merge of one state per lane, by shuffles; every lane gets the result.
 template <typename T>
-__device__ __forceinline__ SoftmaxNorm<T> block_merge(T top, T total, T* scratch) {
+__device__ __forceinline__ void warp_merge(T& top, T& total) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const T other_top = __shfl_xor_sync(0xffffffffu, top, o);
     const T other_total = __shfl_xor_sync(0xffffffffu, total, o);
     merge_state(top, total, other_top, other_total);
   }
+}
+
+// The block-wide merge of one state per thread (warps by shuffles, then the warps' states in
+// warp order); every thread gets the result. `scratch`: 2 kWarps values of shared memory.
+template <typename T>
+__device__ __forceinline__ SoftmaxNorm<T> block_merge(T top, T total, T* scratch) {
+  warp_merge(top, total);
   __syncthreads();  // an earlier merge has read scratch
   if ((threadIdx.x & 31) == 0) {
     scratch[threadIdx.x >> 5] = top;

@@ -14,13 +14,19 @@
 //   spatial: m = mean_p x_p, mz = A (.) m, q = W_q' mz,
 //            Vl[k][p] = sum_c W_v'[k][c] A_c x[c][p] = (Wa x)[k][p], Wa = W_v' diag(A),
 //            V = softmax_p(Vl) (per k), t_p = q . V_p, S_p = sigmoid(t_p);   y = x A S
-// Forward, 4 kernels and 1 GEMM: the reduction (l's online softmax, s, m); the glue (A, q, and
-// Wa in x's dtype); Vl = Wa x (N, H, P) (a batched GEMM); the value
+// Forward, 3 kernels where tensor cores take the value products (x in bf16/fp16; float32 with
+// TF32 allowed; psa_value_tiles.cuh): the reduction (l's online softmax, s, m); the glue (A, q,
+// and Wa in x's dtype); one cooperative launch that computes Vl = Wa x tile by tile where it
+// needs it (the value softmax's state per row k, then t from Vl, S, y). Otherwise 4 kernels and
+// 1 GEMM: the reduction; the glue; Vl (N, H, P) (a batched GEMM into a transient map); the value
 // softmax's state (max and sum of exponentials per row k); the apply pass (t from Vl, S, y).
-// Backward, 4 kernels and 3 GEMMs, with the forward's small state: the paper form's backward
-// reduction (dt = dL/dt, dA's direct part sum_p G x S; on the way it clears the gradients' buffer
-// and writes Wa again); Vl again; per row k, dq_k = sum_p V dt and dVl = V q (dt - dq), over Vl in
-// place; two GEMMs, dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl) and M = dVl x^T (N, H, C); the
+// Backward, with the forward's small state: the paper form's backward reduction (dt = dL/dt,
+// dA's direct part sum_p G x S; on the way it clears the gradients' buffer and writes Wa again);
+// where tensor cores take the value products, one cooperative launch (psa_value_tiles.cuh) that
+// computes Vl's tiles again, dq_k = sum_p V dt, dVl = V q (dt - dq) (to a transient (N, H, P)
+// buffer) and dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl), then the GEMM M = dVl x^T (N, H, C);
+// otherwise Vl again (a GEMM); per row k, dq_k and dVl over Vl in place (a kernel); two GEMMs,
+// dx's part and M; then, either way, the
 // glue (dA's part sum_p x e = sum_k W_v'[k][c] M[k][c] from M, the chain's derivative); the
 // paper form's backward apply pass (dx's other terms, added into A (.) e; W_q's gradient, with
 // atomic adds), and in the same launch, on blocks of their own, the other weights' gradients
@@ -40,6 +46,7 @@
 #include "psa_block.h"
 #include "psa_glue.cuh"
 #include "psa_kernels.cuh"
+#include "psa_value_tiles.cuh"
 
 namespace mmattn {
 namespace psa {
@@ -543,6 +550,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
                 small.data_ptr<acc_t>(), bott.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
                 wa.data_ptr<scalar_t>());
     const at::Tensor a = stats[2];
+    // the value map in the kernel's own tiles, in one cooperative launch, where it runs
+    if (value_forward<scalar_t, acc_t>(x, g, wa, a, small[1], y, norm, s_mask)) return;
     const at::Tensor vl = value_logits(wa, x);
     with_vectors<scalar_t>(rows_vectorizable<scalar_t>(vl, P), [&](auto vec_tag) {
       auto kernel = value_stats_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
@@ -603,21 +612,26 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
-    const at::Tensor vl = value_logits(wa, x);  // again: the forward keeps none of it
-    if (N > 0)
-      with_vectors<scalar_t>(rows_vectorizable<scalar_t>(vl, P), [&](auto vec_tag) {
-        auto kernel = value_grad_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
-        const int64_t rows = static_cast<int64_t>(N) * H;
-        const size_t smem = kWarps * sizeof(acc_t);
-        launch::launch(kernel, dim3(wave_blocks(kernel, rows, smem)), kThreads, smem,
-                       vl.data_ptr<scalar_t>(), rows, H, P, q.data_ptr<acc_t>(),
-                       norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), dq.data_ptr<acc_t>());
-      });
-    // vl now holds dVl. e = W_v'^T dVl: dx's part A (.) e = Wa^T dVl, written in x's layout;
+    // dVl, dq and dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl, in x's layout) in one
+    // cooperative launch that computes the map's tiles itself where it runs
+    at::Tensor vl = value_backward<scalar_t, acc_t>(x, g, wa, q, norm, d_t, dq, ex);
+    if (!vl.defined()) {
+      vl = value_logits(wa, x);  // again: the forward keeps none of it
+      if (N > 0)
+        with_vectors<scalar_t>(rows_vectorizable<scalar_t>(vl, P), [&](auto vec_tag) {
+          auto kernel = value_grad_kernel<scalar_t, acc_t, decltype(vec_tag)::value>;
+          const int64_t rows = static_cast<int64_t>(N) * H;
+          const size_t smem = kWarps * sizeof(acc_t);
+          launch::launch(kernel, dim3(wave_blocks(kernel, rows, smem)), kThreads, smem,
+                         vl.data_ptr<scalar_t>(), rows, H, P, q.data_ptr<acc_t>(),
+                         norm.data_ptr<acc_t>(), d_t.data_ptr<acc_t>(), dq.data_ptr<acc_t>());
+        });
+      // vl now holds dVl
+      at::Tensor ex_rows = channel_matrices(ex);
+      at::bmm_out(ex_rows, wa.transpose(1, 2), vl);
+    }
     // M = dVl x^T (N, H, C), from which the glue forms W_v''s gradient sum_n M_n diag(A_n) and
     // dA's part sum_p x e = sum_k W_v'[k][c] M[k][c]
-    at::Tensor ex_rows = channel_matrices(ex);
-    at::bmm_out(ex_rows, wa.transpose(1, 2), vl);
     m = value_products(vl, x);
     if (N > 0)
       glue_launch(release_s_bwd_glue_kernel<acc_t, scalar_t>, N, C, sizeof(acc_t),
