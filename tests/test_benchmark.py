@@ -156,18 +156,21 @@ def test_psa_rows_time_the_shared_memory_tiles_too() -> None:
 
 
 @pytest.mark.cuda
-def test_psa_p_rows_time_two_launches_too() -> None:
-    """For the release's PSA_p on the CUDA kernels the PSA case also times its spatial
-    reduction and apply pass in two launches (``MMATTN_PSA_COOPERATIVE=0``) beside the
-    default cooperative launch, as exact as the default row."""
-    result = run_benchmark('--op', 'psa', '--variant', 'official', '--mode', 'parallel',
+@pytest.mark.parametrize('mode, row', [('parallel', 'mmattn (two launches after the glue)'),
+                                       ('sequential', 'mmattn (value map by GEMM)')])
+def test_release_rows_time_what_their_default_replaced(mode: str, row: str) -> None:
+    """For the release's forms on the CUDA kernels the PSA case also times what their default
+    replaced, as exact as the default row: PSA_p's spatial reduction and apply pass in two
+    launches (``MMATTN_PSA_COOPERATIVE=0``, beside one cooperative launch), PSA_s's value map
+    as a GEMM (``MMATTN_PSA_VALUE_TILES=0``, beside the kernel's own tiles)."""
+    result = run_benchmark('--op', 'psa', '--variant', 'official', '--mode', mode,
                            '--no-compile', '--device', 'cuda', '--dtype', 'bfloat16',
                            '--shape', '2,64,16,16', '--iters', '2', '--warmup', '1')
     assert result.returncode == 0, result.stderr[-3000:]
     rows = impl_rows(result.stdout, 'psa')
     if 'mmattn (folded)' not in rows:
         pytest.skip('the PSA kernels are not built for CUDA here')
-    names = ['mmattn', 'mmattn (two launches after the glue)']
+    names = ['mmattn', row]
     assert set(names) <= set(rows), result.stdout[-3000:]
     errors = {name: float(rows[name][-2]) for name in names}
     assert max(errors.values()) <= 2 * min(errors.values()) + 0.05, errors

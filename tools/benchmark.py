@@ -22,7 +22,10 @@ For each op, three implementations with the same weights and input:
   cluster of blocks spreads each image's, ``mmattn/ops/csrc/psa_glue.cuh``), and for the
   release's PSA_p on the CUDA kernels its spatial reduction and apply pass in two launches
   (``mmattn (two launches after the glue)``: ``MMATTN_PSA_COOPERATIVE=0``; by default one
-  cooperative launch, ``mmattn/ops/csrc/psa_release_p.cuh``).
+  cooperative launch, ``mmattn/ops/csrc/psa_release_p.cuh``), and for the release's PSA_s on
+  the CUDA kernels its value map as GEMMs into a transient map (``mmattn (value map by
+  GEMM)``: ``MMATTN_PSA_VALUE_TILES=0``; by default, where tensor cores take the products, the
+  kernels' own tiles, ``mmattn/ops/csrc/psa_value_tiles.cuh``).
 
 With ``--op mlp`` (part of ``all``) VOLO's MLP half-block ``x + MLP(LN(x))`` on (B, H, W, C)
 tokens is timed with torch's layers (``eager``, ``compile``) against mmattn's
@@ -420,7 +423,9 @@ def psa_case(shape: tuple[int, ...], mode: str, dtype: torch.dtype, device: torc
         (cuda and torch.cuda.get_device_capability(device)[0] >= 9,   # not a cluster of blocks
          'mmattn (one glue block an image)', 'MMATTN_PSA_GLUE_BLOCKS', '1'),
         (cuda and (variant, mode) == ('official', 'parallel'),   # not one cooperative launch
-         'mmattn (two launches after the glue)', 'MMATTN_PSA_COOPERATIVE', '0')]
+         'mmattn (two launches after the glue)', 'MMATTN_PSA_COOPERATIVE', '0'),
+        (cuda and (variant, mode) == ('official', 'sequential'),   # not the kernel's own tiles
+         'mmattn (value map by GEMM)', 'MMATTN_PSA_VALUE_TILES', '0')]
     envs = {}
     for applies, name, variable, value in switched:
         if applies:
