@@ -34,7 +34,7 @@ from test_outlook_op import (TENSOR_CORE_GATHERS, check_gathers_half,  # noqa: E
                              check_softmax, check_unpool_add, grid, paper_aggregate)
 from test_param_grads import (COLUMN_SHAPES, check_column_sums,  # noqa: E402
                               check_column_sums_edges, layer_norm_inputs)
-from test_psa_block import block  # noqa: E402
+from test_psa_block import block, equations  # noqa: E402
 from test_psa_op import (EPS, F64, PARAM_NAMES, check_low_precision, grads,  # noqa: E402
                          paper_psa, random_params)
 from psa_block_checks import all_grads, block_function, check_matches, through  # noqa: E402
@@ -607,7 +607,7 @@ def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: s
     but for PSA_s on the GEMM path."""
     from torch.profiler import ProfilerActivity, profile
     b = block(variant, mode, 32, 'reference', torch.float32)
-    x = torch.randn(2, 32, 6, 5, dtype=torch.float32, requires_grad=True)
+    x = torch.randn(2, 32, 6, 4, dtype=torch.float32, requires_grad=True)
     with cudnn_tf32(tf32):
         start = emulated.emulated_launches()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -665,14 +665,17 @@ def test_psa_s_value_map_in_the_forwards_tiles(emulated, block_kernel, layout: t
     """PSA_s's forward after its glue in one cooperative launch that computes the value map's
     tiles itself (psa_value_tiles.cuh), here on scalar products in float64
     (MMATTN_PSA_VALUE_TILES=1): output and every gradient against the equations with one row
-    (C = 2) and a 1x1 map, channels past a 32-channel step (C = 24, 40), rows past a 64-row
-    tile (C = 160: 80 rows), pixels past a 64-pixel tile and splits of several tiles (20 x 20
-    at N = 2: 7 tiles, 4 splits); 3 forward launches, and the backward's map again, dq, dVl
-    and dx's part Wa^T dVl in one more cooperative launch (4 backward). MMATTN_PSA_VALUE_TILES=0
-    or MMATTN_PSA_COOPERATIVE=0: the GEMM path (4 kernels each way), the same output and
-    gradients up to rounding; another value is an error naming the variable."""
+    (C = 2) and a 2-pixel map, channels past a 32-channel step (C = 24, 40), rows past a
+    64-row tile (C = 160: 80 rows), pixels past a 64-pixel tile and splits of several tiles
+    (20 x 20 at N = 2: 7 tiles, 4 splits); 3 forward launches, and the backward's map again,
+    dq, dVl and dx's part Wa^T dVl in one more cooperative launch (4 backward). The kernels
+    move 16-byte vectors: an odd pixel count, or x off a 16-byte boundary, takes the GEMM
+    path (4 kernels each way), as do MMATTN_PSA_VALUE_TILES=0 and MMATTN_PSA_COOPERATIVE=0,
+    with the same output and gradients up to rounding; another value is an error naming the
+    variable."""
     monkeypatch.setenv('MMATTN_PSA_VALUE_TILES', '1')
-    for shape in [(1, 2, 1, 1), (2, 24, 7, 5), (2, 40, 9, 10), (3, 64, 3, 1), (2, 160, 20, 20)]:
+    for shape in [(1, 2, 2, 1), (2, 24, 7, 6), (2, 40, 9, 10), (3, 64, 3, 2), (2, 160, 20, 20),
+                  (2, 24, 7, 5)]:
         check_matches(block_kernel, 'sequential', shape, layout)
     b = block('official', 'sequential', 40, 'reference')
     x = torch.randn(2, 40, 9, 10, dtype=F64).contiguous(memory_format=layout)
@@ -697,6 +700,16 @@ def test_psa_s_value_map_in_the_forwards_tiles(emulated, block_kernel, layout: t
             assert launches == (4, 4), name
             for got, want in zip(outs, outs0):
                 torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    odd = torch.randn(2, 40, 9, 9, dtype=F64).contiguous(memory_format=layout)
+    assert forward_launches(emulated, block_kernel, b, odd)[0] == 4
+    x = torch.randn(2, 40, 9, 10, dtype=F64)
+    buffer = torch.randn(x.numel() + 1, dtype=F64)
+    off = buffer[1:].view(2, 9, 10, 40).permute(0, 3, 1, 2) \
+        if layout == torch.channels_last else buffer[1:].view(x.shape)
+    assert off.data_ptr() % 16 == 8 and off.is_contiguous(memory_format=layout)
+    launches, y = forward_launches(emulated, block_kernel, b, off)
+    assert launches == 4
+    torch.testing.assert_close(y, equations(b, off), rtol=1e-10, atol=1e-10)
     monkeypatch.delenv('MMATTN_PSA_VALUE_TILES')
     assert forward_launches(emulated, block_kernel, b, x)[0] == 4  # float64: the GEMM's
     monkeypatch.setenv('MMATTN_PSA_VALUE_TILES', '2')

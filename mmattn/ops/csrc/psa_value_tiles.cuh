@@ -102,6 +102,20 @@ struct MmaOperand<Product::kTf32, scalar_t> {
 };
 #endif
 
+// body(c, p, dc, dp) for each vector of V elements of a cs x ps region (channels x pixels) of a
+// map whose contiguous axis is the pixels (pix_contig: dc 0, dp 1) or the channels (dc 1, dp 0),
+// consecutive threads along that axis; its extent along that axis a multiple of V.
+template <int V, typename F>
+__device__ __forceinline__ void map_vectors(bool pix_contig, int cs, int ps, F&& body) {
+  if (pix_contig) {
+    const int per = ps / V;
+    for (int i = threadIdx.x; i < cs * per; i += kThreads) body(i / per, i % per * V, 0, 1);
+  } else {
+    const int per = cs / V;
+    for (int i = threadIdx.x; i < per * ps; i += kThreads) body(i % per * V, i / per, 1, 0);
+  }
+}
+
 // A 64 x 64 tile product into `out` (kValueLdO), rounded to scalar_t: sum over `depth` of
 // A (64 x depth) times B (depth x 64), kValueDepth at a time: stage(d0) writes A's columns
 // d0.. to s.wa (64 x kValueDepth, kValueLdA; zeros past the ends) and, where B is staged too,
@@ -142,7 +156,9 @@ __device__ __forceinline__ void tile_product(int depth, const ValueSmem<scalar_t
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
       using T = typename MmaOperand<PR, scalar_t>::type;
       using Stored = typename MmaOperand<PR, scalar_t>::stored;
-#pragma unroll
+      // (TF32's 4 steps not unrolled: unrolled, ptxas spilled 8 bytes in the float32 backward,
+      // loading later steps' fragments early)
+#pragma unroll(PR == Product::kTf32 ? 1 : 2)
       for (int kk = 0; kk < kValueDepth; kk += kK) {
         wmma::fragment<wmma::matrix_a, 16, 16, kK, T, wmma::row_major> fa;
         wmma::load_matrix_sync(fa, reinterpret_cast<const Stored*>(s.wa + r0 * kValueLdA + kk),
@@ -189,20 +205,33 @@ __device__ __forceinline__ void value_tile(const scalar_t* __restrict__ wa, int 
                                            const scalar_t* __restrict__ xn, const Geometry& g,
                                            int k0, int pt, int tp,
                                            const ValueSmem<scalar_t, acc_t>& s) {
+  constexpr int V = kPack16<scalar_t>;
   const int C = g.C, rows = min(kValueRows, H - k0);
   auto stage = [&](int c0) {
-    for (int i = threadIdx.x; i < kValueRows * kValueDepth; i += kThreads) {
-      const int rr = i / kValueDepth, c = i % kValueDepth;
-      s.wa[rr * kValueLdA + c] = rr < rows && c0 + c < C
-                                     ? wa[static_cast<int64_t>(k0 + rr) * C + c0 + c]
-                                     : scalar_t(0);
-    }
-    for (int i = threadIdx.x; i < kValueDepth * kValuePixels; i += kThreads) {
-      // consecutive threads along x's contiguous axis
-      const int c = g.pix_contig ? i / kValuePixels : i % kValueDepth;
-      const int p = g.pix_contig ? i % kValuePixels : i / kValueDepth;
-      s.x[c * kValueLdB + p] = p < tp && c0 + c < C ? xn[at_cp(g, c0 + c, pt + p)] : scalar_t(0);
-    }
+    // Wa's rows k0.., channels c0.. (a whole vector in or out: C % V == 0)
+    map_vectors<V>(false, kValueDepth, kValueRows, [&](int c, int rr, int, int) {
+      Pack<scalar_t, V> v;
+      if (rr < rows && c0 + c < C)
+        v = load_pack<V>(wa + static_cast<int64_t>(k0 + rr) * C + c0 + c);
+      else
+        for (int j = 0; j < V; ++j) v.v[j] = scalar_t(0);
+      store_pack(s.wa + rr * kValueLdA + c, v);
+    });
+    // x's channels c0.., the tile's pixels, along x's contiguous axis (whole vectors: P % V ==
+    // 0, C % V == 0)
+    map_vectors<V>(g.pix_contig, kValueDepth, kValuePixels, [&](int c, int p, int dc, int dp) {
+      Pack<scalar_t, V> v;
+      if (p < tp && c0 + c < C)
+        v = load_pack<V>(xn + at_cp(g, c0 + c, pt + p));
+      else
+        for (int j = 0; j < V; ++j) v.v[j] = scalar_t(0);
+      if (dp == 1) {
+        store_pack(s.x + c * kValueLdB + p, v);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) s.x[(c + j) * kValueLdB + p] = v.v[j];
+      }
+    });
   };
   tile_product<PR>(C, s, stage, [&](int) { return s.x; }, s.out);
 }
@@ -331,12 +360,17 @@ value_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, G
       s_mask[static_cast<int64_t>(b.n) * g.P + pt + pixel] = sg;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < b.C * tp; i += kThreads) {  // consecutive along the memory
-      const int c = g.pix_contig ? i / tp : i % b.C, p = g.pix_contig ? i % tp : i / b.C;
+    constexpr int V = kPack16<scalar_t>;
+    map_vectors<V>(g.pix_contig, b.C, tp, [&](int c, int p, int dc, int dp) {
       const int64_t at = at_cp(g, c, pt + p);
-      y[b.n * g.sN + at] =
-          static_cast<scalar_t>(static_cast<acc_t>(b.xn[at]) * s_a[c] * s_s[p]);
-    }
+      const Pack<scalar_t, V> v = load_pack<V>(b.xn + at);
+      Pack<scalar_t, V> out;
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        out.v[j] = static_cast<scalar_t>(static_cast<acc_t>(v.v[j]) * s_a[c + j * dc] *
+                                         s_s[p + j * dp]);
+      store_pack(y + b.n * g.sN + at, out);
+    });
   });
 }
 
@@ -433,36 +467,47 @@ value_backward_kernel(const scalar_t* __restrict__ x, Geometry g,
   const int hp = value_rows_padded(H);
   b.each_tile(g.P, [&](int pt, int tp) {
     load_dt(pt, tp);
+    constexpr int V = kPack16<scalar_t>;
     for (int k0 = 0; k0 < H; k0 += kValueRows) {
       value_tile<PR>(b.wan, H, b.xn, g, k0, pt, tp, s);
-      for (int i = threadIdx.x; i < kValueRows * kValuePixels; i += kThreads) {
-        const int k = k0 + i / kValuePixels, p = i % kValuePixels;
-        const bool inside = k < H && p < tp;  // (else a zero: the product below sums it)
-        const scalar_t d = static_cast<scalar_t>(
-            inside ? op_exp(s.out[(k - k0) * kValueLdO + p] - s_vmax[k]) * s_qz[k] *
-                         (s_dt[p] - s_dq[k])
-                   : acc_t(0));
-        s_dvl[k * kValueLdB + p] = d;
-        if (inside) dvl[(b.nh + k) * g.P + pt + p] = d;
-      }
+      // the rows' vectors of pixels (whole vectors in or out: P % V == 0); zeros outside,
+      // which the product below sums
+      map_vectors<V>(true, kValueRows, kValuePixels, [&](int r, int p, int, int) {
+        const int k = k0 + r;
+        const bool inside = k < H && p < tp;
+        Pack<scalar_t, V> d;
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          d.v[j] = static_cast<scalar_t>(
+              inside ? op_exp(s.out[r * kValueLdO + p + j] - s_vmax[k]) * s_qz[k] *
+                           (s_dt[p + j] - s_dq[k])
+                     : acc_t(0));
+        store_pack(s_dvl + k * kValueLdB + p, d);
+        if (inside) store_pack(dvl + (b.nh + k) * g.P + pt + p, d);
+      });
     }
     for (int c0 = 0; c0 < C; c0 += kValueRows) {
       const int cs = min(kValueRows, C - c0);
-      auto stage = [&](int k0) {  // A's rows: Wa's columns c0.., its rows k0.. (consecutive
-                                  // threads along Wa's rows)
-        for (int i = threadIdx.x; i < kValueRows * kValueDepth; i += kThreads) {
-          const int kk = i / kValueRows, cc = i % kValueRows;
-          s.wa[cc * kValueLdA + kk] = cc < cs && k0 + kk < H
-                                          ? b.wan[static_cast<int64_t>(k0 + kk) * C + c0 + cc]
-                                          : scalar_t(0);
-        }
+      auto stage = [&](int k0) {  // A's rows: Wa's columns c0.., its rows k0.., read along
+                                  // Wa's rows (whole vectors: C % V == 0)
+        map_vectors<V>(false, kValueRows, kValueDepth, [&](int cc, int kk, int, int) {
+          Pack<scalar_t, V> v;
+          if (cc < cs && k0 + kk < H)
+            v = load_pack<V>(b.wan + static_cast<int64_t>(k0 + kk) * C + c0 + cc);
+          else
+            for (int j = 0; j < V; ++j) v.v[j] = scalar_t(0);
+#pragma unroll
+          for (int j = 0; j < V; ++j) s.wa[(cc + j) * kValueLdA + kk] = v.v[j];
+        });
       };
       tile_product<PR>(hp, s, stage, [&](int k0) { return s_dvl + k0 * kValueLdB; }, s.out);
-      for (int i = threadIdx.x; i < cs * tp; i += kThreads) {  // consecutive along the memory
-        const int c = g.pix_contig ? i / tp : i % cs, p = g.pix_contig ? i % tp : i / cs;
-        ex[b.n * g.sN + at_cp(g, c0 + c, pt + p)] =
-            static_cast<scalar_t>(s.out[c * kValueLdO + p]);
-      }
+      map_vectors<V>(g.pix_contig, cs, tp, [&](int c, int p, int dc, int dp) {
+        Pack<scalar_t, V> v;
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          v.v[j] = static_cast<scalar_t>(s.out[(c + j * dc) * kValueLdO + p + j * dp]);
+        store_pack(ex + b.n * g.sN + at_cp(g, c0 + c, pt + p), v);
+      });
     }
   });
 }
@@ -486,29 +531,40 @@ template <typename scalar_t>
 bool value_product(Product* product) {
   const int mode = value_tiles_from_env();
   if (mode == 0 || !cooperative_from_env()) return false;
-  *product = Product::kScalar;
-  if (launch::device_attribute(launch::Attr::kComputeMajor) >= 8) {
-    if constexpr (sizeof(scalar_t) == 2) {
-      *product = Product::kHalf;
-    } else if constexpr (std::is_same<scalar_t, float>::value) {
-      if (at::globalContext().allowTF32CuDNN()) *product = Product::kTf32;
-    }
+  const bool tensor_cores = launch::device_attribute(launch::Attr::kComputeMajor) >= 8;
+  if constexpr (sizeof(scalar_t) == 2) {  // (no scalar products for them: the GEMM's)
+    *product = Product::kHalf;
+    return tensor_cores;
   }
+  *product = Product::kScalar;
+  if constexpr (std::is_same<scalar_t, float>::value)
+    if (tensor_cores && at::globalContext().allowTF32CuDNN()) *product = Product::kTf32;
   return *product != Product::kScalar || mode == 1;
+}
+
+// Whether the value kernels can move x, Wa and their outputs (`out`, laid out as x) in 16-byte
+// vectors, as they do: whole vectors along every row they read or write (C and P multiples of
+// the width), aligned pointers (Wa and the transient buffers: fresh allocations). Else the
+// GEMM path.
+template <typename scalar_t>
+bool value_vectors(const Geometry& g, const at::Tensor& x, const at::Tensor& out) {
+  constexpr int vec = kPack16<scalar_t>;
+  return vec > 1 && g.C % vec == 0 && g.P % vec == 0 &&
+         all_aligned({x.data_ptr(), out.data_ptr()}, 16);
 }
 
 // `run` called with the instance `kernel` gives for the products value_product chose
 // (value_forward_kernel's or value_backward_kernel's).
 template <typename scalar_t, typename Kernel, typename Run>
 void with_product(Product product, Kernel&& kernel, Run&& run) {
-  using Half = std::integral_constant<Product, Product::kHalf>;
-  using Tf32 = std::integral_constant<Product, Product::kTf32>;
   if constexpr (sizeof(scalar_t) == 2) {
-    if (product == Product::kHalf) return run(kernel(Half{}));
-  } else if constexpr (std::is_same<scalar_t, float>::value) {
-    if (product == Product::kTf32) return run(kernel(Tf32{}));
+    run(kernel(std::integral_constant<Product, Product::kHalf>{}));
+  } else {
+    if constexpr (std::is_same<scalar_t, float>::value)
+      if (product == Product::kTf32)
+        return run(kernel(std::integral_constant<Product, Product::kTf32>{}));
+    run(kernel(std::integral_constant<Product, Product::kScalar>{}));
   }
-  run(kernel(std::integral_constant<Product, Product::kScalar>{}));
 }
 
 // The blocks per image of a value kernel's cooperative grid (splits, N), `smem` bytes each:
@@ -533,7 +589,8 @@ bool value_forward(const at::Tensor& x, const Geometry& g, const at::Tensor& wa,
                    const at::Tensor& a, const at::Tensor& q, const at::Tensor& y,
                    const at::Tensor& norm, const at::Tensor& s_mask) {
   Product product;
-  if (g.P == 0 || !value_product<scalar_t>(&product)) return false;
+  if (g.P == 0 || !value_vectors<scalar_t>(g, x, y) || !value_product<scalar_t>(&product))
+    return false;
   const int N = static_cast<int>(x.size(0));
   const size_t smem = value_forward_smem<scalar_t, acc_t>(g.C);
   bool taken = false;
@@ -562,7 +619,9 @@ at::Tensor value_backward(const at::Tensor& x, const Geometry& g, const at::Tens
                           const at::Tensor& q, const at::Tensor& norm, const at::Tensor& d_t,
                           const at::Tensor& dq, const at::Tensor& ex) {
   Product product;
-  if (g.P == 0 || x.size(0) == 0 || !value_product<scalar_t>(&product)) return {};
+  if (g.P == 0 || x.size(0) == 0 || !value_vectors<scalar_t>(g, x, ex) ||
+      !value_product<scalar_t>(&product))
+    return {};
   const int N = static_cast<int>(x.size(0)), H = g.C / 2;
   const size_t smem = value_backward_smem<scalar_t, acc_t>(g.C);
   at::Tensor dvl;
