@@ -61,6 +61,24 @@ def test_module_matches_reference(cuda_kernels: str, variant: str, mode: str,
             torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_psa_s_value_kernels_match_reference(cuda_kernels: str, layout: torch.memory_format,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """PSA_s's value kernels (psa_value_tiles.cuh: the value map's tiles computed in the
+    forward's and the backward's cooperative launches) on scalar products in float64
+    (MMATTN_PSA_VALUE_TILES=1): output and every gradient against the reference, with rows,
+    channels and pixels past a tile and several tiles a split; the bf16/fp16/TF32 warp
+    products: test_low_precision and test_psa_s_value_products_tf32."""
+    monkeypatch.setenv('MMATTN_PSA_VALUE_TILES', '1')
+    for c, shape in [(48, (2, 48, 12, 10)), (160, (3, 160, 20, 22)), (256, (1, 256, 8, 6))]:
+        fast, ref = cuda_pair('official', 'sequential', c)
+        x = torch.randn(shape, dtype=F64, device='cuda').contiguous(memory_format=layout)
+        g = torch.randn(shape, dtype=F64, device='cuda').contiguous(memory_format=layout)
+        torch.testing.assert_close(fast(x), ref(x), **TOL)
+        for got, want in zip(all_grads(call, fast, x, g), all_grads(call, ref, x, g)):
+            torch.testing.assert_close(got, want, **TOL)
+
+
 @pytest.mark.parametrize('variant, mode', FORMS)
 @pytest.mark.parametrize('glue_blocks', ['', '1', '8'])
 def test_glues_on_clusters_match_reference(cuda_kernels: str, variant: str, mode: str,

@@ -14,9 +14,10 @@
 //   spatial: m = mean_p x_p, mz = A (.) m, q = W_q' mz,
 //            Vl[k][p] = sum_c W_v'[k][c] A_c x[c][p] = (Wa x)[k][p], Wa = W_v' diag(A),
 //            V = softmax_p(Vl) (per k), t_p = q . V_p, S_p = sigmoid(t_p);   y = x A S
-// Forward, 3 kernels where tensor cores take the value products (x in bf16/fp16; float32 with
-// TF32 allowed; psa_value_tiles.cuh): the reduction (l's online softmax, s, m); the glue (A, q,
-// and Wa in x's dtype); one cooperative launch that computes Vl = Wa x tile by tile where it
+// Forward, 3 kernels where tensor cores take the value products (x in bf16/fp16, float32 where
+// torch.backends.cudnn.allow_tf32 allows TF32; C and P multiples of the 16-byte vector width;
+// psa_value_tiles.cuh): the reduction (l's online softmax, s, m); the glue (A, q, and Wa in x's
+// dtype); one cooperative launch that computes Vl = Wa x tile by tile where it
 // needs it (the value softmax's state per row k, then t from Vl, S, y). Otherwise 4 kernels and
 // 1 GEMM: the reduction; the glue; Vl (N, H, P) (a batched GEMM into a transient map); the value
 // softmax's state (max and sum of exponentials per row k); the apply pass (t from Vl, S, y).
