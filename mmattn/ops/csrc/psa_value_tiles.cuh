@@ -525,8 +525,9 @@ inline int value_tiles_from_env() {
       env_integer("MMATTN_PSA_VALUE_TILES", 0, 1, -1, [] { return "0 or 1"; }));
 }
 
-// The products value_forward_kernel would take for scalar_t, or false (none: the GEMM path).
-// Tensor cores need compute capability 8.0 (bf16, TF32); below it only scalar products.
+// The products the value kernels would take for scalar_t, or false (none: the GEMM path).
+// Tensor cores need compute capability 8.0 (bf16, TF32); below it 16-bit x takes the GEMM path
+// and float32 scalar products (MMATTN_PSA_VALUE_TILES=1) or the GEMM path.
 template <typename scalar_t>
 bool value_product(Product* product) {
   const int mode = value_tiles_from_env();
