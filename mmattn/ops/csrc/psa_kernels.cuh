@@ -971,11 +971,17 @@ Launch plan(int C, size_t elem, int tiles, int per_pixel, int per_channel, int f
   return {tp, log2, smem};
 }
 
-// Lets `kernel` use the plan's shared memory; returns how many of its blocks an SM holds at once.
+// Lets `kernel` use `smem` bytes of shared memory (a plan's); returns how many of its blocks an
+// SM holds at once.
+template <typename Kernel>
+int prepare(Kernel kernel, size_t smem) {
+  if (smem > kDefaultSmem) launch::allow_shared_memory(kernel, smem);
+  return launch::resident_blocks(kernel, kThreads, smem);
+}
+
 template <typename Kernel>
 int prepare(Kernel kernel, const Launch& l) {
-  if (l.smem > kDefaultSmem) launch::allow_shared_memory(kernel, l.smem);
-  return launch::resident_blocks(kernel, kThreads, l.smem);
+  return prepare(kernel, l.smem);
 }
 
 // Whether the kernels can move the tensors at `ptrs` (laid out like x) in 16-byte vectors of
@@ -994,6 +1000,13 @@ bool vectorizable(const Geometry& g, const Launch& l, std::initializer_list<cons
 int one_wave(int per_sm, int N) {
   const int sms = launch::device_attribute(launch::Attr::kMultiProcessors);
   return std::max(1, per_sm * sms / std::max(N, 1));
+}
+
+// Whether a cooperative grid of `blocks` blocks (`per_sm` of them an SM holds) is resident at
+// once, as the launch requires.
+inline bool resident_at_once(int64_t blocks, int per_sm) {
+  return blocks <= static_cast<int64_t>(per_sm) *
+                       launch::device_attribute(launch::Attr::kMultiProcessors);
 }
 
 // Blocks (kThreads each) for a kernel whose blocks loop over `units` units of work (rows, or
@@ -1209,8 +1222,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_reduce_apply(const at::Tensor& x, const G
       const Launch l{lr.tile_p, lr.log2_tile, std::max(lr.smem, la.smem)};
       const int per_sm = prepare(kernel, l);
       const SplitLaunch s = split(l, 0, N, g.P, per_sm);
-      const int sms = launch::device_attribute(launch::Attr::kMultiProcessors);
-      if (static_cast<int64_t>(s.splits) * N > static_cast<int64_t>(per_sm) * sms) return;
+      if (!resident_at_once(static_cast<int64_t>(s.splits) * N, per_sm)) return;
       const at::Tensor pmax = at::empty({N, s.splits}, opts), psum = at::empty_like(pmax);
       const at::Tensor ps = at::empty({N, s.splits, g.C}, opts), pm = at::empty_like(ps);
       launch::launch_cooperative(

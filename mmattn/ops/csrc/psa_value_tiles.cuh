@@ -54,7 +54,7 @@ constexpr int kValueLdB = kValuePixels + 8;
 constexpr int kValueLdO = kValuePixels + 4;
 constexpr int kValueOuts = kValueRows * kValuePixels / kThreads;  // a thread's, scalar products
 
-constexpr size_t round32(size_t bytes) { return (bytes + 31) / 32 * 32; }
+__host__ __device__ constexpr size_t round32(size_t bytes) { return (bytes + 31) / 32 * 32; }
 
 // A block's shared memory: Wa's staged rows, x's staged channels, the tile of Vl, then what the
 // kernel keeps besides (`rest`); every part 32-byte aligned (the fragments' pointers must be).
@@ -65,18 +65,17 @@ struct ValueSmem {
   acc_t* out;    // kValueRows x kValueLdO
   acc_t* rest;
 
-  static constexpr size_t kHead = round32(kValueRows * kValueLdA * sizeof(scalar_t)) +
-                                  round32(kValueDepth * kValueLdB * sizeof(scalar_t)) +
-                                  round32(kValueRows * kValueLdO * sizeof(acc_t));
+  static constexpr size_t kWaBytes = round32(kValueRows * kValueLdA * sizeof(scalar_t));
+  static constexpr size_t kXBytes = round32(kValueDepth * kValueLdB * sizeof(scalar_t));
+  static constexpr size_t kOutBytes = round32(kValueRows * kValueLdO * sizeof(acc_t));
+  static constexpr size_t kHead = kWaBytes + kXBytes + kOutBytes;
 
   __device__ __forceinline__ explicit ValueSmem(unsigned char* raw) {
     unsigned char* base = raw + (32 - reinterpret_cast<uintptr_t>(raw) % 32) % 32;
     wa = reinterpret_cast<scalar_t*>(base);
-    base += round32(kValueRows * kValueLdA * sizeof(scalar_t));
-    x = reinterpret_cast<scalar_t*>(base);
-    base += round32(kValueDepth * kValueLdB * sizeof(scalar_t));
-    out = reinterpret_cast<acc_t*>(base);
-    rest = reinterpret_cast<acc_t*>(base + round32(kValueRows * kValueLdO * sizeof(acc_t)));
+    x = reinterpret_cast<scalar_t*>(base + kWaBytes);
+    out = reinterpret_cast<acc_t*>(base + kWaBytes + kXBytes);
+    rest = reinterpret_cast<acc_t*>(base + kHead);
   }
 };
 
@@ -210,21 +209,15 @@ __device__ __forceinline__ void value_tile(const scalar_t* __restrict__ wa, int 
   auto stage = [&](int c0) {
     // Wa's rows k0.., channels c0.. (a whole vector in or out: C % V == 0)
     map_vectors<V>(false, kValueDepth, kValueRows, [&](int c, int rr, int, int) {
-      Pack<scalar_t, V> v;
-      if (rr < rows && c0 + c < C)
-        v = load_pack<V>(wa + static_cast<int64_t>(k0 + rr) * C + c0 + c);
-      else
-        for (int j = 0; j < V; ++j) v.v[j] = scalar_t(0);
-      store_pack(s.wa + rr * kValueLdA + c, v);
+      store_pack(s.wa + rr * kValueLdA + c,
+                 load_pack_or_zero<V>(wa + static_cast<int64_t>(k0 + rr) * C + c0 + c,
+                                      rr < rows && c0 + c < C));
     });
     // x's channels c0.., the tile's pixels, along x's contiguous axis (whole vectors: P % V ==
     // 0, C % V == 0)
     map_vectors<V>(g.pix_contig, kValueDepth, kValuePixels, [&](int c, int p, int dc, int dp) {
-      Pack<scalar_t, V> v;
-      if (p < tp && c0 + c < C)
-        v = load_pack<V>(xn + at_cp(g, c0 + c, pt + p));
-      else
-        for (int j = 0; j < V; ++j) v.v[j] = scalar_t(0);
+      const Pack<scalar_t, V> v =
+          load_pack_or_zero<V>(xn + at_cp(g, c0 + c, pt + p), p < tp && c0 + c < C);
       if (dp == 1) {
         store_pack(s.x + c * kValueLdB + p, v);
       } else {
@@ -379,13 +372,19 @@ __host__ __device__ constexpr int value_rows_padded(int H) {
   return (H + kValueRows - 1) / kValueRows * kValueRows;
 }
 
+// value_backward_kernel's values in shared memory after the head (3 H + kValuePixels), in bytes
+// to the tile's dVl (32-byte aligned: fragments load it).
+template <typename acc_t>
+__host__ __device__ constexpr size_t value_backward_vector_bytes(int H) {
+  return round32(static_cast<size_t>(3 * H + kValuePixels) * sizeof(acc_t));
+}
+
 // The dynamic shared memory of value_backward_kernel for C channels: the head, 3 H +
 // kValuePixels values, then the tile's dVl (all its rows, x's dtype).
 template <typename scalar_t, typename acc_t>
 size_t value_backward_smem(int C) {
   const int H = C / 2;
-  return 32 + ValueSmem<scalar_t, acc_t>::kHead +
-         round32(static_cast<size_t>(3 * H + kValuePixels) * sizeof(acc_t)) +
+  return 32 + ValueSmem<scalar_t, acc_t>::kHead + value_backward_vector_bytes<acc_t>(H) +
          static_cast<size_t>(value_rows_padded(H)) * kValueLdB * sizeof(scalar_t);
 }
 
@@ -417,8 +416,8 @@ value_backward_kernel(const scalar_t* __restrict__ x, Geometry g,
   acc_t* s_qz = s_vmax + H;  // phase 3: q_k / sum_k
   acc_t* s_dq = s_qz + H;    // phase 1: the block's partial sums; phase 3: dq
   acc_t* s_dt = s_dq + H;    // the tile's dt
-  scalar_t* s_dvl = reinterpret_cast<scalar_t*>(  // (32-byte aligned: fragments load it)
-      reinterpret_cast<unsigned char*>(s.rest) + round32((3 * H + kValuePixels) * sizeof(acc_t)));
+  scalar_t* s_dvl = reinterpret_cast<scalar_t*>(reinterpret_cast<unsigned char*>(s.rest) +
+                                                 value_backward_vector_bytes<acc_t>(H));
   for (int k = threadIdx.x; k < H; k += kThreads) {
     s_vmax[k] = norm[b.nh + k];
     s_dq[k] = acc_t(0);
@@ -491,11 +490,8 @@ value_backward_kernel(const scalar_t* __restrict__ x, Geometry g,
       auto stage = [&](int k0) {  // A's rows: Wa's columns c0.., its rows k0.., read along
                                   // Wa's rows (whole vectors: C % V == 0)
         map_vectors<V>(false, kValueRows, kValueDepth, [&](int cc, int kk, int, int) {
-          Pack<scalar_t, V> v;
-          if (cc < cs && k0 + kk < H)
-            v = load_pack<V>(b.wan + static_cast<int64_t>(k0 + kk) * C + c0 + cc);
-          else
-            for (int j = 0; j < V; ++j) v.v[j] = scalar_t(0);
+          const Pack<scalar_t, V> v = load_pack_or_zero<V>(
+              b.wan + static_cast<int64_t>(k0 + kk) * C + c0 + cc, cc < cs && k0 + kk < H);
 #pragma unroll
           for (int j = 0; j < V; ++j) s.wa[(cc + j) * kValueLdA + kk] = v.v[j];
         });
@@ -575,11 +571,9 @@ template <typename Kernel>
 int value_splits(Kernel kernel, size_t smem, int N, int P) {
   if (smem > static_cast<size_t>(launch::device_attribute(launch::Attr::kSharedMemoryOptin)))
     return 0;
-  if (smem > kDefaultSmem) launch::allow_shared_memory(kernel, smem);
-  const int per_sm = launch::resident_blocks(kernel, kThreads, smem);
+  const int per_sm = prepare(kernel, smem);
   const int splits = std::min(one_wave(per_sm, N), (P + kValuePixels - 1) / kValuePixels);
-  const int sms = launch::device_attribute(launch::Attr::kMultiProcessors);
-  return static_cast<int64_t>(splits) * N > static_cast<int64_t>(per_sm) * sms ? 0 : splits;
+  return resident_at_once(static_cast<int64_t>(splits) * N, per_sm) ? splits : 0;
 }
 
 // PSA_s's forward after the glue (value_forward_kernel): y, s_mask (N, P), norm (2, N, H)

@@ -60,6 +60,16 @@ __device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
   return *reinterpret_cast<const Pack<T, VEC>*>(p);
 }
 
+// The pack at p where `inside`, else zeros (p is not read then).
+template <int VEC, typename T>
+__device__ __forceinline__ Pack<T, VEC> load_pack_or_zero(const T* p, bool inside) {
+  if (inside) return load_pack<VEC>(p);
+  Pack<T, VEC> zero;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) zero.v[j] = T(0);
+  return zero;
+}
+
 template <int VEC, typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& value) {
 #ifdef MMATTN_CHECK_ALIGNMENT
