@@ -157,12 +157,14 @@ def test_psa_rows_time_the_shared_memory_tiles_too() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.parametrize('mode, row', [('parallel', 'mmattn (two launches after the glue)'),
-                                       ('sequential', 'mmattn (value map by GEMM)')])
+                                       ('sequential', 'mmattn (value map by GEMM)'),
+                                       ('sequential', 'mmattn (M by GEMM)')])
 def test_release_rows_time_what_their_default_replaced(mode: str, row: str) -> None:
     """For the release's forms on the CUDA kernels the PSA case also times what their default
     replaced, as exact as the default row: PSA_p's spatial reduction and apply pass in two
     launches (``MMATTN_PSA_COOPERATIVE=0``, beside one cooperative launch), PSA_s's value map
-    as a GEMM (``MMATTN_PSA_VALUE_TILES=0``, beside the kernel's own tiles)."""
+    as a GEMM (``MMATTN_PSA_VALUE_TILES=0``, beside the kernel's own tiles) and its M = dVl x^T
+    as a GEMM after the backward's cooperative launch (``MMATTN_PSA_FUSED_M=0``)."""
     result = run_benchmark('--op', 'psa', '--variant', 'official', '--mode', mode,
                            '--no-compile', '--device', 'cuda', '--dtype', 'bfloat16',
                            '--shape', '2,64,16,16', '--iters', '2', '--warmup', '1')

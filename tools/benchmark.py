@@ -25,7 +25,9 @@ For each op, three implementations with the same weights and input:
   cooperative launch, ``mmattn/ops/csrc/psa_release_p.cuh``), and for the release's PSA_s on
   the CUDA kernels its value map as GEMMs into a transient map (``mmattn (value map by
   GEMM)``: ``MMATTN_PSA_VALUE_TILES=0``; by default, where tensor cores take the products, the
-  kernels' own tiles, ``mmattn/ops/csrc/psa_value_tiles.cuh``).
+  kernels' own tiles, ``mmattn/ops/csrc/psa_value_tiles.cuh``) and, on those tiles, the
+  backward's ``M = dVl x^T`` as a GEMM after its cooperative launch (``mmattn (M by GEMM)``:
+  ``MMATTN_PSA_FUSED_M=0``; by default in that launch).
 
 With ``--op mlp`` (part of ``all``) VOLO's MLP half-block ``x + MLP(LN(x))`` on (B, H, W, C)
 tokens is timed with torch's layers (``eager``, ``compile``) against mmattn's
@@ -425,7 +427,9 @@ def psa_case(shape: tuple[int, ...], mode: str, dtype: torch.dtype, device: torc
         (cuda and (variant, mode) == ('official', 'parallel'),   # not one cooperative launch
          'mmattn (two launches after the glue)', 'MMATTN_PSA_COOPERATIVE', '0'),
         (cuda and (variant, mode) == ('official', 'sequential'),   # not the kernel's own tiles
-         'mmattn (value map by GEMM)', 'MMATTN_PSA_VALUE_TILES', '0')]
+         'mmattn (value map by GEMM)', 'MMATTN_PSA_VALUE_TILES', '0'),
+        (cuda and (variant, mode) == ('official', 'sequential'),   # M not in their launch
+         'mmattn (M by GEMM)', 'MMATTN_PSA_FUSED_M', '0')]
     envs = {}
     for applies, name, variable, value in switched:
         if applies:

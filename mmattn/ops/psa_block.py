@@ -22,8 +22,9 @@ maps, the PyTorch paths are as fast, so ``auto`` takes it for maps of up to
 CUDA: every form runs on the pass kernels (3 launches forward; 3 backward, for the paper forms
 and PSA_p the weight matrices' gradients included, on blocks of their own in the apply pass's
 launch: 6 per training step; PSA_s, where tensor cores take its value products, 3 forward and 4
-backward and the GEMM of M = dVl x^T: 8, its value map computed in the kernels' own tiles, else
-4 and 4 with its value products as batched GEMMs: 12, N more where M is cut over the pixels;
+backward: 7, its value map computed in the kernels' own tiles and M = dVl x^T in the backward's
+cooperative launch, else 4 and 4 with its value products as batched GEMMs: 12, N more where M
+is cut over the pixels;
 ``csrc/psa_block_cuda.cuh``, ``csrc/psa_value_tiles.cuh``); the forward also returns the few
 (N, P), (N, C) and (N, C/2) tensors its backward takes (:func:`state_shapes`), kept with x:
 never anything of x's size (``PSA_s``'s (N, C/2, H, W) value map is never stored, or on the GEMM

@@ -587,10 +587,13 @@ def aten_launches(events, op: str) -> int:
                for child in evt.cpu_children)
 
 
-@pytest.mark.parametrize('variant, mode, tf32, kernels, total', [
-    ('paper', 'sequential', False, (3, 3), 6), ('official', 'parallel', False, (3, 3), 6),
-    ('official', 'sequential', True, (3, 4), 8), ('official', 'sequential', False, (4, 4), 12)])
-def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: str, tf32: bool,
+@pytest.mark.parametrize('variant, mode, tf32, fused_m, kernels, total', [
+    ('paper', 'sequential', False, '1', (3, 3), 6), ('official', 'parallel', False, '1', (3, 3), 6),
+    ('official', 'sequential', True, '1', (3, 4), 7),
+    ('official', 'sequential', True, '0', (3, 4), 8),
+    ('official', 'sequential', False, '1', (4, 4), 12)])
+def test_psa_block_kernel_launches(emulated, block_kernel, monkeypatch: pytest.MonkeyPatch,
+                                   variant: str, mode: str, tf32: bool, fused_m: str,
                                    kernels: tuple[int, int], total: int) -> None:
     """A training step's launches per block: the paper forms' kernels 3 forward (reduction, glue,
     apply pass) and 3 backward (reduction, glue, apply pass with the weight matrices' gradients
@@ -598,14 +601,16 @@ def test_psa_block_kernel_launches(emulated, block_kernel, variant: str, mode: s
     cooperative launch) and the same 3 backward; PSA_s, where tensor cores take its value
     products (float32 with TF32 allowed), 3 forward (reduction, glue, then the value map's
     tiles, its softmax and the apply pass in one cooperative launch) and 4 backward (the
-    paper's reduction; the map's tiles again, dq, dVl and dx's part Wa^T dVl in one
-    cooperative launch; glue; apply pass with the weights' gradients) and one GEMM
-    (M = dVl x^T); else 4 forward (reduction, glue, value softmax state, apply pass) and 4
-    backward (the paper's reduction, dq and dVl, glue, apply pass) with GEMMs between them (the
-    value map forward, the map again, dx's part and M backward); and, in ``total``, the ATen
+    paper's reduction; the map's tiles again, dq, dVl, dx's part Wa^T dVl and M = dVl x^T in
+    one cooperative launch; glue; apply pass with the weights' gradients; with
+    MMATTN_PSA_FUSED_M=0 M is a GEMM after that launch: 8); else 4 forward (reduction, glue,
+    value softmax state, apply pass) and 4 backward (the paper's reduction, dq and dVl, glue,
+    apply pass) with GEMMs between them (the value map forward, the map again, dx's part and M
+    backward); and, in ``total``, the ATen
     operators the ops' C++ runs besides (each a launch on a GPU): at most 8 in all (issue 12)
     but for PSA_s on the GEMM path."""
     from torch.profiler import ProfilerActivity, profile
+    monkeypatch.setenv('MMATTN_PSA_FUSED_M', fused_m)
     b = block(variant, mode, 32, 'reference', torch.float32)
     x = torch.randn(2, 32, 6, 4, dtype=torch.float32, requires_grad=True)
     with cudnn_tf32(tf32):
@@ -668,14 +673,18 @@ def test_psa_s_value_map_in_the_forwards_tiles(emulated, block_kernel, layout: t
     (C = 2) and a 2-pixel map, channels past a 32-channel step (C = 24, 40), rows past a
     64-row tile (C = 160: 80 rows), pixels past a 64-pixel tile and splits of several tiles
     (20 x 20 at N = 2: 7 tiles, 4 splits); 3 forward launches, and the backward's map again,
-    dq, dVl and dx's part Wa^T dVl in one more cooperative launch (4 backward). The kernels
+    dq, dVl, dx's part Wa^T dVl and M = dVl x^T in one more cooperative launch (4 backward),
+    M's tiles over runs of the pixels where the grid has more blocks than M tiles (the
+    emulated device's 8 blocks: one image of 600 pixels, C = 24, in 3 runs of 224, 224 and 152
+    pixels; two of 512 pixels, C = 48, in 2 runs of 256; the other shapes in one). The kernels
     move 16-byte vectors: an odd pixel count, or x off a 16-byte boundary, takes the GEMM
     path (4 kernels each way), as do MMATTN_PSA_VALUE_TILES=0 and MMATTN_PSA_COOPERATIVE=0,
-    with the same output and gradients up to rounding; another value is an error naming the
-    variable."""
+    with the same output and gradients up to rounding, and MMATTN_PSA_FUSED_M=0 takes M as a
+    GEMM after the backward's launch (the same kernels, the same results); another value is an
+    error naming the variable."""
     monkeypatch.setenv('MMATTN_PSA_VALUE_TILES', '1')
     for shape in [(1, 2, 2, 1), (2, 24, 7, 6), (2, 40, 9, 10), (3, 64, 3, 2), (2, 160, 20, 20),
-                  (2, 24, 7, 5)]:
+                  (2, 24, 7, 5), (1, 24, 20, 30), (2, 48, 16, 32)]:
         check_matches(block_kernel, 'sequential', shape, layout)
     b = block('official', 'sequential', 40, 'reference')
     x = torch.randn(2, 40, 9, 10, dtype=F64).contiguous(memory_format=layout)
@@ -693,11 +702,12 @@ def test_psa_s_value_map_in_the_forwards_tiles(emulated, block_kernel, layout: t
 
     launches, outs = step()
     assert launches == (3, 4)
-    for name in ('MMATTN_PSA_VALUE_TILES', 'MMATTN_PSA_COOPERATIVE'):
+    for name, kernels in (('MMATTN_PSA_VALUE_TILES', (4, 4)), ('MMATTN_PSA_COOPERATIVE', (4, 4)),
+                          ('MMATTN_PSA_FUSED_M', (3, 4))):
         with monkeypatch.context() as m:
             m.setenv(name, '0')
             launches, outs0 = step()
-            assert launches == (4, 4), name
+            assert launches == kernels, name
             for got, want in zip(outs, outs0):
                 torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     odd = torch.randn(2, 40, 9, 9, dtype=F64).contiguous(memory_format=layout)
@@ -715,6 +725,10 @@ def test_psa_s_value_map_in_the_forwards_tiles(emulated, block_kernel, layout: t
     monkeypatch.setenv('MMATTN_PSA_VALUE_TILES', '2')
     with pytest.raises(RuntimeError, match="MMATTN_PSA_VALUE_TILES must be 0 or 1, got '2'"):
         forward_launches(emulated, block_kernel, b, x)
+    monkeypatch.setenv('MMATTN_PSA_VALUE_TILES', '1')
+    monkeypatch.setenv('MMATTN_PSA_FUSED_M', 'on')
+    with pytest.raises(RuntimeError, match="MMATTN_PSA_FUSED_M must be 0 or 1, got 'on'"):
+        step()
 
 
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
@@ -736,6 +750,21 @@ def test_psa_s_value_tiles_tf32(emulated, block_kernel, layout: torch.memory_for
         assert forward_launches(emulated, block_kernel, b.float(), x)[0] == 3
         check_release_low_precision(in_layout, 'sequential', (2, 256, 10, 12), torch.float32,
                                     bound=torch.float16)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_psa_s_weight_products_over_runs_of_pixels(block_kernel, dtype: torch.dtype) -> None:
+    """M = dVl x^T on warp products (TF32 for float32 where allowed, bf16), one image of 768
+    pixels and C = 64 (M one 32 x 64 tile) cut into 3 runs of 256 pixels for the emulated
+    device's 8 blocks, the runs' tiles summed in float32 and rounded once: within twice the
+    error of the eager reference in float16 (float32) or in its own dtype, in both layouts."""
+    for layout in (torch.contiguous_format, torch.channels_last):
+        def in_layout(b, x: Tensor) -> Tensor:
+            return block_kernel(b, x.contiguous(memory_format=layout))
+        with cudnn_tf32(True):
+            check_release_low_precision(
+                in_layout, 'sequential', (1, 64, 24, 32), dtype,
+                bound=torch.float16 if dtype == torch.float32 else None)
 
 
 def step_launches(emulated, block_kernel, variant: str, mode: str, dtype: torch.dtype) -> int:

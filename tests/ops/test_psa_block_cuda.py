@@ -67,10 +67,12 @@ def test_psa_s_value_kernels_match_reference(cuda_kernels: str, layout: torch.me
     """PSA_s's value kernels (psa_value_tiles.cuh: the value map's tiles computed in the
     forward's and the backward's cooperative launches) on scalar products in float64
     (MMATTN_PSA_VALUE_TILES=1): output and every gradient against the reference, with rows,
-    channels and pixels past a tile and several tiles a split; the bf16/fp16/TF32 warp
-    products: test_low_precision and test_psa_s_value_products_tf32."""
+    channels and pixels past a tile and several tiles a split, and M = dVl x^T over runs of
+    the pixels (4096 pixels: 16 runs); the bf16/fp16/TF32 warp products: test_low_precision,
+    test_psa_s_value_products_tf32 and test_psa_s_weight_products_over_runs_of_pixels."""
     monkeypatch.setenv('MMATTN_PSA_VALUE_TILES', '1')
-    for c, shape in [(48, (2, 48, 12, 10)), (160, (3, 160, 20, 22)), (256, (1, 256, 8, 6))]:
+    for c, shape in [(48, (2, 48, 12, 10)), (160, (3, 160, 20, 22)), (256, (1, 256, 8, 6)),
+                     (48, (2, 48, 64, 64))]:
         fast, ref = cuda_pair('official', 'sequential', c)
         x = torch.randn(shape, dtype=F64, device='cuda').contiguous(memory_format=layout)
         g = torch.randn(shape, dtype=F64, device='cuda').contiguous(memory_format=layout)
@@ -131,6 +133,25 @@ def test_psa_s_value_products_tf32(cuda_kernels: str, layout: torch.memory_forma
         return on_cuda(b, x.contiguous(memory_format=layout))
     check_low_precision(in_layout, 'sequential', (2, 256, 24, 20), torch.float32,
                         bound=torch.float16)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('fused_m', ['', '0'])
+def test_psa_s_weight_products_over_runs_of_pixels(cuda_kernels: str, dtype: torch.dtype,
+                                                   fused_m: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """PSA_s's M = dVl x^T in the backward's cooperative launch where M has fewer tiles than
+    the grid has blocks (one image of 64 x 64 pixels, C = 64: one tile, in 16 runs of 256
+    pixels, summed in float32), on TF32 (float32, TF32 allowed) or bf16 warp products, in
+    both layouts: within twice the eager reference's error in float16 or bf16; '0': M as a
+    GEMM after the launch (MMATTN_PSA_FUSED_M=0)."""
+    monkeypatch.setenv('MMATTN_PSA_FUSED_M', fused_m)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        def in_layout(b, x: Tensor) -> Tensor:
+            return on_cuda(b, x.contiguous(memory_format=layout))
+        check_low_precision(in_layout, 'sequential', (1, 64, 64, 64), dtype,
+                            bound=torch.float16 if dtype == torch.float32 else None)
 
 
 @pytest.mark.parametrize('variant, mode', FORMS)

@@ -10,14 +10,14 @@
 //   the release's PSA_p (psa_release_p.cuh): forward 3 (its spatial reduction and apply pass
 //     in one cooperative launch; 4 where that grid would not be resident at once), backward 3;
 //   the release's PSA_s (psa_release_s.cuh): where tensor cores take its value products,
-//   forward 3 and backward 4 and the batched GEMM (ATen) of M = dVl x^T (the value map's tiles
-//   in one cooperative launch each way, psa_value_tiles.cuh); else forward 4 and a batched
-//   GEMM, backward 4 and 3 batched GEMMs between them.
+//   forward 3 and backward 4 (the value map's tiles in one cooperative launch each way, the
+//   backward's with M = dVl x^T, psa_value_tiles.cuh); else forward 4 and a batched GEMM,
+//   backward 4 and 3 batched GEMMs between them.
 // Each backward's first kernel clears one buffer that its later kernels add the weight
 // gradients into (atomics); the paper forms and PSA_p form their matrices' gradients as the
 // apply pass's tail (psa_kernels.cuh: blocks ahead of the pass's in its launch), PSA_s all but
 // W_q's the same way (ReleaseSWeightGrads): 6 launches per block per training step (PSA_s
-// 8 on tensor cores, else 12; N more where M is cut; before the tail, the weights' gradients
+// 7 on tensor cores, else 12; N more where M is cut; before the tail, the weights' gradients
 // were a launch of their own: 7-8, PSA_s 13; PSA_p 7 before its cooperative launch).
 //
 // Needs the launch interface (cuda_launch.cuh, or the tests' CPU emulation).

@@ -25,17 +25,18 @@
 // dA's direct part sum_p G x S; on the way it clears the gradients' buffer and writes Wa again);
 // where tensor cores take the value products, one cooperative launch (psa_value_tiles.cuh) that
 // computes Vl's tiles again, dq_k = sum_p V dt, dVl = V q (dt - dq) (to a transient (N, H, P)
-// buffer) and dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl), then the GEMM M = dVl x^T (N, H, C);
-// otherwise Vl again (a GEMM); per row k, dq_k and dVl over Vl in place (a kernel); two GEMMs,
-// dx's part and M; then, either way, the
+// buffer), dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl) and M = dVl x^T (N, H, C) from the
+// buffer; otherwise Vl again (a GEMM); per row k, dq_k and dVl over Vl in place (a kernel); two
+// GEMMs, dx's part and M; then, either way, the
 // glue (dA's part sum_p x e = sum_k W_v'[k][c] M[k][c] from M, the chain's derivative); the
 // paper form's backward apply pass (dx's other terms, added into A (.) e; W_q's gradient, with
 // atomic adds), and in the same launch, on blocks of their own, the other weights' gradients
 // (sums over the images: of outer products of the chain's vectors, and W_v''s
 // sum_n M_n diag(A_n)), a thread per value.
 //
-// The GEMMs run in x's dtype (accumulating in float32 for the half types, as cuBLAS and the
-// reference's 1x1 convolutions do); everything else in the accumulation dtype.
+// The GEMMs and the value kernels' tile products run in x's dtype (accumulating in float32 for
+// the half types, as cuBLAS and the reference's 1x1 convolutions do); everything else in the
+// accumulation dtype.
 //
 // Needs psa_kernels.cuh and psa_glue.cuh, and the launch interface (cuda_launch.cuh, or the
 // tests' CPU emulation, which provides atomicAdd).
@@ -613,9 +614,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
-    // dVl, dq and dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl, in x's layout) in one
-    // cooperative launch that computes the map's tiles itself where it runs
-    at::Tensor vl = value_backward<scalar_t, acc_t>(x, g, wa, q, norm, d_t, dq, ex);
+    // dq, dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl, in x's layout) and M = dVl x^T
+    // (N, H, C, in x's dtype), from which the glue forms W_v''s gradient sum_n M_n diag(A_n)
+    // and dA's part sum_p x e = sum_k W_v'[k][c] M[k][c]: in one cooperative launch that
+    // computes the map's tiles itself where it runs (M after it with MMATTN_PSA_FUSED_M=0)
+    at::Tensor vl = value_backward<scalar_t, acc_t>(x, g, wa, q, norm, d_t, dq, ex, &m);
     if (!vl.defined()) {
       vl = value_logits(wa, x);  // again: the forward keeps none of it
       if (N > 0)
@@ -631,9 +634,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
       at::Tensor ex_rows = channel_matrices(ex);
       at::bmm_out(ex_rows, wa.transpose(1, 2), vl);
     }
-    // M = dVl x^T (N, H, C), from which the glue forms W_v''s gradient sum_n M_n diag(A_n) and
-    // dA's part sum_p x e = sum_k W_v'[k][c] M[k][c]
-    m = value_products(vl, x);
+    if (!m.defined()) m = value_products(vl, x);  // (vl holds dVl)
     if (N > 0)
       glue_launch(release_s_bwd_glue_kernel<acc_t, scalar_t>, N, C, sizeof(acc_t),
                   pda.data_ptr<acc_t>(), static_cast<int>(pda.size(1)), m.data_ptr<scalar_t>(),

@@ -2,9 +2,10 @@
 // computes the tiles of Vl it needs on tensor cores from x and Wa and writes none of the map to
 // memory, so that the forward after its glue is one cooperative launch (instead of a GEMM into a
 // transient (N, C/2, P) map, a kernel for the map's softmax state and the apply pass) and the
-// backward's map, dq, dVl and dx's part another (instead of the map's GEMM, a kernel and dx's
-// part's GEMM): issue 12's "an online softmax along the pixels, products on tensor cores", a
-// forward in 3 launches and 8 a block and training step.
+// backward's map, dq, dVl, dx's part and M = dVl x^T another (instead of the map's GEMM, a
+// kernel, dx's part's GEMM and M's GEMM, or in float32 one per image and their sum): issue
+// 12's "an online softmax along the pixels, products on tensor cores", a forward in 3 launches,
+// a backward in 4 and 7 a block and training step.
 //
 // Forward (value_forward_kernel), grid (splits, N), a block taking the image's tiles of
 // kValuePixels pixels s, s + splits, ...:
@@ -17,7 +18,8 @@
 //   -- grid barrier --
 //   3. per tile again: Vl's tile again, t_p = sum_k q_k exp(Vl[k][p] - max_k) / sum_k,
 //      S_p = sigmoid(t_p) (written: the backward's), y = x A S.
-// Backward (value_backward_kernel): the same three phases for dq, dVl and Wa^T dVl (there).
+// Backward (value_backward_kernel): the same three phases for dq, dVl and Wa^T dVl, then M
+// (there).
 //
 // The products (tile_product): 64 x 64 tiles from operands staged 32 at a time in shared
 // memory, 8 warps each 16 rows x 32 columns: warp matrix products (nvcuda::wmma; 16 x 16 x 16
@@ -34,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "psa_kernels.cuh"
 #include "warp_matrix.cuh"
@@ -115,13 +118,15 @@ __device__ __forceinline__ void map_vectors(bool pix_contig, int cs, int ps, F&&
   }
 }
 
-// A 64 x 64 tile product into `out` (kValueLdO), rounded to scalar_t: sum over `depth` of
-// A (64 x depth) times B (depth x 64), kValueDepth at a time: stage(d0) writes A's columns
-// d0.. to s.wa (64 x kValueDepth, kValueLdA; zeros past the ends) and, where B is staged too,
-// B's rows d0.. to s.x; b(d0) is then B's rows d0.. (kValueDepth x 64, kValueLdB). Every thread
-// of the block calls it; `out` is complete on return, and was free at its first barrier (the
-// callers' last reads of it, and of what stage() overwrites, come before).
-template <Product PR, typename scalar_t, typename acc_t, typename Stage, typename B>
+// A 64 x 64 tile product into `out` (kValueLdO), rounded to scalar_t (kRound; else as
+// accumulated): sum over `depth` of A (64 x depth) times B (depth x 64), kValueDepth at a time:
+// stage(d0) writes A's columns d0.. to s.wa (64 x kValueDepth, kValueLdA; zeros past the ends)
+// and, where B is staged too, B's rows d0.. to s.x; b(d0) is then B's rows d0.. (kValueDepth x
+// 64, kValueLdB). Every thread of the block calls it; `out` is complete on return, and was free
+// at its first barrier (the callers' last reads of it, and of what stage() overwrites, come
+// before).
+template <Product PR, bool kRound = true, typename scalar_t, typename acc_t, typename Stage,
+          typename B>
 __device__ __forceinline__ void tile_product(int depth, const ValueSmem<scalar_t, acc_t>& s,
                                              Stage&& stage, B&& b, acc_t* out) {
   constexpr int kK = PR == Product::kTf32 ? 8 : 16;  // the warp product's depth
@@ -180,12 +185,13 @@ __device__ __forceinline__ void tile_product(int depth, const ValueSmem<scalar_t
   if constexpr (PR == Product::kScalar) {
 #pragma unroll
     for (int j = 0; j < kValueOuts; ++j)
-      out[r * kValueLdO + q + 4 * j] = static_cast<acc_t>(static_cast<scalar_t>(sums[j]));
+      out[r * kValueLdO + q + 4 * j] =
+          kRound ? static_cast<acc_t>(static_cast<scalar_t>(sums[j])) : sums[j];
   } else {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      if constexpr (PR == Product::kHalf)  // (float32's values are float already)
+      if constexpr (kRound && PR == Product::kHalf)  // (float32's values are float already)
         for (int e = 0; e < acc[j].num_elements; ++e)
           acc[j].x[e] = static_cast<float>(static_cast<scalar_t>(acc[j].x[e]));
       wmma::store_matrix_sync(out + r0 * kValueLdO + p0 + 16 * j, acc[j], kValueLdO,
@@ -388,25 +394,105 @@ size_t value_backward_smem(int C) {
          static_cast<size_t>(value_rows_padded(H)) * kValueLdB * sizeof(scalar_t);
 }
 
+// M = dVl x^T (N, H, C) in x's dtype, from dVl (N, H, P: x's dtype, dense, written by the
+// grid's blocks before a grid barrier) and x, with the grid's blocks: its 64 x 64 tiles (rows
+// k, channels c) each cut into `runs` runs of `run_pixels` pixels, a block taking the tiles'
+// runs (items) its index, then the grid's blocks, apart. With one run a tile is M's, rounded to x's
+// dtype; with more, each run's tile goes to `parts` (runs, N, H, C) in the accumulation
+// dtype, and after a grid barrier every value of M is its runs' sum in their order.
+template <Product PR, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void value_weight_products(
+    const scalar_t* __restrict__ x, const Geometry& g, int N, const scalar_t* dvl, int runs,
+    int run_pixels, acc_t* __restrict__ parts, scalar_t* __restrict__ m,
+    const ValueSmem<scalar_t, acc_t>& s) {
+  constexpr int V = kPack16<scalar_t>;
+  const int C = g.C, H = C / 2, P = g.P;
+  const int row_tiles = (H + kValueRows - 1) / kValueRows;
+  const int channel_tiles = (C + kValuePixels - 1) / kValuePixels;
+  const int64_t items = static_cast<int64_t>(N) * row_tiles * channel_tiles * runs;
+  const int64_t nhc = static_cast<int64_t>(N) * H * C;
+  const int64_t blocks = static_cast<int64_t>(gridDim.x) * gridDim.y;
+  const int64_t block = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  for (int64_t item = block; item < items; item += blocks) {
+    const int run = static_cast<int>(item % runs);
+    int64_t rest = item / runs;
+    const int c0 = static_cast<int>(rest % channel_tiles) * kValuePixels;
+    rest /= channel_tiles;
+    const int k0 = static_cast<int>(rest % row_tiles) * kValueRows;
+    const int n = static_cast<int>(rest / row_tiles);
+    const int p0 = run * run_pixels, pe = min(P, p0 + run_pixels);
+    const scalar_t* dn = dvl + static_cast<int64_t>(n) * H * P;
+    const scalar_t* xn = x + n * g.sN;
+    auto stage = [&](int d0) {
+      const int pd = p0 + d0;
+      // A: dVl's rows k0.., pixels pd.. (whole vectors in or out: P % V == 0, runs start at
+      // multiples of kValueDepth)
+      map_vectors<V>(true, kValueRows, kValueDepth, [&](int r, int d, int, int) {
+        store_pack(s.wa + r * kValueLdA + d,
+                   load_pack_or_zero<V>(dn + static_cast<int64_t>(k0 + r) * P + pd + d,
+                                        k0 + r < H && pd + d < pe));
+      });
+      // B: x^T's rows, pixels pd.., channels c0.., along x's contiguous axis
+      map_vectors<V>(g.pix_contig, kValuePixels, kValueDepth, [&](int c, int d, int dc, int) {
+        const Pack<scalar_t, V> v =
+            load_pack_or_zero<V>(xn + at_cp(g, c0 + c, pd + d), c0 + c < C && pd + d < pe);
+        if (dc == 1) {
+          store_pack(s.x + d * kValueLdB + c, v);
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j) s.x[(d + j) * kValueLdB + c] = v.v[j];
+        }
+      });
+    };
+    tile_product<PR, false>(pe - p0, s, stage, [&](int) { return s.x; }, s.out);
+    const int rows = min(kValueRows, H - k0), cols = min(kValuePixels, C - c0);
+    for (int i = threadIdx.x; i < rows * kValuePixels; i += kThreads) {
+      const int r = i / kValuePixels, c = i % kValuePixels;
+      if (c >= cols) continue;
+      const int64_t at = (static_cast<int64_t>(n) * H + k0 + r) * C + c0 + c;
+      const acc_t v = s.out[r * kValueLdO + c];
+      if (runs == 1)
+        m[at] = static_cast<scalar_t>(v);
+      else
+        parts[run * nhc + at] = v;
+    }
+  }
+  if (runs == 1) return;
+  launch::grid_sync();
+  const int64_t threads = blocks * kThreads;
+  for (int64_t i = block * kThreads + threadIdx.x; i < nhc; i += threads) {
+    acc_t sum = acc_t(0);
+    for (int run = 0; run < runs; ++run) sum += parts[run * nhc + i];
+    m[i] = static_cast<scalar_t>(sum);
+  }
+}
+
 // PSA_s's backward through its value map in one cooperative launch (the GEMM path's map again,
-// value_grad_kernel and the GEMM of dx's part A (.) e = Wa^T dVl), with the forward's tiles:
+// value_grad_kernel, the GEMM of dx's part A (.) e = Wa^T dVl and that of M), with the forward's
+// tiles:
 //   1. per block, over its tiles: the tiles of Vl again, and each row's partial
 //      sum_p exp(Vl[k][p] - max_k) dt_p (N, H, splits);
 //   -- grid barrier --
 //   2. dq_k = sum over the splits / sum_k (a warp per row), written for the glue;
 //   -- grid barrier --
 //   3. per tile: the tile of Vl again, row tile by row tile; dVl = V q (dt - dq) (rounded to x's
-//      dtype) over all H rows of the tile in shared memory and to `dvl` (N, H, P), which the
-//      GEMM of M = dVl x^T reads; then A (.) e = Wa^T dVl, 64 channels at a time (the
-//      product's A: Wa's columns, staged transposed), written to ex in x's layout.
+//      dtype) over all H rows of the tile in shared memory and to `dvl` (N, H, P); then
+//      A (.) e = Wa^T dVl, 64 channels at a time (the product's A: Wa's columns, staged
+//      transposed), written to ex in x's layout;
+//   -- grid barrier --
+//   4. M = dVl x^T (N, H, C), which the glue takes for W_v's gradient and dA's part: tiles of
+//      M over runs of the pixels (value_weight_products; `runs` of `run_pixels` pixels, and with
+//      more than one, after another grid barrier, the runs' sum from `parts`); with no runs
+//      (MMATTN_PSA_FUSED_M=0) not here: the GEMM of M after the launch reads `dvl`.
 // wa (N, H, C) in x's dtype; q (N, H), norm (2, N, H), d_t (N, P): the accumulation dtype.
 template <typename scalar_t, typename acc_t, Product PR>
 __global__ void __launch_bounds__(kThreads, 2)
 value_backward_kernel(const scalar_t* __restrict__ x, Geometry g,
                       const scalar_t* __restrict__ wa, const acc_t* __restrict__ q,
                       const acc_t* __restrict__ norm, const acc_t* __restrict__ d_t,
-                      acc_t* __restrict__ pdq, acc_t* __restrict__ dq,
-                      scalar_t* __restrict__ dvl, scalar_t* __restrict__ ex) {
+                      acc_t* __restrict__ pdq, acc_t* __restrict__ dq, scalar_t* dvl,
+                      scalar_t* __restrict__ ex, int runs, int run_pixels,
+                      acc_t* __restrict__ parts, scalar_t* __restrict__ m) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const ValueSmem<scalar_t, acc_t> s(MMATTN_BLOCK_SHARED(smem_raw));
   const ValueBlock<scalar_t> b(x, wa, g);
@@ -506,6 +592,12 @@ value_backward_kernel(const scalar_t* __restrict__ x, Geometry g,
       });
     }
   });
+  if (runs == 0) return;
+  launch::grid_sync();
+
+  // 4. M
+  value_weight_products<PR>(x, g, static_cast<int>(gridDim.y), dvl, runs, run_pixels, parts, m,
+                            s);
 }
 
 // MMATTN_PSA_VALUE_TILES: unset, the value map in value_forward_kernel's and
@@ -519,6 +611,13 @@ value_backward_kernel(const scalar_t* __restrict__ x, Geometry g,
 inline int value_tiles_from_env() {
   return static_cast<int>(
       env_integer("MMATTN_PSA_VALUE_TILES", 0, 1, -1, [] { return "0 or 1"; }));
+}
+
+// MMATTN_PSA_FUSED_M: unset or 1, M = dVl x^T in value_backward_kernel's launch (its phase 4);
+// 0, a GEMM after it (value_products, psa_release_s.cuh): a launch more, or N + 1 where the
+// GEMM is cut over the pixels. The switch to measure one against the other with.
+inline bool fused_m_from_env() {
+  return env_integer("MMATTN_PSA_FUSED_M", 0, 1, 1, [] { return "0 or 1"; }) == 1;
 }
 
 // The products the value kernels would take for scalar_t, or false (none: the GEMM path).
@@ -606,13 +705,34 @@ bool value_forward(const at::Tensor& x, const Geometry& g, const at::Tensor& wa,
   return taken;
 }
 
+// The runs of pixels value_weight_products cuts M's tiles into for a grid of `blocks` blocks:
+// enough that the tiles' runs fill the grid, each at least kValueMinRun pixels and a multiple
+// of kValueDepth (so that a run's vectors are whole); {runs, pixels a run}. Cut this way, the
+// product's reduction over the pixels takes the grid's blocks where M has fewer tiles than
+// them (HRNet-OCR's widest map, [2, 48, 128, 256]: 2 tiles and 32768 pixels), as the GEMM
+// path's cut into chunks (value_product_splits, psa_release_s.cuh) does for cuBLAS.
+constexpr int kValueMinRun = 256;
+
+inline std::pair<int, int> value_product_runs(int N, int C, int P, int blocks) {
+  const int H = C / 2;
+  const int64_t tiles = static_cast<int64_t>(N) * ((H + kValueRows - 1) / kValueRows) *
+                        ((C + kValuePixels - 1) / kValuePixels);
+  const int64_t wanted = std::min<int64_t>((blocks + tiles - 1) / tiles,
+                                           (P + kValueMinRun - 1) / kValueMinRun);
+  const int64_t runs = std::max<int64_t>(wanted, 1);
+  const int run_pixels = static_cast<int>((P + runs - 1) / runs + kValueDepth - 1) /
+                         kValueDepth * kValueDepth;
+  return {(P + run_pixels - 1) / run_pixels, run_pixels};
+}
+
 // PSA_s's backward through its value map (value_backward_kernel): dq (N, H) and ex (laid out
-// as x) written, and dVl (N, H, P) in x's dtype returned; undefined, nothing written, where it
-// does not run (as value_forward): the caller takes the GEMM path.
+// as x) written, dVl (N, H, P) in x's dtype returned and, unless MMATTN_PSA_FUSED_M=0, M =
+// dVl x^T (N, H, C) in x's dtype to *m; undefined, nothing written, where it does not run (as
+// value_forward): the caller takes the GEMM path.
 template <typename scalar_t, typename acc_t>
 at::Tensor value_backward(const at::Tensor& x, const Geometry& g, const at::Tensor& wa,
                           const at::Tensor& q, const at::Tensor& norm, const at::Tensor& d_t,
-                          const at::Tensor& dq, const at::Tensor& ex) {
+                          const at::Tensor& dq, const at::Tensor& ex, at::Tensor* m) {
   Product product;
   if (g.P == 0 || x.size(0) == 0 || !value_vectors<scalar_t>(g, x, ex) ||
       !value_product<scalar_t>(&product))
@@ -628,11 +748,19 @@ at::Tensor value_backward(const at::Tensor& x, const Geometry& g, const at::Tens
         if (splits == 0) return;
         const at::Tensor pdq = at::empty({N, H, splits}, dq.options());
         dvl = at::empty({N, H, g.P}, x.options());
+        const auto [runs, run_pixels] = fused_m_from_env()
+                                            ? value_product_runs(N, g.C, g.P, splits * N)
+                                            : std::pair<int, int>{0, 0};
+        const at::Tensor parts =
+            at::empty({runs > 1 ? static_cast<int64_t>(runs) * N * H * g.C : 0}, dq.options());
+        const at::Tensor fused = runs > 0 ? at::empty({N, H, g.C}, x.options()) : at::Tensor();
         launch::launch_cooperative(
             kernel, dim3(splits, N), kThreads, smem, x.data_ptr<scalar_t>(), g,
             wa.data_ptr<scalar_t>(), q.data_ptr<acc_t>(), norm.data_ptr<acc_t>(),
             d_t.data_ptr<acc_t>(), pdq.data_ptr<acc_t>(), dq.data_ptr<acc_t>(),
-            dvl.data_ptr<scalar_t>(), ex.data_ptr<scalar_t>());
+            dvl.data_ptr<scalar_t>(), ex.data_ptr<scalar_t>(), runs, run_pixels,
+            parts.data_ptr<acc_t>(), runs > 0 ? fused.data_ptr<scalar_t>() : nullptr);
+        *m = fused;
       });
   return dvl;
 }
