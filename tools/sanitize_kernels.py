@@ -8,8 +8,9 @@ PSA (``backend='cuda'``: the whole block per call, the paper's two forms and the
 ``PSA_p`` and ``PSA_s``): float32 and bfloat16, NCHW and channels_last, on [2, 64, 17, 13],
 [3, 96, 33, 40] and [1, 8, 1, 1] (odd sizes, a single pixel); NCHW [3, 96, 33, 40] on the
 register tiles and (``MMATTN_PSA_REGISTER_TILES=0``) on the shared-memory tiles; ``PSA_s``'s
-value kernels (``psa_value_tiles.cuh``: bfloat16, H*W a multiple of 8) on [3, 96, 33, 40],
-its GEMM path on the others. Outlook
+value kernels (``psa_value_tiles.cuh``: bfloat16, H*W a multiple of 8) on [3, 96, 33, 40]
+(the backward's M = dVl x^T over runs of the pixels and their sum: 6 runs on an H100), its
+GEMM path on the others. Outlook
 attention (``backend='cuda'``): K=3 with stride 1 and 2, float32 and bfloat16, bfloat16's
 gathers on the scalar kernel and (``MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1``) the tensor-core
 one. The column sums
