@@ -104,18 +104,101 @@ struct MmaOperand<Product::kTf32, scalar_t> {
 };
 #endif
 
-// body(c, p, dc, dp) for each vector of V elements of a cs x ps region (channels x pixels) of a
-// map whose contiguous axis is the pixels (pix_contig: dc 0, dp 1) or the channels (dc 1, dp 0),
-// consecutive threads along that axis; its extent along that axis a multiple of V.
+// body(c, p, dc, dp) for the i-th vector of V elements of a cs x ps region (channels x pixels)
+// of a map whose contiguous axis is the pixels (pix_contig: dc 0, dp 1) or the channels (dc 1,
+// dp 0), consecutive vectors along that axis; its extent along that axis a multiple of V.
 template <int V, typename F>
-__device__ __forceinline__ void map_vectors(bool pix_contig, int cs, int ps, F&& body) {
+__device__ __forceinline__ void vector_at(bool pix_contig, int cs, int ps, int i, F&& body) {
   if (pix_contig) {
     const int per = ps / V;
-    for (int i = threadIdx.x; i < cs * per; i += kThreads) body(i / per, i % per * V, 0, 1);
+    body(i / per, i % per * V, 0, 1);
   } else {
     const int per = cs / V;
-    for (int i = threadIdx.x; i < per * ps; i += kThreads) body(i % per * V, i / per, 1, 0);
+    body(i % per * V, i / per, 1, 0);
   }
+}
+
+// body(c, p, dc, dp) for each vector of such a region, consecutive threads taking consecutive
+// vectors.
+template <int V, typename F>
+__device__ __forceinline__ void map_vectors(bool pix_contig, int cs, int ps, F&& body) {
+  const int vectors = pix_contig ? cs * (ps / V) : (cs / V) * ps;
+  for (int i = threadIdx.x; i < vectors; i += kThreads) vector_at<V>(pix_contig, cs, ps, i, body);
+}
+
+// A thread's vectors of a CS x PS region (map_vectors's, of a region whose vectors every
+// thread has as many of), loaded by fetch() into registers, all of them (and those of the other
+// operand staged with them) before put() stores any: the stages' loads in flight together, one
+// memory latency a stage, where map_vectors's loop of loads and stores waits for each in turn
+// (the PTX of the first value kernels: each operand's loop a block of its own, a load and its
+// shared-memory store in each iteration).
+template <int V, int CS, int PS, typename T>
+struct StagedPacks {
+  static constexpr int kEach = CS * PS / (V * kThreads);
+  static_assert(kEach >= 1 && kEach * V * kThreads == CS * PS, "whole vectors a thread");
+  Pack<T, V> v[kEach];
+
+  // v[e] = load(c, p, dc, dp) of the thread's e-th vector
+  template <typename Load>
+  __device__ __forceinline__ void fetch(bool pix_contig, Load&& load) {
+#pragma unroll
+    for (int e = 0; e < kEach; ++e)
+      vector_at<V>(pix_contig, CS, PS, threadIdx.x + e * kThreads,
+                   [&](int c, int p, int dc, int dp) { v[e] = load(c, p, dc, dp); });
+  }
+
+  // store(c, p, dc, dp, v[e]) for each
+  template <typename Store>
+  __device__ __forceinline__ void put(bool pix_contig, Store&& store) const {
+#pragma unroll
+    for (int e = 0; e < kEach; ++e)
+      vector_at<V>(pix_contig, CS, PS, threadIdx.x + e * kThreads,
+                   [&](int c, int p, int dc, int dp) { store(c, p, dc, dp, v[e]); });
+  }
+};
+
+// A stage of the tile products' operands: each region's vectors loaded with load(c, p, dc,
+// dp) and stored with store(c, p, dc, dp, vector), the regions' loads all before the first store
+// (StagedPacks), but for 8-byte elements (float64: 4 vectors a thread a region, beside the
+// scalar products' 16 accumulators of 8 bytes), a vector at a time: grouped, the float64
+// backward spilled 56-132 bytes. stage_region: one region; stage_regions: two.
+template <int V, int CS, int PS, typename T, typename Load, typename Store>
+__device__ __forceinline__ void stage_region(bool pix_contig, Load&& load, Store&& store) {
+  if constexpr (sizeof(T) < 8) {
+    StagedPacks<V, CS, PS, T> v;
+    v.fetch(pix_contig, load);
+    v.put(pix_contig, store);
+  } else {
+    map_vectors<V>(pix_contig, CS, PS, [&](int c, int p, int dc, int dp) {
+      store(c, p, dc, dp, load(c, p, dc, dp));
+    });
+  }
+}
+
+template <int V, int CSA, int PSA, int CSB, int PSB, typename T, typename LoadA,
+          typename StoreA, typename LoadB, typename StoreB>
+__device__ __forceinline__ void stage_regions(bool a_contig, LoadA&& load_a, StoreA&& store_a,
+                                              bool b_contig, LoadB&& load_b, StoreB&& store_b) {
+  if constexpr (sizeof(T) < 8) {
+    StagedPacks<V, CSA, PSA, T> a;
+    StagedPacks<V, CSB, PSB, T> b;
+    a.fetch(a_contig, load_a);
+    b.fetch(b_contig, load_b);
+    a.put(a_contig, store_a);
+    b.put(b_contig, store_b);
+  } else {
+    stage_region<V, CSA, PSA, T>(a_contig, load_a, store_a);
+    stage_region<V, CSB, PSB, T>(b_contig, load_b, store_b);
+  }
+}
+
+// A vector of V elements along one axis of a region into a shared-memory tile `out` (leading
+// dimension ld) whose rows run along the other: element j to out[j * ld] (a transposing
+// store, as staging takes x's channels to rows when pixels are contiguous, or the reverse).
+template <int V, typename T>
+__device__ __forceinline__ void store_across(T* out, int ld, const Pack<T, V>& v) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) out[j * ld] = v.v[j];
 }
 
 // A 64 x 64 tile product into `out` (kValueLdO), rounded to scalar_t (kRound; else as
@@ -212,25 +295,28 @@ __device__ __forceinline__ void value_tile(const scalar_t* __restrict__ wa, int 
                                            const ValueSmem<scalar_t, acc_t>& s) {
   constexpr int V = kPack16<scalar_t>;
   const int C = g.C, rows = min(kValueRows, H - k0);
+  // Wa's rows k0.., channels c0.. (a whole vector in or out: C % V == 0), and x's channels
+  // c0.., the tile's pixels, along x's contiguous axis (whole vectors: P % V == 0, C % V == 0)
   auto stage = [&](int c0) {
-    // Wa's rows k0.., channels c0.. (a whole vector in or out: C % V == 0)
-    map_vectors<V>(false, kValueDepth, kValueRows, [&](int c, int rr, int, int) {
-      store_pack(s.wa + rr * kValueLdA + c,
-                 load_pack_or_zero<V>(wa + static_cast<int64_t>(k0 + rr) * C + c0 + c,
-                                      rr < rows && c0 + c < C));
-    });
-    // x's channels c0.., the tile's pixels, along x's contiguous axis (whole vectors: P % V ==
-    // 0, C % V == 0)
-    map_vectors<V>(g.pix_contig, kValueDepth, kValuePixels, [&](int c, int p, int dc, int dp) {
-      const Pack<scalar_t, V> v =
-          load_pack_or_zero<V>(xn + at_cp(g, c0 + c, pt + p), p < tp && c0 + c < C);
-      if (dp == 1) {
-        store_pack(s.x + c * kValueLdB + p, v);
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) s.x[(c + j) * kValueLdB + p] = v.v[j];
-      }
-    });
+    stage_regions<V, kValueDepth, kValueRows, kValueDepth, kValuePixels, scalar_t>(
+        false,
+        [&](int c, int rr, int, int) {
+          return load_pack_or_zero<V>(wa + static_cast<int64_t>(k0 + rr) * C + c0 + c,
+                                      rr < rows && c0 + c < C);
+        },
+        [&](int c, int rr, int, int, const Pack<scalar_t, V>& v) {
+          store_pack(s.wa + rr * kValueLdA + c, v);
+        },
+        g.pix_contig,
+        [&](int c, int p, int, int) {
+          return load_pack_or_zero<V>(xn + at_cp(g, c0 + c, pt + p), p < tp && c0 + c < C);
+        },
+        [&](int c, int p, int, int dp, const Pack<scalar_t, V>& v) {
+          if (dp == 1)
+            store_pack(s.x + c * kValueLdB + p, v);
+          else
+            store_across(s.x + c * kValueLdB + p, kValueLdB, v);
+        });
   };
   tile_product<PR>(C, s, stage, [&](int) { return s.x; }, s.out);
 }
@@ -423,26 +509,31 @@ __device__ __forceinline__ void value_weight_products(
     const int p0 = run * run_pixels, pe = min(P, p0 + run_pixels);
     const scalar_t* dn = dvl + static_cast<int64_t>(n) * H * P;
     const scalar_t* xn = x + n * g.sN;
+    // A: dVl's rows k0.., pixels pd.. (whole vectors in or out: P % V == 0, runs start at
+    // multiples of kValueDepth); B: x^T's rows, pixels pd.., channels c0.., along x's
+    // contiguous axis
     auto stage = [&](int d0) {
       const int pd = p0 + d0;
-      // A: dVl's rows k0.., pixels pd.. (whole vectors in or out: P % V == 0, runs start at
-      // multiples of kValueDepth)
-      map_vectors<V>(true, kValueRows, kValueDepth, [&](int r, int d, int, int) {
-        store_pack(s.wa + r * kValueLdA + d,
-                   load_pack_or_zero<V>(dn + static_cast<int64_t>(k0 + r) * P + pd + d,
-                                        k0 + r < H && pd + d < pe));
-      });
-      // B: x^T's rows, pixels pd.., channels c0.., along x's contiguous axis
-      map_vectors<V>(g.pix_contig, kValuePixels, kValueDepth, [&](int c, int d, int dc, int) {
-        const Pack<scalar_t, V> v =
-            load_pack_or_zero<V>(xn + at_cp(g, c0 + c, pd + d), c0 + c < C && pd + d < pe);
-        if (dc == 1) {
-          store_pack(s.x + d * kValueLdB + c, v);
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j) s.x[(d + j) * kValueLdB + c] = v.v[j];
-        }
-      });
+      stage_regions<V, kValueRows, kValueDepth, kValuePixels, kValueDepth, scalar_t>(
+          true,
+          [&](int r, int d, int, int) {
+            return load_pack_or_zero<V>(dn + static_cast<int64_t>(k0 + r) * P + pd + d,
+                                        k0 + r < H && pd + d < pe);
+          },
+          [&](int r, int d, int, int, const Pack<scalar_t, V>& v) {
+            store_pack(s.wa + r * kValueLdA + d, v);
+          },
+          g.pix_contig,
+          [&](int c, int d, int, int) {
+            return load_pack_or_zero<V>(xn + at_cp(g, c0 + c, pd + d),
+                                        c0 + c < C && pd + d < pe);
+          },
+          [&](int c, int d, int dc, int, const Pack<scalar_t, V>& v) {
+            if (dc == 1)
+              store_pack(s.x + d * kValueLdB + c, v);
+            else
+              store_across(s.x + d * kValueLdB + c, kValueLdB, v);
+          });
     };
     tile_product<PR, false>(pe - p0, s, stage, [&](int) { return s.x; }, s.out);
     const int rows = min(kValueRows, H - k0), cols = min(kValuePixels, C - c0);
@@ -575,12 +666,15 @@ value_backward_kernel(const scalar_t* __restrict__ x, Geometry g,
       const int cs = min(kValueRows, C - c0);
       auto stage = [&](int k0) {  // A's rows: Wa's columns c0.., its rows k0.., read along
                                   // Wa's rows (whole vectors: C % V == 0)
-        map_vectors<V>(false, kValueRows, kValueDepth, [&](int cc, int kk, int, int) {
-          const Pack<scalar_t, V> v = load_pack_or_zero<V>(
-              b.wan + static_cast<int64_t>(k0 + kk) * C + c0 + cc, cc < cs && k0 + kk < H);
-#pragma unroll
-          for (int j = 0; j < V; ++j) s.wa[(cc + j) * kValueLdA + kk] = v.v[j];
-        });
+        stage_region<V, kValueRows, kValueDepth, scalar_t>(
+            false,
+            [&](int cc, int kk, int, int) {
+              return load_pack_or_zero<V>(b.wan + static_cast<int64_t>(k0 + kk) * C + c0 + cc,
+                                          cc < cs && k0 + kk < H);
+            },
+            [&](int cc, int kk, int, int, const Pack<scalar_t, V>& v) {
+              store_across(s.wa + cc * kValueLdA + kk, kValueLdA, v);
+            });
       };
       tile_product<PR>(hp, s, stage, [&](int k0) { return s_dvl + k0 * kValueLdB; }, s.out);
       map_vectors<V>(g.pix_contig, cs, tp, [&](int c, int p, int dc, int dp) {
