@@ -550,12 +550,11 @@ __device__ __forceinline__ void value_weight_products(
   }
   if (runs == 1) return;
   launch::grid_sync();
-  const int64_t threads = blocks * kThreads;
-  for (int64_t i = block * kThreads + threadIdx.x; i < nhc; i += threads) {
+  grid_stride(nhc, [&](int64_t i) {
     acc_t sum = acc_t(0);
     for (int run = 0; run < runs; ++run) sum += parts[run * nhc + i];
     m[i] = static_cast<scalar_t>(sum);
-  }
+  });
 }
 
 // PSA_s's backward through its value map in one cooperative launch (the GEMM path's map again,
