@@ -676,7 +676,9 @@ def test_psa_s_value_map_in_the_forwards_tiles(emulated, block_kernel, layout: t
     dq, dVl, dx's part Wa^T dVl and M = dVl x^T in one more cooperative launch (4 backward),
     M's tiles over runs of the pixels where the grid has more blocks than M tiles (the
     emulated device's 8 blocks: one image of 600 pixels, C = 24, in 3 runs of 224, 224 and 152
-    pixels; two of 512 pixels, C = 48, in 2 runs of 256; the other shapes in one). The kernels
+    pixels; two of 512 pixels, C = 48, in 2 runs of 256; two of C = 80 (M two tiles an image,
+    the second 16 channels wide) and one of C = 160 (six tiles, two of rows, three of
+    channels), 2 runs each; the other shapes in one). The kernels
     move 16-byte vectors: an odd pixel count, or x off a 16-byte boundary, takes the GEMM
     path (4 kernels each way), as do MMATTN_PSA_VALUE_TILES=0 and MMATTN_PSA_COOPERATIVE=0,
     with the same output and gradients up to rounding, and MMATTN_PSA_FUSED_M=0 takes M as a
@@ -684,7 +686,8 @@ def test_psa_s_value_map_in_the_forwards_tiles(emulated, block_kernel, layout: t
     error naming the variable."""
     monkeypatch.setenv('MMATTN_PSA_VALUE_TILES', '1')
     for shape in [(1, 2, 2, 1), (2, 24, 7, 6), (2, 40, 9, 10), (3, 64, 3, 2), (2, 160, 20, 20),
-                  (2, 24, 7, 5), (1, 24, 20, 30), (2, 48, 16, 32)]:
+                  (2, 24, 7, 5), (1, 24, 20, 30), (2, 48, 16, 32), (2, 80, 16, 32),
+                  (1, 160, 24, 32)]:
         check_matches(block_kernel, 'sequential', shape, layout)
     b = block('official', 'sequential', 40, 'reference')
     x = torch.randn(2, 40, 9, 10, dtype=F64).contiguous(memory_format=layout)
