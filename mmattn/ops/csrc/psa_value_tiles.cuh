@@ -192,13 +192,19 @@ __device__ __forceinline__ void stage_regions(bool a_contig, LoadA&& load_a, Sto
   }
 }
 
-// A vector of V elements along one axis of a region into a shared-memory tile `out` (leading
-// dimension ld) whose rows run along the other: element j to out[j * ld] (a transposing
-// store, as staging takes x's channels to rows when pixels are contiguous, or the reverse).
+// A staged vector of V elements into a shared-memory tile (leading dimension ld) from row r,
+// column col: along the row (along_row: one store of the pack) or down the column, element j
+// to row r + j (a transposing store: x's channels to rows when its pixels are contiguous, or
+// the reverse; Wa's columns to rows).
 template <int V, typename T>
-__device__ __forceinline__ void store_across(T* out, int ld, const Pack<T, V>& v) {
+__device__ __forceinline__ void store_in_tile(T* tile, int ld, int r, int col, bool along_row,
+                                              const Pack<T, V>& v) {
+  if (along_row) {
+    store_pack(tile + r * ld + col, v);
+  } else {
 #pragma unroll
-  for (int j = 0; j < V; ++j) out[j * ld] = v.v[j];
+    for (int j = 0; j < V; ++j) tile[(r + j) * ld + col] = v.v[j];
+  }
 }
 
 // A 64 x 64 tile product into `out` (kValueLdO), rounded to scalar_t (kRound; else as
@@ -305,17 +311,14 @@ __device__ __forceinline__ void value_tile(const scalar_t* __restrict__ wa, int 
                                       rr < rows && c0 + c < C);
         },
         [&](int c, int rr, int, int, const Pack<scalar_t, V>& v) {
-          store_pack(s.wa + rr * kValueLdA + c, v);
+          store_in_tile(s.wa, kValueLdA, rr, c, true, v);
         },
         g.pix_contig,
         [&](int c, int p, int, int) {
           return load_pack_or_zero<V>(xn + at_cp(g, c0 + c, pt + p), p < tp && c0 + c < C);
         },
         [&](int c, int p, int, int dp, const Pack<scalar_t, V>& v) {
-          if (dp == 1)
-            store_pack(s.x + c * kValueLdB + p, v);
-          else
-            store_across(s.x + c * kValueLdB + p, kValueLdB, v);
+          store_in_tile(s.x, kValueLdB, c, p, dp == 1, v);
         });
   };
   tile_product<PR>(C, s, stage, [&](int) { return s.x; }, s.out);
@@ -483,9 +486,10 @@ size_t value_backward_smem(int C) {
 // M = dVl x^T (N, H, C) in x's dtype, from dVl (N, H, P: x's dtype, dense, written by the
 // grid's blocks before a grid barrier) and x, with the grid's blocks: its 64 x 64 tiles (rows
 // k, channels c) each cut into `runs` runs of `run_pixels` pixels, a block taking the tiles'
-// runs (items) its index, then the grid's blocks, apart. With one run a tile is M's, rounded to x's
-// dtype; with more, each run's tile goes to `parts` (runs, N, H, C) in the accumulation
-// dtype, and after a grid barrier every value of M is its runs' sum in their order.
+// runs (items) its index, then the grid's blocks, apart. With one run a tile is M's, rounded
+// to x's dtype; with more, each run's tile goes to `parts` (runs, N, H, C) in the
+// accumulation dtype, and after a grid barrier every value of M is its runs' sum in their
+// order.
 template <Product PR, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void value_weight_products(
     const scalar_t* __restrict__ x, const Geometry& g, int N, const scalar_t* dvl, int runs,
@@ -521,7 +525,7 @@ __device__ __forceinline__ void value_weight_products(
                                         k0 + r < H && pd + d < pe);
           },
           [&](int r, int d, int, int, const Pack<scalar_t, V>& v) {
-            store_pack(s.wa + r * kValueLdA + d, v);
+            store_in_tile(s.wa, kValueLdA, r, d, true, v);
           },
           g.pix_contig,
           [&](int c, int d, int, int) {
@@ -529,10 +533,7 @@ __device__ __forceinline__ void value_weight_products(
                                         c0 + c < C && pd + d < pe);
           },
           [&](int c, int d, int dc, int, const Pack<scalar_t, V>& v) {
-            if (dc == 1)
-              store_pack(s.x + d * kValueLdB + c, v);
-            else
-              store_across(s.x + d * kValueLdB + c, kValueLdB, v);
+            store_in_tile(s.x, kValueLdB, d, c, dc == 1, v);
           });
     };
     tile_product<PR, false>(pe - p0, s, stage, [&](int) { return s.x; }, s.out);
@@ -672,7 +673,7 @@ value_backward_kernel(const scalar_t* __restrict__ x, Geometry g,
                                           cc < cs && k0 + kk < H);
             },
             [&](int cc, int kk, int, int, const Pack<scalar_t, V>& v) {
-              store_across(s.wa + cc * kValueLdA + kk, kValueLdA, v);
+              store_in_tile(s.wa, kValueLdA, cc, kk, false, v);
             });
       };
       tile_product<PR>(hp, s, stage, [&](int k0) { return s_dvl + k0 * kValueLdB; }, s.out);
@@ -844,15 +845,17 @@ at::Tensor value_backward(const at::Tensor& x, const Geometry& g, const at::Tens
         const auto [runs, run_pixels] = fused_m_from_env()
                                             ? value_product_runs(N, g.C, g.P, splits * N)
                                             : std::pair<int, int>{0, 0};
-        const at::Tensor parts =
-            at::empty({runs > 1 ? static_cast<int64_t>(runs) * N * H * g.C : 0}, dq.options());
+        // (runs: 0, M not here; 1, M written directly; more, the runs' tiles in `parts` first)
+        const at::Tensor parts = runs > 1 ? at::empty({runs, N, H, g.C}, dq.options())
+                                          : at::Tensor();
         const at::Tensor fused = runs > 0 ? at::empty({N, H, g.C}, x.options()) : at::Tensor();
         launch::launch_cooperative(
             kernel, dim3(splits, N), kThreads, smem, x.data_ptr<scalar_t>(), g,
             wa.data_ptr<scalar_t>(), q.data_ptr<acc_t>(), norm.data_ptr<acc_t>(),
             d_t.data_ptr<acc_t>(), pdq.data_ptr<acc_t>(), dq.data_ptr<acc_t>(),
             dvl.data_ptr<scalar_t>(), ex.data_ptr<scalar_t>(), runs, run_pixels,
-            parts.data_ptr<acc_t>(), runs > 0 ? fused.data_ptr<scalar_t>() : nullptr);
+            runs > 1 ? parts.data_ptr<acc_t>() : nullptr,
+            runs > 0 ? fused.data_ptr<scalar_t>() : nullptr);
         *m = fused;
       });
   return dvl;
