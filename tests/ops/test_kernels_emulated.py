@@ -606,9 +606,8 @@ def test_psa_block_kernel_launches(emulated, block_kernel, monkeypatch: pytest.M
     MMATTN_PSA_FUSED_M=0 M is a GEMM after that launch: 8); else 4 forward (reduction, glue,
     value softmax state, apply pass) and 4 backward (the paper's reduction, dq and dVl, glue,
     apply pass) with GEMMs between them (the value map forward, the map again, dx's part and M
-    backward); and, in ``total``, the ATen
-    operators the ops' C++ runs besides (each a launch on a GPU): at most 8 in all (issue 12)
-    but for PSA_s on the GEMM path."""
+    backward); and, in ``total``, the ATen operators the ops' C++ runs besides (each a launch
+    on a GPU): at most 8 in all (issue 12) but for PSA_s on the GEMM path."""
     from torch.profiler import ProfilerActivity, profile
     monkeypatch.setenv('MMATTN_PSA_FUSED_M', fused_m)
     b = block(variant, mode, 32, 'reference', torch.float32)
