@@ -42,7 +42,7 @@ def test_training_steps_of_stock_and_psa_forms_with_mmseg_only() -> None:
     result = subprocess.run(
         [sys.executable, '-c', _RUN_WITHOUT_MMPOSE, TOOL, '--shape', '1,32,64',
          '--forms', 'psa_s-official,paper-parallel', '--backends', 'auto,reference,cuda',
-         '--iters', '1', '--warmup', '0', '--threads', '1'],
+         '--iters', '1', '--warmup', '0', '--threads', '1', '--switches', 'all'],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
@@ -52,6 +52,10 @@ def test_training_steps_of_stock_and_psa_forms_with_mmseg_only() -> None:
     for form, op in (('psa_s-official', 'psa_official'), ('paper-parallel', 'psa_paper')):
         assert f"skipped: {form} with backend='cuda': {op}: backend='cuda' requested but it " \
             "declined: input is on cpu" in out
+        # the kernels' defaults switched off are CUDA rows: said, not run
+        for backend, runs_on in (('auto', 'folded'), ('reference', 'reference')):
+            assert f'skipped: {form} ({backend}) with its kernel defaults switched off: its ' \
+                f"blocks run on '{runs_on}' here, not on the CUDA kernels" in out
     rows = _table(out)
     runs = [(row[0], row[1]) for row in rows]
     assert runs[:5] == [('stock', '-'), ('psa_s-official', 'auto'),
@@ -69,8 +73,37 @@ def test_bad_arguments_name_the_option() -> None:
                            (['--shape', '2,64'], '--shape must be three positive integers'),
                            (['--dtypes', 'float16'], "--dtypes: unknown ['float16']"),
                            (['--cuda-graph', '--device', 'cpu'],
-                            '--cuda-graph needs --device cuda')]:
+                            '--cuda-graph needs --device cuda'),
+                           (['--switches', 'register-tiles,tf32'],
+                            "--switches: unknown ['tf32']; choose from ['register-tiles', "
+                            "'glue-clusters', 'cooperative', 'value-tiles', 'fused-m'] or all")]:
         result = subprocess.run([sys.executable, TOOL, *argv], capture_output=True, text=True,
                                 timeout=300, cwd=ROOT)
         assert result.returncode == 2
         assert expected in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('graph', [False, True], ids=['eager', 'cuda-graph'])
+def test_switched_kernel_defaults_run_as_rows_of_their_own(graph: bool) -> None:
+    """``--switches``: a copy of each PSA model per kernel default switched off, its variable set
+    around its steps (around the capture, for ``--cuda-graph``, whose models share one memory
+    pool), a row each with the variable in its backend column; with PSA_s's M as a GEMM and
+    PSA_p's spatial reduction and apply pass in two launches, each such model launches more
+    kernels per block than its default."""
+    result = subprocess.run(
+        [sys.executable, TOOL, '--device', 'cuda', '--shape', '1,64,128', '--dtypes', 'bfloat16',
+         '--forms', 'psa_s-official,psa_p-official', '--backends', 'auto', '--iters', '1',
+         '--warmup', '1', '--switches', 'fused-m,cooperative'] + (['--cuda-graph'] * graph),
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(row[0], row[1]): row for row in _table(result.stdout)}
+    if ('psa_s-official', 'auto; MMATTN_PSA_FUSED_M=0') not in rows:
+        pytest.skip('the PSA kernels are not built for CUDA here: ' + result.stdout[-2000:])
+    assert "skipped: psa_s-official (auto) with MMATTN_PSA_COOPERATIVE=0: its default does " \
+        'not apply to this form or GPU' in result.stdout
+    for form, variable in (('psa_s-official', 'MMATTN_PSA_FUSED_M'),
+                           ('psa_p-official', 'MMATTN_PSA_COOPERATIVE')):
+        default, switched = rows[(form, 'auto')], rows[(form, f'auto; {variable}=0')]
+        assert float(switched[3]) > 0, switched
+        assert float(switched[-1]) > float(default[-1]), (default, switched)

@@ -129,6 +129,53 @@ class Case:
     envs: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class KernelSwitch:
+    """A default of mmattn's PSA kernels, switched off by an environment variable that the C++
+    reads at each call: the benchmarks time it beside the default, in the same turns."""
+
+    name: str       # what runs instead, as a row says it: 'mmattn (<name>)'
+    key: str        # tools/benchmark_model.py --switches
+    variable: str
+    value: str
+    forms: tuple[tuple[str, str], ...] = ()  # the (variant, mode) it applies to; () every form
+    max_channels: Optional[int] = None       # the default applies up to these channels
+    min_capability: int = 0                  # ... on GPUs of this compute capability and up
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {self.variable: self.value}
+
+    def applies(self, variant: str, mode: str, device: torch.device,
+                channels: Optional[int] = None) -> bool:
+        """Whether the default runs for this form on ``device`` (CUDA; ``channels``: a block's,
+        or None for a model's blocks of several widths)."""
+        return (device.type == 'cuda' and (not self.forms or (variant, mode) in self.forms)
+                and (channels is None or self.max_channels is None
+                     or channels <= self.max_channels)
+                and torch.cuda.get_device_capability(device)[0] >= self.min_capability)
+
+
+_RELEASE_P, _RELEASE_S = ('official', 'parallel'), ('official', 'sequential')
+#: the PSA kernels' defaults that a variable switches off (docs/kernels.md), oldest first
+PSA_SWITCHES = (
+    # NCHW's passes on register tiles (psa_register_tiles.cuh), up to 256 channels
+    KernelSwitch('shared-memory tiles', 'register-tiles', 'MMATTN_PSA_REGISTER_TILES', '0',
+                 max_channels=256),
+    # each image's glue on a cluster of blocks (psa_glue.cuh), compute capability 9.0
+    KernelSwitch('one glue block an image', 'glue-clusters', 'MMATTN_PSA_GLUE_BLOCKS', '1',
+                 min_capability=9),
+    # PSA_p's spatial reduction and apply pass in one cooperative launch (psa_release_p.cuh)
+    KernelSwitch('two launches after the glue', 'cooperative', 'MMATTN_PSA_COOPERATIVE', '0',
+                 forms=(_RELEASE_P,)),
+    # PSA_s's value map in the kernels' own tiles (psa_value_tiles.cuh)
+    KernelSwitch('value map by GEMM', 'value-tiles', 'MMATTN_PSA_VALUE_TILES', '0',
+                 forms=(_RELEASE_S,)),
+    # ... and on those tiles M = dVl x^T in the backward's cooperative launch
+    KernelSwitch('M by GEMM', 'fused-m', 'MMATTN_PSA_FUSED_M', '0', forms=(_RELEASE_S,)),
+)
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(','))
 
@@ -197,11 +244,15 @@ def timed(fns: dict[str, Callable[[], object]], device: torch.device, warmup: in
 
 
 def graph_replay(fn: Callable[[], object], device: torch.device, warmup: int,
-                 reset: Optional[Callable[[], object]] = None) -> Callable[[], None]:
+                 reset: Optional[Callable[[], object]] = None,
+                 pool: Optional[tuple] = None) -> Callable[[], None]:
     """``fn`` captured in a CUDA graph (PyTorch's whole-network capture: warm-up calls on a
     side stream, then one captured call; ``reset``, if given, before each of them, e.g. a
     training step's ``zero_grad``) and returned as its replay: the call without its host work,
-    what the kernels alone cost (``tools/benchmark_model.py --cuda-graph`` too)."""
+    what the kernels alone cost (``tools/benchmark_model.py --cuda-graph`` too). ``pool``
+    (``torch.cuda.graph_pool_handle()``): a memory pool shared with other captures, which is
+    safe where the graphs are replayed one after another on one stream in the order of their
+    captures."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -213,7 +264,7 @@ def graph_replay(fn: Callable[[], object], device: torch.device, warmup: int,
     if reset is not None:
         reset()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         fn()
     return graph.replay
 
@@ -419,22 +470,13 @@ def psa_case(shape: tuple[int, ...], mode: str, dtype: torch.dtype, device: torc
     if backend != 'folded':  # kernels, or (CUDA) the reference
         impls['mmattn (folded)'] = block('folded')
     # the kernels with a default switched off by its variable, where the default applies
-    cuda = backend == 'cuda'
-    switched = [
-        (cuda and c <= 256, 'mmattn (shared-memory tiles)', 'MMATTN_PSA_REGISTER_TILES', '0'),
-        (cuda and torch.cuda.get_device_capability(device)[0] >= 9,   # not a cluster of blocks
-         'mmattn (one glue block an image)', 'MMATTN_PSA_GLUE_BLOCKS', '1'),
-        (cuda and (variant, mode) == ('official', 'parallel'),   # not one cooperative launch
-         'mmattn (two launches after the glue)', 'MMATTN_PSA_COOPERATIVE', '0'),
-        (cuda and (variant, mode) == ('official', 'sequential'),   # not the kernel's own tiles
-         'mmattn (value map by GEMM)', 'MMATTN_PSA_VALUE_TILES', '0'),
-        (cuda and (variant, mode) == ('official', 'sequential'),   # M not in their launch
-         'mmattn (M by GEMM)', 'MMATTN_PSA_FUSED_M', '0')]
     envs = {}
-    for applies, name, variable, value in switched:
-        if applies:
-            impls[name] = block('auto')
-            envs[name] = {variable: value}
+    if backend == 'cuda':
+        for switch in PSA_SWITCHES:
+            if switch.applies(variant, mode, device, c):
+                name = f'mmattn ({switch.name})'
+                impls[name] = block('auto')
+                envs[name] = switch.env
     for module in impls.values():
         module.load_state_dict(eager.state_dict())
     nbytes = n * c * h * w * torch.finfo(dtype).bits // 8

@@ -38,12 +38,21 @@ for this run, by the same value computed without one
 (:func:`mmattn.engine.sync_free_seg_accuracy`). The peak-memory column is left out (the graphs'
 memory is allocated at capture).
 
+``--switches`` (CUDA) adds, for each PSA model on the CUDA kernels, a copy (same weights, an
+optimizer of its own) per kernel default named, with that default switched off by its
+environment variable around each of its steps (around the capture, with ``--cuda-graph``):
+the kernels' changes against what they replaced, in the same turns (``all``: every default that
+applies to the form and GPU; the list, shared with ``tools/benchmark.py``'s rows, is
+``PSA_SWITCHES`` there). With ``--cuda-graph`` the models' graphs share one memory pool
+(replayed in the order of their captures), so that many models fit.
+
 This is a tool, not a test: nothing here asserts a speed. Examples::
 
     python tools/benchmark_model.py                       # CPU: 2 x 3x64x128, fp32
     python tools/benchmark_model.py --device cuda         # 2 x 3x512x1024, fp32 and bf16
     python tools/benchmark_model.py --forms stock,psa_s-official --backends auto --iters 20
     python tools/benchmark_model.py --device cuda --cuda-graph --dtypes float32
+    python tools/benchmark_model.py --device cuda --cuda-graph --backends auto --switches all
 
 It needs mmseg (and mmcv), not mmpose, mmdet or mmpretrain.
 """
@@ -70,8 +79,9 @@ from mmattn.ops import KernelUnavailableError, backends_for, kernel_status, sele
 from mmattn.utils.quiet import filter_tool_warnings, quiet_no_cuda_runtime
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from benchmark import (DTYPES, device_name, graph_replay, markdown_table,  # noqa: E402
-                       peak_cuda_bytes, profile_kernels, sync)
+from benchmark import (DTYPES, PSA_SWITCHES, KernelSwitch, device_name,  # noqa: E402
+                       graph_replay, markdown_table, peak_cuda_bytes, profile_kernels, sync,
+                       with_env)
 
 quiet_no_cuda_runtime()
 filter_tool_warnings()
@@ -103,10 +113,30 @@ class Model:
     model: nn.Module
     optim_wrapper: object
     blocks: int  # PSA blocks inside
+    optim_cfg: object = None  # the config's optim_wrapper, to build a copy's
+    switch: Optional[KernelSwitch] = None  # a kernel default switched off around each step
+
+    @property
+    def backend_label(self) -> str:
+        if self.switch is None:
+            return self.backend
+        return f'{self.backend}; {self.switch.variable}={self.switch.value}'
 
     @property
     def label(self) -> str:
-        return self.form if self.form == 'stock' else f'{self.form} ({self.backend})'
+        return self.form if self.form == 'stock' else f'{self.form} ({self.backend_label})'
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {} if self.switch is None else self.switch.env
+
+    def switched(self, switch: KernelSwitch) -> 'Model':
+        """A copy of this model (same weights, an optimizer of its own) whose steps run with
+        ``switch``'s variable set."""
+        from mmengine.optim import build_optim_wrapper
+        model = copy.deepcopy(self.model)
+        return Model(self.form, self.backend, model, build_optim_wrapper(model, self.optim_cfg),
+                     self.blocks, self.optim_cfg, switch)
 
 
 def build(form: str, backend: str, shape: tuple[int, int, int], device: torch.device) -> Model:
@@ -129,7 +159,7 @@ def build(form: str, backend: str, shape: tuple[int, int, int], device: torch.de
     model = revert_sync_batchnorm(loaded.model).to(device).train()
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     blocks = sum(isinstance(m, PolarizedSelfAttention) for m in model.modules())
-    return Model(form, backend, model, optim_wrapper, blocks)
+    return Model(form, backend, model, optim_wrapper, blocks, cfg.optim_wrapper)
 
 
 def make_batch(shape: tuple[int, int, int], device: torch.device, seed: int = 0) -> dict:
@@ -179,11 +209,13 @@ def training_loss(model: nn.Module, data: dict, dtype: torch.dtype, device: torc
 
 
 def graph_step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.device,
-                  host: list[float], warmup: int) -> Callable[[], None]:
+                  host: list[float], warmup: int, pool: Optional[tuple] = None
+                  ) -> Callable[[], None]:
     """One training step as the replay of a CUDA graph (PyTorch's whole-network capture: warm-up
-    steps on a side stream, the gradients set to None, then one captured step); appends the
-    host time of each replay to host. Needs mmseg's decode heads' accuracy without a
-    synchronisation (:func:`mmattn.engine.sync_free_seg_accuracy`)."""
+    steps on a side stream, the gradients set to None, then one captured step, in ``pool``
+    if given: a memory pool the models' graphs share, replayed in the order of their
+    captures); appends the host time of each replay to host. Needs mmseg's decode heads'
+    accuracy without a synchronisation (:func:`mmattn.engine.sync_free_seg_accuracy`)."""
     model, optim = entry.model, entry.optim_wrapper
     data = model.data_preprocessor(batch, True)
 
@@ -192,7 +224,8 @@ def graph_step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.d
         optim.backward(training_loss(model, data, dtype, device, preprocess=False, cache=False))
         optim.step()
 
-    graph_step = graph_replay(step, device, warmup, reset=optim.zero_grad)
+    graph_step = with_env(lambda: graph_replay(step, device, warmup, reset=optim.zero_grad,
+                                               pool=pool), entry.env)()
 
     def replay() -> None:
         t0 = time.process_time()
@@ -200,6 +233,29 @@ def graph_step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.d
         host.append(time.process_time() - t0)
 
     return replay
+
+
+def switched_copies(entry: Model, switches: list[KernelSwitch],
+                    device: torch.device) -> list[Model]:
+    """A copy of ``entry`` per switch that applies to its blocks on the CUDA kernels (what
+    does not apply is said, and left out)."""
+    if not switches:
+        return []
+    block = next(m for m in entry.model.modules() if isinstance(m, PolarizedSelfAttention))
+    probe = torch.empty(1, block.in_channels, 8, 8, device=device)
+    selected = block.selected_backend(probe)[0]
+    if selected != 'cuda':
+        print(f'skipped: {entry.label} with its kernel defaults switched off: its blocks run '
+              f'on {selected!r} here, not on the CUDA kernels')
+        return []
+    copies = []
+    for switch in switches:
+        if switch.applies(block.variant, block.mode, device):
+            copies.append(entry.switched(switch))
+        else:
+            print(f'skipped: {entry.label} with {switch.variable}={switch.value}: its default '
+                  'does not apply to this form or GPU')
+    return copies
 
 
 def fmt(value: Optional[float], spec: str) -> str:
@@ -230,6 +286,12 @@ def main() -> None:
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='CUDA: print each PSA model\'s N operators with the most device '
                              'time in the profiled step')
+    parser.add_argument('--switches', default='', metavar='NAMES',
+                        help='CUDA: comma-separated kernel defaults to time switched off too, '
+                             'each a copy of every PSA model on the CUDA kernels where it '
+                             'applies, its variable set around its steps: '
+                             + ', '.join(f'{s.key} ({s.variable}={s.value})'
+                                         for s in PSA_SWITCHES) + '; or all')
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -257,6 +319,14 @@ def main() -> None:
     if bad:
         parser.error(f'--dtypes: unknown {bad}; choose from float32, bfloat16')
     iters = args.iters or (10 if cuda else 5)
+    switch_keys = [k.strip() for k in args.switches.split(',') if k.strip()]
+    known = {s.key: s for s in PSA_SWITCHES}
+    if switch_keys == ['all']:
+        switch_keys = list(known)
+    unknown = [k for k in switch_keys if k not in known]
+    if unknown:
+        parser.error(f'--switches: unknown {unknown}; choose from {list(known)} or all')
+    switches = [known[k] for k in switch_keys]
     if args.threads:
         torch.set_num_threads(args.threads)
     if cuda:
@@ -283,6 +353,7 @@ def main() -> None:
                 print(f'skipped: {form} with backend={backend!r}: {exc}')
                 continue
             models.append(build(form, backend, shape, device))
+            models += switched_copies(models[-1], switches, device)
     batch = make_batch(shape, device)
 
     print(f'device: {device_name(device)}')
@@ -298,15 +369,17 @@ def main() -> None:
         host = {m.label: [] for m in models}
         if args.cuda_graph:
             steps = {}
+            pool = torch.cuda.graph_pool_handle()  # the steps replay in their captures' order
             for m in models:  # a model whose step does not capture is said, and left out
                 try:
                     steps[m.label] = graph_step_fn(m, batch, dtype, device, host[m.label],
-                                                   args.warmup)
+                                                   args.warmup, pool)
                 except RuntimeError as exc:
                     print(f'skipped: {m.label}, {name}: its step did not capture in a CUDA '
                           f'graph: {str(exc).strip()[:2000]}', flush=True)
         else:
-            steps = {m.label: step_fn(m, batch, dtype, device, host[m.label]) for m in models}
+            steps = {m.label: with_env(step_fn(m, batch, dtype, device, host[m.label]), m.env)
+                     for m in models}
         for _ in range(args.warmup):
             for step in steps.values():
                 step()
@@ -338,7 +411,7 @@ def main() -> None:
             k, per_block = kernels[label], None
             if k is not None and m.blocks and 'stock' in kernels:
                 per_block = (k.launches - kernels['stock'].launches) / m.blocks
-            rows.append([m.form, m.backend, name, f'{median[label]:.1f}',
+            rows.append([m.form, m.backend_label, name, f'{median[label]:.1f}',
                          fmt(base and median[label] / base, '.2f') + ('x' if base else ''),
                          fmt(peaks_mib[label], '.0f'),
                          f'{host_ms[label]:.1f}', fmt(k and k.ms, '.1f'),

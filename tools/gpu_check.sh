@@ -29,8 +29,10 @@
 # GRAPH_ARGS runs the model benchmark on these arguments as the stage model_graph, before the
 # eager one: its CUDA-graph mode (each training step captured once and replayed, the step
 # without per-operator host work, where issue 12's step goals are judged on a host-bound
-# machine; about 50 s for stock and the four PSA forms in fp32 and bf16 on an H100). Set to ''
-# it is skipped:
+# machine; about 50 s for stock and the four PSA forms in fp32 and bf16 on an H100, before
+# `--switches all` added, in the same turns, a copy of each PSA model per kernel default
+# switched off: 11 more models, the kernels' changes since the ninth lease against what they
+# replaced). Set to '' it is skipped:
 #
 #   GRAPH_ARGS='--cuda-graph --forms psa_s-official --dtypes float32 --profile 25' \
 #     bash tools/gpu_check.sh
@@ -78,7 +80,8 @@ OP_ARGS=${OP_ARGS:---preset gpu --op psa --iters 20 --kernels 12 --host-split 8}
 SANITIZE_ARGS=${SANITIZE_ARGS:-}
 SPLIT_SWEEP=${SPLIT_SWEEP:-}
 GLUE_SWEEP=${GLUE_SWEEP:-}
-GRAPH_ARGS=${GRAPH_ARGS---cuda-graph --iters 6 --warmup 2 --backends auto --profile 8}
+GRAPH_ARGS=${GRAPH_ARGS---cuda-graph --iters 6 --warmup 2 --backends auto --profile 8 \
+--switches all}
 NCU_ARGS=${NCU_ARGS:-}
 NCU_KERNELS=${NCU_KERNELS:-'^(fwd|bwd|value|release|outlook)_'}
 NCU_SECTIONS=${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats SchedulerStats WarpStateStats \
@@ -150,7 +153,7 @@ if [ "$MMCV_OPS" != 0 ]; then
 fi
 if [ -n "$GRAPH_ARGS" ]; then
   # shellcheck disable=SC2086  # the arguments are meant to split
-  TAIL=30 stage model_graph 180 python3 tools/benchmark_model.py $GRAPH_ARGS
+  TAIL=45 stage model_graph 240 python3 tools/benchmark_model.py $GRAPH_ARGS
 fi
 # shellcheck disable=SC2086
 TAIL=30 stage model_benchmark 300 python3 tools/benchmark_model.py $MODEL_ARGS
