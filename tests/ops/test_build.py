@@ -18,6 +18,9 @@ import pytest
 from mmattn.ops import build, extension
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, osp.join(ROOT, 'tools', 'analysis'))
+from ptx_noncoherent import findings  # noqa: E402
+sys.path.pop(0)
 
 
 def static_libstdcxx_compiler(directory) -> str:
@@ -49,8 +52,11 @@ def test_setup_py_builds_cuda_kernels_without_a_gpu(tmp_path) -> None:
     # built by a compiler that links libstdc++ statically where g++ can, as on the lent GPU
     # machines: the extension must still share torch's C++ runtime (extension.link_flags), or
     # its error messages lose their numbers (or crash the process)
+    keep = tmp_path / 'nvcc'   # each CUDA source's PTX per architecture, kept by nvcc
+    keep.mkdir()
     env = dict(os.environ, MMATTN_WITH_CUDA='1', TORCH_CUDA_ARCH_LIST='8.0;9.0',
-               MAX_JOBS=str(os.cpu_count() or 2))
+               MAX_JOBS=str(os.cpu_count() or 2),
+               NVCC_APPEND_FLAGS=f'--keep --keep-dir {keep}')
     if STATIC_LIBSTDCXX:
         env['CXX'] = static_libstdcxx_compiler(tmp_path)
     out = subprocess.run(
@@ -61,6 +67,13 @@ def test_setup_py_builds_cuda_kernels_without_a_gpu(tmp_path) -> None:
     # no kernel spills registers or uses local memory on Ampere or Hopper (ptxas warns)
     warnings = [line for line in (out.stdout + out.stderr).splitlines() if 'ptxas warning' in line]
     assert not warnings, '\n'.join(warnings)
+    # no kernel reads through the non-coherent path memory it writes (its blocks' exchanges
+    # across grid_sync and cluster_sync among them: tools/analysis/ptx_noncoherent.py)
+    ptx = sorted(glob.glob(str(keep / '*.compute_*.ptx')))
+    sources = extension.sources(with_cuda=True)
+    assert len(ptx) == 2 * sum(src.endswith('.cu') for src in sources), ptx
+    found = [f'{osp.basename(path)}: {f}' for path in ptx for f in findings(open(path).read())]
+    assert not found, '\n'.join(found)
     (library,) = glob.glob(str(tmp_path / 'lib' / 'mmattn' / '_C*.so'))
     code = f'''
 import torch, mmattn
@@ -198,3 +211,42 @@ def test_build_command_reports_failure(monkeypatch: pytest.MonkeyPatch, capsys) 
     monkeypatch.setattr(extension, 'build_jit', fail)
     assert build.main(['--cpu-only']) == 1
     assert 'the build failed: Error building extension: nvcc not found' in capsys.readouterr().err
+
+
+NONCOHERENT_CU = textwrap.dedent('''
+    // reads through the read-only data cache what it writes: the hazard
+    __global__ void shifts(float* p, int n) {
+      const int i = blockIdx.x * blockDim.x + threadIdx.x;
+      if (i + 1 < n) p[i + 1] = __ldg(p + i) * 2.f;
+    }
+    // the same through an atomic add, the pointer's loads beside another's
+    __global__ void accumulates(const float* __restrict__ in, float* __restrict__ out, int n) {
+      const int i = threadIdx.x;
+      if (i < n) atomicAdd(out + i % 4, __ldg(out + i % 8) + in[i]);
+    }
+    // fine: the read-only pointers are never written (one a field of a by-value struct)
+    struct Pair { const float* in; float* out; };
+    __global__ void fields(Pair q, int n) {
+      const int i = threadIdx.x;
+      if (i < n) q.out[i] = __ldg(q.in + i);
+    }
+    __global__ void copies(const float* __restrict__ in, float* __restrict__ out, int n) {
+      const int i = threadIdx.x;
+      if (i < n) out[i] = in[i] + __ldg(in + i + 1);
+    }
+''')
+
+
+@pytest.mark.skipif(extension.cuda_toolkit() is None,
+                    reason='needs a CUDA toolkit (nvcc and libcudart)')
+def test_ptx_check_finds_noncoherent_loads_of_written_memory(tmp_path) -> None:
+    """tools/analysis/ptx_noncoherent.py, which the build test runs over mmattn's PTX, on
+    kernels written to have the hazard and kernels without it, compiled by nvcc."""
+    source = tmp_path / 'kernels.cu'
+    source.write_text(NONCOHERENT_CU)
+    nvcc = osp.join(extension.cuda_toolkit(), 'bin', 'nvcc')
+    subprocess.run([nvcc, '-arch=sm_90', '-O3', '-ptx', str(source), '-o',
+                    str(tmp_path / 'kernels.ptx')], check=True, timeout=300)
+    found = findings((tmp_path / 'kernels.ptx').read_text())
+    assert sorted((f.kernel, f.pointer, f.stores, f.nc_loads) for f in found) == [
+        ('_Z11accumulatesPKfPfi', 'param_1', 1, 1), ('_Z6shiftsPfi', 'param_0', 1, 1)], found
