@@ -47,6 +47,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -545,12 +546,39 @@ inline int device_attribute(Attr attr) {
                                             : 9;
 }
 
+// A kernel's dynamic shared memory limit, as on the GPU: 48 KiB, unless allow_shared_memory
+// raised it (cudaFuncAttributeMaxDynamicSharedMemorySize, up to the device's opt-in limit).
+// A launch above it fails there ("invalid argument"), and an occupancy query above it answers
+// 0 blocks: both are errors here.
+constexpr size_t kDefaultDynamicShared = 48 * 1024;
+
+inline std::map<const void*, size_t>& raised_shared_limits() {
+  static std::map<const void*, size_t> limits;
+  return limits;
+}
+
+inline size_t shared_limit(const void* kernel) {
+  const auto it = raised_shared_limits().find(kernel);
+  return it == raised_shared_limits().end() ? kDefaultDynamicShared
+                                            : std::max(kDefaultDynamicShared, it->second);
+}
+
 template <typename... KArgs>
-void allow_shared_memory(void (*)(KArgs...), size_t) {}
+void allow_shared_memory(void (*kernel)(KArgs...), size_t bytes) {
+  TORCH_CHECK(bytes <= mmattn_emulation::kSharedMemoryBytes, "emulated cudaFuncSetAttribute: ",
+              bytes, " bytes of dynamic shared memory, the device's opt-in limit is ",
+              mmattn_emulation::kSharedMemoryBytes);
+  size_t& limit = raised_shared_limits()[reinterpret_cast<const void*>(kernel)];
+  limit = std::max(limit, bytes);
+}
 
 // 4 resident blocks per "SM": with 2 SMs, launches sized to one wave split small batches' work
 template <typename... KArgs>
-int resident_blocks(void (*)(KArgs...), unsigned, size_t) {
+int resident_blocks(void (*kernel)(KArgs...), unsigned, size_t smem) {
+  const size_t limit = shared_limit(reinterpret_cast<const void*>(kernel));
+  TORCH_CHECK(smem <= limit, "emulated occupancy query: ", smem, " bytes of dynamic shared "
+              "memory, above the kernel's limit of ", limit, " (48 KiB unless "
+              "allow_shared_memory raised it): the GPU answers 0 blocks");
   return 4;
 }
 
@@ -610,8 +638,11 @@ void run_together(void (*kernel)(KArgs...), const std::vector<dim3>& blocks, uns
   emu::run(fibers, threads);
 }
 
-inline void check_launch(dim3 grid, unsigned threads, size_t smem) {
+inline void check_launch(const void* kernel, dim3 grid, unsigned threads, size_t smem) {
   TORCH_CHECK(threads >= 1 && threads <= 1024, "emulated launch: ", threads, " threads");
+  TORCH_CHECK(smem <= shared_limit(kernel), "emulated launch: ", smem, " bytes of dynamic "
+              "shared memory, above the kernel's limit of ", shared_limit(kernel), " (48 KiB "
+              "unless allow_shared_memory raised it)");
   TORCH_CHECK(grid.y <= 65535 && grid.z <= 65535, "emulated launch: a grid of ", grid.y,
               " x ", grid.z, " blocks in y and z, the device takes 65535 at most");
   TORCH_CHECK(smem <= mmattn_emulation::kSharedMemoryBytes, "emulated launch: ", smem,
@@ -627,7 +658,7 @@ void launch_clusters(void (*kernel)(KArgs...), dim3 grid, unsigned cluster, unsi
   TORCH_CHECK(cluster >= 1 && cluster <= kMaxClusterBlocks && grid.x % cluster == 0,
               "emulated launch: clusters of ", cluster, " blocks on a grid of ", grid.x,
               " in x (at most ", kMaxClusterBlocks, ", dividing the grid)");
-  check_launch(grid, threads, smem);
+  check_launch(reinterpret_cast<const void*>(kernel), grid, threads, smem);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x0 = 0; x0 < grid.x; x0 += cluster) {
@@ -642,7 +673,7 @@ void launch_clusters(void (*kernel)(KArgs...), dim3 grid, unsigned cluster, unsi
 template <typename... KArgs, typename... Args>
 void launch_cooperative(void (*kernel)(KArgs...), dim3 grid, unsigned threads, size_t smem,
                         Args&&... args) {
-  check_launch(grid, threads, smem);
+  check_launch(reinterpret_cast<const void*>(kernel), grid, threads, smem);
   std::vector<dim3> blocks;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
