@@ -377,6 +377,7 @@ def main() -> None:
                 except RuntimeError as exc:
                     print(f'skipped: {m.label}, {name}: its step did not capture in a CUDA '
                           f'graph: {str(exc).strip()[:2000]}', flush=True)
+                    pool = torch.cuda.graph_pool_handle()  # the next captures apart from it
         else:
             steps = {m.label: with_env(step_fn(m, batch, dtype, device, host[m.label]), m.env)
                      for m in models}
