@@ -114,14 +114,17 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
         sweeps = [line for line in log if re.search(variable + r'=\d', line)]
         assert len(sweeps) == 2 and all('--forms psa_p-official,paper-parallel' in line
                                         for line in sweeps), log
+    assert 'pytest tests/ops tests/models/test_volo.py tests/test_benchmark.py -q -m cuda' \
+        in calls.read_text()
     calls.unlink()
-    env.update(GRAPH_ARGS='', SPLIT_SWEEP='', NCU_ARGS='')
+    env.update(GRAPH_ARGS='', SPLIT_SWEEP='', NCU_ARGS='', CUDA_TESTS='tests/ops')
     result = subprocess.run(['bash', script], capture_output=True, text=True, env=env,
                             timeout=120)
     assert 'model_graph' not in result.stdout and '--cuda-graph' not in calls.read_text()
     assert '== model_benchmark:' in result.stdout
     assert '== ncu' not in result.stdout and 'ncu ' not in calls.read_text()
     assert '== mmcv_build' in result.stdout
+    assert 'pytest tests/ops -q -m cuda' in calls.read_text()   # CUDA_TESTS's paths only
     calls.unlink()
     # the kernels' stages alone: mmcv's ops not built; a hazard in cuBLAS alone fails nothing
     env.update(MMCV_OPS='0', MMATTN_RACE='')

@@ -51,6 +51,10 @@
 #   NCU_ARGS='--ops paper-parallel,official-sequential --dtypes bfloat16 --shapes 16,256,128,128
 #   --layouts nchw' bash tools/gpu_check.sh
 #
+# CUDA_TESTS (default tests/ops tests/models/test_volo.py tests/test_benchmark.py) are the
+# paths whose `cuda` tests the stage cuda_tests runs: 148 tests on 2026-11-28, the kernels'
+# (tests/ops, 139) first; the benchmark tools' tests start a process each.
+#
 # MMCV_OPS=0 skips building mmcv's ops (only the model benchmarks need them): a call of the
 # kernels' stages alone then waits for nothing.
 #
@@ -87,6 +91,7 @@ NCU_KERNELS=${NCU_KERNELS:-'^(fwd|bwd|value|release|outlook)_'}
 NCU_SECTIONS=${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats SchedulerStats WarpStateStats \
 MemoryWorkloadAnalysis}
 MMCV_OPS=${MMCV_OPS:-1}
+CUDA_TESTS=${CUDA_TESTS:-tests/ops tests/models/test_volo.py tests/test_benchmark.py}
 SANITIZE_KERNELS=${SANITIZE_KERNELS:-'(fwd|bwd|value|release_[ps]|outlook)_[a-z_]*kernel'}
 SWEEP_FORMS=psa_p-official,paper-parallel   # (stock always runs, as the baseline)
 SWEEP_ARGS=${SWEEP_ARGS:---iters 5 --warmup 2 --backends auto --profile 8 --dtypes float32 \
@@ -138,9 +143,8 @@ if [ "$MMCV_OPS" != 0 ]; then
 fi
 
 stage kernels_build 240 python3 -m mmattn.ops.build --cuda
-stage cuda_tests 120 python3 -m pytest tests/ops tests/models/test_volo.py \
-  tests/test_benchmark.py -q -m cuda \
-  -p no:cacheprovider
+# shellcheck disable=SC2086
+stage cuda_tests 120 python3 -m pytest $CUDA_TESTS -q -m cuda -p no:cacheprovider
 if [ "$MMCV_OPS" != 0 ]; then
   wait "$mmcv_pid"
   rc=$(cat /tmp/mmcv_build.rc)
