@@ -3,11 +3,14 @@ built from the real configs in a process where mmpose, mmdet and mmpretrain cann
 imported (the GPU machines have none of them)."""
 from __future__ import annotations
 
+import os
 import os.path as osp
 import subprocess
 import sys
+import types
 
 import pytest
+import torch
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOL = osp.join(ROOT, 'tools', 'benchmark_model.py')
@@ -107,3 +110,53 @@ def test_switched_kernel_defaults_run_as_rows_of_their_own(graph: bool) -> None:
         default, switched = rows[(form, 'auto')], rows[(form, f'auto; {variable}=0')]
         assert float(switched[3]) > 0, switched
         assert float(switched[-1]) > float(default[-1]), (default, switched)
+
+
+def test_graph_steps_share_a_pool_switch_around_the_capture_and_start_afresh(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """``--cuda-graph``'s captures (CUDA only, so stood in for here): one memory pool for the
+    models' graphs, each switched model's variable set during its capture and unset after, and
+    after a capture that fails the model left out (said) and the next captures in a fresh
+    pool."""
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    try:
+        import benchmark_model as tool
+    finally:
+        sys.path.pop(0)
+    fused_m = next(s for s in tool.PSA_SWITCHES if s.key == 'fused-m')
+    monkeypatch.delenv(fused_m.variable, raising=False)
+    pools = iter(['pool 1', 'pool 2', 'pool 3'])
+    monkeypatch.setattr(tool.torch.cuda, 'graph_pool_handle', lambda: next(pools))
+    captures = []
+
+    def capture(fn, device, warmup, reset=None, pool=None):  # graph_replay's stand-in
+        captures.append((os.environ.get(fused_m.variable), pool))
+        if len(captures) == 2:
+            raise RuntimeError('operation not permitted when stream is capturing')
+        return lambda: None
+
+    monkeypatch.setattr(tool, 'graph_replay', capture)
+
+    class Net(torch.nn.Module):
+        def data_preprocessor(self, batch: dict, training: bool) -> dict:
+            return batch
+
+    def model(form: str, backend: str, switch=None):
+        optim = types.SimpleNamespace(zero_grad=lambda: None)
+        return tool.Model(form, backend, Net(), optim, 0 if form == 'stock' else 104, None,
+                          switch)
+
+    models = [model('stock', '-'), model('psa_s-official', 'auto', fused_m),
+              model('psa_s-official', 'auto', fused_m), model('psa_s-official', 'auto')]
+    models[2].form = 'paper-sequential'   # a third label
+    host = {m.label: [] for m in models}
+    steps = tool.graph_steps(models, {}, torch.bfloat16, torch.device('cpu'), host, 2)
+    assert captures == [(None, 'pool 1'), ('0', 'pool 1'), ('0', 'pool 2'), (None, 'pool 2')]
+    assert list(steps) == ['stock', 'paper-sequential (auto; MMATTN_PSA_FUSED_M=0)',
+                           'psa_s-official (auto)']
+    assert fused_m.variable not in os.environ
+    out = capsys.readouterr().out
+    assert 'skipped: psa_s-official (auto; MMATTN_PSA_FUSED_M=0), bfloat16: its step did not ' \
+        'capture in a CUDA graph: operation not permitted when stream is capturing' in out
+    steps['stock']()
+    assert len(host['stock']) == 1   # a replay's host time

@@ -235,6 +235,24 @@ def graph_step_fn(entry: Model, batch: dict, dtype: torch.dtype, device: torch.d
     return replay
 
 
+def graph_steps(models: list[Model], batch: dict, dtype: torch.dtype, device: torch.device,
+                host: dict[str, list[float]], warmup: int) -> dict[str, Callable[[], None]]:
+    """Each model's training step captured in a CUDA graph (:func:`graph_step_fn`), by label,
+    the graphs in one memory pool: they must replay in this order, one after another. A model
+    whose step does not capture is said and left out, and the next captures take a fresh
+    pool."""
+    steps = {}
+    pool = torch.cuda.graph_pool_handle()
+    for m in models:
+        try:
+            steps[m.label] = graph_step_fn(m, batch, dtype, device, host[m.label], warmup, pool)
+        except RuntimeError as exc:
+            print(f'skipped: {m.label}, {str(dtype).split(".")[-1]}: its step did not capture '
+                  f'in a CUDA graph: {str(exc).strip()[:2000]}', flush=True)
+            pool = torch.cuda.graph_pool_handle()
+    return steps
+
+
 def switched_copies(entry: Model, switches: list[KernelSwitch],
                     device: torch.device) -> list[Model]:
     """A copy of ``entry`` per switch that applies to its blocks on the CUDA kernels (what
@@ -368,16 +386,7 @@ def main() -> None:
         dtype = DTYPES[name]
         host = {m.label: [] for m in models}
         if args.cuda_graph:
-            steps = {}
-            pool = torch.cuda.graph_pool_handle()  # the steps replay in their captures' order
-            for m in models:  # a model whose step does not capture is said, and left out
-                try:
-                    steps[m.label] = graph_step_fn(m, batch, dtype, device, host[m.label],
-                                                   args.warmup, pool)
-                except RuntimeError as exc:
-                    print(f'skipped: {m.label}, {name}: its step did not capture in a CUDA '
-                          f'graph: {str(exc).strip()[:2000]}', flush=True)
-                    pool = torch.cuda.graph_pool_handle()  # the next captures apart from it
+            steps = graph_steps(models, batch, dtype, device, host, args.warmup)
         else:
             steps = {m.label: with_env(step_fn(m, batch, dtype, device, host[m.label]), m.env)
                      for m in models}
