@@ -9,11 +9,14 @@ shuffles and the clusters, shared memory filled with NaN before each block). The
 emulated ops are compared with the paper's equations (the references of ``test_psa_op.py`` and
 ``test_outlook_op.py``), in float64 and, with the per-dtype rule, in float32/bfloat16/float16.
 This checks the kernels' indexing, tiling, split reductions, layouts and synchronisation on any
-machine; the ``cuda``-marked tests run the same comparisons on a GPU.
+machine; the ``cuda``-marked tests run the same comparisons on a GPU. New CPU memory holds
+junk in this module, as recycled GPU memory does (``junk_in_new_memory``).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import glob
 import os.path as osp
 import sys
 from typing import Iterator
@@ -73,6 +76,28 @@ def emulated() -> Iterator[object]:
              extra_cflags=['-O2', '-pthread'], extra_ldflags=['-pthread'],
              is_python_module=False)
     yield getattr(torch.ops, NAMESPACE)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def junk_in_new_memory() -> Iterator[None]:
+    """New CPU memory (``at::empty``, ``torch.empty``) filled with junk for this module (NaN in
+    float32, 1.7e308 in float64), as the GPU's caching allocator hands out what earlier
+    tensors left: a kernel, or its host code, that reads a buffer before writing it gets junk
+    here too, where the CPU's fresh pages (every large allocation's) would read as zeros. c10's
+    own switch, ``FLAGS_caffe2_cpu_allocator_do_junk_fill``."""
+    (library,) = glob.glob(osp.join(osp.dirname(torch.__file__), 'lib', 'libc10.*'))
+    flag = ctypes.c_bool.in_dll(ctypes.CDLL(library), 'FLAGS_caffe2_cpu_allocator_do_junk_fill')
+    saved = flag.value
+    flag.value = True
+    try:
+        yield
+    finally:
+        flag.value = saved
+
+
+def test_new_memory_holds_junk() -> None:
+    assert torch.empty(4096, dtype=torch.float32).isnan().all()
+    assert (torch.empty(1 << 20, dtype=torch.float64) > 1e300).all()   # 8 MiB: fresh pages
 
 
 # ---------------------------------------------------------------- the emulation itself
