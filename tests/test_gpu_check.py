@@ -1,5 +1,5 @@
 """The one-call GPU check (tools/gpu_check.sh) and its sanitizer program, as far as a machine
-without a GPU can check them."""
+without a GPU can check them (and the emulation's AddressSanitizer run, which parses)."""
 from __future__ import annotations
 
 import os
@@ -14,8 +14,9 @@ import torch
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
-def test_script_parses() -> None:
-    result = subprocess.run(['bash', '-n', osp.join(ROOT, 'tools', 'gpu_check.sh')],
+@pytest.mark.parametrize('script', ['gpu_check.sh', 'analysis/emulated_asan.sh'])
+def test_script_parses(script: str) -> None:
+    result = subprocess.run(['bash', '-n', osp.join(ROOT, 'tools', script)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

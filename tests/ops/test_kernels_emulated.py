@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import glob
+import os
 import os.path as osp
 import sys
 from typing import Iterator
@@ -45,6 +46,10 @@ from psa_block_checks import check_low_precision as check_release_low_precision 
 
 HERE = osp.dirname(osp.abspath(__file__))
 NAMESPACE = 'mmattn_emulated'
+#: MMATTN_EMULATION_ASAN=1: the emulation built with AddressSanitizer, every memory access of
+#: the kernels and their host code checked against its allocation's bounds
+#: (tools/analysis/emulated_asan.sh preloads the runtime it needs)
+ASAN = os.environ.get('MMATTN_EMULATION_ASAN', '') == '1'
 _LIBRARY: list[torch.library.Library] = []   # keeps the schema definitions alive
 
 
@@ -66,14 +71,16 @@ def emulated() -> Iterator[object]:
         lib.define('emulated_previous_thread(int threads, int rounds, bool barrier) -> Tensor')
         lib.define('emulated_divergent_barriers(int threads) -> ()')  # emulator_checks.cpp
         _LIBRARY.append(lib)
-        load(name='mmattn_emulated_kernels',
+        load(name='mmattn_emulated_kernels' + ('_asan' if ASAN else ''),
              sources=[osp.join(HERE, 'emulation', 'psa_emulated.cpp'),
                       osp.join(HERE, 'emulation', 'outlook_emulated.cpp'),
                       osp.join(HERE, 'emulation', 'column_sums_emulated.cpp'),
                       osp.join(HERE, 'emulation', 'emulator_checks.cpp'),
                       osp.join(extension.CSRC, 'column_sums_args.cpp')],
              extra_include_paths=[extension.CSRC, osp.join(HERE, 'emulation')],
-             extra_cflags=['-O2', '-pthread'], extra_ldflags=['-pthread'],
+             extra_cflags=['-pthread'] + (['-O1', '-g', '-fsanitize=address',
+                                            '-fno-omit-frame-pointer'] if ASAN else ['-O2']),
+             extra_ldflags=['-pthread'] + (['-fsanitize=address'] if ASAN else []),
              is_python_module=False)
     yield getattr(torch.ops, NAMESPACE)
 
