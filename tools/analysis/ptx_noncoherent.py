@@ -85,13 +85,12 @@ def kernel_findings(name: str, body: str) -> list[Finding]:
         if op.startswith(('st.', 'atom.', 'red.')) and '.shared' not in op \
                 and '.local' not in op and '.param' not in op and address:
             accesses.append(('store', address.group(1)))
-            if op.startswith('atom.') and ops:     # an atom's result is data, not an address
-                continue
         if op.startswith('ld.global.nc') and address:
             accesses.append(('nc', address.group(1)))
         if op.startswith(('ld.', 'st.', 'atom.', 'red.', 'bar', 'bra', 'ret', 'cp.', 'mma',
                           'wmma', 'fence', 'membar', 'barrier')) or not ops:
-            continue   # a loaded value, or nothing written: no address arithmetic
+            continue   # a loaded value (an atom's result too), or nothing written: no address
+            # arithmetic
         if op.startswith('cvta.to.global') and len(ops) > 1:
             cvta.append(ops[1])
         for dst in _REGISTER.findall(ops[0]):
@@ -101,8 +100,8 @@ def kernel_findings(name: str, body: str) -> list[Finding]:
     origins: dict[str, set[str]] = {}
 
     def origin(register: str) -> set[str]:
-        """The pointer parameters ``register``'s value derives from (a fixpoint over the
-        register graph: PTX registers are reassigned in loops)."""
+        """The pointer parameters ``register``'s value derives from (a search of the register
+        graph, which has cycles: PTX registers are reassigned in loops)."""
         if register in origins:
             return origins[register]
         found: set[str] = set()
