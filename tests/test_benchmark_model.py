@@ -147,8 +147,7 @@ def test_graph_steps_share_a_pool_switch_around_the_capture_and_start_afresh(
                           switch)
 
     models = [model('stock', '-'), model('psa_s-official', 'auto', fused_m),
-              model('psa_s-official', 'auto', fused_m), model('psa_s-official', 'auto')]
-    models[2].form = 'paper-sequential'   # a third label
+              model('paper-sequential', 'auto', fused_m), model('psa_s-official', 'auto')]
     host = {m.label: [] for m in models}
     steps = tool.graph_steps(models, {}, torch.bfloat16, torch.device('cpu'), host, 2)
     assert captures == [(None, 'pool 1'), ('0', 'pool 1'), ('0', 'pool 2'), (None, 'pool 2')]
