@@ -69,28 +69,49 @@ def reference(b: PolarizedSelfAttention, x: Tensor) -> Tensor:
     return b(x)
 
 
+def close_to_scale(got: Tensor, want: Tensor, name: str) -> None:
+    """float64 ``got`` within 1e-11 of ``want``'s largest magnitude (at least 1) everywhere:
+    the bound for sums of many large terms (at C >= 512 the blocks of ``block`` give weight
+    gradients of ~1e3 whose small entries cancel, and two summation orders differ by ~1e-10
+    there)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    if want.numel():
+        scale = max(want.abs().max().item(), 1.0)
+        err = (got - want).abs().max().item()
+        assert err <= 1e-11 * scale, f'{name}: error {err:.3g} against a scale of {scale:.3g}'
+
+
 def check_matches(fn, mode: str, shape: tuple[int, ...], layout: torch.memory_format,
-                  variant: str = 'official') -> None:
+                  variant: str = 'official', scaled: bool = False) -> None:
     """``fn``'s output against the equations (the release's, or the paper's) and its gradients
-    against autograd through the reference, float64, x and G in ``layout`` (kept by y and dx)."""
+    against autograd through the reference, float64, x and G in ``layout`` (kept by y and dx);
+    each within 1e-10 (``scaled``: within 1e-11 of its largest magnitude, close_to_scale)."""
+    def close(got: Tensor, want: Tensor, name: str) -> None:
+        if scaled:
+            close_to_scale(got, want, name)
+        else:
+            torch.testing.assert_close(got, want, **TOL, msg=lambda m: f'{name}: {m}')
+
     b = block(variant, mode, shape[1], 'reference')
     x = torch.randn(shape, dtype=F64)
     xl = x.contiguous(memory_format=layout)
     y = fn(b, xl)
     assert y.is_contiguous(memory_format=layout)
-    torch.testing.assert_close(y, equations(b, x), **TOL)
+    close(y, equations(b, x), 'y')
     g = torch.randn(shape, dtype=F64).contiguous(memory_format=layout)
     ours = all_grads(fn, b, xl, g)
     assert ours[0].is_contiguous(memory_format=layout)
-    for got, want in zip(ours, all_grads(reference, b, x, g)):
-        torch.testing.assert_close(got, want, **TOL)
+    names = ['x'] + [name for name, _ in b.named_parameters()]
+    for name, got, want in zip(names, ours, all_grads(reference, b, x, g)):
+        close(got, want, name)
 
 
 def check_low_precision(fn, mode: str, shape: tuple[int, ...], dtype: torch.dtype,
-                        variant: str = 'official', bound: torch.dtype | None = None) -> None:
+                        variant: str = 'official', bound: torch.dtype | None = None,
+                        slack: float = 1.0, atol: float = 0.0) -> None:
     """``fn``'s output and every gradient in ``dtype``: error against float64 at most about
     twice the eager reference's own in ``bound`` (default: ``dtype``; the reference on the
-    CPU)."""
+    CPU), that bound times ``slack``, plus ``atol``."""
     b = block(variant, mode, shape[1], 'reference')
     with torch.no_grad():
         for p in b.parameters():
@@ -108,8 +129,8 @@ def check_low_precision(fn, mode: str, shape: tuple[int, ...], dtype: torch.dtyp
     def err(a: Tensor, t: Tensor) -> float:
         return (a.double().cpu() - t).abs().max().item()
 
-    assert err(ours, truth) <= 2 * err(ref, truth) + 1e-6
+    assert err(ours, truth) <= slack * (2 * err(ref, truth) + 1e-6) + atol
     names = ['x'] + [n for n, _ in b.named_parameters()]
     for name, a, r, t in zip(names, ours_g, ref_g, truth_g):
         assert a.dtype == dtype, name
-        assert err(a, t) <= 2 * err(r, t) + 1e-3 * t.abs().max().item(), name
+        assert err(a, t) <= slack * (2 * err(r, t) + 1e-3 * t.abs().max().item()) + atol, name

@@ -1,0 +1,168 @@
+"""The CUDA kernels under the CPU emulation at shapes drawn at random.
+
+``test_kernels_emulated.py`` checks chosen shapes, one kernel choice at a time; here every
+PSA form runs as the CUDA op composes it at random shapes (batch, channels from 2 to 1024, maps
+from 1x1, either memory format) under a random one of the variables that switch the kernels'
+paths, in float64 and (fewer cases) in float32/bfloat16/float16, and outlook attention at
+random geometries (kernel size, padding, stride, heads, head size) in float64. Each case
+against the paper's equations and autograd through the reference, as there. The draw is fixed
+(``MMATTN_RANDOM_SEED``, default 0) so that a failure reproduces; ``MMATTN_RANDOM_CASES``
+(default 1) multiplies the number of cases, for a longer search after a change to the
+kernels: ``MMATTN_RANDOM_CASES=30 MMATTN_RANDOM_SEED=5 pytest
+tests/ops/test_kernels_random_shapes.py`` runs 30 times as many (about 5 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+import random
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from psa_block_checks import check_low_precision, check_matches  # noqa: E402
+from test_kernels_emulated import (BLOCK_FORMS, block_kernel,  # noqa: E402,F401
+                                   check_outlook_matches, emulated, exact_float32,
+                                   junk_in_new_memory)
+from test_outlook_op import grid  # noqa: E402
+
+SEED = int(os.environ.get('MMATTN_RANDOM_SEED', '0'))
+TIMES = int(os.environ.get('MMATTN_RANDOM_CASES', '1'))
+
+#: the variables that switch the kernels' paths (or how many blocks compute a block), each set
+#: to a value that is not its default, for every form; then those of one form. In float64 the
+#: value tiles of PSA_s run only where MMATTN_PSA_VALUE_TILES=1 asks for them.
+COMMON_SWITCHES = [(), (('MMATTN_PSA_REGISTER_TILES', '0'),), (('MMATTN_PSA_GLUE_BLOCKS', '1'),),
+                   (('MMATTN_PSA_GLUE_BLOCKS', '3'),), (('MMATTN_PSA_MAX_SPLITS', '1'),),
+                   (('MMATTN_PSA_MAX_SPLITS', '3'),)]
+FORM_SWITCHES = {
+    ('official', 'parallel'): [(('MMATTN_PSA_COOPERATIVE', '0'),)],
+    ('official', 'sequential'): [
+        (('MMATTN_PSA_COOPERATIVE', '0'),), (('MMATTN_PSA_VALUE_TILES', '0'),),
+        (('MMATTN_PSA_VALUE_TILES', '1'),), (('MMATTN_PSA_FUSED_M', '0'),),
+        (('MMATTN_PSA_VALUE_TILES', '1'), ('MMATTN_PSA_FUSED_M', '0'))]}
+
+
+def draw_form(rng: random.Random) -> tuple[str, str, tuple]:
+    """A form, and a switch among those for it (the form's own as often as the common ones)."""
+    variant, mode = rng.choice(BLOCK_FORMS)
+    own = FORM_SWITCHES.get((variant, mode), [])
+    switches = COMMON_SWITCHES if not own or rng.random() < 0.5 else own
+    return variant, mode, rng.choice(switches)
+
+
+def psa_cases(rng: random.Random, count: int, wide: bool) -> list[tuple]:
+    """(variant, mode, shape, memory format, switch): up to 320 channels on maps up to 33x40,
+    or (``wide``) 384-1024 channels, up to 17 images, on maps up to 5x9."""
+    cases = []
+    for _ in range(count):
+        if wide:
+            shape = (rng.choice([1, 4, 9, 17]), rng.choice([384, 510, 640, 1024]),
+                     rng.choice([1, 2, 3, 5]), rng.choice([1, 2, 3, 6, 9]))
+        else:
+            shape = (rng.choice([1, 1, 2, 3, 5]),
+                     rng.choice([2, 4, 6, 10, 16, 30, 34, 48, 62, 64, 66, 96, 130, 192, 256,
+                                 258, 320]),
+                     rng.choice([1, 2, 3, 5, 7, 8, 9, 13, 16, 17, 31, 33]),
+                     rng.choice([1, 2, 3, 4, 5, 7, 8, 11, 16, 23, 32, 40]))
+        variant, mode, switch = draw_form(rng)
+        cases.append((variant, mode, shape, rng.choice(['nchw', 'nhwc']), switch))
+    return cases
+
+
+def low_precision_cases(rng: random.Random, count: int) -> list[tuple]:
+    """(variant, mode, shape, memory format, switch, dtype): 64-256 channels (multiples of 8:
+    the 16-byte vectors, and the value tiles' tensor cores where the pixels allow) on maps of
+    15 pixels or more; PSA_s not in bfloat16. (With fewer channels or pixels some gradients
+    are sums of a few near-cancelling terms, 0 on one pixel, whose rounding in bfloat16 the
+    reference sometimes escapes by chance: there the kernels' error reached 6 times the bound
+    below. PSA_s's bottleneck has a ReLU: where one of its inputs lies within bfloat16's
+    rounding of 0, as in 1 of 480 cases drawn so, the kernels and the reference may take
+    either side and a gradient differs by the whole of one term, 10% of it there.)"""
+    cases = []
+    for _ in range(count):
+        shape = (rng.choice([1, 2, 3]), rng.choice([64, 72, 128, 136, 192, 256]),
+                 rng.choice([3, 8, 9, 16]), rng.choice([5, 8, 12, 24]))
+        variant, mode, switch = draw_form(rng)
+        dtypes = ['float32', 'float16'] + ([] if mode == 'sequential' and variant == 'official'
+                                           else ['bfloat16'])
+        cases.append((variant, mode, shape, rng.choice(['nchw', 'nhwc']), switch,
+                      rng.choice(dtypes)))
+    return cases
+
+
+def case_id(case: tuple) -> str:
+    variant, mode, shape, layout, switch, *dtype = case
+    return '-'.join([variant, mode, 'x'.join(map(str, shape)), layout, *dtype,
+                     *('='.join(pair) for pair in switch)])
+
+
+def set_switch(monkeypatch: pytest.MonkeyPatch, switch: tuple) -> None:
+    for name in {name for pairs in COMMON_SWITCHES + sum(FORM_SWITCHES.values(), [])
+                 for name, _ in pairs}:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in switch:
+        monkeypatch.setenv(name, value)
+
+
+_rng = random.Random(SEED)
+PSA_CASES = psa_cases(_rng, 40 * TIMES, wide=False) + psa_cases(_rng, 4 * TIMES, wide=True)
+LOW_PRECISION_CASES = low_precision_cases(_rng, 12 * TIMES)
+
+
+@pytest.mark.parametrize('case', PSA_CASES, ids=case_id)
+def test_psa_block_kernels_at_random_shapes(block_kernel, monkeypatch: pytest.MonkeyPatch,
+                                            case: tuple) -> None:
+    """Output and every gradient within 1e-11 of each tensor's largest magnitude (at 1024
+    channels the weight gradients reach ~1e3 and two orders of their sums differ by ~1e-10,
+    past the fixed 1e-10 of the chosen shapes' tests)."""
+    variant, mode, shape, layout, switch = case
+    set_switch(monkeypatch, switch)
+    torch.manual_seed(sum(shape))
+    fmt = torch.channels_last if layout == 'nhwc' else torch.contiguous_format
+    check_matches(block_kernel, mode, shape, fmt, variant, scaled=True)
+
+
+@pytest.mark.parametrize('case', LOW_PRECISION_CASES, ids=case_id)
+def test_psa_block_kernels_at_random_shapes_low_precision(
+        block_kernel, monkeypatch: pytest.MonkeyPatch, case: tuple) -> None:
+    """Output and every gradient in float32 (no TF32), bfloat16 and float16: error against
+    float64 at most twice the chosen shapes' bound (about twice the eager reference's in the
+    same dtype: in 1,000 cases drawn so the kernels' error was typically 0.6 of the
+    reference's and at worst 1.5 times that bound), plus 1e-3 of the dtype's epsilon (where a
+    gradient vanishes, ~1e-22 in the reference: 2e-16 from the kernels). A wrong index or a
+    missing barrier misses it by far."""
+    variant, mode, shape, layout, switch, dtype = case
+    set_switch(monkeypatch, switch)
+    torch.manual_seed(sum(shape))
+    fmt = torch.channels_last if layout == 'nhwc' else torch.contiguous_format
+    check_low_precision(lambda b, x: block_kernel(b, x.contiguous(memory_format=fmt)), mode,
+                        shape, getattr(torch, dtype), variant, slack=2,
+                        atol=1e-3 * torch.finfo(getattr(torch, dtype)).eps)
+
+
+def outlook_cases(rng: random.Random, count: int) -> list[tuple[int, ...]]:
+    """(K, p, s, H, W, heads, d, batch): kernel sizes 1-7 (even ones too), no padding to
+    K // 2, strides 1-3, maps up to 12x12 that hold a window at least."""
+    cases: list[tuple[int, ...]] = []
+    while len(cases) < count:
+        k = rng.choice([1, 2, 3, 3, 3, 4, 5, 7])
+        p, s = rng.choice([0, (k - 1) // 2, k // 2]), rng.choice([1, 2, 2, 3])
+        height, width = rng.randint(1, 12), rng.randint(1, 12)
+        if grid(height, k, p, s) >= 1 and grid(width, k, p, s) >= 1:
+            cases.append((k, p, s, height, width, rng.choice([1, 2, 3, 6]),
+                          rng.choice([1, 2, 3, 4, 8, 16, 32]), rng.choice([1, 2, 3])))
+    return cases
+
+
+OUTLOOK_CASES = outlook_cases(_rng, 30 * TIMES)
+
+
+@pytest.mark.parametrize('case', OUTLOOK_CASES,
+                         ids=lambda c: 'k{}p{}s{}-{}x{}-h{}d{}-b{}'.format(*c))
+def test_outlook_kernels_at_random_geometries(emulated, case: tuple[int, ...]) -> None:
+    k, p, s, height, width, heads, d, batch = case
+    torch.manual_seed(k * 1000 + height * 10 + width)
+    check_outlook_matches(emulated, batch, k, p, s, height, width, heads, d)
