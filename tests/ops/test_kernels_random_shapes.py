@@ -4,7 +4,8 @@
 PSA form runs as the CUDA op composes it at random shapes (batch, channels from 2 to 1024, maps
 from 1x1, either memory format) under a random one of the variables that switch the kernels'
 paths, in float64 and (fewer cases) in float32/bfloat16/float16, and outlook attention at
-random geometries (kernel size, padding, stride, heads, head size) in float64. Each case
+random geometries (kernel size, padding, stride, heads, head size) in float64; the fused CPU
+block (``backend='cpu'``) at random shapes too. Each case
 against the paper's equations and autograd through the reference, as there. The draw is fixed
 (``MMATTN_RANDOM_SEED``, default 0) so that a failure reproduces; ``MMATTN_RANDOM_CASES``
 (default 1) multiplies the number of cases, for a longer search after a change to the
@@ -166,3 +167,33 @@ def test_outlook_kernels_at_random_geometries(emulated, case: tuple[int, ...]) -
     k, p, s, height, width, heads, d, batch = case
     torch.manual_seed(k * 1000 + height * 10 + width)
     check_outlook_matches(emulated, batch, k, p, s, height, width, heads, d)
+
+
+# the fused CPU block (backend='cpu', psa_cpu.cpp), which its own tests check at C <= 32
+CPU_CASES = [case[:4] for case in psa_cases(_rng, 16 * TIMES, wide=False)]
+
+
+def cpu_block(b, x: torch.Tensor) -> torch.Tensor:
+    """``b`` (whose backend the checks set to 'reference' for their truth) on the CPU op."""
+    b.backend = 'cpu'
+    try:
+        return b(x)
+    finally:
+        b.backend = 'reference'
+
+
+@pytest.mark.parametrize('case', CPU_CASES, ids=lambda c: case_id((*c, ())))
+def test_psa_cpu_block_at_random_shapes(cpu_kernels: str, case: tuple) -> None:
+    """The CPU op in float64 as the emulated kernels above; where the shape allows (64 or more
+    channels in multiples of 8, 15 pixels or more), in a random one of the dtypes of the
+    low-precision cases too."""
+    variant, mode, shape, layout = case
+    torch.manual_seed(sum(shape))
+    fmt = torch.channels_last if layout == 'nhwc' else torch.contiguous_format
+    check_matches(cpu_block, mode, shape, fmt, variant, scaled=True)
+    if shape[1] >= 64 and shape[1] % 8 == 0 and shape[2] * shape[3] >= 15:
+        dtypes = [torch.float32, torch.float16] + (
+            [] if (variant, mode) == ('official', 'sequential') else [torch.bfloat16])
+        dtype = dtypes[sum(shape) % len(dtypes)]
+        check_low_precision(lambda b, x: cpu_block(b, x.contiguous(memory_format=fmt)), mode,
+                            shape, dtype, variant, slack=2, atol=1e-3 * torch.finfo(dtype).eps)
