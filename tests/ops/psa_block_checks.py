@@ -82,11 +82,15 @@ def close_to_scale(got: Tensor, want: Tensor, name: str) -> None:
 
 
 def check_matches(fn, mode: str, shape: tuple[int, ...], layout: torch.memory_format,
-                  variant: str = 'official', scaled: bool = False) -> None:
+                  variant: str = 'official', scaled: bool = False,
+                  device: str = 'cpu') -> None:
     """``fn``'s output against the equations (the release's, or the paper's) and its gradients
     against autograd through the reference, float64, x and G in ``layout`` (kept by y and dx);
-    each within 1e-10 (``scaled``: within 1e-11 of its largest magnitude, close_to_scale)."""
+    each within 1e-10 (``scaled``: within 1e-11 of its largest magnitude, close_to_scale).
+    The equations and the reference run on the CPU; ``fn`` on a copy of the block, x and G on
+    ``device``."""
     def close(got: Tensor, want: Tensor, name: str) -> None:
+        got = got.cpu()
         if scaled:
             close_to_scale(got, want, name)
         else:
@@ -94,15 +98,17 @@ def check_matches(fn, mode: str, shape: tuple[int, ...], layout: torch.memory_fo
 
     b = block(variant, mode, shape[1], 'reference')
     x = torch.randn(shape, dtype=F64)
-    xl = x.contiguous(memory_format=layout)
-    y = fn(b, xl)
-    assert y.is_contiguous(memory_format=layout)
-    close(y, equations(b, x), 'y')
-    g = torch.randn(shape, dtype=F64).contiguous(memory_format=layout)
-    ours = all_grads(fn, b, xl, g)
-    assert ours[0].is_contiguous(memory_format=layout)
+    g = torch.randn(shape, dtype=F64)
     names = ['x'] + [name for name, _ in b.named_parameters()]
-    for name, got, want in zip(names, ours, all_grads(reference, b, x, g)):
+    want_y, want_grads = equations(b, x), all_grads(reference, b, x, g)
+    on = copy.deepcopy(b).to(device)
+    xl, gl = (t.to(device).contiguous(memory_format=layout) for t in (x, g))
+    y = fn(on, xl)
+    assert y.is_contiguous(memory_format=layout)
+    close(y, want_y, 'y')
+    ours = all_grads(fn, on, xl, gl)
+    assert ours[0].is_contiguous(memory_format=layout)
+    for name, got, want in zip(names, ours, want_grads):
         close(got, want, name)
 
 

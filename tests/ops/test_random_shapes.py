@@ -1,16 +1,18 @@
-"""The CUDA kernels under the CPU emulation at shapes drawn at random.
+"""The compiled kernels at shapes drawn at random: the CUDA kernels under the CPU emulation
+(and, ``cuda``-marked, on a GPU), the fused CPU block.
 
-``test_kernels_emulated.py`` checks chosen shapes, one kernel choice at a time; here every
-PSA form runs as the CUDA op composes it at random shapes (batch, channels from 2 to 1024, maps
+``test_kernels_emulated.py`` checks chosen shapes, one kernel choice at a time; here every PSA
+form runs as the CUDA op composes it at random shapes (batch, channels from 2 to 1024, maps
 from 1x1, either memory format) under a random one of the variables that switch the kernels'
 paths, in float64 and (fewer cases) in float32/bfloat16/float16, and outlook attention at
 random geometries (kernel size, padding, stride, heads, head size) in float64; the fused CPU
-block (``backend='cpu'``) at random shapes too. Each case
-against the paper's equations and autograd through the reference, as there. The draw is fixed
-(``MMATTN_RANDOM_SEED``, default 0) so that a failure reproduces; ``MMATTN_RANDOM_CASES``
-(default 1) multiplies the number of cases, for a longer search after a change to the
-kernels: ``MMATTN_RANDOM_CASES=30 MMATTN_RANDOM_SEED=5 pytest
-tests/ops/test_kernels_random_shapes.py`` runs 30 times as many (about 5 minutes on 2 cores).
+block (``backend='cpu'``) at random shapes too. Each case against the paper's equations and
+autograd through the reference, as there. The draw is fixed (``MMATTN_RANDOM_SEED``, default
+0) so that a failure reproduces; ``MMATTN_RANDOM_CASES`` (default 1) multiplies the number of
+cases, for a longer search after a change to the kernels: ``MMATTN_RANDOM_CASES=30
+MMATTN_RANDOM_SEED=5 pytest tests/ops/test_random_shapes.py`` runs 30 times as many (about 5
+minutes on 2 cores). (The file's name sorts after the other files of ``tests/ops``: a GPU
+stage cut at its time limit has run the chosen shapes' ``cuda`` tests first.)
 """
 from __future__ import annotations
 
@@ -169,31 +171,56 @@ def test_outlook_kernels_at_random_geometries(emulated, case: tuple[int, ...]) -
     check_outlook_matches(emulated, batch, k, p, s, height, width, heads, d)
 
 
-# the fused CPU block (backend='cpu', psa_cpu.cpp), which its own tests check at C <= 32
+# the compiled blocks themselves: the fused CPU block (backend='cpu', psa_cpu.cpp), which its
+# own tests check at C <= 32, and on a GPU the CUDA block (backend='cuda') at the emulated
+# cases' shapes and switches
 CPU_CASES = [case[:4] for case in psa_cases(_rng, 16 * TIMES, wide=False)]
 
 
-def cpu_block(b, x: torch.Tensor) -> torch.Tensor:
-    """``b`` (whose backend the checks set to 'reference' for their truth) on the CPU op."""
-    b.backend = 'cpu'
-    try:
-        return b(x)
-    finally:
-        b.backend = 'reference'
+def on_backend(backend: str, device: str):
+    """``(module, x) -> output`` through ``module`` moved to ``device`` with ``backend`` (the
+    checks set the backend to 'reference' for their own truth)."""
+    def run(b, x: torch.Tensor) -> torch.Tensor:
+        b.to(device).backend = backend
+        try:
+            return b(x.to(device))
+        finally:
+            b.backend = 'reference'
+    return run
+
+
+def check_compiled_block(backend: str, device: str, case: tuple) -> None:
+    variant, mode, shape, layout, *dtype = case
+    torch.manual_seed(sum(shape))
+    fmt = torch.channels_last if layout == 'nhwc' else torch.contiguous_format
+    run = on_backend(backend, device)
+    if not dtype:
+        check_matches(run, mode, shape, fmt, variant, scaled=True, device=device)
+    else:
+        check_low_precision(lambda b, x: run(b, x.contiguous(memory_format=fmt)), mode, shape,
+                            dtype[0], variant, slack=2, atol=1e-3 * torch.finfo(dtype[0]).eps)
 
 
 @pytest.mark.parametrize('case', CPU_CASES, ids=lambda c: case_id((*c, ())))
 def test_psa_cpu_block_at_random_shapes(cpu_kernels: str, case: tuple) -> None:
     """The CPU op in float64 as the emulated kernels above; where the shape allows (64 or more
-    channels in multiples of 8, 15 pixels or more), in a random one of the dtypes of the
-    low-precision cases too."""
+    channels in multiples of 8, 15 pixels or more), in one of the dtypes of the low-precision
+    cases too."""
+    check_compiled_block('cpu', 'cpu', case)
     variant, mode, shape, layout = case
-    torch.manual_seed(sum(shape))
-    fmt = torch.channels_last if layout == 'nhwc' else torch.contiguous_format
-    check_matches(cpu_block, mode, shape, fmt, variant, scaled=True)
     if shape[1] >= 64 and shape[1] % 8 == 0 and shape[2] * shape[3] >= 15:
         dtypes = [torch.float32, torch.float16] + (
             [] if (variant, mode) == ('official', 'sequential') else [torch.bfloat16])
-        dtype = dtypes[sum(shape) % len(dtypes)]
-        check_low_precision(lambda b, x: cpu_block(b, x.contiguous(memory_format=fmt)), mode,
-                            shape, dtype, variant, slack=2, atol=1e-3 * torch.finfo(dtype).eps)
+        check_compiled_block('cpu', 'cpu', (*case, dtypes[sum(shape) % len(dtypes)]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('case', PSA_CASES + LOW_PRECISION_CASES, ids=case_id)
+def test_psa_cuda_block_at_random_shapes(cuda_kernels: str, monkeypatch: pytest.MonkeyPatch,
+                                         case: tuple) -> None:
+    """The emulated cases on a GPU's kernels, each under its switch (what the emulation cannot
+    show: the GPU's memory model and its own limits, at shapes no chosen test has)."""
+    variant, mode, shape, layout, switch, *dtype = case
+    set_switch(monkeypatch, switch)
+    check_compiled_block('cuda', 'cuda', (variant, mode, shape, layout,
+                                          *(getattr(torch, d) for d in dtype)))
