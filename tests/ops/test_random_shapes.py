@@ -89,11 +89,14 @@ def low_precision_cases(rng: random.Random, count: int) -> list[tuple]:
         shape = (rng.choice([1, 2, 3]), rng.choice([64, 72, 128, 136, 192, 256]),
                  rng.choice([3, 8, 9, 16]), rng.choice([5, 8, 12, 24]))
         variant, mode, switch = draw_form(rng)
-        dtypes = ['float32', 'float16'] + ([] if mode == 'sequential' and variant == 'official'
-                                           else ['bfloat16'])
         cases.append((variant, mode, shape, rng.choice(['nchw', 'nhwc']), switch,
-                      rng.choice(dtypes)))
+                      rng.choice(low_precision_dtypes(variant, mode))))
     return cases
+
+
+def low_precision_dtypes(variant: str, mode: str) -> list[str]:
+    return ['float32', 'float16'] + ([] if (variant, mode) == ('official', 'sequential')
+                                     else ['bfloat16'])
 
 
 def case_id(case: tuple) -> str:
@@ -115,35 +118,33 @@ PSA_CASES = psa_cases(_rng, 40 * TIMES, wide=False) + psa_cases(_rng, 4 * TIMES,
 LOW_PRECISION_CASES = low_precision_cases(_rng, 12 * TIMES)
 
 
-@pytest.mark.parametrize('case', PSA_CASES, ids=case_id)
+def check_case(run, case: tuple, device: str = 'cpu') -> None:
+    """A case (variant, mode, shape, layout[, dtype]) through ``run``: in float64, output and
+    every gradient within 1e-11 of each tensor's largest magnitude (at 1024 channels the
+    weight gradients reach ~1e3 and two orders of their sums differ by ~1e-10, past the fixed
+    1e-10 of the chosen shapes' tests); in a low-precision dtype (float32 without TF32,
+    bfloat16, float16), error against float64 at most twice the chosen shapes' bound (about
+    twice the eager reference's in the same dtype: in 1,000 cases drawn so the kernels' error
+    was typically 0.6 of the reference's and at worst 1.5 times that bound), plus 1e-3 of the
+    dtype's epsilon (where a gradient vanishes, ~1e-22 in the reference: 2e-16 from the
+    kernels). A wrong index or a missing barrier misses either by far."""
+    variant, mode, shape, layout, *dtype = case
+    torch.manual_seed(sum(shape))
+    fmt = torch.channels_last if layout == 'nhwc' else torch.contiguous_format
+    if not dtype:
+        check_matches(run, mode, shape, fmt, variant, scaled=True, device=device)
+    else:
+        low = getattr(torch, dtype[0])
+        check_low_precision(lambda b, x: run(b, x.contiguous(memory_format=fmt)), mode, shape,
+                            low, variant, slack=2, atol=1e-3 * torch.finfo(low).eps)
+
+
+@pytest.mark.parametrize('case', PSA_CASES + LOW_PRECISION_CASES, ids=case_id)
 def test_psa_block_kernels_at_random_shapes(block_kernel, monkeypatch: pytest.MonkeyPatch,
                                             case: tuple) -> None:
-    """Output and every gradient within 1e-11 of each tensor's largest magnitude (at 1024
-    channels the weight gradients reach ~1e3 and two orders of their sums differ by ~1e-10,
-    past the fixed 1e-10 of the chosen shapes' tests)."""
-    variant, mode, shape, layout, switch = case
+    variant, mode, shape, layout, switch, *dtype = case
     set_switch(monkeypatch, switch)
-    torch.manual_seed(sum(shape))
-    fmt = torch.channels_last if layout == 'nhwc' else torch.contiguous_format
-    check_matches(block_kernel, mode, shape, fmt, variant, scaled=True)
-
-
-@pytest.mark.parametrize('case', LOW_PRECISION_CASES, ids=case_id)
-def test_psa_block_kernels_at_random_shapes_low_precision(
-        block_kernel, monkeypatch: pytest.MonkeyPatch, case: tuple) -> None:
-    """Output and every gradient in float32 (no TF32), bfloat16 and float16: error against
-    float64 at most twice the chosen shapes' bound (about twice the eager reference's in the
-    same dtype: in 1,000 cases drawn so the kernels' error was typically 0.6 of the
-    reference's and at worst 1.5 times that bound), plus 1e-3 of the dtype's epsilon (where a
-    gradient vanishes, ~1e-22 in the reference: 2e-16 from the kernels). A wrong index or a
-    missing barrier misses it by far."""
-    variant, mode, shape, layout, switch, dtype = case
-    set_switch(monkeypatch, switch)
-    torch.manual_seed(sum(shape))
-    fmt = torch.channels_last if layout == 'nhwc' else torch.contiguous_format
-    check_low_precision(lambda b, x: block_kernel(b, x.contiguous(memory_format=fmt)), mode,
-                        shape, getattr(torch, dtype), variant, slack=2,
-                        atol=1e-3 * torch.finfo(getattr(torch, dtype)).eps)
+    check_case(block_kernel, (variant, mode, shape, layout, *dtype))
 
 
 def outlook_cases(rng: random.Random, count: int) -> list[tuple[int, ...]]:
@@ -189,29 +190,16 @@ def on_backend(backend: str, device: str):
     return run
 
 
-def check_compiled_block(backend: str, device: str, case: tuple) -> None:
-    variant, mode, shape, layout, *dtype = case
-    torch.manual_seed(sum(shape))
-    fmt = torch.channels_last if layout == 'nhwc' else torch.contiguous_format
-    run = on_backend(backend, device)
-    if not dtype:
-        check_matches(run, mode, shape, fmt, variant, scaled=True, device=device)
-    else:
-        check_low_precision(lambda b, x: run(b, x.contiguous(memory_format=fmt)), mode, shape,
-                            dtype[0], variant, slack=2, atol=1e-3 * torch.finfo(dtype[0]).eps)
-
-
 @pytest.mark.parametrize('case', CPU_CASES, ids=lambda c: case_id((*c, ())))
 def test_psa_cpu_block_at_random_shapes(cpu_kernels: str, case: tuple) -> None:
-    """The CPU op in float64 as the emulated kernels above; where the shape allows (64 or more
-    channels in multiples of 8, 15 pixels or more), in one of the dtypes of the low-precision
-    cases too."""
-    check_compiled_block('cpu', 'cpu', case)
+    """The CPU op in float64 as the emulated kernels above; where the shape allows it a
+    low-precision case (64 or more channels in multiples of 8, 15 pixels or more), in one of
+    the dtypes of those cases too."""
+    check_case(on_backend('cpu', 'cpu'), case)
     variant, mode, shape, layout = case
     if shape[1] >= 64 and shape[1] % 8 == 0 and shape[2] * shape[3] >= 15:
-        dtypes = [torch.float32, torch.float16] + (
-            [] if (variant, mode) == ('official', 'sequential') else [torch.bfloat16])
-        check_compiled_block('cpu', 'cpu', (*case, dtypes[sum(shape) % len(dtypes)]))
+        dtypes = low_precision_dtypes(variant, mode)
+        check_case(on_backend('cpu', 'cpu'), (*case, dtypes[sum(shape) % len(dtypes)]))
 
 
 @pytest.mark.cuda
@@ -222,5 +210,4 @@ def test_psa_cuda_block_at_random_shapes(cuda_kernels: str, monkeypatch: pytest.
     show: the GPU's memory model and its own limits, at shapes no chosen test has)."""
     variant, mode, shape, layout, switch, *dtype = case
     set_switch(monkeypatch, switch)
-    check_compiled_block('cuda', 'cuda', (variant, mode, shape, layout,
-                                          *(getattr(torch, d) for d in dtype)))
+    check_case(on_backend('cuda', 'cuda'), (variant, mode, shape, layout, *dtype), 'cuda')
