@@ -52,8 +52,8 @@
 #   --layouts nchw' bash tools/gpu_check.sh
 #
 # CUDA_TESTS (default tests/ops tests/models/test_volo.py tests/test_benchmark.py) are the
-# paths whose `cuda` tests the stage cuda_tests runs: 204 tests on 2026-11-28, the kernels'
-# (tests/ops, 195; its last 56 at random shapes) first; the benchmark tools' tests start a
+# paths whose `cuda` tests the stage cuda_tests runs: 246 tests on 2026-11-28, the kernels'
+# (tests/ops, 237; its last 98 at random shapes) first; the benchmark tools' tests start a
 # process each.
 #
 # MMCV_OPS=0 skips building mmcv's ops (only the model benchmarks need them): a call of the

@@ -5,7 +5,8 @@
 form runs as the CUDA op composes it at random shapes (batch, channels from 2 to 1024, maps
 from 1x1, either memory format) under a random one of the variables that switch the kernels'
 paths, in float64 and (fewer cases) in float32/bfloat16/float16, and outlook attention at
-random geometries (kernel size, padding, stride, heads, head size) in float64; the fused CPU
+random geometries (kernel size, padding, stride, heads, head size) in float64 and (K of 3-5,
+its tensor-core kernels among the paths) in bfloat16/float16; the fused CPU
 block (``backend='cpu'``) at random shapes too. Each case against the paper's equations and
 autograd through the reference, as there. The draw is fixed (``MMATTN_RANDOM_SEED``, default
 0) so that a failure reproduces; ``MMATTN_RANDOM_CASES`` (default 1) multiplies the number of
@@ -27,8 +28,8 @@ import torch
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from psa_block_checks import check_low_precision, check_matches  # noqa: E402
 from test_kernels_emulated import (BLOCK_FORMS, block_kernel,  # noqa: E402,F401
-                                   check_outlook_matches, emulated, exact_float32,
-                                   junk_in_new_memory)
+                                   check_outlook_low_precision, check_outlook_matches,
+                                   emulated, exact_float32, junk_in_new_memory)
 from test_outlook_op import grid  # noqa: E402
 
 SEED = int(os.environ.get('MMATTN_RANDOM_SEED', '0'))
@@ -113,9 +114,44 @@ def set_switch(monkeypatch: pytest.MonkeyPatch, switch: tuple) -> None:
         monkeypatch.setenv(name, value)
 
 
+def outlook_cases(rng: random.Random, count: int) -> list[tuple[int, ...]]:
+    """(K, p, s, H, W, heads, d, batch): kernel sizes 1-7 (even ones too), no padding to
+    K // 2, strides 1-3, maps up to 12x12 that hold a window at least."""
+    cases: list[tuple[int, ...]] = []
+    while len(cases) < count:
+        k = rng.choice([1, 2, 3, 3, 3, 4, 5, 7])
+        p, s = rng.choice([0, (k - 1) // 2, k // 2]), rng.choice([1, 2, 2, 3])
+        height, width = rng.randint(1, 12), rng.randint(1, 12)
+        if grid(height, k, p, s) >= 1 and grid(width, k, p, s) >= 1:
+            cases.append((k, p, s, height, width, rng.choice([1, 2, 3, 6]),
+                          rng.choice([1, 2, 3, 4, 8, 16, 32]), rng.choice([1, 2, 3])))
+    return cases
+
+
+def outlook_low_precision_cases(rng: random.Random, count: int) -> list[tuple]:
+    """(K, p, s, H, W, heads, d, batch, dtype, tensor-core gather): mostly VOLO's K = 3, head
+    sizes of 16-48 channels (the tensor-core kernels of grad_attn, and of the gathers where
+    ``MMATTN_OUTLOOK_TENSOR_CORE_GATHER=1`` and s >= 2) or of 3 and 8 (the scalar packs), up
+    to 10 heads (more than a block's 8 warps), maps up to 17x17, bfloat16 or float16."""
+    cases: list[tuple] = []
+    while len(cases) < count:
+        k, p, s = rng.choice([(3, 1, 1), (3, 1, 2), (3, 1, 2), (3, 0, 2), (3, 1, 3), (4, 1, 2),
+                              (5, 2, 2)])
+        height, width = rng.randint(2, 17), rng.randint(2, 17)
+        if grid(height, k, p, s) >= 1 and grid(width, k, p, s) >= 1:
+            cases.append((k, p, s, height, width, rng.choice([1, 2, 3, 6, 10]),
+                          rng.choice([3, 8, 16, 16, 32, 48]), rng.choice([1, 2]),
+                          rng.choice(['bfloat16', 'float16']), rng.choice(['0', '1'])))
+    return cases
+
+
+# (each list drawn after those above it: a new one goes last, leaving their draws as they were)
 _rng = random.Random(SEED)
 PSA_CASES = psa_cases(_rng, 40 * TIMES, wide=False) + psa_cases(_rng, 4 * TIMES, wide=True)
 LOW_PRECISION_CASES = low_precision_cases(_rng, 12 * TIMES)
+OUTLOOK_CASES = outlook_cases(_rng, 30 * TIMES)
+CPU_CASES = [case[:4] for case in psa_cases(_rng, 16 * TIMES, wide=False)]
+OUTLOOK_LOW_PRECISION_CASES = outlook_low_precision_cases(_rng, 12 * TIMES)
 
 
 def check_case(run, case: tuple, device: str = 'cpu') -> None:
@@ -147,37 +183,40 @@ def test_psa_block_kernels_at_random_shapes(block_kernel, monkeypatch: pytest.Mo
     check_case(block_kernel, (variant, mode, shape, layout, *dtype))
 
 
-def outlook_cases(rng: random.Random, count: int) -> list[tuple[int, ...]]:
-    """(K, p, s, H, W, heads, d, batch): kernel sizes 1-7 (even ones too), no padding to
-    K // 2, strides 1-3, maps up to 12x12 that hold a window at least."""
-    cases: list[tuple[int, ...]] = []
-    while len(cases) < count:
-        k = rng.choice([1, 2, 3, 3, 3, 4, 5, 7])
-        p, s = rng.choice([0, (k - 1) // 2, k // 2]), rng.choice([1, 2, 2, 3])
-        height, width = rng.randint(1, 12), rng.randint(1, 12)
-        if grid(height, k, p, s) >= 1 and grid(width, k, p, s) >= 1:
-            cases.append((k, p, s, height, width, rng.choice([1, 2, 3, 6]),
-                          rng.choice([1, 2, 3, 4, 8, 16, 32]), rng.choice([1, 2, 3])))
-    return cases
+def outlook_case_id(case: tuple) -> str:
+    k, p, s, height, width, heads, d, batch, *low = case
+    return f'k{k}p{p}s{s}-{height}x{width}-h{heads}d{d}-b{batch}' + (
+        f'-{low[0]}-tc{low[1]}' if low else '')
 
 
-OUTLOOK_CASES = outlook_cases(_rng, 30 * TIMES)
-
-
-@pytest.mark.parametrize('case', OUTLOOK_CASES,
-                         ids=lambda c: 'k{}p{}s{}-{}x{}-h{}d{}-b{}'.format(*c))
-def test_outlook_kernels_at_random_geometries(emulated, case: tuple[int, ...]) -> None:
-    k, p, s, height, width, heads, d, batch = case
+def check_outlook_case(ops, case: tuple, monkeypatch: pytest.MonkeyPatch,
+                       device: str = 'cpu') -> None:
+    """A geometry (K, p, s, H, W, heads, d, batch[, dtype, tensor-core gather]) through the
+    ``outlook_fwd``/``outlook_bwd`` of ``ops``: in float64 within 1e-12 of Eq. 4-5
+    (check_outlook_matches), in a 16-bit dtype with MMATTN_OUTLOOK_TENSOR_CORE_GATHER set to
+    the case's value, each value within one rounding of the float64 result of the same 16-bit
+    inputs (check_outlook_low_precision, the chosen shapes' rule)."""
+    k, p, s, height, width, heads, d, batch, *low = case
     torch.manual_seed(k * 1000 + height * 10 + width)
-    check_outlook_matches(emulated, batch, k, p, s, height, width, heads, d)
+    if not low:
+        monkeypatch.delenv('MMATTN_OUTLOOK_TENSOR_CORE_GATHER', raising=False)
+        check_outlook_matches(ops, batch, k, p, s, height, width, heads, d, device)
+    else:
+        monkeypatch.setenv('MMATTN_OUTLOOK_TENSOR_CORE_GATHER', low[1])
+        check_outlook_low_precision(ops, batch, k, p, s, height, width, heads, d,
+                                    getattr(torch, low[0]), device)
+
+
+@pytest.mark.parametrize('case', OUTLOOK_CASES + OUTLOOK_LOW_PRECISION_CASES,
+                         ids=outlook_case_id)
+def test_outlook_kernels_at_random_geometries(emulated, monkeypatch: pytest.MonkeyPatch,
+                                              case: tuple) -> None:
+    check_outlook_case(emulated, case, monkeypatch)
 
 
 # the compiled blocks themselves: the fused CPU block (backend='cpu', psa_cpu.cpp), which its
 # own tests check at C <= 32, and on a GPU the CUDA block (backend='cuda') at the emulated
 # cases' shapes and switches
-CPU_CASES = [case[:4] for case in psa_cases(_rng, 16 * TIMES, wide=False)]
-
-
 def on_backend(backend: str, device: str):
     """``(module, x) -> output`` through ``module`` moved to ``device`` with ``backend`` (the
     checks set the backend to 'reference' for their own truth)."""
@@ -211,3 +250,13 @@ def test_psa_cuda_block_at_random_shapes(cuda_kernels: str, monkeypatch: pytest.
     variant, mode, shape, layout, switch, *dtype = case
     set_switch(monkeypatch, switch)
     check_case(on_backend('cuda', 'cuda'), (variant, mode, shape, layout, *dtype), 'cuda')
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('case', OUTLOOK_CASES + OUTLOOK_LOW_PRECISION_CASES,
+                         ids=outlook_case_id)
+def test_outlook_cuda_kernels_at_random_geometries(cuda_kernels: str,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   case: tuple) -> None:
+    """The emulated outlook cases on a GPU's kernels (torch.ops.mmattn)."""
+    check_outlook_case(torch.ops.mmattn, case, monkeypatch, 'cuda')
