@@ -3,6 +3,7 @@ built from the real configs in a process where mmpose, mmdet and mmpretrain cann
 imported (the GPU machines have none of them)."""
 from __future__ import annotations
 
+import json
 import os
 import os.path as osp
 import subprocess
@@ -71,19 +72,44 @@ def test_training_steps_of_stock_and_psa_forms_with_mmseg_only() -> None:
         assert row[5] == '-' and row[7] == '-'           # CUDA-only columns on a CPU run
 
 
+# run the tool's main() once per argument list (sys.argv[1:], each a JSON list) in one process,
+# printing each exit code and what it wrote to stderr as a JSON line
+_RUN_EACH = """
+import contextlib, io, json, runpy, sys
+
+tool = runpy.run_path(sys.argv[1])
+for argv in sys.argv[2:]:
+    sys.argv = [sys.argv[0]] + json.loads(argv)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            tool['main']()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    print(json.dumps([code, err.getvalue()]))
+"""
+
+
 def test_bad_arguments_name_the_option() -> None:
-    for argv, expected in [(['--forms', 'psa_x'], "--forms: unknown ['psa_x']"),
-                           (['--shape', '2,64'], '--shape must be three positive integers'),
-                           (['--dtypes', 'float16'], "--dtypes: unknown ['float16']"),
-                           (['--cuda-graph', '--device', 'cpu'],
-                            '--cuda-graph needs --device cuda'),
-                           (['--switches', 'register-tiles,tf32'],
-                            "--switches: unknown ['tf32']; choose from ['register-tiles', "
-                            "'glue-clusters', 'cooperative', 'value-tiles', 'fused-m'] or all")]:
-        result = subprocess.run([sys.executable, TOOL, *argv], capture_output=True, text=True,
-                                timeout=300, cwd=ROOT)
-        assert result.returncode == 2
-        assert expected in result.stderr, result.stderr[-2000:]
+    """Each bad argument list exits with argparse's usage error (2), naming the option; all
+    of them in one process (the tool's imports, torch and mmseg, once)."""
+    cases = [(['--forms', 'psa_x'], "--forms: unknown ['psa_x']"),
+             (['--shape', '2,64'], '--shape must be three positive integers'),
+             (['--dtypes', 'float16'], "--dtypes: unknown ['float16']"),
+             (['--cuda-graph', '--device', 'cpu'], '--cuda-graph needs --device cuda'),
+             (['--switches', 'register-tiles,tf32'],
+              "--switches: unknown ['tf32']; choose from ['register-tiles', 'glue-clusters', "
+              "'cooperative', 'value-tiles', 'fused-m'] or all")]
+    result = subprocess.run(
+        [sys.executable, '-c', _RUN_EACH, TOOL] + [json.dumps(argv) for argv, _ in cases],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('[')]
+    assert len(lines) == len(cases), result.stdout[-3000:]
+    for (argv, expected), (code, stderr) in zip(cases, lines):
+        assert code == 2, (argv, stderr)
+        assert expected in stderr, (argv, stderr[-2000:])
 
 
 @pytest.mark.cuda
