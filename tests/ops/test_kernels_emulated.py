@@ -36,6 +36,7 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from test_outlook_op import (TENSOR_CORE_GATHERS, check_gathers_half,  # noqa: E402
                              check_logits_grad, check_logits_grad_half, check_ones_column,
                              check_softmax, check_unpool_add, paper_aggregate)
+from test_outlook_op import assert_rounded_once, rounded_inputs_truth  # noqa: E402
 from test_outlook_op import inputs as outlook_inputs  # noqa: E402
 from test_param_grads import (COLUMN_SHAPES, check_column_sums,  # noqa: E402
                               check_column_sums_edges, layer_norm_inputs)
@@ -991,60 +992,34 @@ def test_outlook_kernels_logits_gradient_low_precision(emulated, dtype: torch.dt
     check_logits_grad_half(emulated.outlook_bwd, dtype, heads, d)
 
 
-def one_rounding_bound(exact: Tensor, magnitude: Tensor, terms: int,
-                       dtype: torch.dtype) -> Tensor:
-    """How far a ``dtype`` result computed as a float32 sum of ``terms`` exact products
-    (16-bit x 16-bit fits float32's 24 bits), rounded to ``dtype`` once, may lie from ``exact``,
-    the float64 value of the same inputs: half the dtype's spacing at it, plus the float32
-    sum's error in any order, at most (terms - 1) u sum|products| (``magnitude``; Higham's
-    bound) with u = 2^-23, twice round-to-nearest's (tensor cores' float32 accumulation need
-    not round to nearest)."""
-    rounded = exact.to(dtype).abs()
-    spacing = torch.nextafter(rounded, torch.full_like(rounded, float('inf'))).double() - \
-        rounded.double()
-    return spacing / 2 + (terms - 1) * 2.0 ** -23 * magnitude
-
-
 def check_outlook_low_precision(ops, batch: int, k: int, p: int, s: int, height: int,
                                 width: int, heads: int, d: int, dtype: torch.dtype,
                                 device: str = 'cpu') -> None:
     """The outlook forward and both gradients of ``ops`` (check_outlook_matches') in ``dtype``:
-    in fp16/bf16 every value one rounding from Eq. 4-5 in float64 of the same 16-bit inputs
-    (one_rounding_bound; K^2 products of at most ceil(K/s)^2 windows for y and grad_v, the
-    head's d channels for grad_attn), what float32 sums of them rounded once give. (Not
-    against the PyTorch reference in the same dtype, which rounds its window products first:
-    at 1 random geometry in 1,692, K = 5 with one head of 3 channels on 2 x 7 pixels in
-    bf16, the kernels' error against the float64 result of the unrounded inputs was 2.6 times
-    the reference's, whose roundings had by chance cancelled the inputs'; the kernels' output
-    was the float64 result of its inputs rounded once.) Float32 within 1e-5 of float64 (the
-    reference's BLAS sums in another order, with FMA: at K=5 its error is a third of the
-    kernel's, both about 1e-6)."""
+    in fp16/bf16 every value within one rounding of Eq. 4-5 in float64 of the same 16-bit
+    inputs (rounded_inputs_truth, assert_rounded_once), what float32 sums of them rounded once
+    give. (Not against the PyTorch reference in the same dtype, which rounds its window
+    products first: at 1 random geometry in 1,692, K = 5 with one head of 3 channels on 2 x 7
+    pixels in bf16, the kernels' error against the float64 result of the unrounded inputs was
+    2.6 times the reference's, whose roundings had by chance cancelled the inputs'; the
+    kernels' output was the float64 result of its inputs rounded once.) Float32 within 1e-5
+    of float64 (the reference's BLAS sums in another order, with FMA: at K=5 its error is a
+    third of the kernel's, both about 1e-6)."""
     v, attn = outlook_inputs(batch, k, p, s, height, width, heads, d, device=device)
     g = torch.randn_like(v)
-    if dtype != torch.float32:   # the kernels' own inputs, exactly
-        v, attn, g = (t.to(dtype).double() for t in (v, attn, g))
+    vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
+    ours = dict(zip(('y', 'v', 'attn'), (ops.outlook_fwd(vh, ah, k, p, s),
+                                         *ops.outlook_bwd(gh, vh, ah, k, p, s))))
+    if dtype != torch.float32:
+        for name, (exact, error) in rounded_inputs_truth(v, attn, g, k, p, s, dtype).items():
+            assert_rounded_once(name, ours[name], exact, error, dtype)
+        return
     vr, ar = v.clone().requires_grad_(), attn.clone().requires_grad_()
     truth = paper_aggregate(vr, ar, k, p, s)
     truth.backward(g)
-    # the sums of the products' magnitudes, the same way
-    vm, am = v.abs().requires_grad_(), attn.abs().requires_grad_()
-    magnitude = paper_aggregate(vm, am, k, p, s)
-    magnitude.backward(g.abs())
-    vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
-    ours = ops.outlook_fwd(vh, ah, k, p, s)
-    ours_gv, ours_ga = ops.outlook_bwd(gh, vh, ah, k, p, s)
-    assert ours.dtype == dtype and ours_gv.dtype == dtype and ours_ga.dtype == dtype
-    windows = ((k + s - 1) // s) ** 2   # the windows covering a pixel, at most
-    for name, a, t, m, terms in (('y', ours, truth.detach(), magnitude.detach(),
-                                  k * k * windows),
-                                 ('v', ours_gv, vr.grad, vm.grad, k * k * windows),
-                                 ('attn', ours_ga, ar.grad, am.grad, d)):
-        err = (a.double() - t).abs()
-        if dtype == torch.float32:
-            assert err.max().item() <= 1e-5, name
-        else:
-            excess = err - one_rounding_bound(t, m, terms, dtype)
-            assert excess.max().item() <= 0, (name, excess.max().item(), err.max().item())
+    for name, t in (('y', truth.detach()), ('v', vr.grad), ('attn', ar.grad)):
+        assert ours[name].dtype == dtype, name
+        assert (ours[name].double() - t).abs().max().item() <= 1e-5, name
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
@@ -1064,25 +1039,20 @@ def test_outlook_grad_attn_on_tensor_cores(emulated, dtype: torch.dtype, heads: 
     """grad_attn's tensor-core kernel (16-bit types, K = 3, heads of a multiple of 16
     channels): more heads than the block's 8 warps, 1-3 steps of 16 channels, windows over the
     padding at every edge; 2 x 4 x 3 windows (whole groups of a block's 4) and 2 x 3 x 3 (a
-    group across two images, the last one short); error against float64 at most about twice
-    the PyTorch reference's in that dtype. A map 2 bytes off its alignment takes the scalar
-    kernel, as accurate."""
-    from mmattn.ops import outlook_attention_reference
+    group across two images, the last one short); each value within one rounding of the
+    float64 result of the same 16-bit inputs (rounded_inputs_truth). A map 2 bytes off its
+    alignment takes the scalar kernel, as accurate."""
     k, p, s = 3, 1, 2
     for height, width in ((7, 6), (5, 5)):
         v, attn = outlook_inputs(2, k, p, s, height, width, heads, d)
         g = torch.randn_like(v)
-        ar = attn.clone().requires_grad_()
-        paper_aggregate(v, ar, k, p, s).backward(g)
+        exact, error = rounded_inputs_truth(v, attn, g, k, p, s, dtype)['attn']
         vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
-        ahr = ah.clone().requires_grad_()
-        outlook_attention_reference(vh, ahr, kernel_size=k, padding=p, stride=s).backward(gh)
-        bound = 2 * (ahr.grad.double() - ar.grad).abs().max().item() + 1e-6
         _, ours = emulated.outlook_bwd(gh, vh, ah, k, p, s)
-        assert ours.dtype == dtype and (ours.double() - ar.grad).abs().max().item() <= bound
+        assert_rounded_once('attn', ours, exact, error, dtype)
         shifted = torch.empty(vh.numel() + 1, dtype=dtype)[1:].view(vh.shape).copy_(vh)
         _, ours = emulated.outlook_bwd(gh, shifted, ah, k, p, s)
-        assert (ours.double() - ar.grad).abs().max().item() <= bound
+        assert_rounded_once('attn (shifted)', ours, exact, error, dtype)
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])

@@ -67,6 +67,46 @@ def grads(fn, v: Tensor, attn: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return v.grad, attn.grad
 
 
+U32 = 2.0 ** -23   # float32's unit roundoff, doubled: tensor cores' float32 accumulation need
+                   # not round to nearest
+
+
+def rounded_inputs_truth(v: Tensor, attn: Tensor, g: Tensor, k: int, p: int, s: int,
+                         dtype: torch.dtype) -> dict[str, tuple[Tensor, Tensor]]:
+    """Eq. 4-5 and both gradients (of sum(g * y)) in float64 of ``v``, ``attn``, ``g`` rounded
+    to ``dtype``, the kernels' own inputs, exactly: for 'y', 'v' (grad_v) and 'attn'
+    (grad_attn), the exact value and how far a float32 sum of its products (exact: 16-bit x
+    16-bit fits float32's 24 bits) may lie from it in any order, (terms - 1) U32 sum|products|
+    (Higham's bound; the magnitudes are the same equations on |v|, |attn|, |g|; K^2 products of
+    at most ceil(K/s)^2 windows for y and grad_v, the head's d channels for grad_attn)."""
+    d = v.shape[-1] // attn.shape[3]
+    v, attn, g = (t.to(dtype).double() for t in (v, attn, g))
+    vr, ar = v.clone().requires_grad_(), attn.clone().requires_grad_()
+    y = paper_aggregate(vr, ar, k, p, s)
+    y.backward(g)
+    vm, am = v.abs().requires_grad_(), attn.abs().requires_grad_()
+    magnitude = paper_aggregate(vm, am, k, p, s)
+    magnitude.backward(g.abs())
+    terms = k * k * ((k + s - 1) // s) ** 2
+    return {'y': (y.detach(), (terms - 1) * U32 * magnitude.detach()),
+            'v': (vr.grad, (terms - 1) * U32 * vm.grad),
+            'attn': (ar.grad, (d - 1) * U32 * am.grad)}
+
+
+def assert_rounded_once(name: str, ours: Tensor, exact: Tensor, error: Tensor,
+                        dtype: torch.dtype) -> None:
+    """``ours`` is in ``dtype`` and every value is a float32 result within ``error`` of
+    ``exact`` rounded to ``dtype`` once: within ``error`` plus half the dtype's spacing at
+    |exact| + error (on the CPU: torch.nextafter there takes every dtype)."""
+    assert ours.dtype == dtype, (name, ours.dtype)
+    ours, exact, error = ours.cpu(), exact.cpu(), error.cpu()
+    top = (exact.abs() + error).to(dtype)
+    spacing = torch.nextafter(top, torch.full_like(top, float('inf'))).double() - top.double()
+    err = (ours.double() - exact).abs()
+    excess = err - error - spacing / 2
+    assert excess.max().item() <= 0, (name, excess.max().item(), err.max().item())
+
+
 def kernel_fn(k: int, p: int, s: int, backend: str):
     return lambda v, a: outlook_attention(v, a, kernel_size=k, padding=p, stride=s,
                                           backend=backend)
@@ -87,32 +127,25 @@ def check_kernel(device: str, backend: str) -> None:
 
 
 def check_half(device: str, backend: str, dtype: torch.dtype) -> None:
-    """Half precision: error against float64 at most about twice the reference's own error in
-    ``dtype``; float32: within 1e-5 of float64 (the reference's BLAS uses FMA, a portable
-    build of the kernel may not, so their float32 errors differ by a small factor)."""
+    """fp16/bf16: the output and both gradients each within one rounding of Eq. 4-5 in float64
+    of the same 16-bit inputs (rounded_inputs_truth: float32 sums rounded once); float32:
+    within 1e-5 of float64 (the reference's BLAS uses FMA, a portable build of the kernel may
+    not, so their float32 errors differ by a small factor)."""
     k, p, s = 3, 1, 2
     v, attn = inputs(2, k, p, s, 14, 14, 6, 32, device=device)
     g = torch.randn_like(v)
-    truth = outlook_attention_reference(v, attn, kernel_size=k, padding=p, stride=s)
-    truth_g = grads(kernel_fn(k, p, s, 'reference'), v, attn, g)
+    fn = kernel_fn(k, p, s, backend)
     vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
-    ref, ref_g = kernel_fn(k, p, s, 'reference')(vh, ah), \
-        grads(kernel_fn(k, p, s, 'reference'), vh, ah, gh)
-    ours, ours_g = kernel_fn(k, p, s, backend)(vh, ah), grads(kernel_fn(k, p, s, backend), vh,
-                                                               ah, gh)
-    assert ours.dtype == dtype and all(t.dtype == dtype for t in ours_g)
-
-    def err(a: Tensor, b: Tensor) -> float:
-        return (a.double() - b).abs().max().item()
-
+    ours = dict(zip(('y', 'v', 'attn'), (fn(vh, ah), *grads(fn, vh, ah, gh))))
     if dtype == torch.float32:
-        torch.testing.assert_close(ours.double(), truth, rtol=1e-5, atol=1e-5)
-        for name, a, t in zip(('v', 'attn'), ours_g, truth_g):
-            torch.testing.assert_close(a.double(), t, rtol=1e-5, atol=1e-5, msg=name)
+        truth = outlook_attention_reference(v, attn, kernel_size=k, padding=p, stride=s)
+        truth_g = grads(kernel_fn(k, p, s, 'reference'), v, attn, g)
+        for name, t in zip(('y', 'v', 'attn'), (truth, *truth_g)):
+            assert ours[name].dtype == dtype, name
+            torch.testing.assert_close(ours[name].double(), t, rtol=1e-5, atol=1e-5, msg=name)
         return
-    assert err(ours, truth) <= 2 * err(ref, truth) + 1e-6
-    for name, a, r, t in zip(('v', 'attn'), ours_g, ref_g, truth_g):
-        assert err(a, t) <= 2 * err(r, t) + 1e-6, name
+    for name, (exact, error) in rounded_inputs_truth(v, attn, g, k, p, s, dtype).items():
+        assert_rounded_once(name, ours[name], exact, error, dtype)
 
 
 # The tensor-core gathers' cases (16-bit types, K = 3, s >= 2, heads of a multiple of 16
@@ -127,20 +160,13 @@ TENSOR_CORE_GATHERS = [
 def check_gathers_half(fwd, bwd, dtype: torch.dtype, case: tuple[int, ...],
                        device: str = 'cpu') -> None:
     """y (with the ones column) and grad_v of ``outlook_fwd`` / ``outlook_bwd`` in a 16-bit
-    dtype: error against float64 at most about twice the PyTorch reference's in that dtype,
-    for the maps and for copies 2 bytes off their 16-byte alignment."""
+    dtype, each value within one rounding of Eq. 4-5 in float64 of the same inputs
+    (rounded_inputs_truth), for the maps and for copies 2 bytes off their 16-byte alignment."""
     heads, d, k, p, s, height, width = case
     v, attn = inputs(2, k, p, s, height, width, heads, d, device=device)
     g = torch.randn_like(v)
-    vr = v.clone().requires_grad_()
-    truth = paper_aggregate(vr, attn, k, p, s)
-    truth.backward(g)
+    truth = rounded_inputs_truth(v, attn, g, k, p, s, dtype)
     vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
-    vhr = vh.clone().requires_grad_()
-    ref = outlook_attention_reference(vhr, ah, kernel_size=k, padding=p, stride=s)
-    ref.backward(gh)
-    bound_y = 2 * (ref.double() - truth).abs().max().item() + 1e-6
-    bound_v = 2 * (vhr.grad.double() - vr.grad).abs().max().item() + 1e-6
 
     def shifted(t: Tensor) -> Tensor:
         return torch.empty(t.numel() + 1, dtype=dtype, device=device)[1:].view(t.shape).copy_(t)
@@ -149,10 +175,10 @@ def check_gathers_half(fwd, bwd, dtype: torch.dtype, case: tuple[int, ...],
     ones[0] = 1
     for vi, gi in ((vh, gh), (shifted(vh), shifted(gh))):
         y = fwd(vi, ah, k, p, s, True)
-        assert y.dtype == dtype and (y[..., :-8].double() - truth).abs().max().item() <= bound_y
+        assert_rounded_once('y', y[..., :-8], *truth['y'], dtype)
         assert torch.equal(y[..., -8:], ones.expand(*v.shape[:3], 8))
         grad_v, _ = bwd(gi, vi, ah, k, p, s)
-        assert (grad_v.double() - vr.grad).abs().max().item() <= bound_v
+        assert_rounded_once('v', grad_v, *truth['v'], dtype)
 
 
 SCALE = 0.37   # softmax_scale in the logits tests (VOLO's is d ** -0.5)
@@ -185,26 +211,31 @@ def check_logits_grad(bwd, geometries: list, device: str = 'cpu') -> None:
 
 def check_logits_grad_half(bwd, dtype: torch.dtype, heads: int, d: int,
                            device: str = 'cpu') -> None:
-    """The logits' gradient in ``dtype`` (K=3, s=2): error against float64 at most about twice
-    PyTorch's in that dtype (autograd of ``softmax(scale L)`` and the reference aggregation),
-    float32 within 1e-5."""
-    from mmattn.ops import outlook_attention_reference
+    """The logits' gradient in ``dtype`` (K=3, s=2) of 16-bit inputs: within one rounding
+    (assert_rounded_once) of scale A (G - sum_q A G) in float64 of the same inputs, G being
+    grad_attn (rounded_inputs_truth), its float32 error carried through, plus K^2 + 4 float32
+    roundings of the softmax backward's terms (its K^2-term sum, a product, a difference, the
+    products by A and by scale, scale's own rounding to float32); float32 within 1e-5 of the
+    float64 gradient of the unrounded inputs."""
     k, p, s = 3, 1, 2
     v, attn = inputs(2, k, p, s, 9, 10, heads, d, device=device)
     logits = attn.log().mul(3.0)
     g = torch.randn_like(v)
-    _, truth = logits_grad_truth(v, logits, g, k, p, s)
     vh, lh, gh = v.to(dtype), logits.to(dtype), g.to(dtype)
-    lr = lh.clone().requires_grad_()
-    outlook_attention_reference(vh, (lr * SCALE).softmax(-1), kernel_size=k, padding=p,
-                                stride=s).backward(gh)
-    _, ours = bwd(gh, vh, (lh * SCALE).softmax(-1), k, p, s, SCALE)
-    err = (ours.double() - truth).abs().max().item()
-    assert ours.dtype == dtype
+    ah = (lh * SCALE).softmax(-1)
+    _, ours = bwd(gh, vh, ah, k, p, s, SCALE)
     if dtype == torch.float32:
-        assert err <= 1e-5
-    else:
-        assert err <= 2 * (lr.grad.double() - truth).abs().max().item() + 1e-6
+        _, truth = logits_grad_truth(v, logits, g, k, p, s)
+        assert ours.dtype == dtype and (ours.double() - truth).abs().max().item() <= 1e-5
+        return
+    grad_attn, grad_attn_error = rounded_inputs_truth(vh, ah, gh, k, p, s, dtype)['attn']
+    a = ah.double()
+    row_sum = (a * grad_attn).sum(-1, keepdim=True)
+    exact = SCALE * a * (grad_attn - row_sum)
+    carried = SCALE * a * (grad_attn_error + (a * grad_attn_error).sum(-1, keepdim=True))
+    size = grad_attn.abs() + grad_attn_error
+    rounding = (k * k + 4) * U32 * SCALE * a * (size + (a * size).sum(-1, keepdim=True))
+    assert_rounded_once('logits', ours, exact, carried + rounding, dtype)
 
 
 def softmax_truth(logits: Tensor, k: int, scale: float) -> Tensor:
@@ -623,13 +654,17 @@ def test_cuda_softmax_op(cuda_kernels: str) -> None:
 
 @pytest.mark.cuda
 def test_cuda_kernel_volo_stage1_shape_and_auto(cuda_kernels: str) -> None:
-    """VOLO-D1 stage 1 (28 x 28, C=192, 6 heads, K=3, s=2) in bf16, picked by 'auto'."""
+    """VOLO-D1 stage 1 (28 x 28, C=192, 6 heads, K=3, s=2) in bf16, picked by 'auto': within
+    one rounding of Eq. 4-5 in float64 of its bf16 inputs."""
     v, attn = inputs(8, 3, 1, 2, 28, 28, 6, 32, device='cuda')
-    ref = outlook_attention_reference(v, attn, kernel_size=3, padding=1, stride=2)
     vb, ab = v.bfloat16(), attn.bfloat16()
     out = outlook_attention(vb, ab, kernel_size=3, padding=1, stride=2)
-    ref_b = outlook_attention_reference(vb, ab, kernel_size=3, padding=1, stride=2)
-    assert (out.double() - ref).abs().max() <= 2 * (ref_b.double() - ref).abs().max() + 1e-6
+    exact = outlook_attention_reference(vb.double(), ab.double(), kernel_size=3, padding=1,
+                                        stride=2)
+    magnitude = outlook_attention_reference(vb.double().abs(), ab.double().abs(), kernel_size=3,
+                                            padding=1, stride=2)
+    terms = 9 * 4   # K^2 products of at most ceil(K/s)^2 windows (rounded_inputs_truth)
+    assert_rounded_once('y', out, exact, (terms - 1) * U32 * magnitude, torch.bfloat16)
     assert kept(kernel_fn(3, 1, 2, 'auto'), vb, ab) == 0
 
 
