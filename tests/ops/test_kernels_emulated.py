@@ -36,7 +36,8 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from test_outlook_op import (TENSOR_CORE_GATHERS, check_gathers_half,  # noqa: E402
                              check_logits_grad, check_logits_grad_half, check_ones_column,
                              check_softmax, check_unpool_add, paper_aggregate)
-from test_outlook_op import assert_rounded_once, rounded_inputs_truth  # noqa: E402
+from test_outlook_op import (SCALE, assert_rounded_once, logits_grad_rounded_truth,  # noqa: E402
+                             logits_grad_truth, rounded_inputs_truth)
 from test_outlook_op import inputs as outlook_inputs  # noqa: E402
 from test_param_grads import (COLUMN_SHAPES, check_column_sums,  # noqa: E402
                               check_column_sums_edges, layer_norm_inputs)
@@ -935,7 +936,9 @@ def check_outlook_matches(ops, batch: int, k: int, p: int, s: int, height: int, 
                           heads: int, d: int, device: str = 'cpu') -> None:
     """The outlook forward and both gradients of ``ops`` (the emulated kernels, or
     ``torch.ops.mmattn``: ``outlook_fwd``, ``outlook_bwd``) on ``device`` against Eq. 4-5
-    (paper_aggregate and autograd through it), float64, within 1e-12."""
+    (paper_aggregate and autograd through it), float64, within 1e-12; and with
+    ``softmax_scale``, the gradient of the logits L of attn = softmax(scale L) against
+    autograd through Eq. 3-5 (logits_grad_truth), within 1e-10."""
     v, attn = outlook_inputs(batch, k, p, s, height, width, heads, d, device=device)
     torch.testing.assert_close(ops.outlook_fwd(v, attn, k, p, s),
                                paper_aggregate(v, attn, k, p, s), rtol=1e-12, atol=1e-12)
@@ -945,6 +948,10 @@ def check_outlook_matches(ops, batch: int, k: int, p: int, s: int, height: int, 
     paper_aggregate(vr, ar, k, p, s).backward(g)
     torch.testing.assert_close(grad_v, vr.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_attn, ar.grad, rtol=1e-12, atol=1e-12)
+    logits = attn.log().mul(3.0)
+    _, grad_logits = ops.outlook_bwd(g, v, (logits * SCALE).softmax(-1), k, p, s, SCALE)
+    _, truth = logits_grad_truth(v, logits, g, k, p, s)
+    torch.testing.assert_close(grad_logits, truth, rtol=1e-10, atol=1e-10)
 
 
 def test_outlook_kernels_match_equations(emulated) -> None:
@@ -984,20 +991,23 @@ def test_outlook_kernels_logits_gradient(emulated) -> None:
 
 @pytest.mark.parametrize('dtype, heads, d', [(torch.bfloat16, 6, 32), (torch.float16, 10, 16),
                                              (torch.bfloat16, 2, 48), (torch.bfloat16, 3, 3),
-                                             (torch.float32, 6, 32)])
+                                             (torch.bfloat16, 3, 250), (torch.float32, 6, 32)])
 def test_outlook_kernels_logits_gradient_low_precision(emulated, dtype: torch.dtype, heads: int,
                                                        d: int) -> None:
     """The same in 16-bit types on the tensor-core kernel (heads of 16-48 channels, more heads
-    than its 8 warps) and the scalar one (3 channels a head, float32)."""
+    than its 8 warps), the scalar one (3 channels a head, float32) and, at C = 750, past the
+    shared-memory budget (the global kernel's grad_attn in float, then PyTorch's softmax
+    backward in float: rounded once, as the others)."""
     check_logits_grad_half(emulated.outlook_bwd, dtype, heads, d)
 
 
 def check_outlook_low_precision(ops, batch: int, k: int, p: int, s: int, height: int,
                                 width: int, heads: int, d: int, dtype: torch.dtype,
                                 device: str = 'cpu') -> None:
-    """The outlook forward and both gradients of ``ops`` (check_outlook_matches') in ``dtype``:
-    in fp16/bf16 every value within one rounding of Eq. 4-5 in float64 of the same 16-bit
-    inputs (rounded_inputs_truth, assert_rounded_once), what float32 sums of them rounded once
+    """The outlook forward, both gradients and, with ``softmax_scale``, the logits' gradient of
+    ``ops`` (check_outlook_matches') in ``dtype``: in fp16/bf16 every value within one rounding
+    of Eq. 4-5 in float64 of the same 16-bit inputs (rounded_inputs_truth,
+    logits_grad_rounded_truth, assert_rounded_once), what float32 sums of them rounded once
     give. (Not against the PyTorch reference in the same dtype, which rounds its window
     products first: at 1 random geometry in 1,692, K = 5 with one head of 3 channels on 2 x 7
     pixels in bf16, the kernels' error against the float64 result of the unrounded inputs was
@@ -1010,14 +1020,19 @@ def check_outlook_low_precision(ops, batch: int, k: int, p: int, s: int, height:
     vh, ah, gh = v.to(dtype), attn.to(dtype), g.to(dtype)
     ours = dict(zip(('y', 'v', 'attn'), (ops.outlook_fwd(vh, ah, k, p, s),
                                          *ops.outlook_bwd(gh, vh, ah, k, p, s))))
+    ours['logits'] = ops.outlook_bwd(gh, vh, ah, k, p, s, SCALE)[1]
     if dtype != torch.float32:
-        for name, (exact, error) in rounded_inputs_truth(v, attn, g, k, p, s, dtype).items():
+        truth = rounded_inputs_truth(v, attn, g, k, p, s, dtype)
+        truth['logits'] = logits_grad_rounded_truth(ah, *truth['attn'], SCALE)
+        for name, (exact, error) in truth.items():
             assert_rounded_once(name, ours[name], exact, error, dtype)
         return
     vr, ar = v.clone().requires_grad_(), attn.clone().requires_grad_()
     truth = paper_aggregate(vr, ar, k, p, s)
     truth.backward(g)
-    for name, t in (('y', truth.detach()), ('v', vr.grad), ('attn', ar.grad)):
+    logits = SCALE * attn * (ar.grad - (attn * ar.grad).sum(-1, keepdim=True))
+    for name, t in (('y', truth.detach()), ('v', vr.grad), ('attn', ar.grad),
+                    ('logits', logits)):
         assert ours[name].dtype == dtype, name
         assert (ours[name].double() - t).abs().max().item() <= 1e-5, name
 

@@ -209,14 +209,28 @@ def check_logits_grad(bwd, geometries: list, device: str = 'cpu') -> None:
         torch.testing.assert_close(grad_v, truth_v, rtol=1e-10, atol=1e-10)
 
 
+def logits_grad_rounded_truth(attn: Tensor, grad_attn: Tensor, grad_attn_error: Tensor,
+                              scale: float) -> tuple[Tensor, Tensor]:
+    """The logits' gradient scale A (G - sum_q A G) (Eq. 3's softmax backward) in float64 of
+    A = ``attn`` and G = ``grad_attn``, and how far a float32 computation of it may lie from
+    that, from a G within ``grad_attn_error``: that error carried through, plus K^2 + 4
+    float32 roundings of its terms (the K^2-term sum, a product, a difference, the products
+    by A and by scale, scale's own rounding to float32)."""
+    a = attn.double()
+    exact = scale * a * (grad_attn - (a * grad_attn).sum(-1, keepdim=True))
+    carried = scale * a * (grad_attn_error + (a * grad_attn_error).sum(-1, keepdim=True))
+    size = grad_attn.abs() + grad_attn_error
+    rounding = (a.shape[-1] + 4) * U32 * scale * a * (size + (a * size).sum(-1, keepdim=True))
+    return exact, carried + rounding
+
+
 def check_logits_grad_half(bwd, dtype: torch.dtype, heads: int, d: int,
                            device: str = 'cpu') -> None:
     """The logits' gradient in ``dtype`` (K=3, s=2) of 16-bit inputs: within one rounding
     (assert_rounded_once) of scale A (G - sum_q A G) in float64 of the same inputs, G being
-    grad_attn (rounded_inputs_truth), its float32 error carried through, plus K^2 + 4 float32
-    roundings of the softmax backward's terms (its K^2-term sum, a product, a difference, the
-    products by A and by scale, scale's own rounding to float32); float32 within 1e-5 of the
-    float64 gradient of the unrounded inputs."""
+    grad_attn (rounded_inputs_truth), with the float32 computation's error
+    (logits_grad_rounded_truth); float32 within 1e-5 of the float64 gradient of the unrounded
+    inputs."""
     k, p, s = 3, 1, 2
     v, attn = inputs(2, k, p, s, 9, 10, heads, d, device=device)
     logits = attn.log().mul(3.0)
@@ -228,14 +242,9 @@ def check_logits_grad_half(bwd, dtype: torch.dtype, heads: int, d: int,
         _, truth = logits_grad_truth(v, logits, g, k, p, s)
         assert ours.dtype == dtype and (ours.double() - truth).abs().max().item() <= 1e-5
         return
-    grad_attn, grad_attn_error = rounded_inputs_truth(vh, ah, gh, k, p, s, dtype)['attn']
-    a = ah.double()
-    row_sum = (a * grad_attn).sum(-1, keepdim=True)
-    exact = SCALE * a * (grad_attn - row_sum)
-    carried = SCALE * a * (grad_attn_error + (a * grad_attn_error).sum(-1, keepdim=True))
-    size = grad_attn.abs() + grad_attn_error
-    rounding = (k * k + 4) * U32 * SCALE * a * (size + (a * size).sum(-1, keepdim=True))
-    assert_rounded_once('logits', ours, exact, carried + rounding, dtype)
+    grad_attn, error = rounded_inputs_truth(vh, ah, gh, k, p, s, dtype)['attn']
+    assert_rounded_once('logits', ours, *logits_grad_rounded_truth(ah, grad_attn, error, SCALE),
+                        dtype)
 
 
 def softmax_truth(logits: Tensor, k: int, scale: float) -> Tensor:

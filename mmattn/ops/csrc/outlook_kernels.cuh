@@ -539,11 +539,12 @@ outlook_gather_mma_kernel(const scalar_t* __restrict__ src, const scalar_t* __re
 }
 
 // grad_attn fallback when the staged rows exceed the shared-memory budget: one thread per output,
-// reading grad_out and v from global memory.
-template <typename scalar_t>
+// reading grad_out and v from global memory; out_t: scalar_t, or the accumulation type (the
+// logits' gradient is computed from it)
+template <typename scalar_t, typename out_t = scalar_t>
 __global__ void __launch_bounds__(kGatherThreads)
 outlook_grad_attn_kernel(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ v,
-                         scalar_t* __restrict__ gattn, const OutlookGeom g, const int C,
+                         out_t* __restrict__ gattn, const OutlookGeom g, const int C,
                          const int d, const int64_t total) {
   using acc_t = at::opmath_type<scalar_t>;
   const int KK = g.K * g.K;
@@ -563,7 +564,7 @@ outlook_grad_attn_kernel(const scalar_t* __restrict__ gout, const scalar_t* __re
       const scalar_t* vr = v + pq * C + n * d;
       for (int c = 0; c < d; ++c) sum += static_cast<acc_t>(gr[c]) * static_cast<acc_t>(vr[c]);
     }
-    gattn[idx] = static_cast<scalar_t>(sum);
+    gattn[idx] = static_cast<out_t>(sum);
   }
 }
 
@@ -877,10 +878,19 @@ void launch_grad_attn(const at::Tensor& gout, const at::Tensor& v, const at::Ten
     const int64_t total = gattn.numel();
     const auto blocks = static_cast<unsigned>(
         std::min<int64_t>((total + kGatherThreads - 1) / kGatherThreads, 1 << 20));
-    launch::launch(outlook_grad_attn_kernel<scalar_t>, dim3(blocks),
-                   static_cast<unsigned>(kGatherThreads), 0, gp, vp, op, g, C, d, total);
-    if (softmax)  // (rows past the shared-memory budget: PyTorch's softmax backward after it)
-      gattn.copy_(at::_softmax_backward_data(gattn, attn, -1, attn.scalar_type()).mul_(scale));
+    if (!softmax) {
+      launch::launch(outlook_grad_attn_kernel<scalar_t>, dim3(blocks),
+                     static_cast<unsigned>(kGatherThreads), 0, gp, vp, op, g, C, d, total);
+      return;
+    }
+    // rows past the shared-memory budget: grad_A in the accumulation type, PyTorch's softmax
+    // backward and the scaling in it, rounded to scalar_t once (as the kernels above round)
+    const auto acc_type = at::toOpMathType(gattn.scalar_type());
+    const at::Tensor acc = at::empty(gattn.sizes(), gattn.options().dtype(acc_type));
+    launch::launch(outlook_grad_attn_kernel<scalar_t, acc_t>, dim3(blocks),
+                   static_cast<unsigned>(kGatherThreads), 0, gp, vp,
+                   acc.mutable_data_ptr<acc_t>(), g, C, d, total);
+    gattn.copy_(at::_softmax_backward_data(acc, attn.to(acc_type), -1, acc_type).mul_(scale));
   }
 }
 
