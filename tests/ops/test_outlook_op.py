@@ -71,14 +71,20 @@ U32 = 2.0 ** -23   # float32's unit roundoff, doubled: tensor cores' float32 acc
                    # not round to nearest
 
 
+def window_terms(k: int, s: int) -> int:
+    """The products a value of y or grad_v sums: K^2 positions of each of the at most
+    ceil(K/s)^2 windows that cover a pixel."""
+    return k * k * ((k + s - 1) // s) ** 2
+
+
 def rounded_inputs_truth(v: Tensor, attn: Tensor, g: Tensor, k: int, p: int, s: int,
                          dtype: torch.dtype) -> dict[str, tuple[Tensor, Tensor]]:
     """Eq. 4-5 and both gradients (of sum(g * y)) in float64 of ``v``, ``attn``, ``g`` rounded
     to ``dtype``, the kernels' own inputs, exactly: for 'y', 'v' (grad_v) and 'attn'
     (grad_attn), the exact value and how far a float32 sum of its products (exact: 16-bit x
     16-bit fits float32's 24 bits) may lie from it in any order, (terms - 1) U32 sum|products|
-    (Higham's bound; the magnitudes are the same equations on |v|, |attn|, |g|; K^2 products of
-    at most ceil(K/s)^2 windows for y and grad_v, the head's d channels for grad_attn)."""
+    (Higham's bound; the magnitudes are the same equations on |v|, |attn|, |g|; window_terms
+    products for y and grad_v, the head's d channels for grad_attn)."""
     d = v.shape[-1] // attn.shape[3]
     v, attn, g = (t.to(dtype).double() for t in (v, attn, g))
     vr, ar = v.clone().requires_grad_(), attn.clone().requires_grad_()
@@ -87,7 +93,7 @@ def rounded_inputs_truth(v: Tensor, attn: Tensor, g: Tensor, k: int, p: int, s: 
     vm, am = v.abs().requires_grad_(), attn.abs().requires_grad_()
     magnitude = paper_aggregate(vm, am, k, p, s)
     magnitude.backward(g.abs())
-    terms = k * k * ((k + s - 1) // s) ** 2
+    terms = window_terms(k, s)
     return {'y': (y.detach(), (terms - 1) * U32 * magnitude.detach()),
             'v': (vr.grad, (terms - 1) * U32 * vm.grad),
             'attn': (ar.grad, (d - 1) * U32 * am.grad)}
@@ -672,8 +678,8 @@ def test_cuda_kernel_volo_stage1_shape_and_auto(cuda_kernels: str) -> None:
                                         stride=2)
     magnitude = outlook_attention_reference(vb.double().abs(), ab.double().abs(), kernel_size=3,
                                             padding=1, stride=2)
-    terms = 9 * 4   # K^2 products of at most ceil(K/s)^2 windows (rounded_inputs_truth)
-    assert_rounded_once('y', out, exact, (terms - 1) * U32 * magnitude, torch.bfloat16)
+    assert_rounded_once('y', out, exact, (window_terms(3, 2) - 1) * U32 * magnitude,
+                        torch.bfloat16)
     assert kept(kernel_fn(3, 1, 2, 'auto'), vb, ab) == 0
 
 
