@@ -4,8 +4,9 @@
 (the kernels and the host code that launches them, exactly as ``psa_cuda.cu`` /
 ``outlook_cuda.cu`` include them) with the host compiler against a CPU emulation of CUDA's
 execution model (``emulated_cuda.h``: each CUDA thread a fiber that runs to its next barrier,
-the threads in index order and in reverse by turns, barriers for ``__syncthreads``, the warp
-shuffles and the clusters, shared memory filled with NaN before each block). The
+the threads in index order and in reverse by turns, a launch's blocks too, barriers for
+``__syncthreads``, the warp shuffles and the clusters, shared memory filled with NaN before
+each block). The
 emulated ops are compared with the paper's equations (the references of ``test_psa_op.py`` and
 ``test_outlook_op.py``), in float64 and, with the per-dtype rule, in float32/bfloat16/float16.
 This checks the kernels' indexing, tiling, split reductions, layouts and synchronisation on any
@@ -73,6 +74,7 @@ def emulated() -> Iterator[object]:
                    'int padding, int stride) -> bool')  # outlook_emulated.cpp
         lib.define('emulated_previous_thread(int threads, int rounds, bool barrier) -> Tensor')
         lib.define('emulated_divergent_barriers(int threads) -> ()')  # emulator_checks.cpp
+        lib.define('emulated_previous_block(int x, int y, int z, int cluster) -> Tensor')
         _LIBRARY.append(lib)
         load(name='mmattn_emulated_kernels' + ('_asan' if ASAN else ''),
              sources=[osp.join(HERE, 'emulation', 'psa_emulated.cpp'),
@@ -133,6 +135,26 @@ def test_emulation_shows_a_missing_barrier_in_either_order(emulated, threads: in
         for r in range(rounds):
             assert torch.equal(racy[r], previous[r] if (r + first) % 2 == 0 else stale[r]), r
     assert starts == {0, 1} or threads == 1
+
+
+@pytest.mark.parametrize('grid, cluster', [((5, 1, 1), 1), ((3, 2, 2), 1), ((4, 3, 1), 2)])
+def test_emulation_shows_a_dependence_between_blocks_in_either_order(
+        emulated, grid: tuple[int, int, int], cluster: int) -> None:
+    """Each block writes its linear index, then reads the previous block's write (block 0 its
+    own): a launch runs the blocks in index order (every read finds the write) and the next
+    one in reverse (no block but 0 finds it: -1, the buffer's fill), so that a block reading
+    another block's output in the same launch shows whichever way the dependence goes. In
+    clusters, the clusters take turns so (a cluster's blocks run at once, its last one after
+    the others: within a cluster, the cluster barriers' check is the one that applies)."""
+    blocks = grid[0] * grid[1] * grid[2]
+    index = torch.arange(blocks)
+    in_order = torch.stack([index, (index - 1).clamp(min=0)], dim=1)
+    reversed_ = in_order.clone()
+    reversed_[(index % cluster == 0) & (index > 0), 1] = -1
+    runs = [emulated.emulated_previous_block(*grid, cluster) for _ in range(4)]
+    first = 0 if torch.equal(runs[0], in_order) else 1
+    for k, got in enumerate(runs):
+        assert torch.equal(got, in_order if (k + first) % 2 == 0 else reversed_), k
 
 
 def test_emulation_reports_a_deadlock(emulated) -> None:

@@ -1,8 +1,11 @@
 // CUDA's execution model on the CPU, so that mmattn's kernel sources (mmattn/ops/csrc/*.cuh) can
 // be compiled by the host compiler and run in the tests on a machine without a GPU.
 //
-// A launch runs the grid's blocks one after another (a thread-block cluster's blocks at the same
-// time, cluster_sync() a barrier of all their threads). Each CUDA thread is a fiber (its own
+// A launch runs the grid's blocks one after another, in index order in a kernel's first launch
+// and in reverse in its next, by turns, so that a block that reads what another block of the
+// launch writes (an order the GPU does not keep) reads it unwritten in one of the two (a
+// thread-block cluster's blocks at the same time, cluster_sync() a barrier of all their
+// threads; a cooperative launch's whole grid at once). Each CUDA thread is a fiber (its own
 // stack, switched to and from on the calling OS thread): a thread runs until it waits at a
 // barrier (__syncthreads(), a barrier of the block; the warp shuffles and __syncwarp(), of the
 // warp; cluster_sync()) or ends, then the next runs. The scheduler takes a warp at a time and
@@ -145,6 +148,8 @@ constexpr unsigned kMaxClusterBlocks = 8;          // the portable cluster size
 // one per kernel family, kMaxClusterBlocks blocks' worth
 inline std::vector<unsigned char*> shared_memories;
 inline int64_t launches = 0;                         // kernel launches so far (for the tests)
+// each kernel's launches so far (launch_clusters alternates the order of a kernel's blocks)
+inline std::map<const void*, unsigned> launch_counts;
 
 // The last block of a cluster runs each step between cluster barriers only once the other
 // blocks have run theirs (reached the next barrier, or exited), so that a step missing a cluster
@@ -659,13 +664,20 @@ void launch_clusters(void (*kernel)(KArgs...), dim3 grid, unsigned cluster, unsi
               "emulated launch: clusters of ", cluster, " blocks on a grid of ", grid.x,
               " in x (at most ", kMaxClusterBlocks, ", dividing the grid)");
   check_launch(reinterpret_cast<const void*>(kernel), grid, threads, smem);
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x0 = 0; x0 < grid.x; x0 += cluster) {
-        std::vector<dim3> blocks;
-        for (unsigned b = 0; b < cluster; ++b) blocks.emplace_back(x0 + b, y, z);
-        run_together(kernel, blocks, cluster, false, threads, args...);
-      }
+  // the clusters in index order (x, then y, then z) in a kernel's odd launches, in reverse in
+  // its even ones
+  unsigned& launched = mmattn_emulation::launch_counts[reinterpret_cast<const void*>(kernel)];
+  const bool forward = launched++ % 2 == 0;
+  const size_t row = grid.x / cluster, count = row * grid.y * grid.z;
+  for (size_t i = 0; i < count; ++i) {
+    const size_t c = forward ? i : count - 1 - i;
+    const unsigned x0 = static_cast<unsigned>(c % row * cluster);
+    const unsigned y = static_cast<unsigned>(c / row % grid.y);
+    const unsigned z = static_cast<unsigned>(c / row / grid.y);
+    std::vector<dim3> blocks;
+    for (unsigned b = 0; b < cluster; ++b) blocks.emplace_back(x0 + b, y, z);
+    run_together(kernel, blocks, cluster, false, threads, args...);
+  }
 }
 
 // a cooperative launch: every block of the grid at once (at most the emulated device's

@@ -1,7 +1,8 @@
 // Kernels that check the emulation itself (emulated_cuda.h): that a missing __syncthreads shows
-// in the results, in either order of the threads, and that threads waiting at barriers not all
-// of them reach stop the launch with an error. Registered as mmattn_emulated::emulated_* (the
-// test defines their schemas).
+// in the results, in either order of the threads, that a dependence between a launch's blocks
+// shows in either order of the blocks, and that threads waiting at barriers not all of them
+// reach stop the launch with an error. Registered as mmattn_emulated::emulated_* (the test
+// defines their schemas).
 #include "emulated_cuda.h"
 
 #include <torch/library.h>
@@ -21,6 +22,18 @@ __global__ void previous_thread_kernel(int64_t* out, int rounds, bool barrier) {
     if (barrier) __syncthreads();
     out[r * blockDim.x + t] = slots[t == 0 ? 0 : t - 1];
     __syncthreads();
+  }
+}
+
+// Block b (x + gridDim.x (y + gridDim.y z)) writes b to out[b][0], then reads the previous
+// block's out[b - 1][0] (block 0 its own) into out[b][1]: a dependence between the blocks of a
+// launch, which nothing orders on the GPU.
+__global__ void previous_block_kernel(int64_t* out) {
+  const int64_t b =
+      blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
+  if (threadIdx.x == 0) {
+    out[2 * b] = b;
+    out[2 * b + 1] = out[2 * (b == 0 ? 0 : b - 1)];
   }
 }
 
@@ -44,6 +57,15 @@ at::Tensor emulated_previous_thread(int64_t threads, int64_t rounds, bool barrie
   return out;
 }
 
+at::Tensor emulated_previous_block(int64_t x, int64_t y, int64_t z, int64_t cluster) {
+  at::Tensor out = at::full({x * y * z, 2}, -1, at::kLong);
+  mmattn::launch::launch_clusters(
+      emulator_checks::previous_block_kernel,
+      dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z)),
+      static_cast<unsigned>(cluster), 32, 0, out.data_ptr<int64_t>());
+  return out;
+}
+
 void emulated_divergent_barriers(int64_t threads) {
   mmattn::launch::launch(emulator_checks::divergent_barriers_kernel, dim3(1),
                          static_cast<unsigned>(threads), 0);
@@ -53,4 +75,5 @@ void emulated_divergent_barriers(int64_t threads) {
 TORCH_LIBRARY_IMPL(mmattn_emulated, CompositeImplicitAutograd, m) {
   m.impl("emulated_previous_thread", &emulated_previous_thread);
   m.impl("emulated_divergent_barriers", &emulated_divergent_barriers);
+  m.impl("emulated_previous_block", &emulated_previous_block);
 }
