@@ -11,13 +11,11 @@ emulated ops are compared with the paper's equations (the references of ``test_p
 ``test_outlook_op.py``), in float64 and, with the per-dtype rule, in float32/bfloat16/float16.
 This checks the kernels' indexing, tiling, split reductions, layouts and synchronisation on any
 machine; the ``cuda``-marked tests run the same comparisons on a GPU. New CPU memory holds
-junk in this module, as recycled GPU memory does (``junk_in_new_memory``).
+junk in this module, as recycled GPU memory does (``junk_in_new_memory``, conftest.py).
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import glob
 import os
 import os.path as osp
 import sys
@@ -91,20 +89,8 @@ def emulated() -> Iterator[object]:
 
 
 @pytest.fixture(scope='module', autouse=True)
-def junk_in_new_memory() -> Iterator[None]:
-    """New CPU memory (``at::empty``, ``torch.empty``) filled with junk for this module (NaN in
-    float32, 1.7e308 in float64), as the GPU's caching allocator hands out what earlier
-    tensors left: a kernel, or its host code, that reads a buffer before writing it gets junk
-    here too, where the CPU's fresh pages (every large allocation's) would read as zeros. c10's
-    own switch, ``FLAGS_caffe2_cpu_allocator_do_junk_fill``."""
-    (library,) = glob.glob(osp.join(osp.dirname(torch.__file__), 'lib', 'libc10.*'))
-    flag = ctypes.c_bool.in_dll(ctypes.CDLL(library), 'FLAGS_caffe2_cpu_allocator_do_junk_fill')
-    saved = flag.value
-    flag.value = True
-    try:
-        yield
-    finally:
-        flag.value = saved
+def junk_for_the_module(junk_in_new_memory: None) -> None:
+    """New CPU memory holds junk in this module (``junk_in_new_memory``, conftest.py)."""
 
 
 def test_new_memory_holds_junk() -> None:
