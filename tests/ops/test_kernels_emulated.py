@@ -73,6 +73,7 @@ def emulated() -> Iterator[object]:
         lib.define('emulated_previous_thread(int threads, int rounds, bool barrier) -> Tensor')
         lib.define('emulated_divergent_barriers(int threads) -> ()')  # emulator_checks.cpp
         lib.define('emulated_previous_block(int x, int y, int z, int cluster) -> Tensor')
+        lib.define('emulated_warp_sum(int threads, int live) -> Tensor')
         _LIBRARY.append(lib)
         load(name='mmattn_emulated_kernels' + ('_asan' if ASAN else ''),
              sources=[osp.join(HERE, 'emulation', 'psa_emulated.cpp'),
@@ -141,6 +142,23 @@ def test_emulation_shows_a_dependence_between_blocks_in_either_order(
     first = 0 if torch.equal(runs[0], in_order) else 1
     for k, got in enumerate(runs):
         assert torch.equal(got, in_order if (k + first) % 2 == 0 else reversed_), k
+
+
+@pytest.mark.parametrize('threads, live', [(64, 64), (64, 40), (64, 32), (48, 48), (70, 70)])
+def test_emulation_gives_junk_for_a_shuffle_from_a_lane_not_there(emulated, threads: int,
+                                                                  live: int) -> None:
+    """The threads before ``live`` sum their indices over their warp by xor shuffles, the
+    others return first: a full warp of live threads gets its sum; a warp with a lane that has
+    exited, or that the block lacks (48 or 70 threads: a partial last warp), reads an undefined
+    value on the GPU, NaN here, in every live lane (each one's partners reach the missing lane
+    by the last step); threads that returned leave their -1."""
+    out = emulated.emulated_warp_sum(threads, live)
+    want = torch.full((threads,), -1.0)
+    for w in range(0, live, 32):
+        lanes = torch.arange(w, min(w + 32, live))
+        full = w + 32 <= live and w + 32 <= threads
+        want[lanes] = float(torch.arange(w, w + 32).sum()) if full else float('nan')
+    torch.testing.assert_close(out, want, equal_nan=True, rtol=0, atol=0)
 
 
 def test_emulation_reports_a_deadlock(emulated) -> None:

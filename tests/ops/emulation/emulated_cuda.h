@@ -50,6 +50,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <type_traits>
@@ -97,10 +98,17 @@ struct Barrier {
   }
 };
 
+// A lane's slot in a warp shuffle: its value and the number of the shuffle (the lane's count of
+// shuffles) that wrote it.
+struct ShuffleSlot {
+  double value = 0;
+  unsigned shuffle = ~0u;  // (none yet)
+};
+
 struct Block {
   Barrier* threads = nullptr;
   std::vector<Barrier>* warps = nullptr;
-  std::vector<double>* exchange = nullptr;  // the warp shuffles' slots, two sets a warp
+  std::vector<ShuffleSlot>* exchange = nullptr;  // the warp shuffles' slots, two sets a warp
   Barrier* cluster = nullptr;               // all threads of the block's cluster
   Barrier* grid = nullptr;                  // all threads of a cooperative launch (else none)
   unsigned slot = 0;                        // the block's shared memory among those running
@@ -353,15 +361,22 @@ inline void __syncthreads() { mmattn_emulation::current->block.threads->arrive_a
 namespace mmattn_emulation {
 // The warp shuffles: every lane of the warp posts its value, then, after a barrier of the warp,
 // takes lane `source`'s. Consecutive shuffles use the warp's two sets of slots by turns, so
-// that a lane writes a set only once every lane has read it (passed the next barrier).
+// that a lane writes a set only once every lane has read it (passed the next barrier). A source
+// lane that did not post in the same shuffle (it has exited, is past the block's last thread,
+// or is elsewhere) gives junk, NaN for floating point: its value is undefined on the GPU.
 template <typename T>
 inline T shuffle_from(T value, unsigned source) {
   Fiber& f = *current;
-  const unsigned warp = f.thread_idx.x / 32, lane = f.thread_idx.x % 32;
-  double* slots = f.block.exchange->data() + (2 * warp + f.shuffles++ % 2) * 32;
-  slots[lane] = static_cast<double>(value);
+  const unsigned warp = f.thread_idx.x / 32, lane = f.thread_idx.x % 32, n = f.shuffles++;
+  ShuffleSlot* slots = f.block.exchange->data() + (2 * warp + n % 2) * 32;
+  slots[lane] = {static_cast<double>(value), n};
   (*f.block.warps)[warp].arrive_and_wait();
-  return static_cast<T>(slots[source % 32]);
+  const ShuffleSlot& from = slots[source % 32];
+  if (from.shuffle == n) return static_cast<T>(from.value);
+  if constexpr (std::is_floating_point_v<T>)
+    return std::numeric_limits<T>::quiet_NaN();
+  else
+    return std::numeric_limits<T>::max();
 }
 }  // namespace mmattn_emulation
 
@@ -610,7 +625,8 @@ void run_together(void (*kernel)(KArgs...), const std::vector<dim3>& blocks, uns
   emu::Barrier grid_sync(count * threads);
   std::vector<emu::Barrier> block_sync(count, emu::Barrier(threads));
   std::vector<std::vector<emu::Barrier>> warp_sync(count);
-  std::vector<std::vector<double>> exchange(count, std::vector<double>(64 * warps));
+  std::vector<std::vector<emu::ShuffleSlot>> exchange(count,
+                                                     std::vector<emu::ShuffleSlot>(64 * warps));
   for (unsigned b = 0; b < count; ++b)
     for (unsigned w = 0; w < warps; ++w) warp_sync[b].emplace_back(std::min(32u, threads - 32 * w));
   for (unsigned char* memory : emu::shared_memories)

@@ -1,6 +1,7 @@
 // Kernels that check the emulation itself (emulated_cuda.h): that a missing __syncthreads shows
 // in the results, in either order of the threads, that a dependence between a launch's blocks
-// shows in either order of the blocks, and that threads waiting at barriers not all of them
+// shows in either order of the blocks, that a shuffle from a lane that is not there gives junk,
+// and that threads waiting at barriers not all of them
 // reach stop the launch with an error. Registered as mmattn_emulated::emulated_* (the test
 // defines their schemas).
 #include "emulated_cuda.h"
@@ -37,6 +38,16 @@ __global__ void previous_block_kernel(int64_t* out) {
   }
 }
 
+// Threads at or past `live` return; the others sum their indices over their warp by xor
+// shuffles into out[thread]: a shuffle from a lane that has exited, or that the block does not
+// have (a partial last warp), is undefined on the GPU.
+__global__ void warp_sum_kernel(float* out, int live) {
+  if (static_cast<int>(threadIdx.x) >= live) return;
+  float v = static_cast<float>(threadIdx.x);
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  out[threadIdx.x] = v;
+}
+
 // The odd threads wait at the block's barrier, the even ones at their warp's.
 __global__ void divergent_barriers_kernel() {
   if (threadIdx.x % 2)
@@ -66,6 +77,14 @@ at::Tensor emulated_previous_block(int64_t x, int64_t y, int64_t z, int64_t clus
   return out;
 }
 
+at::Tensor emulated_warp_sum(int64_t threads, int64_t live) {
+  at::Tensor out = at::full({threads}, -1, at::kFloat);
+  mmattn::launch::launch(emulator_checks::warp_sum_kernel, dim3(1),
+                         static_cast<unsigned>(threads), 0, out.data_ptr<float>(),
+                         static_cast<int>(live));
+  return out;
+}
+
 void emulated_divergent_barriers(int64_t threads) {
   mmattn::launch::launch(emulator_checks::divergent_barriers_kernel, dim3(1),
                          static_cast<unsigned>(threads), 0);
@@ -76,4 +95,5 @@ TORCH_LIBRARY_IMPL(mmattn_emulated, CompositeImplicitAutograd, m) {
   m.impl("emulated_previous_thread", &emulated_previous_thread);
   m.impl("emulated_divergent_barriers", &emulated_divergent_barriers);
   m.impl("emulated_previous_block", &emulated_previous_block);
+  m.impl("emulated_warp_sum", &emulated_warp_sum);
 }
