@@ -304,8 +304,9 @@ def test_psa_register_tiles_match_equations(psa_kernel, emulated, mode: str) -> 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32, torch.bfloat16])
 def test_psa_register_tiles_reduction_splits(emulated, dtype: torch.dtype) -> None:
     """The forward reduction's splits (1, 3 or 7 asked per image, at most one a tile; partial
-    tiles among them) against the definitions: logits l = w . x_p, and, merged over the splits, the softmax over the
-    pixels' normaliser and s = sum_p softmax(l)_p x_p, m = sum_p x_p."""
+    tiles among them) against the definitions: logits l = w . x_p, and, merged over the
+    splits, the softmax over the pixels' normaliser and s = sum_p softmax(l)_p x_p,
+    m = sum_p x_p."""
     counts = set()
     for shape in [(2, 2, 6, 12), (1, 40, 5, 24), (2, 96, 4, 10), (1, 200, 4, 18)]:  # P % 8 = 0
         x = (torch.randn(shape, dtype=F64) * 2).to(dtype)
