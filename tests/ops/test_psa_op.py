@@ -153,12 +153,16 @@ def test_half_error_at_most_twice_the_references(mode: str, dtype: torch.dtype) 
 def check_low_precision(fn, shape: tuple[int, ...], std: float, mode: str, dtype: torch.dtype,
                         device: str = 'cpu') -> None:
     """``fn``'s output and 13 gradients in ``dtype`` on ``device``: error against float64 at
-    most about twice the eager reference's own in that dtype."""
+    most about twice the eager reference's own in that dtype, each computed from the same
+    inputs (x, the output's gradient and the weights as ``dtype`` holds them; the truth in
+    float64 of those), so that an error is the implementation's own, not the inputs'
+    rounding amplified (psa_block_checks.check_low_precision)."""
     w = random_params(shape[1], std=std)
-    x, g = torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)
-    truth, truth_g = paper_psa(x, w, mode), grads(paper_psa, x, w, mode, g)
     wh = {k: v.to(device, dtype) for k, v in w.items()}
-    xh, gh = x.to(device, dtype), g.to(device, dtype)
+    xh = torch.randn(shape, dtype=F64).to(device, dtype)
+    gh = torch.randn(shape, dtype=F64).to(device, dtype)
+    w, x, g = {k: v.cpu().to(F64) for k, v in wh.items()}, xh.cpu().to(F64), gh.cpu().to(F64)
+    truth, truth_g = paper_psa(x, w, mode), grads(paper_psa, x, w, mode, g)
     ref, ref_g = paper_psa(xh, wh, mode), grads(paper_psa, xh, wh, mode, gh)
     ours, ours_g = fn(xh, wh, mode), grads(fn, xh, wh, mode, gh)
     assert ours.dtype == dtype

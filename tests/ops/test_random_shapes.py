@@ -159,11 +159,14 @@ def check_case(run, case: tuple, device: str = 'cpu') -> None:
     every gradient within 1e-11 of each tensor's largest magnitude (at 1024 channels the
     weight gradients reach ~1e3 and two orders of their sums differ by ~1e-10, past the fixed
     1e-10 of the chosen shapes' tests); in a low-precision dtype (float32 without TF32,
-    bfloat16, float16), error against float64 at most twice the chosen shapes' bound (about
-    twice the eager reference's in the same dtype: in 1,000 cases drawn so the kernels' error
-    was typically 0.6 of the reference's and at worst 1.5 times that bound), plus 1e-3 of the
-    dtype's epsilon (where a gradient vanishes, ~1e-22 in the reference: 2e-16 from the
-    kernels). A wrong index or a missing barrier misses either by far."""
+    bfloat16, float16), error against float64 of the same rounded inputs at most twice the
+    chosen shapes' bound (about twice the eager reference's in the same dtype), plus 1e-3 of
+    the dtype's epsilon (where a gradient vanishes, ~1e-22 in the reference: 2e-16 from the
+    kernels). In 2,240 cases (seeds 62 and 63, 20 times the default's) the largest error was
+    0.22 of that allowance (0.41 at the chosen shapes, where the slack is 1); against the
+    unrounded inputs' float64, the rule until 2026-11-28, one bf16 case failed by chance (the
+    inputs' rounding, amplified, cancelled in the reference's gradient at its largest error's
+    place and not in the kernels'). A wrong index or a missing barrier misses either by far."""
     variant, mode, shape, layout, *dtype = case
     torch.manual_seed(sum(shape))
     fmt = torch.channels_last if layout == 'nhwc' else torch.contiguous_format
