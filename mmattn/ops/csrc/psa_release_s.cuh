@@ -162,8 +162,8 @@ template <typename T, typename MT>
 __global__ void __launch_bounds__(kGlueThreads, 1)
 release_s_bwd_glue_kernel(int blocks, const T* __restrict__ pda, int S, const MT* __restrict__ mvx,
                           const T* __restrict__ dq, const T* __restrict__ stats,
-                          const T* __restrict__ small, const T* __restrict__ bott,
-                          const T* __restrict__ rstd, int N, int C, int P, ReleaseS<T> w,
+                          const T* __restrict__ bott, const T* __restrict__ rstd, int N, int C,
+                          int P, ReleaseS<T> w,
                           T* __restrict__ dm, T* __restrict__ dsv, T* __restrict__ beta,
                           T* __restrict__ dz, T* __restrict__ dh1, T* __restrict__ dh2,
                           T* __restrict__ dv) {
@@ -638,8 +638,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
     if (N > 0)
       glue_launch(release_s_bwd_glue_kernel<acc_t, scalar_t>, N, C, sizeof(acc_t),
                   pda.data_ptr<acc_t>(), static_cast<int>(pda.size(1)), m.data_ptr<scalar_t>(),
-                  dq.data_ptr<acc_t>(), stats.data_ptr<acc_t>(), small.data_ptr<acc_t>(),
-                  bott.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), N, C, P, w,
+                  dq.data_ptr<acc_t>(), stats.data_ptr<acc_t>(), bott.data_ptr<acc_t>(),
+                  rstd.data_ptr<acc_t>(), N, C, P, w,
                   dm.data_ptr<acc_t>(), dsv.data_ptr<acc_t>(), beta.data_ptr<acc_t>(),
                   dz.data_ptr<acc_t>(), dh1.data_ptr<acc_t>(), dh2.data_ptr<acc_t>(),
                   dv.data_ptr<acc_t>());
