@@ -6,9 +6,9 @@
 execution model (``emulated_cuda.h``: each CUDA thread a fiber that runs to its next barrier,
 the threads in index order and in reverse by turns, a launch's blocks too, barriers for
 ``__syncthreads``, the warp shuffles and the clusters, shared memory filled with NaN before
-each block). The
-emulated ops are compared with the paper's equations (the references of ``test_psa_op.py`` and
-``test_outlook_op.py``), in float64 and, with the per-dtype rule, in float32/bfloat16/float16.
+each block). The emulated ops are compared with the paper's equations (the references of
+``test_psa_op.py`` and ``test_outlook_op.py``), in float64 and, with the per-dtype rule, in
+float32/bfloat16/float16.
 This checks the kernels' indexing, tiling, split reductions, layouts and synchronisation on any
 machine; the ``cuda``-marked tests run the same comparisons on a GPU. New CPU memory holds
 junk in this module, as recycled GPU memory does (``junk_in_new_memory``, conftest.py).

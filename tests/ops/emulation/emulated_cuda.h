@@ -109,10 +109,10 @@ struct Block {
   Barrier* threads = nullptr;
   std::vector<Barrier>* warps = nullptr;
   std::vector<ShuffleSlot>* exchange = nullptr;  // the warp shuffles' slots, two sets a warp
-  Barrier* cluster = nullptr;               // all threads of the block's cluster
-  Barrier* grid = nullptr;                  // all threads of a cooperative launch (else none)
-  unsigned slot = 0;                        // the block's shared memory among those running
-  unsigned rank = 0;                        // its place in its cluster
+  Barrier* cluster = nullptr;  // all threads of the block's cluster
+  Barrier* grid = nullptr;     // all threads of a cooperative launch (else none)
+  unsigned slot = 0;           // the block's shared memory among those running
+  unsigned rank = 0;           // its place in its cluster
   unsigned cluster_blocks = 1;
   ClusterOrder* order = nullptr;
 };

@@ -1,9 +1,8 @@
 // Kernels that check the emulation itself (emulated_cuda.h): that a missing __syncthreads shows
 // in the results, in either order of the threads, that a dependence between a launch's blocks
 // shows in either order of the blocks, that a shuffle from a lane that is not there gives junk,
-// and that threads waiting at barriers not all of them
-// reach stop the launch with an error. Registered as mmattn_emulated::emulated_* (the test
-// defines their schemas).
+// and that threads waiting at barriers not all of them reach stop the launch with an error.
+// Registered as mmattn_emulated::emulated_* (the test defines their schemas).
 #include "emulated_cuda.h"
 
 #include <torch/library.h>
