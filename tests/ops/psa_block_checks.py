@@ -138,13 +138,22 @@ def check_low_precision(fn, mode: str, shape: tuple[int, ...], dtype: torch.dtyp
     xb, gb = xh.to(bound), gh.to(bound)
     ref, ref_g = reference(rb, xb), all_grads(reference, rb, xb, gb)
     ours, ours_g = fn(b, xh), all_grads(fn, b, xh, gh)
-    assert ours.dtype == dtype
+    floors = [1e-6] + [1e-3 * t.abs().max().item() for t in truth_g]
+    assert_within_twice(['y', 'x'] + [n for n, _ in b.named_parameters()], [ours, *ours_g],
+                        [ref, *ref_g], [truth, *truth_g], floors, dtype, slack, atol)
 
+
+def assert_within_twice(names: list[str], ours: list[Tensor], refs: list[Tensor],
+                        truths: list[Tensor], floors: list[float], dtype: torch.dtype,
+                        slack: float = 1.0, atol: float = 0.0) -> None:
+    """The rule of the low-precision checks (here and ``test_psa_op.check_low_precision``):
+    each of ``ours`` (an output or a gradient, in ``dtype``, on any device) errs against its
+    float64 truth at most ``slack`` times (twice the error of the eager reference's result,
+    plus its floor for results near-exact in both), plus ``atol``."""
     def err(a: Tensor, t: Tensor) -> float:
         return (a.double().cpu() - t).abs().max().item()
 
-    assert err(ours, truth) <= slack * (2 * err(ref, truth) + 1e-6) + atol
-    names = ['x'] + [n for n, _ in b.named_parameters()]
-    for name, a, r, t in zip(names, ours_g, ref_g, truth_g):
-        assert a.dtype == dtype, name
-        assert err(a, t) <= slack * (2 * err(r, t) + 1e-3 * t.abs().max().item()) + atol, name
+    for name, a, r, t, floor in zip(names, ours, refs, truths, floors, strict=True):
+        assert a.dtype == dtype, f'{name}: {a.dtype}, expected {dtype}'
+        got, allowed = err(a, t), slack * (2 * err(r, t) + floor) + atol
+        assert got <= allowed, f'{name}: error {got:.3g} where {allowed:.3g} is allowed'
