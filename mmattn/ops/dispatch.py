@@ -331,8 +331,9 @@ def select_backend(op: str, x: torch.Tensor, backend: str = 'auto',
         return decision
     ok, reason = decision
     if not ok:
+        # how to build the kernels, where the reason (a load error) does not say it already
         hint = f'; {extension.BUILD_HINT}' if backend in ('cuda', 'cpu') and \
-            'not loaded' in reason else ''
+            'not loaded' in reason and extension.BUILD_HINT not in reason else ''
         raise KernelUnavailableError(f'{op}: backend={backend!r} requested but it declined: '
                                      f'{reason}{hint}')
     return backend, 'requested'

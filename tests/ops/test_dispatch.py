@@ -103,9 +103,25 @@ def test_explicit_kernel_says_why_and_how_to_build() -> None:
     assert not ok and 'the compiled CPU kernel is not loaded' in reason
     with pytest.raises(KernelUnavailableError,
                        match=r"outlook: backend='cpu'.*not loaded.*MMATTN_WITH_CUDA=1 pip "
-                             r"install.*MMATTN_JIT=1"):
+                             r"install.*MMATTN_JIT=1") as raised:
         select_backend('outlook', x, 'cpu')
+    assert str(raised.value).count(extension.BUILD_HINT) == 1, str(raised.value)
     assert not can_use_outlook_cuda(x)[0]
+
+
+@pytest.mark.parametrize('state', [
+    {'loaded_from': None, 'error': 'MMATTN_JIT=1 but the JIT build failed: no compiler'},
+    {'loaded_from': 'mmattn._C (built at install)', 'error': None}])
+def test_explicit_kernel_not_loaded_says_how_to_build_once(
+        state: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever kept the kernel from loading (a failed JIT build, or a build without it; a
+    missing build: the test above), the error says how to build it, once."""
+    monkeypatch.setattr(extension, '_state', state)
+    monkeypatch.setattr(extension, 'has_kernel', lambda op, device: False)
+    with pytest.raises(KernelUnavailableError, match=r"outlook: backend='cpu'.*not loaded") \
+            as raised:
+        select_backend('outlook', torch.randn(1, 4, 4, 8), 'cpu')
+    assert str(raised.value).count(extension.BUILD_HINT) == 1, str(raised.value)
 
 
 class _CudaLike:
