@@ -118,6 +118,7 @@ def test_explicit_kernel_not_loaded_says_how_to_build_once(
     missing build: the test above), the error says how to build it, once."""
     monkeypatch.setattr(extension, '_state', state)
     monkeypatch.setattr(extension, 'has_kernel', lambda op, device: False)
+    monkeypatch.setattr(dispatch, '_DECISIONS', {})   # this made-up state's decisions: dropped
     with pytest.raises(KernelUnavailableError, match=r"outlook: backend='cpu'.*not loaded") \
             as raised:
         select_backend('outlook', torch.randn(1, 4, 4, 8), 'cpu')
