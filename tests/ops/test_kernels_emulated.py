@@ -11,7 +11,8 @@ each block). The emulated ops are compared with the paper's equations (the refer
 float32/bfloat16/float16.
 This checks the kernels' indexing, tiling, split reductions, layouts and synchronisation on any
 machine; the ``cuda``-marked tests run the same comparisons on a GPU. New CPU memory holds
-junk in this module, as recycled GPU memory does (``junk_in_new_memory``, conftest.py).
+junk while they run, as recycled GPU memory does (``junk_in_new_memory``, conftest.py, which
+``emulated`` requests).
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ _LIBRARY: list[torch.library.Library] = []   # keeps the schema definitions aliv
 
 
 @pytest.fixture(scope='module')
-def emulated() -> Iterator[object]:
-    """Build (cached by torch) and load the emulated kernels; yields ``torch.ops.<ns>``."""
+def emulated(junk_in_new_memory: None) -> Iterator[object]:
+    """Build (cached by torch) and load the emulated kernels; yields ``torch.ops.<ns>``. New
+    CPU memory holds junk from then on in the module (``junk_in_new_memory``, conftest.py)."""
     from torch.utils.cpp_extension import load
     if not hasattr(torch.ops, NAMESPACE) or not hasattr(getattr(torch.ops, NAMESPACE),
                                                         'psa_fwd_reduce'):
@@ -89,12 +91,7 @@ def emulated() -> Iterator[object]:
     yield getattr(torch.ops, NAMESPACE)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def junk_for_the_module(junk_in_new_memory: None) -> None:
-    """New CPU memory holds junk in this module (``junk_in_new_memory``, conftest.py)."""
-
-
-def test_new_memory_holds_junk() -> None:
+def test_new_memory_holds_junk(junk_in_new_memory: None) -> None:
     assert torch.empty(4096, dtype=torch.float32).isnan().all()
     assert (torch.empty(1 << 20, dtype=torch.float64) > 1e300).all()   # 8 MiB: fresh pages
 

@@ -29,7 +29,7 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from psa_block_checks import check_low_precision, check_matches  # noqa: E402
 from test_kernels_emulated import (BLOCK_FORMS, block_kernel,  # noqa: E402,F401
                                    check_outlook_low_precision, check_outlook_matches,
-                                   emulated, exact_float32, junk_for_the_module)
+                                   emulated, exact_float32)
 from test_outlook_op import grid  # noqa: E402
 
 SEED = int(os.environ.get('MMATTN_RANDOM_SEED', '0'))
