@@ -144,11 +144,19 @@ def outlook_attention(v: Tensor, attn: Tensor, kernel_size: int, padding: int, s
 
 
 def outlook_pool(x: Tensor, stride: int) -> Tensor:
-    """Ceil-mode average pooling with kernel and stride s of a (B, H, W, C) map (VOLO's)."""
+    """Ceil-mode average pooling with kernel and stride s of a (B, H, W, C) map (VOLO's): the
+    mean of each s x s cell, a last row or column of cells that overhangs the map the mean of
+    the pixels it holds.
+
+    (``count_include_pad=False``: the same means without padding, and the gradient
+    ``torch.compile`` computes right. Inductor's ``avg_pool2d`` backward with the default
+    ``True`` divides an overhanging cell's gradient by s^2 where the forward divided by its
+    pixel count, pytorch/pytorch#198119, torch 2.13.0: wrong input gradients on the last row
+    and column of a map whose side s does not divide.)"""
     if stride == 1:
         return x
-    return F.avg_pool2d(x.permute(0, 3, 1, 2), stride, stride,
-                        ceil_mode=True).permute(0, 2, 3, 1)
+    return F.avg_pool2d(x.permute(0, 3, 1, 2), stride, stride, ceil_mode=True,
+                        count_include_pad=False).permute(0, 2, 3, 1)
 
 
 def _block_pool(x: Tensor, stride: int) -> Tensor:
