@@ -56,10 +56,14 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
     heads = max(1, -(-e // d))
     # The fused kernels want unit stride along the head dim: (B, HW, d) from a transposed
     # NCHW map has stride HW there, and would silently send SDPA to the quadratic maths.
-    v = F.pad(v, (0, heads * d - e))
-    v = v.reshape(b, m, heads, d).transpose(1, 2).contiguous()
-    q = q.contiguous().unsqueeze(1).expand(b, heads, n, d)
-    k = k.contiguous().unsqueeze(1).expand(b, heads, m, d)
+    # Each a copy, never a view (even where .contiguous() would have nothing to copy):
+    # torch.compile saves q, k and v for the backward, and Inductor fails on a saved view
+    # once the sizes are dynamic (a second input size; pytorch/pytorch#185510, torch 2.13.0).
+    v = F.pad(v, (0, heads * d - e)).reshape(b, m, heads, d).transpose(1, 2)
+    q, k, v = (t.clone(memory_format=torch.contiguous_format)
+               for t in (q.unsqueeze(1), k.unsqueeze(1), v))
+    if heads > 1:
+        q, k = q.expand(b, heads, n, d), k.expand(b, heads, m, d)
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out.transpose(1, 2).reshape(b, n, heads * d)[..., :e]
 
@@ -232,7 +236,10 @@ class NonLocalAttention(nn.Module):
             y = softmax_attention(q, k, v, scale=self._logit_scale(q.shape[-1]), efficient=True)
         else:
             y = torch.matmul(self._pairwise(q, k).to(v.dtype), v)
-        y = y.transpose(1, 2).reshape(b, self.inter_channels, h, w)
+        # a tensor of its own, not a (channels-last) view of y: torch.compile saves W_z's input
+        # for the backward, and Inductor fails on a saved view once the sizes are dynamic (a
+        # second input size; pytorch/pytorch#185510, torch 2.13.0)
+        y = y.transpose(1, 2).reshape(b, self.inter_channels, h, w).contiguous()
         return x + self.conv_out(y)
 
     def attention_map(self, x: torch.Tensor, index: int | tuple[int, int]) -> torch.Tensor:

@@ -304,6 +304,27 @@ def test_channels_last_and_dtype() -> None:
     assert all(p.dtype == torch.float64 for p in m.parameters())
 
 
+@pytest.mark.parametrize('mode', ['embedded_gaussian', 'gaussian'])
+def test_torch_compile_trains_across_input_sizes(mode: str) -> None:
+    """Compiled training steps at a second input size, where torch.compile recompiles with
+    dynamic sizes: Inductor (torch 2.13.0) fails on a tensor saved for the backward that is a
+    view of the flattened pixels (pytorch/pytorch#185510), which the SDPA path and W_z's input
+    were until they became copies. Outputs and every gradient equal the eager block's."""
+    torch._dynamo.reset()
+    block = make(8, mode=mode).float()
+    compiled = torch.compile(block)
+    for shape in [(2, 8, 5, 7), (3, 8, 6, 4)]:
+        x = torch.randn(shape, requires_grad=True)
+        inputs = [x, *block.parameters()]
+        out = compiled(x)
+        grads = torch.autograd.grad(out.square().sum(), inputs)
+        ref = block(x)
+        ref_grads = torch.autograd.grad(ref.square().sum(), inputs)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for grad, ref_grad in zip(grads, ref_grads):
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)
+
+
 def test_argument_errors() -> None:
     with pytest.raises(ValueError, match='mode'):
         NonLocalAttention(8, mode='softmax')
