@@ -59,7 +59,9 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
     # Each a copy, never a view (even where .contiguous() would have nothing to copy):
     # torch.compile saves q, k and v for the backward, and Inductor fails on a saved view
     # once the sizes are dynamic (a second input size; pytorch/pytorch#185510, torch 2.13.0).
-    v = F.pad(v, (0, heads * d - e)).reshape(b, m, heads, d).transpose(1, 2)
+    if heads * d > e:  # (F.pad copies even when it pads nothing; the clone below copies)
+        v = F.pad(v, (0, heads * d - e))
+    v = v.reshape(b, m, heads, d).transpose(1, 2)
     q, k, v = (t.clone(memory_format=torch.contiguous_format)
                for t in (q.unsqueeze(1), k.unsqueeze(1), v))
     if heads > 1:
