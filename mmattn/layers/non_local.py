@@ -59,11 +59,14 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
     # Each a copy, never a view (even where .contiguous() would have nothing to copy):
     # torch.compile saves q, k and v for the backward, and Inductor fails on a saved view
     # once the sizes are dynamic (a second input size; pytorch/pytorch#185510, torch 2.13.0).
-    if heads * d > e:  # (F.pad copies even when it pads nothing; the clone below copies)
-        v = F.pad(v, (0, heads * d - e))
-    v = v.reshape(b, m, heads, d).transpose(1, 2)
-    q, k, v = (t.clone(memory_format=torch.contiguous_format)
-               for t in (q.unsqueeze(1), k.unsqueeze(1), v))
+    q, k = (t.unsqueeze(1).clone(memory_format=torch.contiguous_format) for t in (q, k))
+    if heads == 1 and d > e:  # ('gaussian' mode: d = C > e) the padding is the one copy
+        v = F.pad(v.unsqueeze(1), (0, d - e))
+    else:  # (F.pad copies even when it pads nothing, so it runs only where it pads)
+        if heads * d > e:
+            v = F.pad(v, (0, heads * d - e))
+        v = v.reshape(b, m, heads, d).transpose(1, 2)
+        v = v.clone(memory_format=torch.contiguous_format)
     if heads > 1:
         q, k = q.expand(b, heads, n, d), k.expand(b, heads, m, d)
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
