@@ -287,6 +287,40 @@ def test_torch_compile(name: str) -> None:
         torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)
 
 
+# The blocks whose compiled training graph torch 2.13.0's Inductor breaks on the CPU once the
+# input size changes (the memory format of the input that shows it): Inductor converts a
+# graph's convolution operands to channels-last there, and with dynamic sizes a backward
+# then asserts stale strides or fails on a saved view (docs/train.md, "torch.compile and
+# input sizes that change"). Measured 2026-11-29: each fails with torch.compile's defaults.
+LAYOUT_OPTIMIZATION_FAILURES = {
+    'SqueezeExcitation': torch.contiguous_format,
+    'EfficientChannelAttention': torch.contiguous_format,
+    'NonLocalAttention': torch.channels_last,
+    'RecurrentCrissCrossAttention': torch.contiguous_format,
+}
+
+
+@pytest.mark.parametrize('name', sorted(LAYOUT_OPTIMIZATION_FAILURES))
+def test_torch_compile_trains_across_sizes_without_layout_optimization(name: str) -> None:
+    """The workaround docs/train.md gives, which compiles once for every size:
+    ``options={'layout_optimization': False}``. Training steps at three input sizes (dynamic
+    from the second) give the eager block's output and every gradient."""
+    torch._dynamo.reset()
+    block = make(name)
+    compiled = torch.compile(block, options={'layout_optimization': False})
+    for shape in [(2, C, 5, 7), (3, C, 6, 4), (2, C, 4, 4)]:
+        x = torch.randn(shape).to(memory_format=LAYOUT_OPTIMIZATION_FAILURES[name])
+        x.requires_grad_()
+        inputs = [x, *block.parameters()]
+        out = compiled(x)
+        grads = torch.autograd.grad(out.square().sum(), inputs)
+        ref = block(x)
+        ref_grads = torch.autograd.grad(ref.square().sum(), inputs)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for grad, ref_grad in zip(grads, ref_grads):
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('name', NAMES)
 def test_onnx_export(name: str) -> None:
     skip_unsupported(name, 'onnx')
