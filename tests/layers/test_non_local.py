@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from compile_checks import check_compiled_training
+
 from mmattn.layers import NonLocalAttention
 from mmattn.layers.non_local import softmax_attention
 
@@ -340,17 +342,7 @@ def test_torch_compile_trains_across_input_sizes(mode: str) -> None:
     were until they became copies. Outputs and every gradient equal the eager block's."""
     torch._dynamo.reset()
     block = make(8, mode=mode).float()
-    compiled = torch.compile(block)
-    for shape in [(2, 8, 5, 7), (3, 8, 6, 4)]:
-        x = torch.randn(shape, requires_grad=True)
-        inputs = [x, *block.parameters()]
-        out = compiled(x)
-        grads = torch.autograd.grad(out.square().sum(), inputs)
-        ref = block(x)
-        ref_grads = torch.autograd.grad(ref.square().sum(), inputs)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        for grad, ref_grad in zip(grads, ref_grads):
-            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)
+    check_compiled_training(block, torch.compile(block), [(2, 8, 5, 7), (3, 8, 6, 4)])
 
 
 def test_argument_errors() -> None:
