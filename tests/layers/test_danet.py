@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from op_recorder import OpRecorder
 
 from mmattn.layers import ChannelAttention, DualAttention, PositionAttention
 from mmattn.layers.danet import convert_mmseg_dahead
@@ -74,21 +75,6 @@ def test_position_attention_paths_agree(shape: tuple) -> None:
     torch.testing.assert_close(fast(x), slow(x), rtol=0, atol=1e-10)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest numel of any tensor an aten op returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_position_attention_efficient_never_builds_hw_by_hw() -> None:
     """Forward and backward of the SDPA path stay far below (HW)^2 elements; the explicit
     path (the control) builds the map."""
@@ -96,7 +82,7 @@ def test_position_attention_efficient_never_builds_hw_by_hw() -> None:
     hw2 = (16 * 24) ** 2
     for efficient in (True, False):
         m = randomise(PositionAttention(16, efficient=efficient))
-        with _LargestTensor() as probe:
+        with OpRecorder() as probe:
             m(x).sum().backward()
         assert (probe.largest < hw2 // 16) if efficient else (probe.largest >= hw2)
 

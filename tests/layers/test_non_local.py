@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from compile_checks import check_compiled_training
+from op_recorder import OpRecorder
 
 from mmattn.layers import NonLocalAttention
 from mmattn.layers.non_local import softmax_attention
@@ -149,18 +149,6 @@ def test_softmax_attention_paths_agree(d: int, e: int) -> None:
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
-class _OpNames(TorchDispatchMode):
-    """Records the name of every aten op that runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('d, e, copies', [(8, 3, 3), (4, 4, 3), (3, 6, 3), (3, 7, 4)])
 def test_softmax_attention_copies(d: int, e: int, copies: int) -> None:
     """The SDPA path copies q, k and v once each (unit stride along the head dim, and no view
@@ -168,28 +156,13 @@ def test_softmax_attention_copies(d: int, e: int, copies: int) -> None:
     ('gaussian' mode, d = C > e). Only v split into heads it must pad is copied twice. And
     SDPA takes a fused kernel, never the quadratic maths."""
     q, k, v = torch.randn(2, 11, d), torch.randn(2, 6, d), torch.randn(2, 6, e)
-    with _OpNames() as ops:
+    with OpRecorder() as ops:
         softmax_attention(q, k, v, scale=0.7, efficient=True)
     sdpa = next(i for i, name in enumerate(ops.names) if 'scaled_dot_product' in name)
-    before = [name.split('.')[0] for name in ops.names[:sdpa]]
+    before = ops.names[:sdpa]
     assert sum(name in ('clone', 'constant_pad_nd', 'copy_', '_to_copy')
                for name in before) == copies, before
     assert not any(name.startswith(('bmm', 'matmul', '_softmax')) for name in ops.names)
-
-
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest numel of any tensor an aten op returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize('mode', ['embedded_gaussian', 'gaussian'])
@@ -200,7 +173,7 @@ def test_efficient_path_never_builds_hw_by_hw(mode: str) -> None:
     hw2 = (16 * 24) ** 2
     for efficient in (True, False):
         m = randomise(NonLocalAttention(8, mode=mode, efficient=efficient))
-        with _LargestTensor() as probe:
+        with OpRecorder() as probe:
             m(x).sum().backward()
         if efficient:
             assert probe.largest < hw2 // 16, probe.largest
