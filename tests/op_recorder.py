@@ -1,6 +1,7 @@
-"""What ATen runs inside a block, for tests that check how it computes (which operators, how
-large their results), shared by ``tests/layers/test_non_local.py`` and
-``tests/layers/test_danet.py``."""
+"""What runs inside a block, for tests that check how it computes (which operators, how large
+their results, how many would be kernel launches on a GPU), shared by
+``tests/layers/test_non_local.py``, ``tests/layers/test_danet.py`` and
+``tests/ops/test_kernels_emulated.py``."""
 from __future__ import annotations
 
 import torch
@@ -8,16 +9,29 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class OpRecorder(TorchDispatchMode):
-    """Records the name of every aten operator that runs (``names``, e.g. ``'clone'``) and the
-    largest numel of any tensor one returns (``largest``)."""
+    """Records every operator that runs: its name (``names``, e.g. ``'clone'``), its qualified
+    name (``qualified``, e.g. ``'aten.clone'``), and the largest numel of any tensor one returns
+    (``largest``). ``launches()`` leaves out views and dtype queries: on a GPU each of the rest is
+    a kernel launch."""
+
+    VIEWS = frozenset({
+        'view', 'detach', '_unsafe_view', 't', 'transpose', 'unsqueeze', 'squeeze', 'expand',
+        'select', 'slice', 'reshape', 'as_strided', 'alias', 'permute', 'split',
+        'split_with_sizes', 'unbind', 'promote_types'})
 
     def __init__(self) -> None:
         super().__init__()
         self.names: list[str] = []
+        self.qualified: list[str] = []
         self.largest = 0
+
+    def launches(self) -> list[str]:
+        """The qualified names of the operators that are not views, in the order they ran."""
+        return [q for n, q in zip(self.names, self.qualified) if n not in self.VIEWS]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func.overloadpacket.__name__)
+        self.qualified.append(str(func.overloadpacket))
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):

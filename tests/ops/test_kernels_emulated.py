@@ -25,7 +25,6 @@ from typing import Iterator
 import pytest
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmattn.ops.psa as psa_op
 from mmattn.ops import extension
@@ -41,6 +40,7 @@ from test_outlook_op import (SCALE, assert_rounded_once, logits_grad_rounded_tru
 from test_outlook_op import inputs as outlook_inputs  # noqa: E402
 from test_param_grads import (COLUMN_SHAPES, check_column_sums,  # noqa: E402
                               check_column_sums_edges, layer_norm_inputs)
+from op_recorder import OpRecorder  # noqa: E402
 from test_psa_block import block, equations  # noqa: E402
 from test_psa_op import (EPS, F64, PARAM_NAMES, check_low_precision, grads,  # noqa: E402
                          paper_psa, random_params)
@@ -452,24 +452,6 @@ def test_psa_glue_blocks_by_default_and_errors(emulated,
             blocks(1, 64)
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the operators that run (views and dtype queries excluded): on a GPU each is a
-    kernel launch."""
-    VIEWS = {'view', 'detach', '_unsafe_view', 't', 'transpose', 'unsqueeze', 'squeeze',
-             'expand', 'select', 'slice', 'reshape', 'as_strided', 'alias', 'permute',
-             'split', 'split_with_sizes', 'unbind', 'promote_types'}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in self.VIEWS:
-            self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_psa_kernel_path_launches_few_operators(psa_kernel, dtype: torch.dtype) -> None:
     """With the kernels, a training step's host work is the four passes, the two glue kernels
@@ -479,18 +461,19 @@ def test_psa_kernel_path_launches_few_operators(psa_kernel, dtype: torch.dtype) 
     w = {k: v.to(dtype) for k, v in random_params(32, std=0.3).items()}
     x = torch.randn(2, 32, 4, 6, dtype=dtype)
     params = tuple(w[k] for k in PARAM_NAMES)
-    with _CountOps() as fwd:
+    with OpRecorder() as fwd:
         y, logits, lnorm, s_mask, stats = psa_op._forward_impl(x, params, EPS, True, True)
     g = torch.randn_like(y)
-    with _CountOps() as bwd:
+    with OpRecorder() as bwd:
         psa_op._backward_impl(g, x, logits, lnorm, s_mask, stats, params, EPS, True, True)
     kernels = {f'{NAMESPACE}.{name}' for name in PSA_KERNEL_OPS}
-    assert kernels == {op for op in fwd.ops + bwd.ops if op.startswith('mmattn_emulated')}
+    fwd_ops, bwd_ops = fwd.launches(), bwd.launches()
+    assert kernels == {op for op in fwd_ops + bwd_ops if op.startswith('mmattn_emulated')}
     # forward: 3 kernels (bf16: + concatenating and casting the weights); backward: 3 kernels,
     # the weight gradients' product, two sums, ch_bq's zero, the transposed ch_wz gradient's
     # copy and the concatenation of the gradients (bf16: + 3 casts and concatenations)
-    assert len(fwd.ops) <= 5, fwd.ops
-    assert len(bwd.ops) <= 12, bwd.ops
+    assert len(fwd_ops) <= 5, fwd_ops
+    assert len(bwd_ops) <= 12, bwd_ops
 
 
 def test_psa_glue_input_errors(emulated) -> None:
