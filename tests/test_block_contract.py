@@ -1,12 +1,14 @@
 """The contract every registered attention block follows (see mmattn/layers/__init__.py):
 constructed from ``in_channels`` alone, NCHW in and the same shape out for any H and W,
 contiguous or channels_last, autocast, device/dtype factory arguments, clear errors, every
-parameter trained, and usable from mm configs, mmcv plugins, timm and the exporters, including
-TorchScript (``torch.jit.script``) and torch.fx (``symbolic_trace``, timm's FX feature
-extraction)."""
+parameter trained, copies (deepcopy, pickle, torch.save) that compute the same, and usable
+from mm configs, mmcv plugins, timm and the exporters, including TorchScript
+(``torch.jit.script``) and torch.fx (``symbolic_trace``, timm's FX feature extraction)."""
 from __future__ import annotations
 
+import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -159,6 +161,28 @@ def test_factory_kwargs(name: str) -> None:
     with torch.no_grad():
         y = block.eval()(torch.randn(1, C, 4, 4, dtype=torch.float64))
     assert y.dtype == torch.float64
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_copies_compute_what_the_block_does(name: str) -> None:
+    """What EMA hooks (``copy.deepcopy``), ``torch.save(model)`` and multiprocessing (pickle)
+    make of a block, after it has run forward and backward once (so whatever it decides at
+    the first call has been decided), computes exactly what the block does."""
+    block = make(name).train()
+    x = torch.randn(2, C, 7, 6)
+    block(x).sum().backward()
+    block.eval()
+    buffer = io.BytesIO()
+    torch.save(block, buffer)
+    buffer.seek(0)
+    copies = {'deepcopy': copy.deepcopy(block),
+              'torch.save': torch.load(buffer, weights_only=False),
+              'pickle': pickle.loads(pickle.dumps(block))}
+    with torch.no_grad():
+        expected = block(x)
+        for how, other in copies.items():
+            assert type(other) is type(block), how
+            assert torch.equal(other(x), expected), how
 
 
 @pytest.mark.parametrize('name', NAMES)
