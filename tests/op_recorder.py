@@ -21,16 +21,19 @@ class OpRecorder(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.names: list[str] = []
         self.qualified: list[str] = []
         self.largest = 0
 
+    @property
+    def names(self) -> list[str]:
+        """The operators' names without their namespace, in the order they ran."""
+        return [q.split('.', 1)[1] for q in self.qualified]
+
     def launches(self) -> list[str]:
         """The qualified names of the operators that are not views, in the order they ran."""
-        return [q for n, q in zip(self.names, self.qualified) if n not in self.VIEWS]
+        return [q for q, n in zip(self.qualified, self.names) if n not in self.VIEWS]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
         self.qualified.append(str(func.overloadpacket))
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
