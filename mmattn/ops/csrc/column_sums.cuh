@@ -20,9 +20,10 @@
 #include <tuple>
 #include <vector>
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include "column_sums_args.h"
 #include "column_sums_aten.h"

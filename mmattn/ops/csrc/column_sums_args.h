@@ -3,7 +3,7 @@
 // column_sums_args.cpp.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace mmattn {
 

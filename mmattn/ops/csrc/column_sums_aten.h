@@ -7,8 +7,8 @@
 
 #include <vector>
 
-#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 
 namespace mmattn {
 
@@ -19,9 +19,9 @@ inline std::vector<at::Tensor> aten_column_sums(const at::Tensor& grad, const at
   const at::Tensor g = grad.reshape({-1, C}).to(acc);
   std::vector<at::Tensor> sums{g.sum(0).to(grad.scalar_type())};
   if (x != nullptr) {
-    const at::Tensor xhat = (x->reshape({-1, C}).to(acc) - mean->reshape({-1, 1}).to(acc)) *
-                            rstd->reshape({-1, 1}).to(acc);
-    sums.push_back((g * xhat).sum(0).to(grad.scalar_type()));
+    const at::Tensor xhat = x->reshape({-1, C}).to(acc).sub(mean->reshape({-1, 1}).to(acc))
+                                .mul(rstd->reshape({-1, 1}).to(acc));
+    sums.push_back(g.mul(xhat).sum(0).to(grad.scalar_type()));
   }
   return sums;
 }

@@ -31,9 +31,11 @@
 #include <limits>
 #include <type_traits>
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_softmax_backward_data.h>
+#include <ATen/ops/empty.h>
 
 #include "device_math.cuh"
 #include "outlook.h"
