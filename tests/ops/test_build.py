@@ -172,7 +172,8 @@ except RuntimeError as e:
 def test_sources_and_flags() -> None:
     cpu, cuda = extension.sources(False), extension.sources(True)
     assert {osp.basename(s) for s in cuda} - {osp.basename(s) for s in cpu} == \
-        {'column_sums_cuda.cu', 'outlook_cuda.cu', 'psa_cuda.cu'}
+        {'column_sums_cuda.cu', 'outlook_cuda.cu', 'psa_cuda.cu', 'psa_cuda_double.cu',
+         'psa_cuda_half.cu', 'psa_cuda_bfloat16.cu'}
     assert 'module.cpp' in {osp.basename(s) for s in cpu}
     assert '-DWITH_CUDA' in extension.compile_flags(True)['cxx']
     assert '-DWITH_CUDA' not in extension.compile_flags(False)['cxx']

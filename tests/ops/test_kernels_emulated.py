@@ -1,11 +1,12 @@
 """The CUDA kernels' own sources, run on the CPU.
 
 ``tests/ops/emulation`` compiles ``mmattn/ops/csrc/psa_kernels.cuh`` and ``outlook_kernels.cuh``
-(the kernels and the host code that launches them, exactly as ``psa_cuda.cu`` /
-``outlook_cuda.cu`` include them) with the host compiler against a CPU emulation of CUDA's
-execution model (``emulated_cuda.h``: each CUDA thread a fiber that runs to its next barrier,
-the threads in index order and in reverse by turns, a launch's blocks too, barriers for
-``__syncthreads``, the warp shuffles and the clusters, shared memory filled with NaN before
+(the kernels and the host code that launches them, exactly as ``psa_cuda*.cu`` /
+``outlook_cuda.cu`` include them: the PSA code in the same four translation units, one per dtype,
+its ops routed to them as ``psa_cuda.cu`` routes them) with the host compiler against a CPU
+emulation of CUDA's execution model (``emulated_cuda.h``: each CUDA thread a fiber that runs to its
+next barrier, the threads in index order and in reverse by turns, a launch's blocks too, barriers
+for ``__syncthreads``, the warp shuffles and the clusters, shared memory filled with NaN before
 each block). The emulated ops are compared with the paper's equations (the references of
 ``test_psa_op.py`` and ``test_outlook_op.py``), in float64 and, with the per-dtype rule, in
 float32/bfloat16/float16.
@@ -78,8 +79,9 @@ def emulated(junk_in_new_memory: None) -> Iterator[object]:
         lib.define('emulated_warp_sum(int threads, int live) -> Tensor')
         _LIBRARY.append(lib)
         load(name='mmattn_emulated_kernels' + ('_asan' if ASAN else ''),
-             sources=[osp.join(HERE, 'emulation', 'psa_emulated.cpp'),
-                      osp.join(HERE, 'emulation', 'outlook_emulated.cpp'),
+             sources=[osp.join(HERE, 'emulation', f'psa_emulated{unit}.cpp')
+                      for unit in ('', '_double', '_half', '_bfloat16')] +
+                     [osp.join(HERE, 'emulation', 'outlook_emulated.cpp'),
                       osp.join(HERE, 'emulation', 'column_sums_emulated.cpp'),
                       osp.join(HERE, 'emulation', 'emulator_checks.cpp'),
                       osp.join(extension.CSRC, 'column_sums_args.cpp')],

@@ -26,7 +26,11 @@
 #include <tuple>
 #include <vector>
 
+#include <ATen/Context.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
 #include "psa_block.h"
+#include "psa_dispatch.h"
 #include "psa_glue.cuh"
 #include "psa_kernels.cuh"
 #include "psa_release_p.cuh"
@@ -34,6 +38,7 @@
 
 namespace mmattn {
 namespace psa {
+inline namespace MMATTN_PSA_UNIT {
 
 // The paper forms: y, and [logits l (N, P), S, stats (N, 4, C) = [s, m, A, u_eff], c (N), A,
 // u_eff, lnorm (2, N)] (lnorm: the state of pi = softmax_p(l), its maxima and sums).
@@ -122,5 +127,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> block_backward(
   return {dx, weight_gradients(acc_grads, weights)};
 }
 
+}  // namespace MMATTN_PSA_UNIT
 }  // namespace psa
 }  // namespace mmattn

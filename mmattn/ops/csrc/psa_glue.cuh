@@ -24,10 +24,12 @@
 #include <algorithm>
 #include <vector>
 
+#include "psa_dispatch.h"
 #include "psa_kernels.cuh"
 
 namespace mmattn {
 namespace psa {
+inline namespace MMATTN_PSA_UNIT {
 
 // Threads of a glue block. A glue is a few blocks per image with no occupancy goal (at N = 2 and
 // a block an image, two blocks on the whole GPU), so its loops run at the latency of its
@@ -695,7 +697,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_glue(
                 "mmattn psa glue: a_out and ueff_out must both be given, contiguous");
   if (N == 0) return {lnorm, stats, cbias};
   at::Tensor work = at::empty({N, glue_work(static_cast<int>(C))}, opts);
-  AT_DISPATCH_FLOATING_TYPES(acc, "psa_fwd_glue", [&] {
+  MMATTN_PSA_DISPATCH_ACC(acc, "psa_fwd_glue", [&] {
     std::vector<at::Tensor> keep;
     const Chain<scalar_t> w = chain_weights<scalar_t>(weights, static_cast<int>(C), acc, dev,
                                                       &keep);
@@ -743,7 +745,7 @@ bwd_glue(const at::Tensor& part_dt_in, const at::Tensor& part_da_in,
   at::Tensor vecs = summed ? at::Tensor() : at::empty({N, 3 * H + 3 * C}, opts);
   if (N == 0) return {dm, dsv, beta, left, right, vecs};
   at::Tensor work = at::empty({N, glue_work(static_cast<int>(C))}, opts);
-  AT_DISPATCH_FLOATING_TYPES(acc, "psa_bwd_glue", [&] {
+  MMATTN_PSA_DISPATCH_ACC(acc, "psa_bwd_glue", [&] {
     std::vector<at::Tensor> keep;
     const Chain<scalar_t> w = chain_weights<scalar_t>(weights, static_cast<int>(C), acc, dev,
                                                       &keep);
@@ -821,5 +823,6 @@ psa_bwd_glue_cuda(const at::Tensor& part_dt, const at::Tensor& part_da,
   return bwd_glue(part_dt, part_da, part_dueff, stats, pixels, weights, eps, sequential);
 }
 
+}  // namespace MMATTN_PSA_UNIT
 }  // namespace psa
 }  // namespace mmattn

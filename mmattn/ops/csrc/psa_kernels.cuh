@@ -30,9 +30,11 @@
 // backward reduction gives each split's sum of d_t.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <cmath>
@@ -42,12 +44,14 @@
 #include <type_traits>
 
 #include "device_math.cuh"
+#include "psa_dispatch.h"
 #include "vector.cuh"
 
 // needs the launch interface: cuda_launch.cuh (GPU) or the tests' CPU emulation
 
 namespace mmattn {
 namespace psa {
+inline namespace MMATTN_PSA_UNIT {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -1081,6 +1085,7 @@ SoftmaxStates check_states(const SoftmaxStates& st, const at::Tensor& x, int N, 
           vec(st.sum, x, {N, splits}, "tsum")};
 }
 
+}  // namespace MMATTN_PSA_UNIT
 }  // namespace psa
 }  // namespace mmattn
 
@@ -1088,6 +1093,7 @@ SoftmaxStates check_states(const SoftmaxStates& st, const at::Tensor& x, int N, 
 
 namespace mmattn {
 namespace psa {
+inline namespace MMATTN_PSA_UNIT {
 
 // The forward passes' launch plans (their kernels' shared memory): the reduction's and the
 // apply pass's, on the shared-memory tiles (acc_t values of `elem` bytes) and on the register
@@ -1109,7 +1115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_reduc
   const int64_t wq_stride = wq.dim() == 2 ? g.C : 0;
   at::Tensor logits = at::empty({N, g.P}, opts);
   at::Tensor pmax, psum, ps, pm;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_fwd_reduce", [&] {
+  MMATTN_PSA_DISPATCH(x.scalar_type(), "psa_fwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // the splits' outputs, then the kernel with its tile arguments (the shared-memory tile's
     // width and its log2, or the register tiles' log2 warps per channel group)
@@ -1164,7 +1170,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_apply(const at::Tensor& x, const at::Tens
   const at::Tensor y = like_x(at::empty_like(x), x, g, "y");
   at::Tensor s_mask = at::empty({N, g.P}, x.options().dtype(at::toOpMathType(x.scalar_type())));
   if (N == 0 || g.P == 0) return {y, s_mask};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_fwd_apply", [&] {
+  MMATTN_PSA_DISPATCH(x.scalar_type(), "psa_fwd_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // the kernel on one wave of blocks at most, with its tile arguments (fwd_reduce's)
     auto run = [&](auto kernel, const Launch& l, auto... tile_args) {
@@ -1213,7 +1219,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_reduce_apply(const at::Tensor& x, const G
   const at::Tensor y = like_x(at::empty_like(x), x, g, "y");
   const at::Tensor t = at::empty({N, g.P}, opts), s_mask = at::empty({N, g.P}, opts);
   bool taken = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+  MMATTN_PSA_DISPATCH(x.scalar_type(),
                                   "psa_fwd_reduce_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // (the kernel, the reduction's plan (the splits are cut in its tiles) with the larger
@@ -1292,7 +1298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_reduc
               "a contiguous (R, C) one of the accumulation dtype");
   at::Tensor d_t = at::empty({N, g.P}, opts);
   at::Tensor pdt, pda, pdu, pr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_reduce", [&] {
+  MMATTN_PSA_DISPATCH(x.scalar_type(), "psa_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // the splits' outputs, then the kernel with its tile arguments (fwd_reduce's)
     auto run = [&](auto kernel, const Launch& l, auto... tile_args) {
@@ -1387,7 +1393,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_apply(
   TORCH_CHECK(!gwq.defined() || (vec(gwq, x, {g.C}, "gwq").is_same(gwq)),
               "mmattn psa kernels: gwq must be contiguous (the kernel adds into it)");
   at::Tensor pgwq;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_bwd_apply", [&] {
+  MMATTN_PSA_DISPATCH(x.scalar_type(), "psa_bwd_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto tail = make_tail(static_cast<scalar_t*>(nullptr));
     using TailT = std::decay_t<decltype(tail)>;
@@ -1434,5 +1440,6 @@ std::tuple<at::Tensor, at::Tensor> psa_bwd_apply_cuda(
                    sequential);
 }
 
+}  // namespace MMATTN_PSA_UNIT
 }  // namespace psa
 }  // namespace mmattn

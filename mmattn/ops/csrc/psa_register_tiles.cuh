@@ -34,6 +34,7 @@
 
 namespace mmattn {
 namespace psa {
+inline namespace MMATTN_PSA_UNIT {
 
 constexpr int kRegVectors = 2;  // 16-byte vectors a thread loads per tile
 constexpr int kRegMaxChannels = 32 * kWarps;
@@ -650,5 +651,6 @@ Launch register_plan(int C, int pixel_vectors, int thread_vectors, int nv = kReg
   return {tile, log2, register_tiles_smem<acc_t, vec>(pixel_vectors, thread_vectors, nv)};
 }
 
+}  // namespace MMATTN_PSA_UNIT
 }  // namespace psa
 }  // namespace mmattn

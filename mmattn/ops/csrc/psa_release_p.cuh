@@ -31,11 +31,13 @@
 #include <vector>
 
 #include "psa_block.h"
+#include "psa_dispatch.h"
 #include "psa_glue.cuh"
 #include "psa_kernels.cuh"
 
 namespace mmattn {
 namespace psa {
+inline namespace MMATTN_PSA_UNIT {
 
 template <typename T>
 struct ReleaseP {
@@ -151,7 +153,7 @@ ReleasePChannel release_p_channel(const at::Tensor& x, const Geometry& g,
   r.lnorm = at::empty({2, N}, opts);
   r.stats = at::empty({4, N, C}, opts);
   r.small = at::empty({2, N, C / 2}, opts);
-  if (N > 0) AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "psa_release_p_fwd_glue", [&] {
+  if (N > 0) MMATTN_PSA_DISPATCH_ACC(opts.dtype().toScalarType(), "psa_release_p_fwd_glue", [&] {
     glue_launch(release_p_fwd_glue_kernel<scalar_t>, N, C, sizeof(scalar_t),
                 pmax.data_ptr<scalar_t>(), psum.data_ptr<scalar_t>(), ps.data_ptr<scalar_t>(),
                 pm.data_ptr<scalar_t>(), static_cast<int>(N), static_cast<int>(pmax.size(1)),
@@ -201,7 +203,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_backward(
   at::Tensor dm = at::empty({N, C}, opts), dsv = at::empty({N, C}, opts);
   at::Tensor beta = at::empty({N}, opts);
   at::Tensor left = at::empty({4, N, H}, opts), right = at::empty({4, N, C}, opts);
-  if (N > 0) AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "psa_release_p_bwd_glue", [&] {
+  if (N > 0) MMATTN_PSA_DISPATCH_ACC(opts.dtype().toScalarType(), "psa_release_p_bwd_glue", [&] {
     glue_launch(release_p_bwd_glue_kernel<scalar_t>, N, C, sizeof(scalar_t),
                 part_wt.data_ptr<scalar_t>(), part_da.data_ptr<scalar_t>(),
                 part_du.data_ptr<scalar_t>(), part_r.data_ptr<scalar_t>(),
@@ -220,5 +222,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_p_backward(
   return {dx, {gwq, mats[3], mats[2].view({C, H}), mats[1], mats[0]}};
 }
 
+}  // namespace MMATTN_PSA_UNIT
 }  // namespace psa
 }  // namespace mmattn

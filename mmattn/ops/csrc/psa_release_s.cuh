@@ -45,13 +45,17 @@
 #include <tuple>
 #include <vector>
 
+#include <ATen/ops/bmm.h>
+
 #include "psa_block.h"
+#include "psa_dispatch.h"
 #include "psa_glue.cuh"
 #include "psa_kernels.cuh"
 #include "psa_value_tiles.cuh"
 
 namespace mmattn {
 namespace psa {
+inline namespace MMATTN_PSA_UNIT {
 
 template <typename T>
 struct ReleaseS {
@@ -542,7 +546,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_forward(
   at::Tensor s_mask = at::empty({N, P}, opts), wa = at::empty({N, H, C}, x.options());
   const at::Tensor y = like_x(at::empty_like(x), x, g, "y");
   if (N == 0) return {y, {logits, s_mask, stats, small, bott, rstd, norm, lnorm}};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_fwd", [&] {
+  MMATTN_PSA_DISPATCH(x.scalar_type(), "psa_s_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
     glue_launch(release_s_fwd_glue_kernel<acc_t, scalar_t>, N, C, sizeof(acc_t),
@@ -611,7 +615,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   at::Tensor dz = at::empty({N, C}, opts), dh1 = at::empty({N, Cb}, opts);
   at::Tensor dh2 = at::empty({N, Cb}, opts), dv = at::empty({N, H}, opts);
   at::Tensor m;  // M = dVl x^T (N, H, C), in x's dtype
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "psa_s_bwd", [&] {
+  MMATTN_PSA_DISPATCH(x.scalar_type(), "psa_s_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReleaseS<acc_t> w = release_s_chain<acc_t>(W);
     // dq, dx's part A (.) e = Wa^T dVl (e = W_v'^T dVl, in x's layout) and M = dVl x^T
@@ -663,5 +667,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> release_s_backward(
   return {dx, out};
 }
 
+}  // namespace MMATTN_PSA_UNIT
 }  // namespace psa
 }  // namespace mmattn

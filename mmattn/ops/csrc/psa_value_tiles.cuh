@@ -31,18 +31,20 @@
 // Needs psa_kernels.cuh and the launch interface (cuda_launch.cuh, or the tests' emulation).
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <utility>
 
+#include "psa_dispatch.h"
 #include "psa_kernels.cuh"
 #include "warp_matrix.cuh"
 
 namespace mmattn {
 namespace psa {
+inline namespace MMATTN_PSA_UNIT {
 
 // How a tile of Vl is multiplied: 16-bit warp matrix products, TF32 ones, or scalar FMAs.
 enum class Product { kScalar, kHalf, kTf32 };
@@ -861,5 +863,6 @@ at::Tensor value_backward(const at::Tensor& x, const Geometry& g, const at::Tens
   return dvl;
 }
 
+}  // namespace MMATTN_PSA_UNIT
 }  // namespace psa
 }  // namespace mmattn

@@ -1,16 +1,20 @@
-// The PSA CUDA kernels and their host code (mmattn/ops/csrc/psa_kernels.cuh, psa_glue.cuh,
-// psa_release_p.cuh, psa_block_cuda.cuh) compiled for the CPU emulation of emulated_cuda.h,
-// registered as the CPU implementations of the ops mmattn_emulated::psa_* (the test defines
-// their schemas: mmattn's).
+// The PSA CUDA kernels and their host code (mmattn/ops/csrc/psa_cuda_unit.cuh) compiled for the
+// CPU emulation of emulated_cuda.h in psa_cuda.cu's four translation units (psa_units.h): this
+// file is the float32 unit, with the tests' helpers, as psa_cuda.cu is; psa_emulated_double.cpp,
+// _half.cpp and _bfloat16.cpp are the others. The ops mmattn_emulated::psa_* (the test defines
+// their schemas: mmattn's) are registered as psa_cuda.cu registers mmattn's, each going to the
+// unit of its tensor's dtype.
+#define MMATTN_PSA_UNIT_DTYPE Float
+#define MMATTN_PSA_UNIT_ACC Float
+#define MMATTN_PSA_UNIT float_unit
+
 #include "emulated_cuda.h"
 
 #include <torch/library.h>
 
-#include "psa_block_cuda.cuh"
-#include "psa_glue.cuh"
-#include "psa_kernels.cuh"
+#include "psa_cuda_unit.cuh"
 
-MMATTN_EMULATED_SHARED_MEMORY(mmattn::psa)
+MMATTN_EMULATED_SHARED_MEMORY(mmattn::psa::float_unit)
 
 // The vector width the PSA kernels move x in (16-byte vectors, or 1: single elements) with the
 // shared memory of `tiles` tiles per block: the host code's decision, for the tests.
@@ -46,41 +50,13 @@ int64_t psa_glue_blocks(int64_t N, int64_t C) {
                                   mmattn::psa::kGlueSmem * sizeof(double));
 }
 
-// psa_block_cuda_fwd/_bwd on the emulated kernels
-void check_form(int64_t form) {
-  TORCH_CHECK(form >= 0 && form <= 3, "emulated psa_block_cuda: forms 0-3, got ", form);
-}
-
-std::tuple<at::Tensor, std::vector<at::Tensor>> block_fwd(const at::Tensor& x,
-                                                          at::TensorList weights, int64_t form,
-                                                          double eps) {
-  check_form(form);
-  return mmattn::psa::block_forward(x, weights, form, eps);
-}
-
-std::tuple<at::Tensor, std::vector<at::Tensor>> block_bwd(const at::Tensor& grad,
-                                                          const at::Tensor& x,
-                                                          at::TensorList state,
-                                                          at::TensorList weights, int64_t form,
-                                                          double eps) {
-  check_form(form);
-  return mmattn::psa::block_backward(grad, x, state, weights, form, eps);
-}
-
 // kernel launches since the library was loaded
 int64_t emulated_launches() { return mmattn_emulation::launches; }
 
 TORCH_LIBRARY_IMPL(mmattn_emulated, CPU, m) {
-  m.impl("psa_block_cuda_fwd", &block_fwd);
-  m.impl("psa_block_cuda_bwd", &block_bwd);
+  mmattn::psa::register_routed_ops(m);
   m.impl("psa_vector_width", &psa_vector_width);
   m.impl("psa_register_tiles", &psa_register_tiles);
-  m.impl("psa_fwd_reduce", &mmattn::psa::psa_fwd_reduce_cuda);
-  m.impl("psa_fwd_apply", &mmattn::psa::psa_fwd_apply_cuda);
-  m.impl("psa_bwd_reduce", &mmattn::psa::psa_bwd_reduce_cuda);
-  m.impl("psa_bwd_apply", &mmattn::psa::psa_bwd_apply_cuda);
-  m.impl("psa_fwd_glue", &mmattn::psa::psa_fwd_glue_cuda);
-  m.impl("psa_bwd_glue", &mmattn::psa::psa_bwd_glue_cuda);
 }
 
 // no tensor argument to dispatch on: one kernel for every key
