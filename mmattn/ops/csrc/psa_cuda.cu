@@ -6,8 +6,6 @@
 // is the float32 unit and registers the ops, each of which goes to the unit of its tensor's
 // dtype (psa_cuda_double.cu, psa_cuda_half.cu, psa_cuda_bfloat16.cu, or this one).
 #define MMATTN_PSA_UNIT_DTYPE Float
-#define MMATTN_PSA_UNIT_ACC Float
-#define MMATTN_PSA_UNIT float_unit
 
 #include <torch/library.h>
 

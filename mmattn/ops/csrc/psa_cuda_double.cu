@@ -1,8 +1,6 @@
 // The PSA CUDA kernels and their host code for x in float64 (accumulating in float64): one of
 // the four translation units of psa_units.h.
 #define MMATTN_PSA_UNIT_DTYPE Double
-#define MMATTN_PSA_UNIT_ACC Double
-#define MMATTN_PSA_UNIT double_unit
 
 #include "cuda_launch.cuh"
 #include "psa_cuda_unit.cuh"

@@ -140,5 +140,6 @@ void register_routed_ops(Library& m) {
   m.impl("psa_block_cuda_fwd", &routed::block_fwd);
   m.impl("psa_block_cuda_bwd", &routed::block_bwd);
 }
+
 }  // namespace psa
 }  // namespace mmattn

@@ -5,8 +5,6 @@
 // their schemas: mmattn's) are registered as psa_cuda.cu registers mmattn's, each going to the
 // unit of its tensor's dtype.
 #define MMATTN_PSA_UNIT_DTYPE Float
-#define MMATTN_PSA_UNIT_ACC Float
-#define MMATTN_PSA_UNIT float_unit
 
 #include "emulated_cuda.h"
 
@@ -14,7 +12,7 @@
 
 #include "psa_cuda_unit.cuh"
 
-MMATTN_EMULATED_SHARED_MEMORY(mmattn::psa::float_unit)
+MMATTN_EMULATED_SHARED_MEMORY(mmattn::psa::MMATTN_PSA_UNIT)
 
 // The vector width the PSA kernels move x in (16-byte vectors, or 1: single elements) with the
 // shared memory of `tiles` tiles per block: the host code's decision, for the tests.
