@@ -1219,8 +1219,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_reduce_apply(const at::Tensor& x, const G
   const at::Tensor y = like_x(at::empty_like(x), x, g, "y");
   const at::Tensor t = at::empty({N, g.P}, opts), s_mask = at::empty({N, g.P}, opts);
   bool taken = false;
-  MMATTN_PSA_DISPATCH(x.scalar_type(),
-                                  "psa_fwd_reduce_apply", [&] {
+  MMATTN_PSA_DISPATCH(x.scalar_type(), "psa_fwd_reduce_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // (the kernel, the reduction's plan (the splits are cut in its tiles) with the larger
     // shared memory of the two passes, and the kernel's tile arguments)
