@@ -106,7 +106,8 @@ _state: dict[str, Optional[str]] = {'loaded_from': None, 'error': None}
 
 
 def sources(with_cuda: bool) -> list[str]:
-    """The extension's source files: the CPU kernels and bindings, plus the ``.cu`` files."""
+    """The extension's source files: the CPU kernels and bindings, plus the ``.cu`` files
+    (``cuda_ops.cpp``, their registration, compiles empty without ``-DWITH_CUDA``)."""
     names = sorted(os.listdir(CSRC))
     keep = [n for n in names if n.endswith('.cpp') or (with_cuda and n.endswith('.cu'))]
     return [osp.join(CSRC, n) for n in keep]

@@ -174,9 +174,23 @@ def test_sources_and_flags() -> None:
     assert {osp.basename(s) for s in cuda} - {osp.basename(s) for s in cpu} == \
         {'column_sums_cuda.cu', 'outlook_cuda.cu', 'psa_cuda.cu', 'psa_cuda_double.cu',
          'psa_cuda_half.cu', 'psa_cuda_bfloat16.cu'}
-    assert 'module.cpp' in {osp.basename(s) for s in cpu}
+    assert {'module.cpp', 'cuda_ops.cpp'} <= {osp.basename(s) for s in cpu}
     assert '-DWITH_CUDA' in extension.compile_flags(True)['cxx']
     assert '-DWITH_CUDA' not in extension.compile_flags(False)['cxx']
+
+
+def test_cuda_sources_leave_the_registration_to_a_cpp_file() -> None:
+    """torch/library.h costs each CUDA source seconds of nvcc's front ends (docs/kernels.md,
+    "Build time"): the ops' CUDA implementations are registered in cuda_ops.cpp, compiled by the
+    host compiler alone (and empty without WITH_CUDA)."""
+    for src in extension.sources(True):
+        if src.endswith('.cu'):
+            with open(src) as f:
+                text = f.read()
+            assert 'torch/library.h' not in text and 'TORCH_LIBRARY' not in text, src
+    with open(osp.join(extension.CSRC, 'cuda_ops.cpp')) as f:
+        text = f.read()
+    assert text.index('#ifdef WITH_CUDA') < text.index('TORCH_LIBRARY_IMPL(mmattn, CUDA')
 
 
 def test_want_cuda_follows_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,7 @@
 ``tests/ops/emulation`` compiles ``mmattn/ops/csrc/psa_kernels.cuh`` and ``outlook_kernels.cuh``
 (the kernels and the host code that launches them, exactly as ``psa_cuda*.cu`` /
 ``outlook_cuda.cu`` include them: the PSA code in the same four translation units, one per dtype,
-its ops routed to them as ``psa_cuda.cu`` routes them) with the host compiler against a CPU
+its ops routed to them as ``cuda_ops.cpp`` routes them) with the host compiler against a CPU
 emulation of CUDA's execution model (``emulated_cuda.h``: each CUDA thread a fiber that runs to its
 next barrier, the threads in index order and in reverse by turns, a launch's blocks too, barriers
 for ``__syncthreads``, the warp shuffles and the clusters, shared memory filled with NaN before

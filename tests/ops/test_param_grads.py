@@ -239,14 +239,14 @@ def test_layers_take_torchs_ops_off_cuda(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def cuda_registered_ops() -> set[str]:
-    """The ops that the CUDA sources register for the CUDA key (what a GPU build reports)."""
+    """The ops that a CUDA build's sources register for the CUDA key by name (what a GPU build
+    reports; cuda_ops.cpp registers them)."""
     ops = set()
     for path in extension.sources(True):
-        if path.endswith('.cu'):
-            text = open(path).read()
-            for block in re.findall(r'TORCH_LIBRARY_IMPL\(mmattn, CUDA, m\) \{(.*?)\n\}', text,
-                                    re.S):
-                ops.update(re.findall(r'm\.impl\("(\w+)"', block))
+        with open(path) as f:
+            text = f.read()
+        for block in re.findall(r'TORCH_LIBRARY_IMPL\(mmattn, CUDA, m\) \{(.*?)\n\}', text, re.S):
+            ops.update(re.findall(r'm\.impl\("(\w+)"', block))
     return ops
 
 

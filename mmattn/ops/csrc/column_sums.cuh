@@ -25,6 +25,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include "column_sums.h"
 #include "column_sums_args.h"
 #include "column_sums_aten.h"
 #include "vector.cuh"
@@ -234,17 +235,17 @@ inline std::vector<at::Tensor> column_sums(const char* op, const at::Tensor& gra
 
 }  // namespace colsum
 
-// mmattn::bias_grad on CUDA: Σ over every dimension of grad but the last.
-inline at::Tensor bias_grad_cuda(const at::Tensor& grad) {
+// mmattn::bias_grad on CUDA (column_sums.h): Σ over every dimension of grad but the last.
+at::Tensor bias_grad_cuda(const at::Tensor& grad) {
   return colsum::column_sums("bias_grad", grad, nullptr, nullptr, nullptr)[0];
 }
 
 // mmattn::layer_norm_param_grads on CUDA: (the weight's Σ g x̂, the bias's Σ g) of a LayerNorm
-// over grad's last dimension, x̂ = (x - mean) rstd per row.
-inline std::tuple<at::Tensor, at::Tensor> layer_norm_param_grads_cuda(const at::Tensor& grad,
-                                                                      const at::Tensor& x,
-                                                                      const at::Tensor& mean,
-                                                                      const at::Tensor& rstd) {
+// over grad's last dimension, x̂ = (x - mean) rstd per row (column_sums.h).
+std::tuple<at::Tensor, at::Tensor> layer_norm_param_grads_cuda(const at::Tensor& grad,
+                                                               const at::Tensor& x,
+                                                               const at::Tensor& mean,
+                                                               const at::Tensor& rstd) {
   const std::vector<at::Tensor> sums =
       colsum::column_sums("layer_norm_param_grads", grad, &x, &mean, &rstd);
   return {sums[1], sums[0]};

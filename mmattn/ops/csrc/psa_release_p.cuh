@@ -1,7 +1,7 @@
 // The authors' PSA_p (DeLightCMU/PSA; mmattn.layers.PolarizedSelfAttention, variant='official',
 // mode='parallel') on the CUDA pass kernels of psa_kernels.cuh: the C-sized work between the
 // passes as two glue kernels (a team of blocks per image, like psa_glue.cuh), and a block's forward
-// and backward composed of them (psa_block_cuda.cuh; psa_cuda.cu registers it, the CPU
+// and backward composed of them (psa_block_cuda.cuh; cuda_ops.cpp registers it, the CPU
 // emulation runs it in the tests).
 //
 // Per image (x[c][p], C channels, P pixels, C/2 = H; weights as matrices: wq = conv_q_right,

@@ -2,7 +2,7 @@
 // dtype of x: psa_cuda.cu (float32), psa_cuda_double.cu, psa_cuda_half.cu and
 // psa_cuda_bfloat16.cu each compile the PSA headers (psa_cuda_unit.cuh) with the dtype dispatch
 // narrowed to their dtype and everything the headers define in a namespace of their own, so
-// that the compiler runs the four at once (docs/kernels.md, "Build time"). psa_cuda.cu
+// that the compiler runs the four at once (docs/kernels.md, "Build time"). cuda_ops.cpp
 // registers the ops of `routed` below, each of which calls the implementation of the unit of
 // its tensor's dtype (UnitOps, unit_for). A unit's dispatch: psa_dispatch.h.
 #pragma once
@@ -18,7 +18,7 @@
 namespace mmattn {
 namespace psa {
 
-// A unit's implementations of the ops (registered by psa_cuda.cu; their schemas are in
+// A unit's implementations of the ops (registered by cuda_ops.cpp; their schemas are in
 // mmattn/ops/extension.py); psa_block_cuda_fwd/_bwd's arguments are checked before.
 struct UnitOps {
   using T = at::Tensor;
@@ -66,7 +66,7 @@ inline const UnitOps& unit_for(at::ScalarType dtype) {
   }
 }
 
-// The ops as psa_cuda.cu registers them: each goes to the unit of its tensor's dtype.
+// The ops as cuda_ops.cpp registers them: each goes to the unit of its tensor's dtype.
 namespace routed {
 
 using T = at::Tensor;
@@ -128,7 +128,7 @@ inline UnitOps::Block block_bwd(const T& grad, const T& x, at::TensorList state,
 }  // namespace routed
 
 // Registers the ops of `routed` in a torch::Library: mmattn's CUDA implementations
-// (psa_cuda.cu), or the tests' emulated ones.
+// (cuda_ops.cpp), or the tests' emulated ones.
 template <typename Library>
 void register_routed_ops(Library& m) {
   m.impl("psa_fwd_reduce", &routed::fwd_reduce);

@@ -2,8 +2,8 @@
 // CPU emulation of emulated_cuda.h in psa_cuda.cu's four translation units (psa_units.h): this
 // file is the float32 unit, with the tests' helpers, as psa_cuda.cu is; psa_emulated_double.cpp,
 // _half.cpp and _bfloat16.cpp are the others. The ops mmattn_emulated::psa_* (the test defines
-// their schemas: mmattn's) are registered as psa_cuda.cu registers mmattn's, each going to the
-// unit of its tensor's dtype.
+// their schemas: mmattn's) are registered as cuda_ops.cpp registers mmattn's, each going to
+// the unit of its tensor's dtype.
 #define MMATTN_PSA_UNIT_DTYPE Float
 
 #include "emulated_cuda.h"

@@ -1,0 +1,27 @@
+// The CUDA implementations of the mmattn:: ops (their schemas: mmattn/ops/extension.py),
+// registered here, in a C++ file, so that no CUDA source compiles torch/library.h (3-5 s of
+// nvcc's front ends per source and architecture; docs/kernels.md, "Build time"). Compiled empty
+// without WITH_CUDA (a CPU-only build).
+#ifdef WITH_CUDA
+
+#include <torch/library.h>
+
+#include "column_sums.h"
+#include "outlook.h"
+#include "psa_units.h"
+
+TORCH_LIBRARY_IMPL(mmattn, CUDA, m) {
+  // Polarized Self-Attention (psa_cuda*.cu): each op goes to the unit of its tensor's dtype
+  mmattn::psa::register_routed_ops(m);
+  // outlook attention (outlook_cuda.cu)
+  m.impl("outlook_fwd", &mmattn::outlook_fwd_cuda);
+  m.impl("outlook_bwd", &mmattn::outlook_bwd_cuda);
+  m.impl("outlook_pool", &mmattn::outlook_pool_cuda);
+  m.impl("outlook_softmax", &mmattn::outlook_softmax_cuda);
+  m.impl("outlook_unpool_add", &mmattn::outlook_unpool_add_cuda);
+  // the parameters' gradients of mmattn::linear / layer_norm (column_sums_cuda.cu)
+  m.impl("bias_grad", &mmattn::bias_grad_cuda);
+  m.impl("layer_norm_param_grads", &mmattn::layer_norm_param_grads_cuda);
+}
+
+#endif  // WITH_CUDA
