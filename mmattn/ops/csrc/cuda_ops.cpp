@@ -1,7 +1,7 @@
 // The CUDA implementations of the mmattn:: ops (their schemas: mmattn/ops/extension.py),
-// registered here, in a C++ file, so that no CUDA source compiles torch/library.h (3-5 s of
-// nvcc's front ends per source and architecture; docs/kernels.md, "Build time"). Compiled empty
-// without WITH_CUDA (a CPU-only build).
+// registered here, in a C++ file, so that no CUDA source compiles torch/library.h and the
+// registration's templates (seconds of nvcc's front ends and host compile per source;
+// docs/kernels.md, "Build time"). Compiled empty without WITH_CUDA (a CPU-only build).
 #ifdef WITH_CUDA
 
 #include <torch/library.h>
