@@ -2,9 +2,10 @@
 # The CUDA kernels' CPU emulation (tests/ops/test_kernels_emulated.py) under AddressSanitizer:
 # every memory access of the kernels and of their host code checked against the bounds of its
 # allocation, what compute-sanitizer's memcheck checks on a GPU, here at the emulated tests'
-# shapes and on any machine. About 3 minutes on 2 cores (the sanitized build, cached by torch
-# as mmattn_emulated_kernels_asan, then the tests at a third of their speed); a report ends
-# the run with the access, its kernel and the allocation. Extra arguments go to pytest.
+# shapes and on any machine. About 7 minutes on 2 cores the first time (4 of them the sanitized
+# build, cached by torch as mmattn_emulated_kernels_asan), under 3 after (the tests at a third of
+# their speed); a report ends the run with the access, its kernel and the allocation. Extra
+# arguments go to pytest.
 #
 #   bash tools/analysis/emulated_asan.sh [-k value]
 #
