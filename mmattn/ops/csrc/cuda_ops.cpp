@@ -14,11 +14,7 @@ TORCH_LIBRARY_IMPL(mmattn, CUDA, m) {
   // Polarized Self-Attention (psa_cuda*.cu): each op goes to the unit of its tensor's dtype
   mmattn::psa::register_routed_ops(m);
   // outlook attention (outlook_cuda.cu)
-  m.impl("outlook_fwd", &mmattn::outlook_fwd_cuda);
-  m.impl("outlook_bwd", &mmattn::outlook_bwd_cuda);
-  m.impl("outlook_pool", &mmattn::outlook_pool_cuda);
-  m.impl("outlook_softmax", &mmattn::outlook_softmax_cuda);
-  m.impl("outlook_unpool_add", &mmattn::outlook_unpool_add_cuda);
+  mmattn::register_outlook_cuda_ops(m);
   // the parameters' gradients of mmattn::linear / layer_norm (column_sums_cuda.cu)
   m.impl("bias_grad", &mmattn::bias_grad_cuda);
   m.impl("layer_norm_param_grads", &mmattn::layer_norm_param_grads_cuda);

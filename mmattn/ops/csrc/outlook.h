@@ -246,4 +246,15 @@ std::tuple<at::Tensor, at::Tensor> outlook_bwd_cuda(const at::Tensor& grad_out,
                                                     int64_t stride,
                                                     std::optional<double> softmax_scale);
 
+// Registers the CUDA implementations above in a torch::Library: mmattn's (cuda_ops.cpp), or the
+// tests' emulated ones (a template, so that no CUDA source needs torch/library.h).
+template <typename Library>
+void register_outlook_cuda_ops(Library& m) {
+  m.impl("outlook_fwd", &outlook_fwd_cuda);
+  m.impl("outlook_bwd", &outlook_bwd_cuda);
+  m.impl("outlook_pool", &outlook_pool_cuda);
+  m.impl("outlook_softmax", &outlook_softmax_cuda);
+  m.impl("outlook_unpool_add", &outlook_unpool_add_cuda);
+}
+
 }  // namespace mmattn

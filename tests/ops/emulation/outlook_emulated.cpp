@@ -20,10 +20,6 @@ bool outlook_gather_tensor_cores(const at::Tensor& v, const at::Tensor& attn, in
 }
 
 TORCH_LIBRARY_IMPL(mmattn_emulated, CPU, m) {
-  m.impl("outlook_fwd", &mmattn::outlook_fwd_cuda);
-  m.impl("outlook_bwd", &mmattn::outlook_bwd_cuda);
-  m.impl("outlook_pool", &mmattn::outlook_pool_cuda);
-  m.impl("outlook_softmax", &mmattn::outlook_softmax_cuda);
-  m.impl("outlook_unpool_add", &mmattn::outlook_unpool_add_cuda);
+  mmattn::register_outlook_cuda_ops(m);
   m.impl("outlook_gather_tensor_cores", &outlook_gather_tensor_cores);
 }
