@@ -4,7 +4,11 @@ The build is cached by :func:`torch.utils.cpp_extension.load` (under ``TORCH_EXT
 set ``MMATTN_JIT=1`` when running so that mmattn loads it. ``--cuda``/``--cpu-only`` override
 the choice of :mod:`mmattn.ops.extension` (CUDA sources when nvcc is found and torch sees a GPU
 or ``MMATTN_WITH_CUDA=1``). After building, a child process checks that an op's argument error
-raises with its numbers in the message (:func:`check_error_messages`).
+raises with its numbers in the message (:func:`check_error_messages`). ``--output DIR`` then writes
+the library and its build description to ``DIR`` (``mmattn_kernels.so``, ``mmattn_kernels.json``)
+for ``MMATTN_KERNELS_LIB=DIR/mmattn_kernels.so`` on machines with the same torch and GPUs;
+where ``MMATTN_KERNELS_LIB`` is set, the command checks that library (loads it, or says why not)
+instead of compiling.
 """
 from __future__ import annotations
 
@@ -54,8 +58,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group.add_argument('--cuda', action='store_true', help='include the CUDA kernels')
     group.add_argument('--cpu-only', action='store_true', help='the C++ CPU kernels only')
     parser.add_argument('-v', '--verbose', action='store_true', help="show the compiler's output")
+    parser.add_argument('--output', metavar='DIR',
+                        help=f'also write the built library and its build description to DIR, '
+                             f'for {extension.LIBRARY_ENV}=DIR/{extension.LIBRARY_NAME}.so')
     args = parser.parse_args(argv)
-    with_cuda = True if args.cuda else False if args.cpu_only else None
+    with_cuda = True if args.cuda else False if args.cpu_only else extension.want_cuda()
+    library = os.environ.get(extension.LIBRARY_ENV, '').strip()
+    if args.output and library:
+        print(f'mmattn.ops.build: --output writes a library compiled here, but '
+              f'{extension.LIBRARY_ENV}={library} is set (a build loads it instead of '
+              f'compiling): unset it', file=sys.stderr)
+        return 2
     try:
         built = extension.build_jit(verbose=args.verbose, with_cuda=with_cuda)
     except Exception as exc:  # the compiler's message is in exc
@@ -65,7 +78,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if problem is not None:
         print(f'mmattn.ops.build: built {built}, but {problem}', file=sys.stderr)
         return 1
-    print(f'mmattn.ops.build: built {built}; run with {extension.JIT_ENV}=1 to use it')
+    if args.output:
+        written = extension.export_library(args.output, with_cuda=with_cuda)
+        print(f'mmattn.ops.build: built {built}, written to {written} with its build '
+              f'description; run with {extension.LIBRARY_ENV}={written} to use it')
+    elif built.startswith('JIT'):
+        print(f'mmattn.ops.build: built {built}; run with {extension.JIT_ENV}=1 to use it')
+    else:
+        print(f'mmattn.ops.build: loaded {built}; its argument errors keep their numbers')
     return 0
 
 

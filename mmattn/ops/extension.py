@@ -17,23 +17,38 @@ Where the implementations come from, first match wins (``import mmattn`` never c
    ``TORCH_EXTENSIONS_DIR``), or ``python -m mmattn.ops.build`` ahead of time. The JIT build
    includes the CUDA sources when nvcc is found and torch sees a GPU (or ``MMATTN_WITH_CUDA=1``),
    else the CPU kernels alone.
+
+Between the two, ``MMATTN_KERNELS_LIB=DIR/mmattn_kernels.so``: a library that
+``python -m mmattn.ops.build --output DIR`` wrote on another machine (one with nvcc, for one
+without, or a build shared by a cluster's nodes), loaded only where it was built for this torch
+(version and commit), these sources and this GPU (its build description, ``mmattn_kernels.json``
+beside it, says for what), else refused with what differs. Where it is set, the JIT build of its
+kind (CUDA or CPU only) loads it instead of compiling.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
 import os.path as osp
+import shutil
 import sys
 import threading
 from typing import Optional
 
 import torch
 
-__all__ = ['BUILD_HINT', 'JIT_ENV', 'SCHEMAS', 'build_jit', 'compile_flags', 'cuda_toolkit',
-           'default_cuda_arch_list', 'has_kernel', 'link_flags', 'load_error', 'load_extension',
-           'loaded_from', 'reset_state', 'sources', 'want_cuda']
+__all__ = ['BUILD_HINT', 'JIT_ENV', 'LIBRARY_ENV', 'SCHEMAS', 'arch_list_covers', 'build_info',
+           'build_jit', 'compile_flags', 'cuda_toolkit', 'default_cuda_arch_list',
+           'export_library', 'has_kernel', 'link_flags', 'load_error', 'load_extension',
+           'load_library', 'loaded_from', 'reset_state', 'sources', 'sources_digest',
+           'want_cuda']
 
 JIT_ENV = 'MMATTN_JIT'
+LIBRARY_ENV = 'MMATTN_KERNELS_LIB'
+#: an exported library's file name (``.so``) and its build description's (``.json``)
+LIBRARY_NAME = 'mmattn_kernels'
 CSRC = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
 BUILD_HINT = ('build the kernels with `MMATTN_WITH_CUDA=1 pip install -v --no-build-isolation '
               '-e .` (needs nvcc; no GPU needed to compile), or set MMATTN_JIT=1 to compile them '
@@ -103,6 +118,8 @@ for _schema in SCHEMAS.values():
 
 _lock = threading.Lock()
 _state: dict[str, Optional[str]] = {'loaded_from': None, 'error': None}
+#: the library file each kind of JIT build (with_cuda False / True) compiled in this process
+_jit_libraries: dict[bool, str] = {}
 
 
 def sources(with_cuda: bool) -> list[str]:
@@ -196,26 +213,155 @@ def want_cuda() -> bool:
 
 def build_jit(verbose: bool = False, with_cuda: Optional[bool] = None) -> str:
     """Compile and load the extension with :func:`torch.utils.cpp_extension.load` (cached:
-    a second call with unchanged sources only loads it). Returns a description of the build."""
+    a second call with unchanged sources only loads it). Returns a description of the build.
+    Where ``MMATTN_KERNELS_LIB`` names a library of the same kind (with the CUDA kernels or
+    without), that library is loaded instead (:func:`load_library`: it raises where the library
+    was built for another torch, other sources or another GPU)."""
     from torch.utils.cpp_extension import load
     with_cuda = want_cuda() if with_cuda is None else with_cuda
+    library = os.environ.get(LIBRARY_ENV, '').strip()
+    if library and _read_build_info(library).get('with_cuda') == with_cuda:
+        return load_library(library)
     if with_cuda:
         if cuda_toolkit() is None:
             raise RuntimeError('the CUDA kernels need a CUDA toolkit (nvcc and libcudart); '
                                'none found in CUDA_HOME, CUDA_PATH or /usr/local/cuda')
         default_cuda_arch_list()
-    load(name='mmattn_jit_cuda' if with_cuda else 'mmattn_jit_cpu',
-         sources=sources(with_cuda), extra_cflags=compile_flags(with_cuda)['cxx'],
-         extra_cuda_cflags=compile_flags(with_cuda)['nvcc'] if with_cuda else None,
-         extra_ldflags=link_flags(), is_python_module=False, verbose=verbose)
+    _jit_libraries[with_cuda] = load(
+        name='mmattn_jit_cuda' if with_cuda else 'mmattn_jit_cpu', sources=sources(with_cuda),
+        extra_cflags=compile_flags(with_cuda)['cxx'],
+        extra_cuda_cflags=compile_flags(with_cuda)['nvcc'] if with_cuda else None,
+        extra_ldflags=link_flags(), is_python_module=False, verbose=verbose)
     built = 'JIT (CPU + CUDA kernels)' if with_cuda else 'JIT (CPU kernels only)'
     _state.update(loaded_from=built, error=None)
     return built
 
 
+def sources_digest() -> str:
+    """SHA-256 of what the kernels are compiled from: every file under ``csrc`` (its name and
+    bytes) and the compiler flags (:func:`compile_flags`)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(CSRC)):
+        with open(osp.join(CSRC, name), 'rb') as source:
+            digest.update(f'{name}\0{osp.getsize(source.name)}\0'.encode() + source.read())
+    for with_cuda in (False, True):
+        digest.update(json.dumps(compile_flags(with_cuda), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _cuda_arch_list() -> str:
+    """The GPU architectures a CUDA build compiles for: ``TORCH_CUDA_ARCH_LIST``, else (as
+    torch does) those of the visible GPUs."""
+    listed = os.environ.get('TORCH_CUDA_ARCH_LIST', '').strip()
+    if listed or not torch.cuda.is_available():
+        return listed
+    return ';'.join(sorted({'{}.{}'.format(*torch.cuda.get_device_capability(i))
+                            for i in range(torch.cuda.device_count())}))
+
+
+def build_info(with_cuda: bool) -> dict[str, object]:
+    """What a build made in this process is for: torch's version, commit and CUDA, the sources
+    (:func:`sources_digest`), the kind of build and, with the CUDA kernels, the architectures."""
+    return {'torch': torch.__version__, 'torch_git': torch.version.git_version,
+            'torch_cuda': torch.version.cuda, 'sources': sources_digest(),
+            'with_cuda': with_cuda, 'cuda_arch_list': _cuda_arch_list() if with_cuda else ''}
+
+
+def arch_list_covers(arch_list: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for ``arch_list`` (``TORCH_CUDA_ARCH_LIST``'s form, ``'8.0;9.0+PTX'``)
+    runs on a GPU of compute ``capability``: machine code of the same major version and a minor
+    version no higher (``8.0`` runs on 8.6; ``9.0a`` on 9.0 alone), or PTX of a version no higher
+    (compiled by the driver)."""
+    for entry in arch_list.replace(' ', ';').split(';'):
+        number, _, suffix = entry.strip().partition('+')
+        specific = number.endswith('a')
+        try:
+            major, minor = (int(part) for part in number.rstrip('a').split('.'))
+        except ValueError:   # a name (``Hopper``) or a typo: nothing known to be covered
+            continue
+        if (major, minor) == capability or (
+                not specific and major == capability[0] and minor <= capability[1]) or (
+                suffix == 'PTX' and (major, minor) <= capability):
+            return True
+    return False
+
+
+def _read_build_info(library: str) -> dict[str, object]:
+    """The build description beside an exported library (``mmattn_kernels.json`` for
+    ``mmattn_kernels.so``); raises RuntimeError naming the file where there is none."""
+    described = osp.splitext(library)[0] + '.json'
+    try:
+        with open(described) as description:
+            info = json.load(description)
+        if isinstance(info, dict):
+            return info
+        problem = f'not a JSON object: {info!r}'[:200]
+    except (OSError, ValueError) as exc:
+        problem = str(exc)
+    raise RuntimeError(f'{LIBRARY_ENV}={library}: its build description {described} cannot be '
+                       f'read ({problem}); write both with `python -m mmattn.ops.build --output '
+                       f'DIR`')
+
+
+def load_library(library: str) -> str:
+    """Load kernels that :func:`export_library` wrote (``MMATTN_KERNELS_LIB``): only where its
+    build description matches this process (torch's version and commit, the sources, and for
+    the CUDA kernels every visible GPU's architecture), else RuntimeError naming what differs,
+    the library's value and this process's. Returns a description of what was loaded."""
+    built = _read_build_info(library)
+    here = build_info(bool(built.get('with_cuda')))
+    names = {'torch': 'torch', 'torch_git': "torch's commit", 'sources': 'the kernel sources'}
+    for key, name in names.items():
+        if built.get(key) != here[key]:
+            raise RuntimeError(
+                f'{LIBRARY_ENV}={library} was built for {name} {built.get(key)!r}, this '
+                f'process has {here[key]!r}: export it again for this torch and this tree '
+                f'(`python -m mmattn.ops.build --output DIR`), or unset {LIBRARY_ENV}')
+    if built.get('with_cuda') and torch.cuda.is_available():
+        arch_list = str(built.get('cuda_arch_list', ''))
+        for index in range(torch.cuda.device_count()):
+            capability = torch.cuda.get_device_capability(index)
+            if not arch_list_covers(arch_list, capability):
+                raise RuntimeError(
+                    f'{LIBRARY_ENV}={library} was compiled for the GPU architectures '
+                    f'{arch_list!r}, which do not include cuda:{index} '
+                    f"({torch.cuda.get_device_name(index)}, compute capability "
+                    f"{'.'.join(map(str, capability))}): export it with "
+                    f'TORCH_CUDA_ARCH_LIST set to include it')
+    try:
+        torch.ops.load_library(library)
+    except OSError as exc:
+        raise RuntimeError(f'{LIBRARY_ENV}={library} does not load: {exc}') from exc
+    kind = 'CPU + CUDA kernels' if built.get('with_cuda') else 'CPU kernels only'
+    loaded = f'{library} (prebuilt, {kind})'
+    _state.update(loaded_from=loaded, error=None)
+    return loaded
+
+
+def export_library(out_dir: str, with_cuda: bool) -> str:
+    """Copy the library this process's :func:`build_jit` of that kind compiled to
+    ``out_dir/mmattn_kernels.so``, with its build description (:func:`build_info`) beside it
+    as ``mmattn_kernels.json``, for ``MMATTN_KERNELS_LIB`` on another machine. Each file is
+    written under a temporary name and renamed, the description last. Returns the library's
+    path."""
+    if with_cuda not in _jit_libraries:
+        raise RuntimeError(f'nothing to export: no JIT build with_cuda={with_cuda} has run in '
+                           f'this process (build_jit(with_cuda={with_cuda}) first)')
+    os.makedirs(out_dir, exist_ok=True)
+    library = osp.join(out_dir, LIBRARY_NAME + '.so')
+    described = osp.join(out_dir, LIBRARY_NAME + '.json')
+    shutil.copyfile(_jit_libraries[with_cuda], library + '.tmp')
+    with open(described + '.tmp', 'w') as description:
+        json.dump(build_info(with_cuda), description, indent=1)
+    os.replace(library + '.tmp', library)
+    os.replace(described + '.tmp', described)
+    return library
+
+
 def load_extension() -> Optional[str]:
-    """Load the kernels once: the prebuilt ``mmattn._C``, else a JIT build when ``MMATTN_JIT=1``.
-    Returns where they came from, or None (:func:`load_error` then says why). Never raises."""
+    """Load the kernels once: the prebuilt ``mmattn._C``, else the library that
+    ``MMATTN_KERNELS_LIB`` names, else a JIT build when ``MMATTN_JIT=1``. Returns where they came
+    from, or None (:func:`load_error` then says why). Never raises."""
     with _lock:
         if _state['loaded_from'] is not None or _state['error'] is not None:
             return _state['loaded_from']
@@ -223,7 +369,13 @@ def load_extension() -> Optional[str]:
             importlib.import_module('mmattn._C')
             _state['loaded_from'] = 'mmattn._C (built at install)'
         except ImportError as prebuilt_error:
-            if os.environ.get(JIT_ENV, '').strip() != '1':
+            library = os.environ.get(LIBRARY_ENV, '').strip()
+            if library:
+                try:
+                    load_library(library)
+                except RuntimeError as exc:
+                    _state['error'] = str(exc)
+            elif os.environ.get(JIT_ENV, '').strip() != '1':
                 _state['error'] = f'not built ({prebuilt_error}); {BUILD_HINT}'
             else:
                 try:
