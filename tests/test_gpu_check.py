@@ -34,8 +34,11 @@ FAKE_PYTHON = r'''#!/bin/bash
 # stands in for the GPU machine's python3: logs each call with what the script exported
 echo "python3 $* | MMCV_WITH_OPS=${MMCV_WITH_OPS:-} PYTHONPATH=${PYTHONPATH:-}" \
   "MMATTN_PSA_MAX_SPLITS=${MMATTN_PSA_MAX_SPLITS:-}" \
-  "MMATTN_PSA_GLUE_BLOCKS=${MMATTN_PSA_GLUE_BLOCKS:-}" >> "$CALLS"
+  "MMATTN_PSA_GLUE_BLOCKS=${MMATTN_PSA_GLUE_BLOCKS:-}" \
+  "MMATTN_KERNELS_LIB=${MMATTN_KERNELS_LIB:-}" >> "$CALLS"
 case "$*" in
+  *"mmattn.ops.build --cuda"*)  # a prebuilt library refused where PREBUILT_REFUSED is set
+    [ -n "${MMATTN_KERNELS_LIB:-}" ] && [ -n "${PREBUILT_REFUSED:-}" ] && exit 1;;
   *"pip wheel"*) mkdir -p "$WHEEL_DIR"; touch "$WHEEL_DIR/mmcv-2.1.0-cp312-cp312-linux_x86_64.whl";;
   *pytest*) exit 3;;
   *cuda-graph*) ;;
@@ -72,6 +75,7 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', CALLS=str(calls),
                MMATTN_RACE='1',
                WHEEL_DIR='/tmp/mmcv_ops', OUT=str(tmp_path / 'out'), DEADLINE='60',
+               PREBUILT=str(tmp_path / 'none' / 'mmattn_kernels.so'),
                LIMIT_model_benchmark='2', MIN_STAGE_S='1', SPLIT_SWEEP='64 16',
                GLUE_SWEEP='1 8',
                GRAPH_ARGS='--cuda-graph --dtypes float32',
@@ -134,3 +138,45 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
     assert "== racecheck: 1 hazard report(s), none in mmattn's kernels" in result.stdout
     assert '== mmcv_build' not in result.stdout and 'pip wheel' not in calls.read_text()
     assert 'mmattn.ops.build' in calls.read_text()
+    assert 'kernels_prebuilt' not in result.stdout and '== kernels_build: rc 0' in result.stdout
+
+
+def test_script_loads_prebuilt_kernels_where_they_pass_their_check(tmp_path) -> None:
+    """Kernels that --prepare built (.whl/kernels/): checked by the build command given
+    MMATTN_KERNELS_LIB, then exported to every later stage, with no build; where the check
+    fails (another torch, other sources), compiled as before, the variable unset."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'python3').write_text(FAKE_PYTHON)
+    for tool in ('nvidia-smi', 'compute-sanitizer'):
+        (bin_dir / tool).write_text('#!/bin/bash\nexit 0\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    prebuilt = tmp_path / 'kernels' / 'mmattn_kernels.so'
+    prebuilt.parent.mkdir()
+    prebuilt.write_bytes(b'')
+    calls = tmp_path / 'calls'
+    env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', CALLS=str(calls),
+               OUT=str(tmp_path / 'out'), DEADLINE='60', MIN_STAGE_S='1', MMCV_OPS='0',
+               GRAPH_ARGS='', LIMIT_model_benchmark='2', PREBUILT=str(prebuilt))
+    env.pop('MMATTN_KERNELS_LIB', None)
+    script = osp.join(ROOT, 'tools', 'gpu_check.sh')
+    for refused in ('', '1'):
+        env['PREBUILT_REFUSED'] = refused
+        result = subprocess.run(['bash', script], capture_output=True, text=True, env=env,
+                                timeout=120)
+        log = calls.read_text().splitlines()
+        calls.unlink()
+        builds = [line for line in log if 'mmattn.ops.build --cuda' in line]
+        later = [line for line in log if line.startswith(('python3 -m pytest', 'python3 tools/'))]
+        assert later, log
+        assert f'MMATTN_KERNELS_LIB={prebuilt}' in builds[0], builds
+        if refused:
+            assert '== kernels_prebuilt: not used, compiled instead' in result.stdout
+            assert builds[1].endswith('MMATTN_KERNELS_LIB=') and len(builds) == 2, builds
+            assert '== kernels_build: rc 0' in result.stdout
+            assert all(line.endswith('MMATTN_KERNELS_LIB=') for line in later), later
+        else:
+            assert f'== kernels_prebuilt: using {prebuilt}' in result.stdout
+            assert len(builds) == 1 and '== kernels_build' not in result.stdout, builds
+            assert all(line.endswith(f'MMATTN_KERNELS_LIB={prebuilt}') for line in later), later

@@ -7,6 +7,11 @@
 #   bash tools/gpu_check.sh --prepare   # on the development machine: fill .whl/ (git-ignored)
 #   bash tools/gpu_check.sh             # on the GPU machine, from the repo root, .whl/ carried
 #
+# --prepare also compiles mmattn's kernels for the lent machines' torch (DEVICE_TORCH, 2.11.0)
+# and GPUs (DEVICE_ARCH, 9.0) into .whl/kernels/ (tools/prebuild_kernels.py, about 4 minutes
+# on 2 cores): the GPU machine loads them where they match its torch and this tree (checked,
+# kernels_prebuilt), and compiles them only where they do not (kernels_build, about 115 s).
+#
 # The GPU machine's image has torch, nvcc, ninja and compute-sanitizer but no OpenMMLab
 # package and no network: the pure-Python wheels and mmcv's source come in .whl/. mmattn
 # imports mmcv, so mmcv is installed first without its compiled ops (seconds); mmcv's ops (which
@@ -66,11 +71,30 @@ cd "$(dirname "$0")/.."
 WHEELS=(mmengine==0.10.7 mmsegmentation==1.2.2 timm==1.0.31 addict termcolor yapf platformdirs
         ftfy wcwidth 'setuptools<81')
 
+# The lent machines' torch and GPUs (every lease 2026-11-26..28: torch 2.11.0+cu130, Python
+# 3.12, H100 or H200), for which --prepare builds the kernels ahead (DEVICE_TORCH='' skips it)
+DEVICE_TORCH=${DEVICE_TORCH-2.11.0}
+DEVICE_ARCH=${DEVICE_ARCH:-9.0}
+PREBUILT=${PREBUILT:-.whl/kernels/mmattn_kernels.so}
+[[ $PREBUILT = /* ]] || PREBUILT=$PWD/$PREBUILT
+
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p .whl
   python -m pip wheel -q --no-deps "${WHEELS[@]}" -w .whl
   python -m pip download -q --no-deps --no-binary :all: mmcv==2.1.0 -d .whl
-  ls -la .whl
+  if [ -n "$DEVICE_TORCH" ]; then
+    # the kernels compiled here (nvcc, 2 cores: about 4 minutes) against that torch, in a
+    # virtual environment of its own (this machine's packages visible, its torch shadowed), so
+    # that a lease loads them instead of compiling (the JIT build there when they do not match)
+    venv=${PREBUILD_VENV:-/tmp/mmattn_torch_$DEVICE_TORCH}
+    [ -x "$venv/bin/python" ] || python -m venv --system-site-packages "$venv" || exit 1
+    "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != \
+'$DEVICE_TORCH')" 2>/dev/null ||
+      "$venv/bin/python" -m pip install -q --no-deps "torch==$DEVICE_TORCH" || exit 1
+    MMATTN_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=$DEVICE_ARCH TORCH_EXTENSIONS_DIR=$venv/extensions \
+      "$venv/bin/python" tools/prebuild_kernels.py "$(dirname "$PREBUILT")" || exit 1
+  fi
+  ls -la .whl "$(dirname "$PREBUILT")"
   exit 0
 fi
 
@@ -143,7 +167,20 @@ if [ "$MMCV_OPS" != 0 ]; then
   mmcv_pid=$!
 fi
 
-stage kernels_build 240 python3 -m mmattn.ops.build --cuda
+# the kernels --prepare built for this torch and GPU: loaded and checked (`mmattn.ops.build`
+# given MMATTN_KERNELS_LIB: the build description against this process, an argument error's
+# numbers) and then used by every stage, else compiled here
+if [ -f "$PREBUILT" ] && [ -z "${MMATTN_KERNELS_LIB:-}" ]; then
+  if MMATTN_KERNELS_LIB=$PREBUILT timeout 120 python3 -m mmattn.ops.build --cuda \
+      > "$OUT/kernels_prebuilt.log" 2>&1; then
+    export MMATTN_KERNELS_LIB=$PREBUILT
+    echo "== kernels_prebuilt: using $MMATTN_KERNELS_LIB"
+  else
+    echo "== kernels_prebuilt: not used, compiled instead ($OUT/kernels_prebuilt.log)"
+  fi
+  tail -n 5 "$OUT/kernels_prebuilt.log"
+fi
+[ -n "${MMATTN_KERNELS_LIB:-}" ] || stage kernels_build 240 python3 -m mmattn.ops.build --cuda
 # shellcheck disable=SC2086
 stage cuda_tests 120 python3 -m pytest $CUDA_TESTS -q -m cuda -p no:cacheprovider
 if [ "$MMCV_OPS" != 0 ]; then

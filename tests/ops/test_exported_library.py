@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import os.path as osp
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 from mmattn.ops import build, extension
 
 ENV = extension.LIBRARY_ENV
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 def _child_env(library: str, extensions_dir) -> dict[str, str]:
@@ -51,6 +53,27 @@ def test_exported_library_loads_in_another_process(cpu_kernels: str, tmp_path) -
     assert checked.returncode == 0, checked.stderr
     assert f'loaded {library} (prebuilt, CPU kernels only)' in checked.stdout
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_prebuild_tool_builds_exports_and_checks_without_the_package(cpu_kernels: str,
+                                                                    tmp_path) -> None:
+    """tools/prebuild_kernels.py, which --prepare runs under another torch, where the mmattn
+    package cannot be imported (here a package of that name that refuses to be)."""
+    shadow = tmp_path / 'shadow' / 'mmattn'
+    shadow.mkdir(parents=True)
+    (shadow / '__init__.py').write_text('raise ImportError("the mmattn package was imported")\n')
+    env = dict(os.environ, PYTHONPATH=str(shadow.parent))
+    run = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'prebuild_kernels.py'),
+                          str(tmp_path / 'out'), '--cpu-only'], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    library = tmp_path / 'out' / 'mmattn_kernels.so'
+    assert run.stdout.strip().endswith(f"prebuild_kernels: {library} for torch "
+                                       f"{torch.__version__} (commit "
+                                       f"{torch.version.git_version[:12]}), checked: it loads "
+                                       f"and keeps its errors' numbers"), run.stdout
+    with open(tmp_path / 'out' / 'mmattn_kernels.json') as f:
+        assert json.load(f) == extension.build_info(False)
 
 
 def _library_described(tmp_path, **changes) -> str:
