@@ -342,19 +342,24 @@ def export_library(out_dir: str, with_cuda: bool) -> str:
     """Copy the library this process's :func:`build_jit` of that kind compiled to
     ``out_dir/mmattn_kernels.so``, with its build description (:func:`build_info`) beside it
     as ``mmattn_kernels.json``, for ``MMATTN_KERNELS_LIB`` on another machine. Each file is
-    written under a temporary name and renamed, the description last. Returns the library's
-    path."""
+    written under a temporary name and renamed, the description last (a failed step leaves no
+    temporary file). Returns the library's path."""
     if with_cuda not in _jit_libraries:
         raise RuntimeError(f'nothing to export: no JIT build with_cuda={with_cuda} has run in '
                            f'this process (build_jit(with_cuda={with_cuda}) first)')
     os.makedirs(out_dir, exist_ok=True)
     library = osp.join(out_dir, LIBRARY_NAME + '.so')
     described = osp.join(out_dir, LIBRARY_NAME + '.json')
-    shutil.copyfile(_jit_libraries[with_cuda], library + '.tmp')
-    with open(described + '.tmp', 'w') as description:
-        json.dump(build_info(with_cuda), description, indent=1)
-    os.replace(library + '.tmp', library)
-    os.replace(described + '.tmp', described)
+    try:
+        shutil.copyfile(_jit_libraries[with_cuda], library + '.tmp')
+        with open(described + '.tmp', 'w') as description:
+            json.dump(build_info(with_cuda), description, indent=1)
+        os.replace(library + '.tmp', library)
+        os.replace(described + '.tmp', described)
+    finally:   # nothing half-written left where a step failed
+        for leftover in (library + '.tmp', described + '.tmp'):
+            if osp.exists(leftover):
+                os.remove(leftover)
     return library
 
 

@@ -154,6 +154,21 @@ def test_export_needs_a_build_in_the_process(tmp_path, monkeypatch: pytest.Monke
     assert not any(tmp_path.iterdir())
 
 
+def test_failed_export_leaves_nothing_half_written(tmp_path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    built = tmp_path / 'built.so'
+    built.write_bytes(b'a library')
+    monkeypatch.setattr(extension, '_jit_libraries', {False: str(built)})
+
+    def fail(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(extension.json, 'dump', fail)   # the library copied, then a failure
+    with pytest.raises(OSError, match='No space left'):
+        extension.export_library(str(tmp_path / 'out'), with_cuda=False)
+    assert not any((tmp_path / 'out').iterdir())
+
+
 def test_sources_digest_follows_every_source_file(tmp_path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     original = extension.sources_digest()
