@@ -142,9 +142,10 @@ def test_script_stages_on_a_fake_gpu_machine(tmp_path) -> None:
 
 
 def test_script_loads_prebuilt_kernels_where_they_pass_their_check(tmp_path) -> None:
-    """Kernels that --prepare built (.whl/kernels/): checked by the build command given
-    MMATTN_KERNELS_LIB, then exported to every later stage, with no build; where the check
-    fails (another torch, other sources), compiled as before, the variable unset."""
+    """Kernels that --prepare built (.whl/kernels/), or those the caller's MMATTN_KERNELS_LIB
+    names: checked by the build command given MMATTN_KERNELS_LIB, then exported to every later
+    stage, with no build; where the check fails (another torch, other sources), compiled as
+    before, the variable unset."""
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
     (bin_dir / 'python3').write_text(FAKE_PYTHON)
@@ -159,10 +160,11 @@ def test_script_loads_prebuilt_kernels_where_they_pass_their_check(tmp_path) -> 
     env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', CALLS=str(calls),
                OUT=str(tmp_path / 'out'), DEADLINE='60', MIN_STAGE_S='1', MMCV_OPS='0',
                GRAPH_ARGS='', LIMIT_model_benchmark='2', PREBUILT=str(prebuilt))
-    env.pop('MMATTN_KERNELS_LIB', None)
     script = osp.join(ROOT, 'tools', 'gpu_check.sh')
-    for refused in ('', '1'):
-        env['PREBUILT_REFUSED'] = refused
+    own = tmp_path / 'own' / 'mmattn_kernels.so'
+    for refused, callers in (('', ''), ('1', ''), ('', str(own)), ('1', str(own))):
+        env.update(PREBUILT_REFUSED=refused, MMATTN_KERNELS_LIB=callers)
+        checked = callers or prebuilt   # the caller's library first
         result = subprocess.run(['bash', script], capture_output=True, text=True, env=env,
                                 timeout=120)
         log = calls.read_text().splitlines()
@@ -170,13 +172,13 @@ def test_script_loads_prebuilt_kernels_where_they_pass_their_check(tmp_path) -> 
         builds = [line for line in log if 'mmattn.ops.build --cuda' in line]
         later = [line for line in log if line.startswith(('python3 -m pytest', 'python3 tools/'))]
         assert later, log
-        assert f'MMATTN_KERNELS_LIB={prebuilt}' in builds[0], builds
+        assert f'MMATTN_KERNELS_LIB={checked}' in builds[0], builds
         if refused:
             assert '== kernels_prebuilt: not used, compiled instead' in result.stdout
             assert builds[1].endswith('MMATTN_KERNELS_LIB=') and len(builds) == 2, builds
             assert '== kernels_build: rc 0' in result.stdout
             assert all(line.endswith('MMATTN_KERNELS_LIB=') for line in later), later
         else:
-            assert f'== kernels_prebuilt: using {prebuilt}' in result.stdout
+            assert f'== kernels_prebuilt: using {checked}' in result.stdout
             assert len(builds) == 1 and '== kernels_build' not in result.stdout, builds
-            assert all(line.endswith(f'MMATTN_KERNELS_LIB={prebuilt}') for line in later), later
+            assert all(line.endswith(f'MMATTN_KERNELS_LIB={checked}') for line in later), later

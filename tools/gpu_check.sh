@@ -167,13 +167,16 @@ if [ "$MMCV_OPS" != 0 ]; then
   mmcv_pid=$!
 fi
 
-# the kernels --prepare built for this torch and GPU: loaded and checked (`mmattn.ops.build`
-# given MMATTN_KERNELS_LIB: the build description against this process, an argument error's
-# numbers) and then used by every stage, else compiled here
-if [ -f "$PREBUILT" ] && [ -z "${MMATTN_KERNELS_LIB:-}" ]; then
-  if MMATTN_KERNELS_LIB=$PREBUILT timeout 120 python3 -m mmattn.ops.build --cuda \
+# the kernels --prepare built for this torch and GPU (or those MMATTN_KERNELS_LIB names):
+# loaded and checked (`mmattn.ops.build` given MMATTN_KERNELS_LIB: the build description against
+# this process, an argument error's numbers) and then used by every stage, else compiled here
+prebuilt=${MMATTN_KERNELS_LIB:-}
+[ -n "$prebuilt" ] || [ ! -f "$PREBUILT" ] || prebuilt=$PREBUILT
+unset MMATTN_KERNELS_LIB
+if [ -n "$prebuilt" ]; then
+  if MMATTN_KERNELS_LIB=$prebuilt timeout 120 python3 -m mmattn.ops.build --cuda \
       > "$OUT/kernels_prebuilt.log" 2>&1; then
-    export MMATTN_KERNELS_LIB=$PREBUILT
+    export MMATTN_KERNELS_LIB=$prebuilt
     echo "== kernels_prebuilt: using $MMATTN_KERNELS_LIB"
   else
     echo "== kernels_prebuilt: not used, compiled instead ($OUT/kernels_prebuilt.log)"
