@@ -19,6 +19,9 @@ from mmattn.ops import build, extension
 
 ENV = extension.LIBRARY_ENV
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+#: an installed mmattn._C is loaded before the library (extension.load_extension)
+INSTALLED = pytest.mark.skipif(importlib.util.find_spec('mmattn._C') is not None,
+                               reason='mmattn._C is installed: it is loaded first')
 
 
 def _child_env(library: str, extensions_dir) -> dict[str, str]:
@@ -28,6 +31,7 @@ def _child_env(library: str, extensions_dir) -> dict[str, str]:
     return env
 
 
+@INSTALLED
 def test_exported_library_loads_in_another_process(cpu_kernels: str, tmp_path) -> None:
     out, cache = tmp_path / 'lib', tmp_path / 'cache'
     library = extension.export_library(str(out), with_cuda=False)
@@ -113,8 +117,7 @@ def test_library_without_description_or_not_loadable(tmp_path) -> None:
         extension.load_library(library)
 
 
-@pytest.mark.skipif(importlib.util.find_spec('mmattn._C') is not None,
-                    reason='mmattn._C is installed: it is loaded first')
+@INSTALLED
 def test_load_extension_reports_a_refused_library(tmp_path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The import-time path never raises: the refusal becomes the load error."""
