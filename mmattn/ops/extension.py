@@ -33,6 +33,7 @@ import json
 import os
 import os.path as osp
 import shutil
+import subprocess
 import sys
 import threading
 from typing import Optional
@@ -42,8 +43,8 @@ import torch
 __all__ = ['BUILD_HINT', 'JIT_ENV', 'LIBRARY_ENV', 'SCHEMAS', 'arch_list_covers', 'build_info',
            'build_jit', 'compile_flags', 'cuda_toolkit', 'default_cuda_arch_list',
            'export_library', 'has_kernel', 'link_flags', 'load_error', 'load_extension',
-           'load_library', 'loaded_from', 'reset_state', 'sources', 'sources_digest',
-           'want_cuda']
+           'load_library', 'loaded_from', 'probe_error_numbers', 'reset_state', 'sources',
+           'sources_digest', 'want_cuda']
 
 JIT_ENV = 'MMATTN_JIT'
 LIBRARY_ENV = 'MMATTN_KERNELS_LIB'
@@ -247,6 +248,33 @@ def sources_digest() -> str:
     for with_cuda in (False, True):
         digest.update(json.dumps(compile_flags(with_cuda), sort_keys=True).encode())
     return digest.hexdigest()
+
+
+# an op given arguments it must refuse, the first line of its error printed
+_ERROR_PROBE = """
+try:
+    torch.ops.mmattn.outlook_unpool_add(torch.randn(2, 7, 9, 3), torch.randn(2, 3, 5, 3), 2)
+except RuntimeError as e:
+    print(str(e).splitlines()[0])
+"""
+#: what that error must say: the expected and the actual shape, with their numbers
+ERROR_PROBE_EXPECTS = ('(2, 4, 5, 3)', '[2, 3, 5, 3]')
+
+
+def probe_error_numbers(load: str) -> Optional[str]:
+    """Run in a child process ``load`` (Python that loads the kernels; ``torch`` is imported),
+    then an op call the kernels must refuse. None where the error's message names the expected
+    and the actual shape with their numbers, else what came out (exit status, message, the end
+    of stderr): a build with a C++ runtime of its own beside torch's (:func:`link_flags`) crashed
+    there or lost the numbers."""
+    run = subprocess.run([sys.executable, '-c', 'import torch\n' + load + _ERROR_PROBE],
+                         capture_output=True, text=True, timeout=600)
+    message = run.stdout.strip()
+    if run.returncode == 0 and all(part in message for part in ERROR_PROBE_EXPECTS):
+        return None
+    return (f'exit status {run.returncode}, message {message!r}, expected one naming the shapes '
+            f'{ERROR_PROBE_EXPECTS[0]} and {ERROR_PROBE_EXPECTS[1]}; stderr: '
+            f'{run.stderr.strip()[-1500:]!r}')
 
 
 def _cuda_arch_list() -> str:

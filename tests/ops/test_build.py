@@ -211,7 +211,7 @@ def test_build_command_reports_mangled_error_messages(monkeypatch: pytest.Monkey
     monkeypatch.setattr(extension, 'build_jit', lambda **kwargs: 'JIT (CPU kernels only)')
     monkeypatch.setenv('CXX', '/opt/gcc/bin/g++')
     for rc, stdout in ((-11, ''), (0, 'outlook_unpool_add: pooled must be (B, ...) = (, , , )')):
-        monkeypatch.setattr(build.subprocess, 'run', lambda *a, _rc=rc, _out=stdout, **k:
+        monkeypatch.setattr(extension.subprocess, 'run', lambda *a, _rc=rc, _out=stdout, **k:
                             subprocess.CompletedProcess(a, _rc, _out, 'Segmentation fault'))
         assert build.main(['--cpu-only']) == 1
         err = capsys.readouterr().err
