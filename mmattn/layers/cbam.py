@@ -38,12 +38,14 @@ class CBAMChannelGate(nn.Module):
         mlp_bias: Biases in the MLP (Eq. 2 has none; timm's default is False).
     """
 
+    __constants__ = ['block_name']  # torch.jit.script: the name in the errors
+
     def __init__(self, in_channels: int, *, rd_ratio: float = 1. / 16,
                  rd_channels: int | None = None, rd_divisor: int = 1,
                  act_layer: LayerType = 'relu', gate_layer: LayerType = 'sigmoid',
                  mlp_bias: bool = False, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
-        name = type(self).__name__
+        name = self.block_name = type(self).__name__
         self.in_channels = check_positive('in_channels', in_channels, name)
         self.rd_channels = reduced_channels(in_channels, rd_ratio, rd_channels, rd_divisor, name)
         dd = factory_kwargs(device, dtype)
@@ -55,6 +57,7 @@ class CBAMChannelGate(nn.Module):
     @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``M_c(x) * x`` for ``x`` of shape (N, C, H, W)."""
+        check_input(x, self.in_channels, self.block_name)
         avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
         mx = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
         return x * self.gate(avg + mx)
@@ -76,11 +79,13 @@ class CBAMSpatialGate(nn.Module):
         gate_layer: sigma; a timm activation name or class/callable.
     """
 
+    __constants__ = ['block_name']
+
     def __init__(self, *, kernel_size: int = 7, norm_cfg: dict | None = None,
                  gate_layer: LayerType = 'sigmoid', device: Any = None,
                  dtype: Any = None) -> None:
         super().__init__()
-        name = type(self).__name__
+        name = self.block_name = type(self).__name__
         check_positive('kernel_size', kernel_size, name)
         if kernel_size % 2 != 1:
             raise ValueError(f'{name}: kernel_size must be an odd integer >= 1, '
@@ -93,7 +98,8 @@ class CBAMSpatialGate(nn.Module):
 
     @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``M_s(x) * x`` for ``x`` of shape (N, C, H, W)."""
+        """``M_s(x) * x`` for ``x`` of shape (N, C, H, W), any C."""
+        check_input(x, None, self.block_name)
         pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
         return x * self.gate(self.conv(pooled))
 

@@ -37,16 +37,16 @@ def _check_values(x: torch.Tensor, height: int, width: int, block: str) -> None:
                          f'over; check the resize/crop before this block')
 
 
-def check_input(x: torch.Tensor, in_channels: int, block: str) -> None:
-    """Check that ``x`` is a floating-point NCHW tensor with ``in_channels`` channels and
-    ``H, W >= 1``."""
+def check_input(x: torch.Tensor, in_channels: int | None, block: str) -> None:
+    """Check that ``x`` is a floating-point NCHW tensor with ``in_channels`` channels (any
+    number where ``None``) and ``H, W >= 1``."""
     if not torch.jit.is_scripting():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f'{block}: expected a torch.Tensor input, got {type(x).__name__}')
     if x.dim() != 4:
         raise ValueError(f'{block}: expected a 4-D NCHW input, got a {x.dim()}-D tensor '
                          f'of shape {shape_str(x)}')
-    if x.shape[1] != in_channels:
+    if in_channels is not None and x.shape[1] != in_channels:
         raise ValueError(f'{block}: the input has {x.shape[1]} channels (shape '
                          f'{shape_str(x)}), but in_channels={in_channels}')
     _check_values(x, x.shape[2], x.shape[3], block)

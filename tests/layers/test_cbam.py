@@ -183,3 +183,23 @@ def test_bad_input() -> None:
     block = CBAM(16)
     with pytest.raises(ValueError, match=r'8 channels.*in_channels=16'):
         block(torch.randn(1, 8, 4, 4))
+
+
+@pytest.mark.parametrize('gate', [CBAMChannelGate(16), CBAMSpatialGate()])
+def test_gates_used_alone_check_their_input(gate: nn.Module) -> None:
+    """Each gate is a module of its own too: a bad input fails with the gate's name and what is
+    wrong, not inside a pooling or a convolution; the spatial gate takes any channel count."""
+    name = type(gate).__name__
+    with pytest.raises(ValueError, match=rf'{name}: expected a 4-D NCHW input, got a 3-D '
+                                         r'tensor of shape \(2, 16, 5\)'):
+        gate(torch.randn(2, 16, 5))
+    with pytest.raises(TypeError, match=rf'{name}: expected a floating-point input'):
+        gate(torch.ones(1, 16, 4, 4, dtype=torch.long))
+    for scripted in (False, True):
+        module = torch.jit.script(gate) if scripted else gate
+        if isinstance(gate, CBAMChannelGate):
+            with pytest.raises((ValueError, torch.jit.Error),
+                               match=rf'{name}: the input has 8 channels .*in_channels=16'):
+                module(torch.randn(1, 8, 4, 4))
+        else:
+            assert module(torch.randn(1, 8, 4, 4)).shape == (1, 8, 4, 4)
