@@ -9,6 +9,8 @@ on a GPU in the ``cuda`` tests.
 """
 from __future__ import annotations
 
+import glob
+import os.path as osp
 import re
 from typing import Callable
 
@@ -240,13 +242,22 @@ def test_layers_take_torchs_ops_off_cuda(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def cuda_registered_ops() -> set[str]:
     """The ops that a CUDA build's sources register for the CUDA key by name (what a GPU build
-    reports; cuda_ops.cpp registers them)."""
+    reports): cuda_ops.cpp's ``m.impl`` calls, and those of the ``register_*(m)`` functions it
+    calls (templates in the headers, which the tests' emulation registers too)."""
+    texts = {}
+    for path in sorted(glob.glob(osp.join(extension.CSRC, '*'))):
+        with open(path) as f:
+            texts[path] = f.read()
     ops = set()
     for path in extension.sources(True):
-        with open(path) as f:
-            text = f.read()
-        for block in re.findall(r'TORCH_LIBRARY_IMPL\(mmattn, CUDA, m\) \{(.*?)\n\}', text, re.S):
+        for block in re.findall(r'TORCH_LIBRARY_IMPL\(mmattn, CUDA, m\) \{(.*?)\n\}',
+                                texts[path], re.S):
             ops.update(re.findall(r'm\.impl\("(\w+)"', block))
+            for function in re.findall(r'(\w+)\(m\);', block):
+                bodies = [body for text in texts.values() for body in re.findall(
+                    rf'void {function}\(Library& m\) \{{(.*?)\n\}}', text, re.S)]
+                assert len(bodies) == 1, (function, len(bodies))
+                ops.update(re.findall(r'm\.impl\("(\w+)"', bodies[0]))
     return ops
 
 

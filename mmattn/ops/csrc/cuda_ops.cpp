@@ -16,8 +16,7 @@ TORCH_LIBRARY_IMPL(mmattn, CUDA, m) {
   // outlook attention (outlook_cuda.cu)
   mmattn::register_outlook_cuda_ops(m);
   // the parameters' gradients of mmattn::linear / layer_norm (column_sums_cuda.cu)
-  m.impl("bias_grad", &mmattn::bias_grad_cuda);
-  m.impl("layer_norm_param_grads", &mmattn::layer_norm_param_grads_cuda);
+  mmattn::register_column_sums_cuda_ops(m);
 }
 
 #endif  // WITH_CUDA

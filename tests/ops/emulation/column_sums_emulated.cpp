@@ -10,6 +10,5 @@
 MMATTN_EMULATED_SHARED_MEMORY(mmattn::colsum)
 
 TORCH_LIBRARY_IMPL(mmattn_emulated, CPU, m) {
-  m.impl("bias_grad", &mmattn::bias_grad_cuda);
-  m.impl("layer_norm_param_grads", &mmattn::layer_norm_param_grads_cuda);
+  mmattn::register_column_sums_cuda_ops(m);
 }
