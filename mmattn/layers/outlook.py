@@ -62,11 +62,16 @@ def outlook_grid_size(height: int, width: int, kernel_size: int, padding: int, s
             _grid_cells('width', width, kernel_size, padding, stride, block))
 
 
+def _windows(n: int, kernel_size: int, padding: int, stride: int) -> int:
+    """Windows the unfold places along an axis of length ``n``."""
+    return (n + 2 * padding - kernel_size) // stride + 1 if n + 2 * padding >= kernel_size else 0
+
+
 def _grid_cells(name: str, n: int, kernel_size: int, padding: int, stride: int,
                 block: str) -> int:
     """Pooled cells along one axis of length ``n`` (see :func:`outlook_grid_size`)."""
     pooled = -(-n // stride)
-    windows = (n + 2 * padding - kernel_size) // stride + 1 if n + 2 * padding >= kernel_size else 0
+    windows = _windows(n, kernel_size, padding, stride)
     if windows != pooled:
         raise ValueError(
             f'{block}: kernel_size={kernel_size}, padding={padding}, stride={stride} do not '
@@ -105,7 +110,7 @@ class OutlookAttention(nn.Module):
     ``data_format='NHWC'`` the forward takes and returns (B, H, W, C), as VOLO's Outlooker
     uses it (through ``__call__``, so forward hooks see the block in VOLO too). Any H, W when ``kernel_size == 2*padding + 1`` (the default);
     other geometries raise ``ValueError`` for sizes they cannot tile (see
-    :func:`outlook_grid_size`).
+    :func:`outlook_grid_size`), and at construction where they tile none.
 
     Args:
         in_channels: Channels C.
@@ -151,6 +156,14 @@ class OutlookAttention(nn.Module):
         if padding >= kernel_size:
             raise ValueError(f'{name}: padding must be < kernel_size={kernel_size} (otherwise '
                              f'border windows see only padding), got padding={padding}')
+        # from n = kernel_size on, stride more pixels add one window and one pooled cell:
+        # a geometry that tiles no n up to kernel_size + stride tiles none
+        if not any(_windows(n, kernel_size, padding, stride) == -(-n // stride)
+                   for n in range(1, kernel_size + stride + 1)):
+            raise ValueError(
+                f'{name}: kernel_size={kernel_size}, padding={padding}, stride={stride} tile no '
+                f'input size (the unfold never gives ceil(n/stride) windows, one per pooled '
+                f'cell); use kernel_size = 2*padding + 1 (any size works)')
         self.scale = (in_channels // num_heads) ** -0.5
         dd = factory_kwargs(device, dtype)
         self.v = nn.Linear(in_channels, in_channels, bias=qkv_bias, **dd)

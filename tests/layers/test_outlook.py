@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmattn.layers import OutlookAttention
 from mmattn.layers.outlook import outlook_attention
@@ -203,3 +204,34 @@ def test_sizes_that_do_not_tile():
         block(torch.randn(1, 4, 4, 3))
     with pytest.raises(ValueError, match='in_channels=4'):
         block(torch.randn(1, 5, 4, 4))
+
+
+def test_geometry_that_tiles_no_size_fails_at_construction():
+    """A (kernel_size, padding, stride) for which no input length n has as many unfold windows
+    (counted by F.unfold) as ceil-mode pooled cells (counted by F.avg_pool2d) is refused when
+    the block is built; every other one builds, and runs at a length it tiles."""
+    def tiles(n: int, k: int, p: int, s: int) -> bool:
+        if n + 2 * p < k:
+            return False
+        line = torch.zeros(1, 1, 1, n)
+        windows = F.unfold(line, (1, k), padding=(0, p), stride=(1, s)).shape[-1]
+        cells = F.avg_pool2d(line, (1, s), (1, s), ceil_mode=True).shape[-1]
+        return windows == cells
+    refused = 0
+    for k in range(1, 7):
+        for p in range(k):
+            for s in range(1, k + 1):
+                sizes = [n for n in range(1, 40) if tiles(n, k, p, s)]
+                if sizes:
+                    block = OutlookAttention(4, kernel_size=k, padding=p, stride=s)
+                    assert block(torch.randn(1, 4, sizes[0], sizes[-1])).shape[2:] == \
+                        (sizes[0], sizes[-1])
+                else:
+                    refused += 1
+                    with pytest.raises(ValueError, match=rf'kernel_size={k}, padding={p}, '
+                                                         rf'stride={s} tile no input size'):
+                        OutlookAttention(4, kernel_size=k, padding=p, stride=s)
+    assert refused > 0
+    with pytest.raises(ValueError, match=r'kernel_size=2, padding=1, stride=1 tile no input '
+                                         r'size .*use kernel_size = 2\*padding \+ 1'):
+        OutlookAttention(8, kernel_size=2)
