@@ -108,9 +108,10 @@ class OutlookAttention(nn.Module):
 
     NCHW in and out as a plugin (``data_format='NCHW'``, the default); with
     ``data_format='NHWC'`` the forward takes and returns (B, H, W, C), as VOLO's Outlooker
-    uses it (through ``__call__``, so forward hooks see the block in VOLO too). Any H, W when ``kernel_size == 2*padding + 1`` (the default);
-    other geometries raise ``ValueError`` for sizes they cannot tile (see
-    :func:`outlook_grid_size`), and at construction where they tile none.
+    uses it (through ``__call__``, so forward hooks see the block in VOLO too). Any H, W when
+    ``kernel_size == 2*padding + 1`` (the default); other geometries raise ``ValueError`` for
+    sizes they cannot tile (see :func:`outlook_grid_size`), and at construction where they
+    tile none.
 
     Args:
         in_channels: Channels C.
