@@ -24,6 +24,8 @@ the official release (``patch_embed``, ``pos_embed``, ``network``, ``post_networ
 """
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -35,7 +37,7 @@ from timm.models import volo as timm_volo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from mmattn.layers.checks import concrete_annotations
+from mmattn.layers.checks import check_divisible, check_positive, concrete_annotations
 from mmattn.layers.outlook import OutlookAttention
 
 from .dense_layers import use_column_sum_layers
@@ -57,6 +59,57 @@ VOLO_ARCHS: dict[str, dict[str, Any]] = {
     'd5': dict(layers=(12, 12, 20, 4), embed_dims=(384, 768, 768, 768),
                num_heads=(12, 16, 16, 16), mlp_ratio=4, stem_hidden_dim=128),
 }
+
+
+_TIMM_SIGNATURE = inspect.signature(timm_volo.VOLO)
+
+
+def check_architecture(block: str, layers: Sequence[int], kwargs: dict[str, Any]) -> None:
+    """Refuse a stage layout that timm's VOLO builds but cannot run (its forward would fail
+    in a reshape or an addition deep inside a block): ``embed_dims``, ``num_heads`` (and a
+    per-stage ``mlp_ratio``) with one entry per stage, ``downsamples``/``outlook_attention``
+    with at least one, every width divisible by its heads, the width changing only across a
+    downsampling layer (none after the last stage), and the position embedding
+    (``embed_dims[-1]`` channels, added where the first stage and its downsampling end)
+    as wide as the tokens it is added to."""
+    n = len(layers)
+    where = f'{n} for layers={tuple(layers)!r}'
+    for key in ('embed_dims', 'num_heads'):
+        value = kwargs.get(key)
+        if not isinstance(value, Sequence) or len(value) != n:
+            raise ValueError(f'{block}: {key} must give one value per stage ({where}), '
+                             f'got {key}={value!r}')
+    mlp_ratio = kwargs.get('mlp_ratio', 3.)
+    if isinstance(mlp_ratio, Sequence) and len(mlp_ratio) != n:
+        raise ValueError(f'{block}: mlp_ratio must be a number or one value per stage '
+                         f'({where}), got mlp_ratio={mlp_ratio!r}')
+    flags = {}
+    for key in ('downsamples', 'outlook_attention'):
+        flags[key] = tuple(kwargs.get(key, _TIMM_SIGNATURE.parameters[key].default))
+        if len(flags[key]) < n:
+            raise ValueError(f'{block}: {key} must give a value for every stage ({where}), '
+                             f'got {key}={flags[key]!r}'
+                             + ('' if key in kwargs else ' (timm\'s default)'))
+    dims, heads, down = tuple(kwargs['embed_dims']), kwargs['num_heads'], flags['downsamples']
+    if down[n - 1]:
+        raise ValueError(f'{block}: downsamples[{n - 1}] must be False (there is no stage after '
+                         f'the last one to downsample to), got downsamples={down!r}')
+    widths = []  # the width of the tokens each entry of VOLO.network outputs
+    for i in range(n):
+        check_positive(f'num_heads[{i}]', heads[i], block)
+        check_divisible(f'embed_dims[{i}]', dims[i], f'num_heads[{i}]', heads[i], block)
+        widths.append(dims[i])
+        if down[i]:
+            widths.append(dims[i + 1])
+        elif i + 1 < n and dims[i + 1] != dims[i]:
+            raise ValueError(f'{block}: embed_dims[{i + 1}]={dims[i + 1]} differs from '
+                             f'embed_dims[{i}]={dims[i]} with downsamples[{i}]=False (only a '
+                             f'downsampling layer changes the width), got embed_dims={dims!r}')
+    if len(widths) > 2 and widths[1] != dims[-1]:
+        raise ValueError(f'{block}: the position embedding has embed_dims[-1]={dims[-1]} '
+                         f'channels, but the tokens it is added to (after the first stage and '
+                         f'its downsampling) have {widths[1]}; got embed_dims={dims!r}, '
+                         f'downsamples={down!r}')
 
 
 def stem_layout(x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +196,7 @@ class VOLO(timm_volo.VOLO):
         if return_dense and not kwargs.get('use_aux_head', True):
             raise ValueError(f'{name}: return_dense=True needs use_aux_head=True, got '
                              'use_aux_head=False')
+        check_architecture(name, layers, kwargs)
         super().__init__(layers, **kwargs)
         self.return_dense = return_dense
         self.pos_embed_interp = pos_embed_interp

@@ -14,7 +14,7 @@ import torch
 
 import mmattn  # noqa: F401  (registers the models)
 from mmattn.layers import OutlookAttention
-from mmattn.models.volo import VOLO_ARCHS
+from mmattn.models.volo import VOLO, VOLO_ARCHS
 from mmattn.registry import MODELS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -246,11 +246,57 @@ def test_backbone_fx_trace():
     assert all(torch.equal(out, exp) for out, exp in zip(outs, expected))
 
 
+# a four-stage VOLO small enough to run in a test
+TINY_LAYOUT = dict(layers=(1, 1, 1, 1), embed_dims=(8, 16, 16, 16), num_heads=(2, 4, 4, 4),
+                   stem_hidden_dim=8, img_size=32, num_classes=3)
+
+
+@pytest.mark.parametrize('change, match', [
+    (dict(num_heads=(2, 3, 4, 4)), r'embed_dims\[1\]=16 is not divisible by num_heads\[1\]=3'),
+    (dict(embed_dims=(8, 16, 12, 12)),
+     r'embed_dims\[2\]=12 differs from embed_dims\[1\]=16 with downsamples\[1\]=False'),
+    (dict(embed_dims=(8, 16, 32, 32), downsamples=(True, True, False, False)),
+     r'the position embedding has embed_dims\[-1\]=32 channels, but the tokens it is added '
+     r'to \(after the first stage and its downsampling\) have 16'),
+    (dict(num_heads=(2, 4, 4)),
+     r'num_heads must give one value per stage \(4 for layers=\(1, 1, 1, 1\)\), got '
+     r'num_heads=\(2, 4, 4\)'),
+    (dict(mlp_ratio=(3., 3.)), r'mlp_ratio must be a number or one value per stage'),
+    (dict(outlook_attention=(True, False)),
+     r'outlook_attention must give a value for every stage .*got outlook_attention='),
+    (dict(downsamples=(True, False, False, True)),
+     r'downsamples\[3\] must be False \(there is no stage after the last one'),
+])
+def test_layouts_timm_cannot_run_are_refused_by_name(change, match):
+    """Each layout makes timm's own VOLO fail, in its constructor or its forward, with an
+    IndexError or a size mismatch deep inside a block; ours refuses it when built, naming the
+    arguments."""
+    kwargs = {**TINY_LAYOUT, **change}
+    with pytest.raises((IndexError, RuntimeError)):
+        timm.models.volo.VOLO(**kwargs)(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match='^VOLO: ' + match):
+        VOLO(**kwargs)
+    with pytest.raises(ValueError, match='^VOLO: ' + match):
+        timm.create_model('volo_d1', **kwargs)
+
+
+def test_tiny_layout_runs():
+    """The layout the test above changes is a valid one (so each refusal is the change's)."""
+    with torch.no_grad():
+        assert VOLO(**TINY_LAYOUT)(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+        assert timm.models.volo.VOLO(**TINY_LAYOUT)(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
 def test_backbone_bad_arguments():
     with pytest.raises(ValueError, match='arch must be one of'):
         MODELS.build(dict(type='mmattn.VOLO', arch='d9'))
     with pytest.raises(ValueError, match='out_indices'):
         MODELS.build(dict(type='mmattn.VOLO', out_indices=(4, )))
+    with pytest.raises(ValueError, match=r'^VOLOBackbone: num_heads must give one value per '
+                                         r'stage \(4 for layers=\(1, 1, 1, 1\)\), got '
+                                         r'num_heads=None'):
+        MODELS.build(dict(type='mmattn.VOLO', arch=dict(layers=(1, 1, 1, 1),
+                                                        embed_dims=(8, 16, 16, 16))))
 
 
 CONFIGS = sorted((REPO / 'configs').glob('volo_d?_imagenet.py')) + \
