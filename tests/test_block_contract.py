@@ -7,6 +7,7 @@ from mm configs, mmcv plugins, timm and the exporters, including TorchScript
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import pickle
 
@@ -193,6 +194,43 @@ def test_bad_input_errors(name: str) -> None:
     assert str(C + 1) in str(info.value) and str(C) in str(info.value)
     with pytest.raises(ValueError, match=r'4-D'):
         block(torch.randn(C, 5, 5))
+
+
+# (block, argument) for every constructor argument that takes an mmcv norm config
+NORM_CFG_ARGS = [(name, arg) for name in NAMES
+                 for arg in inspect.signature(BLOCKS[name]).parameters if arg.endswith('norm_cfg')]
+
+
+def test_norm_config_arguments_are_found() -> None:
+    assert {name for name, _ in NORM_CFG_ARGS} >= {'CBAM', 'CoordinateAttention',
+                                                   'NonLocalAttention'}
+
+
+@pytest.mark.parametrize('name, arg', NORM_CFG_ARGS)
+@pytest.mark.parametrize('cfg, match', [
+    ('BN', r" must be None or an mmcv norm config, a dict with a 'type' key.*got 'BN'"),
+    (dict(typ='BN'), r" must be None or an mmcv norm config.*got \{'typ': 'BN'\}"),
+    (dict(type='BatchNrom'), r"\['type'\] must be a norm class or a norm layer name registered "
+                             r"in mmengine's MODELS.*got 'BatchNrom'"),
+    (dict(type='GN'), r" builds a GroupNorm, which needs num_groups.*got \{'type': 'GN'\}"),
+])
+def test_bad_norm_config_error(name: str, arg: str, cfg: object, match: str) -> None:
+    """mmcv's build_norm_layer answers these with a bare AssertionError or "Cannot find None
+    in registry"; the block names itself and the argument instead."""
+    with pytest.raises(ValueError, match=rf'^{name}: {arg}{match}'):
+        BLOCKS[name](C, **{arg: cfg})
+
+
+@pytest.mark.parametrize('name, arg', NORM_CFG_ARGS)
+@pytest.mark.parametrize('cfg', [dict(type='GN', num_groups=1), dict(type=nn.BatchNorm2d),
+                                 dict(type='mmseg.SyncBN')])
+def test_good_norm_configs_build(name: str, arg: str, cfg: dict) -> None:
+    """What mmcv builds is accepted: a GroupNorm with its groups, a class, a scoped name."""
+    block = BLOCKS[name](C, **{arg: cfg})
+    types = {type(m) for m in block.modules()}
+    expected = {'GN': nn.GroupNorm, 'mmseg.SyncBN': nn.SyncBatchNorm}.get(cfg['type'],
+                                                                          cfg['type'])
+    assert any(issubclass(t, expected) for t in types), (cfg, types)
 
 
 @pytest.mark.parametrize('name', NAMES)

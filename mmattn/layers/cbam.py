@@ -15,7 +15,8 @@ from torch import nn
 from mmattn.registry import MODELS
 
 from .bricks import ScriptableConvModule
-from .checks import check_input, check_positive, concrete_annotations, factory_kwargs
+from .checks import (check_input, check_norm_cfg, check_positive, concrete_annotations,
+                     errors_named_as, factory_kwargs)
 from .squeeze_excite import make_act, reduced_channels
 
 __all__ = ['CBAM', 'CBAMChannelGate', 'CBAMSpatialGate']
@@ -90,6 +91,7 @@ class CBAMSpatialGate(nn.Module):
         if kernel_size % 2 != 1:
             raise ValueError(f'{name}: kernel_size must be an odd integer >= 1, '
                              f'got {kernel_size!r}')
+        check_norm_cfg('norm_cfg', norm_cfg, name)
         self.kernel_size = kernel_size
         self.conv = ScriptableConvModule(2, 1, kernel_size, padding=kernel_size // 2,
                                          norm_cfg=norm_cfg,
@@ -147,14 +149,16 @@ class CBAM(nn.Module):
         if not (use_channel or use_spatial):
             raise ValueError(f'{name}: at least one of use_channel and use_spatial must be True, '
                              f'got use_channel={use_channel!r}, use_spatial={use_spatial!r}')
+        check_norm_cfg('spatial_norm_cfg', spatial_norm_cfg, name)  # the gate's own name differs
         dd = factory_kwargs(device, dtype)
-        self.channel = CBAMChannelGate(
-            in_channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor,
-            act_layer=act_layer, gate_layer=gate_layer, mlp_bias=mlp_bias,
-            **dd) if use_channel else None
-        self.spatial = CBAMSpatialGate(
-            kernel_size=kernel_size, norm_cfg=spatial_norm_cfg, gate_layer=gate_layer,
-            **dd) if use_spatial else None
+        with errors_named_as(name, CBAMChannelGate, CBAMSpatialGate):
+            self.channel = CBAMChannelGate(
+                in_channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor,
+                act_layer=act_layer, gate_layer=gate_layer, mlp_bias=mlp_bias,
+                **dd) if use_channel else None
+            self.spatial = CBAMSpatialGate(
+                kernel_size=kernel_size, norm_cfg=spatial_norm_cfg, gate_layer=gate_layer,
+                **dd) if use_spatial else None
 
     @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:

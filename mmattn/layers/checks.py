@@ -8,10 +8,15 @@ real tensors when the graph runs, instead of failing on the symbolic shapes.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import typing
+from collections.abc import Iterator
 from typing import Any, Callable, TypeVar
 
 import torch
+from mmengine.registry import MODELS as MMENGINE_MODELS  # where mmcv's build_norm_layer looks
+from torch import nn
 
 _F = TypeVar('_F', bound=Callable[..., Any])
 
@@ -74,10 +79,53 @@ def check_choice(name: str, value: Any, choices: tuple, block: str) -> None:
         raise ValueError(f'{block}: {name} must be one of {choices}, got {value!r}')
 
 
+def check_norm_cfg(name: str, cfg: Any, block: str) -> None:
+    """Check that ``cfg`` is ``None`` or a config mmcv's ``build_norm_layer`` builds: a dict
+    whose ``type`` is a norm class or a name it finds in its registry (``'BN'``, ``'SyncBN'``,
+    ``'GN'``, ...), with ``num_groups`` for a GroupNorm. mmcv's own errors for these are a bare
+    ``AssertionError`` or ``KeyError: 'Cannot find None in registry ...'``."""
+    if cfg is None:
+        return
+    if not isinstance(cfg, dict) or 'type' not in cfg:
+        raise ValueError(f"{block}: {name} must be None or an mmcv norm config, a dict with a "
+                         f"'type' key such as dict(type='BN') or dict(type='GN', "
+                         f'num_groups=32), got {cfg!r}')
+    layer_type = cfg['type']
+    if inspect.isclass(layer_type):
+        layer = layer_type
+    else:
+        with MMENGINE_MODELS.switch_scope_and_registry(None) as registry:
+            layer = registry.get(layer_type) if isinstance(layer_type, str) else None
+            scope = registry.scope
+        if layer is None:
+            raise ValueError(f"{block}: {name}['type'] must be a norm class or a norm layer "
+                             f"name registered in mmengine's MODELS (scope {scope!r}), e.g. "
+                             f"'BN', 'SyncBN', 'GN', 'LN', 'IN', got {layer_type!r}")
+    if layer is nn.GroupNorm and 'num_groups' not in cfg:
+        raise ValueError(f'{block}: {name} builds a GroupNorm, which needs num_groups, e.g. '
+                         f"dict(type='GN', num_groups=32), got {cfg!r}")
+
+
 def check_divisible(name: str, value: int, divisor_name: str, divisor: int, block: str) -> None:
     """Check that ``divisor`` divides ``value``."""
     if value % divisor != 0:
         raise ValueError(f'{block}: {name}={value} is not divisible by {divisor_name}={divisor}')
+
+
+@contextlib.contextmanager
+def errors_named_as(block: str, *parts: type) -> Iterator[None]:
+    """Name ``block``, the composite a user configured, in the argument errors its sub-blocks
+    ``parts`` raise while it builds them: ``CBAM(16, rd_ratio=0)`` says ``CBAM: rd_ratio ...``,
+    not ``CBAMChannelGate: rd_ratio ...`` (a block the user never named)."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        for part in parts:
+            prefix = f'{part.__name__}: '
+            if str(err).startswith(prefix):
+                renamed = type(err)(block + ': ' + str(err)[len(prefix):])
+                raise renamed.with_traceback(err.__traceback__) from None
+        raise
 
 
 def check_scriptable_backend(backend: str, block: str) -> None:

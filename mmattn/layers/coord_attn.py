@@ -14,7 +14,8 @@ from torch import nn
 
 from mmattn.registry import MODELS
 
-from .checks import check_input, check_positive, concrete_annotations, factory_kwargs
+from .checks import (check_input, check_norm_cfg, check_positive, concrete_annotations,
+                     factory_kwargs)
 from .squeeze_excite import make_act
 
 __all__ = ['CoordinateAttention']
@@ -67,6 +68,7 @@ class CoordinateAttention(nn.Module):
         self.in_channels = check_positive('in_channels', in_channels, name)
         check_positive('reduction', reduction, name)
         check_positive('min_channels', min_channels, name)
+        check_norm_cfg('norm_cfg', norm_cfg, name)
         self.mid_channels = max(min_channels, in_channels // reduction)
         dd = factory_kwargs(device, dtype)
         self.conv1 = nn.Conv2d(in_channels, self.mid_channels, 1, **dd)

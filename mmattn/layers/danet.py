@@ -10,7 +10,8 @@ from torch import nn
 
 from mmattn.registry import MODELS
 
-from .checks import check_choice, check_input, check_positive, concrete_annotations
+from .checks import (check_choice, check_input, check_positive, concrete_annotations,
+                     errors_named_as)
 from .non_local import softmax_attention
 
 __all__ = ['PositionAttention', 'ChannelAttention', 'DualAttention', 'convert_mmseg_dahead']
@@ -226,9 +227,10 @@ class DualAttention(nn.Module):
         self.block_name = type(self).__name__
         check_positive('in_channels', in_channels, self.block_name)
         self.in_channels = in_channels
-        self.pam = PositionAttention(in_channels, reduction=reduction, efficient=efficient,
-                                     device=device, dtype=dtype)
-        self.cam = ChannelAttention(in_channels, energy=energy, device=device, dtype=dtype)
+        with errors_named_as(self.block_name, PositionAttention, ChannelAttention):
+            self.pam = PositionAttention(in_channels, reduction=reduction, efficient=efficient,
+                                         device=device, dtype=dtype)
+            self.cam = ChannelAttention(in_channels, energy=energy, device=device, dtype=dtype)
 
     @concrete_annotations
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from torch import nn
 from mmattn.registry import MODELS
 
 from .bricks import ScriptableConvModule
-from .checks import check_choice, check_input, check_positive, concrete_annotations
+from .checks import (check_choice, check_input, check_norm_cfg, check_positive,
+                     concrete_annotations)
 
 __all__ = ['NonLocalAttention', 'softmax_attention']
 
@@ -153,6 +154,7 @@ class NonLocalAttention(nn.Module):
         check_positive('reduction', reduction, name)
         check_choice('mode', mode, _MODES, name)
         check_choice('efficient', efficient, (None, True, False), name)
+        check_norm_cfg('norm_cfg', norm_cfg, name)
         if scale and mode not in _SOFTMAX_MODES:
             raise ValueError(f'{name}: scale=True only applies to the softmax modes '
                              f'{_SOFTMAX_MODES}, got mode={mode!r}')

@@ -175,7 +175,8 @@ def test_abbr() -> None:
     (dict(act_layer='rleu'), r"act_layer must be a timm activation name.*got 'rleu'"),
 ])
 def test_bad_arguments(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    """Named as the block the user built, also where a gate checks the argument."""
+    with pytest.raises(ValueError, match='^CBAM: ' + match):
         CBAM(16, **kwargs)
 
 

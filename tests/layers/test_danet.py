@@ -280,6 +280,12 @@ def test_argument_errors() -> None:
         PositionAttention(8, reduction=0)
     with pytest.raises(ValueError, match='efficient'):
         PositionAttention(8, efficient='yes')
+    # DualAttention passes these to its PAM and CAM, and its errors name DualAttention
+    for kwargs, match in ((dict(energy='max'), r"energy must be one of .*got 'max'"),
+                          (dict(reduction=0), 'reduction must be an integer >= 1, got 0'),
+                          (dict(efficient='yes'), r"efficient must be one of .*got 'yes'")):
+        with pytest.raises(ValueError, match='^DualAttention: ' + match):
+            DualAttention(8, **kwargs)
     for cls in (PositionAttention, ChannelAttention, DualAttention):
         with pytest.raises(ValueError, match='in_channels'):
             cls(0)
