@@ -10,6 +10,7 @@ import copy
 import inspect
 import io
 import pickle
+import re
 
 import pytest
 import torch
@@ -231,6 +232,40 @@ def test_good_norm_configs_build(name: str, arg: str, cfg: dict) -> None:
     expected = {'GN': nn.GroupNorm, 'mmseg.SyncBN': nn.SyncBatchNorm}.get(cfg['type'],
                                                                           cfg['type'])
     assert any(issubclass(t, expected) for t in types), (cfg, types)
+
+
+def arguments_annotated(annotation: str) -> list[tuple[str, str]]:
+    """(block, argument) for every constructor argument annotated ``annotation``."""
+    return [(name, arg) for name in NAMES
+            for arg, prm in inspect.signature(BLOCKS[name]).parameters.items()
+            if prm.annotation == annotation]
+
+
+FLAGS = arguments_annotated('bool')
+ACTIVATIONS = arguments_annotated('LayerType')
+
+
+def test_flags_and_activations_are_found() -> None:
+    assert len(FLAGS) >= 8 and len(ACTIVATIONS) >= 7, (FLAGS, ACTIVATIONS)
+
+
+@pytest.mark.parametrize('name, arg', FLAGS)
+@pytest.mark.parametrize('value', ['no', None, 2])
+def test_a_flag_takes_only_a_bool(name: str, arg: str, value: object) -> None:
+    """A truthy non-bool (``'no'``, ``2``) would switch the feature on without a word."""
+    with pytest.raises(ValueError, match=rf"^{name}: {arg} must be one of \(True, False\), "
+                                         rf'got {value!r}'):
+        BLOCKS[name](C, **{arg: value})
+
+
+@pytest.mark.parametrize('name, arg', ACTIVATIONS)
+@pytest.mark.parametrize('value', [3, ('relu', ), 'rleu'])
+def test_an_activation_is_a_name_or_a_class(name: str, arg: str, value: object) -> None:
+    """Not an unknown name, and not a value timm would call (``'int' object is not
+    callable``)."""
+    with pytest.raises(ValueError, match=rf'^{name}: {arg} must be a timm activation name .*'
+                                         rf'got {re.escape(repr(value))}'):
+        BLOCKS[name](C, **{arg: value})
 
 
 @pytest.mark.parametrize('name', NAMES)

@@ -15,8 +15,8 @@ from torch import nn
 from mmattn.registry import MODELS
 
 from .bricks import ScriptableConvModule
-from .checks import (check_input, check_norm_cfg, check_positive, concrete_annotations,
-                     errors_named_as, factory_kwargs)
+from .checks import (check_flag, check_input, check_norm_cfg, check_positive,
+                     concrete_annotations, errors_named_as, factory_kwargs)
 from .squeeze_excite import make_act, reduced_channels
 
 __all__ = ['CBAM', 'CBAMChannelGate', 'CBAMSpatialGate']
@@ -49,6 +49,7 @@ class CBAMChannelGate(nn.Module):
         name = self.block_name = type(self).__name__
         self.in_channels = check_positive('in_channels', in_channels, name)
         self.rd_channels = reduced_channels(in_channels, rd_ratio, rd_channels, rd_divisor, name)
+        mlp_bias = check_flag('mlp_bias', mlp_bias, name)
         dd = factory_kwargs(device, dtype)
         self.fc1 = nn.Conv2d(in_channels, self.rd_channels, 1, bias=mlp_bias, **dd)
         self.act = make_act(act_layer, 'act_layer', name, inplace=True)
@@ -146,6 +147,8 @@ class CBAM(nn.Module):
         super().__init__()
         name = self.block_name = type(self).__name__
         self.in_channels = check_positive('in_channels', in_channels, name)
+        use_channel = check_flag('use_channel', use_channel, name)
+        use_spatial = check_flag('use_spatial', use_spatial, name)
         if not (use_channel or use_spatial):
             raise ValueError(f'{name}: at least one of use_channel and use_spatial must be True, '
                              f'got use_channel={use_channel!r}, use_spatial={use_spatial!r}')

@@ -73,6 +73,21 @@ def check_positive(name: str, value: Any, block: str, *, minimum: int = 1) -> in
     return value
 
 
+def check_flag(name: str, value: Any, block: str) -> bool:
+    """Check that ``value`` is ``True`` or ``False`` (``1``/``0`` compare equal) and return it
+    as a bool: a string such as ``'no'`` would otherwise switch the feature on."""
+    check_choice(name, value, (True, False), block)
+    return bool(value)
+
+
+def check_probability(name: str, value: Any, block: str) -> float:
+    """Check that ``value`` is a number in [0, 1] (a dropout rate) and return it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f'{block}: {name} must be a probability, a number in [0, 1], '
+                         f'got {value!r}')
+    return value
+
+
 def check_choice(name: str, value: Any, choices: tuple, block: str) -> None:
     """Check that ``value`` is one of ``choices``."""
     if value not in choices:

@@ -18,7 +18,7 @@ from torch import nn
 from mmattn.registry import MODELS
 
 from .bricks import ScriptableConvModule
-from .checks import (check_choice, check_input, check_norm_cfg, check_positive,
+from .checks import (check_choice, check_flag, check_input, check_norm_cfg, check_positive,
                      concrete_annotations)
 
 __all__ = ['NonLocalAttention', 'softmax_attention']
@@ -155,6 +155,8 @@ class NonLocalAttention(nn.Module):
         check_choice('mode', mode, _MODES, name)
         check_choice('efficient', efficient, (None, True, False), name)
         check_norm_cfg('norm_cfg', norm_cfg, name)
+        sub_sample = check_flag('sub_sample', sub_sample, name)
+        scale = check_flag('scale', scale, name)
         if scale and mode not in _SOFTMAX_MODES:
             raise ValueError(f'{name}: scale=True only applies to the softmax modes '
                              f'{_SOFTMAX_MODES}, got mode={mode!r}')
@@ -165,8 +167,8 @@ class NonLocalAttention(nn.Module):
         self.mode = mode
         self.reduction = reduction
         self.inter_channels = max(in_channels // reduction, 1)
-        self.sub_sample = bool(sub_sample)
-        self.scale = bool(scale)
+        self.sub_sample = sub_sample
+        self.scale = scale
         self.efficient = mode in _SOFTMAX_MODES if efficient is None else bool(efficient)
 
         def conv(cin: int, cout: int, **kw: Any) -> ConvModule:

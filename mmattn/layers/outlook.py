@@ -37,8 +37,9 @@ from mmattn.ops.outlook import (outlook_attention, outlook_attention_block, outl
                                 outlook_softmax)
 from mmattn.registry import MODELS
 
-from .checks import (check_choice, check_divisible, check_input, check_nhwc, check_positive,
-                     check_scriptable_backend, concrete_annotations, factory_kwargs)
+from .checks import (check_choice, check_divisible, check_flag, check_input, check_nhwc,
+                     check_positive, check_probability, check_scriptable_backend,
+                     concrete_annotations, factory_kwargs)
 
 __all__ = ['OutlookAttention', 'outlook_attention', 'outlook_grid_size']
 
@@ -167,6 +168,9 @@ class OutlookAttention(nn.Module):
                 f'cell); use kernel_size = 2*padding + 1 (any size works)')
         self.scale = (in_channels // num_heads) ** -0.5
         dd = factory_kwargs(device, dtype)
+        qkv_bias = check_flag('qkv_bias', qkv_bias, name)
+        attn_drop = check_probability('attn_drop', attn_drop, name)
+        proj_drop = check_probability('proj_drop', proj_drop, name)
         self.v = nn.Linear(in_channels, in_channels, bias=qkv_bias, **dd)
         self.attn = nn.Linear(in_channels, kernel_size ** 4 * num_heads, **dd)
         self.attn_drop = nn.Dropout(attn_drop)

@@ -13,7 +13,7 @@ from torch import nn
 
 from mmattn.registry import MODELS
 
-from .checks import check_input, check_positive, concrete_annotations, factory_kwargs
+from .checks import check_flag, check_input, check_positive, concrete_annotations, factory_kwargs
 
 __all__ = ['SqueezeExcitation']
 
@@ -25,10 +25,12 @@ torch.fx.wrap('check_input')
 def make_act(value: LayerType, name: str, block: str, inplace: bool | None = None) -> nn.Module:
     """``timm.layers.create_act_layer(value)``, with a ValueError naming the argument for an
     unknown activation name or for ``None``/``''`` (a gate or activation is required here)."""
-    try:
-        layer = create_act_layer(value, inplace=inplace)
-    except KeyError:
-        layer = None
+    layer = None
+    if isinstance(value, str) or callable(value):  # timm would call an int, a tuple, ...
+        try:
+            layer = create_act_layer(value, inplace=inplace)
+        except KeyError:
+            pass
     if layer is None:
         raise ValueError(f'{block}: {name} must be a timm activation name (e.g. \'sigmoid\') or '
                          f'an nn.Module class, got {value!r}')
@@ -82,6 +84,7 @@ class SqueezeExcitation(nn.Module):
         name = self.block_name = type(self).__name__
         self.in_channels = check_positive('in_channels', in_channels, name)
         self.rd_channels = reduced_channels(in_channels, rd_ratio, rd_channels, rd_divisor, name)
+        bias = check_flag('bias', bias, name)
         dd = factory_kwargs(device, dtype)
         self.fc1 = nn.Conv2d(in_channels, self.rd_channels, 1, bias=bias, **dd)
         self.act = make_act(act_layer, 'act_layer', name, inplace=True)

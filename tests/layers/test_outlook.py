@@ -188,6 +188,9 @@ def test_defaults_registry_device_dtype():
     (dict(stride=4), 'stride must be <= kernel_size=3'),
     (dict(padding=3), 'padding must be < kernel_size=3'),
     (dict(padding=-1), 'padding must be an integer >= 0'),
+    (dict(attn_drop=1.5), r'attn_drop must be a probability, a number in \[0, 1\], got 1.5'),
+    (dict(proj_drop=-0.1), r'proj_drop must be a probability, a number in \[0, 1\], got -0.1'),
+    (dict(proj_drop='0.1'), r"proj_drop must be a probability, a number in \[0, 1\], got '0.1'"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
