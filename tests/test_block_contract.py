@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+from timm.layers import LayerNorm2d
 from torch import nn
 
 from compile_checks import check_compiled_training
@@ -214,6 +215,9 @@ def test_norm_config_arguments_are_found() -> None:
     (dict(type='BatchNrom'), r"\['type'\] must be a norm class or a norm layer name registered "
                              r"in mmengine's MODELS.*got 'BatchNrom'"),
     (dict(type='GN'), r" builds a GroupNorm, which needs num_groups.*got \{'type': 'GN'\}"),
+    (dict(type='LN'), r" builds a LayerNorm, which does not normalise the channels of an "
+                      r"\(N, C, H, W\) map"),
+    (dict(type='BN1d'), r" builds a BatchNorm1d, which does not normalise the channels"),
 ])
 def test_bad_norm_config_error(name: str, arg: str, cfg: object, match: str) -> None:
     """mmcv's build_norm_layer answers these with a bare AssertionError or "Cannot find None
@@ -224,14 +228,18 @@ def test_bad_norm_config_error(name: str, arg: str, cfg: object, match: str) -> 
 
 @pytest.mark.parametrize('name, arg', NORM_CFG_ARGS)
 @pytest.mark.parametrize('cfg', [dict(type='GN', num_groups=1), dict(type=nn.BatchNorm2d),
-                                 dict(type='mmseg.SyncBN')])
+                                 dict(type='mmseg.SyncBN'), dict(type=LayerNorm2d)])
 def test_good_norm_configs_build(name: str, arg: str, cfg: dict) -> None:
-    """What mmcv builds is accepted: a GroupNorm with its groups, a class, a scoped name."""
+    """What mmcv builds is accepted: a GroupNorm with its groups, a class (also a subclass of
+    a refused one: timm's LayerNorm2d), a scoped name."""
     block = BLOCKS[name](C, **{arg: cfg})
     types = {type(m) for m in block.modules()}
     expected = {'GN': nn.GroupNorm, 'mmseg.SyncBN': nn.SyncBatchNorm}.get(cfg['type'],
                                                                           cfg['type'])
     assert any(issubclass(t, expected) for t in types), (cfg, types)
+    if expected is not nn.SyncBatchNorm:  # which runs only in a process group on a GPU
+        x = torch.randn(2, C, 5, 6)
+        assert block(x).shape == x.shape
 
 
 def arguments_annotated(annotation: str) -> list[tuple[str, str]]:

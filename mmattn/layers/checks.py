@@ -94,10 +94,17 @@ def check_choice(name: str, value: Any, choices: tuple, block: str) -> None:
         raise ValueError(f'{block}: {name} must be one of {choices}, got {value!r}')
 
 
+# mmcv's norm layers that fail on an NCHW map ('LN', 'BN1d', 'BN3d', 'IN1d', 'IN3d'); a
+# subclass (timm's LayerNorm2d, which normalises the channels) is not refused
+_NOT_2D_NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm3d, nn.InstanceNorm1d,
+                 nn.InstanceNorm3d)
+
+
 def check_norm_cfg(name: str, cfg: Any, block: str) -> None:
     """Check that ``cfg`` is ``None`` or a config mmcv's ``build_norm_layer`` builds: a dict
     whose ``type`` is a norm class or a name it finds in its registry (``'BN'``, ``'SyncBN'``,
-    ``'GN'``, ...), with ``num_groups`` for a GroupNorm. mmcv's own errors for these are a bare
+    ``'GN'``, ...), with ``num_groups`` for a GroupNorm, and a norm of (N, C, H, W) maps
+    (not mmcv's ``'LN'``, ``'BN1d'``, ``'BN3d'``, ``'IN1d'``, ``'IN3d'``). mmcv's own errors for these are a bare
     ``AssertionError`` or ``KeyError: 'Cannot find None in registry ...'``."""
     if cfg is None:
         return
@@ -116,6 +123,10 @@ def check_norm_cfg(name: str, cfg: Any, block: str) -> None:
             raise ValueError(f"{block}: {name}['type'] must be a norm class or a norm layer "
                              f"name registered in mmengine's MODELS (scope {scope!r}), e.g. "
                              f"'BN', 'SyncBN', 'GN', 'LN', 'IN', got {layer_type!r}")
+    if layer in _NOT_2D_NORMS:
+        raise ValueError(f'{block}: {name} builds a {layer.__name__}, which does not normalise '
+                         f'the channels of an (N, C, H, W) map; use a norm of 2-D maps, e.g. '
+                         f"'BN', 'SyncBN', 'GN' or 'IN', got {cfg!r}")
     if layer is nn.GroupNorm and 'num_groups' not in cfg:
         raise ValueError(f'{block}: {name} builds a GroupNorm, which needs num_groups, e.g. '
                          f"dict(type='GN', num_groups=32), got {cfg!r}")
