@@ -71,9 +71,15 @@ class VOLOBackbone(VOLO, BaseModule):
         if not out_indices or any(i not in range(4) for i in out_indices):
             raise ValueError(f'{name}: out_indices must be a non-empty subset of (0, 1, 2, 3), '
                              f'got {out_indices!r}')
+        arch = {**arch, **kwargs}
+        downsamples = tuple(arch.get('downsamples', (True, False, False, False)))
+        if not downsamples or not downsamples[0] or any(downsamples[1:]):
+            raise ValueError(f'{name}: downsamples must be True after the first stage and False '
+                             f'after the others (the layout STRIDES={self.STRIDES} and the '
+                             f'pyramid rescaling are for), got downsamples={downsamples!r}')
         super().__init__(img_size=img_size, in_chans=in_channels, num_classes=0,
                          global_pool='', post_layers=None, use_aux_head=False,
-                         drop_path_rate=drop_path_rate, **{**arch, **kwargs})
+                         drop_path_rate=drop_path_rate, **arch)
         self.init_cfg = init_cfg  # BaseModule.__init__ ran inside VOLO's with init_cfg=None
         self.out_indices = out_indices
         self.pyramid = pyramid

@@ -297,6 +297,16 @@ def test_backbone_bad_arguments():
                                          r'num_heads=None'):
         MODELS.build(dict(type='mmattn.VOLO', arch=dict(layers=(1, 1, 1, 1),
                                                         embed_dims=(8, 16, 16, 16))))
+    # a layout VOLO runs, but at strides the backbone does not report or rescale for
+    tiny = {k: v for k, v in TINY_LAYOUT.items() if k not in ('num_classes', 'img_size')}
+    for downsamples in ((True, True, False, False), (False, False, False, False)):
+        with pytest.raises(ValueError, match=r'^VOLOBackbone: downsamples must be True after the '
+                                             r'first stage and False after the others'):
+            MODELS.build(dict(type='mmattn.VOLO', arch=dict(tiny, downsamples=downsamples)))
+    backbone = MODELS.build(dict(type='mmattn.VOLO', arch=tiny, img_size=32, pyramid=False))
+    with torch.no_grad():
+        outs = backbone(torch.randn(1, 3, 32, 32))
+    assert [out.shape[-1] for out in outs] == [32 // s for s in backbone.out_strides]
 
 
 CONFIGS = sorted((REPO / 'configs').glob('volo_d?_imagenet.py')) + \
