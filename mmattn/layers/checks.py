@@ -104,8 +104,9 @@ def check_norm_cfg(name: str, cfg: Any, block: str) -> None:
     """Check that ``cfg`` is ``None`` or a config mmcv's ``build_norm_layer`` builds: a dict
     whose ``type`` is a norm class or a name it finds in its registry (``'BN'``, ``'SyncBN'``,
     ``'GN'``, ...), with ``num_groups`` for a GroupNorm, and a norm of (N, C, H, W) maps
-    (not mmcv's ``'LN'``, ``'BN1d'``, ``'BN3d'``, ``'IN1d'``, ``'IN3d'``). mmcv's own errors for these are a bare
-    ``AssertionError`` or ``KeyError: 'Cannot find None in registry ...'``."""
+    (not mmcv's ``'LN'``, ``'BN1d'``, ``'BN3d'``, ``'IN1d'``, ``'IN3d'``). mmcv's own errors
+    for these are a bare ``AssertionError``, ``KeyError: 'Cannot find None in registry ...'``
+    or, for the other ranks, a shape error in the forward."""
     if cfg is None:
         return
     if not isinstance(cfg, dict) or 'type' not in cfg:

@@ -167,10 +167,10 @@ class OutlookAttention(nn.Module):
                 f'input size (the unfold never gives ceil(n/stride) windows, one per pooled '
                 f'cell); use kernel_size = 2*padding + 1 (any size works)')
         self.scale = (in_channels // num_heads) ** -0.5
-        dd = factory_kwargs(device, dtype)
         qkv_bias = check_flag('qkv_bias', qkv_bias, name)
         attn_drop = check_probability('attn_drop', attn_drop, name)
         proj_drop = check_probability('proj_drop', proj_drop, name)
+        dd = factory_kwargs(device, dtype)
         self.v = nn.Linear(in_channels, in_channels, bias=qkv_bias, **dd)
         self.attn = nn.Linear(in_channels, kernel_size ** 4 * num_heads, **dd)
         self.attn_drop = nn.Dropout(attn_drop)

@@ -96,6 +96,7 @@ def check_architecture(block: str, layers: Sequence[int], kwargs: dict[str, Any]
                          f'the last one to downsample to), got downsamples={down!r}')
     widths = []  # the width of the tokens each entry of VOLO.network outputs
     for i in range(n):
+        check_positive(f'embed_dims[{i}]', dims[i], block)
         check_positive(f'num_heads[{i}]', heads[i], block)
         check_divisible(f'embed_dims[{i}]', dims[i], f'num_heads[{i}]', heads[i], block)
         widths.append(dims[i])
