@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from mmengine.registry import MODELS as ROOT_MODELS
 from mmattn.engine.run_config import RunConfigError, check_amp, resolve_resume
 from mmattn.registry import MODELS
 from mmattn.utils.checkpoint import CheckpointFileError, check_checkpoint_file
+from mmattn.utils.cli import int_at_least, int_tuple, number_between
 from mmattn.utils.registry_names import UnknownTypeError, check_plugin_types, check_type_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,3 +255,75 @@ def test_output_flags_need_a_known_library(test_tool: ModuleType, configs: dict)
     cfg.default_hooks.pop('visualization')
     with pytest.raises(RunConfigError, match="type='VisualizationHook'"):
         test_tool.apply_output_args(cfg, output_args(test_tool, '--show-dir', 'v'))
+
+
+# ---------------------------------------------------------------------------------------
+# numbers and shapes on the command line (mmattn.utils.cli)
+
+@pytest.mark.parametrize('parse, text, message', [
+    (int_at_least(1), '0', "must be an integer >= 1, got '0'"),
+    (int_at_least(0), '-1', "must be an integer >= 0, got '-1'"),
+    (int_at_least(1), '2.5', "must be an integer >= 1, got '2.5'"),
+    (number_between(0, 1), '1.5', "must be a number in [0, 1], got '1.5'"),
+    (number_between(0, 1), 'nan', "must be a number in [0, 1], got 'nan'"),
+    (int_tuple(4, 'N,C,H,W'), '4,256,64', "takes N,C,H,W (4 positive integers), got '4,256,64'"),
+    (int_tuple(4, 'N,C,H,W'), '4,8,0,4', "takes N,C,H,W (4 positive integers), got '4,8,0,4'"),
+    (int_tuple(3, 'batch,height,width'), '2,x,4', "takes batch,height,width (3 positive"),
+])
+def test_command_line_types_refuse_naming_the_value(parse: Callable[[str], object], text: str,
+                                                    message: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+        parse(text)
+
+
+def test_command_line_types_accept_their_range() -> None:
+    assert int_at_least(0)('0') == 0 and int_at_least(1)('12') == 12
+    assert number_between(0, 1)('0') == 0.0 and number_between(0, 1)('1') == 1.0
+    assert int_tuple(4, 'N,C,H,W')('2,8,5,7') == (2, 8, 5, 7)
+
+
+def run_tool(path: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tool's argument parsing: ``parse_args(argv)`` where it has one, else ``main()``
+    with ``sys.argv`` set (a usage error exits before any work)."""
+    spec = importlib.util.spec_from_file_location('_mmattn_tool_' + Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # for its dataclasses
+    spec.loader.exec_module(module)
+    if hasattr(module, 'parse_args'):
+        module.parse_args(argv)
+    else:
+        monkeypatch.setattr(sys, 'argv', [path, *argv])
+        module.main()
+
+
+@pytest.mark.parametrize('path, argv, message', [
+    ('tools/benchmark.py', ['--iters', '0'], "argument --iters: must be an integer >= 1, got '0'"),
+    ('tools/benchmark.py', ['--op', 'psa', '--shape', '4,256,64'],
+     "argument --shape: takes N,C,H,W or B,H,W,C (4 positive integers), got '4,256,64'"),
+    ('tools/benchmark.py', ['--op', 'outlook', '--shape', '1,4,4,8', '--heads', '3'],
+     '--shape/--heads: OutlookAttention: in_channels=8 is not divisible by num_heads=3'),
+    ('tools/benchmark_model.py', ['--shape', '2,64'],
+     "argument --shape: takes batch,height,width (3 positive integers), got '2,64'"),
+    ('tools/benchmark_model.py', ['--threads', '0'], 'argument --threads: must be an integer'),
+    ('tools/sanitize_kernels.py', ['--shapes', '1,8,0,4'], 'argument --shapes: takes N,C,H,W'),
+    ('tools/make_demo_data.py', ['--seed', '-1'], "argument --seed: must be an integer >= 0"),
+    ('tools/infer.py', [SEG_DEMO, 'x.pth', 'demo', '--topk', '0'], 'argument --topk: must be'),
+    ('tools/infer.py', [SEG_DEMO, 'x.pth', 'demo', '--opacity', '2'],
+     "argument --opacity: must be a number in [0, 1], got '2'"),
+    ('tools/visualize_attention.py', [SEG_DEMO, 'demo', '--size', '0', '64'],
+     "argument --size: must be an integer >= 1, got '0'"),
+    ('tools/visualize_attention.py', [SEG_DEMO, 'demo', '--panel-px', '0'],
+     'argument --panel-px: must be an integer >= 1'),
+    ('tools/analysis/block_costs.py', ['--channels', '0'], 'argument --channels: must be'),
+    ('tools/analysis/get_flops.py', [SEG_DEMO, '--shape', '64', '0'],
+     "argument --shape: must be an integer >= 1, got '0'"),
+])
+def test_tool_usage_errors_name_the_option(path: str, argv: list[str], message: str,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """Where the value used to fail later: a median of no runs, ``set_num_threads(0)``, an
+    unpacking error, a NaN figure size, a convolution larger than its input."""
+    with pytest.raises(SystemExit) as info:
+        run_tool(path, argv, monkeypatch)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -98,6 +98,7 @@ from mmattn.layers import OutlookAttention, PolarizedSelfAttention
 from mmattn.models.dense_layers import restore_torch_layers, use_column_sum_layers
 from mmattn.ops import kernel_status, select_backend
 from mmattn.ops.param_grads import ENV_COLUMN_SUMS
+from mmattn.utils.cli import int_at_least, int_tuple
 from mmattn.utils.quiet import quiet_no_cuda_runtime
 
 quiet_no_cuda_runtime()  # torch.compile imports torch.utils.cpp_extension, which says it on CPU
@@ -174,10 +175,6 @@ PSA_SWITCHES = (
     # ... and on those tiles M = dVl x^T in the backward's cooperative launch
     KernelSwitch('M by GEMM', 'fused-m', 'MMATTN_PSA_FUSED_M', '0', forms=(_RELEASE_S,)),
 )
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(','))
 
 
 def device_name(device: torch.device) -> str:
@@ -796,19 +793,20 @@ def main() -> None:
                         help='the issue\'s shapes for this device kind (overrides the below)')
     parser.add_argument('--op', choices=['psa', 'outlook', 'volo', 'mlp', 'all'],
                         default='all')
-    parser.add_argument('--shape', type=parse_shape, nargs='+',
+    parser.add_argument('--shape', type=int_tuple(4, 'N,C,H,W or B,H,W,C'), nargs='+',
                         help='PSA: N,C,H,W (default 4,256,64,64); outlook, mlp: B,H,W,C '
                              '(default 8,28,28,192); several run in turn')
     parser.add_argument('--mode', choices=['parallel', 'sequential', 'both'], default='both')
     parser.add_argument('--variant', choices=['paper', 'official'], default='paper',
                         help="PSA: the paper's equations or the authors' release")
-    parser.add_argument('--heads', type=int, default=6, help='outlook heads')
-    parser.add_argument('--batch', type=int, default=8, help='VOLO-D1 training-step batch')
+    parser.add_argument('--heads', type=int_at_least(1), default=6, help='outlook heads')
+    parser.add_argument('--batch', type=int_at_least(1), default=8,
+                        help='VOLO-D1 training-step batch')
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
-    parser.add_argument('--iters', type=int, default=10)
-    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--threads', type=int_at_least(1), default=None, help='torch CPU threads')
+    parser.add_argument('--iters', type=int_at_least(1), default=10)
+    parser.add_argument('--warmup', type=int_at_least(0), default=3)
     parser.add_argument('--no-compile', action='store_true', help='skip torch.compile')
     parser.add_argument('--compile-eager-only', action='store_true',
                         help="torch.compile the eager reference only (the goals' baseline), "
@@ -820,11 +818,11 @@ def main() -> None:
                         help="torch.backends.cudnn.benchmark on (cuDNN picks each convolution's "
                              'algorithm by timing; off by default, as in the tables so far; '
                              'tools/benchmark_model.py always sets it)')
-    parser.add_argument('--kernels', type=int, default=0, metavar='N',
+    parser.add_argument('--kernels', type=int_at_least(0), default=0, metavar='N',
                         help="also print, per case, the N operators and kernels with the most "
                              "self time over 3 of mmattn's forward + backward runs (torch.profiler;"
                              " device time on CUDA, host time on the CPU)")
-    parser.add_argument('--host-split', type=int, default=0, metavar='N',
+    parser.add_argument('--host-split', type=int_at_least(0), default=0, metavar='N',
                         help="also print, per case and implementation, where a forward + "
                              "backward's host time goes: each phase's wall time and CPU time "
                              "(the calling thread's, every thread's), and on CUDA the N "
@@ -876,13 +874,17 @@ def main() -> None:
 
     common = ['--dtype', args.dtype, '--device', args.device,
               '--threads', str(torch.get_num_threads())]
-    cases = [(psa_case(shape, mode, dtype, device, variant),
-              ['--op', 'psa', '--shape', ','.join(map(str, shape)), '--mode', mode,
-               '--variant', variant])
-             for shape, mode, variant in psa_cases]
-    cases += [(outlook_case(shape, heads, dtype, device),
-               ['--op', 'outlook', '--shape', ','.join(map(str, shape)), '--heads', str(heads)])
-              for shape, heads in outlook_cases]
+    try:  # a block refuses a shape/heads combination with an error naming it
+        cases = [(psa_case(shape, mode, dtype, device, variant),
+                  ['--op', 'psa', '--shape', ','.join(map(str, shape)), '--mode', mode,
+                   '--variant', variant])
+                 for shape, mode, variant in psa_cases]
+        cases += [(outlook_case(shape, heads, dtype, device),
+                   ['--op', 'outlook', '--shape', ','.join(map(str, shape)), '--heads',
+                    str(heads)])
+                  for shape, heads in outlook_cases]
+    except ValueError as err:
+        parser.error(f'--shape/--heads: {err}')
     cases += [(volo_case(batch, dtype, device), ['--op', 'volo', '--batch', str(batch)])
               for batch in volo_cases]
     cases += [(mlp_case(shape, dtype, device),

@@ -76,6 +76,7 @@ from mmattn.analysis import load_model
 from mmattn.engine import sync_free_seg_accuracy
 from mmattn.layers import PolarizedSelfAttention
 from mmattn.ops import KernelUnavailableError, backends_for, kernel_status, select_backend
+from mmattn.utils.cli import int_at_least, int_tuple
 from mmattn.utils.quiet import filter_tool_warnings, quiet_no_cuda_runtime
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
@@ -286,7 +287,7 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='Forms: ' + ', '.join(FORMS) + '.')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--shape', default=None,
+    parser.add_argument('--shape', type=int_tuple(3, 'batch,height,width'), default=None,
                         help='batch,height,width (default 2,512,1024 on CUDA, 2,64,128 on CPU)')
     parser.add_argument('--forms', default=','.join(FORMS),
                         help='comma-separated forms (stock is always run, as the baseline)')
@@ -295,13 +296,14 @@ def main() -> None:
     parser.add_argument('--dtypes', default=None,
                         help='comma-separated: float32, bfloat16 (autocast); default both on '
                              'CUDA, float32 on CPU')
-    parser.add_argument('--iters', type=int, default=None, help='timed steps (10 CUDA, 5 CPU)')
-    parser.add_argument('--warmup', type=int, default=3)
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--iters', type=int_at_least(1), default=None,
+                        help='timed steps (10 CUDA, 5 CPU)')
+    parser.add_argument('--warmup', type=int_at_least(0), default=3)
+    parser.add_argument('--threads', type=int_at_least(1), default=None, help='torch CPU threads')
     parser.add_argument('--cuda-graph', action='store_true',
                         help='CUDA: time the replays of each training step captured in a CUDA '
                              'graph (see the description)')
-    parser.add_argument('--profile', type=int, default=0, metavar='N',
+    parser.add_argument('--profile', type=int_at_least(0), default=0, metavar='N',
                         help='CUDA: print each PSA model\'s N operators with the most device '
                              'time in the profiled step')
     parser.add_argument('--switches', default='', metavar='NAMES',
@@ -319,13 +321,7 @@ def main() -> None:
     if args.cuda_graph and not cuda:
         parser.error(f'--cuda-graph needs --device cuda (a CUDA graph), got --device '
                      f'{args.device}')
-    try:
-        shape = tuple(int(v) for v in (args.shape or ('2,512,1024' if cuda else '2,64,128'))
-                      .split(','))
-        assert len(shape) == 3 and min(shape) > 0
-    except (ValueError, AssertionError):
-        parser.error(f'--shape must be three positive integers batch,height,width, '
-                     f'got {args.shape!r}')
+    shape = args.shape or ((2, 512, 1024) if cuda else (2, 64, 128))
     forms = [f.strip() for f in args.forms.split(',') if f.strip()]
     unknown = [f for f in forms if f not in FORMS]
     if unknown:

@@ -18,6 +18,7 @@ from mmengine.config import DictAction
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from mmattn.utils.cli import int_at_least, number_between
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('config', help='config file (mmseg, mmpose or mmpretrain based)')
     parser.add_argument('checkpoint', help='checkpoint file (e.g. work_dirs/<config>/iter_40.pth)')
@@ -28,16 +29,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='cpu, cuda, cuda:1, ... (default: %(default)s)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='overrides of the config, key=value')
-    parser.add_argument('--opacity', type=float, default=0.5,
+    parser.add_argument('--opacity', type=number_between(0, 1), default=0.5,
                         help='segmentation: opacity of the class colours (default: %(default)s)')
-    parser.add_argument('--kpt-thr', type=float, default=0.3,
+    parser.add_argument('--kpt-thr', type=number_between(0, 1), default=0.3,
                         help='pose: keypoints scored below it are not drawn '
                              '(default: %(default)s)')
     parser.add_argument('--bbox', type=float, nargs=4, action='append',
                         metavar=('X1', 'Y1', 'X2', 'Y2'),
                         help='pose: a person box in pixels (repeat for several; default: '
                              'the whole image)')
-    parser.add_argument('--topk', type=int, default=5,
+    parser.add_argument('--topk', type=int_at_least(1), default=5,
                         help='classification: labels to report (default: %(default)s)')
     return parser.parse_args(argv)
 

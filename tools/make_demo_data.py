@@ -11,12 +11,13 @@ import sys
 import time
 
 from mmattn.datasets import DEMO_ROOT, make_demo_data
+from mmattn.utils.cli import int_at_least
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description='Write the embedded demo data.')
     parser.add_argument('--out', default=DEMO_ROOT, help=f'target directory (default {DEMO_ROOT})')
-    parser.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
+    parser.add_argument('--seed', type=int_at_least(0), default=0, help='random seed (default 0)')
     parser.add_argument('--force', action='store_true',
                         help='replace --out even if it was not written by this tool')
     args = parser.parse_args()

@@ -42,24 +42,13 @@ import torch
 import mmattn  # noqa: F401
 from mmattn.layers import OutlookAttention, PolarizedSelfAttention
 from mmattn.ops import kernel_status
+from mmattn.utils.cli import int_tuple
 
 PSA_SHAPES = [(2, 64, 17, 13), (3, 96, 33, 40), (1, 8, 1, 1)]
 PSA_FORMS = [('paper', 'parallel'), ('paper', 'sequential'), ('official', 'parallel'),
              ('official', 'sequential')]
 DTYPES = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 LAYOUTS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
-
-
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    """'N,C,H,W' as four positive integers (for ``--shapes``)."""
-    try:
-        shape = tuple(int(v) for v in text.split(','))
-    except ValueError:
-        shape = ()
-    if len(shape) != 4 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(
-            f'--shapes takes N,C,H,W (four positive integers), got {text!r}')
-    return shape
 
 
 def run_pair(fast: torch.nn.Module, ref: torch.nn.Module, x: torch.Tensor) -> float:
@@ -118,7 +107,7 @@ def main() -> int:
                         help=f'comma-separated, of {", ".join(names)} (default: all)')
     parser.add_argument('--dtypes', default=','.join(str(d)[6:] for d in DTYPES),
                         help='comma-separated: float32, bfloat16 (default: both)')
-    parser.add_argument('--shapes', nargs='+', type=parse_shape, default=PSA_SHAPES,
+    parser.add_argument('--shapes', nargs='+', type=int_tuple(4, 'N,C,H,W'), default=PSA_SHAPES,
                         metavar='N,C,H,W', help='PSA shapes (default: '
                         + ' '.join(','.join(map(str, s)) for s in PSA_SHAPES) + ')')
     parser.add_argument('--layouts', default=','.join(LAYOUTS),

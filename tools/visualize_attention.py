@@ -26,6 +26,7 @@ from PIL import Image
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from mmattn.utils.cli import int_at_least
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('model', help='config file, or timm model name (timm:volo_d1)')
     parser.add_argument('image', help="image file, or 'demo' for demo/demo.png")
@@ -38,13 +39,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--work-dir',
                         help="where to look for a checkpoint (default: the config's work_dir, "
                              'else work_dirs/<config name>)')
-    parser.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'),
+    parser.add_argument('--size', type=int_at_least(1), nargs=2, metavar=('H', 'W'),
                         help="input size (default: the config's crop / the model's size)")
     parser.add_argument('--pixel', type=float, nargs=2, metavar=('Y', 'X'),
                         help='query pixel, in pixels of the resized input (default: centre)')
-    parser.add_argument('--max-blocks', type=int, default=4,
+    parser.add_argument('--max-blocks', type=int_at_least(1), default=4,
                         help='rows per block type (blocks spread over the depth)')
-    parser.add_argument('--panel-px', type=int, default=256, help='size of one panel')
+    parser.add_argument('--panel-px', type=int_at_least(1), default=256,
+                        help='size of one panel')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='overrides of the mm config, key=value')

@@ -22,9 +22,10 @@ from mmengine.config import DictAction
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from mmattn.utils.cli import int_at_least
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('model', help='config file, or timm model name (timm:volo_d1)')
-    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
+    parser.add_argument('--shape', type=int_at_least(1), nargs=2, metavar=('H', 'W'),
                         help='input size (default: see the module docstring)')
     parser.add_argument('--per-block', action='store_true',
                         help='list every attention block instance')

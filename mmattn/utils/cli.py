@@ -1,0 +1,55 @@
+"""argparse ``type`` callables the tools share: a bad number or shape on the command line is a
+usage error that names the option, what it takes and what it got (argparse prefixes the
+option: ``argument --iters: must be an integer >= 1, got '0'``), not a traceback from
+wherever the value is first used."""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+__all__ = ['int_at_least', 'number_between', 'int_tuple']
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f'must be an integer >= {minimum}, got {text!r}')
+        return value
+    parse.__name__ = f'integer >= {minimum}'  # argparse's fallback message names the type
+    return parse
+
+
+def number_between(low: float, high: float) -> Callable[[str], float]:
+    """A number in [``low``, ``high``]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float('nan')
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f'must be a number in [{low:g}, {high:g}], '
+                                             f'got {text!r}')
+        return value
+    parse.__name__ = f'number in [{low:g}, {high:g}]'
+    return parse
+
+
+def int_tuple(length: int, names: str) -> Callable[[str], tuple[int, ...]]:
+    """``length`` comma-separated positive integers; ``names`` says what they are in the
+    message (e.g. ``'N,C,H,W'``)."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(','))
+        except ValueError:
+            values = ()
+        if len(values) != length or min(values) < 1:
+            raise argparse.ArgumentTypeError(f'takes {names} ({length} positive integers), '
+                                             f'got {text!r}')
+        return values
+    parse.__name__ = names
+    return parse
