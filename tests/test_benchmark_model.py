@@ -95,7 +95,9 @@ def test_bad_arguments_name_the_option() -> None:
     """Each bad argument list exits with argparse's usage error (2), naming the option; all
     of them in one process (the tool's imports, torch and mmseg, once)."""
     cases = [(['--forms', 'psa_x'], "--forms: unknown ['psa_x']"),
-             (['--shape', '2,64'], '--shape must be three positive integers'),
+             (['--shape', '2,64'], "argument --shape: takes batch,height,width (3 positive "
+                                   "integers), got '2,64'"),
+             (['--iters', '0'], "argument --iters: must be an integer >= 1, got '0'"),
              (['--dtypes', 'float16'], "--dtypes: unknown ['float16']"),
              (['--cuda-graph', '--device', 'cpu'], '--cuda-graph needs --device cuda'),
              (['--switches', 'register-tiles,tf32'],

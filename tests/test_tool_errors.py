@@ -302,9 +302,6 @@ def run_tool(path: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Non
      "argument --shape: takes N,C,H,W or B,H,W,C (4 positive integers), got '4,256,64'"),
     ('tools/benchmark.py', ['--op', 'outlook', '--shape', '1,4,4,8', '--heads', '3'],
      '--shape/--heads: OutlookAttention: in_channels=8 is not divisible by num_heads=3'),
-    ('tools/benchmark_model.py', ['--shape', '2,64'],
-     "argument --shape: takes batch,height,width (3 positive integers), got '2,64'"),
-    ('tools/benchmark_model.py', ['--threads', '0'], 'argument --threads: must be an integer'),
     ('tools/sanitize_kernels.py', ['--shapes', '1,8,0,4'], 'argument --shapes: takes N,C,H,W'),
     ('tools/make_demo_data.py', ['--seed', '-1'], "argument --seed: must be an integer >= 0"),
     ('tools/infer.py', [SEG_DEMO, 'x.pth', 'demo', '--topk', '0'], 'argument --topk: must be'),
@@ -321,7 +318,7 @@ def run_tool(path: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Non
 def test_tool_usage_errors_name_the_option(path: str, argv: list[str], message: str,
                                            monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture) -> None:
-    """Where the value used to fail later: a median of no runs, ``set_num_threads(0)``, an
+    """Where the value used to fail later, with a traceback: a median of no runs, an
     unpacking error, a NaN figure size, a convolution larger than its input."""
     with pytest.raises(SystemExit) as info:
         run_tool(path, argv, monkeypatch)
