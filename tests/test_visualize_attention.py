@@ -212,6 +212,15 @@ def test_cli_timm_model(tmp_path: pytest.TempPathFactory) -> None:
         assert png.size == (2 * PANEL_PX, 4 * PANEL_PX)  # 4 outlookers, map + zoom
 
 
+def test_cli_pixel_outside_the_input_is_one_line(tmp_path: pytest.TempPathFactory) -> None:
+    """Checked before the model is built where --size gives the input size."""
+    with pytest.raises(SystemExit, match=r'--pixel must lie inside the 64x48 input '
+                                         r'\(0 <= Y < 64, 0 <= X < 48\), got Y=20, X=48'):
+        tool.main(['timm:volo_d1', 'demo', '--out', str(tmp_path / 'v.png'), '--size', '64',
+                   '48', '--pixel', '20', '48'])
+    assert not (tmp_path / 'v.png').exists()
+
+
 def test_cli_mm_config_with_checkpoint(tmp_path: pytest.TempPathFactory) -> None:
     """A config whose model is a small plugin HRNet with PSA, first with random weights, then
     with a checkpoint of changed weights: the maps change."""

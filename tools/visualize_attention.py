@@ -53,6 +53,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def query_of(pixel: tuple[float, float] | None, height: int, width: int
+             ) -> tuple[float, float]:
+    """The relative (y, x) query of ``--pixel`` on a ``height`` x ``width`` input (its
+    centre without one); a pixel outside the input ends the tool with a one-line error."""
+    if pixel is None:
+        return 0.5, 0.5
+    y, x = pixel
+    if not (0 <= y < height and 0 <= x < width):
+        sys.exit(f'tools/visualize_attention.py: --pixel must lie inside the {height}x{width} '
+                 f'input (0 <= Y < {height}, 0 <= X < {width}), got Y={y:g}, X={x:g}')
+    return y / height, x / width
+
+
 def find_checkpoint(model: str, work_dir: str | None = None
                     ) -> tuple[str | None, str | None]:
     """``(checkpoint, where it was looked for)``: the latest checkpoint of the work dir of
@@ -79,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     from mmattn.analysis import load_model
     from mmattn.visualization import DEMO_IMAGE, visualize_attention
 
+    if args.size:  # the pixel can be checked before the model is built
+        query_of(args.pixel, *args.size)
     checkpoint = args.checkpoint
     if checkpoint is not None:
         if not osp.isfile(checkpoint):
@@ -106,15 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     height, width = args.size or loaded.input_size
     rgb = np.asarray(Image.open(path).convert('RGB').resize((width, height), Image.BILINEAR))
     inputs = loaded.preprocess(rgb).to(args.device)
-    query = (0.5, 0.5)
-    if args.pixel is not None:
-        y, x = args.pixel
-        if not (0 <= y < height and 0 <= x < width):
-            raise ValueError(f'--pixel must lie inside the {height}x{width} input, got '
-                             f'({y}, {x})')
-        query = (y / height, x / width)
     written = visualize_attention(loaded.runner, loaded.model, rgb, inputs, args.out,
-                                  query=query, max_rows=args.max_blocks,
+                                  query=query_of(args.pixel, height, width), max_rows=args.max_blocks,
                                   panel_px=args.panel_px, note=note)
     for key, value in written.items():
         print(f'{key}: {value}')

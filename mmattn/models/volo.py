@@ -37,7 +37,8 @@ from timm.models import volo as timm_volo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from mmattn.layers.checks import check_divisible, check_positive, concrete_annotations
+from mmattn.layers.checks import (check_divisible, check_positive, check_probability,
+                                  concrete_annotations)
 from mmattn.layers.outlook import OutlookAttention
 
 from .dense_layers import use_column_sum_layers
@@ -71,7 +72,9 @@ def check_architecture(block: str, layers: Sequence[int], kwargs: dict[str, Any]
     with at least one, every width divisible by its heads, the width changing only across a
     downsampling layer (none after the last stage), and the position embedding
     (``embed_dims[-1]`` channels, added where the first stage and its downsampling end)
-    as wide as the tokens it is added to."""
+    as wide as the tokens it is added to; and dropout rates in [0, 1]."""
+    for key in ('drop_rate', 'pos_drop_rate', 'attn_drop_rate', 'drop_path_rate'):
+        check_probability(key, kwargs.get(key, 0.), block)
     n = len(layers)
     where = f'{n} for layers={tuple(layers)!r}'
     for key in ('embed_dims', 'num_heads'):

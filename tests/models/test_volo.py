@@ -280,6 +280,14 @@ def test_layouts_timm_cannot_run_are_refused_by_name(change, match):
         timm.create_model('volo_d1', **kwargs)
 
 
+@pytest.mark.parametrize('key', ['drop_rate', 'pos_drop_rate', 'attn_drop_rate',
+                                 'drop_path_rate'])
+def test_dropout_rates_outside_0_1_are_refused_by_name(key):
+    with pytest.raises(ValueError, match=rf'^VOLO: {key} must be a probability, a number in '
+                                         r'\[0, 1\], got 1.5'):
+        VOLO(**TINY_LAYOUT, **{key: 1.5})
+
+
 def test_tiny_layout_runs():
     """The layout the test above changes is a valid one (so each refusal is the change's)."""
     with torch.no_grad():
