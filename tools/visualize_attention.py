@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     rgb = np.asarray(Image.open(path).convert('RGB').resize((width, height), Image.BILINEAR))
     inputs = loaded.preprocess(rgb).to(args.device)
     written = visualize_attention(loaded.runner, loaded.model, rgb, inputs, args.out,
-                                  query=query_of(args.pixel, height, width), max_rows=args.max_blocks,
+                                  query=query_of(args.pixel, height, width),
+                                  max_rows=args.max_blocks,
                                   panel_px=args.panel_px, note=note)
     for key, value in written.items():
         print(f'{key}: {value}')
