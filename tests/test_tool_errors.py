@@ -307,6 +307,8 @@ def run_tool(path: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Non
     ('tools/infer.py', [SEG_DEMO, 'x.pth', 'demo', '--topk', '0'], 'argument --topk: must be'),
     ('tools/infer.py', [SEG_DEMO, 'x.pth', 'demo', '--opacity', '2'],
      "argument --opacity: must be a number in [0, 1], got '2'"),
+    ('tools/infer.py', [SEG_DEMO, 'x.pth', 'demo', '--kpt-thr', '-1'],
+     "argument --kpt-thr: must be a number in [0, inf], got '-1'"),
     ('tools/visualize_attention.py', [SEG_DEMO, 'demo', '--size', '0', '64'],
      "argument --size: must be an integer >= 1, got '0'"),
     ('tools/visualize_attention.py', [SEG_DEMO, 'demo', '--panel-px', '0'],

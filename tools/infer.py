@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='overrides of the config, key=value')
     parser.add_argument('--opacity', type=number_between(0, 1), default=0.5,
                         help='segmentation: opacity of the class colours (default: %(default)s)')
-    parser.add_argument('--kpt-thr', type=number_between(0, 1), default=0.3,
+    parser.add_argument('--kpt-thr', type=number_between(0, float('inf')), default=0.3,
                         help='pose: keypoints scored below it are not drawn '
                              '(default: %(default)s)')
     parser.add_argument('--bbox', type=float, nargs=4, action='append',
