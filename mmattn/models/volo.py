@@ -65,6 +65,12 @@ VOLO_ARCHS: dict[str, dict[str, Any]] = {
 _TIMM_SIGNATURE = inspect.signature(timm_volo.VOLO)
 
 
+def timm_argument(kwargs: dict[str, Any], key: str) -> Any:
+    """``kwargs[key]``, else the default of timm's ``VOLO`` for it (the one value it builds
+    with)."""
+    return kwargs.get(key, _TIMM_SIGNATURE.parameters[key].default)
+
+
 def check_architecture(block: str, layers: Sequence[int], kwargs: dict[str, Any]) -> None:
     """Refuse a stage layout that timm's VOLO builds but cannot run (its forward would fail
     in a reshape or an addition deep inside a block): ``embed_dims``, ``num_heads`` (and a
@@ -74,7 +80,7 @@ def check_architecture(block: str, layers: Sequence[int], kwargs: dict[str, Any]
     (``embed_dims[-1]`` channels, added where the first stage and its downsampling end)
     as wide as the tokens it is added to; and dropout rates in [0, 1]."""
     for key in ('drop_rate', 'pos_drop_rate', 'attn_drop_rate', 'drop_path_rate'):
-        check_probability(key, kwargs.get(key, 0.), block)
+        check_probability(key, timm_argument(kwargs, key), block)
     n = len(layers)
     where = f'{n} for layers={tuple(layers)!r}'
     for key in ('embed_dims', 'num_heads'):
@@ -82,13 +88,13 @@ def check_architecture(block: str, layers: Sequence[int], kwargs: dict[str, Any]
         if not isinstance(value, Sequence) or len(value) != n:
             raise ValueError(f'{block}: {key} must give one value per stage ({where}), '
                              f'got {key}={value!r}')
-    mlp_ratio = kwargs.get('mlp_ratio', 3.)
+    mlp_ratio = timm_argument(kwargs, 'mlp_ratio')
     if isinstance(mlp_ratio, Sequence) and len(mlp_ratio) != n:
         raise ValueError(f'{block}: mlp_ratio must be a number or one value per stage '
                          f'({where}), got mlp_ratio={mlp_ratio!r}')
     flags = {}
     for key in ('downsamples', 'outlook_attention'):
-        flags[key] = tuple(kwargs.get(key, _TIMM_SIGNATURE.parameters[key].default))
+        flags[key] = tuple(timm_argument(kwargs, key))
         if len(flags[key]) < n:
             raise ValueError(f'{block}: {key} must give a value for every stage ({where}), '
                              f'got {key}={flags[key]!r}'
@@ -193,11 +199,11 @@ class VOLO(timm_volo.VOLO):
                  pos_embed_interp: str = 'bicubic', column_sum_grads: bool = True,
                  **kwargs: Any) -> None:
         name = type(self).__name__
-        if kwargs.get('use_mix_token', False) and not return_dense:
+        if timm_argument(kwargs, 'use_mix_token') and not return_dense:
             raise ValueError(f'{name}: use_mix_token=True needs return_dense=True (the mixed '
                              'tokens are only un-mixed in the dense outputs), got '
                              'return_dense=False')
-        if return_dense and not kwargs.get('use_aux_head', True):
+        if return_dense and not timm_argument(kwargs, 'use_aux_head'):
             raise ValueError(f'{name}: return_dense=True needs use_aux_head=True, got '
                              'use_aux_head=False')
         check_architecture(name, layers, kwargs)
@@ -206,17 +212,17 @@ class VOLO(timm_volo.VOLO):
         self.pos_embed_interp = pos_embed_interp
         # rebuild the Outlooker stages with mmattn's OutlookAttention (same keys, same init)
         num_layers = len(layers)
-        outlook = kwargs.get('outlook_attention', (True, False, False, False))
+        outlook = timm_argument(kwargs, 'outlook_attention')
         embed_dims, num_heads = kwargs['embed_dims'], kwargs['num_heads']
-        mlp_ratio = kwargs.get('mlp_ratio', 3.)
+        mlp_ratio = timm_argument(kwargs, 'mlp_ratio')
         mlp_ratio = tuple(mlp_ratio) if isinstance(mlp_ratio, (tuple, list)) else (mlp_ratio,) * num_layers
         for stage, net_idx in enumerate(self.stage_ends):
             if outlook[stage]:
                 blocks = timm_volo.outlooker_blocks(
                     Outlooker, stage, embed_dims[stage], layers, num_heads[stage],
-                    mlp_ratio=mlp_ratio[stage], qkv_bias=kwargs.get('qkv_bias', False),
-                    attn_drop=kwargs.get('attn_drop_rate', 0.),
-                    norm_layer=kwargs.get('norm_layer', nn.LayerNorm),
+                    mlp_ratio=mlp_ratio[stage], qkv_bias=timm_argument(kwargs, 'qkv_bias'),
+                    attn_drop=timm_argument(kwargs, 'attn_drop_rate'),
+                    norm_layer=timm_argument(kwargs, 'norm_layer'),
                     device=kwargs.get('device'), dtype=kwargs.get('dtype'))
                 blocks.apply(self._init_weights)
                 self.network[net_idx] = blocks

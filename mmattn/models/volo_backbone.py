@@ -26,7 +26,7 @@ from torch import nn
 
 from mmattn.registry import MODELS
 
-from .volo import VOLO_ARCHS, VOLO
+from .volo import VOLO_ARCHS, VOLO, timm_argument
 
 __all__ = ['VOLOBackbone']
 
@@ -72,7 +72,7 @@ class VOLOBackbone(VOLO, BaseModule):
             raise ValueError(f'{name}: out_indices must be a non-empty subset of (0, 1, 2, 3), '
                              f'got {out_indices!r}')
         arch = {**arch, **kwargs}
-        downsamples = tuple(arch.get('downsamples', (True, False, False, False)))
+        downsamples = tuple(timm_argument(arch, 'downsamples'))
         if not downsamples or not downsamples[0] or any(downsamples[1:]):
             raise ValueError(f'{name}: downsamples must be True after the first stage and False '
                              f'after the others (the layout STRIDES={self.STRIDES} and the '
