@@ -80,9 +80,14 @@ def check_flag(name: str, value: Any, block: str) -> bool:
     return bool(value)
 
 
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a real int or float (``True``/``False`` are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_probability(name: str, value: Any, block: str) -> float:
     """Check that ``value`` is a number in [0, 1] (a dropout rate) and return it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+    if not is_number(value) or not 0 <= value <= 1:
         raise ValueError(f'{block}: {name} must be a probability, a number in [0, 1], '
                          f'got {value!r}')
     return value

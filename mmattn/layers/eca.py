@@ -14,7 +14,7 @@ from torch import nn
 
 from mmattn.registry import MODELS
 
-from .checks import check_input, check_positive, concrete_annotations, factory_kwargs
+from .checks import check_input, check_positive, concrete_annotations, factory_kwargs, is_number
 from .squeeze_excite import make_act
 
 __all__ = ['EfficientChannelAttention', 'eca_kernel_size']
@@ -68,9 +68,9 @@ class EfficientChannelAttention(nn.Module):
         name = self.block_name = type(self).__name__
         self.in_channels = check_positive('in_channels', in_channels, name)
         if kernel_size is None:
-            if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+            if not is_number(gamma) or not gamma > 0:
                 raise ValueError(f'{name}: gamma must be a number > 0, got {gamma!r}')
-            if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            if not is_number(beta):
                 raise ValueError(f'{name}: beta must be a number, got {beta!r}')
             kernel_size = eca_kernel_size(in_channels, gamma, beta)
         check_positive('kernel_size', kernel_size, name)

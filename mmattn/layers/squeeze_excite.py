@@ -13,7 +13,8 @@ from torch import nn
 
 from mmattn.registry import MODELS
 
-from .checks import check_flag, check_input, check_positive, concrete_annotations, factory_kwargs
+from .checks import (check_flag, check_input, check_positive, concrete_annotations,
+                     factory_kwargs, is_number)
 
 __all__ = ['SqueezeExcitation']
 
@@ -44,7 +45,7 @@ def reduced_channels(in_channels: int, rd_ratio: float, rd_channels: int | None,
     ``CbamModule`` compute it). Validates the three knobs."""
     if rd_channels is not None:
         return check_positive('rd_channels', rd_channels, block)
-    if isinstance(rd_ratio, bool) or not isinstance(rd_ratio, (int, float)) or not rd_ratio > 0:
+    if not is_number(rd_ratio) or not rd_ratio > 0:
         raise ValueError(f'{block}: rd_ratio must be a number > 0, got {rd_ratio!r}')
     check_positive('rd_divisor', rd_divisor, block)
     return int(make_divisible(in_channels * rd_ratio, rd_divisor, round_limit=0.))

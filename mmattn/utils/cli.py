@@ -20,7 +20,6 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         if value is None or value < minimum:
             raise argparse.ArgumentTypeError(f'must be an integer >= {minimum}, got {text!r}')
         return value
-    parse.__name__ = f'integer >= {minimum}'  # argparse's fallback message names the type
     return parse
 
 
@@ -35,7 +34,6 @@ def number_between(low: float, high: float) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f'must be a number in [{low:g}, {high:g}], '
                                              f'got {text!r}')
         return value
-    parse.__name__ = f'number in [{low:g}, {high:g}]'
     return parse
 
 
@@ -51,5 +49,4 @@ def int_tuple(length: int, names: str) -> Callable[[str], tuple[int, ...]]:
             raise argparse.ArgumentTypeError(f'takes {names} ({length} positive integers), '
                                              f'got {text!r}')
         return values
-    parse.__name__ = names
     return parse
