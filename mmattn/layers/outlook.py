@@ -68,10 +68,15 @@ def _windows(n: int, kernel_size: int, padding: int, stride: int) -> int:
     return (n + 2 * padding - kernel_size) // stride + 1 if n + 2 * padding >= kernel_size else 0
 
 
+def _pooled(n: int, stride: int) -> int:
+    """Cells of the ceil-mode pooled grid along an axis of length ``n``."""
+    return -(-n // stride)
+
+
 def _grid_cells(name: str, n: int, kernel_size: int, padding: int, stride: int,
                 block: str) -> int:
     """Pooled cells along one axis of length ``n`` (see :func:`outlook_grid_size`)."""
-    pooled = -(-n // stride)
+    pooled = _pooled(n, stride)
     windows = _windows(n, kernel_size, padding, stride)
     if windows != pooled:
         raise ValueError(
@@ -160,7 +165,7 @@ class OutlookAttention(nn.Module):
                              f'border windows see only padding), got padding={padding}')
         # from n = kernel_size on, stride more pixels add one window and one pooled cell:
         # a geometry that tiles no n up to kernel_size + stride tiles none
-        if not any(_windows(n, kernel_size, padding, stride) == -(-n // stride)
+        if not any(_windows(n, kernel_size, padding, stride) == _pooled(n, stride)
                    for n in range(1, kernel_size + stride + 1)):
             raise ValueError(
                 f'{name}: kernel_size={kernel_size}, padding={padding}, stride={stride} tile no '
