@@ -22,7 +22,8 @@ from mmengine.registry import MODELS as ROOT_MODELS
 from mmattn.engine.run_config import RunConfigError, check_amp, resolve_resume
 from mmattn.registry import MODELS
 from mmattn.utils.checkpoint import CheckpointFileError, check_checkpoint_file
-from mmattn.utils.cli import int_at_least, int_tuple, number_between
+from mmattn.utils.cli import int_at_least, int_tuple, number_between, visible_device
+from mmattn.utils.device import check_device, device_problem
 from mmattn.utils.registry_names import UnknownTypeError, check_plugin_types, check_type_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,6 +283,50 @@ def test_command_line_types_accept_their_range() -> None:
     assert int_tuple(4, 'N,C,H,W')('2,8,5,7') == (2, 8, 5, 7)
 
 
+@pytest.mark.parametrize('device', ['gpu', 'CPU', 'cuda:-1', 'cuda:x', 'mps', ' cpu', None])
+def test_device_names_outside_cpu_and_cuda_are_refused(device: object) -> None:
+    """torch's own errors list twenty device types (or none, for None); ours says what the
+    tools and the API take, and the value."""
+    assert device_problem(device) == f"expected 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+    with pytest.raises(ValueError, match=re.escape('device: expected ')):
+        check_device(device)
+
+
+def test_cuda_devices_this_process_does_not_see(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a GPU every CUDA device is refused; with two, cuda:2 is, naming the range."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    for device in ('cuda', 'cuda:0', 0):
+        assert device_problem(device) == (f'{device!r} needs a CUDA GPU; none is visible to '
+                                          f'this process')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert device_problem('cuda:2') == ("'cuda:2' names GPU 2, but this process sees 2 "
+                                        "(cuda:0 to cuda:1)")
+    for device in ('cuda', 'cuda:1', 'cpu', torch.device('cuda', 0)):
+        assert device_problem(device) is None
+        assert check_device(device) == torch.device(device)
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape("'cuda:5' names GPU 5")):
+        visible_device('cuda:5')
+    assert visible_device('cuda:1') == 'cuda:1'
+
+
+def test_api_device_is_checked_before_any_work(tmp_path: Path) -> None:
+    """inference() and load_model() name a bad device before reading a config or building a
+    model (mmseg's init_model would fail deep inside with torch's RuntimeError)."""
+    from mmattn.analysis import load_model
+    from mmattn.apis import inference
+    ckpt = tmp_path / 'x.pth'
+    torch.save({'state_dict': {}}, str(ckpt))
+    with pytest.raises(ValueError, match=re.escape("device: expected 'cpu', 'cuda' or "
+                                                   "'cuda:N', got 'gpu'")):
+        inference(str(tmp_path / 'not_read.py'), str(ckpt), 'demo', str(tmp_path / 'out'),
+                  device='gpu')
+    assert not (tmp_path / 'out').exists()
+    with pytest.raises(ValueError, match=re.escape("load_model: device: expected 'cpu', "
+                                                   "'cuda' or 'cuda:N', got 'gpu'")):
+        load_model('no_such_timm_model', device='gpu')
+
+
 def run_tool(path: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The tool's argument parsing: ``parse_args(argv)`` where it has one, else ``main()``
     with ``sys.argv`` set (a usage error exits before any work)."""
@@ -316,6 +361,13 @@ def run_tool(path: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Non
     ('tools/analysis/block_costs.py', ['--channels', '0'], 'argument --channels: must be'),
     ('tools/analysis/get_flops.py', [SEG_DEMO, '--shape', '64', '0'],
      "argument --shape: must be an integer >= 1, got '0'"),
+    ('tools/benchmark.py', ['--device', 'gpu'],
+     "argument --device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    ('tools/benchmark_model.py', ['--device', 'cuda:0:1'], "argument --device: expected 'cpu'"),
+    ('tools/infer.py', [SEG_DEMO, 'x.pth', 'demo', '--device', 'gpu'], 'argument --device: '),
+    ('tools/visualize_attention.py', [SEG_DEMO, 'demo', '--device', 'xpu'],
+     "argument --device: expected 'cpu', 'cuda' or 'cuda:N', got 'xpu'"),
+    ('tools/analysis/block_costs.py', ['--device', 'gpu'], 'argument --device: expected'),
 ])
 def test_tool_usage_errors_name_the_option(path: str, argv: list[str], message: str,
                                            monkeypatch: pytest.MonkeyPatch,

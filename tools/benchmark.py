@@ -98,7 +98,7 @@ from mmattn.layers import OutlookAttention, PolarizedSelfAttention
 from mmattn.models.dense_layers import restore_torch_layers, use_column_sum_layers
 from mmattn.ops import kernel_status, select_backend
 from mmattn.ops.param_grads import ENV_COLUMN_SUMS
-from mmattn.utils.cli import int_at_least, int_tuple
+from mmattn.utils.cli import int_at_least, int_tuple, visible_device
 from mmattn.utils.quiet import quiet_no_cuda_runtime
 
 quiet_no_cuda_runtime()  # torch.compile imports torch.utils.cpp_extension, which says it on CPU
@@ -803,7 +803,8 @@ def main() -> None:
     parser.add_argument('--batch', type=int_at_least(1), default=8,
                         help='VOLO-D1 training-step batch')
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', type=visible_device,
+                        default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int_at_least(1), default=None, help='torch CPU threads')
     parser.add_argument('--iters', type=int_at_least(1), default=10)
     parser.add_argument('--warmup', type=int_at_least(0), default=3)
@@ -854,9 +855,8 @@ def main() -> None:
         yardstick = False
     if args.shape and args.op == 'all' and not args.preset:
         parser.error('--shape needs --op psa (N,C,H,W), --op outlook or --op mlp (B,H,W,C)')
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        what = f'--preset {args.preset}' if args.preset else f'--device {args.device}'
-        parser.error(f'{what} needs a CUDA device; none found')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():  # from the preset
+        parser.error(f'--preset {args.preset} needs a CUDA device; none found')
     if args.cuda_graph and not args.device.startswith('cuda'):
         parser.error(f'--cuda-graph needs a CUDA device (--device cuda or a CUDA preset), got '
                      f'--device {args.device}')

@@ -76,7 +76,7 @@ from mmattn.analysis import load_model
 from mmattn.engine import sync_free_seg_accuracy
 from mmattn.layers import PolarizedSelfAttention
 from mmattn.ops import KernelUnavailableError, backends_for, kernel_status, select_backend
-from mmattn.utils.cli import int_at_least, int_tuple
+from mmattn.utils.cli import int_at_least, int_tuple, visible_device
 from mmattn.utils.quiet import filter_tool_warnings, quiet_no_cuda_runtime
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
@@ -286,7 +286,8 @@ def main() -> None:
         description=__doc__.split('\n\n')[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='Forms: ' + ', '.join(FORMS) + '.')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', type=visible_device,
+                        default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--shape', type=int_tuple(3, 'batch,height,width'), default=None,
                         help='batch,height,width (default 2,512,1024 on CUDA, 2,64,128 on CPU)')
     parser.add_argument('--forms', default=','.join(FORMS),
@@ -315,8 +316,6 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        parser.error(f'--device {args.device} needs a CUDA device; none found')
     cuda = device.type == 'cuda'
     if args.cuda_graph and not cuda:
         parser.error(f'--cuda-graph needs --device cuda (a CUDA graph), got --device '

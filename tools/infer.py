@@ -18,14 +18,15 @@ from mmengine.config import DictAction
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from mmattn.utils.cli import int_at_least, number_between
+    from mmattn.utils.cli import int_at_least, number_between, visible_device
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('config', help='config file (mmseg, mmpose or mmpretrain based)')
     parser.add_argument('checkpoint', help='checkpoint file (e.g. work_dirs/<config>/iter_40.pth)')
     parser.add_argument('image', help="image file, or 'demo' for demo/demo.png")
     parser.add_argument('--out-dir', default='work_dirs/infer',
                         help='where the PNG (and the top-k JSON) go (default: %(default)s)')
-    parser.add_argument('--device', default='cuda:0' if torch.cuda.is_available() else 'cpu',
+    parser.add_argument('--device', type=visible_device,
+                        default='cuda:0' if torch.cuda.is_available() else 'cpu',
                         help='cpu, cuda, cuda:1, ... (default: %(default)s)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='overrides of the config, key=value')

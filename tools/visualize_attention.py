@@ -26,7 +26,7 @@ from PIL import Image
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from mmattn.utils.cli import int_at_least
+    from mmattn.utils.cli import int_at_least, visible_device
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('model', help='config file, or timm model name (timm:volo_d1)')
     parser.add_argument('image', help="image file, or 'demo' for demo/demo.png")
@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='rows per block type (blocks spread over the depth)')
     parser.add_argument('--panel-px', type=int_at_least(1), default=256,
                         help='size of one panel')
-    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--device', type=visible_device, default='cpu',
+                        help='cpu, cuda, cuda:1, ... (default: %(default)s)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='overrides of the mm config, key=value')
     return parser.parse_args(argv)

@@ -129,7 +129,8 @@ def load_model(spec: str, *, checkpoint: str | None = None,
         device: where to build it.
 
     Raises:
-        ValueError: ``spec`` is neither an existing ``.py`` config nor a timm model name.
+        ValueError: ``spec`` is neither an existing ``.py`` config nor a timm model name, or
+            ``device`` is not ``'cpu'`` or a CUDA device this process sees.
         mmattn.utils.checkpoint.CheckpointFileError: (a ValueError) ``checkpoint`` is
             missing, truncated or not a PyTorch checkpoint; the message says what to do.
     """
@@ -137,7 +138,9 @@ def load_model(spec: str, *, checkpoint: str | None = None,
 
     import mmattn  # noqa: F401  (registers blocks, models and the mmattn:: config scope)
     from mmattn.utils.checkpoint import check_checkpoint_file
+    from mmattn.utils.device import check_device
 
+    device = check_device(device, 'load_model: device')
     if checkpoint and '://' not in checkpoint:  # before building; URLs are mmengine's to fetch
         check_checkpoint_file(checkpoint, 'checkpoint')
 

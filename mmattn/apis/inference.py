@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mmattn.utils.checkpoint import check_checkpoint_file, mmengine_checkpoint_globals
+from mmattn.utils.device import check_device
 from mmattn.utils.file_mode import default_mode
 
 __all__ = ['TASKS', 'InferenceResult', 'load_config', 'detect_task', 'load_image',
@@ -194,6 +195,7 @@ def inference(config: Any, checkpoint: str, image: str | np.ndarray, out_dir: st
         if boxes is None or np.any(boxes[:, 2:] <= boxes[:, :2]):
             raise ValueError(f'bboxes must be non-empty [[x1, y1, x2, y2], ...] with x2 > x1 '
                              f'and y2 > y1, got {bboxes!r}')
+    check_device(device)
     cfg = load_config(config, cfg_options)
     task = detect_task(cfg)
     bgr, name = load_image(image)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-__all__ = ['int_at_least', 'number_between', 'int_tuple']
+__all__ = ['int_at_least', 'number_between', 'int_tuple', 'visible_device']
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -50,3 +50,12 @@ def int_tuple(length: int, names: str) -> Callable[[str], tuple[int, ...]]:
                                              f'got {text!r}')
         return values
     return parse
+
+
+def visible_device(text: str) -> str:
+    """``'cpu'`` or a CUDA device this process sees (``'cuda'``, ``'cuda:1'``), as given."""
+    from .device import device_problem
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text

@@ -24,13 +24,13 @@ import json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from mmattn.utils.cli import int_at_least
+    from mmattn.utils.cli import int_at_least, visible_device
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--channels', type=int_at_least(1), default=64, help='C')
     parser.add_argument('--size', type=int_at_least(1), nargs=2, default=(64, 64),
                         metavar=('H', 'W'))
     parser.add_argument('--blocks', nargs='+', help='only these blocks (registered names)')
-    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--device', type=visible_device, default='cpu')
     parser.add_argument('--json', help='also write the rows to this JSON file')
     return parser.parse_args(argv)
 
