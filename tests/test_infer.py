@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from mmattn.analysis import load_model
-from mmattn.apis import detect_task, inference, load_config
+from mmattn.apis import detect_task, inference, load_config, load_image
 from mmattn.utils.file_mode import default_mode
 from mmattn.visualization import DEMO_IMAGE
 
@@ -191,6 +191,55 @@ def test_cli_errors(tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixt
     with pytest.raises(ValueError, match='bboxes'):
         inference(POSE_CONFIG, str(ckpt), 'demo', str(tmp_path), bboxes=[[5, 5, 1, 1]])
     assert not any(p.suffix == '.png' for p in tmp_path.iterdir() if p.name != 'not_an_image.png')
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(opacity='0.5'), "opacity must be a number in (0, 1], got '0.5'"),
+    (dict(opacity=True), 'opacity must be a number in (0, 1], got True'),
+    (dict(kpt_thr=-0.1), 'kpt_thr must be a number >= 0, got -0.1'),
+    (dict(kpt_thr=None), 'kpt_thr must be a number >= 0, got None'),
+    (dict(topk=True), 'topk must be a positive int, got True'),
+    (dict(topk=2.0), 'topk must be a positive int, got 2.0'),
+    (dict(bboxes=[[1, 2, 3]]), 'bboxes must be non-empty [[x1, y1, x2, y2], ...] of finite '
+                               'numbers with x2 > x1 and y2 > y1, got [[1, 2, 3]]'),
+    (dict(bboxes=[[0, 0, float('nan'), 4]]), 'got [[0, 0, nan, 4]]'),
+    (dict(bboxes=[[0, 0, 'x', 4]]), "got [[0, 0, 'x', 4]]"),
+    (dict(bboxes=[[0, 0], [4, 4, 9]]), 'got [[0, 0], [4, 4, 9]]'),
+])
+def test_api_arguments_are_checked_before_any_work(kwargs: dict, message: str,
+                                                   tmp_path: pytest.TempPathFactory) -> None:
+    """Each bad value is named before the config is read (the config given does not exist):
+    a string opacity failed on a comparison, True passed as 1, a three-value box failed in
+    NumPy's reshape and a NaN box reached mmpose."""
+    ckpt = tmp_path / 'x.pth'
+    torch.save({'state_dict': {}}, str(ckpt))
+    with pytest.raises(ValueError) as info:
+        inference(str(tmp_path / 'unread.py'), str(ckpt), 'demo', str(tmp_path / 'out'),
+                  **kwargs)
+    assert message in str(info.value)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_api_checkpoint_and_image_types(tmp_path: pytest.TempPathFactory) -> None:
+    """What names no file is a TypeError naming the argument and the type it got; a NumPy
+    number is a number; an empty array is not an image."""
+    with pytest.raises(TypeError, match='checkpoint: expected a checkpoint file path, got '
+                                        'NoneType'):
+        inference(SEG_CONFIG, None, 'demo', str(tmp_path))
+    with pytest.raises(TypeError, match="image: expected an image file path, 'demo' or an "
+                                        r"\(H, W, 3\) uint8 BGR array, got int"):
+        load_image(3)
+    with pytest.raises(ValueError, match=r'with H, W >= 1, got shape \(0, 4, 3\)'):
+        load_image(np.zeros((0, 4, 3), np.uint8))
+    path = tmp_path / 'one.png'
+    Image.fromarray(np.full((5, 7, 3), 200, np.uint8)).save(path)
+    bgr, name = load_image(path)   # a pathlib.Path
+    assert bgr.shape == (5, 7, 3) and name == 'one'
+    ckpt = tmp_path / 'x.pth'
+    torch.save({'state_dict': {}}, str(ckpt))
+    with pytest.raises(ValueError, match="device: expected 'cpu', 'cuda' or 'cuda:N'"):
+        inference(SEG_CONFIG, str(ckpt), 'demo', str(tmp_path), opacity=np.float32(0.5),
+                  topk=np.int64(2), kpt_thr=np.float64(0.2), device='gpu')
 
 
 def test_cli_classification(ckpt_dir: str, tmp_path: pytest.TempPathFactory,

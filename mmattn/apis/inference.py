@@ -14,6 +14,7 @@ The picture is written atomically (a temporary file renamed into place) as
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import os.path as osp
 import tempfile
@@ -22,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mmattn.layers.checks import is_number
 from mmattn.utils.checkpoint import check_checkpoint_file, mmengine_checkpoint_globals
 from mmattn.utils.device import check_device
 from mmattn.utils.file_mode import default_mode
@@ -107,15 +109,21 @@ def load_image(image: str | np.ndarray) -> tuple[np.ndarray, str]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a readable image, or the array is not (H, W, 3) uint8.
+        ValueError: the file is not a readable image, or the array is not (H, W, 3) uint8
+            with H, W >= 1.
+        TypeError: ``image`` is neither a path nor an array.
     """
     import mmcv
 
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f'image: expected an (H, W, 3) uint8 BGR array, got shape '
-                             f'{image.shape} dtype {image.dtype}')
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or not image.size:
+            raise ValueError(f'image: expected an (H, W, 3) uint8 BGR array with H, W >= 1, '
+                             f'got shape {image.shape} dtype {image.dtype}')
         return image, 'image'
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"image: expected an image file path, 'demo' or an (H, W, 3) uint8 "
+                        f"BGR array, got {type(image).__name__}")
+    image = os.fspath(image)
     if image == 'demo':
         from mmattn.visualization import DEMO_IMAGE, make_demo_image
         root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -157,6 +165,23 @@ def _save_png(rgb: np.ndarray, path: str) -> str:
         np.ascontiguousarray(rgb, dtype=np.uint8)).save(tmp, format='PNG'))
 
 
+def _boxes(bboxes: Sequence[Sequence[float]] | None) -> np.ndarray | None:
+    """``bboxes`` as an (n, 4) float32 array, or ValueError naming them: none, not numbers,
+    a count of values that is not a multiple of 4, NaN/inf, or x2 <= x1 / y2 <= y1."""
+    if bboxes is None:
+        return None
+    try:
+        boxes = np.asarray(bboxes, dtype=np.float32)
+    except (TypeError, ValueError):  # ragged lists, strings
+        boxes = np.empty(0, dtype=np.float32)
+    fits = boxes.size and not boxes.size % 4 and np.isfinite(boxes).all()
+    boxes = boxes.reshape(-1, 4) if fits else boxes
+    if not fits or np.any(boxes[:, 2:] <= boxes[:, :2]):
+        raise ValueError(f'bboxes must be non-empty [[x1, y1, x2, y2], ...] of finite numbers '
+                         f'with x2 > x1 and y2 > y1, got {bboxes!r}')
+    return boxes
+
+
 def inference(config: Any, checkpoint: str, image: str | np.ndarray, out_dir: str, *,
               device: str = 'cpu', cfg_options: dict | None = None, opacity: float = 0.5,
               kpt_thr: float = 0.3, bboxes: Sequence[Sequence[float]] | None = None,
@@ -181,20 +206,21 @@ def inference(config: Any, checkpoint: str, image: str | np.ndarray, out_dir: st
     Raises:
         FileNotFoundError: missing config, checkpoint or image.
         ValueError: unknown ``default_scope`` or a bad argument value.
+        TypeError: ``checkpoint`` or ``image`` of a type that names no file.
     """
-    if not isinstance(checkpoint, (str, os.PathLike)) or not osp.isfile(checkpoint):
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f'checkpoint: expected a checkpoint file path, got '
+                        f'{type(checkpoint).__name__}')
+    if not osp.isfile(checkpoint):
         raise FileNotFoundError(f'checkpoint: no such file {checkpoint!r}')
-    check_checkpoint_file(str(checkpoint), 'checkpoint')  # truncated / not a checkpoint
-    if not 0 < opacity <= 1:
-        raise ValueError(f'opacity must be in (0, 1], got {opacity!r}')
-    if not isinstance(topk, int) or topk < 1:
+    check_checkpoint_file(os.fspath(checkpoint), 'checkpoint')  # truncated / not a checkpoint
+    if not is_number(opacity) or not 0 < opacity <= 1:
+        raise ValueError(f'opacity must be a number in (0, 1], got {opacity!r}')
+    if not is_number(kpt_thr) or not kpt_thr >= 0:
+        raise ValueError(f'kpt_thr must be a number >= 0, got {kpt_thr!r}')
+    if not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1:
         raise ValueError(f'topk must be a positive int, got {topk!r}')
-    boxes = None
-    if bboxes is not None:
-        boxes = np.asarray(bboxes, dtype=np.float32).reshape(-1, 4) if len(bboxes) else None
-        if boxes is None or np.any(boxes[:, 2:] <= boxes[:, :2]):
-            raise ValueError(f'bboxes must be non-empty [[x1, y1, x2, y2], ...] with x2 > x1 '
-                             f'and y2 > y1, got {bboxes!r}')
+    boxes = _boxes(bboxes)
     check_device(device)
     cfg = load_config(config, cfg_options)
     task = detect_task(cfg)

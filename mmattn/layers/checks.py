@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import numbers
 import typing
 from collections.abc import Iterator
 from typing import Any, Callable, TypeVar
@@ -81,8 +82,9 @@ def check_flag(name: str, value: Any, block: str) -> bool:
 
 
 def is_number(value: Any) -> bool:
-    """Whether ``value`` is a real int or float (``True``/``False`` are not numbers here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Whether ``value`` is a real number: an int or float, NumPy's too (``True``/``False``
+    are not numbers here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_probability(name: str, value: Any, block: str) -> float:

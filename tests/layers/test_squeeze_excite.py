@@ -2,6 +2,7 @@
 and its argument checks."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -93,6 +94,7 @@ def test_gradcheck() -> None:
     (dict(in_channels=256), 16),                              # v=16: 20//8*8 = 16
     (dict(in_channels=200), 16),                              # v=12.5: 16//8*8 = 16
     (dict(in_channels=512, rd_ratio=0.25), 128),              # v=128
+    (dict(in_channels=512, rd_ratio=np.float32(0.25)), 128),  # a NumPy number too
     (dict(in_channels=64, rd_ratio=0.25, rd_divisor=1), 16),  # v=16, divisor 1
     (dict(in_channels=48, rd_divisor=1), 3),                  # v=3: floor(3.5) = 3
     (dict(in_channels=64, rd_channels=5), 5),                 # explicit width wins
@@ -127,6 +129,7 @@ def test_abbr() -> None:
     (dict(in_channels=0), r'in_channels must be an integer >= 1, got 0'),
     (dict(in_channels=16, rd_ratio=0), r'rd_ratio must be a number > 0, got 0'),
     (dict(in_channels=16, rd_ratio=-0.5), r'rd_ratio must be a number > 0, got -0.5'),
+    (dict(in_channels=16, rd_ratio=True), r'rd_ratio must be a number > 0, got True'),
     (dict(in_channels=16, rd_channels=0), r'rd_channels must be an integer >= 1, got 0'),
     (dict(in_channels=16, rd_divisor=0), r'rd_divisor must be an integer >= 1, got 0'),
     (dict(in_channels=16, act_layer='nonsense'),
