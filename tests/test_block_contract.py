@@ -194,8 +194,14 @@ def test_bad_input_errors(name: str) -> None:
     with pytest.raises(ValueError, match=r'in_channels') as info:
         block(torch.randn(1, C + 1, 5, 5))
     assert str(C + 1) in str(info.value) and str(C) in str(info.value)
+    assert f'(shape (1, {C + 1}, 5, 5))' in str(info.value)
     with pytest.raises(ValueError, match=r'4-D'):
         block(torch.randn(C, 5, 5))
+    # under torch.jit.trace (as mmengine's FLOP counter runs a model) the sizes are tensors;
+    # the message still reads as plain numbers, not 'tensor(1)'
+    with pytest.raises(ValueError) as info, torch.no_grad():
+        torch.jit.trace(block.eval(), torch.randn(1, C + 1, 5, 5), check_trace=False)
+    assert f'(shape (1, {C + 1}, 5, 5))' in str(info.value)
 
 
 # (block, argument) for every constructor argument that takes an mmcv norm config

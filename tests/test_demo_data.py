@@ -4,6 +4,7 @@ are told apart by a per-pixel colour classifier, the keypoints are visible discs
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,16 @@ def test_same_seed_same_bytes_and_idempotent(demo_root: Path, tmp_path: Path) ->
     (other / files[0]).write_bytes(b'damaged')
     assert make_demo_data(other) is True  # a damaged copy is rewritten
     assert (other / files[0]).read_bytes() == (demo_root / files[0]).read_bytes()
+
+
+@pytest.mark.parametrize('seed', [-1, 1.5, '3', True, None])
+def test_a_seed_numpy_cannot_take_is_named(seed: object, tmp_path: Path) -> None:
+    """NumPy's own messages ('expected non-negative integer', 'unrecognized seed string')
+    named neither the argument nor the value; nothing is written."""
+    with pytest.raises(ValueError, match=f'make_demo_data: seed must be an integer >= 0, got '
+                                         f'{re.escape(repr(seed))}$'):
+        make_demo_data(tmp_path / 'data', seed=seed)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

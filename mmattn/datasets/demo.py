@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -427,7 +428,10 @@ def make_demo_data(out: PathLike = DEMO_ROOT, *, seed: int = 0, force: bool = Fa
 
     Raises:
         FileExistsError: ``out`` exists, is not demo data of ours and ``force`` is false.
+        ValueError: ``seed`` is not an integer >= 0 (NumPy's generators take no other).
     """
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f'make_demo_data: seed must be an integer >= 0, got {seed!r}')
     out = Path(out)
     if demo_data_ok(out, seed=seed):
         return False

@@ -23,10 +23,11 @@ _F = TypeVar('_F', bound=Callable[..., Any])
 
 
 def shape_str(x: torch.Tensor) -> str:
-    """``x``'s shape for an error message: ``(1, 3, 5, 5)`` (a list under TorchScript)."""
+    """``x``'s shape for an error message: ``(1, 3, 5, 5)`` (a list under TorchScript; plain
+    numbers under ``torch.jit.trace`` too, whose sizes are tensors: ``tensor(1)``)."""
     if torch.jit.is_scripting():
         return str(x.shape)
-    return str(tuple(x.shape))
+    return str(tuple(int(size) for size in x.shape))
 
 
 def _check_values(x: torch.Tensor, height: int, width: int, block: str) -> None:
