@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, Tuple
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -37,8 +37,8 @@ from timm.models import volo as timm_volo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from mmattn.layers.checks import (check_divisible, check_positive, check_probability,
-                                  concrete_annotations)
+from mmattn.layers.checks import (check_divisible, check_input, check_positive,
+                                  check_probability, concrete_annotations, shape_str)
 from mmattn.layers.outlook import OutlookAttention
 
 from .dense_layers import use_column_sum_layers
@@ -120,6 +120,49 @@ def check_architecture(block: str, layers: Sequence[int], kwargs: dict[str, Any]
                          f'channels, but the tokens it is added to (after the first stage and '
                          f'its downsampling) have {widths[1]}; got embed_dims={dims!r}, '
                          f'downsamples={down!r}')
+
+
+def smallest_input(convs: Sequence[nn.Conv2d]) -> tuple[int, int]:
+    """The smallest (H, W) that every convolution of ``convs``, applied in turn, leaves at
+    least one pixel of (VOLO's stem, patch projection and downsampling: 15 x 15 for the
+    default ``patch_size=8``)."""
+    def fits(n: int, axis: int) -> bool:
+        for conv in convs:
+            if conv.padding == 'same':
+                continue
+            pad = 0 if conv.padding == 'valid' else conv.padding[axis]
+            reach = conv.dilation[axis] * (conv.kernel_size[axis] - 1) + 1
+            n = (n + 2 * pad - reach) // conv.stride[axis] + 1
+            if n < 1:
+                return False
+        return True
+    sizes = []
+    for axis in (0, 1):
+        n = 1
+        while not fits(n, axis):
+            n += 1
+        sizes.append(n)
+    return sizes[0], sizes[1]
+
+
+@concrete_annotations
+def check_images(x: torch.Tensor, in_chans: int, min_size: Tuple[int, int], model: str) -> None:
+    """``x`` is a floating-point (B, ``in_chans``, H, W) batch of images with H, W at least
+    ``min_size`` (see :func:`smallest_input`)."""
+    check_input(x, None, model)
+    if x.shape[1] != in_chans:
+        raise ValueError(f'{model}: the input has {x.shape[1]} channels (shape {shape_str(x)}), '
+                         f'but the model was built for {in_chans} input channels')
+    if x.shape[2] < min_size[0] or x.shape[3] < min_size[1]:
+        raise ValueError(f'{model}: expected images of at least {min_size[0]} x {min_size[1]} '
+                         f'pixels (its convolutions - stem, patch embedding, downsampling - '
+                         f'leave no token of a smaller one), got {x.shape[2]} x {x.shape[3]} (shape '
+                         f'{shape_str(x)})')
+
+
+# torch.fx records the check as one call (run when the graph runs) instead of tracing its
+# size comparisons
+torch.fx.wrap('check_images')
 
 
 def stem_layout(x: torch.Tensor) -> torch.Tensor:
@@ -228,6 +271,21 @@ class VOLO(timm_volo.VOLO):
                 self.network[net_idx] = blocks
         if column_sum_grads:
             use_column_sum_layers(self)
+        self.model_name = type(self).__name__
+        self.min_input_size = self._smallest_input()
+
+    def _smallest_input(self) -> tuple[int, int]:
+        """The smallest image the stem and the kept stages take (:func:`smallest_input`)."""
+        convs = [m for m in self.patch_embed.modules() if isinstance(m, nn.Conv2d)]
+        convs += [m.proj for m in self.network if isinstance(m, timm_volo.Downsample)]
+        return smallest_input(convs)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's pruning; the smallest input is then that of the stages kept."""
+        kept = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        self.min_input_size = self._smallest_input()
+        return kept
 
     def __prepare_scriptable__(self) -> VOLO:
         """``torch.jit.script`` compiles the logits path: refuse ``return_dense``, whose
@@ -261,6 +319,7 @@ class VOLO(timm_volo.VOLO):
         NCHW's) for little gain (timm's VOLO-D1 step with channels-last weights, batch 2 on 2
         cores: 764 against 775 ms).
         """
+        check_images(x, self.in_chans, self.min_input_size, self.model_name)
         return self.patch_embed(stem_layout(x)).permute(0, 2, 3, 1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

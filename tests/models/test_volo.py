@@ -295,6 +295,47 @@ def test_tiny_layout_runs():
         assert timm.models.volo.VOLO(**TINY_LAYOUT)(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
+@pytest.mark.parametrize('x, match', [
+    (torch.randn(3, 32, 32), r'^VOLO: expected a 4-D NCHW input, got a 3-D tensor of shape '
+                             r'\(3, 32, 32\)'),
+    (torch.randn(1, 1, 32, 32), r'^VOLO: the input has 1 channels \(shape \(1, 1, 32, 32\)\), '
+                                r'but the model was built for 3 input channels'),
+    (torch.randn(1, 3, 14, 32), r'^VOLO: expected images of at least 15 x 15 pixels .*, got '
+                                r'14 x 32 \(shape \(1, 3, 14, 32\)\)'),
+    (torch.randn(1, 3, 32, 9), r'^VOLO: expected images of at least 15 x 15 pixels'),
+])
+def test_bad_images_are_named(x, match):
+    """Where torch's convolutions failed ('Kernel size can't be greater than actual input
+    size', 'expected input[1, 1, 32, 32] to have 3 channels')."""
+    with pytest.raises(ValueError, match=match):
+        VOLO(**TINY_LAYOUT)(x)
+    with pytest.raises(TypeError, match=r'^VOLO: expected a floating-point input'):
+        VOLO(**TINY_LAYOUT)(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize('patch_size, smallest', [(8, 15), (16, 31)])
+def test_smallest_input_is_the_one_the_convolutions_leave_a_token_of(patch_size, smallest):
+    """By hand: the stem (7x7, stride 2, padding 3) leaves ceil(n/2) pixels, the patch
+    projection (patch_size/2, same stride) floor(ceil(n/2) / (patch_size/2)) tokens and the
+    downsampling (2x2, stride 2) needs 2 of them: n >= 2 * patch_size - 1. One pixel fewer
+    leaves the downsampling no token (shown on the modules themselves, without the check);
+    that size runs."""
+    model = VOLO(**TINY_LAYOUT, patch_size=patch_size).eval()
+    assert model.min_input_size == (smallest, smallest)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, smallest, smallest)).shape == (1, 3)
+        tokens = model.patch_embed(torch.randn(1, 3, smallest - 1, smallest - 1))
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+            model.network[1](tokens.permute(0, 2, 3, 1))
+    # the backbone of the first stage alone has no downsampling: half that size works
+    first = MODELS.build(dict(type='mmattn.VOLO', arch=dict(
+        {k: v for k, v in TINY_LAYOUT.items() if k not in ('num_classes', 'img_size')},
+        patch_size=patch_size), img_size=32, out_indices=(0,), pyramid=False))
+    assert first.min_input_size == (patch_size - 1, patch_size - 1)
+    with torch.no_grad():
+        assert first(torch.randn(1, 3, patch_size - 1, patch_size - 1))[0].shape[-1] == 1
+
+
 def test_backbone_bad_arguments():
     with pytest.raises(ValueError, match='arch must be one of'):
         MODELS.build(dict(type='mmattn.VOLO', arch='d9'))
