@@ -95,6 +95,34 @@ def test_no_block_raises(tmp_path: pytest.TempPathFactory) -> None:
         AttentionRecorder(model, query=(1.5, 0.2))
 
 
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(image=np.zeros((64, 128), np.uint8)), 'visualize_attention: image must be an (H, W, 3) '
+                                                'uint8 RGB array with H, W >= 1, got shape '
+                                                '(64, 128) dtype uint8'),
+    (dict(image=np.zeros((64, 128, 3), np.float32)), 'got shape (64, 128, 3) dtype float32'),
+    (dict(image=np.zeros((0, 128, 3), np.uint8)), 'got shape (0, 128, 3) dtype uint8'),
+    (dict(panel_px=0), 'visualize_attention: panel_px must be an integer >= 1, got 0'),
+    (dict(panel_px=True), 'visualize_attention: panel_px must be an integer >= 1, got True'),
+    (dict(max_rows=0), 'visualize_attention: max_rows must be an integer >= 1, got 0'),
+    (dict(query=(0.5,)), 'AttentionRecorder: query must be relative (y, x) in [0, 1], got '
+                         '(0.5,)'),
+    (dict(query=('0.5', 0.2)), "got y='0.5'"),
+])
+def test_bad_drawing_arguments_are_named_before_the_forward(
+        kwargs: dict, message: str, tmp_path: pytest.TempPathFactory) -> None:
+    """A NaN figure size (panel_px=0), an empty figure (max_rows=0), an unpacking error (a
+    grey image) or an IndexError (a one-value query) came after the model had run; now the
+    argument is named first and the runner is never called."""
+    calls = []
+    model = _two_block_model(attention_blocks()['PolarizedSelfAttention'])
+    args = {'image': _demo(), 'query': (0.5, 0.5), **kwargs}
+    with pytest.raises(ValueError) as info:
+        visualize_attention(lambda x: calls.append(x), model, args.pop('image'),
+                            torch.zeros(1, 3, 64, 128), str(tmp_path / 'x.png'), **args)
+    assert message in str(info.value)
+    assert calls == [] and list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------ the maps are the real ones
 def _record(block: nn.Module, x: torch.Tensor, query: tuple[float, float] = (0.4, 0.7)):
     with AttentionRecorder(block, query) as rec, torch.no_grad():

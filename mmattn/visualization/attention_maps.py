@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmattn.analysis.costs import iter_attention_blocks
+from mmattn.layers.checks import check_positive, is_number
 from mmattn.utils.file_mode import default_mode
 
 __all__ = ['AttentionMap', 'AttentionRecorder', 'CMAP', 'ColourScale', 'NEAR_CONSTANT_RTOL',
@@ -163,8 +164,11 @@ class AttentionRecorder:
     """
 
     def __init__(self, model: nn.Module, query: tuple[float, float] = (0.5, 0.5)) -> None:
+        if not isinstance(query, Sequence) or len(query) != 2:
+            raise ValueError(f'AttentionRecorder: query must be relative (y, x) in [0, 1], '
+                             f'got {query!r}')
         for name, value in zip(('y', 'x'), query):
-            if not 0 <= value <= 1:
+            if not is_number(value) or not 0 <= value <= 1:
                 raise ValueError(f'AttentionRecorder: query must be relative (y, x) in [0, 1], '
                                  f'got {name}={value!r}')
         self.model = model
@@ -445,6 +449,20 @@ def _draw_map(ax: Any, m: AttentionMap, gray: np.ndarray,
     return im
 
 
+def check_drawing(image: Any, panel_px: Any, max_rows: Any, caller: str) -> None:
+    """What :func:`draw_attention` draws on and at which size: an (H, W, 3) uint8 RGB
+    picture with H, W >= 1, ``panel_px`` and ``max_rows`` integers >= 1; else ValueError
+    naming ``caller`` and the argument."""
+    if (not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3
+            or image.dtype != np.uint8 or not image.size):
+        got = (f'shape {image.shape} dtype {image.dtype}' if isinstance(image, np.ndarray)
+               else type(image).__name__)
+        raise ValueError(f'{caller}: image must be an (H, W, 3) uint8 RGB array with H, W >= 1, '
+                         f'got {got}')
+    check_positive('panel_px', panel_px, caller)
+    check_positive('max_rows', max_rows, caller)
+
+
 def draw_attention(image: np.ndarray, maps: Sequence[AttentionMap], *, panel_px: int = 256,
                    max_rows: int = 4, title: str | None = None) -> Any:
     """The matplotlib figure of ``maps``: one row per block (at most ``max_rows`` blocks
@@ -463,6 +481,7 @@ def draw_attention(image: np.ndarray, maps: Sequence[AttentionMap], *, panel_px:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter
 
+    check_drawing(image, panel_px, max_rows, 'draw_attention')
     if not maps:
         raise ValueError('draw_attention: maps is empty (no attention block ran)')
     blocks: dict[str, list[AttentionMap]] = {}
@@ -564,8 +583,11 @@ def visualize_attention(runner: Callable[[torch.Tensor], Any], model: nn.Module,
         ``{'overview': out, '<BlockType>': path, ...}``.
 
     Raises:
-        ValueError: the model holds no mmattn attention block.
+        ValueError: the model holds no mmattn attention block, or ``image``, ``query``,
+            ``panel_px`` or ``max_rows`` is not what is described above (named before the
+            forward runs).
     """
+    check_drawing(image, panel_px, max_rows, 'visualize_attention')  # before the forward
     if not any(True for _ in iter_attention_blocks(model)):
         raise ValueError(f'visualize_attention: model ({type(model).__name__}) contains no '
                          f'mmattn attention block')
