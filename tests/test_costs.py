@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmattn.analysis import count_flops, load_model, measure_block, model_costs
+from mmattn.analysis import count_flops, load_model, measure_block, model_costs, saved_bytes
 from mmattn.layers import attention_blocks
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -103,6 +103,18 @@ def test_activation_memory_sees_the_quadratic_map() -> None:
     eca = measure_block(attention_blocks()['EfficientChannelAttention'](c), x)
     assert eca['peak_bytes'] >= c * n * 4  # the output
     assert eca['saved_bytes'] < c * n * 4
+
+
+def test_saved_bytes_counts_what_autograd_keeps() -> None:
+    """x * y keeps both factors for the backward (the inputs are not counted, so one product
+    of two inputs keeps nothing new); exp keeps its output. A non-tensor input is named."""
+    x = torch.randn(64, requires_grad=True)
+    y = torch.randn(64, requires_grad=True)
+    assert saved_bytes(lambda a, b: a * b, x, y) == 0
+    assert saved_bytes(lambda a: (a * 2).exp(), x) == 64 * 4   # exp's output; a * 2 keeps none
+    with pytest.raises(TypeError, match='saved_bytes: inputs must be tensors, got int at '
+                                        'position 1'):
+        saved_bytes(lambda a, b: a * b, x, 3)
 
 
 def test_get_flops_cli(tmp_path: pytest.TempPathFactory) -> None:

@@ -226,6 +226,10 @@ class _LiveMemory(TorchDispatchMode):
 def saved_bytes(fn: Callable[..., Any], *inputs: torch.Tensor) -> int:
     """Bytes of the tensors autograd saves for the backward in ``fn(*inputs)``, without the
     inputs and (for a module) its parameters, each storage counted once."""
+    for index, t in enumerate(inputs):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f'saved_bytes: inputs must be tensors, got {type(t).__name__} at '
+                            f'position {index}')
     skip = {t.untyped_storage().data_ptr() for t in inputs}
     if isinstance(fn, nn.Module):
         skip.update(p.untyped_storage().data_ptr() for p in fn.parameters())
