@@ -34,7 +34,7 @@ from torch import nn
 
 from mmattn.ops.dispatch import backends_for, select_backend
 from mmattn.ops.outlook import (outlook_attention, outlook_attention_block, outlook_pool,
-                                outlook_softmax)
+                                outlook_softmax, unfold_windows)
 from mmattn.registry import MODELS
 
 from .checks import (check_choice, check_divisible, check_flag, check_input, check_nhwc,
@@ -63,11 +63,6 @@ def outlook_grid_size(height: int, width: int, kernel_size: int, padding: int, s
             _grid_cells('width', width, kernel_size, padding, stride, block))
 
 
-def _windows(n: int, kernel_size: int, padding: int, stride: int) -> int:
-    """Windows the unfold places along an axis of length ``n``."""
-    return (n + 2 * padding - kernel_size) // stride + 1 if n + 2 * padding >= kernel_size else 0
-
-
 def _pooled(n: int, stride: int) -> int:
     """Cells of the ceil-mode pooled grid along an axis of length ``n``."""
     return -(-n // stride)
@@ -77,7 +72,7 @@ def _grid_cells(name: str, n: int, kernel_size: int, padding: int, stride: int,
                 block: str) -> int:
     """Pooled cells along one axis of length ``n`` (see :func:`outlook_grid_size`)."""
     pooled = _pooled(n, stride)
-    windows = _windows(n, kernel_size, padding, stride)
+    windows = unfold_windows(n, kernel_size, padding, stride)
     if windows != pooled:
         raise ValueError(
             f'{block}: kernel_size={kernel_size}, padding={padding}, stride={stride} do not '
@@ -165,7 +160,7 @@ class OutlookAttention(nn.Module):
                              f'border windows see only padding), got padding={padding}')
         # from n = kernel_size on, stride more pixels add one window and one pooled cell:
         # a geometry that tiles no n up to kernel_size + stride tiles none
-        if not any(_windows(n, kernel_size, padding, stride) == _pooled(n, stride)
+        if not any(unfold_windows(n, kernel_size, padding, stride) == _pooled(n, stride)
                    for n in range(1, kernel_size + stride + 1)):
             raise ValueError(
                 f'{name}: kernel_size={kernel_size}, padding={padding}, stride={stride} tile no '

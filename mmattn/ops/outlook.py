@@ -33,6 +33,47 @@ __all__ = ['outlook_attention', 'outlook_attention_block', 'outlook_attention_re
            'outlook_pool', 'outlook_softmax', 'outlook_weights']
 
 
+def unfold_windows(n: int, kernel_size: int, padding: int, stride: int) -> int:
+    """Windows the unfold places along an axis of length ``n`` (outlook.h's ``h``/``w``)."""
+    return (n + 2 * padding - kernel_size) // stride + 1 if n + 2 * padding >= kernel_size else 0
+
+
+def check_outlook_arguments(v: Tensor, attn: Tensor, kernel_size: int, padding: int,
+                            stride: int) -> None:
+    """The compiled ops' argument checks (outlook.h's ``outlook_check``), for the reference
+    path: the geometry, the ranks, ``attn``'s window and grid sizes and the heads dividing the
+    channels, each named with the value it got (as ValueError / TypeError)."""
+    op = 'outlook_attention'
+    for name, value, least in (('kernel_size', kernel_size, 1), ('padding', padding, 0),
+                               ('stride', stride, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f'{op}: {name} must be an integer >= {least}, got {value!r}')
+    for name, t in (('v', v), ('attn', attn)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f'{op}: {name} must be a torch.Tensor, got {type(t).__name__}')
+        if not t.is_floating_point():
+            raise TypeError(f'{op}: {name} must be floating point, got dtype {t.dtype}')
+    if v.dim() != 4:
+        raise ValueError(f'{op}: v must be 4-D (B, H, W, C), got shape {tuple(v.shape)}')
+    if attn.dim() != 6:
+        raise ValueError(f'{op}: attn must be 6-D (B, h, w, N, K*K, K*K), got shape '
+                         f'{tuple(attn.shape)}')
+    kk = kernel_size * kernel_size
+    if attn.shape[4] != kk or attn.shape[5] != kk:
+        raise ValueError(f"{op}: attn's last two dims must be K*K = {kk} (kernel_size "
+                         f'{kernel_size}), got {attn.shape[4]} x {attn.shape[5]}')
+    heads, channels = attn.shape[3], v.shape[3]
+    if heads < 1 or channels % heads:
+        raise ValueError(f'{op}: the channels C = {channels} of v must be divisible by the '
+                         f'heads N = attn.size(3) = {heads}')
+    grid = (v.shape[0], unfold_windows(v.shape[1], kernel_size, padding, stride),
+            unfold_windows(v.shape[2], kernel_size, padding, stride))
+    if tuple(attn.shape[:3]) != grid:
+        raise ValueError(f"{op}: attn's (B, h, w) must be {grid} for v of shape "
+                         f'{tuple(v.shape)} and kernel_size={kernel_size}, padding={padding}, '
+                         f'stride={stride}, got {tuple(attn.shape[:3])}')
+
+
 def outlook_attention_reference(v: Tensor, attn: Tensor, *, kernel_size: int, padding: int,
                                 stride: int) -> Tensor:
     """Eq. 4-5 with the K^2 windows gathered and scattered by strided slices of the padded map
@@ -135,7 +176,8 @@ def outlook_attention(v: Tensor, attn: Tensor, kernel_size: int, padding: int, s
         return outlook_attention_reference(v, attn, kernel_size=kernel_size, padding=padding,
                                            stride=stride)
     chosen, _ = select_backend('outlook', v, backend)
-    if chosen == 'reference':
+    if chosen == 'reference':  # (the compiled ops check their arguments in C++)
+        check_outlook_arguments(v, attn, kernel_size, padding, stride)
         return outlook_attention_reference(v, attn, kernel_size=kernel_size, padding=padding,
                                            stride=stride)
     attn = attn.to(v.dtype)  # autocast may leave the weights in float32

@@ -466,6 +466,47 @@ def test_cpu_unpool_add_errors_and_opcheck(cpu_kernels: str) -> None:
                           test_utils=('test_schema', 'test_faketensor'))
 
 
+# (v, attn, K, p, s) built from a valid (v, attn) for K=3, p=1, s=2 on a 5 x 6 map, 2 heads of
+# 3 channels (grid 3 x 3); the phrase both the reference path and the compiled ops raise
+BAD_CALLS = [
+    (lambda v, a: (v, a, 3, 1, 0), 'stride must be'),
+    (lambda v, a: (v, a, 0, 1, 2), 'kernel_size must be'),
+    (lambda v, a: (v, a, 3, -1, 2), 'padding must be'),
+    (lambda v, a: (v[0], a, 3, 1, 2), 'v must be 4-D (B, H, W, C), got shape'),
+    (lambda v, a: (v, a[0], 3, 1, 2), 'attn must be 6-D (B, h, w, N, K*K, K*K), got shape'),
+    (lambda v, a: (v, a[..., :8], 3, 1, 2), "attn's last two dims must be K*K = 9 (kernel_size "
+                                            '3), got 9 x 8'),
+    (lambda v, a: (v[..., :5], a, 3, 1, 2), 'the channels C = 5 of v must be divisible by the '
+                                            'heads N = attn.size(3) = 2'),
+    (lambda v, a: (v, a[:, :2], 3, 1, 2), "attn's (B, h, w) must be (1, 3, 3) for v of shape"),
+    (lambda v, a: (v[:, :3], a, 3, 1, 2), "attn's (B, h, w) must be (1, 2, 3) for v of shape"),
+]
+
+
+@pytest.mark.parametrize('make, phrase', BAD_CALLS)
+def test_reference_path_names_bad_arguments_as_the_kernels_do(make, phrase) -> None:
+    """Without compiled kernels (the default install) the functional op failed inside its
+    slicing ('slice step cannot be zero', 'stack expects a non-empty TensorList', a
+    batched-matmul size error); it now checks what outlook.h's outlook_check does."""
+    v, attn = inputs(1, 3, 1, 2, 5, 6, 2, 3)
+    with pytest.raises(ValueError) as info:
+        outlook_attention(*make(v, attn), backend='reference')
+    assert str(info.value).startswith('outlook_attention: ')
+    assert phrase in str(info.value).replace('[', '(').replace(']', ')')
+    with pytest.raises(TypeError, match='outlook_attention: v must be floating point, got '
+                                        'dtype torch.int64'):
+        outlook_attention(v.long(), attn, 3, 1, 2, backend='reference')
+
+
+@pytest.mark.parametrize('make, phrase', BAD_CALLS)
+def test_cpu_kernel_names_the_same_bad_arguments(make, phrase, cpu_kernels: str) -> None:
+    v, attn = inputs(1, 3, 1, 2, 5, 6, 2, 3)
+    with pytest.raises(RuntimeError) as info:
+        outlook_attention(*make(v, attn), backend='cpu')
+    assert str(info.value).startswith('outlook_fwd: ')
+    assert phrase in str(info.value).replace('[', '(').replace(']', ')')
+
+
 def test_cpu_kernel_input_errors(cpu_kernels: str) -> None:
     v, attn = inputs(1, 3, 1, 2, 5, 6, 2, 3)
     with pytest.raises(RuntimeError, match='attn'):
