@@ -429,6 +429,30 @@ def psa_paper_reference(x: Tensor, *params: Tensor, eps: float = 1e-5,
     return z_ch + spatial(x) * x
 
 
+def check_psa_arguments(x: Tensor, params: tuple[Tensor, ...]) -> None:
+    """``x`` a floating-point (N, C, H, W) tensor with C even and H, W >= 1, and each of the
+    paper-form parameters (order ``PARAM_NAMES``) a tensor of the shape
+    :func:`polarized_self_attention` documents; else ValueError / TypeError naming it, the
+    shape expected and the shape got."""
+    op = 'polarized_self_attention'
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = f'dtype {x.dtype}' if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f'{op}: x must be a floating-point torch.Tensor, got {got}')
+    if x.dim() != 4 or x.shape[1] % 2 or x.shape[1] < 2 or x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f'{op}: x must be 4-D (N, C, H, W) with C even and H, W >= 1, got '
+                         f'shape {tuple(x.shape)}')
+    c, half = x.shape[1], x.shape[1] // 2
+    shapes = {'ch_wq': (c,), 'ch_bq': (1,), 'ch_wv': (half, c), 'ch_bv': (half,),
+              'ch_wz': (c, half), 'ch_bz': (c,), 'ln_weight': (c,), 'ln_bias': (c,),
+              'sp_wq': (half, c), 'sp_bq': (half,), 'sp_wv': (half, c), 'sp_bv': (half,)}
+    for name, value in zip(PARAM_NAMES, params):
+        if not isinstance(value, Tensor):
+            raise TypeError(f'{op}: {name} must be a torch.Tensor, got {type(value).__name__}')
+        if tuple(value.shape) != shapes[name]:
+            raise ValueError(f'{op}: {name} must have shape {shapes[name]} for x of shape '
+                             f'{tuple(x.shape)} (C={c}), got {tuple(value.shape)}')
+
+
 def polarized_self_attention(x: Tensor, *, ch_wq: Tensor, ch_bq: Tensor, ch_wv: Tensor,
                              ch_bv: Tensor, ch_wz: Tensor, ch_bz: Tensor, ln_weight: Tensor,
                              ln_bias: Tensor, sp_wq: Tensor, sp_bq: Tensor, sp_wv: Tensor,
@@ -458,6 +482,7 @@ def polarized_self_attention(x: Tensor, *, ch_wq: Tensor, ch_bq: Tensor, ch_wv: 
                          f'got {mode!r}')
     params = (ch_wq, ch_bq, ch_wv, ch_bv, ch_wz, ch_bz, ln_weight, ln_bias,
               sp_wq, sp_bq, sp_wv, sp_bv)
+    check_psa_arguments(x, params)
     chosen, _ = select_backend('psa_paper', x, backend)
     if chosen == 'reference':
         return psa_paper_reference(x, *params, eps=eps, sequential=mode == 'sequential')

@@ -253,6 +253,35 @@ def test_functional_errors() -> None:
         polarized_self_attention(x, **w, backend='cuda')
 
 
+@pytest.mark.parametrize('change, error, message', [
+    (dict(x=torch.randn(8, 5, 3)), ValueError,
+     'x must be 4-D (N, C, H, W) with C even and H, W >= 1, got shape (8, 5, 3)'),
+    (dict(x=torch.randn(2, 7, 5, 3)), ValueError, 'with C even and H, W >= 1, got shape '
+                                                  '(2, 7, 5, 3)'),
+    (dict(x=torch.randn(2, 8, 0, 3)), ValueError, 'got shape (2, 8, 0, 3)'),
+    (dict(x=torch.ones(2, 8, 5, 3, dtype=torch.long)), TypeError,
+     'x must be a floating-point torch.Tensor, got dtype torch.int64'),
+    (dict(x=torch.randn(2, 6, 5, 3)), ValueError,
+     'ch_wq must have shape (6,) for x of shape (2, 6, 5, 3) (C=6), got (8,)'),
+    (dict(ch_wv=torch.randn(4, 6)), ValueError, 'ch_wv must have shape (4, 8) for x of shape '
+                                                '(2, 8, 5, 3) (C=8), got (4, 6)'),
+    (dict(ch_wz=torch.randn(4, 8)), ValueError, 'ch_wz must have shape (8, 4)'),
+    (dict(ln_weight=torch.randn(4)), ValueError, 'ln_weight must have shape (8,)'),
+    (dict(ch_bq=torch.randn(())), ValueError, 'ch_bq must have shape (1,)'),
+    (dict(sp_bv=None), TypeError, 'sp_bv must be a torch.Tensor, got NoneType'),
+])
+def test_functional_argument_shapes_are_named(change: dict, error: type, message: str) -> None:
+    """Each path failed inside a convolution, a matmul or a LayerNorm with torch's message
+    about its own operands; the function now names its argument with the shape (N, C, H, W)
+    implies. Checked before the backend is chosen, so every backend says the same."""
+    args = {'x': torch.randn(2, 8, 5, 3), **random_params(8, dtype=torch.float32), **change}
+    for backend in ('reference', 'folded'):
+        with pytest.raises(error) as info:
+            polarized_self_attention(**args, backend=backend)
+        assert str(info.value).startswith('polarized_self_attention: ')
+        assert message in str(info.value)
+
+
 # ---------------------------------------------------------------- the layer's backends
 def _block(mode: str, backend: str, c: int = 8) -> PolarizedSelfAttention:
     block = PolarizedSelfAttention(c, mode=mode, backend=backend, dtype=F64)
