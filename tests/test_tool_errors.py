@@ -19,7 +19,9 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS as ROOT_MODELS
 
-from mmattn.engine.run_config import RunConfigError, check_amp, resolve_resume
+from mmattn.engine.run_config import (LAUNCHER_ENVIRONMENT, RunConfigError, check_amp,
+                                      check_launcher_environment, check_work_dir,
+                                      resolve_resume)
 from mmattn.registry import MODELS
 from mmattn.utils.checkpoint import CheckpointFileError, check_checkpoint_file
 from mmattn.utils.cli import int_at_least, int_tuple, number_between, visible_device
@@ -172,6 +174,11 @@ def test_train_tool_stops_before_building(monkeypatch: pytest.MonkeyPatch,
                  'model.backbone.plugins[0].cfg.type'}
     if not torch.cuda.is_available():
         cases[('--amp', )] = '--amp needs a GPU'
+    for launcher, (names, _) in LAUNCHER_ENVIRONMENT.items():   # started by hand
+        for name in names:
+            monkeypatch.delenv(name, raising=False)
+        cases[('--launcher', launcher)] = (f'--launcher {launcher} runs in processes that '
+                                           f'{LAUNCHER_ENVIRONMENT[launcher][1]} starts')
     for extra, expected in cases.items():
         monkeypatch.setattr(sys, 'argv', ['tools/train.py', str(REPO / SEG_DEMO),
                                           '--work-dir', str(work_dir), *extra])
@@ -179,6 +186,33 @@ def test_train_tool_stops_before_building(monkeypatch: pytest.MonkeyPatch,
         err = capsys.readouterr().err
         assert err.startswith('tools/train.py: ') and expected in err, err
         assert not work_dir.exists()  # nothing was built
+
+
+def test_launcher_environment_and_work_dir(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    """mmengine's init_dist failed with a bare KeyError ('SLURM_PROCID',
+    'OMPI_COMM_WORLD_LOCAL_RANK') or torch's env:// error, and a work dir that is a file with
+    FileExistsError once the model was built; each missing variable is named, and the
+    variables torchrun/srun/mpirun set let the check pass."""
+    for launcher, (names, _) in LAUNCHER_ENVIRONMENT.items():
+        for name in names:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(names[0], '0')
+        with pytest.raises(RunConfigError) as info:
+            check_launcher_environment(launcher)
+        assert f'this process lacks {", ".join(names[1:])}: start it that way' in \
+            str(info.value)
+        for name in names:
+            monkeypatch.setenv(name, '0')
+        check_launcher_environment(launcher)
+    check_launcher_environment('none')
+    afile = tmp_path / 'afile'
+    afile.write_text('')
+    for flag, where in ((True, '--work-dir'), (False, "the config's work_dir")):
+        with pytest.raises(RunConfigError, match=re.escape(f"{where} '{afile}' is a file, "
+                                                           'not a directory')):
+            check_work_dir(Config(dict(work_dir=str(afile))), flag)
+    check_work_dir(Config(dict(work_dir=str(tmp_path / 'new'))), True)
 
 
 def test_test_tool_names_a_broken_checkpoint(tmp_path: Path, real_checkpoint: Path) -> None:

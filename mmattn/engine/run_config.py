@@ -53,9 +53,50 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help=argparse.SUPPRESS)
 
 
+#: launcher -> (the variables mmengine's init_dist reads, what sets them)
+LAUNCHER_ENVIRONMENT = {
+    'pytorch': (('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'),
+                'torchrun (tools/dist_train.sh, tools/dist_test.sh)'),
+    'slurm': (('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST'),
+              'srun (tools/slurm_train.sh, tools/slurm_test.sh)'),
+    'mpi': (('OMPI_COMM_WORLD_LOCAL_RANK', 'OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE',
+             'MASTER_ADDR'), "Open MPI's mpirun (with MASTER_ADDR exported)"),
+}
+
+
+def check_launcher_environment(launcher: str) -> None:
+    """RunConfigError where ``--launcher`` names a launcher whose variables this process lacks
+    (started by hand, not by the launcher): mmengine failed with a bare ``KeyError:
+    'SLURM_PROCID'`` or torch's env:// rendezvous error."""
+    if launcher not in LAUNCHER_ENVIRONMENT:
+        return
+    names, starter = LAUNCHER_ENVIRONMENT[launcher]
+    missing = [name for name in names if name not in os.environ]
+    if missing:
+        raise RunConfigError(
+            f'--launcher {launcher} runs in processes that {starter} starts, with '
+            f'{", ".join(names)} set; this process lacks {", ".join(missing)}: start it that '
+            f'way, or leave out --launcher for one process')
+
+
+def check_work_dir(cfg: Config, flag: bool) -> None:
+    """RunConfigError where the work dir is an existing file (``os.makedirs`` failed with
+    ``FileExistsError`` after the model was built)."""
+    if osp.exists(cfg.work_dir) and not osp.isdir(cfg.work_dir):
+        where = '--work-dir' if flag else "the config's work_dir"
+        raise RunConfigError(f'{where} {cfg.work_dir!r} is a file, not a directory: give a '
+                             f'directory (logs, metrics and checkpoints go there)')
+
+
 def load_run_config(args: argparse.Namespace) -> Config:
     """The config of ``args.config`` with the common arguments applied; ``work_dir`` is
-    ``--work-dir``, else the config's, else ``work_dirs/<config name>``."""
+    ``--work-dir``, else the config's, else ``work_dirs/<config name>``.
+
+    Raises:
+        RunConfigError: ``--launcher`` without its environment, or a work dir that is a
+            file.
+    """
+    check_launcher_environment(args.launcher)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
@@ -65,6 +106,7 @@ def load_run_config(args: argparse.Namespace) -> Config:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    check_work_dir(cfg, args.work_dir is not None)
     return cfg
 
 
