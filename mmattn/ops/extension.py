@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from typing import Optional
 
 import torch
@@ -394,7 +395,9 @@ def export_library(out_dir: str, with_cuda: bool) -> str:
 def load_extension() -> Optional[str]:
     """Load the kernels once: the prebuilt ``mmattn._C``, else the library that
     ``MMATTN_KERNELS_LIB`` names, else a JIT build when ``MMATTN_JIT=1``. Returns where they came
-    from, or None (:func:`load_error` then says why). Never raises."""
+    from, or None (:func:`load_error` then says why). Never raises; where kernels were asked for
+    (``MMATTN_KERNELS_LIB`` set, or ``MMATTN_JIT=1``) and do not load, warns once
+    (RuntimeWarning) that the blocks run their PyTorch paths."""
     with _lock:
         if _state['loaded_from'] is not None or _state['error'] is not None:
             return _state['loaded_from']
@@ -415,6 +418,12 @@ def load_extension() -> Optional[str]:
                     build_jit()
                 except Exception as exc:  # compiler missing, build error: report, never raise
                     _state['error'] = f'{JIT_ENV}=1 but the JIT build failed: {exc}'
+            if _state['error'] is not None and (library or os.environ.get(JIT_ENV, '').strip()
+                                                == '1'):
+                warnings.warn(f"mmattn's compiled kernels were asked for but not loaded: "
+                              f"{_state['error']}. The blocks run their PyTorch paths "
+                              f"(backend='auto'); an explicit backend='cpu'/'cuda' raises.",
+                              RuntimeWarning, stacklevel=2)
         return _state['loaded_from']
 
 

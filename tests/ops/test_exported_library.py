@@ -120,14 +120,40 @@ def test_library_without_description_or_not_loadable(tmp_path) -> None:
 @INSTALLED
 def test_load_extension_reports_a_refused_library(tmp_path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """The import-time path never raises: the refusal becomes the load error."""
+    """The import-time path never raises: the refusal becomes the load error, and one
+    RuntimeWarning says so (the library was asked for; the blocks fall back to PyTorch)."""
     library = _library_described(tmp_path, torch='2.0.0+cpu')
     monkeypatch.setenv(ENV, library)
     saved = dict(extension._state)
     extension.reset_state()
     try:
-        assert extension.load_extension() is None
+        with pytest.warns(RuntimeWarning, match=r"compiled kernels were asked for but not "
+                                                r"loaded: .*was built for torch '2\.0\.0\+cpu'.*"
+                                                r"run their PyTorch paths") as caught:
+            assert extension.load_extension() is None
+            assert extension.load_extension() is None   # once, not per call
+        assert len(caught) == 1
         assert f"was built for torch '2.0.0+cpu'" in extension.load_error()
+    finally:
+        extension.reset_state(**saved)
+
+
+def test_load_extension_warns_only_where_kernels_were_asked_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default install (no mmattn._C, neither variable set) is not built on purpose:
+    no warning, the reason stays in load_error() / kernel_status()."""
+    import warnings
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.delenv(extension.JIT_ENV, raising=False)
+    monkeypatch.setattr(extension.importlib, 'import_module',
+                        lambda name: (_ for _ in ()).throw(ImportError(f'No module {name}')))
+    saved = dict(extension._state)
+    extension.reset_state()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            assert extension.load_extension() is None
+        assert extension.load_error().startswith('not built (No module mmattn._C)')
     finally:
         extension.reset_state(**saved)
 
