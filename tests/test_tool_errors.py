@@ -215,6 +215,48 @@ def test_launcher_environment_and_work_dir(monkeypatch: pytest.MonkeyPatch,
     check_work_dir(Config(dict(work_dir=str(tmp_path / 'new'))), True)
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['tools/analysis/get_flops.py', 'no_such_model'],
+     "tools/analysis/get_flops.py: load_model: spec must be an existing config file (*.py) or "
+     "a timm model name, got 'no_such_model'"),
+    (['tools/analysis/get_flops.py', 'timm:volo_d1', '--shape', '8', '8'],
+     'tools/analysis/get_flops.py: VOLO: expected images of at least 15 x 15 pixels'),
+    (['tools/analysis/block_costs.py', '--channels', '7', '--blocks', 'PolarizedSelfAttention'],
+     'tools/analysis/block_costs.py: PolarizedSelfAttention: in_channels must be even'),
+])
+def test_analysis_tools_name_bad_input_in_one_line(argv: list[str], message: str,
+                                                   tmp_path: Path) -> None:
+    """Through mmattn.utils.cli.run_tool: exit status 2 and one line, where a traceback ended
+    in the same message; no --json file is written."""
+    out = tmp_path / 'costs.json'
+    result = subprocess.run([sys.executable, *argv, '--json', str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path: Path) -> None:
+    """A write that fails halfway leaves what was there and no temporary file; one that
+    succeeds replaces it whole, with open()'s mode."""
+    from mmattn.utils.file_mode import default_mode, write_atomic
+    target = tmp_path / 'sub' / 'result.json'
+    assert write_atomic(str(target), lambda tmp: Path(tmp).write_text('{"old": 1}')) == \
+        str(target)
+
+    def half(tmp: str) -> None:
+        Path(tmp).write_text('{"new": ')
+        raise OSError('disk full')
+    with pytest.raises(OSError, match='disk full'):
+        write_atomic(str(target), half)
+    assert target.read_text() == '{"old": 1}'
+    assert [p.name for p in target.parent.iterdir()] == ['result.json']
+    write_atomic(str(target), lambda tmp: Path(tmp).write_text('{"new": 2}'))
+    assert target.read_text() == '{"new": 2}'
+    assert target.stat().st_mode & 0o777 == default_mode()
+
+
 def test_test_tool_names_a_broken_checkpoint(tmp_path: Path, real_checkpoint: Path) -> None:
     data = real_checkpoint.read_bytes()
     cut = tmp_path / 'iter_40.pth'

@@ -433,8 +433,8 @@ def test_cli_defaults_to_the_latest_checkpoint(tmp_path: pytest.TempPathFactory,
 
 
 def test_cli_names_a_file_that_is_no_checkpoint(tmp_path: pytest.TempPathFactory) -> None:
-    """A wrong --checkpoint is one line naming the file and the fix (exit status 1), before
-    any model is built."""
+    """A wrong --checkpoint is one line naming the file and the fix (exit status 2, as for a
+    usage error), before any model is built."""
     import subprocess
     bad = tmp_path / 'iter_40.pth'
     bad.write_bytes(b'not a checkpoint')
@@ -442,7 +442,7 @@ def test_cli_names_a_file_that_is_no_checkpoint(tmp_path: pytest.TempPathFactory
         [sys.executable, osp.join(ROOT, 'tools', 'visualize_attention.py'), 'volo_d1', 'demo',
          '--checkpoint', str(bad), '--out', str(tmp_path / 'x.png')],
         capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert 'Traceback' not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert str(bad) in last and 'not a PyTorch checkpoint' in last

@@ -132,9 +132,5 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
 
 
 if __name__ == '__main__':
-    from mmattn.utils.checkpoint import CheckpointFileError
-    try:
-        main()
-    except (CheckpointFileError, FileNotFoundError) as exc:
-        # a wrong path or a file that is no checkpoint: one line, not a traceback
-        sys.exit(f'tools/visualize_attention.py: {exc}')
+    from mmattn.utils.cli import run_tool
+    run_tool(main, 'tools/visualize_attention.py')

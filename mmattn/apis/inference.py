@@ -17,7 +17,6 @@ import json
 import numbers
 import os
 import os.path as osp
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -26,7 +25,7 @@ import numpy as np
 from mmattn.layers.checks import is_number
 from mmattn.utils.checkpoint import check_checkpoint_file, mmengine_checkpoint_globals
 from mmattn.utils.device import check_device
-from mmattn.utils.file_mode import default_mode
+from mmattn.utils.file_mode import write_atomic
 
 __all__ = ['TASKS', 'InferenceResult', 'load_config', 'detect_task', 'load_image',
            'inference']
@@ -140,28 +139,9 @@ def load_image(image: str | np.ndarray) -> tuple[np.ndarray, str]:
     return bgr, osp.splitext(osp.basename(image))[0]
 
 
-def _write_atomic(path: str, write: Any) -> str:
-    """Call ``write(tmp_path)`` and rename the temporary file onto ``path``; on failure no
-    file is left behind."""
-    out_dir = osp.dirname(osp.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix='.' + osp.basename(path) + '.',
-                               suffix=osp.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, default_mode())  # mkstemp's 0600 is not what open() would give
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def _save_png(rgb: np.ndarray, path: str) -> str:
     from PIL import Image
-    return _write_atomic(path, lambda tmp: Image.fromarray(
+    return write_atomic(path, lambda tmp: Image.fromarray(
         np.ascontiguousarray(rgb, dtype=np.uint8)).save(tmp, format='PNG'))
 
 
@@ -252,7 +232,7 @@ def inference(config: Any, checkpoint: str, image: str | np.ndarray, out_dir: st
         def write_json(tmp: str) -> None:
             with open(tmp, 'w', encoding='utf-8') as f:
                 f.write(text)
-        files['topk'] = _write_atomic(osp.join(out_dir, f'{name}_cls.json'),
+        files['topk'] = write_atomic(osp.join(out_dir, f'{name}_cls.json'),
                                       write_json)
     return InferenceResult(task, out_file, sample, (int(bgr.shape[0]), int(bgr.shape[1])),
                            ranked, files)

@@ -5,9 +5,10 @@ wherever the value is first used."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Callable
 
-__all__ = ['int_at_least', 'number_between', 'int_tuple', 'visible_device']
+__all__ = ['int_at_least', 'number_between', 'int_tuple', 'visible_device', 'run_tool']
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -59,3 +60,15 @@ def visible_device(text: str) -> str:
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def run_tool(main: Callable[[], object], tool: str) -> None:
+    """Run a tool's ``main()``. Bad input that mmattn's checks name (a ``ValueError`` - a
+    wrong model name, an image too small, a file that is no checkpoint - or a
+    ``FileNotFoundError``) ends it with one line, ``<tool>: <message>``, on stderr and exit
+    status 2, as argparse's usage errors do, instead of a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f'{tool}: {exc}', file=sys.stderr)
+        sys.exit(2)

@@ -36,9 +36,7 @@ is rather than stretched over the colours. :func:`visualize_attention` does capt
 """
 from __future__ import annotations
 
-import os
 import os.path as osp
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -50,7 +48,7 @@ from torch import nn
 
 from mmattn.analysis.costs import iter_attention_blocks
 from mmattn.layers.checks import check_positive, is_number
-from mmattn.utils.file_mode import default_mode
+from mmattn.utils.file_mode import write_atomic
 
 __all__ = ['AttentionMap', 'AttentionRecorder', 'CMAP', 'ColourScale', 'NEAR_CONSTANT_RTOL',
            'colour_scale', 'draw_attention', 'render_attention', 'visualize_attention',
@@ -547,19 +545,10 @@ def render_attention(image: np.ndarray, maps: Sequence[AttentionMap], out: str, 
     import matplotlib.pyplot as plt
 
     fig = draw_attention(image, maps, panel_px=panel_px, max_rows=max_rows, title=title)
-    out_dir = osp.dirname(osp.abspath(out))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix='.' + osp.basename(out) + '.', suffix='.png')
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=fig.dpi, format='png')
-        os.chmod(tmp, default_mode())  # mkstemp's 0600 is not what open() would give
-        os.replace(tmp, out)
+        return write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=fig.dpi, format='png'))
     finally:
         plt.close(fig)
-        if osp.exists(tmp):
-            os.remove(tmp)
-    return out
 
 
 def visualize_attention(runner: Callable[[torch.Tensor], Any], model: nn.Module,

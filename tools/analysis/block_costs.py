@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from mmattn.analysis import block_variants, format_bytes, format_count, measure_block
     from mmattn.layers import attention_blocks
+    from mmattn.utils.file_mode import write_atomic
 
     blocks = attention_blocks()
     names = args.blocks or sorted(blocks)
@@ -72,11 +74,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         lines.append(line)
     print('\n'.join(lines))
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'channels': c, 'size': [h, w], 'device': args.device, 'rows': rows},
-                      f, indent=1)
+        text = json.dumps({'channels': c, 'size': [h, w], 'device': args.device, 'rows': rows},
+                          indent=1)
+        write_atomic(args.json, lambda tmp: Path(tmp).write_text(text))  # whole or not at all
     return rows
 
 
 if __name__ == '__main__':
-    main()
+    from mmattn.utils.cli import run_tool
+    run_tool(main, 'tools/analysis/block_costs.py')

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from mmengine.config import DictAction
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from mmattn.analysis import format_count, load_model, model_costs
+    from mmattn.utils.file_mode import write_atomic
 
     loaded = load_model(args.model, cfg_options=args.cfg_options)
     height, width = args.shape or loaded.input_size
@@ -75,11 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
               'blocks': [{'name': b.name[strip:], 'type': b.type, 'params': b.params,
                           'macs': b.macs} for b in cost.blocks],
               'not_counted': cost.unsupported_ops}
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=1)
+    if args.json:  # written whole or not at all
+        text = json.dumps(result, indent=1)
+        write_atomic(args.json, lambda tmp: Path(tmp).write_text(text))
     return result
 
 
 if __name__ == '__main__':
-    main()
+    from mmattn.utils.cli import run_tool
+    run_tool(main, 'tools/analysis/get_flops.py')
