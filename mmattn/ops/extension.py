@@ -406,20 +406,20 @@ def load_extension() -> Optional[str]:
             _state['loaded_from'] = 'mmattn._C (built at install)'
         except ImportError as prebuilt_error:
             library = os.environ.get(LIBRARY_ENV, '').strip()
+            jit = os.environ.get(JIT_ENV, '').strip() == '1'
             if library:
                 try:
                     load_library(library)
                 except RuntimeError as exc:
                     _state['error'] = str(exc)
-            elif os.environ.get(JIT_ENV, '').strip() != '1':
+            elif not jit:
                 _state['error'] = f'not built ({prebuilt_error}); {BUILD_HINT}'
             else:
                 try:
                     build_jit()
                 except Exception as exc:  # compiler missing, build error: report, never raise
                     _state['error'] = f'{JIT_ENV}=1 but the JIT build failed: {exc}'
-            if _state['error'] is not None and (library or os.environ.get(JIT_ENV, '').strip()
-                                                == '1'):
+            if _state['error'] is not None and (library or jit):  # asked for, not loaded
                 warnings.warn(f"mmattn's compiled kernels were asked for but not loaded: "
                               f"{_state['error']}. The blocks run their PyTorch paths "
                               f"(backend='auto'); an explicit backend='cpu'/'cuda' raises.",
