@@ -43,11 +43,12 @@ def check_outlook_arguments(v: Tensor, attn: Tensor, kernel_size: int, padding: 
     """The compiled ops' argument checks (outlook.h's ``outlook_check``), for the reference
     path: the geometry, the ranks, ``attn``'s window and grid sizes and the heads dividing the
     channels, each named with the value it got (as ValueError / TypeError)."""
+    # here, not at the top: mmattn.layers imports this module
+    from mmattn.layers.checks import check_positive
     op = 'outlook_attention'
     for name, value, least in (('kernel_size', kernel_size, 1), ('padding', padding, 0),
                                ('stride', stride, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f'{op}: {name} must be an integer >= {least}, got {value!r}')
+        check_positive(name, value, op, minimum=least)
     for name, t in (('v', v), ('attn', attn)):
         if not isinstance(t, Tensor):
             raise TypeError(f'{op}: {name} must be a torch.Tensor, got {type(t).__name__}')
