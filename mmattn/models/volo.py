@@ -156,8 +156,8 @@ def check_images(x: torch.Tensor, in_chans: int, min_size: Tuple[int, int], mode
     if x.shape[2] < min_size[0] or x.shape[3] < min_size[1]:
         raise ValueError(f'{model}: expected images of at least {min_size[0]} x {min_size[1]} '
                          f'pixels (its convolutions - stem, patch embedding, downsampling - '
-                         f'leave no token of a smaller one), got {x.shape[2]} x {x.shape[3]} (shape '
-                         f'{shape_str(x)})')
+                         f'leave no token of a smaller one), got {x.shape[2]} x {x.shape[3]} '
+                         f'(shape {shape_str(x)})')
 
 
 # torch.fx records the check as one call (run when the graph runs) instead of tracing its
