@@ -417,6 +417,17 @@ def run_tool(path: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Non
         module.main()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the preset runs where a GPU is seen')
+def test_a_cuda_preset_without_a_gpu_is_a_usage_error(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """The preset sets the device itself, so its --device is checked as the option's is."""
+    with pytest.raises(SystemExit) as info:
+        run_tool('tools/benchmark.py', ['--preset', 'gpu'], monkeypatch)
+    assert info.value.code == 2
+    assert ("--preset gpu: 'cuda' needs a CUDA GPU; none is visible to this process"
+            in capsys.readouterr().err)
+
+
 @pytest.mark.parametrize('path, argv, message', [
     ('tools/benchmark.py', ['--iters', '0'], "argument --iters: must be an integer >= 1, got '0'"),
     ('tools/benchmark.py', ['--op', 'psa', '--shape', '4,256,64'],

@@ -99,6 +99,7 @@ from mmattn.models.dense_layers import restore_torch_layers, use_column_sum_laye
 from mmattn.ops import kernel_status, select_backend
 from mmattn.ops.param_grads import ENV_COLUMN_SUMS
 from mmattn.utils.cli import int_at_least, int_tuple, visible_device
+from mmattn.utils.device import device_problem
 from mmattn.utils.quiet import quiet_no_cuda_runtime
 
 quiet_no_cuda_runtime()  # torch.compile imports torch.utils.cpp_extension, which says it on CPU
@@ -855,8 +856,9 @@ def main() -> None:
         yardstick = False
     if args.shape and args.op == 'all' and not args.preset:
         parser.error('--shape needs --op psa (N,C,H,W), --op outlook or --op mlp (B,H,W,C)')
-    if args.device.startswith('cuda') and not torch.cuda.is_available():  # from the preset
-        parser.error(f'--preset {args.preset} needs a CUDA device; none found')
+    problem = device_problem(args.device) if args.preset else None  # --device: by its type
+    if problem:
+        parser.error(f'--preset {args.preset}: {problem}')
     if args.cuda_graph and not args.device.startswith('cuda'):
         parser.error(f'--cuda-graph needs a CUDA device (--device cuda or a CUDA preset), got '
                      f'--device {args.device}')
